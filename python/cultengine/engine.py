@@ -1,0 +1,279 @@
+"""The public engine: requests in, generations and choice scores out.
+
+Python prepares requests (chat template, images, tokenization through the Rust tokenizer), hands
+whole sequences to the Rust scheduler, and then only moves flat arrays between the scheduler, the
+model runner and the sampler — nothing on the hot path runs per token in Python.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import _core
+from .chat import render_chat
+from .checkpoint import load_checkpoint
+from .image import load_image
+from .models import build_model
+from .ops import Ops, resolve_backend
+from .outputs import ChoiceScore, GenerationOutput, Sample, ScoreOutput
+from .runner import ModelRunner
+from .sampling import SamplingParams, sample
+
+
+class RequestError(ValueError):
+    """A request the engine cannot run; reported on that request's output, never raised for a batch."""
+
+
+@dataclass
+class _Prepared:
+    """A request turned into what the scheduler takes: token ids with expanded image spans."""
+
+    prompt_ids: list[int]
+    image_spans: list[tuple[int, int, int]]  # (start, length, content hash)
+    image_pixels: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, model: str | os.PathLike, device: str = "cpu", dtype: str = "auto",
+                 max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, block_size: int = 16,
+                 num_blocks: int | None = None, kv_cache_memory: int | None = None,
+                 enable_prefix_caching: bool = True, attention_backend: str | None = None,
+                 max_model_len: int | None = None, encoder_cache_size: int = 256):
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device='cuda' was asked for but torch sees no CUDA device")
+        self.checkpoint = load_checkpoint(model, dtype=dtype, device=self.device)
+        self.tokenizer = _core.Tokenizer.from_file(str(self.checkpoint.tokenizer_path))
+        self.ops = Ops(resolve_backend(self.device, attention_backend))
+        self.model = build_model(self.checkpoint, self.ops)
+        self.max_model_len = min(max_model_len or self.checkpoint.max_position_embeddings,
+                                 self.checkpoint.max_position_embeddings)
+        self.runner = ModelRunner(self.model, self.device, self.checkpoint.dtype, block_size, num_blocks,
+                                  kv_cache_memory, max_num_seqs, self.max_model_len, encoder_cache_size)
+        self.scheduler = _core.Scheduler(
+            self.tokenizer, num_blocks=self.runner.num_blocks, block_size=block_size,
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            max_model_len=self.max_model_len, enable_prefix_caching=enable_prefix_caching,
+            eos_token_ids=list(self.checkpoint.eos_token_ids))
+        self._next_seq_id = 0
+        self._seq_images: dict[int, list[int]] = {}  # in-flight sequence -> image hashes it pins
+        self._counters = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "run_seconds": 0.0}
+
+    # -------------------------------------------------------------------------------------------
+    # Public API
+    # -------------------------------------------------------------------------------------------
+    def generate(self, requests: list[dict], params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[GenerationOutput]:
+        """Generate for every request; a bad request gets `.error`, the others run."""
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(requests)
+        if len(params_list) != len(requests):
+            raise ValueError(f"{len(params_list)} SamplingParams for {len(requests)} requests")
+        prepared = self._prepare(requests)
+        outputs = [GenerationOutput(index=i, prompt_token_ids=p.prompt_ids if isinstance(p, _Prepared) else [])
+                   for i, p in enumerate(prepared)]
+        owners: dict[int, tuple[int, int]] = {}
+        for i, (prep, sp) in enumerate(zip(prepared, params_list, strict=True)):
+            if isinstance(prep, Exception):
+                outputs[i].error = str(prep)
+                continue
+            outputs[i].samples = [None] * sp.n
+            try:
+                for k, seed in enumerate(sp.sample_seeds()):
+                    owners[self._add(prep, max_tokens=sp.max_tokens, temperature=sp.temperature,
+                                     top_p=sp.top_p, top_k=sp.top_k, seed=seed, stop=list(sp.stop),
+                                     stop_token_ids=list(sp.stop_token_ids), ignore_eos=sp.ignore_eos,
+                                     skip_special_tokens=sp.skip_special_tokens)] = (i, k)
+            except ValueError as e:
+                self._abort_request(owners, i)
+                outputs[i].error, outputs[i].samples = str(e), []
+
+        def on_finished(seq) -> None:
+            i, k = owners[seq.seq_id]
+            outputs[i].samples[k] = Sample(text=seq.text, token_ids=list(seq.output_token_ids),
+                                           finish_reason=seq.finish_reason, logprobs=list(seq.output_logprobs))
+            outputs[i].num_cached_tokens = max(outputs[i].num_cached_tokens, seq.num_cached_tokens)
+
+        self._run(len(owners), use_tqdm, on_finished)
+        return outputs
+
+    def score(self, requests: list[dict], use_tqdm: bool = True) -> list[ScoreOutput]:
+        """Log-likelihood of each of a request's `choices` continuing its prompt.
+
+        The context (images + prompt) is one shared prefix: the first choice computes it, the others
+        find its full blocks in the prefix cache, and all choices of all requests run batched.
+        """
+        prepared = self._prepare(requests)
+        outputs = [ScoreOutput(index=i) for i in range(len(requests))]
+        choice_texts: list[tuple[int, int, str]] = []
+        for i, (req, prep) in enumerate(zip(requests, prepared, strict=True)):
+            choices = req.get("choices")
+            if isinstance(prep, Exception):
+                outputs[i].error = str(prep)
+            elif not choices or not all(isinstance(c, str) and c for c in choices):
+                outputs[i].error = "a scoring request needs a non-empty 'choices' list of non-empty strings"
+            else:
+                choice_texts += [(i, j, c) for j, c in enumerate(choices)]
+        # Choice tokens: tokenised on their own so every choice shares the context's exact tokens.
+        choice_ids = self.tokenizer.encode_batch([c for _, _, c in choice_texts], add_special_tokens=False)
+        owners: dict[int, tuple[int, int]] = {}
+        for (i, j, text), ids in zip(choice_texts, choice_ids, strict=True):
+            if outputs[i].error:
+                continue
+            prep = prepared[i]
+            if j == 0:
+                outputs[i].choices = [None] * len(requests[i]["choices"])
+            try:
+                if not ids:
+                    raise ValueError(f"choice {text!r} tokenizes to nothing")
+                full = _Prepared(prep.prompt_ids + list(ids), prep.image_spans, prep.image_pixels)
+                owners[self._add(full, max_tokens=0, prompt_logprobs_from=len(prep.prompt_ids))] = (i, j)
+            except ValueError as e:
+                self._abort_request(owners, i)
+                outputs[i].error, outputs[i].choices = str(e), []
+
+        def on_finished(seq) -> None:
+            i, j = owners[seq.seq_id]
+            if outputs[i].error:
+                return
+            lps = list(seq.prompt_logprobs)
+            outputs[i].choices[j] = ChoiceScore(text=requests[i]["choices"][j], logprob=float(sum(lps)),
+                                                num_tokens=len(lps), is_greedy=all(seq.prompt_greedy),
+                                                token_logprobs=lps)
+
+        self._run(len(owners), use_tqdm, on_finished)
+        return outputs
+
+    def stats(self) -> dict:
+        """Cumulative counters: scheduler (prefix cache, preemptions, CPU time), encoder cache, tokens."""
+        return {**self.scheduler.stats(), **self._counters,
+                "images_encoded": self.runner.encoder_cache.images_encoded,
+                "num_blocks": self.runner.num_blocks, "block_size": self.runner.block_size}
+
+    # -------------------------------------------------------------------------------------------
+    # Request preparation
+    # -------------------------------------------------------------------------------------------
+    def _prepare(self, requests: list[dict]) -> list[_Prepared | Exception]:
+        """Render, load images and tokenize every request; a failure becomes that request's error."""
+        texts: list[str | None] = []
+        images: list[list] = []
+        prepared: list[_Prepared | Exception] = []
+        for req in requests:
+            try:
+                text, imgs, add_special = self._prompt_and_images(req)
+                pixels = [self.checkpoint.image_processor(load_image(im)) for im in imgs]
+                texts.append(text)
+                images.append((pixels, add_special))
+                prepared.append(None)
+            except (ValueError, OSError) as e:
+                texts.append(None)
+                images.append(None)
+                prepared.append(e if isinstance(e, RequestError) else RequestError(str(e)))
+        # Raw prompts carry no BOS (the tokenizer adds it); chat templates write their own.
+        groups = {flag: [i for i, t in enumerate(texts) if t is not None and images[i][1] == flag]
+                  for flag in (True, False)}
+        for flag, idx in groups.items():
+            for i, ids in zip(idx, self.tokenizer.encode_batch([texts[i] for i in idx], add_special_tokens=flag),
+                              strict=True):
+                pixels = images[i][0]
+                try:
+                    expanded, spans = self.tokenizer.expand_image_tokens(
+                        ids, self.checkpoint.image_token_id, [self.model.tokens_per_image] * len(pixels))
+                except ValueError as e:
+                    prepared[i] = RequestError(f"{e} (image placeholder token "
+                                               f"{self.checkpoint.image_token!r})")
+                    continue
+                hashes = [self.checkpoint.content_hash(p) for p in pixels]
+                prepared[i] = _Prepared(
+                    prompt_ids=list(expanded),
+                    image_spans=[(s, n, h) for (s, n), h in zip(spans, hashes, strict=True)],
+                    image_pixels=dict(zip(hashes, pixels, strict=True)))
+        return prepared
+
+    def _prompt_and_images(self, req: dict) -> tuple[str, list, bool]:
+        if not isinstance(req, dict):
+            raise RequestError(f"a request is a dict with 'prompt' or 'messages', got {type(req).__name__}")
+        if "messages" in req:
+            text, imgs = render_chat(self.checkpoint, req["messages"])
+            return text, imgs, False
+        if "prompt" in req:
+            if not isinstance(req["prompt"], str):
+                raise RequestError("'prompt' must be a string")
+            return req["prompt"], list(req.get("images") or []), True
+        raise RequestError("a request needs 'prompt' (with images) or 'messages'")
+
+    # -------------------------------------------------------------------------------------------
+    # The step loop
+    # -------------------------------------------------------------------------------------------
+    def _add(self, prep: _Prepared, max_tokens: int, prompt_logprobs_from: int = -1, **sampling) -> int:
+        seq_id = self._next_seq_id
+        self.scheduler.add_sequence(seq_id, prep.prompt_ids, prep.image_spans, max_tokens=max_tokens,
+                                    prompt_logprobs_from=prompt_logprobs_from, **sampling)
+        self._next_seq_id += 1
+        for h, px in prep.image_pixels.items():
+            self.runner.encoder_cache.register(h, px)
+        self._seq_images[seq_id] = list(prep.image_pixels)
+        self._counters["prompt_tokens"] += len(prep.prompt_ids)
+        return seq_id
+
+    def _abort_request(self, owners: dict[int, tuple[int, int]], index: int) -> None:
+        """Take back the sequences already added for a request that failed part-way."""
+        for seq_id in [s for s, (i, _) in owners.items() if i == index]:
+            self.scheduler.abort(seq_id)
+            self._release(seq_id)
+            del owners[seq_id]
+
+    def _release(self, seq_id: int) -> None:
+        for h in self._seq_images.pop(seq_id, ()):
+            self.runner.encoder_cache.release(h)
+
+    def _run(self, num_seqs: int, use_tqdm: bool, on_finished) -> None:
+        start = time.perf_counter()
+        generated = 0
+        bar = tqdm(total=num_seqs, disable=not use_tqdm, unit="seq", dynamic_ncols=True)
+        try:
+            while self.scheduler.has_unfinished():
+                plan = self.scheduler.schedule()
+                finished = self._step(plan)
+                for seq in finished:
+                    generated += len(seq.output_token_ids)
+                    self._release(seq.seq_id)
+                    on_finished(seq)
+                if finished and use_tqdm:
+                    elapsed = time.perf_counter() - start
+                    bar.set_postfix_str(f"{generated / elapsed:.1f} tok/s out", refresh=False)
+                    bar.update(len(finished))
+        except BaseException:
+            # Leave the engine usable: nothing half-done stays scheduled or pinned.
+            for seq_id in list(self._seq_images):
+                self.scheduler.abort(seq_id)
+                self._release(seq_id)
+            raise
+        finally:
+            bar.close()
+            self._counters["generated_tokens"] += generated
+            self._counters["run_seconds"] += time.perf_counter() - start
+
+    def _step(self, plan) -> list:
+        hidden = self.runner.execute(plan)
+        num_sampled = len(plan.sample_indices)
+        rows = torch.from_numpy(np.concatenate([plan.sample_indices, plan.prompt_lp_indices])).to(self.device)
+        logits = self.model.compute_logits(hidden[rows]).float()
+        to = self.device
+
+        def arr(a):
+            return torch.from_numpy(a).to(to)
+
+        tokens, token_lps = sample(logits[:num_sampled], arr(plan.temperature), arr(plan.top_p), arr(plan.top_k),
+                                   arr(plan.seed), arr(plan.output_index))
+        scored = logits[num_sampled:]
+        targets = arr(plan.prompt_lp_targets)
+        prompt_lps = torch.log_softmax(scored, dim=-1).gather(1, targets[:, None]).squeeze(1)
+        greedy = scored.argmax(dim=-1) == targets
+        return self.scheduler.update(tokens.cpu().numpy(), token_lps.cpu().numpy().astype(np.float32),
+                                     prompt_lps.cpu().numpy().astype(np.float32), greedy.cpu().numpy())

@@ -1,0 +1,191 @@
+"""The engine's compute primitives: torch reference implementations and backend dispatch.
+
+Every model calls these functions and nothing lower. On CUDA the Triton kernels in the top-level
+`kernels/` package replace them (same signatures, same semantics); on the CPU, and whenever
+`CULTENGINE_BACKEND=torch` (or `Engine(attention_backend="torch")`), the references below run.
+The references are the oracle every kernel is tested against.
+
+KV-cache layout: one key and one value tensor per layer, shaped
+`[num_blocks, block_size, num_kv_heads, head_dim]`; token slot `s` lives at block `s // block_size`,
+offset `s % block_size`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("torch", "triton", "flash")
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step layout of the packed batch, built from the scheduler's step plan.
+
+    All keys and values of a step (cached prefix and the step's new tokens) are in the paged cache
+    before attention runs: `write_kv` comes first, so attention reads one uniform source.
+    """
+
+    query_start_loc: torch.Tensor  # int32 [B+1]: sequence b's queries are rows qsl[b]:qsl[b+1]
+    seq_lens: torch.Tensor  # int32 [B]: KV length of sequence b after this step
+    block_tables: torch.Tensor  # int32 [B, max_blocks]: physical block ids, padded with 0
+    slot_mapping: torch.Tensor  # int64 [T]: cache slot of each new token
+    max_query_len: int
+    max_seq_len: int
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+
+def resolve_backend(device: torch.device, requested: str | None = None) -> str:
+    """Pick the compute backend: an explicit request, then $CULTENGINE_BACKEND, then by device."""
+    name = requested or os.environ.get("CULTENGINE_BACKEND") or ("triton" if device.type == "cuda" else "torch")
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name != "torch" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend {name!r} needs a CUDA device (or TRITON_INTERPRET=1 for the Triton one)")
+    if name == "flash":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError as e:
+            raise ValueError("backend 'flash' needs flash-attn: pip install cultengine[flash]") from e
+    return name
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache
+# ---------------------------------------------------------------------------------------------
+def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store the step's keys/values `[T, Hkv, D]` into their cache slots (in place)."""
+    num_blocks, block_size, hkv, d = k_cache.shape
+    k_cache.view(num_blocks * block_size, hkv, d).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
+    v_cache.view(num_blocks * block_size, hkv, d).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Causal attention of packed queries `[T, Hq, D]` over each sequence's paged KV.
+
+    Query row i of sequence b sits at absolute position `seq_lens[b] - q_len_b + i` and sees keys
+    0..that position. Grouped-query attention: query head h reads KV head `h // (Hq // Hkv)`.
+    Computed in fp32, returned in q's dtype.
+    """
+    t, hq, d = q.shape
+    _, block_size, hkv, _ = k_cache.shape
+    qsl = meta.query_start_loc.long()
+    seq_lens = meta.seq_lens.long()
+    q_lens = qsl[1:] - qsl[:-1]
+    b = q_lens.numel()
+    max_q, max_kv = meta.max_query_len, meta.max_seq_len
+
+    # Gather each sequence's keys/values into a padded [B, Hkv, max_kv, D] view.
+    n_blk = (max_kv + block_size - 1) // block_size
+    blocks = meta.block_tables[:, :n_blk].long()
+    k = k_cache[blocks].reshape(b, n_blk * block_size, hkv, d)[:, :max_kv].transpose(1, 2).float()
+    v = v_cache[blocks].reshape(b, n_blk * block_size, hkv, d)[:, :max_kv].transpose(1, 2).float()
+
+    # Scatter packed queries into a padded [B, Hq, max_q, D] batch.
+    seq_of_row = torch.repeat_interleave(torch.arange(b, device=q.device), q_lens)
+    row_in_seq = torch.arange(t, device=q.device) - qsl[seq_of_row]
+    qp = q.new_zeros((b, max_q, hq, d), dtype=torch.float32)
+    qp[seq_of_row, row_in_seq] = q.float()
+    qp = qp.transpose(1, 2)
+
+    # Query i of sequence b is at absolute position ctx_b + i, ctx_b = seq_len - q_len.
+    q_pos = (seq_lens - q_lens)[:, None] + torch.arange(max_q, device=q.device)[None, :]
+    k_pos = torch.arange(max_kv, device=q.device)
+    mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < seq_lens[:, None, None])
+    out = F.scaled_dot_product_attention(qp, k, v, attn_mask=mask[:, None], scale=scale,
+                                         enable_gqa=hq != hkv)
+    return out.transpose(1, 2)[seq_of_row, row_in_seq].to(q.dtype)
+
+
+def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Non-causal attention for the vision encoder: `[N, S, H, D]` in, `[N, S, H, D]` out (fp32 math)."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2).float(), k.transpose(1, 2).float(),
+                                         v.transpose(1, 2).float(), scale=scale)
+    return out.transpose(1, 2).to(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation and position embedding
+# ---------------------------------------------------------------------------------------------
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`residual + x` (when a residual is given) then RMSNorm, as Llama/Qwen2 do it.
+
+    Returns `(normed, new_residual)`; with no residual, `new_residual` is `x` itself.
+    """
+    if residual is not None:
+        x = x + residual
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype), x
+
+
+def rotary_cos_sin(head_dim: int, max_positions: int, theta: float, device: torch.device,
+                   scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 `cos, sin` tables `[max_positions, head_dim // 2]` for rotate-half (NeoX-style) RoPE."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    if scaling and scaling.get("rope_type", scaling.get("type")) == "linear":
+        inv_freq = inv_freq / float(scaling["factor"])
+    freqs = torch.outer(torch.arange(max_positions, device=device, dtype=torch.float32), inv_freq)
+    return freqs.cos(), freqs.sin()
+
+
+def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate `q [T, Hq, D]` and `k [T, Hkv, D]` by their positions (rotate-half convention)."""
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        c = cos[positions][:, None, :]
+        s = sin[positions][:, None, :]
+        xf = x.float()
+        x1, x2 = xf.chunk(2, dim=-1)
+        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+
+    return rotate(q), rotate(k)
+
+
+# ---------------------------------------------------------------------------------------------
+# Vision
+# ---------------------------------------------------------------------------------------------
+def patch_embed(pixels: torch.Tensor, weight: torch.Tensor, class_embedding: torch.Tensor,
+                position_embedding: torch.Tensor) -> torch.Tensor:
+    """CLIP patch embedding: `[N, C, H, W]` pixels to `[N, 1 + H/P * W/P, E]`.
+
+    Patchify + project (the bias-free Conv2d with stride = kernel = P), prepend the class token,
+    add position embeddings `[1 + num_patches, E]`.
+    """
+    patch = weight.shape[-1]
+    x = F.conv2d(pixels.to(weight.dtype), weight, stride=patch).flatten(2).transpose(1, 2)
+    cls = class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+    return torch.cat([cls, x], dim=1) + position_embedding.to(x.dtype)[None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch
+# ---------------------------------------------------------------------------------------------
+class Ops:
+    """The primitives of one backend, bound once per engine so the hot path does no lookups."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        self.write_kv = write_kv
+        self.paged_attention = paged_attention
+        self.vision_attention = vision_attention
+        self.rms_norm = rms_norm
+        self.rotary_embedding = rotary_embedding
+        self.patch_embed = patch_embed
+        if backend in ("triton", "flash"):
+            from . import kernels  # the top-level kernels/ directory, linked into the package
+
+            kernels.bind(self, use_flash_attn=backend == "flash")

@@ -1,0 +1,72 @@
+"""What `Engine.generate` and `Engine.score` return."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Sample:
+    """One generated continuation."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or a stop string) | "length"
+    logprobs: list[float]  # log-probability of each generated token under the model
+
+
+@dataclass
+class GenerationOutput:
+    """The result of one generation request: `n` samples, or an error that names what was wrong."""
+
+    index: int
+    prompt_token_ids: list[int]
+    samples: list[Sample] = field(default_factory=list)
+    error: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+    # The first sample's fields, for the common n=1 case.
+    @property
+    def text(self) -> str:
+        return self.samples[0].text if self.samples else ""
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.samples[0].token_ids if self.samples else []
+
+    @property
+    def finish_reason(self) -> str:
+        return self.samples[0].finish_reason if self.samples else "error"
+
+    @property
+    def logprobs(self) -> list[float]:
+        return self.samples[0].logprobs if self.samples else []
+
+
+@dataclass
+class ChoiceScore:
+    """Log-likelihood of one choice continuing the request's context."""
+
+    text: str
+    logprob: float  # summed log-probability of the choice tokens
+    num_tokens: int
+    is_greedy: bool  # every choice token is the argmax continuation
+    token_logprobs: list[float] = field(default_factory=list)
+
+    @property
+    def logprob_per_token(self) -> float:
+        return self.logprob / max(self.num_tokens, 1)
+
+
+@dataclass
+class ScoreOutput:
+    index: int
+    choices: list[ChoiceScore] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def best(self) -> int:
+        """Index of the choice with the highest summed log-probability (-1 on error)."""
+        if not self.choices:
+            return -1
+        return max(range(len(self.choices)), key=lambda i: self.choices[i].logprob)
