@@ -16,9 +16,9 @@ import torch
 from tqdm.auto import tqdm
 
 from . import _core
-from .chat import render_chat
+from .chat import render_checkpoint_chat
 from .checkpoint import load_checkpoint
-from .image import load_image
+from .image import ClipImageProcessor, content_hash
 from .models import build_model
 from .ops import Ops, resolve_backend
 from .outputs import ChoiceScore, GenerationOutput, Sample, ScoreOutput
@@ -51,9 +51,11 @@ class Engine:
         self.checkpoint = load_checkpoint(model, dtype=dtype, device=self.device)
         self.tokenizer = _core.Tokenizer.from_file(str(self.checkpoint.tokenizer_path))
         self.ops = Ops(resolve_backend(self.device, attention_backend))
-        self.model = build_model(self.checkpoint, self.ops)
-        self.max_model_len = min(max_model_len or self.checkpoint.max_position_embeddings,
-                                 self.checkpoint.max_position_embeddings)
+        context = self.checkpoint.text.max_position_embeddings
+        self.max_model_len = min(max_model_len or context, context)
+        self.model = build_model(self.checkpoint, self.ops, max_positions=self.max_model_len)
+        self.image_processor = ClipImageProcessor.for_checkpoint(self.checkpoint)
+        self.image_token = self.tokenizer.id_to_token(self.checkpoint.image_token_id)
         self.runner = ModelRunner(self.model, self.device, self.checkpoint.dtype, block_size, num_blocks,
                                   kv_cache_memory, max_num_seqs, self.max_model_len, encoder_cache_size)
         self.scheduler = _core.Scheduler(
@@ -166,7 +168,7 @@ class Engine:
         for req in requests:
             try:
                 text, imgs, add_special = self._prompt_and_images(req)
-                pixels = [self.checkpoint.image_processor(load_image(im)) for im in imgs]
+                pixels = [self.image_processor(im) for im in imgs]
                 texts.append(text)
                 images.append((pixels, add_special))
                 prepared.append(None)
@@ -186,9 +188,9 @@ class Engine:
                         ids, self.checkpoint.image_token_id, [self.model.tokens_per_image] * len(pixels))
                 except ValueError as e:
                     prepared[i] = RequestError(f"{e} (image placeholder token "
-                                               f"{self.checkpoint.image_token!r})")
+                                               f"{self.image_token!r})")
                     continue
-                hashes = [self.checkpoint.content_hash(p) for p in pixels]
+                hashes = [content_hash(p) for p in pixels]
                 prepared[i] = _Prepared(
                     prompt_ids=list(expanded),
                     image_spans=[(s, n, h) for (s, n), h in zip(spans, hashes, strict=True)],
@@ -199,7 +201,7 @@ class Engine:
         if not isinstance(req, dict):
             raise RequestError(f"a request is a dict with 'prompt' or 'messages', got {type(req).__name__}")
         if "messages" in req:
-            text, imgs = render_chat(self.checkpoint, req["messages"])
+            text, imgs = render_checkpoint_chat(self.checkpoint, req["messages"])
             return text, imgs, False
         if "prompt" in req:
             if not isinstance(req["prompt"], str):

@@ -64,9 +64,7 @@ class ModelRunner:
         self.dtype = dtype
         self.block_size = block_size
         self.num_blocks = num_blocks or self._blocks_for_budget(kv_cache_memory, max_num_seqs, max_model_len)
-        shape = (self.num_blocks, block_size, model.num_kv_heads, model.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
-                           torch.zeros(shape, dtype=dtype, device=device)) for _ in range(model.num_layers)]
+        self.kv_caches = model.allocate_kv_caches(self.num_blocks, block_size, dtype)
         self.encoder_cache = EncoderCache(encoder_cache_size)
 
     def _bytes_per_block(self) -> int:
@@ -97,17 +95,16 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan) -> torch.Tensor:
         """Run the plan's packed tokens through the model; returns hidden states `[T, H]`."""
-        input_ids = self._tensor(plan.input_ids)
-        embeds = self.model.embed(input_ids)
+        image_rows = image_embeds = None
         chunks = plan.image_chunks
         if len(chunks):
             hashes = [int(h) & ((1 << 64) - 1) for h in chunks[:, 0]]  # back from int64 bits to u64
             images = self.encoder_cache.get_many(hashes, self.model.encode_images)
             # One index per image token: cheap (images per step), and the copy itself is one op.
             dst = np.concatenate([np.arange(d, d + n) for d, n in zip(chunks[:, 1], chunks[:, 3], strict=True)])
-            rows = torch.cat([images[h][s:s + n] for h, s, n in zip(hashes, chunks[:, 2], chunks[:, 3],
-                                                                      strict=True)])
-            embeds[self._tensor(dst)] = rows.to(embeds.dtype)
+            image_rows = self._tensor(dst)
+            image_embeds = torch.cat([images[h][s:s + n] for h, s, n in zip(hashes, chunks[:, 2], chunks[:, 3],
+                                                                            strict=True)])
         meta = AttentionMetadata(
             query_start_loc=self._tensor(plan.query_start_loc),
             seq_lens=self._tensor(plan.seq_lens),
@@ -116,4 +113,5 @@ class ModelRunner:
             max_query_len=int(plan.max_query_len),
             max_seq_len=int(plan.max_seq_len),
         )
-        return self.model.forward(embeds, self._tensor(plan.positions), self.kv_caches, meta)
+        return self.model.forward(self._tensor(plan.input_ids), self._tensor(plan.positions), self.kv_caches, meta,
+                                  image_rows, image_embeds)
