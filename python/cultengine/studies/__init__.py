@@ -1,0 +1,1 @@
+"""Research studies reproduced at engine speed: `values`, `stories` (+ its analysis) and `ground`."""
