@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import transformers
 from PIL import Image
 
 from cultengine.chat import ChatTemplateError, render_chat, render_checkpoint_chat
 from cultengine.checkpoint import load_checkpoint
-from tiny_checkpoints import import_transformers
 
 IMG = Image.new("RGB", (8, 8), (10, 20, 30))
 
@@ -44,7 +44,7 @@ FEATURE_TEMPLATE = """{{ bos_token }}
 
 @pytest.fixture(scope="module")
 def hf_tokenizer(tiny_llama):
-    return import_transformers().AutoTokenizer.from_pretrained(tiny_llama)
+    return transformers.AutoTokenizer.from_pretrained(tiny_llama)
 
 
 @pytest.mark.parametrize("conv", range(len(CONVERSATIONS)))

@@ -8,11 +8,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import transformers
 from PIL import Image
 
 from cultengine.checkpoint import load_checkpoint
 from cultengine.image import ClipImageProcessor, content_hash, load_image
-from tiny_checkpoints import import_transformers
 
 # Our processor repeats transformers' arithmetic step by step (uint8 PIL resize, float64 rescale, float32
 # normalise), so the outputs are expected to be bitwise equal; the tolerance only guards BLAS-free noise.
@@ -45,7 +45,7 @@ IMAGES = [(37, 23, "RGB"), (23, 37, "RGBA"), (301, 199, "RGB"), (13, 9, "L"), (6
 
 @pytest.fixture(scope="module")
 def hf_processor_cls():
-    t = import_transformers()
+    t = transformers
     # transformers 5's default CLIPImageProcessor is the torchvision ("fast") one; the PIL one is the
     # reference (transformers 4: the slow class, use_fast=False).
     pil = getattr(t, "CLIPImageProcessorPil", None)

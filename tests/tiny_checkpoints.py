@@ -20,9 +20,6 @@ Public API (importable from any test: `from tiny_checkpoints import ...`, tests/
 - `IMAGE_TOKEN = "<image>"`, `SPECIAL_TOKENS` (in id order: <s>=0, </s>=1, <pad>=2, <image>=3,
   <|im_start|>=4, <|im_end|>=5), `CHAT_TEMPLATE`, `CORPUS`.
 - `reference_model(path)`: transformers' `LlavaForConditionalGeneration` in fp32, eval mode.
-- `import_transformers()`: the `transformers` module, imported safely (use it instead of a plain
-  `import transformers` in tests: the repo's top-level `kernels/` link breaks transformers' import-time
-  probe for the PyPI `kernels` package when the repo root is on sys.path, as under `python -m pytest`).
 
 conftest.py exposes them as session-scoped fixtures: `tiny_checkpoint(backbone)` (a factory, cached
 per session), `tiny_llama`, `tiny_qwen2`, `tiny_mistral` (paths).
@@ -31,31 +28,14 @@ per session), `tiny_llama`, `tiny_qwen2`, `tiny_mistral` (paths).
 from __future__ import annotations
 
 import json
-import sys
 from functools import lru_cache
 from pathlib import Path
 
 import torch
+import transformers
 
 _REPO = Path(__file__).resolve().parents[1]
 
-
-@lru_cache(maxsize=1)
-def import_transformers():
-    """Import transformers with the repo root hidden from sys.path.
-
-    The repo's top-level `kernels/` link (our Triton kernels) would shadow the PyPI `kernels` package
-    that transformers probes (by importing it) when it first loads; with `python -m pytest` the repo
-    root is on sys.path and that probe fails.
-    """
-    saved = sys.path[:]
-    sys.path[:] = [p for p in saved if Path(p or ".").resolve() != _REPO]
-    try:
-        import transformers
-        import transformers.integrations.hub_kernels  # noqa: F401  (the probe runs here, once)
-    finally:
-        sys.path[:] = saved
-    return transformers
 
 BACKBONES = ("llama", "qwen2", "mistral")
 IMAGE_TOKEN = "<image>"
@@ -107,7 +87,7 @@ def _train_tokenizer():
 
 
 def _configs(backbone: str, vocab: int, image_token_id: int):
-    t = import_transformers()
+    t = transformers
     CLIPVisionConfig, LlamaConfig, LlavaConfig = t.CLIPVisionConfig, t.LlamaConfig, t.LlavaConfig
     MistralConfig, Qwen2Config = t.MistralConfig, t.Qwen2Config
 
@@ -159,7 +139,7 @@ def _reshard_new_layout(out: Path) -> None:
 
 
 def build_tiny_llava(out_dir: str | Path, backbone: str = "llama", seed: int = 0) -> Path:
-    t = import_transformers()
+    t = transformers
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = _train_tokenizer()
@@ -194,5 +174,5 @@ def build_tiny_llava(out_dir: str | Path, backbone: str = "llama", seed: int = 0
 
 def reference_model(path: str | Path):
     """transformers' LLaVA on the checkpoint, fp32, eval mode (the parity oracle)."""
-    return import_transformers().LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32,
+    return transformers.LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32,
                                                          attn_implementation="eager").eval()

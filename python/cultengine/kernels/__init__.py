@@ -1,1 +1,32 @@
-"""Triton kernels (CUDA, or the CPU under TRITON_INTERPRET=1)."""
+"""Triton kernels (CUDA, or the CPU under TRITON_INTERPRET=1), same signatures as the references in ops.py."""
+
+from __future__ import annotations
+
+import warnings
+
+from .attention import paged_attention, paged_decode_attention, paged_prefill_attention, vision_attention
+from .cache import write_kv
+from .norm import rms_norm
+from .patch_embed import patch_embed
+from .rotary import rotary_embedding
+
+__all__ = ["bind", "paged_attention", "paged_decode_attention", "paged_prefill_attention", "vision_attention",
+           "write_kv", "rms_norm", "patch_embed", "rotary_embedding"]
+
+
+def bind(ops, use_flash_attn: bool = False) -> None:
+    """Swap the primitives of an `ops.Ops` instance for the kernels (attention via flash-attn if asked)."""
+    ops.write_kv = write_kv
+    ops.paged_attention = paged_attention
+    ops.vision_attention = vision_attention
+    ops.rms_norm = rms_norm
+    ops.rotary_embedding = rotary_embedding
+    ops.patch_embed = patch_embed
+    if use_flash_attn:
+        try:
+            from . import flash
+        except ImportError as e:
+            warnings.warn(f"flash-attn unavailable ({e}); using the Triton attention kernels", stacklevel=2)
+            return
+        ops.paged_attention = flash.paged_attention
+        ops.vision_attention = flash.vision_attention

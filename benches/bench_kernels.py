@@ -1,0 +1,219 @@
+"""Kernel benchmarks: prefill attention TFLOP/s, decode attention HBM GB/s, patch embedding images/s.
+
+    python benches/bench_kernels.py            # on a CUDA GPU; writes benches/results/kernels-<gpu>.{md,json}
+    python benches/bench_kernels.py --dry-run  # tiny shapes; on the CPU under TRITON_INTERPRET=1
+
+Prefill: causal, head dim 128, bf16, batch x seq_len = 16k tokens and 16 heads throughout (the
+flash-attention paper's setting), our paged kernel (16-token blocks, shuffled) against torch SDPA's
+flash backend and flash-attn (when installed) on contiguous tensors. FLOPs count the causal half.
+Decode: Llama-3-8B shapes (32 query / 8 KV heads, dim 128), bytes = the K/V actually read + q + out,
+against the device's copy bandwidth (read + write of a 2 GiB buffer).
+Patch embedding: CLIP ViT-L/14 (1024 wide), against the reference conv + cat + add in ops.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def full_config():
+    return dict(
+        dtype=torch.bfloat16, prefill_tokens=16384, prefill_heads=16, head_dim=128,
+        prefill_seqs=[512, 1024, 2048, 4096, 8192, 16384],
+        decode_batches=[1, 4, 16, 64, 256], decode_contexts=[1024, 4096, 16384, 32768],
+        decode_heads=(32, 8), decode_max_bytes=40e9, copy_bytes=2 << 30,
+        patch_sizes=[224, 336], patch_batches=[1, 8, 32, 128, 256], embed_dim=1024, patch=14)
+
+
+def dry_run_config():
+    # fp32: the interpreter's bf16 dot is wrong, and only the plumbing is being checked here.
+    return dict(
+        dtype=torch.float32, prefill_tokens=256, prefill_heads=2, head_dim=64, prefill_seqs=[64, 128],
+        decode_batches=[1, 2], decode_contexts=[64, 128], decode_heads=(4, 2), decode_max_bytes=1e9,
+        copy_bytes=1 << 20, patch_sizes=[28], patch_batches=[1, 2], embed_dim=32, patch=14)
+
+
+def timer(dry_run: bool):
+    """Median milliseconds of a callable: triton's do_bench on the GPU, a wall clock in the interpreter."""
+    if dry_run:
+        def wall(fn):
+            fn()
+            start = time.perf_counter()
+            fn()
+            return (time.perf_counter() - start) * 1e3
+        return wall
+    import triton.testing
+
+    return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def paged_cache(batch, seq_len, hkv, d, dtype, device, block_size=16):
+    """Filled K/V caches holding `batch` sequences of `seq_len` tokens in shuffled physical blocks."""
+    n_blk = -(-seq_len // block_size)
+    tables = torch.randperm(batch * n_blk, device=device).view(batch, n_blk).to(torch.int32)
+    shape = (batch * n_blk, block_size, hkv, d)
+    caches = [torch.randn(shape, dtype=dtype, device=device) for _ in range(2)]
+    return caches[0], caches[1], tables
+
+
+def sdpa_flash(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    backend = SDPBackend.FLASH_ATTENTION if q.is_cuda else SDPBackend.MATH
+    with sdpa_kernel(backend):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def prefill_row(ops, kernels, bench, device, b, s, h, d, dtype, flash_attn_func):
+    q = torch.randn(b * s, h, d, dtype=dtype, device=device)
+    k_cache, v_cache, tables = paged_cache(b, s, h, d, dtype, device)
+    qsl = torch.arange(0, b * s + 1, s, dtype=torch.int32, device=device)
+    seq_lens = torch.full((b,), s, dtype=torch.int32, device=device)
+    meta = ops.AttentionMetadata(qsl, seq_lens, tables, torch.empty(0, dtype=torch.int64), s, s)
+    # Contiguous [B, S, H, D] copies for the baselines (the same numbers the paged cache holds).
+    qc = q.view(b, s, h, d)
+    kc, vc = (c[tables.long()].view(b, s, h, d) for c in (k_cache, v_cache))
+
+    def tflops(fn):
+        return 4 * b * h * s * s * d / 2 / (bench(fn) * 1e-3) / 1e12
+
+    row = {"seq_len": s, "batch": b, "heads": h, "head_dim": d,
+           "triton_paged": tflops(lambda: kernels.paged_attention(q, k_cache, v_cache, meta, d ** -0.5)),
+           "torch_sdpa_flash": tflops(lambda: sdpa_flash(qc, kc, vc)), "flash_attn": None}
+    if flash_attn_func:
+        row["flash_attn"] = tflops(lambda: flash_attn_func(qc, kc, vc, causal=True))
+    return row
+
+
+def bench_prefill(cfg, ops, kernels, bench, device):
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        flash_attn_func = None
+    return [prefill_row(ops, kernels, bench, device, cfg["prefill_tokens"] // s, s, cfg["prefill_heads"],
+                        cfg["head_dim"], cfg["dtype"], flash_attn_func) for s in cfg["prefill_seqs"]]
+
+
+def bench_copy_bandwidth(cfg, bench, device) -> float:
+    src = torch.empty(cfg["copy_bytes"], dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / (bench(lambda: dst.copy_(src)) * 1e-3) / 1e9
+
+
+def decode_row(ops, kernels, bench, device, b, ctx, hq, hkv, d, dtype):
+    k_cache, v_cache, tables = paged_cache(b, ctx, hkv, d, dtype, device)
+    q = torch.randn(b, hq, d, dtype=dtype, device=device)
+    meta = ops.AttentionMetadata(torch.arange(b + 1, dtype=torch.int32, device=device),
+                                 torch.full((b,), ctx, dtype=torch.int32, device=device), tables,
+                                 torch.empty(0, dtype=torch.int64), 1, ctx)
+    ms = bench(lambda: kernels.paged_attention(q, k_cache, v_cache, meta, d ** -0.5))
+    # Bytes that must cross HBM: every key and value of the batch once, q in, out back, the block tables.
+    total = 2 * b * ctx * hkv * d * k_cache.element_size() + 2 * q.nbytes + tables.nbytes
+    return {"batch": b, "context": ctx, "us": ms * 1e3, "gb_per_s": total / (ms * 1e-3) / 1e9}
+
+
+def bench_decode(cfg, ops, kernels, bench, device):
+    (hq, hkv), d, dtype = cfg["decode_heads"], cfg["head_dim"], cfg["dtype"]
+    kv_bytes = lambda b, ctx: 2 * b * ctx * hkv * d * torch.finfo(dtype).bits // 8  # noqa: E731
+    return [decode_row(ops, kernels, bench, device, b, ctx, hq, hkv, d, dtype)
+            for b in cfg["decode_batches"] for ctx in cfg["decode_contexts"]
+            if kv_bytes(b, ctx) <= cfg["decode_max_bytes"]]
+
+
+def patch_row(ops, kernels, bench, device, b, size, weight, cls, pos):
+    pixels = torch.randn(b, 3, size, size, dtype=weight.dtype, device=device)
+    ours = bench(lambda: kernels.patch_embed(pixels, weight, cls, pos))
+    ref = bench(lambda: ops.patch_embed(pixels, weight, cls, pos))
+    return {"image": size, "batch": b, "triton_img_per_s": b / (ours * 1e-3),
+            "torch_conv_img_per_s": b / (ref * 1e-3)}
+
+
+def bench_patch_embed(cfg, ops, kernels, bench, device):
+    e, p, dtype = cfg["embed_dim"], cfg["patch"], cfg["dtype"]
+    rows = []
+    for size in cfg["patch_sizes"]:
+        weight = (0.02 * torch.randn(e, 3, p, p, device=device)).to(dtype)
+        cls = torch.randn(e, dtype=dtype, device=device)
+        pos = torch.randn(1 + (size // p) ** 2, e, dtype=dtype, device=device)
+        rows += [patch_row(ops, kernels, bench, device, b, size, weight, cls, pos)
+                 for b in cfg["patch_batches"]]
+    return rows
+
+
+def markdown(device_name: str, results: dict) -> str:
+    def table(rows, columns):
+        def fmt(v):
+            if isinstance(v, float):
+                return f"{v:,.1f}" if abs(v) >= 1 else f"{v:.3g}"
+            return "-" if v is None else str(v)
+
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(fmt(r[c]) for c in columns) + " |" for r in rows]
+        return "\n".join(lines)
+
+    return "\n\n".join([
+        f"# Kernel benchmarks: {device_name}",
+        f"dtype {results['dtype']}; copy bandwidth {results['copy_gb_per_s']:.0f} GB/s",
+        "## Prefill attention, causal (TFLOP/s)",
+        table(results["prefill"],
+              ["seq_len", "batch", "heads", "head_dim", "triton_paged", "torch_sdpa_flash", "flash_attn"]),
+        "## Decode attention (achieved GB/s; copy bandwidth above)",
+        table(results["decode"], ["batch", "context", "us", "gb_per_s"]),
+        "## Patch embedding (images/s)",
+        table(results["patch_embed"], ["image", "batch", "triton_img_per_s", "torch_conv_img_per_s"]),
+    ]) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="tiny shapes; runs on the CPU (Triton interpreter)")
+    parser.add_argument("--out", type=Path,
+                        help="results folder (default benches/results; a temp dir for --dry-run)")
+    args = parser.parse_args(argv)
+
+    has_cuda = torch.cuda.is_available()
+    if not has_cuda and not args.dry_run:
+        sys.exit("bench_kernels: no CUDA device found; this benchmark needs an NVIDIA GPU "
+                 "(use --dry-run to check the script itself on the CPU)")
+    if not has_cuda:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+    from cultengine import kernels, ops
+
+    device = torch.device("cuda" if has_cuda else "cpu")
+    device_name = torch.cuda.get_device_name(device) if has_cuda else "cpu-interpreter"
+    cfg = dry_run_config() if args.dry_run else full_config()
+    bench = timer(dry_run=not has_cuda)
+
+    results = {"device": device_name, "dtype": str(cfg["dtype"]).removeprefix("torch."),
+               "torch": torch.__version__, "dry_run": args.dry_run}
+    results["copy_gb_per_s"] = bench_copy_bandwidth(cfg, bench, device)
+    results["prefill"] = bench_prefill(cfg, ops, kernels, bench, device)
+    results["decode"] = bench_decode(cfg, ops, kernels, bench, device)
+    results["patch_embed"] = bench_patch_embed(cfg, ops, kernels, bench, device)
+
+    out_dir = args.out or (Path(tempfile.mkdtemp(prefix="bench-kernels-")) if args.dry_run else RESULTS)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"kernels-{re.sub(r'[^a-z0-9]+', '-', device_name.lower()).strip('-')}"
+    text = markdown(device_name, results)
+    stem.with_suffix(".md").write_text(text)
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    print(text)
+    print(f"wrote {stem}.md and {stem}.json")
+
+
+if __name__ == "__main__":
+    main()

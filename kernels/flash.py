@@ -1,0 +1,1 @@
+../python/cultengine/kernels/flash.py

@@ -1,0 +1,340 @@
+"""Attention kernels: paged prefill (flash attention), paged decode (flash decoding), vision encoder.
+
+All three share one online-softmax tile update. Scores are kept in the log2 domain (the softmax scale
+is pre-multiplied by log2(e)) so the kernels use `exp2`; accumulation is fp32 whatever the input dtype.
+Head dims that are not a power of two (80, 96) are padded to the next one and masked.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ..ops import AttentionMetadata
+
+LOG2E = 1.4426950408889634
+
+
+def _attention_tiles(block_d: int) -> tuple[int, int]:
+    """(query tile, key tile) of the prefill and vision kernels, run with 8 warps.
+
+    Picked without a GPU from ptxas register reports for sm_90 (bf16): 128 x 64 at d = 128 spills
+    (the paged gather keeps a pointer per element), 128 x 32 does not; to be tuned on the device.
+    """
+    if block_d <= 64:
+        return 128, 64
+    return (128, 32) if block_d <= 128 else (64, 32)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs must not silently drop to tf32 on the GPU: they are the exact path the tests compare.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def _softmax_tile(q, k, v, acc, m_i, l_i, qk_scale, mask, APPLY_MASK: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """Fold one key/value tile into the running (acc, row max, row sum) of flash attention."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if APPLY_MASK:
+        s = tl.where(mask, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _paged_offsets(block_table_row, offs_n, mask_n, offs_d, stride_kb, stride_ko, BLOCK_SIZE: tl.constexpr):
+    """Element offsets `[BLOCK_N, BLOCK_D]` of logical keys `offs_n` in a paged cache (one KV head)."""
+    blk = tl.load(block_table_row + offs_n // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
+    return (blk * stride_kb + (offs_n % BLOCK_SIZE) * stride_ko)[:, None] + offs_d[None, :]
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefill (and mixed prefill/decode) over the paged cache
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, qsl_ptr, seq_lens_ptr, block_tables_ptr,
+                    qk_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ko, stride_kh,
+                    stride_bt,
+                    QUERIES_PER_KV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    tile = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+    q_start = tl.load(qsl_ptr + seq)
+    q_len = tl.load(qsl_ptr + seq + 1) - q_start
+    # The grid is sized for the longest query of the batch; shorter ones leave idle tiles.
+    if tile * BLOCK_M >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    first_pos = seq_len - q_len + tile * BLOCK_M  # absolute position of the tile's first query
+
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    mask_q = (offs_m < q_len)[:, None] & mask_d[None, :]
+    q_rows = (q_start + offs_m)[:, None]
+    q = tl.load(q_ptr + q_rows * stride_qt + head * stride_qh + offs_d[None, :], mask=mask_q, other=0.0)
+    q_pos = first_pos - tile * BLOCK_M + offs_m
+
+    kv_head = head // QUERIES_PER_KV
+    k_base = k_cache_ptr + kv_head * stride_kh
+    v_base = v_cache_ptr + kv_head * stride_kh
+    bt_row = block_tables_ptr + seq * stride_bt
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    # Keys before the tile's first query are visible to every row: no causal mask there.
+    full_end = (first_pos // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_off = _paged_offsets(bt_row, offs_n, offs_n < full_end, offs_d, stride_kb, stride_ko, BLOCK_SIZE)
+        k = tl.load(k_base + kv_off, mask=mask_d[None, :], other=0.0)
+        v = tl.load(v_base + kv_off, mask=mask_d[None, :], other=0.0)
+        acc, m_i, l_i = _softmax_tile(q, k, v, acc, m_i, l_i, qk_scale, None, False, PRECISION)
+
+    # The diagonal: causal mask, and the end of the sequence.
+    kv_end = tl.minimum(seq_len, first_pos + BLOCK_M)
+    for start_n in range(full_end, kv_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < kv_end
+        kv_off = _paged_offsets(bt_row, offs_n, mask_n, offs_d, stride_kb, stride_ko, BLOCK_SIZE)
+        mask_kv = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_base + kv_off, mask=mask_kv, other=0.0)
+        v = tl.load(v_base + kv_off, mask=mask_kv, other=0.0)
+        causal = (offs_n[None, :] <= q_pos[:, None]) & mask_n[None, :]
+        acc, m_i, l_i = _softmax_tile(q, k, v, acc, m_i, l_i, qk_scale, causal, True, PRECISION)
+
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + q_rows * stride_ot + head * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=mask_q)
+
+
+def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    assert k_cache.stride() == v_cache.stride(), "key and value caches must share one layout"
+    assert k_cache.stride(-1) == 1 and q.stride(-1) == 1, "head_dim must be contiguous"
+    assert q.shape[1] % k_cache.shape[2] == 0, "query heads must be a multiple of KV heads"
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Causal varlen attention of packed queries over the paged cache (any query lengths)."""
+    _check_cache(q, k_cache, v_cache)
+    t, hq, d = q.shape
+    _, block_size, hkv, _ = k_cache.shape
+    out = torch.empty_like(q)
+    block_d = triton.next_power_of_2(d)
+    block_m, block_n = _attention_tiles(block_d)
+    batch = meta.query_start_loc.numel() - 1
+    grid = (triton.cdiv(meta.max_query_len, block_m), batch, hq)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, out, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+        scale * LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
+        QUERIES_PER_KV=hq // hkv, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_SIZE=block_size,
+        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype), num_warps=8, num_stages=2)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode: flash decoding (split-KV) with all query heads of one KV head in one program
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr, qsl_ptr,
+                         seq_lens_ptr, block_tables_ptr, qk_scale, tiles_per_split,
+                         stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ko, stride_kh,
+                         stride_bt, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+                         QUERIES_PER_KV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                         NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    row = tl.load(qsl_ptr + seq)
+    seq_len = tl.load(seq_lens_ptr + seq)
+
+    # GROUP >= 16 rows (tl.dot's minimum); rows past QUERIES_PER_KV are zero queries, never stored.
+    offs_g = tl.arange(0, GROUP)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    mask_q = (offs_g < QUERIES_PER_KV)[:, None] & mask_d[None, :]
+    heads = kv_head * QUERIES_PER_KV + offs_g
+    q = tl.load(q_ptr + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=mask_q,
+                other=0.0)
+
+    k_base = k_cache_ptr + kv_head * stride_kh
+    v_base = v_cache_ptr + kv_head * stride_kh
+    bt_row = block_tables_ptr + seq * stride_bt
+    acc = tl.zeros([GROUP, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([GROUP], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GROUP], dtype=tl.float32)
+
+    # The one query sits at position seq_len - 1 and sees every key: only the end needs a mask.
+    kv_start = split * tiles_per_split * BLOCK_N
+    kv_end = tl.minimum(seq_len, kv_start + tiles_per_split * BLOCK_N)
+    for start_n in range(kv_start, kv_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < kv_end
+        kv_off = _paged_offsets(bt_row, offs_n, mask_n, offs_d, stride_kb, stride_ko, BLOCK_SIZE)
+        mask_kv = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_base + kv_off, mask=mask_kv, other=0.0)
+        v = tl.load(v_base + kv_off, mask=mask_kv, other=0.0)
+        acc, m_i, l_i = _softmax_tile(q, k, v, acc, m_i, l_i, qk_scale, mask_n[None, :], True, PRECISION)
+
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                 (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=mask_q)
+    else:
+        # A split past a short sequence's end is empty: it stores 0 with log-sum-exp -inf (weight 0).
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        part = part_out_ptr + seq * stride_pb + heads[:, None] * stride_ph + split * stride_ps
+        tl.store(part + offs_d[None, :], acc / l_safe[:, None], mask=mask_q)
+        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+        tl.store(part_lse_ptr + seq * stride_lb + heads * stride_lh + split, lse,
+                 mask=offs_g < QUERIES_PER_KV)
+
+
+@triton.jit
+def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, qsl_ptr, out_ptr, stride_pb, stride_ph, stride_ps,
+                          stride_lb, stride_lh, stride_ot, stride_oh, HEAD_DIM: tl.constexpr,
+                          BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < NUM_SPLITS
+    lse = tl.load(part_lse_ptr + seq * stride_lb + head * stride_lh + offs_s, mask=mask_s,
+                  other=float("-inf"))
+    w = tl.exp2(lse - tl.max(lse, 0))  # split 0 is never empty, so the max is finite
+    w = w / tl.sum(w, 0)
+    part = tl.load(part_out_ptr + seq * stride_pb + head * stride_ph + offs_s[:, None] * stride_ps
+                   + offs_d[None, :], mask=mask_s[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    out = tl.sum(part * w[:, None], 0)
+    row = tl.load(qsl_ptr + seq)
+    tl.store(out_ptr + row * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+
+
+@functools.lru_cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: any small count
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+_DECODE_BLOCK_N = 64
+_MAX_SPLITS = 64
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           meta: AttentionMetadata, scale: float,
+                           num_splits: int | None = None) -> torch.Tensor:
+    """One query per sequence. The KV range is cut into `num_splits` pieces (default: enough programs
+    to fill the GPU twice over) whose partial results a second kernel merges by log-sum-exp."""
+    _check_cache(q, k_cache, v_cache)
+    t, hq, d = q.shape
+    _, block_size, hkv, _ = k_cache.shape
+    batch = meta.seq_lens.numel()
+    tiles = triton.cdiv(meta.max_seq_len, _DECODE_BLOCK_N)
+    if num_splits is None:
+        num_splits = min(_MAX_SPLITS, triton.cdiv(2 * _num_sms(q.device), batch * hkv))
+    tiles_per_split = triton.cdiv(tiles, max(1, min(num_splits, tiles)))
+    num_splits = triton.cdiv(tiles, tiles_per_split)  # no split is empty for the longest sequence
+
+    out = torch.empty_like(q)
+    block_d = triton.next_power_of_2(d)
+    part_out = part_lse = out  # unused by the kernel when there is one split
+    if num_splits > 1:
+        part_out = torch.empty((batch, hq, num_splits, d), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((batch, hq, num_splits), dtype=torch.float32, device=q.device)
+    _decode_split_kernel[(batch, hkv, num_splits)](
+        q, k_cache, v_cache, out, part_out, part_lse, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+        scale * LOG2E, tiles_per_split, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
+        part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
+        QUERIES_PER_KV=hq // hkv, GROUP=max(16, triton.next_power_of_2(hq // hkv)), HEAD_DIM=d,
+        BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=_DECODE_BLOCK_N, NUM_SPLITS=num_splits,
+        PRECISION=_precision(q.dtype), num_warps=8, num_stages=3)  # 4 warps spill at d = 128 (ptxas, sm_90)
+    if num_splits > 1:
+        _decode_reduce_kernel[(batch, hq)](
+            part_out, part_lse, meta.query_start_loc, out, part_out.stride(0), part_out.stride(1),
+            part_out.stride(2), part_lse.stride(0), part_lse.stride(1), out.stride(0), out.stride(1),
+            HEAD_DIM=d, BLOCK_D=block_d, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+            num_warps=4)
+    return out
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """`ops.paged_attention`: the decode kernel for decode-only steps, the prefill kernel otherwise."""
+    if meta.max_query_len == 1:
+        return paged_decode_attention(q, k_cache, v_cache, meta, scale)
+    return paged_prefill_attention(q, k_cache, v_cache, meta, scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Vision encoder: fixed length, non-causal
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _vision_kernel(q_ptr, k_ptr, v_ptr, out_ptr, qk_scale, seq_len, num_heads,
+                   stride_qn, stride_qs, stride_qh, stride_kn, stride_ks, stride_kh,
+                   stride_vn, stride_vs, stride_vh, stride_on, stride_os, stride_oh,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    tile = tl.program_id(0)
+    n = tl.program_id(1) // num_heads
+    h = tl.program_id(1) % num_heads
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    mask_q = (offs_m < seq_len)[:, None] & mask_d[None, :]
+    q = tl.load(q_ptr + n * stride_qn + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
+                mask=mask_q, other=0.0)
+    k_base = k_ptr + n * stride_kn + h * stride_kh + offs_d[None, :]
+    v_base = v_ptr + n * stride_vn + h * stride_vh + offs_d[None, :]
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # Full tiles unmasked, then the ragged tail (577 = 24*24 + 1 tokens for CLIP at 336px).
+    full_end = (seq_len // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = tl.load(k_base + offs_n[:, None] * stride_ks, mask=mask_d[None, :], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vs, mask=mask_d[None, :], other=0.0)
+        acc, m_i, l_i = _softmax_tile(q, k, v, acc, m_i, l_i, qk_scale, None, False, PRECISION)
+    if full_end < seq_len:
+        offs_n = full_end + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < seq_len
+        mask_kv = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_ks, mask=mask_kv, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vs, mask=mask_kv, other=0.0)
+        acc, m_i, l_i = _softmax_tile(q, k, v, acc, m_i, l_i, qk_scale, mask_n[None, :], True, PRECISION)
+
+    tl.store(out_ptr + n * stride_on + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
+             (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=mask_q)
+
+
+def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """`ops.vision_attention`: `[N, S, H, D]` in and out; q, k, v may be strided views of one qkv."""
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1, "head_dim must be contiguous"
+    n, s, h, d = q.shape
+    out = torch.empty((n, s, h, d), dtype=q.dtype, device=q.device)
+    block_d = triton.next_power_of_2(d)
+    block_m, block_n = _attention_tiles(block_d)
+    _vision_kernel[(triton.cdiv(s, block_m), n * h)](
+        q, k, v, out, scale * LOG2E, s, h, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+        k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype),
+        num_warps=8, num_stages=2)
+    return out

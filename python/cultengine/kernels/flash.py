@@ -1,0 +1,40 @@
+"""Attention through flash-attn 2 (the "flash" backend), falling back to the Triton kernels where it can't.
+
+flash-attn reads a paged cache only when pages are multiples of 256 tokens, and only in fp16/bf16.
+Its causal mask is aligned bottom-right, i.e. query i of a sequence sits at seq_len - q_len + i, as ours.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from flash_attn import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+
+from ..ops import AttentionMetadata
+from . import attention
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    if k_cache.shape[1] % 256 or q.dtype not in _HALF:
+        warnings.warn("flash-attn needs fp16/bf16 and KV blocks of a multiple of 256 tokens; "
+                      "using the Triton attention kernels instead", stacklevel=2)
+        return attention.paged_attention(q, k_cache, v_cache, meta, scale)
+    if meta.max_query_len == 1:  # decode-only: one row per sequence, in sequence order
+        out = flash_attn_with_kvcache(q.unsqueeze(1), k_cache, v_cache, cache_seqlens=meta.seq_lens,
+                                      block_table=meta.block_tables, softmax_scale=scale, causal=True)
+        return out.squeeze(1)
+    cu_seqlens_k = F.pad(meta.seq_lens.cumsum(0, dtype=torch.int32), (1, 0))
+    return flash_attn_varlen_func(q, k_cache, v_cache, meta.query_start_loc, cu_seqlens_k, meta.max_query_len,
+                                  meta.max_seq_len, softmax_scale=scale, causal=True,
+                                  block_table=meta.block_tables)
+
+
+def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    if q.dtype not in _HALF:
+        return attention.vision_attention(q, k, v, scale)
+    return flash_attn_func(q, k, v, softmax_scale=scale)

@@ -1,0 +1,230 @@
+"""Every Triton kernel against its torch reference in ops.py.
+
+Without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set before triton is
+imported), so shapes are small but chosen to cross every tile and block boundary the kernels have:
+prefill tiles are 128 queries x 64 keys, decode tiles 64 keys, KV blocks 16 tokens here.
+
+Tolerances, by dtype of the inputs and outputs:
+  fp32: 2e-5 abs/rel. Both sides compute in fp32 (the kernels force IEEE fp32 dots, no tf32); only the
+        summation order differs (online softmax, tiled GEMM).
+  fp16: 2e-3 abs/rel. Outputs are rounded to fp16 (half an ulp is 2.4e-4 near 1) and the softmax
+        probabilities are rounded to fp16 before the P@V product, as flash attention does.
+  bf16: 2e-2 abs/rel, CUDA only: 8 mantissa bits (ulp 3.9e-3 near 1), same two roundings. The
+        interpreter's bf16 tl.dot gives wrong results, so bf16 is not tested on the CPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from cultengine import kernels, ops  # noqa: E402  (after TRITON_INTERPRET is set)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+NEEDS_CUDA = pytest.mark.skipif(DEVICE == "cpu", reason="the interpreter's bf16 dot is wrong")
+DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=NEEDS_CUDA)]
+BLOCK_SIZE = 16
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    tol = TOL[expected.dtype]
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    torch.testing.assert_close(actual.float(), expected.float(), atol=tol, rtol=tol)
+
+
+def randn(*shape, dtype=torch.float32, gen=None):
+    return torch.randn(*shape, generator=gen, dtype=torch.float32).to(device=DEVICE, dtype=dtype)
+
+
+def paged_batch(q_lens, seq_lens, hq, hkv, d, dtype, seed=0, shared_prefix_blocks=0):
+    """A step of a packed batch whose new keys/values are written by the write_kv kernel first.
+
+    Physical blocks are a random permutation of a larger pool (non-contiguous, shuffled tables). With
+    `shared_prefix_blocks`, every sequence's first blocks are the same physical blocks (a prefix-cache
+    hit); the cached prefix is filled directly, as an earlier step would have.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    b = len(q_lens)
+    n_blk = [-(-s // BLOCK_SIZE) for s in seq_lens]
+    pool = torch.randperm(sum(n_blk) + 7, generator=gen)
+    tables = torch.zeros(b, max(n_blk) + 1, dtype=torch.int32)  # one padding column, as the scheduler's
+    shared, fresh = pool[:shared_prefix_blocks].tolist(), pool[shared_prefix_blocks:].tolist()
+    for i, n in enumerate(n_blk):
+        own = [fresh.pop() for _ in range(n - shared_prefix_blocks)]
+        tables[i, :n] = torch.tensor(shared + own, dtype=torch.int32)
+    num_blocks = pool.numel()
+    k_cache = randn(num_blocks, BLOCK_SIZE, hkv, d, dtype=dtype, gen=gen)  # stale data everywhere else
+    v_cache = randn(num_blocks, BLOCK_SIZE, hkv, d, dtype=dtype, gen=gen)
+
+    slots = [tables[i, p // BLOCK_SIZE].item() * BLOCK_SIZE + p % BLOCK_SIZE
+             for i, (ql, sl) in enumerate(zip(q_lens, seq_lens, strict=True)) for p in range(sl - ql, sl)]
+    t = len(slots)
+    slot_mapping = torch.tensor(slots, dtype=torch.int64, device=DEVICE)
+    qkv = randn(t, hq + 2 * hkv, d, dtype=dtype, gen=gen)  # strided q/k/v views, as a fused projection gives
+    q, k, v = qkv.split([hq, hkv, hkv], dim=1)
+    kernels.write_kv(k, v, k_cache, v_cache, slot_mapping)
+    qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    meta = ops.AttentionMetadata(qsl, torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+                                 tables.to(DEVICE), slot_mapping, max(q_lens), max(seq_lens))
+    return q, k_cache, v_cache, meta
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_write_kv_matches_reference(cache_dtype):
+    gen = torch.Generator().manual_seed(1)
+    kv = randn(21, 2, 3, 80, gen=gen)  # fp32 keys into an fp16 cache: the cast happens on store
+    key, value = kv[:, 0], kv[:, 1]
+    slots = torch.randperm(6 * BLOCK_SIZE, generator=gen)[:21].to(DEVICE)
+    caches = [randn(6, BLOCK_SIZE, 3, 80, dtype=cache_dtype, gen=gen) for _ in range(2)]
+    expected = [c.clone() for c in caches]
+    kernels.write_kv(key, value, *caches, slots)
+    ops.write_kv(key, value, *expected, slots)
+    assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Paged attention
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("hq,hkv,d,dtype", [
+    (4, 4, 64, torch.float32),
+    (8, 2, 128, torch.float32),
+    (8, 1, 96, torch.float16),
+    pytest.param(8, 2, 128, torch.bfloat16, marks=NEEDS_CUDA),
+])
+def test_prefill_ragged_batch(hq, hkv, d, dtype):
+    # A fresh prompt spanning two query tiles and three key tiles, a chunk resuming mid-block (context 27),
+    # a one-token prompt, and a decode row riding along in the same step (chunked prefill).
+    q_lens, seq_lens = [150, 40, 1, 1], [150, 67, 1, 90]
+    q, k_cache, v_cache, meta = paged_batch(q_lens, seq_lens, hq, hkv, d, dtype)
+    out = kernels.paged_attention(q, k_cache, v_cache, meta, d ** -0.5)
+    assert_close(out, ops.paged_attention(q, k_cache, v_cache, meta, d ** -0.5))
+
+
+def test_prefill_prefix_cache_hit():
+    # Three sequences share their first 5 physical blocks (80 tokens) and compute only a suffix that
+    # starts mid-block (positions 85.., 100.., 130..): queries begin mid-sequence, tables are shuffled.
+    q_lens, seq_lens = [20, 70, 3], [105, 170, 133]
+    q, k_cache, v_cache, meta = paged_batch(q_lens, seq_lens, 4, 1, 64, torch.float32, seed=3,
+                                            shared_prefix_blocks=5)
+    assert (meta.block_tables[:, :5] == meta.block_tables[0, :5]).all()
+    out = kernels.paged_attention(q, k_cache, v_cache, meta, 0.125)
+    assert_close(out, ops.paged_attention(q, k_cache, v_cache, meta, 0.125))
+
+
+@pytest.mark.parametrize("hq,hkv,d", [(4, 4, 128), (8, 2, 64), (16, 2, 80)])
+@pytest.mark.parametrize("num_splits", [1, 3, None])
+def test_decode_split_kv(hq, hkv, d, num_splits):
+    # Lengths of 1 and 17 leave the later splits of the 300-token sequence's partition empty.
+    seq_lens = [300, 1, 17, 128]
+    q, k_cache, v_cache, meta = paged_batch([1] * 4, seq_lens, hq, hkv, d, torch.float32, seed=hq + d)
+    out = kernels.paged_decode_attention(q, k_cache, v_cache, meta, d ** -0.5, num_splits=num_splits)
+    assert_close(out, ops.paged_attention(q, k_cache, v_cache, meta, d ** -0.5))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_dispatch(dtype):
+    q, k_cache, v_cache, meta = paged_batch([1, 1, 1], [70, 5, 200], 8, 1, 64, dtype, seed=5,
+                                            shared_prefix_blocks=1)
+    out = kernels.paged_attention(q, k_cache, v_cache, meta, 0.125)  # max_query_len == 1: decode kernel
+    assert_close(out, ops.paged_attention(q, k_cache, v_cache, meta, 0.125))
+
+
+@pytest.mark.parametrize("d,dtype", [(64, torch.float32), (80, torch.float16)])
+def test_vision_attention(d, dtype):
+    qkv = randn(2, 77, 3, 3, d, dtype=dtype, gen=torch.Generator().manual_seed(2))  # 77: a ragged key tile
+    q, k, v = qkv.unbind(2)
+    out = kernels.vision_attention(q, k, v, d ** -0.5)
+    assert_close(out, ops.vision_attention(q, k, v, d ** -0.5))
+
+
+# ---------------------------------------------------------------------------------------------
+# Norm, rotary, patch embedding
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm(dtype, with_residual):
+    gen = torch.Generator().manual_seed(4)
+    x = randn(2, 5, 200, dtype=dtype, gen=gen)  # 200: not a power of two
+    weight = 1 + 0.1 * randn(200, dtype=dtype, gen=gen)
+    residual = randn(2, 5, 200, dtype=dtype, gen=gen) if with_residual else None
+    out, res = kernels.rms_norm(x, weight, 1e-6, residual)
+    ref_out, ref_res = ops.rms_norm(x, weight, 1e-6, residual)
+    assert_close(out, ref_out)
+    assert_close(res, ref_res)
+    if not with_residual:
+        assert res is x
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [64, 96])
+def test_rotary_embedding(dtype, d):
+    gen = torch.Generator().manual_seed(6)
+    cos, sin = ops.rotary_cos_sin(d, 512, 10000.0, torch.device(DEVICE))
+    qkv = randn(9, 8 + 2 * 2, d, dtype=dtype, gen=gen)
+    q, k, _ = qkv.split([8, 2, 2], dim=1)
+    positions = torch.randint(0, 512, (9,), generator=gen).to(DEVICE)
+    for actual, expected in zip(kernels.rotary_embedding(q, k, positions, cos, sin),
+                                ops.rotary_embedding(q, k, positions, cos, sin), strict=True):
+        assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("shape,patch,dtype", [
+    ((2, 3, 28, 42), 14, torch.float32),  # odd grid: 2 x 3 patches
+    ((1, 3, 30, 45), 14, torch.float16),  # ragged edge dropped as the strided conv does; fp32 pixels
+    ((1, 3, 64, 64), 16, torch.float32),  # 17 tokens
+])
+def test_patch_embed(shape, patch, dtype):
+    gen = torch.Generator().manual_seed(7)
+    e = 48  # not a multiple of the 128-wide output tile
+    pixels = randn(*shape, gen=gen)
+    weight = (0.05 * randn(e, shape[1], patch, patch, gen=gen)).to(dtype)
+    tokens = 1 + (shape[2] // patch) * (shape[3] // patch)
+    cls, pos = randn(e, dtype=dtype, gen=gen), randn(tokens, e, dtype=dtype, gen=gen)
+    assert_close(kernels.patch_embed(pixels, weight, cls, pos), ops.patch_embed(pixels, weight, cls, pos))
+
+
+# ---------------------------------------------------------------------------------------------
+# Binding
+# ---------------------------------------------------------------------------------------------
+def test_bind_replaces_every_primitive():
+    bound = ops.Ops("torch")
+    kernels.bind(bound)
+    for name in ("write_kv", "paged_attention", "vision_attention", "rms_norm", "rotary_embedding",
+                 "patch_embed"):
+        assert getattr(bound, name) is getattr(kernels, name)
+
+
+def test_bind_flash_is_optional():
+    bound = ops.Ops("torch")
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        with pytest.warns(UserWarning, match="flash-attn unavailable"):
+            kernels.bind(bound, use_flash_attn=True)
+        assert bound.paged_attention is kernels.paged_attention
+    else:
+        kernels.bind(bound, use_flash_attn=True)
+        assert bound.paged_attention.__module__.endswith("kernels.flash")
+
+
+def test_bench_dry_run_writes_tables(tmp_path):
+    # The GPU benchmark's plumbing (shapes, FLOP/byte accounting, Markdown and JSON output) on tiny shapes.
+    path = Path(__file__).resolve().parents[1] / "benches" / "bench_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--dry-run", "--out", str(tmp_path)])
+    (md,), (js,) = tmp_path.glob("kernels-*.md"), tmp_path.glob("kernels-*.json")
+    assert "Prefill attention" in md.read_text() and '"decode"' in js.read_text()
