@@ -1,0 +1,1 @@
+"""Cultural benchmarks: data importers, suites, metrics, run directory, reports, CLI (`cultengine bench`)."""

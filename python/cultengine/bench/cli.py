@@ -1,0 +1,124 @@
+"""`cultengine bench` and `cultengine data {validate,convert,sample}`."""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from collections import Counter
+
+from . import data
+
+BENCH_EPILOG = """\
+With no arguments, runs the embedded default benchmark (flags drawn by code, capital/currency
+questions) on a small demo checkpoint with random weights, both built on first use under
+$CULTENGINE_CACHE (default ~/.cache/cultengine). The demo's accuracy is chance level: it demonstrates
+the pipeline and the engine's throughput.
+
+Run directory: results.jsonl (one line per finished sample, fsync'd), summary.json, report.md,
+report.html, config.json. Re-running the same command resumes: finished samples are skipped.
+Under torchrun each rank takes its slice and its GPU; rank 0 merges and writes the summary.
+"""
+
+
+def _bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="run a cultural benchmark and write a report",
+                       description="Evaluate a vision-language model on cultural benchmark files.",
+                       epilog=BENCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", metavar="PATH", help="local checkpoint directory (Hugging Face layout); "
+                   "default: the built-in demo checkpoint (random weights)")
+    p.add_argument("--data", metavar="PATH", nargs="+", help="benchmark files: canonical JSONL/parquet, "
+                   "VLMEvalKit TSV, CVQA/ALM-Bench/CulturalVQA parquet; default: the embedded benchmark")
+    p.add_argument("--suite", choices=("mcq", "vqa"), default="mcq",
+                   help="mcq: multiple choice; vqa: open answers scored by exact match / containment")
+    p.add_argument("--output-dir", metavar="DIR",
+                   help="run directory (default: cultengine-runs/<model>-<data>-<suite>-<scoring>)")
+    p.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N rows")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="weights and activations dtype (auto: the checkpoint's)")
+    p.add_argument("--scoring", choices=("loglik", "generate"), default="loglik",
+                   help="mcq: score each option's log-likelihood (acc, acc_norm), or generate a letter "
+                        "and parse it")
+    p.add_argument("--circular", action="store_true",
+                   help="mcq: ask every rotation of the options; right only if all rotations are")
+    p.add_argument("--batch", type=int, default=128, metavar="N",
+                   help="samples per engine call; results are flushed after each (default 128)")
+    p.add_argument("--shard", metavar="I/N", help="run slice I of N (0-based); the last shard to finish "
+                   "writes the summary")
+    p.add_argument("--format", choices=data.FORMATS, default="auto",
+                   help="importer for --data (auto: by extension and columns)")
+    p.add_argument("--template", metavar="FILE", help="Jinja template for the user turn text (variables: "
+                   "question, hint, options, letters, country, language, category)")
+    p.set_defaults(func=_bench)
+
+
+def _bench(args) -> int:
+    from .run import run
+
+    return run(args)
+
+
+def _data_parser(sub) -> None:
+    p = sub.add_parser("data", help="validate, convert or sample benchmark files")
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    v = dsub.add_parser("validate", help="load files, report bad rows and counts; exit 1 if any row is bad")
+    v.add_argument("files", nargs="+")
+    v.add_argument("--format", choices=data.FORMATS, default="auto")
+    v.set_defaults(func=_validate)
+    c = dsub.add_parser("convert", help="write files as canonical JSONL (images beside it) or parquet "
+                        "(images embedded), chosen by the output's extension")
+    c.add_argument("files", nargs="+")
+    c.add_argument("-o", "--output", required=True)
+    c.add_argument("--format", choices=data.FORMATS, default="auto")
+    c.set_defaults(func=_convert)
+    s = dsub.add_parser("sample", help="write a random subset (canonical form)")
+    s.add_argument("files", nargs="+")
+    s.add_argument("-o", "--output", required=True)
+    s.add_argument("-n", type=int, required=True, help="rows to keep")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--format", choices=data.FORMATS, default="auto")
+    s.set_defaults(func=_sample)
+
+
+def _load(args) -> data.Dataset:
+    ds = data.load(args.files, args.format)
+    for s in ds.skipped:
+        print(f"skipped {s}", file=sys.stderr)
+    return ds
+
+
+def _validate(args) -> int:
+    ds = _load(args)
+    print(f"{len(ds.rows)} rows ok, {len(ds.skipped)} skipped")
+    labeled = sum(r.labeled for r in ds.rows)
+    mcq = sum(bool(r.options) for r in ds.rows)
+    print(f"  multiple choice: {mcq}, open: {len(ds.rows) - mcq}, labeled: {labeled}")
+    for key in ("country", "continent", "category", "question_type", "language"):
+        counts = Counter(getattr(r, key) or "unknown" for r in ds.rows)
+        print(f"  {key}: " + ", ".join(f"{k} {n}" for k, n in counts.most_common(8))
+              + (f", ... ({len(counts)} values)" if len(counts) > 8 else ""))
+    unknown = sorted({r.country for r in ds.rows if r.country and not r.region})
+    if unknown:
+        print(f"  countries not in the table (no region): {', '.join(unknown[:20])}")
+    return 1 if ds.skipped else 0
+
+
+def _convert(args) -> int:
+    ds = _load(args)
+    data.write(ds.rows, args.output)
+    print(f"wrote {len(ds.rows)} rows to {args.output} ({len(ds.skipped)} skipped)")
+    return 0
+
+
+def _sample(args) -> int:
+    ds = _load(args)
+    rows = random.Random(args.seed).sample(ds.rows, min(args.n, len(ds.rows)))
+    data.write(rows, args.output)
+    print(f"wrote {len(rows)} of {len(ds.rows)} rows to {args.output}")
+    return 0
+
+
+def register(sub) -> None:
+    _bench_parser(sub)
+    _data_parser(sub)

@@ -1,0 +1,458 @@
+"""Benchmark files -> canonical rows; bad rows are reported with their line and id, never fatal.
+
+Canonical row (docs: /work/shared/DESIGN.md): `id, images[], question, options[], answer, country, region,
+continent, category, question_type, language, split` plus `hint`; other columns are kept in `meta`.
+`answer` is normalised to an option index for multiple choice, to a list of accepted texts for open
+questions, or None when the file carries no label (predictions are then written for submission only).
+
+Importers (picked by `--format`, else by extension and columns):
+
+- canonical (.jsonl / .json / .parquet): the canonical names; `image` (one) or `images` (list), each a
+  path relative to the file, `{"bytes": ...}` (raw bytes, or base64 in JSON) or a `data:` URI.
+- vlmeval (.tsv): `index`->id, `image` (base64; a bare index refers to that row's image), `image_path`,
+  `question`, `hint`, option columns `A`..`Z`, `answer` (letter), `category`, `l2-category`->question_type,
+  and `country`, `language` when present.
+- cvqa (.parquet): `ID`->id, `image` (bytes or {"bytes": ..}), `Subset` ("('Japanese', 'Japan')" or
+  "Japan-Japanese") -> language + country, `Question`, `Options`, `Label` (-1 or missing = unlabeled),
+  `Category`; `Translated Question/Options` kept in meta.
+- almbench (.parquet / .jsonl): `ID`->id, `file_name` or `image`, `Language`, `Category`, `Question_Type`,
+  `Translated_Question` (else `English_Question`), `Translated_Answer` (else `English_Answer`), `Country`
+  when present; multiple-choice options are parsed from the question text ("A. ..", "(B) .."), true/false
+  questions get the options True/False; other types are open questions (vqa suite).
+- culturalvqa (.parquet / .jsonl): `u_id`/`id`->id, `image`, `question`, `answers` (list of open answers;
+  absent = unlabeled), `country`.
+
+Country -> region/continent comes from `countries.csv` when the file gives only a country.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import binascii
+import csv
+import hashlib
+import io
+import json
+import re
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from . import countries
+
+FORMATS = ("auto", "canonical", "vlmeval", "cvqa", "almbench", "culturalvqa")
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+GROUP_KEYS = ("country", "region", "continent", "category", "question_type", "language")
+
+
+@dataclass
+class Row:
+    id: str
+    question: str
+    images: list[str | bytes] = field(default_factory=list)  # absolute paths or encoded image bytes
+    options: list[str] = field(default_factory=list)
+    answer: int | list[str] | None = None
+    hint: str = ""
+    country: str = ""
+    region: str = ""
+    continent: str = ""
+    category: str = ""
+    question_type: str = ""
+    language: str = ""
+    split: str = ""
+    western: bool | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    line: int = 0  # where the row came from, for error messages
+
+    @property
+    def labeled(self) -> bool:
+        return self.answer is not None
+
+    def groups(self) -> dict[str, str]:
+        return {k: getattr(self, k) for k in GROUP_KEYS}
+
+    def image_key(self) -> str:
+        """Identity of the images, so requests sharing an image can be ordered next to each other."""
+        h = hashlib.sha1()
+        for im in self.images:
+            h.update(im if isinstance(im, bytes) else str(im).encode())
+        return h.hexdigest() if self.images else ""
+
+
+class BadRow(ValueError):
+    pass
+
+
+@dataclass
+class Skipped:
+    file: str
+    line: int  # 1-based line (JSONL/TSV) or row number (parquet)
+    id: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line} id={self.id or '?'}: {self.reason}"
+
+
+@dataclass
+class Dataset:
+    rows: list[Row]
+    skipped: list[Skipped]
+    files: list[str]
+
+
+# ---------------------------------------------------------------------------------------- reading
+
+
+def _records(path: Path, fmt: str) -> Iterator[tuple[int, dict | Exception]]:
+    """(line number, record or the error that made the line unreadable)."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        for i, rec in enumerate(table.to_pylist(), 1):
+            yield i, rec
+    elif suffix == ".tsv":
+        csv.field_size_limit(sys.maxsize)  # base64 images are long
+        with path.open(encoding="utf-8", newline="") as f:
+            for i, rec in enumerate(csv.DictReader(f, delimiter="\t"), 2):
+                yield i, rec
+    elif suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        for i, rec in enumerate(data if isinstance(data, list) else data.get("rows", []), 1):
+            yield i, rec
+    else:  # JSONL
+        with path.open(encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    yield i, rec if isinstance(rec, dict) else BadRow("line is not a JSON object")
+                except json.JSONDecodeError as e:
+                    yield i, BadRow(f"malformed JSON: {e.msg}")
+
+
+def detect_format(path: Path, first: dict | None) -> str:
+    if path.suffix.lower() == ".tsv":
+        return "vlmeval"
+    cols = set(first or ())
+    if {"Subset", "Options"} <= cols or {"ID", "Subset"} <= cols:
+        return "cvqa"
+    if cols & {"Question_Type", "English_Question", "Translated_Question"}:
+        return "almbench"
+    if "u_id" in cols:  # the public CulturalVQA file (image, question) also reads fine as canonical
+        return "culturalvqa"
+    return "canonical"
+
+
+def _blank(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and v != v) or (isinstance(v, str) and not v.strip())
+
+
+def _text(v: Any) -> str:
+    return "" if _blank(v) else str(v).strip()
+
+
+def _image(v: Any, base: Path, b64: bool) -> str | bytes:
+    """A path (resolved against the data file's folder) or encoded image bytes."""
+    if isinstance(v, dict):
+        if v.get("bytes") is not None:
+            return _image(v["bytes"], base, True)
+        v = v.get("path")
+    if isinstance(v, bytes | bytearray | memoryview):
+        return bytes(v)
+    if not isinstance(v, str) or not v:
+        raise BadRow("missing image")
+    if v.startswith("data:"):
+        v, b64 = v.split(",", 1)[-1], True
+    if b64:
+        try:
+            return base64.b64decode(v, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise BadRow("image is not valid base64") from e
+    return str((base / v).resolve())
+
+
+def check_image(im: str | bytes) -> None:
+    try:
+        with Image.open(io.BytesIO(im) if isinstance(im, bytes) else im) as f:
+            f.verify()
+    except FileNotFoundError as e:
+        raise BadRow(f"missing image {im}") from e
+    except Exception as e:  # PIL raises many types for broken files
+        raise BadRow(f"unreadable image: {type(e).__name__}: {e}") from e
+
+
+def _answer(raw: Any, options: list[str]) -> int | list[str] | None:
+    """A letter, an index or the option text -> index (MCQ); text or list of texts -> list (open)."""
+    if _blank(raw) or (isinstance(raw, int | float) and raw < 0):
+        return None
+    if not options:
+        return [_text(a) for a in raw] if isinstance(raw, list | tuple) else [_text(raw)]
+    if isinstance(raw, int | float) and not isinstance(raw, bool):
+        if int(raw) < len(options):
+            return int(raw)
+        raise BadRow(f"answer index {raw} not among {len(options)} options")
+    s = _text(raw)
+    if s in options:  # an option's own text wins over reading it as a letter or index
+        return options.index(s)
+    if len(s) == 1 and s.upper() in LETTERS[: len(options)]:
+        return LETTERS.index(s.upper())
+    if s.isdigit() and int(s) < len(options):
+        return int(s)
+    raise BadRow(f"answer {s!r} not among options {options}")
+
+
+def _place(row: Row) -> Row:
+    """Fill region/continent/western from the country table when the file gives only a country."""
+    c = countries.lookup(row.country)
+    if c:
+        row.country = c.name
+        row.region = row.region or c.region
+        row.continent = row.continent or c.continent
+        row.western = c.western
+    return row
+
+
+def _canonical(rec: dict, base: Path, line: int, stem: str) -> Row:
+    imgs = rec.get("images", rec.get("image"))
+    imgs = [] if _blank(imgs) else imgs if isinstance(imgs, list) else [imgs]
+    options = [_text(o) for o in rec.get("options") or []]
+    known = {"id", "image", "images", "question", "options", "answer", "answers", "hint",
+             *Row.__dataclass_fields__}
+    return Row(
+        id=_text(rec.get("id")) or f"{stem}:{line}",
+        question=_text(rec.get("question")),
+        images=[_image(i, base, False) for i in imgs],
+        options=options,
+        answer=_answer(rec.get("answer") if not _blank(rec.get("answer")) else rec.get("answers"), options),
+        hint=_text(rec.get("hint")),
+        **{k: _text(rec.get(k)) for k in ("country", "region", "continent", "category", "question_type",
+                                           "language", "split")},
+        meta=_meta(rec, known),
+    )
+
+
+def _meta(rec: dict, known: set[str]) -> dict:
+    meta = {k: v for k, v in rec.items() if k not in known and k != "meta" and not isinstance(v, bytes)}
+    extra = rec.get("meta")  # parquet written by `write` keeps metadata as one JSON column
+    if isinstance(extra, str) and extra.startswith("{"):
+        meta.update(json.loads(extra))
+    elif isinstance(extra, dict):
+        meta.update(extra)
+    return meta
+
+
+def _vlmeval(rec: dict, base: Path, line: int, stem: str, by_index: dict[str, str]) -> Row:
+    idx = _text(rec.get("index")) or str(line)
+    img = _text(rec.get("image"))
+    if img:
+        if len(img) < 64 and img in by_index:  # VLMEvalKit stores a repeated image once
+            img = by_index[img]
+        by_index.setdefault(idx, img)
+        images = [_image(img, base, True)]
+    elif _text(rec.get("image_path")):
+        images = [_image(_text(rec["image_path"]), base, False)]
+    else:
+        images = []
+    options = []
+    for letter in LETTERS:
+        if letter not in rec or _blank(rec[letter]):
+            break
+        options.append(_text(rec[letter]))
+    return Row(
+        id=idx, question=_text(rec.get("question")), images=images, options=options,
+        answer=_answer(rec.get("answer"), options), hint=_text(rec.get("hint")),
+        country=_text(rec.get("country")), language=_text(rec.get("language")),
+        category=_text(rec.get("category")), question_type=_text(rec.get("l2-category")),
+        split=_text(rec.get("split")),
+    )
+
+
+def parse_subset(subset: str) -> tuple[str, str]:
+    """CVQA `Subset` -> (country, language): "('Japanese', 'Japan')" or "Japan-Japanese"."""
+    s = subset.strip()
+    if s.startswith("("):
+        try:
+            lang, country = ast.literal_eval(s)
+            return str(country), str(lang)
+        except (ValueError, SyntaxError):
+            pass
+    parts = [p.strip() for p in re.split(r"[-_]", s.strip("()")) if p.strip()]
+    for demonyms in (False, True):  # prefer a part that is a country's name over a demonym
+        for i, p in enumerate(parts):
+            if countries.lookup(p, demonyms=demonyms):
+                return p, "-".join(parts[:i] + parts[i + 1:])
+    return "", s
+
+
+def _cvqa(rec: dict, base: Path, line: int, stem: str) -> Row:
+    country, lang = parse_subset(_text(rec.get("Subset")))
+    options = [_text(o) for o in rec.get("Options") or []]
+    label = rec.get("Label")
+    return Row(
+        id=_text(rec.get("ID")) or f"{stem}:{line}", question=_text(rec.get("Question")),
+        images=[_image(rec.get("image"), base, False)], options=options,
+        answer=_answer(None if _blank(label) or int(label) < 0 else int(label), options),
+        country=country, language=lang, category=_text(rec.get("Category")), question_type="cvqa",
+        meta={k: rec[k] for k in ("Translated Question", "Translated Options", "Image Type") if k in rec},
+    )
+
+
+_OPTION_RE = re.compile(r"(?:^|\s|\n)\(?([A-H])[.)]\s+(.+?)(?=\s+\(?[A-H][.)]\s+|\n|$)", re.S)
+
+
+def split_options(text: str) -> tuple[str, list[str]]:
+    """ "Q? A. x B. y" or lines "(A) x" -> ("Q?", [x, y]); no lettered options -> (text, [])."""
+    found = list(_OPTION_RE.finditer(text))
+    letters = "".join(m.group(1) for m in found)
+    if len(found) < 2 or not LETTERS.startswith(letters):
+        return text, []
+    question = re.sub(r"\s*(Options|Choices)\s*:?\s*$", "", text[: found[0].start()].strip(), flags=re.I)
+    return question, [m.group(2).strip() for m in found]
+
+
+def _almbench(rec: dict, base: Path, line: int, stem: str) -> Row:
+    qtype = _text(rec.get("Question_Type"))
+    question = _text(rec.get("Translated_Question")) or _text(rec.get("English_Question"))
+    answer = _text(rec.get("Translated_Answer")) or _text(rec.get("English_Answer"))
+    question, options = split_options(question)
+    if not options and "true" in qtype.lower() and "false" in qtype.lower():
+        options = ["True", "False"]
+    if options:  # answers look like "B", "B. text" or the option text
+        m = re.match(r"^\(?([A-H])[.):]?(\s|$)", answer)
+        answer = m.group(1) if m else next((o for o in options if o.casefold() == answer.casefold()), answer)
+    img = rec.get("image") if not _blank(rec.get("image")) else rec.get("file_name")
+    return Row(
+        id=_text(rec.get("ID")) or f"{stem}:{line}", question=question,
+        images=[_image(img, base, False)] if not _blank(img) else [], options=options,
+        answer=_answer(answer or None, options), country=_text(rec.get("Country")),
+        language=_text(rec.get("Language")), category=_text(rec.get("Category")), question_type=qtype,
+        meta={"english_question": _text(rec.get("English_Question"))},
+    )
+
+
+def _culturalvqa(rec: dict, base: Path, line: int, stem: str) -> Row:
+    answers = rec.get("answers")
+    if isinstance(answers, str):
+        answers = [answers]
+    return Row(
+        id=_text(rec.get("u_id")) or _text(rec.get("id")) or f"{stem}:{line}",
+        question=_text(rec.get("question")), images=[_image(rec.get("image"), base, False)],
+        answer=_answer(list(answers) if answers else None, []), country=_text(rec.get("country")),
+        category=_text(rec.get("category")) or _text(rec.get("facet")), question_type="culturalvqa",
+        language=_text(rec.get("language")) or "English",
+    )
+
+
+def load_file(path: str | Path, fmt: str = "auto", verify_images: bool = True) -> Dataset:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"benchmark file not found: {path}")
+    base, stem = path.parent, path.stem
+    rows, skipped, seen = [], [], set()
+    by_index: dict[str, str] = {}
+    for line, rec in _records(path, fmt):
+        rid = ""
+        try:
+            if isinstance(rec, Exception):
+                raise rec
+            if fmt == "auto":
+                fmt = detect_format(path, rec)
+            for k in ("id", "ID", "u_id", "index"):
+                rid = rid or _text(rec.get(k))
+            if fmt == "vlmeval":
+                row = _vlmeval(rec, base, line, stem, by_index)
+            else:
+                row = {"canonical": _canonical, "cvqa": _cvqa, "almbench": _almbench,
+                       "culturalvqa": _culturalvqa}[fmt](rec, base, line, stem)
+            rid = row.id
+            if not row.question:
+                raise BadRow("empty question")
+            if row.id in seen:
+                raise BadRow("duplicate id")
+            if verify_images:
+                for im in row.images:
+                    check_image(im)
+            seen.add(row.id)
+            row.line = line
+            rows.append(_place(row))
+        except BadRow as e:
+            skipped.append(Skipped(str(path), line, rid, str(e)))
+    return Dataset(rows, skipped, [str(path)])
+
+
+def load(paths: list[str | Path], fmt: str = "auto", verify_images: bool = True) -> Dataset:
+    out = Dataset([], [], [])
+    for p in paths:
+        d = load_file(p, fmt, verify_images)
+        seen = {r.id for r in out.rows}
+        for r in d.rows:
+            if r.id in seen:
+                out.skipped.append(Skipped(str(p), 0, r.id, "duplicate id across files"))
+            else:
+                out.rows.append(r)
+        out.skipped += d.skipped
+        out.files += d.files
+    return out
+
+
+# ---------------------------------------------------------------------------------------- writing
+
+
+def to_record(row: Row, image_names: list[str] | None = None) -> dict:
+    """Canonical JSON record; images as the given relative names, else embedded base64."""
+    images = image_names or [
+        {"bytes": base64.b64encode(im).decode()} if isinstance(im, bytes) else im for im in row.images
+    ]
+    # open answers go to `answers` so a parquet `answer` column keeps one type
+    letter = LETTERS[row.answer] if isinstance(row.answer, int) else None
+    answers = row.answer if isinstance(row.answer, list) else None
+    rec = {"id": row.id, "images": images, "question": row.question, "options": row.options,
+           "answer": letter, "answers": answers, "hint": row.hint or None}
+    rec.update({k: getattr(row, k) for k in (*GROUP_KEYS, "split") if getattr(row, k)})
+    rec.update(row.meta)
+    return {k: v for k, v in rec.items() if v not in (None, [], "")}
+
+
+def write(rows: list[Row], out: str | Path) -> None:
+    """JSONL (images copied next to it, referenced by relative path) or parquet (images embedded)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        recs = []
+        for r in rows:
+            rec = to_record(r, ["-"] * len(r.images))
+            rec["images"] = [{"bytes": im if isinstance(im, bytes) else Path(im).read_bytes()}
+                             for im in r.images]
+            rec["options"] = r.options
+            rec["meta"] = json.dumps(r.meta, ensure_ascii=False) if r.meta else None
+            for k in r.meta:
+                rec.pop(k, None)
+            recs.append(rec)
+        cols = list(dict.fromkeys(k for rec in recs for k in rec))  # from_pylist keeps only row 0's keys
+        pq.write_table(pa.Table.from_pylist([{k: rec.get(k) for k in cols} for rec in recs]), out)
+        return
+    img_dir = out.with_name(out.stem + "_images")
+    with out.open("w", encoding="utf-8") as f:
+        for r in rows:
+            names = []
+            for j, im in enumerate(r.images):
+                data = im if isinstance(im, bytes) else Path(im).read_bytes()
+                ext = (Image.open(io.BytesIO(data)).format or "png").lower()
+                name = f"{hashlib.sha1(data).hexdigest()[:16]}_{j}.{ext}"
+                img_dir.mkdir(exist_ok=True)
+                if not (img_dir / name).exists():
+                    (img_dir / name).write_bytes(data)
+                names.append(f"{img_dir.name}/{name}")
+            f.write(json.dumps(to_record(r, names or None), ensure_ascii=False) + "\n")

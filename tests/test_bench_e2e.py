@@ -1,0 +1,98 @@
+"""End to end against the real Engine and the demo checkpoint (CPU): default run, SIGKILL + resume,
+two-process torchrun (gloo) merge."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("cultengine._core", reason="the Rust extension is not built")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def env(cache):
+    e = dict(os.environ, CULTENGINE_CACHE=str(cache), PYTHONUNBUFFERED="1")
+    e.pop("WORLD_SIZE", None)
+    return e
+
+
+def bench(*args):
+    return [sys.executable, "-m", "cultengine.cli", "bench", "--device", "cpu", *args]
+
+
+def metrics_of(run_dir):
+    s = json.loads((Path(run_dir) / "summary.json").read_text())
+    return {k: v for k, v in s.items() if k not in ("run", "config")}
+
+
+def ids(run_dir):
+    lines = (Path(run_dir) / "results.jsonl").read_text().splitlines()
+    return [json.loads(x)["id"] for x in lines]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def straight(cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight") / "run"
+    t = time.time()
+    p = subprocess.run(bench("--output-dir", str(out)), env=env(cache), capture_output=True, text=True,
+                       timeout=600, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out, p, time.time() - t
+
+
+def test_default_run(straight):
+    out, proc, seconds = straight
+    assert "chance level" in proc.stdout and "report.html" in proc.stdout
+    s = json.loads((out / "summary.json").read_text())
+    assert s["samples"]["evaluated"] == 272 and s["samples"]["skipped"] == 0
+    assert 0.1 < s["overall"]["acc"] < 0.45  # random weights: about 1/4
+    assert s["run"]["engine"]["prefix_cache_hit_rate"] > 0
+    assert len(ids(out)) == len(set(ids(out))) == 272
+    print(f"default run took {seconds:.0f}s")
+    assert seconds < 180
+
+
+def test_sigkill_then_resume(cache, straight, tmp_path):
+    out = tmp_path / "run"
+    cmd = bench("--output-dir", str(out), "--batch", "16")
+    p = subprocess.Popen(cmd, env=env(cache), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    res = out / "results.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        if res.exists() and res.read_text().count("\n") >= 32:
+            break
+        time.sleep(0.05)
+    assert p.poll() is None, "the run finished before it could be killed"
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not (out / "summary.json").exists()
+    done = subprocess.run(cmd, env=env(cache), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(ids(out)) == sorted(ids(straight[0]))
+    assert metrics_of(out) == metrics_of(straight[0])
+
+
+def test_torchrun_two_processes_merge(cache, tmp_path):
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    args = ("--limit", "64", "--batch", "16")
+    p = subprocess.run(bench("--output-dir", str(single), *args), env=env(cache), cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "cultengine.cli", "bench", "--device", "cpu", "--output-dir", str(multi), *args]
+    p = subprocess.run(cmd, env=env(cache), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert sorted(ids(multi)) == sorted(ids(single))
+    assert [f.name for f in multi.glob("results*.jsonl")] == ["results.jsonl"]
+    assert metrics_of(multi) == metrics_of(single)
