@@ -1,0 +1,641 @@
+//! Continuous batching with chunked prefill, prefix caching and preemption by recompute.
+//!
+//! One token budget per step: running sequences first (decodes and unfinished prefill chunks),
+//! then waiting ones FCFS, as in vLLM v1. `schedule()` allocates blocks and advances each
+//! sequence's computed-token count; `update()` takes the sampled tokens back.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use rustc_hash::FxHashMap;
+
+use crate::block_manager::{extra_keys, hash_block, BlockManager, ImageSpan};
+use crate::detokenizer::IncrementalDetokenizer;
+use crate::tokenizer::Tokenizer;
+
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    pub max_model_len: usize,
+    pub enable_prefix_caching: bool,
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            num_blocks: 1024,
+            block_size: 16,
+            max_num_seqs: 256,
+            max_num_batched_tokens: 8192,
+            max_model_len: 4096,
+            enable_prefix_caching: true,
+            eos_token_ids: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct SamplingParams {
+    pub max_tokens: usize, // 0: score the prompt only
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: i32,
+    pub seed: i64,
+    pub stop: Vec<String>,
+    pub stop_token_ids: Vec<u32>,
+    pub ignore_eos: bool,
+    pub skip_special_tokens: bool,
+    pub prompt_logprobs_from: i64, // k >= 1: log P(prompt[i] | prompt[:i]) for i >= k
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            max_tokens: 16,
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: -1,
+            seed: 0,
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+            skip_special_tokens: true,
+            prompt_logprobs_from: -1,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct FinishedSequence {
+    pub seq_id: i64,
+    pub prompt_token_ids: Vec<u32>,
+    pub output_token_ids: Vec<u32>,
+    pub output_logprobs: Vec<f32>,
+    pub text: String,
+    pub finish_reason: &'static str, // "stop" | "length" | "scored" | "abort"
+    pub prompt_logprobs: Vec<f32>,
+    pub prompt_greedy: Vec<bool>,
+    pub num_cached_tokens: usize,
+}
+
+/// One step's flat arrays; see the StepPlan table in docs/ARCHITECTURE.md.
+#[derive(Clone, Debug, Default)]
+pub struct StepPlan {
+    pub input_ids: Vec<i64>,
+    pub positions: Vec<i64>,
+    pub slot_mapping: Vec<i64>,
+    pub query_start_loc: Vec<i32>,
+    pub seq_lens: Vec<i32>,
+    pub block_tables: Vec<i32>, // [B, block_table_width], row-major
+    pub block_table_width: usize,
+    pub seq_ids: Vec<i64>,
+    pub max_query_len: usize,
+    pub max_seq_len: usize,
+    pub sample_indices: Vec<i64>,
+    pub sample_seq_ids: Vec<i64>,
+    pub temperature: Vec<f32>,
+    pub top_p: Vec<f32>,
+    pub top_k: Vec<i32>,
+    pub seed: Vec<i64>,
+    pub output_index: Vec<i64>,
+    pub prompt_lp_indices: Vec<i64>,
+    pub prompt_lp_targets: Vec<i64>,
+    pub image_chunks: Vec<i64>, // [K, 4], row-major
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub num_preemptions: u64,
+    pub prefix_cache_queried_tokens: u64,
+    pub prefix_cache_hit_tokens: u64,
+    pub prefill_tokens_computed: u64,
+    pub steps: u64,
+    pub schedule_ns: u64, // CPU time in schedule() and update()
+}
+
+struct Seq {
+    tokens: Vec<u32>, // prompt then output
+    prompt_len: usize,
+    images: Vec<ImageSpan>,
+    params: SamplingParams,
+    lp_from: usize, // 0: no prompt logprobs
+    blocks: Vec<u32>,
+    num_computed: usize,   // tokens whose KV is (being) written
+    num_registered: usize, // leading blocks offered to the prefix cache
+    hashes: Vec<u64>,      // chained hashes of the full blocks of `tokens`, filled lazily
+    logprobs: Vec<f32>,
+    prompt_lp: Vec<f32>,
+    prompt_greedy: Vec<bool>,
+    detok: Option<IncrementalDetokenizer>, // only with stop strings; otherwise decode once at the end
+    num_cached_tokens: Option<usize>,      // prefix hit of the first admission
+}
+
+impl Seq {
+    fn num_output(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+
+    fn ensure_hashes(&mut self, n: usize, bs: usize) {
+        while self.hashes.len() < n {
+            let i = self.hashes.len();
+            let parent = if i == 0 { 0 } else { self.hashes[i - 1] };
+            let extra = extra_keys(&self.images, i, bs);
+            self.hashes.push(hash_block(
+                parent,
+                &self.tokens[i * bs..(i + 1) * bs],
+                &extra,
+            ));
+        }
+    }
+
+    /// Offers the blocks that the first `end` tokens fill to the prefix cache. As in vLLM this
+    /// happens when they are scheduled, so a sequence admitted later in the same step can share
+    /// them: sound because every layer writes the whole batch's KV before any attention reads it.
+    fn register_blocks(&mut self, end: usize, bm: &mut BlockManager, pending: &mut Vec<u32>) {
+        if !bm.caching_enabled() {
+            return;
+        }
+        let bs = bm.block_size();
+        let full = end / bs;
+        self.ensure_hashes(full, bs);
+        for i in self.num_registered..full {
+            let parent = i.checked_sub(1).map(|j| self.blocks[j]);
+            let tokens = &self.tokens[i * bs..(i + 1) * bs];
+            let extra = extra_keys(&self.images, i, bs);
+            if bm.cache_block(self.blocks[i], parent, self.hashes[i], tokens, extra) {
+                pending.push(self.blocks[i]);
+            }
+        }
+        self.num_registered = self.num_registered.max(full);
+    }
+}
+
+/// What `update` needs to know about a sequence scheduled in the last plan.
+struct Scheduled {
+    seq_id: Option<i64>, // None once aborted
+    sampled: bool,
+    lp_pos: usize, // first prompt position scored, and how many
+    lp_count: usize,
+}
+
+pub struct Scheduler {
+    tok: Arc<Tokenizer>,
+    cfg: SchedulerConfig,
+    bm: BlockManager,
+    seqs: FxHashMap<i64, Seq>,
+    waiting: VecDeque<i64>,
+    running: Vec<i64>,
+    last: Vec<Scheduled>,
+    pending: Vec<u32>, // blocks cached by the last plan, whose KV that plan writes
+    stats: Stats,
+}
+
+impl Scheduler {
+    pub fn new(tok: Arc<Tokenizer>, cfg: SchedulerConfig) -> Result<Self, String> {
+        if cfg.num_blocks == 0
+            || cfg.block_size == 0
+            || cfg.max_num_seqs == 0
+            || cfg.max_num_batched_tokens == 0
+        {
+            return Err(format!("num_blocks, block_size, max_num_seqs and max_num_batched_tokens must be positive: {cfg:?}"));
+        }
+        let bm = BlockManager::new(cfg.num_blocks, cfg.block_size, cfg.enable_prefix_caching);
+        Ok(Self {
+            tok,
+            cfg,
+            bm,
+            seqs: FxHashMap::default(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            last: Vec::new(),
+            pending: Vec::new(),
+            stats: Stats::default(),
+        })
+    }
+
+    pub fn block_manager(&self) -> &BlockManager {
+        &self.bm
+    }
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+    pub fn has_unfinished(&self) -> bool {
+        !self.seqs.is_empty()
+    }
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// `images`: (start, length, content hash) of each image's placeholder span in `prompt`.
+    pub fn add_sequence(
+        &mut self,
+        seq_id: i64,
+        prompt: Vec<u32>,
+        images: &[(usize, usize, u64)],
+        params: SamplingParams,
+    ) -> Result<(), String> {
+        let (n, bs) = (prompt.len(), self.cfg.block_size);
+        if self.seqs.contains_key(&seq_id) {
+            return Err(format!("sequence {seq_id} already exists"));
+        }
+        if n == 0 {
+            return Err(format!("sequence {seq_id}: the prompt is empty"));
+        }
+        if n + params.max_tokens > self.cfg.max_model_len {
+            return Err(format!(
+                "sequence {seq_id}: prompt length {n} + max_tokens {} = {} exceeds max_model_len {}",
+                params.max_tokens,
+                n + params.max_tokens,
+                self.cfg.max_model_len
+            ));
+        }
+        // The last sampled token's KV is never written.
+        let max_kv = n.max(n + params.max_tokens - 1);
+        let need = max_kv.div_ceil(bs);
+        if need > self.cfg.num_blocks {
+            return Err(format!(
+                "sequence {seq_id}: {max_kv} tokens need {need} KV blocks of {bs} but the cache has only {}",
+                self.cfg.num_blocks
+            ));
+        }
+        let mut spans: Vec<ImageSpan> = images
+            .iter()
+            .map(|&(start, len, hash)| ImageSpan { start, len, hash })
+            .collect();
+        spans.sort_by_key(|s| s.start);
+        for s in &spans {
+            if s.len == 0 || s.start + s.len > n {
+                return Err(format!(
+                    "sequence {seq_id}: image span ({}, {}) is outside the prompt of length {n}",
+                    s.start, s.len
+                ));
+            }
+        }
+        let lp_from = if params.prompt_logprobs_from >= 1 {
+            params.prompt_logprobs_from as usize
+        } else {
+            0
+        };
+        let num_lp = if lp_from > 0 {
+            n.saturating_sub(lp_from)
+        } else {
+            0
+        };
+        let detok = (!params.stop.is_empty()).then(|| {
+            IncrementalDetokenizer::new(
+                self.tok.clone(),
+                params.skip_special_tokens,
+                params.stop.clone(),
+            )
+        });
+        let seq = Seq {
+            tokens: prompt,
+            prompt_len: n,
+            images: spans,
+            lp_from,
+            blocks: Vec::new(),
+            num_computed: 0,
+            num_registered: 0,
+            hashes: Vec::new(),
+            logprobs: Vec::with_capacity(params.max_tokens),
+            prompt_lp: vec![0.0; num_lp],
+            prompt_greedy: vec![false; num_lp],
+            detok,
+            num_cached_tokens: None,
+            params,
+        };
+        self.seqs.insert(seq_id, seq);
+        self.waiting.push_back(seq_id);
+        Ok(())
+    }
+
+    /// Drops a sequence; returns it as finished with reason "abort" (None for an unknown id).
+    pub fn abort(&mut self, seq_id: i64) -> Option<FinishedSequence> {
+        let seq = self.seqs.remove(&seq_id)?;
+        self.waiting.retain(|&id| id != seq_id);
+        self.running.retain(|&id| id != seq_id);
+        self.bm.free(&seq.blocks);
+        for sc in self.last.iter_mut().filter(|sc| sc.seq_id == Some(seq_id)) {
+            sc.seq_id = None;
+        }
+        // The outstanding plan may never run (aborts follow errors): cache nothing it was to write.
+        if !self.last.is_empty() {
+            for id in std::mem::take(&mut self.pending) {
+                self.bm.uncache(id);
+            }
+        }
+        Some(self.finish(seq_id, seq, "abort"))
+    }
+
+    pub fn schedule(&mut self) -> Option<StepPlan> {
+        let t0 = Instant::now();
+        let plan = self.schedule_inner();
+        self.stats.schedule_ns += t0.elapsed().as_nanos() as u64;
+        plan
+    }
+
+    fn schedule_inner(&mut self) -> Option<StepPlan> {
+        let bs = self.cfg.block_size;
+        let mut budget = self.cfg.max_num_batched_tokens;
+        let mut chunks: Vec<(i64, usize, usize)> = Vec::with_capacity(self.running.len()); // (id, start, len)
+        let mut preempted = false;
+        self.pending.clear();
+
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let id = self.running[i];
+            let seq = &self.seqs[&id];
+            let start = seq.num_computed;
+            let len = (seq.tokens.len() - start).min(budget);
+            let need = (start + len).div_ceil(bs) - seq.blocks.len();
+            // Out of blocks: preempt the most recently admitted sequence, possibly this one.
+            while self.bm.num_free() < need && self.running.last() != Some(&id) {
+                let victim = self.running.pop().unwrap();
+                self.preempt(victim);
+                preempted = true;
+            }
+            if self.bm.num_free() < need {
+                self.running.pop();
+                self.preempt(id);
+                preempted = true;
+                break;
+            }
+            let seq = self.seqs.get_mut(&id).unwrap();
+            self.bm.allocate(need, &mut seq.blocks);
+            seq.register_blocks(start + len, &mut self.bm, &mut self.pending);
+            chunks.push((id, start, len));
+            budget -= len;
+            i += 1;
+        }
+
+        // Admitting while others were just preempted for memory would only thrash.
+        while !preempted && budget > 0 && self.running.len() < self.cfg.max_num_seqs {
+            let Some(&id) = self.waiting.front() else {
+                break;
+            };
+            let seq = self.seqs.get_mut(&id).unwrap();
+            let hit = if self.bm.caching_enabled() {
+                // Always compute the last token, and every position whose logits score the prompt.
+                let mut max_hit = seq.tokens.len() - 1;
+                if seq.lp_from > 0 {
+                    max_hit = max_hit.min(seq.lp_from - 1);
+                }
+                seq.ensure_hashes(max_hit / bs, bs);
+                self.bm
+                    .lookup(&seq.hashes[..max_hit / bs], &seq.tokens, &seq.images)
+            } else {
+                Vec::new()
+            };
+            let start = hit.len() * bs;
+            let len = (seq.tokens.len() - start).min(budget);
+            let need = (start + len).div_ceil(bs) - hit.len();
+            if !self.bm.can_take(&hit, need) {
+                break;
+            }
+            self.bm.take_hits(&hit);
+            let hit_blocks = hit.len();
+            seq.blocks = hit;
+            self.bm.allocate(need, &mut seq.blocks);
+            seq.num_computed = start;
+            seq.num_registered = hit_blocks;
+            seq.register_blocks(start + len, &mut self.bm, &mut self.pending);
+            seq.num_cached_tokens.get_or_insert(start);
+            self.stats.prefix_cache_queried_tokens += seq.tokens.len() as u64;
+            self.stats.prefix_cache_hit_tokens += start as u64;
+            self.waiting.pop_front();
+            self.running.push(id);
+            chunks.push((id, start, len));
+            budget -= len;
+        }
+
+        if chunks.is_empty() {
+            return None;
+        }
+        self.stats.steps += 1;
+        Some(self.build_plan(&chunks))
+    }
+
+    fn preempt(&mut self, id: i64) {
+        let seq = self.seqs.get_mut(&id).unwrap();
+        self.bm.free(&seq.blocks);
+        seq.blocks.clear();
+        seq.num_computed = 0;
+        seq.num_registered = 0;
+        self.waiting.push_front(id);
+        self.stats.num_preemptions += 1;
+    }
+
+    fn build_plan(&mut self, chunks: &[(i64, usize, usize)]) -> StepPlan {
+        let bs = self.cfg.block_size as i64;
+        let total: usize = chunks.iter().map(|c| c.2).sum();
+        let width = chunks
+            .iter()
+            .map(|c| self.seqs[&c.0].blocks.len())
+            .max()
+            .unwrap_or(0);
+        let mut p = StepPlan {
+            input_ids: Vec::with_capacity(total),
+            positions: Vec::with_capacity(total),
+            slot_mapping: Vec::with_capacity(total),
+            query_start_loc: Vec::with_capacity(chunks.len() + 1),
+            seq_lens: Vec::with_capacity(chunks.len()),
+            block_tables: vec![0; chunks.len() * width],
+            block_table_width: width,
+            seq_ids: Vec::with_capacity(chunks.len()),
+            ..Default::default()
+        };
+        p.query_start_loc.push(0);
+        self.last.clear();
+        for (b, &(id, start, len)) in chunks.iter().enumerate() {
+            let seq = self.seqs.get_mut(&id).unwrap();
+            let row0 = p.input_ids.len();
+            let end = start + len;
+            for pos in start..end {
+                p.input_ids.push(seq.tokens[pos] as i64);
+                p.positions.push(pos as i64);
+                p.slot_mapping
+                    .push(seq.blocks[pos / bs as usize] as i64 * bs + pos as i64 % bs);
+            }
+            p.query_start_loc.push(p.input_ids.len() as i32);
+            p.seq_lens.push(end as i32);
+            for (dst, &blk) in p.block_tables[b * width..].iter_mut().zip(&seq.blocks) {
+                *dst = blk as i32;
+            }
+            p.seq_ids.push(id);
+            p.max_query_len = p.max_query_len.max(len);
+            p.max_seq_len = p.max_seq_len.max(end);
+
+            let sampled = end == seq.tokens.len() && seq.params.max_tokens > 0;
+            if sampled {
+                let sp = &seq.params;
+                p.sample_indices.push((row0 + len - 1) as i64);
+                p.sample_seq_ids.push(id);
+                p.temperature.push(sp.temperature);
+                p.top_p.push(sp.top_p);
+                p.top_k.push(sp.top_k);
+                p.seed.push(sp.seed);
+                p.output_index.push(seq.num_output() as i64);
+            }
+            // Row `pos` scores prompt token pos+1.
+            let (mut lp_pos, mut lp_count) = (0, 0);
+            if seq.lp_from > 0 {
+                lp_pos = start.max(seq.lp_from - 1);
+                let lp_end = end.min(seq.prompt_len - 1);
+                lp_count = lp_end.saturating_sub(lp_pos);
+                for pos in lp_pos..lp_pos + lp_count {
+                    p.prompt_lp_indices.push((row0 + pos - start) as i64);
+                    p.prompt_lp_targets.push(seq.tokens[pos + 1] as i64);
+                }
+            }
+            for im in &seq.images {
+                let (lo, hi) = (start.max(im.start), end.min(im.start + im.len));
+                if lo < hi {
+                    p.image_chunks.extend([
+                        im.hash as i64,
+                        (row0 + lo - start) as i64,
+                        (lo - im.start) as i64,
+                        (hi - lo) as i64,
+                    ]);
+                }
+            }
+            let is_decode = len == 1 && start >= seq.prompt_len;
+            if !is_decode {
+                self.stats.prefill_tokens_computed += len as u64;
+            }
+            seq.num_computed = end;
+            self.last.push(Scheduled {
+                seq_id: Some(id),
+                sampled,
+                lp_pos,
+                lp_count,
+            });
+        }
+        p
+    }
+
+    /// Applies the results of the last plan: `sampled`/`sampled_logprobs` per sample row,
+    /// `prompt_logprobs`/`prompt_greedy` per prompt-logprob row. Returns the sequences that finished.
+    pub fn update(
+        &mut self,
+        sampled: &[i64],
+        sampled_logprobs: &[f32],
+        prompt_logprobs: &[f32],
+        prompt_greedy: &[bool],
+    ) -> Result<Vec<FinishedSequence>, String> {
+        let t0 = Instant::now();
+        let s = self.last.iter().filter(|x| x.sampled).count();
+        let l: usize = self.last.iter().map(|x| x.lp_count).sum();
+        if sampled.len() != s
+            || sampled_logprobs.len() != s
+            || prompt_logprobs.len() != l
+            || prompt_greedy.len() != l
+        {
+            return Err(format!(
+                "update() expects {s} sampled tokens and logprobs and {l} prompt logprobs and greedy flags, got {}, {}, {} and {}",
+                sampled.len(),
+                sampled_logprobs.len(),
+                prompt_logprobs.len(),
+                prompt_greedy.len()
+            ));
+        }
+        let (mut si, mut li) = (0, 0);
+        let mut done: Vec<(i64, &'static str)> = Vec::new();
+        for sc in std::mem::take(&mut self.last) {
+            let (s_row, l_row) = (si, li);
+            si += sc.sampled as usize;
+            li += sc.lp_count;
+            let Some(id) = sc.seq_id else { continue };
+            let seq = self.seqs.get_mut(&id).unwrap();
+            for k in 0..sc.lp_count {
+                let at = sc.lp_pos + 1 + k - seq.lp_from;
+                seq.prompt_lp[at] = prompt_logprobs[l_row + k];
+                seq.prompt_greedy[at] = prompt_greedy[l_row + k];
+            }
+            if seq.params.max_tokens == 0 {
+                if seq.num_computed >= seq.prompt_len {
+                    done.push((id, "scored"));
+                }
+                continue;
+            }
+            if !sc.sampled {
+                continue;
+            }
+            let tok = u32::try_from(sampled[s_row])
+                .map_err(|_| format!("sampled token {} is not a token id", sampled[s_row]))?;
+            seq.tokens.push(tok);
+            seq.logprobs.push(sampled_logprobs[s_row]);
+            let stop_tok = is_stop_token(&self.cfg.eos_token_ids, &seq.params, tok);
+            // A stop token is not part of the text, so it is not detokenized.
+            let stop_str = !stop_tok && seq.detok.as_mut().is_some_and(|d| d.push(tok).1);
+            let reason = if stop_tok || stop_str {
+                Some("stop")
+            } else if seq.num_output() >= seq.params.max_tokens {
+                Some("length")
+            } else {
+                None
+            };
+            if let Some(r) = reason {
+                done.push((id, r));
+            }
+        }
+        let mut out = Vec::with_capacity(done.len());
+        if !done.is_empty() {
+            self.running.retain(|id| !done.iter().any(|d| d.0 == *id));
+            for (id, reason) in done {
+                let seq = self.seqs.remove(&id).unwrap();
+                self.bm.free(&seq.blocks);
+                out.push(self.finish(id, seq, reason));
+            }
+        }
+        self.stats.schedule_ns += t0.elapsed().as_nanos() as u64;
+        Ok(out)
+    }
+
+    fn finish(&self, seq_id: i64, seq: Seq, reason: &'static str) -> FinishedSequence {
+        let output = seq.tokens[seq.prompt_len..].to_vec();
+        let text = match seq.detok {
+            Some(mut d) => {
+                d.flush();
+                d.text().to_string()
+            }
+            None => {
+                // An EOS or stop token ends the output but is not part of its text.
+                let p = &seq.params;
+                let stop_tok = output
+                    .last()
+                    .is_some_and(|&t| is_stop_token(&self.cfg.eos_token_ids, p, t));
+                let ids = if reason == "stop" && stop_tok {
+                    &output[..output.len() - 1]
+                } else {
+                    &output[..]
+                };
+                self.tok
+                    .decode(ids, p.skip_special_tokens)
+                    .unwrap_or_default()
+            }
+        };
+        FinishedSequence {
+            seq_id,
+            prompt_token_ids: seq.tokens[..seq.prompt_len].to_vec(),
+            output_token_ids: output,
+            output_logprobs: seq.logprobs,
+            text,
+            finish_reason: reason,
+            prompt_logprobs: seq.prompt_lp,
+            prompt_greedy: seq.prompt_greedy,
+            num_cached_tokens: seq.num_cached_tokens.unwrap_or(0),
+        }
+    }
+}
+
+fn is_stop_token(eos_token_ids: &[u32], p: &SamplingParams, tok: u32) -> bool {
+    (!p.ignore_eos && eos_token_ids.contains(&tok)) || p.stop_token_ids.contains(&tok)
+}

@@ -1,0 +1,628 @@
+//! Scheduler end to end against a fake deterministic model that reads and writes a simulated
+//! paged KV cache: each position's "KV" is a hash of the whole prefix, read back through the
+//! block table, so a wrong slot, a stale block or a wrong prefix-cache hit changes the outputs.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use _core::scheduler::{FinishedSequence, SamplingParams, Scheduler, SchedulerConfig, StepPlan};
+use _core::tokenizer::Tokenizer;
+
+const IMG: u32 = 5; // image placeholder id
+const EOS: u32 = 0;
+const VOCAB: u64 = 400;
+
+fn tok() -> Arc<Tokenizer> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/rust/tests/fixtures/byte_bpe.json"
+    );
+    Arc::new(Tokenizer::from_file(path).unwrap())
+}
+
+fn mix(a: u64, b: u64) -> u64 {
+    let mut z = a ^ b.wrapping_mul(0x9E3779B97F4A7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+    z ^ (z >> 31)
+}
+
+struct Rng(u64);
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 = mix(self.0, 1);
+        (self.0 % n as u64) as usize
+    }
+}
+
+struct FakeModel {
+    kv: Vec<Option<u64>>,
+    bs: usize,
+}
+
+/// Sampled tokens/logprobs and prompt logprobs/greedy flags for one plan.
+type Outputs = (Vec<i64>, Vec<f32>, Vec<f32>, Vec<bool>);
+
+impl FakeModel {
+    fn step(&mut self, p: &StepPlan) -> Outputs {
+        let t = p.input_ids.len();
+        let mut emb: Vec<Option<u64>> = p
+            .input_ids
+            .iter()
+            .map(|&id| (id as u32 != IMG).then(|| mix(id as u64, 77)))
+            .collect();
+        for c in p.image_chunks.chunks(4) {
+            for k in 0..c[3] as usize {
+                let row = c[1] as usize + k;
+                assert_eq!(p.input_ids[row], IMG as i64);
+                assert!(emb[row].is_none(), "image row {row} given twice");
+                emb[row] = Some(mix(c[0] as u64, (c[2] as u64) + k as u64));
+            }
+        }
+        let mut state = vec![0u64; t];
+        let w = p.block_table_width;
+        for b in 0..p.seq_ids.len() {
+            let (lo, hi) = (
+                p.query_start_loc[b] as usize,
+                p.query_start_loc[b + 1] as usize,
+            );
+            let table = &p.block_tables[b * w..(b + 1) * w];
+            let slot = |pos: usize| table[pos / self.bs] as usize * self.bs + pos % self.bs;
+            let pos0 = p.positions[lo] as usize;
+            assert_eq!(p.seq_lens[b] as usize, pos0 + hi - lo);
+            let mut s = if pos0 == 0 {
+                1
+            } else {
+                self.kv[slot(pos0 - 1)].expect("reads KV never written")
+            };
+            for r in lo..hi {
+                let pos = p.positions[r] as usize;
+                assert_eq!(pos, pos0 + r - lo);
+                assert_eq!(p.slot_mapping[r] as usize, slot(pos));
+                s = mix(s, emb[r].expect("image row without an image chunk"));
+                self.kv[slot(pos)] = Some(s);
+                state[r] = s;
+            }
+        }
+        let mut out: Outputs = Default::default();
+        for (i, &r) in p.sample_indices.iter().enumerate() {
+            let h = mix(
+                mix(state[r as usize], p.seed[i] as u64),
+                p.output_index[i] as u64,
+            );
+            let t = (h % VOCAB) as i64;
+            out.0.push(if t == IMG as i64 { t + 1 } else { t }); // the model never emits a placeholder
+            out.1.push(-(((h >> 20) % 1000) as f32) / 100.0);
+        }
+        for (&r, &target) in p.prompt_lp_indices.iter().zip(&p.prompt_lp_targets) {
+            let h = mix(state[r as usize], target as u64);
+            out.2.push(-(((h >> 20) % 1000) as f32) / 100.0);
+            out.3
+                .push(mix(state[r as usize], 3) % VOCAB == target as u64);
+        }
+        out
+    }
+}
+
+struct Request {
+    prompt: Vec<u32>,
+    images: Vec<(usize, usize, u64)>,
+    params: SamplingParams,
+}
+
+fn random_requests(seed: u64, n: usize) -> Vec<Request> {
+    let mut rng = Rng(seed);
+    let prefixes: Vec<Vec<u32>> = (0..3)
+        .map(|_| {
+            (0..rng.below(70))
+                .map(|_| 10 + rng.below(380) as u32)
+                .collect()
+        })
+        .collect();
+    (0..n)
+        .map(|_| {
+            let mut prompt = prefixes[rng.below(3)].clone();
+            let mut images = Vec::new();
+            for _ in 0..rng.below(3) {
+                prompt.extend((0..rng.below(6)).map(|_| 10 + rng.below(380) as u32));
+                let len = 3 + rng.below(20);
+                images.push((prompt.len(), len, 1 + rng.below(3) as u64)); // few distinct images
+                prompt.extend(std::iter::repeat_n(IMG, len));
+            }
+            prompt.extend((0..1 + rng.below(30)).map(|_| 10 + rng.below(380) as u32));
+            let max_tokens = [0, 1, 5, 20, 40][rng.below(5)];
+            let params = SamplingParams {
+                max_tokens,
+                seed: rng.below(1000) as i64,
+                ignore_eos: rng.below(2) == 0,
+                stop: [
+                    vec![],
+                    vec!["e".to_string()],
+                    vec!["th".to_string(), "ab".to_string()],
+                ][rng.below(3)]
+                .clone(),
+                stop_token_ids: if rng.below(4) == 0 { vec![7] } else { vec![] },
+                prompt_logprobs_from: [-1, 1, 5, 40][rng.below(4)],
+                ..Default::default()
+            };
+            Request {
+                prompt,
+                images,
+                params,
+            }
+        })
+        .collect()
+}
+
+/// Runs every request to completion, checking per-step invariants; returns outputs by seq id.
+fn run(
+    reqs: &[Request],
+    cfg: SchedulerConfig,
+    arrival_seed: u64,
+) -> (HashMap<i64, FinishedSequence>, Scheduler) {
+    let (bs, nb) = (cfg.block_size, cfg.num_blocks);
+    let mut sched = Scheduler::new(tok(), cfg.clone()).unwrap();
+    let mut model = FakeModel {
+        kv: vec![None; nb * bs],
+        bs,
+    };
+    let mut rng = Rng(arrival_seed);
+    let mut next = 0;
+    let mut done = HashMap::new();
+    let mut steps = 0;
+    while next < reqs.len() || sched.has_unfinished() {
+        // Requests arrive a few at a time while others run.
+        for _ in 0..rng.below(4) {
+            if let Some(r) = reqs.get(next) {
+                sched
+                    .add_sequence(next as i64, r.prompt.clone(), &r.images, r.params.clone())
+                    .unwrap();
+                next += 1;
+            }
+        }
+        let Some(plan) = sched.schedule() else {
+            assert!(
+                !sched.has_unfinished() || next < reqs.len(),
+                "stalled with unfinished sequences"
+            );
+            continue;
+        };
+        steps += 1;
+        assert!(steps < 100_000);
+        assert!(plan.input_ids.len() <= cfg.max_num_batched_tokens);
+        assert!(plan.seq_ids.len() <= cfg.max_num_seqs);
+        assert_eq!(
+            plan.seq_ids.iter().collect::<HashSet<_>>().len(),
+            plan.seq_ids.len()
+        );
+        assert_eq!(
+            plan.slot_mapping.iter().collect::<HashSet<_>>().len(),
+            plan.slot_mapping.len(),
+            "two rows write one slot"
+        );
+        assert!(plan.block_tables.iter().all(|&b| (b as usize) < nb));
+        let (s, lp, plp, greedy) = model.step(&plan);
+        for f in sched.update(&s, &lp, &plp, &greedy).unwrap() {
+            let r = &reqs[f.seq_id as usize];
+            assert!(f.output_token_ids.len() <= r.params.max_tokens);
+            if r.params.max_tokens == 0 {
+                assert_eq!(f.finish_reason, "scored");
+            }
+            done.insert(f.seq_id, f);
+        }
+    }
+    assert_eq!(done.len(), reqs.len());
+    let bm = sched.block_manager();
+    assert_eq!(bm.num_free(), nb, "leaked blocks");
+    assert!((0..nb as u32).all(|b| bm.ref_cnt(b) == 0));
+    (done, sched)
+}
+
+fn config(
+    num_blocks: usize,
+    caching: bool,
+    budget: usize,
+    max_seqs: usize,
+    bs: usize,
+) -> SchedulerConfig {
+    SchedulerConfig {
+        num_blocks,
+        block_size: bs,
+        max_num_seqs: max_seqs,
+        max_num_batched_tokens: budget,
+        max_model_len: 1024,
+        enable_prefix_caching: caching,
+        eos_token_ids: vec![EOS],
+    }
+}
+
+/// What must not depend on scheduling: everything but the prefix-cache hit count.
+fn key(f: &FinishedSequence) -> impl PartialEq + std::fmt::Debug + '_ {
+    (
+        &f.output_token_ids,
+        &f.output_logprobs,
+        &f.text,
+        f.finish_reason,
+        &f.prompt_logprobs,
+        &f.prompt_greedy,
+    )
+}
+
+#[test]
+fn outputs_identical_under_memory_pressure_chunking_and_prefix_caching() {
+    for seed in 0..12u64 {
+        let reqs = random_requests(seed, 40);
+        let longest = reqs
+            .iter()
+            .map(|r| r.prompt.len() + r.params.max_tokens)
+            .max()
+            .unwrap();
+        let (reference, _) = run(&reqs, config(4096, false, 4096, 256, 16), seed);
+        let mut rng = Rng(seed + 100);
+        for caching in [false, true] {
+            for bs in [4, 16] {
+                // Just enough blocks for the longest request: forces preemption.
+                let tight = longest.div_ceil(bs) + rng.below(4);
+                let budget = 8 + rng.below(100);
+                let (out, sched) = run(
+                    &reqs,
+                    config(tight, caching, budget, 2 + rng.below(8), bs),
+                    seed + 1,
+                );
+                for (id, f) in &reference {
+                    assert_eq!(
+                        key(&out[id]),
+                        key(f),
+                        "seed {seed} seq {id} caching {caching} bs {bs}"
+                    );
+                    assert_eq!(out[id].prompt_token_ids, reqs[*id as usize].prompt);
+                }
+                let st = sched.stats();
+                assert!(
+                    st.num_preemptions > 0 || seed > 0,
+                    "seed 0 is expected to preempt"
+                );
+                if !caching {
+                    assert_eq!(st.prefix_cache_hit_tokens, 0);
+                }
+            }
+        }
+        let (cached, sched) = run(&reqs, config(4096, true, 64, 16, 16), seed + 2);
+        for (id, f) in &reference {
+            assert_eq!(key(&cached[id]), key(f));
+        }
+        assert!(
+            sched.stats().prefix_cache_hit_tokens > 0,
+            "shared prefixes never hit"
+        );
+    }
+}
+
+#[test]
+fn prefix_hit_is_reported_and_capped() {
+    let prompt: Vec<u32> = (10..74).collect(); // 64 tokens = 4 blocks
+    let mut sched = Scheduler::new(tok(), config(64, true, 1024, 8, 16)).unwrap();
+    let mut model = FakeModel {
+        kv: vec![None; 64 * 16],
+        bs: 16,
+    };
+    let params = |lp| SamplingParams {
+        max_tokens: 1,
+        prompt_logprobs_from: lp,
+        ..Default::default()
+    };
+    let mut finish = |sched: &mut Scheduler, id: i64, lp: i64| {
+        sched
+            .add_sequence(id, prompt.clone(), &[], params(lp))
+            .unwrap();
+        loop {
+            let plan = sched.schedule().unwrap();
+            let (s, l, p, g) = model.step(&plan);
+            if let Some(f) = sched.update(&s, &l, &p, &g).unwrap().pop() {
+                return f;
+            }
+        }
+    };
+    let first = finish(&mut sched, 0, -1);
+    assert_eq!(first.num_cached_tokens, 0);
+    // The whole prompt is cached but its last token must be computed: 3 blocks hit.
+    let second = finish(&mut sched, 1, -1);
+    assert_eq!(second.num_cached_tokens, 48);
+    assert_eq!(second.output_token_ids, first.output_token_ids);
+    // Prompt logprobs from position 20 need the logits of position 19 onwards: 1 block hits.
+    let third = finish(&mut sched, 2, 20);
+    assert_eq!(third.num_cached_tokens, 16);
+    assert_eq!(third.prompt_logprobs.len(), 64 - 20);
+    let st = sched.stats();
+    assert_eq!(
+        (st.prefix_cache_queried_tokens, st.prefix_cache_hit_tokens),
+        (192, 64)
+    );
+}
+
+#[test]
+fn chunked_prefill_shares_the_step_with_decodes() {
+    let mut sched = Scheduler::new(tok(), config(256, false, 32, 8, 16)).unwrap();
+    let mut model = FakeModel {
+        kv: vec![None; 256 * 16],
+        bs: 16,
+    };
+    sched
+        .add_sequence(
+            0,
+            vec![11; 10],
+            &[],
+            SamplingParams {
+                max_tokens: 30,
+                ignore_eos: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let p = sched.schedule().unwrap();
+    let (s, l, pl, g) = model.step(&p);
+    sched.update(&s, &l, &pl, &g).unwrap();
+    sched
+        .add_sequence(1, vec![12; 100], &[], SamplingParams::default())
+        .unwrap();
+    let p = sched.schedule().unwrap();
+    // Decode first, then a 31-token chunk of the long prompt; nothing is sampled for the chunk.
+    assert_eq!(p.seq_ids, vec![0, 1]);
+    assert_eq!(p.query_start_loc, vec![0, 1, 32]);
+    assert_eq!(p.sample_seq_ids, vec![0]);
+    assert_eq!(p.output_index, vec![1]);
+    assert_eq!(p.max_query_len, 31);
+}
+
+#[test]
+fn stop_strings_eos_and_stop_tokens() {
+    let tok = tok();
+    let script = tok
+        .encode("Hello world! The quick brown fox", false)
+        .unwrap();
+    let eot = tok.token_to_id("<|endoftext|>").unwrap();
+    let cases: Vec<(SamplingParams, Vec<u32>, &str, &str)> = vec![
+        (
+            SamplingParams {
+                max_tokens: 50,
+                stop: vec!["quick".into()],
+                ..Default::default()
+            },
+            script.clone(),
+            "Hello world! The ",
+            "stop",
+        ),
+        (
+            SamplingParams {
+                max_tokens: 3,
+                ..Default::default()
+            },
+            script.clone(),
+            "",
+            "length",
+        ),
+        (
+            SamplingParams {
+                max_tokens: 50,
+                ..Default::default()
+            },
+            [&script[..2], &[eot, 20]].concat(),
+            "",
+            "stop",
+        ),
+        (
+            SamplingParams {
+                max_tokens: 4,
+                ignore_eos: true,
+                ..Default::default()
+            },
+            [&script[..2], &[eot, 20]].concat(),
+            "",
+            "length",
+        ),
+        (
+            SamplingParams {
+                max_tokens: 50,
+                stop_token_ids: vec![script[3]],
+                ..Default::default()
+            },
+            script.clone(),
+            "",
+            "stop",
+        ),
+    ];
+    for (i, (params, emitted, text, reason)) in cases.into_iter().enumerate() {
+        let mut cfg = config(64, true, 512, 4, 16);
+        cfg.eos_token_ids = vec![eot];
+        let mut sched = Scheduler::new(tok.clone(), cfg).unwrap();
+        sched
+            .add_sequence(7, vec![30, 31, 32], &[], params.clone())
+            .unwrap();
+        let mut k = 0;
+        let f = loop {
+            sched.schedule().unwrap();
+            let s = vec![emitted[k] as i64];
+            k += 1;
+            if let Some(f) = sched.update(&s, &[-0.5], &[], &[]).unwrap().pop() {
+                break f;
+            }
+        };
+        assert_eq!(f.finish_reason, reason, "case {i}");
+        let expect_text = match (reason, i) {
+            (_, 0) => text.to_string(),
+            (_, 2) => tok.decode(&emitted[..2], true).unwrap(), // EOS is not part of the text
+            (_, 4) => tok.decode(&emitted[..3], true).unwrap(),
+            _ => tok.decode(&f.output_token_ids, true).unwrap(),
+        };
+        assert_eq!(f.text, expect_text, "case {i}");
+        assert_eq!(f.output_logprobs.len(), f.output_token_ids.len());
+        assert_eq!(sched.block_manager().num_free(), 64);
+    }
+}
+
+#[test]
+fn add_sequence_errors() {
+    let mut sched = Scheduler::new(
+        tok(),
+        SchedulerConfig {
+            num_blocks: 4,
+            max_model_len: 100,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let p = |max_tokens| SamplingParams {
+        max_tokens,
+        ..Default::default()
+    };
+    assert!(sched
+        .add_sequence(1, vec![], &[], p(1))
+        .unwrap_err()
+        .contains("empty"));
+    let e = sched.add_sequence(1, vec![1; 90], &[], p(20)).unwrap_err();
+    assert!(
+        e.contains("90") && e.contains("20") && e.contains("100"),
+        "{e}"
+    );
+    let e = sched.add_sequence(1, vec![1; 60], &[], p(20)).unwrap_err();
+    assert!(e.contains("blocks"), "{e}");
+    sched.add_sequence(1, vec![1; 60], &[], p(5)).unwrap();
+    assert!(sched
+        .add_sequence(1, vec![1; 3], &[], p(1))
+        .unwrap_err()
+        .contains("already"));
+    assert!(sched
+        .add_sequence(2, vec![1; 3], &[(2, 5, 9)], p(1))
+        .is_err());
+    assert_eq!(sched.num_waiting(), 1);
+}
+
+#[test]
+fn abort_releases_blocks_even_mid_step() {
+    let mut sched = Scheduler::new(tok(), config(32, true, 64, 8, 16)).unwrap();
+    let mut model = FakeModel {
+        kv: vec![None; 32 * 16],
+        bs: 16,
+    };
+    for id in 0..3 {
+        sched
+            .add_sequence(
+                id,
+                vec![20 + id as u32; 40],
+                &[],
+                SamplingParams {
+                    max_tokens: 10,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+    }
+    let plan = sched.schedule().unwrap();
+    let f = sched.abort(0).unwrap();
+    assert_eq!(f.finish_reason, "abort");
+    assert!(sched.abort(0).is_none());
+    let (s, l, p, g) = model.step(&plan);
+    sched.update(&s, &l, &p, &g).unwrap();
+    sched.abort(1);
+    sched.abort(2);
+    assert!(!sched.has_unfinished());
+    assert!(sched.schedule().is_none());
+    assert_eq!(sched.block_manager().num_free(), 32);
+}
+
+#[test]
+fn schedule_512_decodes_is_fast() {
+    let mut sched = Scheduler::new(tok(), config(512 * 40, true, 8192, 512, 16)).unwrap();
+    for id in 0..512 {
+        let p = SamplingParams {
+            max_tokens: 200,
+            ignore_eos: true,
+            ..Default::default()
+        };
+        sched
+            .add_sequence(id, vec![10 + (id % 300) as u32; 500], &[], p)
+            .unwrap();
+    }
+    let mut times = Vec::new();
+    while sched.has_unfinished() {
+        let t0 = std::time::Instant::now();
+        let plan = sched.schedule().unwrap();
+        let dt = t0.elapsed();
+        if plan.seq_ids.len() == 512 && plan.input_ids.len() == 512 {
+            times.push(dt.as_micros());
+        }
+        let s = vec![42i64; plan.sample_indices.len()];
+        let lp = vec![0f32; s.len()];
+        let n = plan.prompt_lp_indices.len();
+        sched
+            .update(&s, &lp, &vec![0.0; n], &vec![false; n])
+            .unwrap();
+    }
+    times.sort();
+    eprintln!(
+        "schedule() with 512 decodes: median {} us",
+        times[times.len() / 2]
+    );
+    // Loose bound: debug builds and a loaded machine.
+    assert!(times[times.len() / 2] < 20_000);
+}
+
+#[test]
+fn identical_prompts_share_blocks_within_one_step() {
+    let mut sched = Scheduler::new(tok(), config(64, true, 1024, 8, 16)).unwrap();
+    let mut model = FakeModel {
+        kv: vec![None; 64 * 16],
+        bs: 16,
+    };
+    let prompt: Vec<u32> = (100..150).collect(); // 3 full blocks + 2 tokens
+    for id in 0..3 {
+        sched
+            .add_sequence(
+                id,
+                prompt.clone(),
+                &[],
+                SamplingParams {
+                    max_tokens: 4,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+    }
+    let plan = sched.schedule().unwrap();
+    // The first computes the prompt; the others reuse its 3 full blocks in the same forward pass.
+    assert_eq!(plan.query_start_loc, vec![0, 50, 52, 54]);
+    assert_eq!(sched.block_manager().num_free(), 64 - 4 - 1 - 1);
+    let mut outs = Vec::new();
+    let (s, l, p, g) = model.step(&plan);
+    outs.extend(sched.update(&s, &l, &p, &g).unwrap());
+    while let Some(plan) = sched.schedule() {
+        let (s, l, p, g) = model.step(&plan);
+        outs.extend(sched.update(&s, &l, &p, &g).unwrap());
+    }
+    assert_eq!(outs.len(), 3);
+    assert!(outs
+        .iter()
+        .all(|f| f.output_token_ids == outs[0].output_token_ids));
+    assert_eq!(
+        outs.iter().map(|f| f.num_cached_tokens).sum::<usize>(),
+        2 * 48
+    );
+}
+
+#[test]
+fn abort_before_update_uncaches_what_the_plan_was_to_write() {
+    let mut sched = Scheduler::new(tok(), config(16, true, 1024, 8, 16)).unwrap();
+    let prompt: Vec<u32> = (100..140).collect();
+    sched
+        .add_sequence(0, prompt.clone(), &[], SamplingParams::default())
+        .unwrap();
+    sched.schedule().unwrap();
+    assert_eq!(sched.block_manager().num_cached(), 2);
+    sched.abort(0).unwrap();
+    assert_eq!(sched.block_manager().num_cached(), 0);
+    sched
+        .add_sequence(1, prompt, &[], SamplingParams::default())
+        .unwrap();
+    sched.schedule().unwrap();
+    assert_eq!(sched.stats().prefix_cache_hit_tokens, 0);
+}
