@@ -116,6 +116,7 @@ class Checkpoint:
     chat_template: str | None
     preprocessor_config: dict
     weight_files: dict[str, tuple[Path, str]] = field(repr=False)  # canonical name -> (file, name in file)
+    random_init: bool = False  # shape presets for profiling: weights drawn at load time, no files read
     _handles: dict = field(default_factory=dict, repr=False)
 
     def has(self, name: str) -> bool:
@@ -123,6 +124,8 @@ class Checkpoint:
 
     def tensor(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """Read one weight (memory-mapped), check its shape, cast to the checkpoint dtype and device."""
+        if self.random_init:
+            return _random_weight(name, shape, self.dtype, self.device)
         if name not in self.weight_files:
             raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the safetensors weights")
         file, key = self.weight_files[name]
@@ -137,6 +140,13 @@ class Checkpoint:
 
     def close(self) -> None:
         self._handles.clear()
+
+
+def _random_weight(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A stand-in weight with realistic scale: norms at 1, everything else N(0, 0.02)."""
+    if "norm" in name and name.endswith(".weight"):
+        return torch.ones(shape, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device).normal_(0.0, 0.02)
 
 
 def _read_json(file: Path, required: bool = True) -> dict | None:
@@ -266,8 +276,12 @@ def _resolve_dtype(dtype: str | torch.dtype, config: dict) -> torch.dtype:
 
 
 def load_checkpoint(path: str | Path, dtype: str | torch.dtype = "auto",
-                    device: str | torch.device = "cpu") -> Checkpoint:
-    """Parse a local LLaVA checkpoint directory; weights are indexed now and read by `Checkpoint.tensor`."""
+                    device: str | torch.device = "cpu", random_init: bool = False) -> Checkpoint:
+    """Parse a local LLaVA checkpoint directory; weights are indexed now and read by `Checkpoint.tensor`.
+
+    `random_init` needs only config and tokenizer files: weights are drawn instead of read (profiling
+    real model shapes without downloading them).
+    """
     path = Path(path).expanduser()
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {path} (pass a local directory, "
@@ -289,7 +303,7 @@ def load_checkpoint(path: str | Path, dtype: str | torch.dtype = "auto",
     tie = bool(config.get("tie_word_embeddings") or text_cfg.get("tie_word_embeddings")
                or _TEXT_DEFAULTS[text.model_type]["tie_word_embeddings"])
 
-    weights = _index_weights(path)
+    weights = {} if random_init else _index_weights(path)
 
     tok_file = path / "tokenizer.json"
     if not tok_file.is_file():
@@ -324,4 +338,4 @@ def load_checkpoint(path: str | Path, dtype: str | torch.dtype = "auto",
         eos_token_ids=eos_ids, bos_token_id=bos, tokenizer_path=tok_file, tokenizer_config=tok_cfg,
         special_tokens=special, chat_template=template,
         preprocessor_config=_read_json(path / "preprocessor_config.json", required=False) or {},
-        weight_files=weights)
+        weight_files=weights, random_init=random_init)

@@ -44,11 +44,14 @@ class Engine:
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, block_size: int = 16,
                  num_blocks: int | None = None, kv_cache_memory: int | None = None,
                  enable_prefix_caching: bool = True, attention_backend: str | None = None,
-                 max_model_len: int | None = None, encoder_cache_size: int = 256):
+                 max_model_len: int | None = None, encoder_cache_size: int = 256, random_init: bool = False,
+                 profile: bool = False):
+        """`random_init` draws weights instead of reading them (profiling model shapes); `profile`
+        synchronises the device around each phase to time it and records per-request latencies."""
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device='cuda' was asked for but torch sees no CUDA device")
-        self.checkpoint = load_checkpoint(model, dtype=dtype, device=self.device)
+        self.checkpoint = load_checkpoint(model, dtype=dtype, device=self.device, random_init=random_init)
         self.tokenizer = _core.Tokenizer.from_file(str(self.checkpoint.tokenizer_path))
         self.ops = Ops(resolve_backend(self.device, attention_backend))
         context = self.checkpoint.text.max_position_embeddings
@@ -65,7 +68,11 @@ class Engine:
             eos_token_ids=list(self.checkpoint.eos_token_ids))
         self._next_seq_id = 0
         self._seq_images: dict[int, list[int]] = {}  # in-flight sequence -> image hashes it pins
-        self._counters = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "run_seconds": 0.0}
+        self._counters = {"prompt_tokens": 0, "generated_tokens": 0, "run_seconds": 0.0}
+        self.profile = profile
+        self.phase_seconds: dict[str, float] = dict.fromkeys(
+            ("scheduler", "vision_encoder", "prefill", "decode", "sampling", "update"), 0.0)
+        self.latencies: dict[str, list[float]] = {"ttft": [], "tpot": []}
 
     # -------------------------------------------------------------------------------------------
     # Public API
@@ -238,13 +245,20 @@ class Engine:
         start = time.perf_counter()
         generated = 0
         bar = tqdm(total=num_seqs, disable=not use_tqdm, unit="seq", dynamic_ncols=True)
+        # Profiling: time of each sequence's first sampled token, indexed by (dense) sequence id.
+        first_token = np.full(self._next_seq_id + 1, np.nan) if self.profile else None
         try:
             while self.scheduler.has_unfinished():
-                plan = self.scheduler.schedule()
-                finished = self._step(plan)
+                finished, sampled_ids = self._step()
+                if first_token is not None:
+                    now = time.perf_counter() - start
+                    new = sampled_ids[np.isnan(first_token[sampled_ids])]
+                    first_token[new] = now
                 for seq in finished:
                     generated += len(seq.output_token_ids)
                     self._release(seq.seq_id)
+                    if first_token is not None:
+                        self._record_latency(seq, first_token[seq.seq_id], time.perf_counter() - start)
                     on_finished(seq)
                 if finished and use_tqdm:
                     elapsed = time.perf_counter() - start
@@ -261,21 +275,52 @@ class Engine:
             self._counters["generated_tokens"] += generated
             self._counters["run_seconds"] += time.perf_counter() - start
 
-    def _step(self, plan) -> list:
-        hidden = self.runner.execute(plan)
-        num_sampled = len(plan.sample_indices)
+    def _record_latency(self, seq, first: float, end: float) -> None:
+        if np.isnan(first):  # scored sequences produce no token
+            return
+        self.latencies["ttft"].append(float(first))
+        if len(seq.output_token_ids) > 1:
+            self.latencies["tpot"].append((end - float(first)) / (len(seq.output_token_ids) - 1))
+
+    def _tick(self, phase: str | None, since: float) -> float:
+        """Charge the time since `since` to a phase (profiling only: waits for the device first)."""
+        if not self.profile:
+            return since
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        if phase:
+            self.phase_seconds[phase] += now - since
+        return now
+
+    def _step(self) -> tuple[list, np.ndarray]:
+        t = self._tick(None, 0.0)
+        plan = self.scheduler.schedule()
+        t = self._tick("scheduler", t)
+        vision_before = self.runner.vision_seconds
+        hidden = self.runner.execute(plan, synchronize=self.profile)
         rows = torch.from_numpy(np.concatenate([plan.sample_indices, plan.prompt_lp_indices])).to(self.device)
         logits = self.model.compute_logits(hidden[rows]).float()
-        to = self.device
+        t_forward = self._tick(None, t)
+        if self.profile:
+            self.phase_seconds["vision_encoder"] += self.runner.vision_seconds - vision_before
+            phase = "prefill" if plan.max_query_len > 1 else "decode"
+            self.phase_seconds[phase] += t_forward - t - (self.runner.vision_seconds - vision_before)
+        t = t_forward
 
         def arr(a):
-            return torch.from_numpy(a).to(to)
+            return torch.from_numpy(a).to(self.device)
 
+        num_sampled = len(plan.sample_indices)
         tokens, token_lps = sample(logits[:num_sampled], arr(plan.temperature), arr(plan.top_p), arr(plan.top_k),
                                    arr(plan.seed), arr(plan.output_index))
         scored = logits[num_sampled:]
         targets = arr(plan.prompt_lp_targets)
         prompt_lps = torch.log_softmax(scored, dim=-1).gather(1, targets[:, None]).squeeze(1)
         greedy = scored.argmax(dim=-1) == targets
-        return self.scheduler.update(tokens.cpu().numpy(), token_lps.cpu().numpy().astype(np.float32),
-                                     prompt_lps.cpu().numpy().astype(np.float32), greedy.cpu().numpy())
+        tokens, token_lps = tokens.cpu().numpy(), token_lps.cpu().numpy().astype(np.float32)
+        prompt_lps, greedy = prompt_lps.cpu().numpy().astype(np.float32), greedy.cpu().numpy()
+        t = self._tick("sampling", t)
+        finished = self.scheduler.update(tokens, token_lps, prompt_lps, greedy)
+        self._tick("update", t)
+        return finished, plan.sample_seq_ids

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 
 import numpy as np
@@ -66,6 +67,7 @@ class ModelRunner:
         self.num_blocks = num_blocks or self._blocks_for_budget(kv_cache_memory, max_num_seqs, max_model_len)
         self.kv_caches = model.allocate_kv_caches(self.num_blocks, block_size, dtype)
         self.encoder_cache = EncoderCache(encoder_cache_size)
+        self.vision_seconds = 0.0  # measured only when execute() is asked to synchronise
 
     def _bytes_per_block(self) -> int:
         m = self.model
@@ -89,17 +91,28 @@ class ModelRunner:
                              f"{max_model_len} needs ({per_seq}); raise kv_cache_memory or lower max_model_len")
         return int(blocks)
 
+    def _sync_time(self, synchronize: bool) -> float:
+        if synchronize and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device, non_blocking=True)
 
     @torch.inference_mode()
-    def execute(self, plan) -> torch.Tensor:
-        """Run the plan's packed tokens through the model; returns hidden states `[T, H]`."""
+    def execute(self, plan, synchronize: bool = False) -> torch.Tensor:
+        """Run the plan's packed tokens through the model; returns hidden states `[T, H]`.
+
+        `synchronize` waits for the device around the vision encoder so its time can be measured.
+        """
         image_rows = image_embeds = None
         chunks = plan.image_chunks
         if len(chunks):
             hashes = [int(h) & ((1 << 64) - 1) for h in chunks[:, 0]]  # back from int64 bits to u64
+            started = self._sync_time(synchronize)
             images = self.encoder_cache.get_many(hashes, self.model.encode_images)
+            if synchronize:
+                self.vision_seconds += self._sync_time(True) - started
             # One index per image token: cheap (images per step), and the copy itself is one op.
             dst = np.concatenate([np.arange(d, d + n) for d, n in zip(chunks[:, 1], chunks[:, 3], strict=True)])
             image_rows = self._tensor(dst)

@@ -1,0 +1,219 @@
+"""End-to-end engine tests against transformers on tiny random LLaVA checkpoints (fp32, CPU).
+
+Greedy tokens identical to `generate`, per-token and choice log-probabilities within 1e-4 of a
+transformers forward, and outputs unchanged by prefix caching, preemption and batch composition.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+from cultengine import Engine, SamplingParams
+from tiny_checkpoints import IMAGE_TOKEN, reference_model
+
+ATOL = 1e-4
+
+
+def _image(w: int, h: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+# Zero, one and two images of different sizes; non-ASCII text.
+REQUESTS = [
+    {"prompt": "Tell me about the festival of lights, señor."},
+    {"prompt": f"{IMAGE_TOKEN}\nWhich country is this dish from? 日本", "images": [_image(40, 30, 1)]},
+    {"prompt": f"{IMAGE_TOKEN} and {IMAGE_TOKEN}: compare the two flags.", "images": [_image(33, 50, 2),
+                                                                                       _image(64, 64, 3)]},
+    {"prompt": "Short one."},
+]
+
+
+class Reference:
+    """transformers' model, tokenizer and image processor on the same checkpoint files."""
+
+    def __init__(self, path):
+        self.model = reference_model(path)
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        self.processor = transformers.CLIPImageProcessorPil.from_pretrained(path)
+        self.image_token_id = self.model.config.image_token_id
+
+    def tokens_per_image(self) -> int:
+        cfg = self.model.config
+        n = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
+        return n + (cfg.vision_feature_select_strategy == "full")
+
+    def encode(self, request) -> tuple[list[int], torch.Tensor | None]:
+        """LlavaProcessor's expansion: each <image> becomes tokens_per_image copies."""
+        ids = self.tokenizer(request["prompt"])["input_ids"]
+        expanded = []
+        for t in ids:
+            expanded += [t] * (self.tokens_per_image() if t == self.image_token_id else 1)
+        images = request.get("images") or []
+        pixels = self.processor(images, return_tensors="pt")["pixel_values"] if images else None
+        return expanded, pixels
+
+    @staticmethod
+    def _images(pixels) -> dict:
+        # transformers' generate breaks on an explicit pixel_values=None: pass it only with images.
+        return {} if pixels is None else {"pixel_values": pixels}
+
+    @torch.no_grad()
+    def logprobs(self, ids: list[int], pixels) -> torch.Tensor:
+        logits = self.model(input_ids=torch.tensor([ids]), **self._images(pixels)).logits[0]
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    @torch.no_grad()
+    def greedy(self, ids: list[int], pixels, max_new_tokens: int) -> list[int]:
+        input_ids = torch.tensor([ids])
+        out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                  max_new_tokens=max_new_tokens, do_sample=False, **self._images(pixels))
+        return out[0, len(ids):].tolist()
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def pair(request, tiny_checkpoint):
+    path = tiny_checkpoint(request.param)
+    return Engine(path, dtype="float32"), Reference(path)
+
+
+def test_tokenization_matches_transformers(pair):
+    engine, ref = pair
+    texts = ["Hello world", " ¿Qué tal? 日本の料理 🍣", f"{IMAGE_TOKEN} x<|im_end|>y", ""]
+    for special in (True, False):
+        expected = [ref.tokenizer(t, add_special_tokens=special)["input_ids"] for t in texts]
+        assert engine.tokenizer.encode_batch(texts, add_special_tokens=special) == expected
+
+
+def test_greedy_generation_is_token_identical_to_transformers(pair):
+    engine, ref = pair
+    outs = engine.generate(REQUESTS, SamplingParams(max_tokens=10), use_tqdm=False)
+    for req, out in zip(REQUESTS, outs, strict=True):
+        ids, pixels = ref.encode(req)
+        assert out.error is None
+        assert out.prompt_token_ids == ids
+        expected = ref.greedy(ids, pixels, 10)
+        assert out.token_ids == expected
+        assert out.text == ref.tokenizer.decode(expected, skip_special_tokens=True)
+        # Per-token logprobs against a forward over prompt + output.
+        lp = ref.logprobs(ids + expected, pixels)
+        want = lp[len(ids) - 1:-1].gather(1, torch.tensor(expected)[:, None]).squeeze(1)
+        np.testing.assert_allclose(out.logprobs, want.numpy(), atol=ATOL)
+
+
+def test_chat_messages_match_apply_chat_template(pair):
+    engine, ref = pair
+    img = _image(50, 41, 9)
+    messages = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "Where?"}]}]
+    out = engine.generate([{"messages": messages}], SamplingParams(max_tokens=4), use_tqdm=False)[0]
+    # As transformers' processors do: render, then tokenize without adding special tokens again.
+    text = ref.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = []
+    for t in ref.tokenizer(text, add_special_tokens=False)["input_ids"]:
+        ids += [t] * (ref.tokens_per_image() if t == ref.image_token_id else 1)
+    assert out.error is None
+    assert out.prompt_token_ids == ids
+
+
+def test_choice_loglikelihoods_match_transformers(pair):
+    engine, ref = pair
+    choices = ["Japan", " Peru", "Ghana and more", "インド"]
+    reqs = [{**REQUESTS[1], "choices": choices}, {**REQUESTS[0], "choices": choices[:2]},
+            {**REQUESTS[2], "choices": choices[2:]}]
+    scores = engine.score(reqs, use_tqdm=False)
+    for req, out in zip(reqs, scores, strict=True):
+        assert out.error is None
+        ctx, pixels = ref.encode(req)
+        for choice, got in zip(req["choices"], out.choices, strict=True):
+            cont = ref.tokenizer(choice, add_special_tokens=False)["input_ids"]
+            lp = ref.logprobs(ctx + cont, pixels)
+            per_token = lp[len(ctx) - 1:-1].gather(1, torch.tensor(cont)[:, None]).squeeze(1)
+            assert got.num_tokens == len(cont)
+            assert got.logprob == pytest.approx(float(per_token.sum()), abs=ATOL)
+            greedy = bool((lp[len(ctx) - 1:-1].argmax(-1) == torch.tensor(cont)).all())
+            assert got.is_greedy == greedy
+
+
+def test_score_shares_the_context_through_the_prefix_cache(tiny_llama):
+    engine = Engine(tiny_llama, dtype="float32", block_size=4)
+    req = {**REQUESTS[2], "choices": ["a", "b", "c", "d"]}
+    before = engine.stats()["prefix_cache_hit_tokens"]
+    out = engine.score([req], use_tqdm=False)[0]
+    assert out.error is None
+    # Three of four choices reuse the context's full blocks.
+    assert engine.stats()["prefix_cache_hit_tokens"] - before >= 3 * 4
+
+
+def test_greedy_choice_is_flagged(tiny_llama):
+    engine = Engine(tiny_llama, dtype="float32")
+    gen = engine.generate([REQUESTS[0]], SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)[0]
+    text = engine.tokenizer.decode(gen.token_ids, skip_special_tokens=False)
+    score = engine.score([{**REQUESTS[0], "choices": [text]}], use_tqdm=False)[0]
+    if engine.tokenizer.encode(text) == gen.token_ids:  # the text re-tokenizes to the same ids
+        assert score.choices[0].is_greedy
+
+
+def test_prefix_caching_and_preemption_change_nothing(tiny_llama):
+    params = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=11, ignore_eos=True)
+    reqs = REQUESTS * 3
+    base = Engine(tiny_llama, dtype="float32", enable_prefix_caching=False)
+    expected = [o.token_ids for o in base.generate(reqs, params, use_tqdm=False)]
+    cached = Engine(tiny_llama, dtype="float32")
+    assert [o.token_ids for o in cached.generate(reqs, params, use_tqdm=False)] == expected
+    assert cached.stats()["prefix_cache_hit_tokens"] > 0
+    # A KV budget of a few sequences forces preemption by recompute.
+    tight = Engine(tiny_llama, dtype="float32", block_size=4, num_blocks=24, max_model_len=96)
+    assert [o.token_ids for o in tight.generate(reqs, params, use_tqdm=False)] == expected
+    assert tight.stats()["num_preemptions"] > 0
+
+
+def test_seeded_sampling_is_batch_invariant_and_n_samples(tiny_llama):
+    engine = Engine(tiny_llama, dtype="float32")
+    params = SamplingParams(max_tokens=8, temperature=1.0, seed=5, n=3, ignore_eos=True)
+    alone = engine.generate([REQUESTS[1]], params, use_tqdm=False)[0]
+    mixed = engine.generate(REQUESTS, [SamplingParams(max_tokens=5), params, SamplingParams(max_tokens=9,
+                                       temperature=0.7, seed=1), SamplingParams()], use_tqdm=False)[1]
+    assert [s.token_ids for s in alone.samples] == [s.token_ids for s in mixed.samples]
+    assert len({tuple(s.token_ids) for s in alone.samples}) > 1  # n samples differ
+
+
+def test_stop_strings_cut_the_text(tiny_llama):
+    engine = Engine(tiny_llama, dtype="float32")
+    full = engine.generate([REQUESTS[0]], SamplingParams(max_tokens=16, ignore_eos=True), use_tqdm=False)[0]
+    assert len(full.text) > 4
+    stop = full.text[2:4]
+    cut = engine.generate([REQUESTS[0]], SamplingParams(max_tokens=16, ignore_eos=True, stop=[stop]),
+                          use_tqdm=False)[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[:full.text.index(stop)]
+    assert full.finish_reason == "length" and len(full.token_ids) == 16
+
+
+def test_bad_requests_fail_alone_and_the_engine_stays_usable(tiny_llama, tmp_path):
+    engine = Engine(tiny_llama, dtype="float32", max_model_len=64)
+    truncated = io.BytesIO()
+    _image(30, 30, 4).save(truncated, format="PNG")
+    good = REQUESTS[1]
+    bad = [
+        ({"prompt": f"{IMAGE_TOKEN} hi", "images": [_image(9, 9, 0), _image(9, 9, 1)]}, "placeholder"),
+        ({"prompt": f"{IMAGE_TOKEN} {IMAGE_TOKEN}", "images": [_image(9, 9, 0)]}, "placeholder"),
+        ({"prompt": f"{IMAGE_TOKEN} hi", "images": [str(tmp_path / "missing.jpg")]}, "missing.jpg"),
+        ({"prompt": f"{IMAGE_TOKEN} hi", "images": [truncated.getvalue()[:60]]}, "image"),
+        ({"prompt": "word " * 200}, "max_model_len"),
+        ("not a dict", "dict"),
+    ]
+    outs = engine.generate([good] + [b for b, _ in bad] + [good], SamplingParams(max_tokens=4), use_tqdm=False)
+    assert outs[0].error is None and outs[-1].error is None
+    assert outs[0].token_ids == outs[-1].token_ids
+    for out, (_, needle) in zip(outs[1:-1], bad, strict=True):
+        assert out.error and needle in out.error, out.error
+        assert out.samples == []
+    scores = engine.score([{**good, "choices": []}, {**good, "choices": ["x"]}], use_tqdm=False)
+    assert "choices" in scores[0].error and scores[1].error is None
+    assert engine.generate([good], SamplingParams(max_tokens=4), use_tqdm=False)[0].token_ids == outs[0].token_ids
