@@ -346,6 +346,7 @@ impl Scheduler {
             ("prefill_tokens_computed", s.prefill_tokens_computed),
             ("steps", s.steps),
             ("schedule_ns", s.schedule_ns),
+            ("peak_used_blocks", s.peak_used_blocks),
         ])
     }
 }

@@ -115,7 +115,8 @@ pub struct Stats {
     pub prefix_cache_hit_tokens: u64,
     pub prefill_tokens_computed: u64,
     pub steps: u64,
-    pub schedule_ns: u64, // CPU time in schedule() and update()
+    pub schedule_ns: u64,      // CPU time in schedule() and update()
+    pub peak_used_blocks: u64, // most blocks held by sequences at once (KV-cache use)
 }
 
 struct Seq {
@@ -420,6 +421,8 @@ impl Scheduler {
             return None;
         }
         self.stats.steps += 1;
+        let used = (self.bm.num_blocks() - self.bm.num_free()) as u64;
+        self.stats.peak_used_blocks = self.stats.peak_used_blocks.max(used);
         Some(self.build_plan(&chunks))
     }
 

@@ -1,0 +1,228 @@
+"""`cultengine profile`: throughput, latency and where the time goes, on a synthetic workload.
+
+`--model` takes a checkpoint directory or a shape preset (`llava-1.5-7b`, `qwen2-7b`, `demo`) whose
+weights are drawn at load time, so real model sizes can be profiled without downloading anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+# Shapes of public checkpoints (config.json fields); weights are random.
+_CLIP_L14_336 = {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
+                 "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336, "patch_size": 14,
+                 "hidden_act": "quick_gelu", "projection_dim": 768}
+PRESETS = {
+    "llava-1.5-7b": {
+        "text_config": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+                        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+                        "vocab_size": 32064, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+                        "rope_theta": 10000.0},
+        "vision_config": _CLIP_L14_336,
+    },
+    "qwen2-7b": {  # the Qwen2-7B decoder (as in Pangea-7B / LLaVA-OneVision-7B) behind CLIP-L/14-336
+        "text_config": {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944,
+                        "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+                        "vocab_size": 152064, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+                        "rope_theta": 1000000.0},
+        "vision_config": _CLIP_L14_336,
+    },
+}
+
+
+def preset_checkpoint(name: str, out_dir: Path) -> Path:
+    """A checkpoint directory with the preset's config and the demo tokenizer, no weight files."""
+    from .bench import demo_checkpoint
+
+    demo = demo_checkpoint.ensure()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in demo.iterdir():
+        if f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy(f, out_dir / f.name)
+    demo_cfg = json.loads((demo / "config.json").read_text())
+    preset = PRESETS[name]
+    config = {**demo_cfg, "text_config": {**preset["text_config"]}, "vision_config": preset["vision_config"],
+              "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "torch_dtype": "bfloat16"}
+    # The demo tokenizer's ids must stay inside the preset's vocabulary.
+    text = config["text_config"]
+    text["vocab_size"] = max(text["vocab_size"], demo_cfg["text_config"]["vocab_size"])
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    prep = {"crop_size": {"height": 336, "width": 336}, "size": {"shortest_edge": 336}, "do_center_crop": True,
+            "do_resize": True, "do_rescale": True, "do_normalize": True, "resample": 3,
+            "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
+    (out_dir / "preprocessor_config.json").write_text(json.dumps(prep))
+    return out_dir
+
+
+def _lengths(spec: str, n: int, rng: random.Random) -> list[int]:
+    """`64` (fixed), `32:128` (uniform), or `exp:64` (exponential with that mean, at least 1)."""
+    if spec.startswith("exp:"):
+        mean = float(spec[4:])
+        return [max(1, int(rng.expovariate(1 / mean))) for _ in range(n)]
+    if ":" in spec:
+        lo, hi = (int(x) for x in spec.split(":"))
+        return [rng.randint(lo, hi) for _ in range(n)]
+    return [int(spec)] * n
+
+
+def build_workload(engine, args) -> tuple[list[dict], list[int]]:
+    """Synthetic requests: random words and noise images; a fraction share one image and prefix."""
+    rng = random.Random(args.seed)
+    vocab = [engine.tokenizer.id_to_token(i) for i in range(min(engine.tokenizer.vocab_size, 4000))]
+    words = [w.strip("Ġ▁ ") for w in vocab if w and w.strip("Ġ▁ ").isalpha()] or ["word"]
+    size = engine.model.image_size
+    prompt_lens = _lengths(args.prompt_len, args.num_requests, rng)
+    output_lens = _lengths(args.output_len, args.num_requests, rng)
+
+    def image(seed: int) -> Image.Image:
+        return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(n))
+
+    shared_images = [image(10_000 + i) for i in range(args.images_per_request)]
+    shared_prefix = text(max(prompt_lens) // 2)
+    requests = []
+    for i in range(args.num_requests):
+        shared = rng.random() < args.shared_fraction
+        imgs = shared_images if shared else [image(i * 31 + k) for k in range(args.images_per_request)]
+        body = (shared_prefix + " " if shared else "") + text(prompt_lens[i])
+        content = [{"type": "image", "image": im} for im in imgs] + [{"type": "text", "text": body}]
+        req = {"messages": [{"role": "user", "content": content}]}
+        if args.choices:
+            req["choices"] = [" " + text(rng.randint(1, 4)) for _ in range(args.choices)]
+        requests.append(req)
+    return requests, output_lens
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    arr = np.array(values) * 1000
+    return {f"p{q}": float(np.percentile(arr, q)) for q in (50, 90, 99)}
+
+
+def run_profile(args) -> dict:
+    from . import Engine, SamplingParams
+
+    tmp = None
+    model = args.model
+    if model in PRESETS:
+        tmp = Path(tempfile.mkdtemp(prefix="cultengine-preset-"))
+        model = str(preset_checkpoint(model, tmp))
+    elif model == "demo":
+        from .bench import demo_checkpoint
+
+        model = str(demo_checkpoint.ensure())
+    try:
+        engine = Engine(model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+                        max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.backend,
+                        random_init=tmp is not None, profile=True)
+        requests, output_lens = build_workload(engine, args)
+        if engine.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(engine.device)
+        before = engine.stats()
+        start = time.perf_counter()
+        if args.choices:
+            outs = engine.score(requests, use_tqdm=not args.json)
+        else:
+            params = [SamplingParams(max_tokens=n, temperature=args.temperature, seed=i, ignore_eos=True)
+                      for i, n in enumerate(output_lens)]
+            outs = engine.generate(requests, params, use_tqdm=not args.json)
+        wall = time.perf_counter() - start
+        after = engine.stats()
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    errors = [o.error for o in outs if o.error]
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed, first: {errors[0]}")
+    delta = {k: after[k] - before[k] for k in after if isinstance(after[k], int | float) and k in before}
+    images = args.num_requests * args.images_per_request
+    out_tokens = delta["generated_tokens"]
+    timings = engine.latencies
+    report = {
+        "model": args.model, "device": str(engine.device), "dtype": str(engine.checkpoint.dtype).replace("torch.", ""),
+        "backend": engine.ops.backend, "workload": {k: getattr(args, k) for k in (
+            "num_requests", "images_per_request", "prompt_len", "output_len", "shared_fraction", "choices")},
+        "wall_seconds": wall,
+        "requests_per_s": args.num_requests / wall,
+        "input_tokens_per_s": delta["prompt_tokens"] / wall,
+        "prefill_tokens_per_s": delta["prefill_tokens_computed"] / wall,
+        "output_tokens_per_s": out_tokens / wall,
+        "images_per_s": images / wall,
+        "ttft_ms": _percentiles(timings["ttft"]),
+        "tpot_ms": _percentiles(timings["tpot"]),
+        "kv_cache_peak_use": after["peak_used_blocks"] / after["num_blocks"],
+        "prefix_cache_hit_rate": delta["prefix_cache_hit_tokens"] / max(delta["prefix_cache_queried_tokens"], 1),
+        "images_encoded": delta["images_encoded"],
+        "time_breakdown_s": {k: round(v, 4) for k, v in engine.phase_seconds.items()},
+        "scheduler_us_per_step": delta["schedule_ns"] / max(delta["steps"], 1) / 1000,
+        "steps": delta["steps"],
+        "peak_memory_gib": (torch.cuda.max_memory_allocated(engine.device) if engine.device.type == "cuda"
+                            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30,
+    }
+    return report
+
+
+def format_report(r: dict) -> str:
+    lines = [f"cultengine profile: {r['model']} on {r['device']} ({r['dtype']}, {r['backend']} backend)",
+             f"workload: {r['workload']}", ""]
+    rows = [("wall time", f"{r['wall_seconds']:.2f} s"), ("requests/s", f"{r['requests_per_s']:.2f}"),
+            ("input tokens/s", f"{r['input_tokens_per_s']:.1f}"),
+            ("prefill tokens/s (computed)", f"{r['prefill_tokens_per_s']:.1f}"),
+            ("output tokens/s", f"{r['output_tokens_per_s']:.1f}"), ("images/s", f"{r['images_per_s']:.2f}")]
+    for name in ("ttft_ms", "tpot_ms"):
+        if r[name]:
+            rows.append((name.replace("_ms", " (ms) p50/p90/p99"), " / ".join(f"{v:.1f}" for v in r[name].values())))
+    rows += [("KV cache peak use", f"{100 * r['kv_cache_peak_use']:.1f} %"),
+             ("prefix-cache hit rate", f"{100 * r['prefix_cache_hit_rate']:.1f} %"),
+             ("images encoded", str(r["images_encoded"])),
+             ("scheduler CPU per step", f"{r['scheduler_us_per_step']:.1f} us over {r['steps']} steps"),
+             ("peak memory", f"{r['peak_memory_gib']:.2f} GiB")]
+    total = sum(r["time_breakdown_s"].values()) or 1.0
+    rows += [(f"time: {k}", f"{v:.3f} s ({100 * v / total:.0f} %)") for k, v in r["time_breakdown_s"].items()]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(lines + [f"  {k:<{width}}  {v}" for k, v in rows])
+
+
+def register(sub) -> None:
+    p = sub.add_parser("profile", help="throughput, latency and time breakdown on a synthetic workload",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="demo",
+                   help=f"checkpoint directory, 'demo', or a shape preset with random weights: {', '.join(PRESETS)}")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--backend", default=None, help="torch | triton | flash (default: triton on CUDA, torch on CPU)")
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--images-per-request", type=int, default=1)
+    p.add_argument("--prompt-len", default="32", help="words per prompt: N, LO:HI (uniform) or exp:MEAN")
+    p.add_argument("--output-len", default="32", help="tokens per output: N, LO:HI or exp:MEAN")
+    p.add_argument("--shared-fraction", type=float, default=0.5,
+                   help="fraction of requests sharing one image and a prompt prefix (prefix cache, encoder cache)")
+    p.add_argument("--choices", type=int, default=0, help="score this many choices per request instead of generating")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    report = run_profile(args)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    sys.stdout.flush()
+    return 0
