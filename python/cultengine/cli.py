@@ -7,7 +7,9 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import profile
     from .bench import cli as bench_cli
+    from .studies import cli as studies_cli
 
     parser = argparse.ArgumentParser(
         prog="cultengine",
@@ -15,14 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     bench_cli.register(sub)  # bench, data
-    for module in ("cultengine.studies.cli", "cultengine.profile"):
-        try:
-            mod = __import__(module, fromlist=["register"])
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue
-        mod.register(sub)
+    studies_cli.register(sub)  # values, stories, ground, analyze
+    profile.register(sub)
     return parser
 
 

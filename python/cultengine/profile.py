@@ -116,16 +116,15 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 
 def run_profile(args) -> dict:
     from . import Engine, SamplingParams
+    from .bench import demo_checkpoint
 
     tmp = None
     model = args.model
     if model in PRESETS:
         tmp = Path(tempfile.mkdtemp(prefix="cultengine-preset-"))
         model = str(preset_checkpoint(model, tmp))
-    elif model == "demo":
-        from .bench import demo_checkpoint
-
-        model = str(demo_checkpoint.ensure())
+    else:
+        model = str(demo_checkpoint.resolve(model))
     try:
         engine = Engine(model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.backend,

@@ -175,3 +175,8 @@ def ensure(root: Path | None = None) -> Path:
     except OSError:  # another process finished first
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def resolve(model: str | None) -> Path:
+    """A `--model` value: a checkpoint directory, or 'demo' / nothing for the demo checkpoint."""
+    return ensure() if model in (None, "", "demo") else Path(model)

@@ -115,7 +115,7 @@ def _finalize(run_dir: Path, rows: list[data.Row], skipped: list[data.Skipped], 
 def run(args, make_engine=None) -> int:
     """`make_engine(model, device, dtype)` replaces the Engine in tests."""
     from . import default
-    from .demo_checkpoint import cache_dir, ensure
+    from .demo_checkpoint import cache_dir, resolve
 
     device = args.device or _default_device()
     dist = distributed.from_env(device)
@@ -124,7 +124,7 @@ def run(args, make_engine=None) -> int:
         device = f"cuda:{dist.local_rank}"
     lead = dist is None or dist.rank == 0
 
-    model = Path(args.model) if args.model else ensure()
+    model = resolve(args.model)
     data_paths = args.data or [str(default.build(cache_dir() / f"default-bench-v{default.VERSION}"))]
     model_cfg = json.loads((model / "config.json").read_text(encoding="utf-8")) if model.is_dir() else {}
     demo = bool(model_cfg.get("cultengine_demo"))

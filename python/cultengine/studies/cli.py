@@ -58,7 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--model", default="demo",
+                   help="checkpoint directory (default 'demo': the built-in demo checkpoint, random weights)")
     p.add_argument("--out", required=True, help="run directory (re-running resumes)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
@@ -67,8 +68,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 
 def _engine(args):
     from .. import Engine
+    from ..bench.demo_checkpoint import resolve
 
-    return Engine(args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs)
+    return Engine(resolve(args.model), device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs)
 
 
 def _print(summary: dict) -> None:
