@@ -1,16 +1,17 @@
 import json
 
+from cultengine import runlog
 from cultengine.bench import results
 
 
 def test_torn_last_line_dropped_and_repaired(tmp_path):
     p = tmp_path / "results.jsonl"
     p.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c", "pre')
-    assert [r["id"] for r in results.read(p)] == ["a", "b"]
-    w = results.Writer(p)  # repairs before appending
+    assert [r["id"] for r in runlog.read(p)] == ["a", "b"]
+    w = runlog.ResultLog(p)  # repairs before appending
     w.write([{"id": "c"}])
     w.close()
-    assert [r["id"] for r in results.read(p)] == ["a", "b", "c"]
+    assert [r["id"] for r in runlog.read(p)] == ["a", "b", "c"]
     assert p.read_text().endswith('{"id": "c"}\n')
 
 

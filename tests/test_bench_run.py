@@ -5,6 +5,7 @@ import json
 import pytest
 
 from bench_helpers import FakeEngine, bench_args
+from cultengine import runlog
 from cultengine.bench import results
 from cultengine.bench.run import run
 
@@ -37,7 +38,7 @@ def test_default_run_writes_run_directory(tmp_path, capsys):
     assert run(bench_args(output_dir=str(out)), make_engine=Counting()) == 0
     names = {p.name for p in out.iterdir()}
     assert {"results.jsonl", "summary.json", "report.md", "report.html", "config.json"} <= names
-    recs = results.read(out / "results.jsonl")
+    recs = list(runlog.read(out / "results.jsonl"))
     assert len(recs) == len({r["id"] for r in recs}) == 272
     r = recs[0]
     assert {"id", "prompt_hash", "prediction", "choice_scores", "correct", "timings", "groups"} <= set(r)
@@ -62,7 +63,7 @@ def test_resume_after_kill_matches_straight_run(tmp_path):
     eng = Counting()
     run(bench_args(output_dir=str(killed), batch=50), make_engine=eng)
     assert eng.scored == 4  # 172 samples left in batches of 50
-    recs = results.read(killed / "results.jsonl")
+    recs = list(runlog.read(killed / "results.jsonl"))
     assert len(recs) == len({r["id"] for r in recs}) == 272
     assert metrics_of(killed) == metrics_of(straight)
     nothing = Counting()

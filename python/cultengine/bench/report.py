@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import html
-from typing import Any
+from .. import plots
 
 CHANCE_NOTE = ("This run used the demo checkpoint (random weights): its accuracy is chance level. "
                "It demonstrates the pipeline and the engine's throughput, not a model's knowledge.")
@@ -21,79 +20,21 @@ def worst(groups: dict[str, dict], metric: str, k: int = 10, min_n: int = 1) -> 
     return sorted((r for r in _rows(groups, metric) if r[2] >= min_n), key=lambda r: (r[1], r[0]))[:k]
 
 
-# ------------------------------------------------------------------------------------------ SVG
-
-
-def _esc(s: Any) -> str:
-    return html.escape(str(s), quote=True)
-
-
-def bar_chart(items: list[tuple[str, float, int]], title: str) -> str:
-    """Horizontal bars, one per (label, value in [0, 1], n)."""
-    if not items:
-        return ""
-    lw, bw, bh, top = 190, 360, 18, 28
-    h = top + len(items) * (bh + 6) + 20
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{lw + bw + 110}" height="{h}" '
-           f'font-family="sans-serif" font-size="12" role="img" aria-label="{_esc(title)}">',
-           f'<text x="4" y="16" font-weight="bold">{_esc(title)}</text>']
-    for i, (label, v, n) in enumerate(items):
-        y = top + i * (bh + 6)
-        out.append(f'<text x="{lw - 6}" y="{y + 13}" text-anchor="end">{_esc(label)}</text>')
-        out.append(f'<rect x="{lw}" y="{y}" width="{bw}" height="{bh}" fill="#eee"/>')
-        out.append(f'<rect x="{lw}" y="{y}" width="{bw * v:.1f}" height="{bh}" fill="#3b7dd8"/>')
-        out.append(f'<text x="{lw + bw + 6}" y="{y + 13}">{100 * v:.1f}% (n={n})</text>')
-    out.append("</svg>")
-    return "\n".join(out)
-
-
-def _color(v: float) -> str:
-    # white (0) -> blue (1)
-    r, g = int(255 - 196 * v), int(255 - 130 * v)
-    return f"rgb({r},{g},216)" if v > 0 else "rgb(255,255,255)"
-
-
-def heatmap(table: dict[str, dict[str, dict]], metric: str, title: str) -> str:
-    rows = sorted(table)
-    cols = sorted({c for r in table.values() for c in r})
-    if not rows or not cols:
-        return ""
-    lw, cw, ch, top = 150, 62, 26, 120
-    w, h = lw + cw * len(cols) + 10, top + ch * len(rows) + 10
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
-           f'font-size="11" role="img" aria-label="{_esc(title)}">',
-           f'<text x="4" y="16" font-weight="bold" font-size="12">{_esc(title)}</text>']
-    for j, c in enumerate(cols):
-        x = lw + j * cw + cw / 2
-        out.append(f'<text transform="translate({x:.0f},{top - 6}) rotate(-50)">{_esc(c)}</text>')
-    for i, r in enumerate(rows):
-        y = top + i * ch
-        out.append(f'<text x="{lw - 6}" y="{y + 17}" text-anchor="end">{_esc(r)}</text>')
-        for j, c in enumerate(cols):
-            cell = table[r].get(c, {})
-            v = cell.get(metric)
-            x = lw + j * cw
-            fill = "#f7f7f7" if v is None else _color(v)
-            out.append(f'<rect x="{x}" y="{y}" width="{cw - 2}" height="{ch - 2}" fill="{fill}">'
-                       f'<title>{_esc(r)} / {_esc(c)}: {_pct(v)}% (n={cell.get("n", 0)})</title></rect>')
-            if v is not None:
-                tc = "#fff" if v > 0.6 else "#000"
-                out.append(f'<text x="{x + cw / 2 - 1:.0f}" y="{y + 17}" text-anchor="middle" '
-                           f'fill="{tc}">{_pct(v)}</text>')
-    out.append("</svg>")
-    return "\n".join(out)
-
-
-# ------------------------------------------------------------------------------------------ text
-
-
 def _table_md(groups: dict[str, dict], metrics: list[str]) -> str:
-    head = "| group | n | " + " | ".join(metrics) + " |\n|---|---|" + "---|" * len(metrics) + "\n"
-    body = "".join(
-        f"| {k} | {v['n']} | " + " | ".join(_pct(v.get(m)) for m in metrics) + " |\n"
-        for k, v in groups.items()
-    )
-    return head + body
+    rows = [[k, v["n"], *(_pct(v.get(m)) for m in metrics)] for k, v in groups.items()]
+    return plots.md_table(["group", "n", *metrics], rows) + "\n"
+
+
+def _bars(items: list[tuple[str, float, int]], title: str) -> str:
+    return plots.bar_chart([k for k, _, _ in items], [v for _, v, _ in items], title,
+                           counts=[n for _, _, n in items], percent=True)
+
+
+def _heatmap(table: dict[str, dict[str, dict]], metric: str, title: str) -> str:
+    rows, cols = sorted(table), sorted({c for r in table.values() for c in r})
+    cells = [[table[r].get(c, {}) for c in cols] for r in rows]
+    return plots.heatmap(rows, cols, [[x.get(metric) for x in row] for row in cells], title,
+                         counts=[[x.get("n", 0) for x in row] for row in cells], percent=True)
 
 
 def _metric_names(summary: dict) -> list[str]:
@@ -135,16 +76,17 @@ def markdown(summary: dict) -> str:
 
 def html_report(summary: dict) -> str:
     m = summary["primary_metric"]
-    plots = [
-        bar_chart(sorted(_rows(summary["by"]["region"], m), key=lambda r: -r[1]), f"{m} by region"),
-        heatmap(summary.get("by_category_region", {}), m, f"{m}: category x region"),
-        bar_chart(worst(summary["by"]["country"], m), f"worst countries by {m}"),
+    figures = [
+        _bars(sorted(_rows(summary["by"]["region"], m), key=lambda r: -r[1]), f"{m} by region"),
+        _heatmap(summary.get("by_category_region", {}), m, f"{m}: category x region"),
+        _bars(worst(summary["by"]["country"], m), f"worst countries by {m}"),
     ]
-    body = "\n".join(f"<figure>{p}</figure>" for p in plots if p)
-    md = _esc(markdown(summary))
+    text = markdown(summary)
+    title, _, rest = text.partition("\n")  # the report's own heading and notes go above the plots
+    notes, _, tables = rest.partition("\n## ")
+    figs = "\n".join(f"<figure>{p}</figure>" for p in figures if p)
     return (
         "<!doctype html>\n<html><head><meta charset='utf-8'><title>cultengine bench report</title>"
-        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-        "pre{white-space:pre-wrap;background:#f8f8f8;padding:1em}figure{margin:1.5em 0}</style></head>"
-        f"<body><h1>cultengine bench report</h1>\n{body}\n<pre>{md}</pre></body></html>\n"
+        f"<style>{plots.PAGE_STYLE}</style></head><body>\n{plots.markdown_html(title + chr(10) + notes)}\n"
+        f"{figs}\n{plots.markdown_html('## ' + tables)}\n</body></html>\n"
     )

@@ -10,6 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from .. import runlog
 from . import data, distributed, metrics, report, results
 from .suites import MAX_TOKENS, SuiteConfig, build_requests, prompt_hash, score, usable
 
@@ -49,7 +50,7 @@ def _record(row: data.Row, cfg: SuiteConfig, outs: list, batch_s: float, n: int)
 def _engine_totals(run_dir: Path) -> dict[str, Any]:
     """Sum the last stats line of every engine session (resumes and ranks) of this run."""
     last: dict[str, dict] = {}
-    for rec in results.read(run_dir / STATS):
+    for rec in runlog.read(run_dir / STATS):
         last[rec["session"]] = rec["stats"]
     tot: dict[str, float] = {}
     for st in last.values():
@@ -63,7 +64,7 @@ def _engine_totals(run_dir: Path) -> dict[str, Any]:
             "prefill_tokens_saved": int(hit), **{k: tot[k] for k in keep if k in tot}}
 
 
-def _evaluate(engine, rows: list[data.Row], cfg: SuiteConfig, writer: results.Writer, batch: int,
+def _evaluate(engine, rows: list[data.Row], cfg: SuiteConfig, writer: runlog.ResultLog, batch: int,
               done: int, total: int, stats_file: Path) -> None:
     from tqdm import tqdm
 
@@ -105,10 +106,10 @@ def _finalize(run_dir: Path, rows: list[data.Row], skipped: list[data.Skipped], 
         summary["note_demo"] = report.CHANCE_NOTE
     if summary["samples"]["unlabeled"]:
         preds = {r["id"]: r.get("pred_index", r.get("prediction")) for r in recs if r.get("correct") is None}
-        results.atomic_write(run_dir / "predictions.json", json.dumps(preds, ensure_ascii=False, indent=1))
-    results.atomic_write(run_dir / "summary.json", json.dumps(summary, ensure_ascii=False, indent=2))
-    results.atomic_write(run_dir / "report.md", report.markdown(summary))
-    results.atomic_write(run_dir / "report.html", report.html_report(summary))
+        runlog.atomic_write(run_dir / "predictions.json", json.dumps(preds, ensure_ascii=False, indent=1))
+    runlog.write_json(run_dir / "summary.json", summary)
+    runlog.atomic_write(run_dir / "report.md", report.markdown(summary))
+    runlog.atomic_write(run_dir / "report.html", report.html_report(summary))
     return run_dir / "report.html"
 
 
@@ -139,7 +140,7 @@ def run(args, make_engine=None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_config(run_dir, config)
     if lead:
-        results.atomic_write(run_dir / "config.json", json.dumps(config, indent=2, ensure_ascii=False))
+        runlog.write_json(run_dir / "config.json", config)
     if demo and lead:
         _log(f"note: {report.CHANCE_NOTE}")
 
@@ -170,7 +171,7 @@ def run(args, make_engine=None) -> int:
                 return Engine(model, device=device, dtype=dtype, enable_prefix_caching=True)
 
         engine = make_engine(str(model), device, args.dtype)
-        writer = results.Writer(results.shard_file(run_dir, shard))
+        writer = runlog.ResultLog(results.shard_file(run_dir, shard))
         try:
             done = len(mine) - len(todo)
             _evaluate(engine, todo, cfg, writer, args.batch, done, len(mine), run_dir / STATS)

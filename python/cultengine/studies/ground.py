@@ -27,7 +27,8 @@ from collections import Counter
 from importlib import resources
 from pathlib import Path
 
-from .io import ResultLog, chunks, iter_records, write_json
+from ..runlog import ResultLog, write_json
+from .io import chunks, iter_records
 from .stats import softmax
 
 

@@ -1,9 +1,7 @@
-"""Study inputs and run directories.
+"""Study inputs.
 
 `iter_records` streams records from CSV / TSV / JSONL / JSON / parquet (parquet in record batches), so a
-file of millions of rows is never held in memory. `ResultLog` is an append-only JSONL file keyed by `id`:
-re-opening it gives the ids already written, so a re-run resumes where the last one stopped (a line cut
-short by a kill is ignored and recomputed).
+file of millions of rows is never held in memory. Results go to a `cultengine.runlog.ResultLog`.
 """
 
 from __future__ import annotations
@@ -60,58 +58,3 @@ def as_list(value: Any, sep: str = "|") -> list:
     if text.startswith("["):
         return list(json.loads(text))
     return [s.strip() for s in text.split(sep)]
-
-
-class ResultLog:
-    """Append-only JSONL of finished records, one per `id`, flushed as written."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.done: set[str] = {r["id"] for r in self.read()}
-        self._f = None
-
-    def read(self) -> Iterator[dict]:
-        if not self.path.is_file():
-            return
-        with self.path.open(encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by a kill
-                    continue
-                if isinstance(rec, dict) and "id" in rec:
-                    yield rec
-
-    def write(self, records: Iterable[dict]) -> None:
-        if self._f is None:
-            # a kill may have left a partial last line: start ours on a fresh one
-            needs_newline = False
-            if self.path.is_file() and self.path.stat().st_size > 0:
-                with self.path.open("rb") as f:
-                    f.seek(-1, 2)
-                    needs_newline = f.read(1) != b"\n"
-            self._f = self.path.open("a", encoding="utf-8")
-            if needs_newline:
-                self._f.write("\n")
-        for rec in records:
-            self._f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            self.done.add(rec["id"])
-        self._f.flush()
-
-    def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
-
-    def __enter__(self) -> ResultLog:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def write_json(path: str | Path, data: Any) -> None:
-    Path(path).write_text(
-        json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8"
-    )

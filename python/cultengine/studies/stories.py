@@ -30,9 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import plots
+from ..runlog import ResultLog, read, write_json
 from . import report, stats
 from .culture import CultureTable, Nationality, parse_nationalities, wvs_columns
-from .io import ResultLog, chunks, write_json
+from .io import chunks
 
 TEMPLATE = "Write a short story for a {demonym} child about {concept}, inspired by the image."
 LEXICAL = ("length_words", "type_token_ratio", "mean_word_length")
@@ -158,7 +160,7 @@ def load_stories(run_dirs: list[str | Path]) -> dict[str, list[dict]]:
     """model -> story records (errors left out) from the run directories."""
     by_model: dict[str, list[dict]] = defaultdict(list)
     for d in run_dirs:
-        for rec in ResultLog(Path(d) / "results.jsonl").read():
+        for rec in read(Path(d) / "results.jsonl"):
             if "text" in rec:
                 by_model[rec.get("model") or Path(d).name].append(rec)
     return dict(by_model)
@@ -324,16 +326,16 @@ def write_analysis_report(out_dir: Path, result: dict) -> None:
             (
                 f"{model}: lexical adaptation (one-way ANOVA across nationalities, "
                 f"{m['num_stories']} stories)",
-                report.md_table(h, lex_rows),
-                report.html_table(h, lex_rows),
+                plots.md_table(h, lex_rows),
+                plots.html_table(h, lex_rows),
             )
         )
         term_rows = [[n, ", ".join(t for t, _ in m["distinctive_terms"][n])] for n in nats]
         sections.append(
             (
                 f"{model}: distinctive vocabulary (top TF-IDF terms)",
-                report.md_table(["nationality", "terms"], term_rows),
-                report.html_table(["nationality", "terms"], term_rows),
+                plots.md_table(["nationality", "terms"], term_rows),
+                plots.html_table(["nationality", "terms"], term_rows),
             )
         )
         al_rows = [
@@ -342,15 +344,15 @@ def write_analysis_report(out_dir: Path, result: dict) -> None:
         ]
         h = ["culture table", "Kendall tau-b", "p", "pairs", "countries", "lacking data"]
         labels = [f"{n} ({m['regions'][n]})" for n in nats]
-        heat = report.svg_heatmap(
+        heat = plots.heatmap(
             labels, nats, m["similarity"], "story similarity (TF-IDF cosine), by region"
         )
         sections.append(
             (
                 f"{model}: cultural alignment (story similarity vs cultural distance)",
                 "Negative tau: culturally closer countries get more similar stories.\n\n"
-                + report.md_table(h, al_rows),
-                report.html_table(h, al_rows) + heat,
+                + plots.md_table(h, al_rows),
+                plots.html_table(h, al_rows) + heat,
             )
         )
         if "clip" in m:
@@ -360,8 +362,8 @@ def write_analysis_report(out_dir: Path, result: dict) -> None:
                 [f"R@{k}", c["recall_within_nationality"][k], c["recall_across_nationalities"][k]] for k in ks
             ]
             h = ["", "within nationality", "across nationalities"]
-            body = f"Mean CLIPScore {report.fmt(c['clipscore_mean'])} over {c['num_images']} images.\n\n"
-            bars = report.svg_bars(
+            body = f"Mean CLIPScore {plots.fmt(c['clipscore_mean'])} over {c['num_images']} images.\n\n"
+            bars = plots.bar_chart(
                 list(c["clipscore_by_nationality"]),
                 list(c["clipscore_by_nationality"].values()),
                 "CLIPScore by nationality",
@@ -369,8 +371,8 @@ def write_analysis_report(out_dir: Path, result: dict) -> None:
             sections.append(
                 (
                     f"{model}: CLIPScore and image -> story retrieval",
-                    body + report.md_table(h, rows),
-                    f"<p>{body}</p>" + report.html_table(h, rows) + bars,
+                    body + plots.md_table(h, rows),
+                    f"<p>{body}</p>" + plots.html_table(h, rows) + bars,
                 )
             )
     report.write_report(out_dir, "analysis", "stories: cultural adaptation analysis", sections)

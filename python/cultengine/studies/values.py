@@ -23,8 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import plots
+from ..runlog import ResultLog, write_json
 from . import report
-from .io import ResultLog, as_list, chunks, iter_records, write_json
+from .io import as_list, chunks, iter_records
 from .stats import js_similarity, softmax
 
 PROMPT = (
@@ -219,12 +221,12 @@ def write_report(out_dir: str | Path, summary: dict) -> None:
     ]
     overview = (
         f"{summary['num_records']} scored prompts ({summary['num_errors']} errors). Mean JS similarity "
-        f"text-only {report.fmt(summary['mean_similarity_text'])}, with images "
-        f"{report.fmt(summary['mean_similarity_image'])}."
+        f"text-only {plots.fmt(summary['mean_similarity_text'])}, with images "
+        f"{plots.fmt(summary['mean_similarity_image'])}."
     )
     sections = [("Overview", overview, f"<p>{overview}</p>")]
     svgs = "".join(
-        report.svg_bars(list(d), list(d.values()), f"image - text by {name}")
+        plots.bar_chart(list(d), list(d.values()), f"image - text by {name}")
         for name, d in (
             ("topic", summary["delta_by_topic"]),
             ("image category", summary["delta_by_category"]),
@@ -240,22 +242,22 @@ def write_report(out_dir: str | Path, summary: dict) -> None:
             if not math.isnan(r["delta"]):
                 acc[(r["country"], r["topic"])].append(r["delta"])
         grid = [[_mean(acc.get((c, t), [])) for t in topics] for c in countries]
-        svgs += report.svg_heatmap(
+        svgs += plots.heatmap(
             countries, topics, grid, "image - text, country x topic (mean over categories)"
         )
     sections.append(
         (
             "Where images help and hurt",
             "Image-minus-text JS similarity, best first. Plots: "
-            "report.html.\n\n" + report.md_table(headers, table),
-            svgs + report.html_table(headers, table),
+            "report.html.\n\n" + plots.md_table(headers, table),
+            svgs + plots.html_table(headers, table),
         )
     )
     sections.append(
         (
             "Text-only similarity by topic and country",
-            report.md_table(["topic", "country", "JS-sim", "items"], text_rows),
-            report.html_table(["topic", "country", "JS-sim", "items"], text_rows),
+            plots.md_table(["topic", "country", "JS-sim", "items"], text_rows),
+            plots.html_table(["topic", "country", "JS-sim", "items"], text_rows),
         )
     )
     report.write_report(out_dir, "report", "values: cultural value sensitivity", sections)
