@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("cultengine._core", reason="the Rust extension is not built")
-
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-tokenizers = pytest.importorskip("tokenizers")
-_core = pytest.importorskip("cultengine._core")
+from cultengine import _core
 
 CORPUS = [
     "Grüße aus München, schöne Straße. Ça va très bien.",

@@ -1,6 +1,5 @@
 """Each study end to end on the embedded demo checkpoint through the CLI, and the CLIP towers against
-transformers. These WAIT ON THE ENGINE: they are skipped until `cultengine._core` (the Rust extension)
-is built with its tokenizer and scheduler."""
+transformers."""
 
 import json
 from pathlib import Path
@@ -9,11 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-core = pytest.importorskip("cultengine._core")
-if not hasattr(core, "Scheduler"):
-    pytest.skip("cultengine._core is not built with the scheduler yet", allow_module_level=True)
-
-from cultengine.cli import main  # noqa: E402
+from cultengine.cli import main
 
 CULTURE = Path(__file__).resolve().parents[2] / "shared" / "data" / "culture"
 
@@ -159,8 +154,8 @@ def test_ground_cli(demo, images, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ CLIP
 def _tiny_clip(out: Path) -> Path:
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    import torch
+    import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<|endoftext|>"))
