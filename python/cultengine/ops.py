@@ -78,33 +78,65 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     0..that position. Grouped-query attention: query head h reads KV head `h // (Hq // Hkv)`.
     Computed in fp32, returned in q's dtype.
     """
-    t, hq, d = q.shape
-    _, block_size, hkv, _ = k_cache.shape
     qsl = meta.query_start_loc.long()
-    seq_lens = meta.seq_lens.long()
     q_lens = qsl[1:] - qsl[:-1]
-    b = q_lens.numel()
-    max_q, max_kv = meta.max_query_len, meta.max_seq_len
+    if meta.max_query_len == 1:  # decode: one group, no query padding at all
+        return _attend(q, k_cache, v_cache, meta, scale, torch.arange(q_lens.numel(), device=q.device))
+    # Sequences attend in groups of similar query length (powers of two), so a decode row or a short
+    # choice never pads to a long prefill chunk: padding stays under 2x whatever the mix.
+    bucket = torch.log2(q_lens.float()).ceil().long()
+    out = torch.empty_like(q)
+    for b in bucket.unique().tolist():
+        seqs = (bucket == b).nonzero().squeeze(1)
+        rows = _rows_of(qsl, q_lens, seqs)
+        out[rows] = _attend(q, k_cache, v_cache, meta, scale, seqs)
+    return out
 
-    # Gather each sequence's keys/values into a padded [B, Hkv, max_kv, D] view.
-    n_blk = (max_kv + block_size - 1) // block_size
-    blocks = meta.block_tables[:, :n_blk].long()
-    k = k_cache[blocks].reshape(b, n_blk * block_size, hkv, d)[:, :max_kv].transpose(1, 2).float()
-    v = v_cache[blocks].reshape(b, n_blk * block_size, hkv, d)[:, :max_kv].transpose(1, 2).float()
 
-    # Scatter packed queries into a padded [B, Hq, max_q, D] batch.
+def _rows_of(qsl: torch.Tensor, q_lens: torch.Tensor, seqs: torch.Tensor) -> torch.Tensor:
+    """Packed query rows of the given sequences, in order."""
+    lens = q_lens[seqs]
+    first = torch.repeat_interleave(qsl[seqs] - torch.cumsum(lens, 0) + lens, lens)
+    return first + torch.arange(int(lens.sum()), device=qsl.device)
+
+
+def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+            scale: float, seqs: torch.Tensor) -> torch.Tensor:
+    """Causal paged attention for the sequences `seqs`; returns their packed query rows' outputs."""
+    _, hq, d = q.shape
+    num_blocks, block_size, hkv, _ = k_cache.shape
+    qsl = meta.query_start_loc.long()
+    q_lens = (qsl[1:] - qsl[:-1])[seqs]
+    seq_lens = meta.seq_lens.long()[seqs]
+    b = seqs.numel()
+    max_q, max_kv = int(q_lens.max()), int(seq_lens.max())
+
+    # Gather the keys/values of each sequence into a padded [B, Hkv, max_kv, D] batch.
+    n_blk = -(-max_kv // block_size)
+    blocks = meta.block_tables[seqs, :n_blk].long().flatten()
+
+    def gather(cache: torch.Tensor) -> torch.Tensor:
+        kv = cache.view(num_blocks, block_size * hkv * d).index_select(0, blocks)
+        return kv.view(b, n_blk * block_size, hkv, d)[:, :max_kv].transpose(1, 2).float()
+
+    k, v = gather(k_cache), gather(v_cache)
+
+    # Scatter the packed queries into a padded [B, Hq, max_q, D] batch.
+    rows = _rows_of(qsl, qsl[1:] - qsl[:-1], seqs)
     seq_of_row = torch.repeat_interleave(torch.arange(b, device=q.device), q_lens)
-    row_in_seq = torch.arange(t, device=q.device) - qsl[seq_of_row]
-    qp = q.new_zeros((b, max_q, hq, d), dtype=torch.float32)
-    qp[seq_of_row, row_in_seq] = q.float()
-    qp = qp.transpose(1, 2)
+    row_in_seq = torch.arange(rows.numel(), device=q.device) - (torch.cumsum(q_lens, 0) - q_lens)[seq_of_row]
+    if max_q == 1:
+        qp = q[rows].float()[:, :, None]
+    else:
+        qp = q.new_zeros((b, max_q, hq, d), dtype=torch.float32)
+        qp[seq_of_row, row_in_seq] = q[rows].float()
+        qp = qp.transpose(1, 2)
 
-    # Query i of sequence b is at absolute position ctx_b + i, ctx_b = seq_len - q_len.
+    # Query i of a sequence sits at absolute position ctx + i, ctx = seq_len - q_len.
     q_pos = (seq_lens - q_lens)[:, None] + torch.arange(max_q, device=q.device)[None, :]
     k_pos = torch.arange(max_kv, device=q.device)
     mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < seq_lens[:, None, None])
-    out = F.scaled_dot_product_attention(qp, k, v, attn_mask=mask[:, None], scale=scale,
-                                         enable_gqa=hq != hkv)
+    out = F.scaled_dot_product_attention(qp, k, v, attn_mask=mask[:, None], scale=scale, enable_gqa=hq != hkv)
     return out.transpose(1, 2)[seq_of_row, row_in_seq].to(q.dtype)
 
 

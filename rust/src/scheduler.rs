@@ -347,6 +347,7 @@ impl Scheduler {
         let bs = self.cfg.block_size;
         let mut budget = self.cfg.max_num_batched_tokens;
         let mut chunks: Vec<(i64, usize, usize)> = Vec::with_capacity(self.running.len()); // (id, start, len)
+        let mut width = 0; // widest block table of the step
         let mut preempted = false;
         self.pending.clear();
 
@@ -372,6 +373,7 @@ impl Scheduler {
             let seq = self.seqs.get_mut(&id).unwrap();
             self.bm.allocate(need, &mut seq.blocks);
             seq.register_blocks(start + len, &mut self.bm, &mut self.pending);
+            width = width.max(seq.blocks.len());
             chunks.push((id, start, len));
             budget -= len;
             i += 1;
@@ -411,6 +413,7 @@ impl Scheduler {
             seq.num_cached_tokens.get_or_insert(start);
             self.stats.prefix_cache_queried_tokens += seq.tokens.len() as u64;
             self.stats.prefix_cache_hit_tokens += start as u64;
+            width = width.max(seq.blocks.len());
             self.waiting.pop_front();
             self.running.push(id);
             chunks.push((id, start, len));
@@ -423,7 +426,7 @@ impl Scheduler {
         self.stats.steps += 1;
         let used = (self.bm.num_blocks() - self.bm.num_free()) as u64;
         self.stats.peak_used_blocks = self.stats.peak_used_blocks.max(used);
-        Some(self.build_plan(&chunks))
+        Some(self.build_plan(&chunks, width))
     }
 
     fn preempt(&mut self, id: i64) {
@@ -436,14 +439,9 @@ impl Scheduler {
         self.stats.num_preemptions += 1;
     }
 
-    fn build_plan(&mut self, chunks: &[(i64, usize, usize)]) -> StepPlan {
+    fn build_plan(&mut self, chunks: &[(i64, usize, usize)], width: usize) -> StepPlan {
         let bs = self.cfg.block_size as i64;
         let total: usize = chunks.iter().map(|c| c.2).sum();
-        let width = chunks
-            .iter()
-            .map(|c| self.seqs[&c.0].blocks.len())
-            .max()
-            .unwrap_or(0);
         let mut p = StepPlan {
             input_ids: Vec::with_capacity(total),
             positions: Vec::with_capacity(total),
