@@ -51,7 +51,8 @@ def workload_args(args, choices: int = 0) -> argparse.Namespace:
     """The namespace `cultengine.profile.build_workload` reads."""
     return argparse.Namespace(seed=args.seed, prompt_len=args.prompt_len, output_len=str(args.output_len),
                               num_requests=args.num_requests, images_per_request=1,
-                              shared_fraction=args.shared_fraction, choices=choices)
+                              prompts_per_image=args.prompts_per_image, shared_fraction=args.shared_fraction,
+                              choices=choices)
 
 
 def scheduler_kwargs(args) -> dict:
@@ -129,11 +130,11 @@ def batches_by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
 # ---------------------------------------------------------------------------------------------
 # The two systems
 # ---------------------------------------------------------------------------------------------
-def run_ours(engine, requests, output_len: int, args) -> list[list[int]]:
+def run_ours(engine, requests, output_lens: list[int], args) -> list[list[int]]:
     from cultengine import SamplingParams
 
     reset_caches(engine, **scheduler_kwargs(args))
-    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in output_lens]
     outs = engine.generate(requests, params, use_tqdm=False)
     errors = [o.error for o in outs if o.error]
     if errors:
@@ -142,20 +143,23 @@ def run_ours(engine, requests, output_len: int, args) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def run_hf(model, inputs, output_len: int, batch_size: int, pad_id: int, device) -> list[list[int]]:
+def run_hf(model, inputs, output_lens: list[int], batch_size: int, pad_id: int, device) -> list[list[int]]:
+    """Batched `generate`; a batch runs until its longest answer is done and each answer is cut to its
+    own length (what EOS at different steps does to a static batch)."""
     from transformers import GenerationConfig
 
-    # No EOS at all: greedy for exactly output_len tokens, as ignore_eos does on our side.
-    gen = GenerationConfig(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False,
-                           pad_token_id=pad_id, eos_token_id=None, bos_token_id=None)
     results: list[list[int] | None] = [None] * len(inputs)
     for idx in batches_by_length([len(ids) for ids, _ in inputs], batch_size):
+        steps = max(output_lens[i] for i in idx)
+        # No EOS at all: greedy for exactly `steps` tokens, as ignore_eos does on our side.
+        gen = GenerationConfig(max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                               pad_token_id=pad_id, eos_token_id=None, bos_token_id=None)
         ids, mask = left_pad([inputs[i][0] for i in idx], pad_id, device)
         pixels = torch.cat([inputs[i][1] for i in idx]).to(device=device, dtype=model.dtype)
         out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, generation_config=gen)
         new = out[:, ids.shape[1]:].tolist()
         for i, toks in zip(idx, new, strict=True):
-            results[i] = toks
+            results[i] = toks[:output_lens[i]]
     return results
 
 
@@ -188,18 +192,26 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt-len", default=None,
                         help="words per prompt (profile syntax: N, LO:HI, exp:MEAN); default 16 on the CPU "
                              "(~32 tokens), 16:64 on CUDA")
-    parser.add_argument("--output-len", type=int, default=None, help="tokens per output; default 32 CPU, 64 CUDA")
+    parser.add_argument("--output-len", default=None,
+                        help="tokens per output (N, LO:HI, exp:MEAN); default 32 CPU, 64 CUDA")
     parser.add_argument("--shared-fraction", type=float, default=0.0,
                         help="fraction of requests sharing one image and a prompt prefix")
+    parser.add_argument("--prompts-per-image", type=int, default=1,
+                        help="consecutive requests asking about the same image")
+    parser.add_argument("--workload", choices=("uniform", "benchmark"), default="uniform",
+                        help="uniform: fixed output length, one image per request (the defaults); benchmark: "
+                             "4 questions per image and answers of 4 to 64 tokens, as on cultural benchmarks")
     parser.add_argument("--hf-batch-size", type=int, default=16)
     bench_common.add_run_args(parser, "requests of 4 tokens")
     args = parser.parse_args(argv)
     cuda = bench_common.setup_run(args, "bench_generate")
     args.num_requests = args.num_requests or (1000 if cuda else 64)
     args.prompt_len = args.prompt_len or ("16:64" if cuda else "16")
-    args.output_len = args.output_len or (64 if cuda else 32)
+    if args.workload == "benchmark":
+        args.prompts_per_image, args.output_len = 4, args.output_len or "4:64"
+    args.output_len = str(args.output_len or (64 if cuda else 32))
     if args.quick:
-        args.num_requests, args.output_len, args.repeats = 8, 4, 1
+        args.num_requests, args.output_len, args.repeats = 8, "4", 1
     dtype = getattr(torch, args.dtype)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-generate-"))
@@ -209,27 +221,27 @@ def main(argv=None) -> None:
         engine = make_engine(path, args, random_init)
         from cultengine.profile import build_workload
 
-        requests, _ = build_workload(engine, workload_args(args))
+        requests, output_lens = build_workload(engine, workload_args(args))
         inputs = prepared_inputs(engine, requests)
         pad_id = pad_token_id(engine)
         prompt_tokens = [len(ids) for ids, _ in inputs]
-        out_tokens = args.num_requests * args.output_len
+        out_tokens = sum(output_lens)
 
         def ours_warmup():
-            run_ours(engine, requests[:4], 2, args)
+            run_ours(engine, requests[:4], [2] * 4, args)
 
         def ours_run():
-            return run_ours(engine, requests, args.output_len, args)
+            return run_ours(engine, requests, output_lens, args)
 
         hf = None
 
         def hf_setup():
             nonlocal hf
             hf = hf_model(path, args.device, dtype, random_init)
-            run_hf(hf, inputs[:2], 2, 2, pad_id, args.device)  # warm-up
+            run_hf(hf, inputs[:2], [2, 2], 2, pad_id, args.device)  # warm-up
 
         def hf_run():
-            return run_hf(hf, inputs, args.output_len, args.hf_batch_size, pad_id, args.device)
+            return run_hf(hf, inputs, output_lens, args.hf_batch_size, pad_id, args.device)
 
         times = {"cultengine": [], "transformers": []}
         tokens = {}
@@ -271,14 +283,17 @@ def main(argv=None) -> None:
     model_name = args.preset or "demo checkpoint (cultengine.bench.demo_checkpoint)"
     workload = {"num_requests": args.num_requests, "images_per_request": 1, "prompt_len_words": args.prompt_len,
                 "prompt_tokens_mean": float(np.mean(prompt_tokens)), "prompt_tokens_max": max(prompt_tokens),
-                "output_len": args.output_len, "shared_fraction": args.shared_fraction,
+                "output_len": args.output_len, "output_tokens": out_tokens, "workload": args.workload,
+                "prompts_per_image": args.prompts_per_image, "shared_fraction": args.shared_fraction,
                 "hf_batch_size": args.hf_batch_size, "max_num_seqs": args.max_num_seqs, "dtype": args.dtype,
                 "seed": args.seed}
     lines = [
         f"# End-to-end generation: cultengine vs transformers ({env['device']})",
         f"Model: {model_name}, {args.dtype}{', random weights' if random_init else ''}. "
-        f"{args.num_requests} requests, one image each, prompts of {np.mean(prompt_tokens):.0f} tokens on average "
-        f"(max {max(prompt_tokens)}, image tokens included), {args.output_len} output tokens each (fixed, greedy). "
+        f"Workload `{args.workload}`: {args.num_requests} requests, one image each ({args.prompts_per_image} "
+        f"request(s) per image), prompts of {np.mean(prompt_tokens):.0f} tokens on average "
+        f"(max {max(prompt_tokens)}, image tokens included), output lengths {args.output_len} tokens "
+        f"({out_tokens} in all, greedy; transformers runs each batch to its longest answer). "
         f"transformers: `generate` in batches of {args.hf_batch_size}, left-padded. Median of {args.repeats} "
         f"repeat(s); ours includes request preprocessing, transformers' inputs are ready-made.",
     ]
@@ -293,7 +308,8 @@ def main(argv=None) -> None:
                      f" % of the output.")
     data = {"bench": "generate", "env": env, "model": model_name, "random_weights": random_init, "quick": args.quick,
             "workload": workload, "rows": rows, "ratio": ratio, "goal_cpu": GOAL_CPU, "agreement": check}
-    bench_common.write_results("generate", args.device, "\n\n".join(lines), data, args.out)
+    name = "generate" if args.workload == "uniform" else f"generate-{args.workload}"
+    bench_common.write_results(name, args.device, "\n\n".join(lines), data, args.out)
 
 
 if __name__ == "__main__":

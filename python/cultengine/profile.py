@@ -94,10 +94,14 @@ def build_workload(engine, args) -> tuple[list[dict], list[int]]:
 
     shared_images = [image(10_000 + i) for i in range(args.images_per_request)]
     shared_prefix = text(max(prompt_lens) // 2)
+    per_image = getattr(args, "prompts_per_image", 1)
     requests = []
     for i in range(args.num_requests):
         shared = rng.random() < args.shared_fraction
-        imgs = shared_images if shared else [image(i * 31 + k) for k in range(args.images_per_request)]
+        # Runs of `per_image` requests ask about the same image(s), as benchmarks ask several
+        # questions per picture.
+        group = i // per_image
+        imgs = shared_images if shared else [image(group * 31 + k) for k in range(args.images_per_request)]
         body = (shared_prefix + " " if shared else "") + text(prompt_lens[i])
         content = [{"type": "image", "image": im} for im in imgs] + [{"type": "text", "text": body}]
         req = {"messages": [{"role": "user", "content": content}]}
@@ -155,7 +159,8 @@ def run_profile(args) -> dict:
     report = {
         "model": args.model, "device": str(engine.device), "dtype": str(engine.checkpoint.dtype).replace("torch.", ""),
         "backend": engine.ops.backend, "workload": {k: getattr(args, k) for k in (
-            "num_requests", "images_per_request", "prompt_len", "output_len", "shared_fraction", "choices")},
+            "num_requests", "images_per_request", "prompts_per_image", "prompt_len", "output_len", "shared_fraction",
+            "choices")},
         "wall_seconds": wall,
         "requests_per_s": args.num_requests / wall,
         "input_tokens_per_s": delta["prompt_tokens"] / wall,
@@ -209,6 +214,8 @@ def register(sub) -> None:
     p.add_argument("--images-per-request", type=int, default=1)
     p.add_argument("--prompt-len", default="32", help="words per prompt: N, LO:HI (uniform) or exp:MEAN")
     p.add_argument("--output-len", default="32", help="tokens per output: N, LO:HI or exp:MEAN")
+    p.add_argument("--prompts-per-image", type=int, default=1,
+                   help="consecutive requests asking about the same image(s), as benchmarks do")
     p.add_argument("--shared-fraction", type=float, default=0.5,
                    help="fraction of requests sharing one image and a prompt prefix (prefix cache, encoder cache)")
     p.add_argument("--choices", type=int, default=0, help="score this many choices per request instead of generating")
