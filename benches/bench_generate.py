@@ -51,8 +51,8 @@ def workload_args(args, choices: int = 0) -> argparse.Namespace:
     """The namespace `cultengine.profile.build_workload` reads."""
     return argparse.Namespace(seed=args.seed, prompt_len=args.prompt_len, output_len=str(args.output_len),
                               num_requests=args.num_requests, images_per_request=1,
-                              prompts_per_image=args.prompts_per_image, shared_fraction=args.shared_fraction,
-                              choices=choices)
+                              prompts_per_image=getattr(args, "prompts_per_image", 1),
+                              shared_fraction=args.shared_fraction, choices=choices)
 
 
 def scheduler_kwargs(args) -> dict:
