@@ -32,7 +32,7 @@ PRESETS = {
                         "rope_theta": 10000.0},
         "vision_config": _CLIP_L14_336,
     },
-    "qwen2-7b": {  # the Qwen2-7B decoder (as in Pangea-7B / LLaVA-OneVision-7B) behind CLIP-L/14-336
+    "qwen2-7b": {  # a Qwen2-7B decoder (as Pangea-7B and LLaVA-OneVision-7B use) behind CLIP-L/14-336
         "text_config": {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944,
                         "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
                         "vocab_size": 152064, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
