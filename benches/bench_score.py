@@ -84,6 +84,7 @@ def main(argv=None) -> None:
     parser.add_argument("--num-questions", type=int, default=None, help="default: 64 on the CPU, 500 on CUDA")
     parser.add_argument("--prompt-len", default="16", help="words per question (profile syntax)")
     parser.add_argument("--choices", type=int, default=4)
+    parser.add_argument("--name", default="score", help="results file name: benches/results/<name>-<device>.md")
     parser.add_argument("--block-size", type=int, default=16, help="our KV block size (prefix sharing granularity)")
     bench_common.add_run_args(parser, "questions")
     args = parser.parse_args(argv)
@@ -203,7 +204,7 @@ def main(argv=None) -> None:
                          "dtype": args.dtype, "seed": args.seed},
             "rows": rows, "ratios": ratios, "goal_a_over_c": GOAL_VS_LM_EVAL, "checks": checks,
             "tolerance": ATOL, "tolerance_ok": tolerance_ok}
-    bench_common.write_results("score", args.device, "\n\n".join(lines), data, args.out)
+    bench_common.write_results(args.name, args.device, "\n\n".join(lines), data, args.out)
 
 
 if __name__ == "__main__":
