@@ -214,6 +214,8 @@ def test_bad_requests_fail_alone_and_the_engine_stays_usable(tiny_llama, tmp_pat
     for out, (_, needle) in zip(outs[1:-1], bad, strict=True):
         assert out.error and needle in out.error, out.error
         assert out.samples == []
-    scores = engine.score([{**good, "choices": []}, {**good, "choices": ["x"]}], use_tqdm=False)
+    scores = engine.score([{**good, "choices": []}, {**good, "choices": ["x"]}, "not a dict",
+                           {**good, "choices": "x"}], use_tqdm=False)
     assert "choices" in scores[0].error and scores[1].error is None
+    assert "dict" in scores[2].error and "choices" in scores[3].error
     assert engine.generate([good], SamplingParams(max_tokens=4), use_tqdm=False)[0].token_ids == outs[0].token_ids

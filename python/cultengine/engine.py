@@ -121,10 +121,10 @@ class Engine:
         outputs = [ScoreOutput(index=i) for i in range(len(requests))]
         choice_texts: list[tuple[int, int, str]] = []
         for i, (req, prep) in enumerate(zip(requests, prepared, strict=True)):
-            choices = req.get("choices")
+            choices = req.get("choices") if isinstance(prep, _Prepared) else None
             if isinstance(prep, Exception):
                 outputs[i].error = str(prep)
-            elif not choices or not all(isinstance(c, str) and c for c in choices):
+            elif not isinstance(choices, list) or not choices or not all(isinstance(c, str) and c for c in choices):
                 outputs[i].error = "a scoring request needs a non-empty 'choices' list of non-empty strings"
             else:
                 choice_texts += [(i, j, c) for j, c in enumerate(choices)]
