@@ -219,3 +219,18 @@ def test_bad_requests_fail_alone_and_the_engine_stays_usable(tiny_llama, tmp_pat
     assert "choices" in scores[0].error and scores[1].error is None
     assert "dict" in scores[2].error and "choices" in scores[3].error
     assert engine.generate([good], SamplingParams(max_tokens=4), use_tqdm=False)[0].token_ids == outs[0].token_ids
+
+
+def test_an_image_file_named_by_many_requests_is_preprocessed_once(tiny_llama, tmp_path):
+    engine = Engine(tiny_llama, dtype="float32")
+    path = tmp_path / "flag.png"
+    _image(30, 20, 5).save(path)
+    calls = []
+    processor = engine.image_processor
+    engine.image_processor = lambda src: calls.append(src) or processor(src)
+    reqs = [{"prompt": f"{IMAGE_TOKEN} question {i}", "images": [str(path)]} for i in range(5)]
+    reqs.append({"prompt": f"{IMAGE_TOKEN} broken", "images": [str(tmp_path / "missing.png")]})
+    outs = engine.generate(reqs, SamplingParams(max_tokens=2), use_tqdm=False)
+    assert [o.error is None for o in outs] == [True] * 5 + [False]
+    assert "missing.png" in outs[-1].error
+    assert len(calls) == 2  # the shared file once, the missing one once

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,6 +38,11 @@ class _Prepared:
     prompt_ids: list[int]
     image_spans: list[tuple[int, int, int]]  # (start, length, content hash)
     image_pixels: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def _image_key(src):
+    """Identity of an image source within one call: a file is read once however often it is named."""
+    return ("path", os.fspath(src)) if isinstance(src, str | os.PathLike) else ("object", id(src))
 
 
 class Engine:
@@ -169,40 +175,52 @@ class Engine:
     # -------------------------------------------------------------------------------------------
     def _prepare(self, requests: list[dict]) -> list[_Prepared | Exception]:
         """Render, load images and tokenize every request; a failure becomes that request's error."""
-        texts: list[str | None] = []
-        images: list[list] = []
-        prepared: list[_Prepared | Exception] = []
+        parsed: list[tuple[str, list, bool] | Exception] = []
         for req in requests:
             try:
-                text, imgs, add_special = self._prompt_and_images(req)
-                pixels = [self.image_processor(im) for im in imgs]
-                texts.append(text)
-                images.append((pixels, add_special))
-                prepared.append(None)
+                parsed.append(self._prompt_and_images(req))
             except (ValueError, OSError) as e:
-                texts.append(None)
-                images.append(None)
-                prepared.append(e if isinstance(e, RequestError) else RequestError(str(e)))
+                parsed.append(e if isinstance(e, RequestError) else RequestError(str(e)))
+        images = self._preprocess([src for p in parsed if not isinstance(p, Exception) for src in p[1]])
+        prepared: list[_Prepared | Exception | None] = []
         # Raw prompts carry no BOS (the tokenizer adds it); chat templates write their own.
-        groups = {flag: [i for i, t in enumerate(texts) if t is not None and images[i][1] == flag]
-                  for flag in (True, False)}
-        for flag, idx in groups.items():
-            for i, ids in zip(idx, self.tokenizer.encode_batch([texts[i] for i in idx], add_special_tokens=flag),
-                              strict=True):
-                pixels = images[i][0]
+        by_special: dict[bool, list[int]] = {True: [], False: []}
+        for i, p in enumerate(parsed):
+            if not isinstance(p, Exception):
+                p = next((images[k] for k in map(_image_key, p[1]) if isinstance(images[k], Exception)), p)
+            prepared.append(p if isinstance(p, Exception) else None)
+            if not isinstance(p, Exception):
+                by_special[p[2]].append(i)
+        for flag, idx in by_special.items():
+            texts = [parsed[i][0] for i in idx]
+            for i, ids in zip(idx, self.tokenizer.encode_batch(texts, add_special_tokens=flag), strict=True):
+                imgs = [images[_image_key(src)] for src in parsed[i][1]]
                 try:
                     expanded, spans = self.tokenizer.expand_image_tokens(
-                        ids, self.checkpoint.image_token_id, [self.model.tokens_per_image] * len(pixels))
+                        ids, self.checkpoint.image_token_id, [self.model.tokens_per_image] * len(imgs))
                 except ValueError as e:
-                    prepared[i] = RequestError(f"{e} (image placeholder token "
-                                               f"{self.image_token!r})")
+                    prepared[i] = RequestError(f"{e} (image placeholder token {self.image_token!r})")
                     continue
-                hashes = [content_hash(p) for p in pixels]
-                prepared[i] = _Prepared(
-                    prompt_ids=list(expanded),
-                    image_spans=[(s, n, h) for (s, n), h in zip(spans, hashes, strict=True)],
-                    image_pixels=dict(zip(hashes, pixels, strict=True)))
+                prepared[i] = _Prepared(prompt_ids=list(expanded),
+                                        image_spans=[(s, n, h) for (s, n), (_, h) in zip(spans, imgs, strict=True)],
+                                        image_pixels={h: px for px, h in imgs})
         return prepared
+
+    def _preprocess(self, sources: list) -> dict:
+        """(pixels, content hash), or the error, of each distinct image: decoded once, in threads."""
+        distinct = {_image_key(src): src for src in sources}
+
+        def one(src):
+            try:
+                pixels = self.image_processor(src)
+                return pixels, content_hash(pixels)
+            except (ValueError, OSError) as e:
+                return RequestError(str(e))
+
+        if len(distinct) < 2:
+            return {k: one(src) for k, src in distinct.items()}
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            return dict(zip(distinct, pool.map(one, distinct.values()), strict=True))
 
     def _prompt_and_images(self, req: dict) -> tuple[str, list, bool]:
         if not isinstance(req, dict):
