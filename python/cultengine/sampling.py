@@ -91,8 +91,10 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
     logits = logits.float()
     logprobs = torch.log_softmax(logits, dim=-1)
     tokens = logits.argmax(dim=-1)
-    rows = (temperature > 0).nonzero().squeeze(1)
-    if rows.numel():
+    sampled_rows = (temperature > 0).nonzero().squeeze(1)
+    # Row chunks bound the int64 noise temporaries (~8M elements each) for large vocabularies.
+    chunk = max(1, (1 << 23) // logits.shape[1])
+    for rows in sampled_rows.split(chunk):
         scaled = logits[rows] / temperature[rows, None]
         scaled = _truncate(scaled, top_p[rows], top_k[rows])
         gumbel = -torch.log(-torch.log(uniform_noise(seed[rows], output_index[rows], logits.shape[1])))
