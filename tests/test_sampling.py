@@ -75,3 +75,13 @@ def test_sampling_params_validate_and_derive_distinct_seeds():
     seeds = SamplingParams(seed=5, n=4).sample_seeds()
     assert len(set(seeds)) == 4 and seeds == SamplingParams(seed=5, n=4).sample_seeds()
     assert SamplingParams(stop="\n").stop == ["\n"]
+
+
+def test_large_vocabulary_is_sampled_in_row_chunks_with_the_same_result():
+    vocab = 1 << 21  # 4 rows per noise chunk
+    logits = torch.randn(10, vocab, generator=torch.Generator().manual_seed(1))
+    t, p, k, _, i = _cols(10, temperature=0.7)
+    seeds = torch.arange(10, dtype=torch.int64) + 100
+    batched = sample(logits, t, p, k, seeds, i)[0]
+    alone = torch.cat([sample(logits[r:r + 1], t[:1], p[:1], k[:1], seeds[r:r + 1], i[:1])[0] for r in range(10)])
+    assert torch.equal(batched, alone)
