@@ -7,6 +7,7 @@ transformers forward, and outputs unchanged by prefix caching, preemption and ba
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -234,3 +235,17 @@ def test_an_image_file_named_by_many_requests_is_preprocessed_once(tiny_llama, t
     assert [o.error is None for o in outs] == [True] * 5 + [False]
     assert "missing.png" in outs[-1].error
     assert len(calls) == 2  # the shared file once, the missing one once
+
+
+def test_sliding_window_caps_the_context_where_attention_stays_exact(tiny_mistral, tmp_path):
+    import json
+    import shutil
+
+    path = Path(shutil.copytree(tiny_mistral, tmp_path / "windowed"))
+    config = json.loads((path / "config.json").read_text())
+    config["text_config"]["sliding_window"] = 40
+    (path / "config.json").write_text(json.dumps(config))
+    engine = Engine(path, dtype="float32")
+    assert engine.max_model_len == 40
+    out = engine.generate([{"prompt": "word " * 60}], SamplingParams(max_tokens=2), use_tqdm=False)[0]
+    assert "max_model_len" in out.error

@@ -77,7 +77,7 @@ class TextConfig:
     o_bias: bool
     mlp_bias: bool
     hidden_act: str
-    sliding_window: int | None  # not applied by the engine; recorded so the runner can cap max_model_len
+    sliding_window: int | None  # the engine caps max_model_len here, where windowed attention is still exact
 
 
 @dataclass

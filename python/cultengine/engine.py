@@ -60,7 +60,8 @@ class Engine:
         self.checkpoint = load_checkpoint(model, dtype=dtype, device=self.device, random_init=random_init)
         self.tokenizer = _core.Tokenizer.from_file(str(self.checkpoint.tokenizer_path))
         self.ops = Ops(resolve_backend(self.device, attention_backend))
-        context = self.checkpoint.text.max_position_embeddings
+        # Up to a sliding window (Mistral), windowed attention equals full attention: cap there, exactly.
+        context = min(self.checkpoint.text.max_position_embeddings, self.checkpoint.text.sliding_window or 1 << 62)
         self.max_model_len = min(max_model_len or context, context)
         self.model = build_model(self.checkpoint, self.ops, max_positions=self.max_model_len)
         self.image_processor = ClipImageProcessor.for_checkpoint(self.checkpoint)
