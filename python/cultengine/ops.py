@@ -36,10 +36,6 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
 
-    @property
-    def is_decode_only(self) -> bool:
-        return self.max_query_len == 1
-
 
 def resolve_backend(device: torch.device, requested: str | None = None) -> str:
     """Pick the compute backend: an explicit request, then $CULTENGINE_BACKEND, then by device."""

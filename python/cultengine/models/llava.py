@@ -73,7 +73,5 @@ class LlavaModel:
         """`[N, H]` hidden rows -> fp32 logits `[N, vocab]`."""
         return self.language_model.compute_logits(hidden)
 
-    logits = compute_logits
-
     def allocate_kv_caches(self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None):
         return self.language_model.allocate_kv_caches(num_blocks, block_size, dtype)
