@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("torch", "triton", "flash")
+# What a backend provides: these functions, with these names and signatures.
+PRIMITIVES = ("write_kv", "paged_attention", "vision_attention", "rms_norm", "rotary_embedding", "patch_embed")
 
 
 @dataclass
@@ -207,13 +209,9 @@ class Ops:
 
     def __init__(self, backend: str):
         self.backend = backend
-        self.write_kv = write_kv
-        self.paged_attention = paged_attention
-        self.vision_attention = vision_attention
-        self.rms_norm = rms_norm
-        self.rotary_embedding = rotary_embedding
-        self.patch_embed = patch_embed
+        for name in PRIMITIVES:
+            setattr(self, name, globals()[name])
         if backend in ("triton", "flash"):
-            from . import kernels  # the top-level kernels/ directory, linked into the package
+            from . import kernels
 
             kernels.bind(self, use_flash_attn=backend == "flash")

@@ -16,12 +16,10 @@ __all__ = ["bind", "paged_attention", "paged_decode_attention", "paged_prefill_a
 
 def bind(ops, use_flash_attn: bool = False) -> None:
     """Swap the primitives of an `ops.Ops` instance for the kernels (attention via flash-attn if asked)."""
-    ops.write_kv = write_kv
-    ops.paged_attention = paged_attention
-    ops.vision_attention = vision_attention
-    ops.rms_norm = rms_norm
-    ops.rotary_embedding = rotary_embedding
-    ops.patch_embed = patch_embed
+    from ..ops import PRIMITIVES
+
+    for name in PRIMITIVES:
+        setattr(ops, name, globals()[name])
     if use_flash_attn:
         try:
             from . import flash
