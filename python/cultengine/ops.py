@@ -79,7 +79,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     qsl = meta.query_start_loc.long()
     q_lens = qsl[1:] - qsl[:-1]
     if meta.max_query_len == 1:  # decode: one group, no query padding at all
-        return _attend(q, k_cache, v_cache, meta, scale, torch.arange(q_lens.numel(), device=q.device))
+        everyone = torch.arange(q_lens.numel(), device=q.device)
+        return _attend(q, k_cache, v_cache, meta, scale, everyone, everyone)
     # Sequences attend in groups of similar query length (powers of two), so a decode row or a short
     # choice never pads to a long prefill chunk: padding stays under 2x whatever the mix.
     bucket = torch.log2(q_lens.float()).ceil().long()
@@ -87,7 +88,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     for b in bucket.unique().tolist():
         seqs = (bucket == b).nonzero().squeeze(1)
         rows = _rows_of(qsl, q_lens, seqs)
-        out[rows] = _attend(q, k_cache, v_cache, meta, scale, seqs)
+        out[rows] = _attend(q, k_cache, v_cache, meta, scale, seqs, rows)
     return out
 
 
@@ -99,8 +100,8 @@ def _rows_of(qsl: torch.Tensor, q_lens: torch.Tensor, seqs: torch.Tensor) -> tor
 
 
 def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-            scale: float, seqs: torch.Tensor) -> torch.Tensor:
-    """Causal paged attention for the sequences `seqs`; returns their packed query rows' outputs."""
+            scale: float, seqs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Causal paged attention for the sequences `seqs`, whose packed query rows are `rows`."""
     _, hq, d = q.shape
     num_blocks, block_size, hkv, _ = k_cache.shape
     qsl = meta.query_start_loc.long()
@@ -120,7 +121,6 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
     k, v = gather(k_cache), gather(v_cache)
 
     # Scatter the packed queries into a padded [B, Hq, max_q, D] batch.
-    rows = _rows_of(qsl, qsl[1:] - qsl[:-1], seqs)
     seq_of_row = torch.repeat_interleave(torch.arange(b, device=q.device), q_lens)
     row_in_seq = torch.arange(rows.numel(), device=q.device) - (torch.cumsum(q_lens, 0) - q_lens)[seq_of_row]
     if max_q == 1:
