@@ -192,18 +192,27 @@ def main(argv=None) -> None:
         run_steps(engine, 2, 16, 3, seed=1)  # warm-up (kernels compiled, caches allocated)
 
         decode_rows = []
+        graphs = engine.runner.decode_graphs
         for b in cfg["batches"]:
-            steps = run_steps(engine, b, cfg["context"], cfg["steps"] + 1, seed=b)
-            decode = [s for s in steps if s[1] == 1][1:]  # drop the first decode step
-            seconds = bench_common.median([s[2] for s in decode])
             ctx = cfg["context"] + cfg["steps"] // 2  # mean KV length over the timed steps
             nbytes = arith["weight_bytes"] + b * ctx * arith["kv_bytes_per_token"]
             bound = nbytes / copy_bw
-            decode_rows.append({"batch": b, "context": ctx, "step_ms": seconds * 1e3, "bound_ms": bound * 1e3,
-                                "of_bound": bound / seconds, "gb_s": nbytes / seconds / 1e9,
-                                "tok_s": b / seconds, "weight_gb": arith["weight_bytes"] / 1e9,
-                                "kv_gb": b * ctx * arith["kv_bytes_per_token"] / 1e9})
-            print(f"decode batch {b}: {seconds * 1e3:.2f} ms/step, bound {bound * 1e3:.2f} ms", flush=True)
+            row = {"batch": b, "context": ctx, "bound_ms": bound * 1e3, "weight_gb": arith["weight_bytes"] / 1e9,
+                   "kv_gb": b * ctx * arith["kv_bytes_per_token"] / 1e9, "eager_ms": None}
+            # With CUDA graphs, then (same engine, graphs set aside) eagerly: what the graphs save.
+            for key, use_graphs in (("step_ms", True), ("eager_ms", False)):
+                if not use_graphs and graphs is None:
+                    continue
+                engine.runner.decode_graphs = graphs if use_graphs else None
+                steps = run_steps(engine, b, cfg["context"], cfg["steps"] + 1, seed=b)
+                decode = [s for s in steps if s[1] == 1][1:]  # drop the first decode step
+                row[key] = bench_common.median([s[2] for s in decode]) * 1e3
+            engine.runner.decode_graphs = graphs
+            seconds = row["step_ms"] / 1e3
+            row.update(of_bound=bound / seconds, gb_s=nbytes / seconds / 1e9, tok_s=b / seconds)
+            decode_rows.append(row)
+            print(f"decode batch {b}: {row['step_ms']:.2f} ms/step (eager {row['eager_ms']}), "
+                  f"bound {bound * 1e3:.2f} ms", flush=True)
 
         prefill_rows = []
         for p in cfg["prefill_lens"]:
@@ -223,14 +232,17 @@ def main(argv=None) -> None:
     env = bench_common.environment(device)
     md = "\n\n".join([
         f"# Step time vs hardware bound: {name} ({env['device']}{', dry run' if args.dry_run else ''})",
-        f"{dtype}, backend {engine.ops.backend}. Measured copy bandwidth {copy_bw / 1e9:,.0f} GB/s (read + write), "
+        f"{dtype}, backend {engine.ops.backend}{', decode from CUDA graphs' if graphs else ''}. "
+        "A step is the engine's whole step (schedule, forward, logits, sampling, update). "
+        f"Measured copy bandwidth {copy_bw / 1e9:,.0f} GB/s (read + write), "
         f"matmul peak {peak / 1e12:,.1f} TFLOP/s ({str(cfg['matmul_dtype']).removeprefix('torch.')}, "
         f"{cfg['matmul']}^3). Decoder weights {arith['weight_bytes'] / 1e9:.2f} GB, KV "
         f"{arith['kv_bytes_per_token'] / 1e3:.1f} kB per token.",
         "## Decode step (bound = (weight bytes + KV bytes) / copy bandwidth)",
-        bench_common.table(decode_rows, ["batch", "context", "step_ms", "bound_ms", "of_bound", "gb_s", "tok_s"],
-                           ["batch", "KV length", "step ms", "bound ms", "bound / measured", "achieved GB/s",
-                            "tokens/s"]),
+        bench_common.table(decode_rows, ["batch", "context", "step_ms", "eager_ms", "bound_ms", "of_bound", "gb_s",
+                                         "tok_s"],
+                           ["batch", "KV length", "step ms", "step ms without CUDA graphs", "bound ms",
+                            "bound / measured", "achieved GB/s", "tokens/s"]),
         "## Prefill, one sequence (bound = FLOPs / matmul peak)",
         bench_common.table(prefill_rows, ["tokens", "ms", "bound_ms", "of_bound", "tflop_s", "tok_s"],
                            ["tokens", "ms", "bound ms", "bound / measured", "achieved TFLOP/s", "tokens/s"]),

@@ -33,7 +33,8 @@ def full_config():
         prefill_seqs=[512, 1024, 2048, 4096, 8192, 16384],
         decode_batches=[1, 4, 16, 64, 256], decode_contexts=[1024, 4096, 16384, 32768],
         decode_heads=(32, 8), decode_max_bytes=40e9, copy_bytes=2 << 30,
-        patch_sizes=[224, 336], patch_batches=[1, 8, 32, 128, 256], embed_dim=1024, patch=14)
+        patch_sizes=[224, 336], patch_batches=[1, 8, 32, 128, 256], embed_dim=1024, patch=14,
+        sweep_seq=4096, sweep_decode=[(1, 8192), (1, 32768), (64, 8192), (256, 4096)])
 
 
 def dry_run_config():
@@ -41,7 +42,8 @@ def dry_run_config():
     return dict(
         dtype=torch.float32, prefill_tokens=256, prefill_heads=2, head_dim=64, prefill_seqs=[64, 128],
         decode_batches=[1, 2], decode_contexts=[64, 128], decode_heads=(4, 2), decode_max_bytes=1e9,
-        copy_bytes=1 << 20, patch_sizes=[28], patch_batches=[1, 2], embed_dim=32, patch=14)
+        copy_bytes=1 << 20, patch_sizes=[28], patch_batches=[1, 2], embed_dim=32, patch=14,
+        sweep_seq=64, sweep_decode=[(1, 64)])
 
 
 def timer(dry_run: bool):
@@ -152,6 +154,66 @@ def bench_patch_embed(cfg, ops, kernels, bench, device):
     return rows
 
 
+# Tile and launch variants tried by --sweep: (BLOCK_M, BLOCK_N, num_warps, num_stages) for prefill,
+# (BLOCK_N, num_warps, num_stages) for decode. The first of each list is the engine's default at d = 128.
+PREFILL_VARIANTS = [(128, 32, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 2), (64, 64, 4, 2),
+                    (64, 64, 4, 3), (64, 32, 4, 2), (128, 128, 8, 2), (64, 128, 4, 2), (128, 64, 4, 3)]
+DECODE_VARIANTS = [(64, 8, 3), (64, 4, 3), (32, 4, 2), (32, 4, 3), (128, 8, 3), (128, 4, 2), (64, 8, 2), (64, 4, 4),
+                   (16, 4, 2)]
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm())
+
+
+def time_variants(variants, keys, run, rate, bench) -> list[dict]:
+    """Each variant's rate, and its output's relative difference from the first variant's output."""
+    rows, ref = [], None
+    for variant in variants:
+        row = dict(zip(keys, variant, strict=True))
+        try:
+            out = run(**row)
+            ref = out if ref is None else ref
+            row.update(rate=rate(bench(lambda row=row: run(**row))), rel_diff=rel_error(out, ref))
+        except Exception as e:  # a variant that does not compile (shared memory, registers) is reported
+            row.update(rate=None, rel_diff=None, error=str(e).splitlines()[0][:120])
+        rows.append(row)
+    return rows
+
+
+def sweep(cfg, ops, kernels, bench, device) -> dict:
+    """Tile/launch variants of the prefill (TFLOP/s) and decode (GB/s) attention kernels."""
+    d, dtype, h = cfg["head_dim"], cfg["dtype"], cfg["prefill_heads"]
+    s = cfg["sweep_seq"]
+    b = cfg["prefill_tokens"] // s
+    q = torch.randn(b * s, h, d, dtype=dtype, device=device)
+    k_cache, v_cache, tables = paged_cache(b, s, h, d, dtype, device)
+    qsl = torch.arange(0, b * s + 1, s, dtype=torch.int32, device=device)
+    meta = ops.AttentionMetadata(qsl, torch.full((b,), s, dtype=torch.int32, device=device), tables,
+                                 torch.empty(0, dtype=torch.int64), s, s)
+    flops = 4 * b * h * s * s * d / 2
+    prefill = time_variants(
+        PREFILL_VARIANTS, ("block_m", "block_n", "num_warps", "num_stages"),
+        lambda **kw: kernels.paged_prefill_attention(q, k_cache, v_cache, meta, d ** -0.5, **kw),
+        lambda ms: flops / (ms * 1e-3) / 1e12, bench)
+    decode = []
+    hq, hkv = cfg["decode_heads"]
+    for batch, ctx in cfg["sweep_decode"]:
+        kc, vc, tab = paged_cache(batch, ctx, hkv, d, dtype, device)
+        qd = torch.randn(batch, hq, d, dtype=dtype, device=device)
+        md = ops.AttentionMetadata(torch.arange(batch + 1, dtype=torch.int32, device=device),
+                                   torch.full((batch,), ctx, dtype=torch.int32, device=device), tab,
+                                   torch.empty(0, dtype=torch.int64), 1, ctx)
+        nbytes = 2 * batch * ctx * hkv * d * kc.element_size() + 2 * qd.nbytes + tab.nbytes
+        rows = time_variants(
+            DECODE_VARIANTS, ("block_n", "num_warps", "num_stages"),
+            lambda kc=kc, vc=vc, qd=qd, md=md, **kw: kernels.paged_decode_attention(qd, kc, vc, md, d ** -0.5,
+                                                                                    **kw),
+            lambda ms, nbytes=nbytes: nbytes / (ms * 1e-3) / 1e9, bench)
+        decode += [{"batch": batch, "context": ctx, **r} for r in rows]
+    return {"prefill_seq": s, "prefill_batch": b, "prefill": prefill, "decode": decode}
+
+
 def markdown(device_name: str, results: dict) -> str:
     def table(rows, columns):
         def fmt(v):
@@ -163,7 +225,7 @@ def markdown(device_name: str, results: dict) -> str:
         lines += ["| " + " | ".join(fmt(r[c]) for c in columns) + " |" for r in rows]
         return "\n".join(lines)
 
-    return "\n\n".join([
+    parts = [
         f"# Kernel benchmarks: {device_name}",
         f"dtype {results['dtype']}; copy bandwidth {results['copy_gb_per_s']:.0f} GB/s",
         "## Prefill attention, causal (TFLOP/s)",
@@ -173,7 +235,16 @@ def markdown(device_name: str, results: dict) -> str:
         table(results["decode"], ["batch", "context", "us", "gb_per_s"]),
         "## Patch embedding (images/s)",
         table(results["patch_embed"], ["image", "batch", "triton_img_per_s", "torch_conv_img_per_s"]),
-    ]) + "\n"
+    ]
+    if "sweep" in results:
+        sw = results["sweep"]
+        parts += [f"## Tile sweep: prefill, seq {sw['prefill_seq']} x batch {sw['prefill_batch']} (rate in TFLOP/s; "
+                  "rel_diff = relative L2 difference from the first variant's output)",
+                  table(sw["prefill"], ["block_m", "block_n", "num_warps", "num_stages", "rate", "rel_diff"]),
+                  "## Tile sweep: decode (rate in GB/s)",
+                  table(sw["decode"], ["batch", "context", "block_n", "num_warps", "num_stages", "rate",
+                                       "rel_diff"])]
+    return "\n\n".join(parts) + "\n"
 
 
 def main(argv=None) -> None:
@@ -183,6 +254,8 @@ def main(argv=None) -> None:
                         help="tiny shapes; runs on the CPU (Triton interpreter)")
     parser.add_argument("--out", type=Path,
                         help="results folder (default benches/results; a temp dir for --dry-run)")
+    parser.add_argument("--sweep", action="store_true", help="also time the tile/launch variants of the attention "
+                        "kernels (PREFILL_VARIANTS, DECODE_VARIANTS)")
     args = parser.parse_args(argv)
 
     has_cuda = torch.cuda.is_available()
@@ -204,6 +277,8 @@ def main(argv=None) -> None:
     results["prefill"] = bench_prefill(cfg, ops, kernels, bench, device)
     results["decode"] = bench_decode(cfg, ops, kernels, bench, device)
     results["patch_embed"] = bench_patch_embed(cfg, ops, kernels, bench, device)
+    if args.sweep:
+        results["sweep"] = sweep(cfg, ops, kernels, bench, device)
 
     out_dir = args.out or (Path(tempfile.mkdtemp(prefix="bench-kernels-")) if args.dry_run else RESULTS)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -94,6 +94,19 @@ def test_write_kv_matches_reference(cache_dtype):
     assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
 
 
+def test_write_kv_skips_padding_slots():
+    """Slot -1 (a padding row of a CUDA-graph batch) writes nothing; the other rows land."""
+    gen = torch.Generator().manual_seed(2)
+    key, value = randn(5, 2, 64, gen=gen), randn(5, 2, 64, gen=gen)
+    slots = torch.tensor([7, -1, 20, -1, 3], device=DEVICE)
+    caches = [randn(2, BLOCK_SIZE, 2, 64, gen=gen) for _ in range(2)]
+    expected = [c.clone() for c in caches]
+    kernels.write_kv(key, value, *caches, slots)
+    real = slots >= 0
+    ops.write_kv(key[real], value[real], *expected, slots[real])
+    assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
+
+
 # ---------------------------------------------------------------------------------------------
 # Paged attention
 # ---------------------------------------------------------------------------------------------
@@ -131,6 +144,15 @@ def test_decode_split_kv(hq, hkv, d, num_splits):
     q, k_cache, v_cache, meta = paged_batch([1] * 4, seq_lens, hq, hkv, d, torch.float32, seed=hq + d)
     out = kernels.paged_decode_attention(q, k_cache, v_cache, meta, d ** -0.5, num_splits=num_splits)
     assert_close(out, ops.paged_attention(q, k_cache, v_cache, meta, d ** -0.5))
+
+
+def test_decode_split_for_a_longer_limit_than_the_batch():
+    """As a CUDA graph runs it: splits sized for max_seq_len 1024 while the batch is far shorter."""
+    q, k_cache, v_cache, meta = paged_batch([1] * 3, [70, 1, 33], 4, 2, 64, torch.float32, seed=9)
+    captured = ops.AttentionMetadata(meta.query_start_loc, meta.seq_lens, meta.block_tables, meta.slot_mapping,
+                                     max_query_len=1, max_seq_len=1024)
+    out = kernels.paged_decode_attention(q, k_cache, v_cache, captured, 0.125)
+    assert_close(out, ops.paged_attention(q, k_cache, v_cache, meta, 0.125))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -245,3 +267,26 @@ def test_engine_on_triton_kernels_matches_the_torch_path(tiny_llama):
     for ref, tri in zip(*runs, strict=True):
         assert tri.token_ids == ref.token_ids
         torch.testing.assert_close(torch.tensor(tri.logprobs), torch.tensor(ref.logprobs), atol=1e-4, rtol=0)
+
+
+def test_padded_decode_batches_match_the_torch_path(tiny_llama):
+    """The CUDA-graph decode path: static buffers, batches padded up the size ladder (5 -> 8, 3 -> 4),
+    padding rows writing no KV. On the CPU its steps run eagerly; on CUDA they replay captured graphs."""
+    from cultengine import Engine, SamplingParams
+    from cultengine.runner import DecodeGraphs
+
+    reqs = [{"prompt": f"Story {i} about the harbour"} for i in range(5)]
+    params = [SamplingParams(max_tokens=2 + 2 * i, ignore_eos=True) for i in range(5)]
+    ref = Engine(tiny_llama, device=DEVICE, dtype="float32", attention_backend="torch").generate(reqs, params,
+                                                                                                 use_tqdm=False)
+    engine = Engine(tiny_llama, device=DEVICE, dtype="float32", attention_backend="triton", max_num_seqs=8)
+    runner = engine.runner
+    if runner.decode_graphs is None:
+        runner.decode_graphs = DecodeGraphs(engine.model, runner.kv_caches, 8, engine.max_model_len,
+                                            runner.block_size, runner.device, capture=False)
+    assert runner.decode_graphs.sizes == [1, 2, 4, 8]
+    outs = engine.generate(reqs, params, use_tqdm=False)
+    assert runner.decode_graphs.replays >= 9  # every decode step: 10 tokens for the longest, the first is prefill
+    for got, want in zip(outs, ref, strict=True):
+        assert got.token_ids == want.token_ids
+        torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs), atol=1e-4, rtol=0)

@@ -51,9 +51,10 @@ class Engine:
                  num_blocks: int | None = None, kv_cache_memory: int | None = None,
                  enable_prefix_caching: bool = True, attention_backend: str | None = None,
                  max_model_len: int | None = None, encoder_cache_size: int = 256, random_init: bool = False,
-                 profile: bool = False):
+                 profile: bool = False, cuda_graphs: bool = True):
         """`random_init` draws weights instead of reading them (profiling model shapes); `profile`
-        synchronises the device around each phase to time it and records per-request latencies."""
+        synchronises the device around each phase to time it and records per-request latencies;
+        `cuda_graphs` replays decode steps from CUDA graphs (CUDA with the Triton backend only)."""
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device='cuda' was asked for but torch sees no CUDA device")
@@ -66,8 +67,10 @@ class Engine:
         self.model = build_model(self.checkpoint, self.ops, max_positions=self.max_model_len)
         self.image_processor = ClipImageProcessor.for_checkpoint(self.checkpoint)
         self.image_token = self.tokenizer.id_to_token(self.checkpoint.image_token_id)
+        graphs = cuda_graphs and self.device.type == "cuda" and self.ops.backend == "triton"
         self.runner = ModelRunner(self.model, self.device, self.checkpoint.dtype, block_size, num_blocks,
-                                  kv_cache_memory, max_num_seqs, self.max_model_len, encoder_cache_size)
+                                  kv_cache_memory, max_num_seqs, self.max_model_len, encoder_cache_size,
+                                  cuda_graphs=graphs)
         self.scheduler = _core.Scheduler(
             self.tokenizer, num_blocks=self.runner.num_blocks, block_size=block_size,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,

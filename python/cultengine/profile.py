@@ -132,7 +132,7 @@ def run_profile(args) -> dict:
     try:
         engine = Engine(model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.backend,
-                        random_init=tmp is not None, profile=True)
+                        random_init=tmp is not None, profile=True, cuda_graphs=not args.no_cuda_graphs)
         requests, output_lens = build_workload(engine, args)
         if engine.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(engine.device)
@@ -158,7 +158,8 @@ def run_profile(args) -> dict:
     timings = engine.latencies
     report = {
         "model": args.model, "device": str(engine.device), "dtype": str(engine.checkpoint.dtype).replace("torch.", ""),
-        "backend": engine.ops.backend, "workload": {k: getattr(args, k) for k in (
+        "backend": engine.ops.backend, "cuda_graphs": engine.runner.decode_graphs is not None,
+        "workload": {k: getattr(args, k) for k in (
             "num_requests", "images_per_request", "prompts_per_image", "prompt_len", "output_len", "shared_fraction",
             "choices")},
         "wall_seconds": wall,
@@ -182,7 +183,8 @@ def run_profile(args) -> dict:
 
 
 def format_report(r: dict) -> str:
-    lines = [f"cultengine profile: {r['model']} on {r['device']} ({r['dtype']}, {r['backend']} backend)",
+    lines = [f"cultengine profile: {r['model']} on {r['device']} ({r['dtype']}, {r['backend']} backend"
+             f"{', CUDA graphs' if r['cuda_graphs'] else ''})",
              f"workload: {r['workload']}", ""]
     rows = [("wall time", f"{r['wall_seconds']:.2f} s"), ("requests/s", f"{r['requests_per_s']:.2f}"),
             ("input tokens/s", f"{r['input_tokens_per_s']:.1f}"),
@@ -210,6 +212,7 @@ def register(sub) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--backend", default=None, help="torch | triton | flash (default: triton on CUDA, torch on CPU)")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly (CUDA)")
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--images-per-request", type=int, default=1)
     p.add_argument("--prompt-len", default="32", help="words per prompt: N, LO:HI (uniform) or exp:MEAN")

@@ -56,10 +56,83 @@ class EncoderCache:
         return found
 
 
+class DecodeGraphs:
+    """CUDA graphs of the decode-only step, one per batch size of a ladder (1, 2, 4, 8, 16, 32, ...).
+
+    A decode step is a few hundred small kernels; at small batches launching them costs more than
+    running them. A graph replays them in one launch. Inputs pass through static buffers; a step of B
+    sequences replays the smallest captured size >= B, whose padding rows write no KV (slot -1) and
+    attend to one key. The graphs are captured with `max_seq_len` at the model's limit, so the decode
+    kernel's split of the KV range covers any sequence (see kernels.attention.paged_decode_attention).
+    """
+
+    def __init__(self, model, kv_caches, max_batch: int, max_model_len: int, block_size: int,
+                 device: torch.device, capture: bool = True):
+        """`capture=False` runs the same padded static-buffer steps eagerly (how CPU tests check them)."""
+        self.sizes = sorted({s for s in (1, 2, 4, 8) if s < max_batch} | set(range(16, max_batch + 1, 16))
+                            | {max_batch})
+        self.max_blocks = -(-max_model_len // block_size)
+        i64 = dict(dtype=torch.int64, device=device)
+        self.input_ids = torch.zeros(max_batch, **i64)
+        self.positions = torch.zeros(max_batch, **i64)
+        self.slot_mapping = torch.full((max_batch,), -1, **i64)
+        self.seq_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(max_batch, self.max_blocks, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
+        self.hidden: dict[int, torch.Tensor] = {}  # each size's output rows, rewritten by its replay
+        self.replay: dict[int, object] = {}
+        self.replays = 0
+        self._build(model, kv_caches, max_model_len, capture)
+
+    @torch.inference_mode()
+    def _build(self, model, kv_caches, max_model_len: int, capture: bool) -> None:
+        pool = None
+        for size in reversed(self.sizes):  # largest first: the smaller graphs fit in its memory pool
+            meta = AttentionMetadata(self.query_start_loc[:size + 1], self.seq_lens[:size],
+                                     self.block_tables[:size], self.slot_mapping[:size], max_query_len=1,
+                                     max_seq_len=max_model_len)
+
+            def step(size=size, meta=meta):
+                self.hidden[size] = model.forward(self.input_ids[:size], self.positions[:size], kv_caches, meta)
+
+            if not capture:
+                self.replay[size] = step
+                continue
+            step()  # compiles and loads every kernel outside the capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                step()
+            pool = graph.pool()
+            self.replay[size] = graph.replay
+        if capture:
+            torch.cuda.synchronize()
+
+    def fits(self, plan) -> bool:
+        return (plan.max_query_len == 1 and not len(plan.image_chunks) and len(plan.seq_lens) <= self.sizes[-1]
+                and plan.block_tables.shape[1] <= self.max_blocks)
+
+    def run(self, plan) -> torch.Tensor:
+        b = len(plan.seq_lens)
+        size = next(s for s in self.sizes if s >= b)
+        width = plan.block_tables.shape[1]
+        for buf, array in ((self.input_ids, plan.input_ids), (self.positions, plan.positions),
+                           (self.slot_mapping, plan.slot_mapping), (self.seq_lens, plan.seq_lens)):
+            buf[:b].copy_(torch.from_numpy(array), non_blocking=True)
+        self.block_tables[:b, :width].copy_(torch.from_numpy(plan.block_tables), non_blocking=True)
+        self.slot_mapping[b:size].fill_(-1)
+        self.seq_lens[b:size].fill_(1)
+        self.replay[size]()
+        self.replays += 1
+        return self.hidden[size][:b]
+
+
 class ModelRunner:
     def __init__(self, model, device: torch.device, dtype: torch.dtype, block_size: int,
                  num_blocks: int | None, kv_cache_memory: int | None, max_num_seqs: int,
-                 max_model_len: int, encoder_cache_size: int = 256):
+                 max_model_len: int, encoder_cache_size: int = 256, cuda_graphs: bool = False):
+        """`cuda_graphs` captures decode steps (needs CUDA and a backend whose kernels never read the
+        device on the host: the Triton one)."""
         self.model = model
         self.device = device
         self.dtype = dtype
@@ -68,6 +141,8 @@ class ModelRunner:
         self.kv_caches = model.allocate_kv_caches(self.num_blocks, block_size, dtype)
         self.encoder_cache = EncoderCache(encoder_cache_size)
         self.vision_seconds = 0.0  # measured only when execute() is asked to synchronise
+        self.decode_graphs = (DecodeGraphs(model, self.kv_caches, min(max_num_seqs, 512), max_model_len, block_size,
+                                           device) if cuda_graphs else None)
 
     def _bytes_per_block(self) -> int:
         m = self.model
@@ -105,6 +180,8 @@ class ModelRunner:
 
         `synchronize` waits for the device around the vision encoder so its time can be measured.
         """
+        if self.decode_graphs is not None and self.decode_graphs.fits(plan):
+            return self.decode_graphs.run(plan)
         image_rows = image_embeds = None
         chunks = plan.image_chunks
         if len(chunks):

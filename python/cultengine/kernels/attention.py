@@ -127,14 +127,18 @@ def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) 
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Causal varlen attention of packed queries over the paged cache (any query lengths)."""
+                            meta: AttentionMetadata, scale: float, block_m: int | None = None,
+                            block_n: int | None = None, num_warps: int = 8, num_stages: int = 2) -> torch.Tensor:
+    """Causal varlen attention of packed queries over the paged cache (any query lengths).
+
+    The tile and launch arguments exist for the tuning sweep in benches/bench_kernels.py."""
     _check_cache(q, k_cache, v_cache)
     t, hq, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
     out = torch.empty_like(q)
     block_d = triton.next_power_of_2(d)
-    block_m, block_n = _attention_tiles(block_d)
+    default_m, default_n = _attention_tiles(block_d)
+    block_m, block_n = block_m or default_m, block_n or default_n
     batch = meta.query_start_loc.numel() - 1
     grid = (triton.cdiv(meta.max_query_len, block_m), batch, hq)
     _prefill_kernel[grid](
@@ -142,7 +146,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         scale * LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
         QUERIES_PER_KV=hq // hkv, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype), num_warps=8, num_stages=2)
+        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype), num_warps=num_warps,
+        num_stages=num_stages)
     return out
 
 
@@ -156,7 +161,7 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr,
                          stride_bt, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
                          QUERIES_PER_KV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                         NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr):
+                         SPLIT: tl.constexpr, PRECISION: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -191,7 +196,7 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr,
         v = tl.load(v_base + kv_off, mask=mask_kv, other=0.0)
         acc, m_i, l_i = _softmax_tile(q, k, v, acc, m_i, l_i, qk_scale, mask_n[None, :], True, PRECISION)
 
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
                  (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=mask_q)
     else:
@@ -205,14 +210,14 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr,
 
 
 @triton.jit
-def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, qsl_ptr, out_ptr, stride_pb, stride_ph, stride_ps,
-                          stride_lb, stride_lh, stride_ot, stride_oh, HEAD_DIM: tl.constexpr,
-                          BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, qsl_ptr, out_ptr, num_splits, stride_pb, stride_ph,
+                          stride_ps, stride_lb, stride_lh, stride_ot, stride_oh, HEAD_DIM: tl.constexpr,
+                          BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_s = offs_s < NUM_SPLITS
+    mask_s = offs_s < num_splits
     lse = tl.load(part_lse_ptr + seq * stride_lb + head * stride_lh + offs_s, mask=mask_s,
                   other=float("-inf"))
     w = tl.exp2(lse - tl.max(lse, 0))  # split 0 is never empty, so the max is finite
@@ -236,20 +241,34 @@ _DECODE_BLOCK_N = 64
 _MAX_SPLITS = 64
 
 
+def decode_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device,
+                      block_n: int = _DECODE_BLOCK_N) -> tuple[int, int]:
+    """(splits, key tiles per split) for a decode batch: enough programs to fill the GPU twice over,
+    and no split empty for a sequence of `max_seq_len`."""
+    tiles = triton.cdiv(max_seq_len, block_n)
+    wanted = min(_MAX_SPLITS, triton.cdiv(2 * _num_sms(device), batch * num_kv_heads))
+    tiles_per_split = triton.cdiv(tiles, max(1, min(wanted, tiles)))
+    return triton.cdiv(tiles, tiles_per_split), tiles_per_split
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           meta: AttentionMetadata, scale: float,
-                           num_splits: int | None = None) -> torch.Tensor:
-    """One query per sequence. The KV range is cut into `num_splits` pieces (default: enough programs
-    to fill the GPU twice over) whose partial results a second kernel merges by log-sum-exp."""
+                           meta: AttentionMetadata, scale: float, num_splits: int | None = None,
+                           block_n: int = _DECODE_BLOCK_N, num_warps: int = 8, num_stages: int = 3) -> torch.Tensor:
+    """One query per sequence. The KV range is cut into `num_splits` pieces (default: see
+    `decode_num_splits`) whose partial results a second kernel merges by log-sum-exp.
+
+    Nothing here reads the device, so a CUDA graph can capture it: a graph captured with `max_seq_len`
+    at the model's limit stays right for any shorter sequences (their trailing splits are empty)."""
     _check_cache(q, k_cache, v_cache)
     t, hq, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
     batch = meta.seq_lens.numel()
-    tiles = triton.cdiv(meta.max_seq_len, _DECODE_BLOCK_N)
     if num_splits is None:
-        num_splits = min(_MAX_SPLITS, triton.cdiv(2 * _num_sms(q.device), batch * hkv))
-    tiles_per_split = triton.cdiv(tiles, max(1, min(num_splits, tiles)))
-    num_splits = triton.cdiv(tiles, tiles_per_split)  # no split is empty for the longest sequence
+        num_splits, tiles_per_split = decode_num_splits(batch, hkv, meta.max_seq_len, q.device, block_n)
+    else:
+        tiles = triton.cdiv(meta.max_seq_len, block_n)
+        tiles_per_split = triton.cdiv(tiles, max(1, min(num_splits, tiles)))
+        num_splits = triton.cdiv(tiles, tiles_per_split)
 
     out = torch.empty_like(q)
     block_d = triton.next_power_of_2(d)
@@ -257,20 +276,20 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if num_splits > 1:
         part_out = torch.empty((batch, hq, num_splits, d), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((batch, hq, num_splits), dtype=torch.float32, device=q.device)
+    # The split count is a run-time argument, so varying batch sizes do not compile new kernels.
     _decode_split_kernel[(batch, hkv, num_splits)](
         q, k_cache, v_cache, out, part_out, part_lse, meta.query_start_loc, meta.seq_lens, meta.block_tables,
         scale * LOG2E, tiles_per_split, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
         part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
         QUERIES_PER_KV=hq // hkv, GROUP=max(16, triton.next_power_of_2(hq // hkv)), HEAD_DIM=d,
-        BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=_DECODE_BLOCK_N, NUM_SPLITS=num_splits,
-        PRECISION=_precision(q.dtype), num_warps=8, num_stages=3)  # 4 warps spill at d = 128 (ptxas, sm_90)
+        BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n, SPLIT=num_splits > 1,
+        PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
     if num_splits > 1:
         _decode_reduce_kernel[(batch, hq)](
-            part_out, part_lse, meta.query_start_loc, out, part_out.stride(0), part_out.stride(1),
+            part_out, part_lse, meta.query_start_loc, out, num_splits, part_out.stride(0), part_out.stride(1),
             part_out.stride(2), part_lse.stride(0), part_lse.stride(1), out.stride(0), out.stride(1),
-            HEAD_DIM=d, BLOCK_D=block_d, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
-            num_warps=4)
+            HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4)
     return out
 
 

@@ -14,6 +14,8 @@ def _write_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, str
                      BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     token = tl.program_id(0)
     slot = tl.load(slot_ptr + token).to(tl.int64)  # int64: slot * stride overflows int32 in big caches
+    if slot < 0:  # a padding row of a CUDA-graph batch: nothing to write
+        return
     offs_h = tl.arange(0, BLOCK_H)[:, None]
     offs_d = tl.arange(0, BLOCK_D)[None, :]
     mask = (offs_h < NUM_HEADS) & (offs_d < HEAD_DIM)
@@ -26,7 +28,9 @@ def _write_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, str
 
 def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """`ops.write_kv`: keys/values `[T, Hkv, D]` (strided views allowed) into the cache, in place."""
+    """`ops.write_kv`: keys/values `[T, Hkv, D]` (strided views allowed) into the cache, in place.
+
+    Tokens whose slot is negative are skipped (the padding rows of a replayed CUDA graph)."""
     assert k_cache.stride() == v_cache.stride(), "key and value caches must share one layout"
     assert key.stride(-1) == 1 and value.stride(-1) == 1 and k_cache.stride(-1) == 1
     t, hkv, d = key.shape

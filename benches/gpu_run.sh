@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Everything a GPU lease is for, in one command: the CUDA tests and the GPU benchmarks.
+#
+#   benches/gpu_run.sh OUT_DIR STEP...      STEP: env tests kernels generate bound bound-quick score profile
+#
+# Runs from the repository root on a machine with torch, triton and transformers but no Rust: the
+# compiled core comes along as python/cultengine/_core.abi3.so (built elsewhere with `maturin develop
+# --release`; abi3, so any Python >= 3.11 imports it). Each step has its own time limit and a failing
+# step does not stop the next; logs go to OUT_DIR/log.txt, result tables to OUT_DIR/results.tgz.
+set -u
+out=$1
+shift
+res=$(mktemp -d)
+export PYTHONPATH=$PWD/python PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+log() { echo "=== $* ($(date +%T))" | tee -a "$out/log.txt"; }
+run() {  # run LIMIT_SECONDS CMD...: one step, its output kept, the results tarred after it
+    local limit=$1
+    shift
+    log "$*"
+    timeout "$limit" "$@" 2>&1 | tee -a "$out/log.txt"
+    log "exit ${PIPESTATUS[0]}"
+    tar -czf "$out/results.tgz" -C "$res" .
+}
+for step in "$@"; do
+    case $step in
+        env) run 60 bash -c 'nvidia-smi; python3 -c "import torch, triton, transformers, sys; print(sys.version, torch.__version__, triton.__version__, transformers.__version__)"' ;;
+        tests) run 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_kernels.py ;;
+        kernels) run 200 python3 benches/bench_kernels.py --sweep --out "$res" ;;
+        generate) run 560 python3 benches/bench_generate.py --device cuda --preset llava-1.5-7b --workload benchmark \
+            --hf-batch-size 32 --out "$res" ;;
+        bound) run 300 python3 benches/bench_bound.py --out "$res" ;;
+        bound-quick) run 150 python3 benches/bench_bound.py --quick --out "$res" ;;
+        score) run 300 python3 benches/bench_score.py --device cuda --preset llava-1.5-7b --out "$res" ;;
+        profile) run 300 python3 -m cultengine.cli profile --model llava-1.5-7b --num-requests 256 \
+            --prompts-per-image 4 --output-len 4:64 --json ;;
+        *) log "unknown step $step" ;;
+    esac
+done
