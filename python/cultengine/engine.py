@@ -337,8 +337,11 @@ class Engine:
         targets = torch.from_numpy(plan.prompt_lp_targets).to(self.device)
         prompt_lps = torch.log_softmax(scored, dim=-1).gather(1, targets[:, None]).squeeze(1)
         greedy = scored.argmax(dim=-1) == targets
-        tokens, token_lps = tokens.cpu().numpy(), token_lps.cpu().numpy().astype(np.float32)
-        prompt_lps, greedy = prompt_lps.cpu().numpy().astype(np.float32), greedy.cpu().numpy()
+        # One device-to-host copy, so one wait, for all the scheduler needs back (ids are exact in fp64).
+        host = torch.cat([tokens.double(), token_lps.double(), prompt_lps.double(), greedy.double()]).cpu().numpy()
+        n, m = num_sampled, len(plan.prompt_lp_targets)
+        tokens, token_lps = host[:n].astype(np.int64), host[n:2 * n].astype(np.float32)
+        prompt_lps, greedy = host[2 * n:2 * n + m].astype(np.float32), host[2 * n + m:] > 0.5
         t = self._tick("sampling", t)
         finished = self.scheduler.update(tokens, token_lps, prompt_lps, greedy)
         self._tick("update", t)

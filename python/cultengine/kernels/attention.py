@@ -244,11 +244,17 @@ _MAX_SPLITS = 64
 
 def decode_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device,
                       block_n: int = _DECODE_BLOCK_N) -> tuple[int, int]:
-    """(splits, key tiles per split) for a decode batch: enough programs to fill the GPU twice over,
-    and no split empty for a sequence of `max_seq_len`."""
+    """(splits, key tiles per split) for a decode batch.
+
+    One split when batch x KV heads already fills the GPU twice over; otherwise as many splits as
+    there are key tiles (up to 64). A split costs one fp32 partial row per head (1 KB at d = 128)
+    against 32 KB of keys and values per tile, so fine splits are nearly free, and they keep a CUDA
+    graph captured for the model's longest sequence parallel on the short ones it mostly runs.
+    """
     tiles = triton.cdiv(max_seq_len, block_n)
-    wanted = min(_MAX_SPLITS, triton.cdiv(2 * _num_sms(device), batch * num_kv_heads))
-    tiles_per_split = triton.cdiv(tiles, max(1, min(wanted, tiles)))
+    if batch * num_kv_heads >= 2 * _num_sms(device):
+        return 1, tiles
+    tiles_per_split = triton.cdiv(tiles, min(_MAX_SPLITS, tiles))
     return triton.cdiv(tiles, tiles_per_split), tiles_per_split
 
 
