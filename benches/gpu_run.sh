@@ -30,8 +30,8 @@ for step in "$@"; do
             --hf-batch-size 32 --out "$res" ;;
         bound) run 300 python3 benches/bench_bound.py --trace --out "$res" ;;
         bound-quick) run 150 python3 benches/bench_bound.py --quick --out "$res" ;;
-        score) run 300 python3 benches/bench_score.py --device cuda --preset llava-1.5-7b --out "$res" ;;
-        profile) run 300 python3 -m cultengine.cli profile --model llava-1.5-7b --num-requests 1000 \
+        score) run 240 python3 benches/bench_score.py --device cuda --preset llava-1.5-7b --out "$res" ;;
+        profile) run 150 python3 -m cultengine.cli profile --model llava-1.5-7b --num-requests 1000 \
             --prompts-per-image 4 --prompt-len 16:64 --output-len 4:64 --shared-fraction 0 ;;
         *) log "unknown step $step" ;;
     esac

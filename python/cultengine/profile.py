@@ -54,7 +54,7 @@ def preset_checkpoint(name: str, out_dir: Path) -> Path:
     demo_cfg = json.loads((demo / "config.json").read_text())
     preset = PRESETS[name]
     config = {**demo_cfg, "text_config": {**preset["text_config"]}, "vision_config": preset["vision_config"],
-              "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "torch_dtype": "bfloat16"}
+              "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "dtype": "bfloat16"}
     # The demo tokenizer's ids must stay inside the preset's vocabulary.
     text = config["text_config"]
     text["vocab_size"] = max(text["vocab_size"], demo_cfg["text_config"]["vocab_size"])
