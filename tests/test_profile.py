@@ -1,0 +1,42 @@
+"""`cultengine profile` on a tiny checkpoint: the report's figures agree with the workload it ran."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cultengine import cli
+from cultengine.checkpoint import load_checkpoint
+from cultengine.profile import preset_checkpoint
+
+
+def _profile(capsys, *argv) -> dict:
+    assert cli.main(["profile", "--device", "cpu", "--json", *argv]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_generation_report_counts_what_ran(tiny_llama, capsys):
+    r = _profile(capsys, "--model", str(tiny_llama), "--num-requests", "8", "--prompts-per-image", "4",
+                 "--output-len", "3", "--shared-fraction", "0")
+    assert r["output_tokens_per_s"] * r["wall_seconds"] == pytest.approx(8 * 3)
+    assert r["requests_per_s"] * r["wall_seconds"] == pytest.approx(8)
+    assert r["images_encoded"] == 2  # 8 requests, 4 per image: each image encoded once
+    assert set(r["ttft_ms"]) == {"p50", "p90", "p99"} and r["ttft_ms"]["p50"] > 0
+    assert r["steps"] >= 3 and 0 < r["kv_cache_peak_use"] <= 1
+    assert set(r["time_breakdown_s"]) == {"scheduler", "vision_encoder", "prefill", "decode", "sampling", "update"}
+    assert r["time_breakdown_s"]["prefill"] > 0 and r["time_breakdown_s"]["decode"] > 0
+
+
+def test_scoring_report(tiny_llama, capsys):
+    r = _profile(capsys, "--model", str(tiny_llama), "--num-requests", "4", "--choices", "4",
+                 "--shared-fraction", "0")
+    assert r["output_tokens_per_s"] == 0 and r["images_encoded"] == 4
+    assert r["prefix_cache_hit_rate"] > 0  # choices 2-4 of a question reuse its context
+
+
+def test_shape_presets_are_real_sizes_in_bfloat16(tmp_path):
+    ckpt = load_checkpoint(preset_checkpoint("llava-1.5-7b", tmp_path / "p"), device="meta", random_init=True)
+    assert str(ckpt.dtype) == "torch.bfloat16"
+    assert (ckpt.text.hidden_size, ckpt.text.num_layers, ckpt.text.num_heads) == (4096, 32, 32)
+    assert (ckpt.vision.image_size, ckpt.vision.patch_size) == (336, 14)
