@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -58,6 +59,8 @@ class Engine:
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device='cuda' was asked for but torch sees no CUDA device")
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # Triton launches and graph capture use the current device
         self.checkpoint = load_checkpoint(model, dtype=dtype, device=self.device, random_init=random_init)
         self.tokenizer = _core.Tokenizer.from_file(str(self.checkpoint.tokenizer_path))
         self.ops = Ops(resolve_backend(self.device, attention_backend))
@@ -83,6 +86,8 @@ class Engine:
         self.phase_seconds: dict[str, float] = dict.fromkeys(
             ("scheduler", "vision_encoder", "prefill", "decode", "sampling", "update"), 0.0)
         self.latencies: dict[str, list[float]] = {"ttft": [], "tpot": []}
+        if self.ops.backend != "torch":
+            self._warm_up()
 
     # -------------------------------------------------------------------------------------------
     # Public API
@@ -173,6 +178,21 @@ class Engine:
         return {**self.scheduler.stats(), **self._counters,
                 "images_encoded": self.runner.encoder_cache.images_encoded,
                 "num_blocks": self.runner.num_blocks, "block_size": self.runner.block_size}
+
+    def _warm_up(self) -> None:
+        """Compile the kernels now (a Triton kernel's first launch takes seconds), not inside the first
+        request: one image request of two tokens, after which the counters and timers start from zero."""
+        from PIL import Image
+
+        size = self.model.image_size
+        out = self.generate([{"prompt": f"{self.image_token}\n", "images": [Image.new("RGB", (size, size))]}],
+                            SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)[0]
+        if out.error:
+            warnings.warn(f"kernel warm-up request failed ({out.error}); kernels compile on first use",
+                          stacklevel=3)
+        self._counters = dict.fromkeys(self._counters, 0)
+        self.phase_seconds = dict.fromkeys(self.phase_seconds, 0.0)
+        self.latencies = {"ttft": [], "tpot": []}
 
     # -------------------------------------------------------------------------------------------
     # Request preparation

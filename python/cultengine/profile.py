@@ -120,18 +120,6 @@ def _percentiles(values: list[float]) -> dict[str, float]:
     return {f"p{q}": float(np.percentile(arr, q)) for q in (50, 90, 99)}
 
 
-def _warm_up(engine) -> None:
-    """Compile and load every kernel (Triton's first launches take seconds) on a request whose image
-    and text the workload never uses, then zero the profile timers."""
-    size = engine.model.image_size
-    img = Image.fromarray(np.random.default_rng(987_654).integers(0, 256, (size, size, 3), dtype=np.uint8))
-    content = [{"type": "image", "image": img}, {"type": "text", "text": "warm up"}]
-    engine.generate([{"messages": [{"role": "user", "content": content}]}], SamplingParams(max_tokens=2),
-                    use_tqdm=False)
-    engine.phase_seconds = dict.fromkeys(engine.phase_seconds, 0.0)
-    engine.latencies = {"ttft": [], "tpot": []}
-
-
 def run_profile(args) -> dict:
     from . import Engine
     from .bench import demo_checkpoint
@@ -148,7 +136,6 @@ def run_profile(args) -> dict:
                         max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.backend,
                         random_init=tmp is not None, profile=True, cuda_graphs=not args.no_cuda_graphs)
         requests, output_lens = build_workload(engine, args)
-        _warm_up(engine)
         if engine.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(engine.device)
         before = engine.stats()
