@@ -20,8 +20,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .sampling import SamplingParams
-
 # Shapes of public checkpoints (config.json fields); weights are random.
 _CLIP_L14_336 = {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
                  "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336, "patch_size": 14,
@@ -121,7 +119,7 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 
 
 def run_profile(args) -> dict:
-    from . import Engine
+    from . import Engine, SamplingParams
     from .bench import demo_checkpoint
 
     tmp = None
