@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -80,7 +81,7 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(max_batch, self.max_blocks, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
         self.hidden: dict[int, torch.Tensor] = {}  # each size's output rows, rewritten by its replay
-        self.replay: dict[int, object] = {}
+        self.replay: dict[int, Callable[[], object]] = {}  # graph.replay, or the eager step
         self.replays = 0
         self._build(model, kv_caches, max_model_len, capture)
 
