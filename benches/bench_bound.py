@@ -123,7 +123,7 @@ def run_steps(engine, batch: int, prompt_len: int, max_tokens: int, seed: int) -
 
     rng = np.random.default_rng(seed)
     vocab = min(engine.tokenizer.vocab_size, engine.model.vocab_size)
-    specials = set(engine.checkpoint.eos_token_ids) | {engine.checkpoint.image_token_id}
+    specials = set(engine.checkpoint.eos_token_ids) | {engine.family.placeholder_id}
     recorder = _PlanRecorder(engine.scheduler)
     engine.scheduler = recorder
     steps = []

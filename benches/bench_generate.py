@@ -108,7 +108,7 @@ def pad_token_id(engine) -> int:
     pad = engine.checkpoint.tokenizer_config.get("pad_token")
     pad = pad.get("content") if isinstance(pad, dict) else pad
     pad_id = engine.tokenizer.token_to_id(pad) if isinstance(pad, str) else None
-    return pad_id if pad_id is not None else int(engine.checkpoint.image_token_id == 0)
+    return pad_id if pad_id is not None else int(engine.family.placeholder_id == 0)
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -159,7 +159,7 @@ def conv_patch_embed(pixels, weight, cls, pos):
 
 def patch_row(kernels, bench, device, b, size, weight, cls, pos):
     pixels = torch.randn(b, 3, size, size, dtype=weight.dtype, device=device)
-    ours = bench(lambda: kernels.patch_embed(pixels, weight, cls, pos))
+    ours = bench(lambda: kernels.patch_embed(pixels, weight, None, cls, pos))
     ref = bench(lambda: conv_patch_embed(pixels, weight, cls, pos))
     return {"image": size, "batch": b, "triton_img_per_s": b / (ours * 1e-3),
             "torch_conv_img_per_s": b / (ref * 1e-3)}

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cultengine.checkpoint import CheckpointError, canonical_weight_name, load_checkpoint
-from cultengine.models import SUPPORTED_ARCHITECTURES, build_model
+from cultengine.models import SUPPORTED_ARCHITECTURES, build_model, family_for
 from cultengine.ops import Ops
 
 
@@ -35,10 +35,11 @@ def _edit_json(path, **changes):
 
 def test_metadata_of_a_good_checkpoint(tiny_llama, tiny_qwen2):
     ck = load_checkpoint(tiny_llama)
-    assert ck.architecture in SUPPORTED_ARCHITECTURES and ck.text.model_type == "llama"
+    family = family_for(ck)
+    assert ck.architecture in SUPPORTED_ARCHITECTURES and family.text.model_type == "llama"
     assert ck.dtype == torch.float32 and ck.device == torch.device("cpu")
-    assert ck.eos_token_ids == [1, 5] and ck.image_token_id == 3
-    assert ck.tie_word_embeddings and not ck.has("lm_head.weight")
+    assert ck.eos_token_ids == [1, 5] and family.placeholder_id == 3
+    assert family.text.tie_word_embeddings and not ck.has("lm_head.weight")
     assert ck.special_tokens["bos_token"] == "<s>" and ck.chat_template
     assert ck.preprocessor_config["crop_size"] == {"height": 28, "width": 28}
     assert ck.tokenizer_path.name == "tokenizer.json"
@@ -46,7 +47,8 @@ def test_metadata_of_a_good_checkpoint(tiny_llama, tiny_qwen2):
     assert model.language_model.lm_head is model.language_model.embed_tokens
     # Both layouts map to the same canonical names.
     q = load_checkpoint(tiny_qwen2)
-    assert q.text.model_type == "qwen2" and q.text.attention_bias and not q.tie_word_embeddings
+    q_text = family_for(q).text
+    assert q_text.model_type == "qwen2" and q_text.attention_bias and not q_text.tie_word_embeddings
     names_old, names_new = set(ck.weight_files), set(q.weight_files)
     assert "model.vision_tower.pre_layrnorm.weight" in names_old & names_new
     assert "model.language_model.layers.0.self_attn.q_proj.weight" in names_old & names_new
@@ -89,11 +91,11 @@ def test_unsupported_architecture(tiny_llama, copy_of):
     d = copy_of(tiny_llama)
     _edit_json(d / "config.json", architectures=["Qwen2VLForConditionalGeneration"])
     with pytest.raises(CheckpointError, match="'Qwen2VLFor.*supported: LlavaForConditionalGeneration"):
-        load_checkpoint(d)
+        family_for(load_checkpoint(d))
     _edit_json(d / "config.json", architectures=["LlavaForConditionalGeneration"],
                text_config={"model_type": "gemma"})
     with pytest.raises(CheckpointError, match="text model_type 'gemma'.*llama, qwen2, mistral"):
-        load_checkpoint(d)
+        family_for(load_checkpoint(d))
 
 
 def test_pickle_only_weights_are_refused_and_never_unpickled(tiny_llama, copy_of, tmp_path):
@@ -159,4 +161,4 @@ def test_unsupported_rope_scaling(tiny_llama, copy_of):
     d = copy_of(tiny_llama)
     _edit_json(d / "config.json", text_config={"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}})
     with pytest.raises(CheckpointError, match="RoPE scaling 'yarn'"):
-        load_checkpoint(d)
+        family_for(load_checkpoint(d))

@@ -46,13 +46,13 @@ def test_tokenizer_roundtrip(tok):
         _core.Tokenizer.from_file("/nonexistent/tokenizer.json")
 
 
-def test_expand_image_tokens(tok):
+def test_expand_placeholders(tok):
     img = tok.token_to_id("<image>")
-    ids, spans = tok.expand_image_tokens([5, img, 6, img], img, [3, 2])
-    assert ids == [5, img, img, img, 6, img, img]
-    assert spans == [(1, 3), (5, 2)]
+    ids, starts = tok.expand_placeholders([5, img, 6, img], img, [[img] * 3, [8, img]])
+    assert ids == [5, img, img, img, 6, 8, img]
+    assert starts == [1, 5]
     with pytest.raises(ValueError, match=r"2 image placeholder.*1 image"):
-        tok.expand_image_tokens([img, img], img, [4])
+        tok.expand_placeholders([img, img], img, [[img] * 4])
 
 
 def test_incremental_detokenizer(tok):
@@ -68,7 +68,7 @@ def test_incremental_detokenizer(tok):
 
 def fake_step(plan, vocab):
     """Next token and logprobs from a hash of the scheduled token, position and sequence."""
-    state = plan.input_ids * 1_000_003 + plan.positions * 7919
+    state = plan.input_ids * 1_000_003 + plan.positions[0] * 7919
     rows = plan.sample_indices
     tokens = (state[rows] + plan.seed * 31 + plan.output_index) % (vocab - 2) + 2  # never 0 or 1
     lps = -((state[rows] % 100) / 10).astype(np.float32)
@@ -92,8 +92,9 @@ def test_scheduler_end_to_end(tok):
     sched = _core.Scheduler(tok, num_blocks=64, block_size=16, max_num_seqs=4, max_num_batched_tokens=48,
                             max_model_len=512, enable_prefix_caching=True, eos_token_ids=[0])
     prefix = tok.encode("Grüße aus München, schöne Straße. " * 3)
-    ids, spans = tok.expand_image_tokens(prefix + [img], img, [20])
-    sched.add_sequence(0, ids, [(spans[0][0], spans[0][1], 2**64 - 5)], max_tokens=12, seed=1, ignore_eos=True)
+    ids, starts = tok.expand_placeholders(prefix + [img], img, [[img] * 20])
+    span = (starts[0], 20, 2**64 - 5, 0, False)
+    sched.add_sequence(0, ids, [span], max_tokens=12, seed=1, ignore_eos=True)
     sched.add_sequence(1, prefix + tok.encode("日本語"), [], max_tokens=0, prompt_logprobs_from=3)
     sched.add_sequence(2, prefix, [], max_tokens=5, stop_token_ids=[7], temperature=0.7, top_p=0.9, top_k=5)
     assert (sched.num_waiting, sched.num_running) == (3, 0)
@@ -103,11 +104,13 @@ def test_scheduler_end_to_end(tok):
     assert plan.query_start_loc.dtype == np.int32 and plan.query_start_loc[0] == 0
     assert plan.block_tables.dtype == np.int32 and plan.block_tables.ndim == 2
     assert plan.block_tables.shape[0] == len(plan.seq_ids) == len(plan.seq_lens)
-    assert plan.image_chunks.dtype == np.int64 and plan.image_chunks.shape[1] == 4
+    assert plan.image_chunks.dtype == np.int64 and plan.image_chunks.shape[1] == 3
+    assert plan.image_hashes.dtype == np.uint64 and len(plan.image_hashes) == len(plan.image_chunks)
+    assert all(h == 2**64 - 5 for h in plan.image_hashes.tolist())  # u64 hashes cross the boundary intact
+    assert plan.positions.shape == (1, 48) and plan.positions.dtype == np.int64
     assert plan.max_query_len == max(np.diff(plan.query_start_loc))
     chunk_rows = [r for r in range(len(plan.input_ids)) if plan.input_ids[r] == img]
-    for h, dst, first, n in plan.image_chunks:
-        assert int(h) & (2**64 - 1) == 2**64 - 5
+    for dst, first, n in plan.image_chunks:
         assert chunk_rows[0] == dst and n == len(chunk_rows) and first == 0
     for f in sched.update(*fake_step(plan, tok.vocab_size)):
         raise AssertionError(f"nothing can finish in the first step: {f}")
@@ -126,7 +129,7 @@ def test_scheduler_end_to_end(tok):
     assert stats["prefill_tokens_computed"] >= len(ids)
 
     # The same prompt again hits the prefix cache and gives the same output.
-    sched.add_sequence(3, ids, [(spans[0][0], spans[0][1], 2**64 - 5)], max_tokens=12, seed=1, ignore_eos=True)
+    sched.add_sequence(3, ids, [span], max_tokens=12, seed=1, ignore_eos=True)
     again = run_all(sched, tok.vocab_size)[3]
     assert again.num_cached_tokens > 0
     assert again.output_token_ids == done[0].output_token_ids and again.text == done[0].text

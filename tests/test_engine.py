@@ -228,7 +228,7 @@ def test_an_image_file_named_by_many_requests_is_preprocessed_once(tiny_llama, t
     _image(30, 20, 5).save(path)
     calls = []
     processor = engine.image_processor
-    engine.image_processor = lambda src: calls.append(src) or processor(src)
+    engine.image_processor = lambda src, options=None: calls.append(src) or processor(src, options)
     reqs = [{"prompt": f"{IMAGE_TOKEN} question {i}", "images": [str(path)]} for i in range(5)]
     reqs.append({"prompt": f"{IMAGE_TOKEN} broken", "images": [str(tmp_path / "missing.png")]})
     outs = engine.generate(reqs, SamplingParams(max_tokens=2), use_tqdm=False)

@@ -13,6 +13,7 @@ from PIL import Image
 
 from cultengine.checkpoint import load_checkpoint
 from cultengine.image import ClipImageProcessor, content_hash, load_image
+from cultengine.models import family_for
 
 # Our processor repeats transformers' arithmetic step by step (uint8 PIL resize, float64 rescale, float32
 # normalise), so the outputs are expected to be bitwise equal; the tolerance only guards BLAS-free noise.
@@ -70,7 +71,7 @@ def test_tiny_checkpoint_processor_config(tiny_llama, tmp_path):
     # No preprocessor_config.json: fall back to the vision tower's image size.
     d = shutil.copytree(tiny_llama, tmp_path / "c")
     (d / "preprocessor_config.json").unlink()
-    proc = ClipImageProcessor.for_checkpoint(load_checkpoint(d))
+    proc = family_for(load_checkpoint(d)).image_processor
     assert proc(_image(50, 31, "RGB", 0)).shape == (3, 28, 28)
 
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 from cultengine.checkpoint import load_checkpoint
 from cultengine.image import ClipImageProcessor
-from cultengine.models import build_model
+from cultengine.models import build_model, family_for
 from cultengine.ops import AttentionMetadata, Ops
 from tiny_checkpoints import IMAGE_TOKEN, reference_model
 
@@ -38,11 +38,12 @@ class Setup:
         from tokenizers import Tokenizer
 
         self.ckpt = load_checkpoint(path, dtype="float32")
+        self.family = family_for(self.ckpt)
         self.model = build_model(self.ckpt, Ops("torch"))
         self.proc = ClipImageProcessor(self.ckpt.preprocessor_config)
         self.tok = Tokenizer.from_file(str(self.ckpt.tokenizer_path))
         self.image_id = self.tok.token_to_id(IMAGE_TOKEN)
-        assert self.image_id == self.ckpt.image_token_id
+        assert self.image_id == self.family.placeholder_id
 
     def prompt(self, i: int):
         """(expanded ids, pixels [n, 3, S, S] or None, image spans [(start, len)])"""
@@ -50,8 +51,8 @@ class Setup:
         ids, spans = [], []
         for t in self.tok.encode(text, add_special_tokens=False).ids:
             if t == self.image_id:
-                spans.append((len(ids), self.model.tokens_per_image))
-                ids += [t] * self.model.tokens_per_image
+                spans.append((len(ids), self.family.tokens_per_tile))
+                ids += [t] * self.family.tokens_per_tile
             else:
                 ids.append(t)
         pixels = [self.proc(_image(w, h, m, seed=10 * i + j)) for j, (w, h, m) in enumerate(sizes)]
@@ -94,7 +95,7 @@ def _run(s: Setup, seqs, kv):
     for ids, pixels, spans, lo, hi in seqs:
         all_ids += ids[lo:hi]
         if pixels is not None:
-            d, e = _image_rows(spans, s.model.encode_images(pixels), row0, lo, hi)
+            d, e = _image_rows(spans, s.model.tile_features(pixels), row0, lo, hi)
             dst += d
             src += e
         row0 += hi - lo
@@ -146,12 +147,12 @@ def test_chunked_prefill_and_decode_match_one_shot(setup):
 
 def test_tokens_per_image_and_feature_shapes(setup):
     s, _ = setup
-    c = s.ckpt
+    c = s.family
     patches = (c.vision.image_size // c.vision.patch_size) ** 2
-    expected = patches + (1 if c.vision_feature_select_strategy == "full" else 0)
-    assert s.model.tokens_per_image == expected
+    expected = patches + (1 if c.select_strategy == "full" else 0)
+    assert c.tokens_per_tile == expected
     px = torch.zeros(2, 3, c.vision.image_size, c.vision.image_size)
-    assert s.model.encode_images(px).shape == (2, expected, c.text.hidden_size)
+    assert s.model.tile_features(px).shape == (2, expected, c.text.hidden_size)
 
 
 def test_bfloat16_load_runs(tiny_llama):

@@ -8,6 +8,7 @@ import pytest
 
 from cultengine import cli
 from cultengine.checkpoint import load_checkpoint
+from cultengine.models import family_for
 from cultengine.profile import preset_checkpoint
 
 
@@ -38,5 +39,6 @@ def test_scoring_report(tiny_llama, capsys):
 def test_shape_presets_are_real_sizes_in_bfloat16(tmp_path):
     ckpt = load_checkpoint(preset_checkpoint("llava-1.5-7b", tmp_path / "p"), device="meta", random_init=True)
     assert str(ckpt.dtype) == "torch.bfloat16"
-    assert (ckpt.text.hidden_size, ckpt.text.num_layers, ckpt.text.num_heads) == (4096, 32, 32)
-    assert (ckpt.vision.image_size, ckpt.vision.patch_size) == (336, 14)
+    family = family_for(ckpt)
+    assert (family.text.hidden_size, family.text.num_layers, family.text.num_heads) == (4096, 32, 32)
+    assert (family.vision.image_size, family.vision.patch_size) == (336, 14)

@@ -16,34 +16,10 @@ from typing import Any
 
 import torch
 
-SUPPORTED_ARCHITECTURES = ("LlavaForConditionalGeneration",)
-SUPPORTED_TEXT_MODELS = ("llama", "qwen2", "mistral")
-SUPPORTED_VISION_MODELS = ("clip_vision_model",)
+from .errors import CheckpointError
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16, "half": torch.float16}
-
-# transformers' config defaults for the fields a Hub config.json may leave out (real LLaVA configs
-# often give only the fields that differ from these).
-_TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
-    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                  num_attention_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=10000.0,
-                  attention_bias=False, mlp_bias=False, hidden_act="silu", tie_word_embeddings=False),
-    "qwen2": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
-                  num_attention_heads=32, max_position_embeddings=32768, rms_norm_eps=1e-6,
-                  rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=False),
-    "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096 * 32,
-                    rms_norm_eps=1e-6, rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=False),
-}
-_VISION_DEFAULTS: dict[str, Any] = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                        num_attention_heads=12, num_channels=3, image_size=224, patch_size=32,
-                                        hidden_act="quick_gelu", layer_norm_eps=1e-5)
-_LLAVA_DEFAULTS: dict[str, Any] = dict(image_token_index=32000, projector_hidden_act="gelu",
-                                       vision_feature_select_strategy="default", vision_feature_layer=-2,
-                                       multimodal_projector_bias=True)
-_VISION_LLAVA_DEFAULTS = dict(intermediate_size=4096, hidden_size=1024, patch_size=14, image_size=336,
-                              num_hidden_layers=24, num_attention_heads=16)  # LlavaConfig's CLIP defaults
 
 # Old (transformers 4) file layout -> canonical names; applied in order, first match wins.
 _RENAMES = (
@@ -51,61 +27,21 @@ _RENAMES = (
     (re.compile(r"^language_model\.model\."), "model.language_model."),
     (re.compile(r"^vision_tower\."), "model.vision_tower."),
     (re.compile(r"^multi_modal_projector\."), "model.multi_modal_projector."),
+    (re.compile(r"^image_newline$"), "model.image_newline"),
 )
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message names the file and the problem."""
-
-
-@dataclass
-class TextConfig:
-    model_type: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: dict | None
-    max_position_embeddings: int
-    attention_bias: bool  # q/k/v projections carry a bias (Qwen2 always)
-    o_bias: bool
-    mlp_bias: bool
-    hidden_act: str
-    sliding_window: int | None  # the engine caps max_model_len here, where windowed attention is still exact
-
-
-@dataclass
-class VisionConfig:
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_channels: int
-    image_size: int
-    patch_size: int
-    hidden_act: str
-    layer_norm_eps: float
-
-
 @dataclass
 class Checkpoint:
+    """A checkpoint directory's files: raw config, tokenizer and template files, and its weights.
+
+    What the config means is the model family's business (`cultengine.models`), not the loader's.
+    """
+
     path: Path
     config: dict  # raw config.json
     architecture: str
-    text: TextConfig
-    vision: VisionConfig
-    image_token_id: int
-    vision_feature_layer: int | list[int]
-    vision_feature_select_strategy: str  # "default" drops the CLS token, "full" keeps it
-    projector_hidden_act: str
-    projector_bias: bool
-    tie_word_embeddings: bool
     dtype: torch.dtype
     device: torch.device
     eos_token_ids: list[int]
@@ -136,7 +72,11 @@ class Checkpoint:
         if shape is not None and tuple(t.shape) != tuple(shape):
             raise CheckpointError(f"{file.name}: tensor {key!r} has shape {tuple(t.shape)}, "
                                   f"expected {tuple(shape)} from config.json")
-        return t.to(device=self.device, dtype=self.dtype)
+        t = t.to(device=self.device, dtype=self.dtype)
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{file.name}: tensor {key!r} holds NaN or infinite values (a corrupt or "
+                                  "badly converted checkpoint; in float16, a weight beyond its range)")
+        return t
 
     def close(self) -> None:
         self._handles.clear()
@@ -207,53 +147,6 @@ def _index_weights(path: Path) -> dict[str, tuple[Path, str]]:
     return out
 
 
-def _rope(cfg: dict, where: str) -> tuple[float, dict | None]:
-    # transformers 5 writes `rope_parameters`; older configs `rope_theta` + `rope_scaling`.
-    params = cfg.get("rope_parameters") or {}
-    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-    scaling = cfg.get("rope_scaling") or (params if params else None)
-    if scaling is not None:
-        kind = scaling.get("rope_type", scaling.get("type", "default"))
-        if kind not in ("default", "linear"):
-            raise CheckpointError(f"{where}: RoPE scaling {kind!r} is not supported (only default, linear)")
-        if kind == "default":
-            scaling = None
-    return theta, scaling
-
-
-def _text_config(cfg: dict, where: str) -> TextConfig:
-    mt = cfg.get("model_type", "llama")
-    if mt not in SUPPORTED_TEXT_MODELS:
-        raise CheckpointError(f"{where}: text model_type {mt!r} is not supported "
-                              f"(supported: {', '.join(SUPPORTED_TEXT_MODELS)})")
-    c = {**_TEXT_DEFAULTS[mt], **{k: v for k, v in cfg.items() if v is not None}}
-    heads = int(c["num_attention_heads"])
-    theta, scaling = _rope(c, where)
-    sliding = c.get("sliding_window") if (mt != "qwen2" or c.get("use_sliding_window")) else None
-    return TextConfig(
-        model_type=mt, vocab_size=int(c["vocab_size"]), hidden_size=int(c["hidden_size"]),
-        intermediate_size=int(c["intermediate_size"]), num_layers=int(c["num_hidden_layers"]),
-        num_heads=heads, num_kv_heads=int(c.get("num_key_value_heads") or heads),
-        head_dim=int(c.get("head_dim") or c["hidden_size"] // heads), rms_norm_eps=float(c["rms_norm_eps"]),
-        rope_theta=theta, rope_scaling=scaling, max_position_embeddings=int(c["max_position_embeddings"]),
-        attention_bias=True if mt == "qwen2" else bool(c.get("attention_bias", False)),
-        o_bias=False if mt == "qwen2" else bool(c.get("attention_bias", False)),
-        mlp_bias=bool(c.get("mlp_bias", False)), hidden_act=c["hidden_act"], sliding_window=sliding)
-
-
-def _vision_config(cfg: dict, where: str) -> VisionConfig:
-    mt = cfg.get("model_type", "clip_vision_model")
-    if mt not in SUPPORTED_VISION_MODELS:
-        raise CheckpointError(f"{where}: vision model_type {mt!r} is not supported "
-                              f"(supported: {', '.join(SUPPORTED_VISION_MODELS)})")
-    c = {**_VISION_DEFAULTS, **_VISION_LLAVA_DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
-    return VisionConfig(
-        hidden_size=int(c["hidden_size"]), intermediate_size=int(c["intermediate_size"]),
-        num_layers=int(c["num_hidden_layers"]), num_heads=int(c["num_attention_heads"]),
-        num_channels=int(c["num_channels"]), image_size=int(c["image_size"]), patch_size=int(c["patch_size"]),
-        hidden_act=c["hidden_act"], layer_norm_eps=float(c["layer_norm_eps"]))
-
-
 def _token_str(tok: Any) -> str | None:
     # tokenizer_config.json stores special tokens as strings or as AddedToken dicts.
     if isinstance(tok, dict):
@@ -277,7 +170,7 @@ def _resolve_dtype(dtype: str | torch.dtype, config: dict) -> torch.dtype:
 
 def load_checkpoint(path: str | Path, dtype: str | torch.dtype = "auto",
                     device: str | torch.device = "cpu", random_init: bool = False) -> Checkpoint:
-    """Parse a local LLaVA checkpoint directory; weights are indexed now and read by `Checkpoint.tensor`.
+    """Parse a local checkpoint directory; weights are indexed now and read by `Checkpoint.tensor`.
 
     `random_init` needs only config and tokenizer files: weights are drawn instead of read (profiling
     real model shapes without downloading them).
@@ -288,21 +181,8 @@ def load_checkpoint(path: str | Path, dtype: str | torch.dtype = "auto",
                               "e.g. one downloaded with `hf download`)")
     config = _read_json(path / "config.json")
     archs = config.get("architectures") or []
-    arch = archs[0] if archs else config.get("model_type", "<none>")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise CheckpointError(f"{path / 'config.json'}: architecture {arch!r} is not supported "
-                              f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-    where = str(path / "config.json")
-    c = {**_LLAVA_DEFAULTS, **config}
+    arch = archs[0] if archs and isinstance(archs[0], str) else str(config.get("model_type", "<none>"))
     text_cfg = config.get("text_config") or {}
-    text = _text_config(text_cfg, where)
-    vision = _vision_config(config.get("vision_config") or {}, where)
-    strategy = c["vision_feature_select_strategy"]
-    if strategy not in ("default", "full"):
-        raise CheckpointError(f"{where}: vision_feature_select_strategy {strategy!r} is not default/full")
-    tie = bool(config.get("tie_word_embeddings") or text_cfg.get("tie_word_embeddings")
-               or _TEXT_DEFAULTS[text.model_type]["tie_word_embeddings"])
-
     weights = {} if random_init else _index_weights(path)
 
     tok_file = path / "tokenizer.json"
@@ -329,12 +209,7 @@ def load_checkpoint(path: str | Path, dtype: str | torch.dtype = "auto",
     bos = gen.get("bos_token_id", text_cfg.get("bos_token_id"))
 
     return Checkpoint(
-        path=path, config=config, architecture=arch, text=text, vision=vision,
-        image_token_id=int(config.get("image_token_index", config.get("image_token_id",
-                                                                        c["image_token_index"]))),
-        vision_feature_layer=c["vision_feature_layer"], vision_feature_select_strategy=strategy,
-        projector_hidden_act=c["projector_hidden_act"], projector_bias=bool(c["multimodal_projector_bias"]),
-        tie_word_embeddings=tie, dtype=_resolve_dtype(dtype, config), device=torch.device(device),
+        path=path, config=config, architecture=arch, dtype=_resolve_dtype(dtype, config), device=torch.device(device),
         eos_token_ids=eos_ids, bos_token_id=bos, tokenizer_path=tok_file, tokenizer_config=tok_cfg,
         special_tokens=special, chat_template=template,
         preprocessor_config=_read_json(path / "preprocessor_config.json", required=False) or {},

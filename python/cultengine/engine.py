@@ -11,6 +11,7 @@ import os
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,8 +21,8 @@ from tqdm.auto import tqdm
 from . import _core
 from .chat import render_checkpoint_chat
 from .checkpoint import load_checkpoint
-from .image import ClipImageProcessor, content_hash
-from .models import build_model
+from .image import load_image
+from .models import ImageFeatures, family_for
 from .ops import Ops, resolve_backend
 from .outputs import ChoiceScore, GenerationOutput, Sample, ScoreOutput
 from .runner import ModelRunner
@@ -34,16 +35,18 @@ class RequestError(ValueError):
 
 @dataclass
 class _Prepared:
-    """A request turned into what the scheduler takes: token ids with expanded image spans."""
+    """A request turned into what the scheduler takes: token ids and the runs that take image embeddings."""
 
     prompt_ids: list[int]
-    image_spans: list[tuple[int, int, int]]  # (start, length, content hash)
-    image_pixels: dict[int, torch.Tensor] = field(default_factory=dict)
+    image_spans: list[tuple[int, int, int, int, bool]]  # (start, length, content hash, first embedding, atomic)
+    images: dict[int, ImageFeatures] = field(default_factory=dict)  # by content hash
+    image_starts: list[tuple[int, ImageFeatures]] = field(default_factory=list)  # where each image's tokens begin
 
 
-def _image_key(src):
+def _image_key(src, options: dict):
     """Identity of an image source within one call: a file is read once however often it is named."""
-    return ("path", os.fspath(src)) if isinstance(src, str | os.PathLike) else ("object", id(src))
+    key = ("path", os.fspath(src)) if isinstance(src, str | os.PathLike) else ("object", id(src))
+    return key + tuple(sorted(options.items()))
 
 
 class Engine:
@@ -62,23 +65,24 @@ class Engine:
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)  # Triton launches and graph capture use the current device
         self.checkpoint = load_checkpoint(model, dtype=dtype, device=self.device, random_init=random_init)
+        self.family = family_for(self.checkpoint)
         self.tokenizer = _core.Tokenizer.from_file(str(self.checkpoint.tokenizer_path))
         self.ops = Ops(resolve_backend(self.device, attention_backend))
-        # Up to a sliding window (Mistral), windowed attention equals full attention: cap there, exactly.
-        context = min(self.checkpoint.text.max_position_embeddings, self.checkpoint.text.sliding_window or 1 << 62)
+        context = self.family.max_context
         self.max_model_len = min(max_model_len or context, context)
-        self.model = build_model(self.checkpoint, self.ops, max_positions=self.max_model_len)
-        self.image_processor = ClipImageProcessor.for_checkpoint(self.checkpoint)
-        self.image_token = self.tokenizer.id_to_token(self.checkpoint.image_token_id)
+        self.model = self.family.build_model(self.ops, max_positions=self.max_model_len)
+        placeholder = self.family.placeholder_id
+        self.image_token = None if placeholder is None else self.tokenizer.id_to_token(placeholder)
         graphs = cuda_graphs and self.device.type == "cuda" and self.ops.backend == "triton"
+        rows = self.family.position_rows
         self.runner = ModelRunner(self.model, self.device, self.checkpoint.dtype, block_size, num_blocks,
                                   kv_cache_memory, max_num_seqs, self.max_model_len, encoder_cache_size,
-                                  cuda_graphs=graphs)
+                                  cuda_graphs=graphs, position_rows=rows)
         self.scheduler = _core.Scheduler(
             self.tokenizer, num_blocks=self.runner.num_blocks, block_size=block_size,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             max_model_len=self.max_model_len, enable_prefix_caching=enable_prefix_caching,
-            eos_token_ids=list(self.checkpoint.eos_token_ids))
+            eos_token_ids=list(self.checkpoint.eos_token_ids), position_rows=rows)
         self._next_seq_id = 0
         self._seq_images: dict[int, list[int]] = {}  # in-flight sequence -> image hashes it pins
         self._counters = {"prompt_tokens": 0, "generated_tokens": 0, "run_seconds": 0.0}
@@ -102,28 +106,34 @@ class Engine:
         outputs = [GenerationOutput(index=i, prompt_token_ids=p.prompt_ids if isinstance(p, _Prepared) else [])
                    for i, p in enumerate(prepared)]
         owners: dict[int, tuple[int, int]] = {}
-        for i, (prep, sp) in enumerate(zip(prepared, params_list, strict=True)):
-            if isinstance(prep, Exception):
-                outputs[i].error = str(prep)
-                continue
-            outputs[i].samples = [None] * sp.n
-            try:
-                for k, seed in enumerate(sp.sample_seeds()):
-                    owners[self._add(prep, max_tokens=sp.max_tokens, temperature=sp.temperature,
-                                     top_p=sp.top_p, top_k=sp.top_k, seed=seed, stop=list(sp.stop),
-                                     stop_token_ids=list(sp.stop_token_ids), ignore_eos=sp.ignore_eos,
-                                     skip_special_tokens=sp.skip_special_tokens)] = (i, k)
-            except ValueError as e:
-                self._abort_request(owners, i)
-                outputs[i].error, outputs[i].samples = str(e), []
+        with self._call_guard():
+            for i, (prep, sp) in enumerate(zip(prepared, params_list, strict=True)):
+                if isinstance(prep, Exception):
+                    outputs[i].error = str(prep)
+                    continue
+                outputs[i].samples = [None] * sp.n
+                try:
+                    for k, seed in enumerate(sp.sample_seeds()):
+                        owners[self._add(prep, max_tokens=sp.max_tokens, temperature=sp.temperature,
+                                         top_p=sp.top_p, top_k=sp.top_k, seed=seed, stop=list(sp.stop),
+                                         stop_token_ids=list(sp.stop_token_ids), ignore_eos=sp.ignore_eos,
+                                         skip_special_tokens=sp.skip_special_tokens)] = (i, k)
+                except Exception as e:  # noqa: BLE001 - whatever one request raises is that request's error
+                    self._abort_request(owners, i)
+                    outputs[i].error, outputs[i].samples = _describe(e), []
 
-        def on_finished(seq) -> None:
-            i, k = owners[seq.seq_id]
-            outputs[i].samples[k] = Sample(text=seq.text, token_ids=list(seq.output_token_ids),
-                                           finish_reason=seq.finish_reason, logprobs=list(seq.output_logprobs))
-            outputs[i].num_cached_tokens = max(outputs[i].num_cached_tokens, seq.num_cached_tokens)
+            def on_finished(seq, error: str | None) -> None:
+                i, k = owners[seq.seq_id]
+                if error or outputs[i].error:
+                    self._abort_request(owners, i)
+                    outputs[i].error, outputs[i].samples = outputs[i].error or error, []
+                    return
+                outputs[i].samples[k] = Sample(text=seq.text, token_ids=list(seq.output_token_ids),
+                                               finish_reason=seq.finish_reason,
+                                               logprobs=list(seq.output_logprobs))
+                outputs[i].num_cached_tokens = max(outputs[i].num_cached_tokens, seq.num_cached_tokens)
 
-        self._run(len(owners), use_tqdm, on_finished)
+            self._run(len(owners), use_tqdm, on_finished)
         return outputs
 
     def score(self, requests: list[dict], use_tqdm: bool = True) -> list[ScoreOutput]:
@@ -141,52 +151,55 @@ class Engine:
                 outputs[i].error = str(prep)
             elif not isinstance(choices, list) or not choices or not all(isinstance(c, str) and c for c in choices):
                 outputs[i].error = "a scoring request needs a non-empty 'choices' list of non-empty strings"
+            elif self.image_token and any(self.image_token in c for c in choices):
+                outputs[i].error = f"a choice contains the image placeholder {self.image_token!r}"
             else:
                 choice_texts += [(i, j, c) for j, c in enumerate(choices)]
         # Choice tokens: tokenised on their own so every choice shares the context's exact tokens.
-        choice_ids = self.tokenizer.encode_batch([c for _, _, c in choice_texts], add_special_tokens=False)
+        choice_ids = self._encode_choices(choice_texts, outputs)
         owners: dict[int, tuple[int, int]] = {}
-        for (i, j, text), ids in zip(choice_texts, choice_ids, strict=True):
-            if outputs[i].error:
-                continue
-            prep = prepared[i]
-            if j == 0:
-                outputs[i].choices = [None] * len(requests[i]["choices"])
-            try:
-                if not ids:
-                    raise ValueError(f"choice {text!r} tokenizes to nothing")
-                full = _Prepared(prep.prompt_ids + list(ids), prep.image_spans, prep.image_pixels)
-                owners[self._add(full, max_tokens=0, prompt_logprobs_from=len(prep.prompt_ids))] = (i, j)
-            except ValueError as e:
-                self._abort_request(owners, i)
-                outputs[i].error, outputs[i].choices = str(e), []
+        with self._call_guard():
+            for (i, j, text), ids in zip(choice_texts, choice_ids, strict=True):
+                if outputs[i].error:
+                    continue
+                prep = prepared[i]
+                if j == 0:
+                    outputs[i].choices = [None] * len(requests[i]["choices"])
+                try:
+                    if not ids:
+                        raise RequestError(f"choice {text!r} tokenizes to nothing")
+                    full = _Prepared(prep.prompt_ids + list(ids), prep.image_spans, prep.images, prep.image_starts)
+                    owners[self._add(full, max_tokens=0, prompt_logprobs_from=len(prep.prompt_ids))] = (i, j)
+                except Exception as e:  # noqa: BLE001 - whatever one request raises is that request's error
+                    self._abort_request(owners, i)
+                    outputs[i].error, outputs[i].choices = _describe(e), []
 
-        def on_finished(seq) -> None:
-            i, j = owners[seq.seq_id]
-            if outputs[i].error:
-                return
-            lps = list(seq.prompt_logprobs)
-            outputs[i].choices[j] = ChoiceScore(text=requests[i]["choices"][j], logprob=float(sum(lps)),
-                                                num_tokens=len(lps), is_greedy=all(seq.prompt_greedy),
-                                                token_logprobs=lps)
+            def on_finished(seq, error: str | None) -> None:
+                i, j = owners[seq.seq_id]
+                if error or outputs[i].error:
+                    self._abort_request(owners, i)
+                    outputs[i].error, outputs[i].choices = outputs[i].error or error, []
+                    return
+                lps = list(seq.prompt_logprobs)
+                outputs[i].choices[j] = ChoiceScore(text=requests[i]["choices"][j], logprob=float(sum(lps)),
+                                                    num_tokens=len(lps), is_greedy=all(seq.prompt_greedy),
+                                                    token_logprobs=lps)
 
-        self._run(len(owners), use_tqdm, on_finished)
+            self._run(len(owners), use_tqdm, on_finished)
         return outputs
 
     def stats(self) -> dict:
         """Cumulative counters: scheduler (prefix cache, preemptions, CPU time), encoder cache, tokens."""
-        return {**self.scheduler.stats(), **self._counters,
-                "images_encoded": self.runner.encoder_cache.images_encoded,
+        return {**self.scheduler.stats(), **self._counters, "images_encoded": self.runner.images_encoded,
                 "num_blocks": self.runner.num_blocks, "block_size": self.runner.block_size}
 
     def _warm_up(self) -> None:
         """Compile the kernels now (a Triton kernel's first launch takes seconds), not inside the first
-        request: one image request of two tokens, after which the counters and timers start from zero."""
-        from PIL import Image
-
-        size = self.model.image_size
-        out = self.generate([{"prompt": f"{self.image_token}\n", "images": [Image.new("RGB", (size, size))]}],
-                            SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)[0]
+        request: one request of two tokens (with an image where the family has them), after which the
+        counters and timers start from zero."""
+        req = ({"prompt": "Hello"} if self.image_token is None
+               else {"prompt": f"{self.image_token}\n", "images": [self.family.dummy_image()]})
+        out = self.generate([req], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)[0]
         if out.error:
             warnings.warn(f"kernel warm-up request failed ({out.error}); kernels compile on first use",
                           stacklevel=3)
@@ -199,63 +212,118 @@ class Engine:
     # -------------------------------------------------------------------------------------------
     def _prepare(self, requests: list[dict]) -> list[_Prepared | Exception]:
         """Render, load images and tokenize every request; a failure becomes that request's error."""
-        parsed: list[tuple[str, list, bool] | Exception] = []
+        parsed: list[tuple[str, list, bool, dict] | Exception] = []
         for req in requests:
             try:
                 parsed.append(self._prompt_and_images(req))
-            except (ValueError, OSError) as e:
-                parsed.append(e if isinstance(e, RequestError) else RequestError(str(e)))
-        images = self._preprocess([src for p in parsed if not isinstance(p, Exception) for src in p[1]])
+            except Exception as e:  # noqa: BLE001 - whatever one request raises is that request's error
+                parsed.append(e if isinstance(e, RequestError) else RequestError(_describe(e)))
+        images = self._preprocess([(src, p[3]) for p in parsed if not isinstance(p, Exception) for src in p[1]])
         prepared: list[_Prepared | Exception | None] = []
         # Raw prompts carry no BOS (the tokenizer adds it); chat templates write their own.
         by_special: dict[bool, list[int]] = {True: [], False: []}
         for i, p in enumerate(parsed):
             if not isinstance(p, Exception):
-                p = next((images[k] for k in map(_image_key, p[1]) if isinstance(images[k], Exception)), p)
+                p = next((images[k] for k in (_image_key(src, p[3]) for src in p[1])
+                          if isinstance(images[k], Exception)), p)
             prepared.append(p if isinstance(p, Exception) else None)
             if not isinstance(p, Exception):
                 by_special[p[2]].append(i)
         for flag, idx in by_special.items():
-            texts = [parsed[i][0] for i in idx]
-            for i, ids in zip(idx, self.tokenizer.encode_batch(texts, add_special_tokens=flag), strict=True):
-                imgs = [images[_image_key(src)] for src in parsed[i][1]]
-                try:
-                    expanded, spans = self.tokenizer.expand_image_tokens(
-                        ids, self.checkpoint.image_token_id, [self.model.tokens_per_image] * len(imgs))
-                except ValueError as e:
-                    prepared[i] = RequestError(f"{e} (image placeholder token {self.image_token!r})")
+            for i, ids in zip(idx, self._encode_texts([parsed[i][0] for i in idx], flag, idx, prepared),
+                              strict=True):
+                if ids is None:
                     continue
-                prepared[i] = _Prepared(prompt_ids=list(expanded),
-                                        image_spans=[(s, n, h) for (s, n), (_, h) in zip(spans, imgs, strict=True)],
-                                        image_pixels={h: px for px, h in imgs})
+                try:
+                    prepared[i] = self._expand(ids, [images[_image_key(src, parsed[i][3])] for src in parsed[i][1]])
+                except Exception as e:  # noqa: BLE001 - whatever one request raises is that request's error
+                    prepared[i] = e if isinstance(e, RequestError) else RequestError(_describe(e))
         return prepared
 
-    def _preprocess(self, sources: list) -> dict:
-        """(pixels, content hash), or the error, of each distinct image: decoded once, in threads."""
-        distinct = {_image_key(src): src for src in sources}
+    def _encode_texts(self, texts: list[str], add_special: bool, idx: list[int], prepared: list) -> list:
+        """Token ids of each text (batched); a text the tokenizer rejects makes that request's error."""
+        try:
+            return self.tokenizer.encode_batch(texts, add_special_tokens=add_special)
+        except Exception:  # noqa: BLE001 - find the culprit, keep the rest
+            out = []
+            for i, text in zip(idx, texts, strict=True):
+                try:
+                    out.append(self.tokenizer.encode(text, add_special_tokens=add_special))
+                except Exception as e:  # noqa: BLE001
+                    prepared[i] = RequestError(f"the prompt cannot be tokenized: {_describe(e)}")
+                    out.append(None)
+            return out
 
-        def one(src):
+    def _encode_choices(self, choice_texts: list[tuple[int, int, str]], outputs: list[ScoreOutput]) -> list:
+        texts = [c for _, _, c in choice_texts]
+        try:
+            return self.tokenizer.encode_batch(texts, add_special_tokens=False)
+        except Exception:  # noqa: BLE001 - find the culprit, keep the rest
+            out = []
+            for i, _, text in choice_texts:
+                try:
+                    out.append(self.tokenizer.encode(text, add_special_tokens=False))
+                except Exception as e:  # noqa: BLE001
+                    outputs[i].error = outputs[i].error or f"choice {text!r} cannot be tokenized: {_describe(e)}"
+                    out.append([])
+            return out
+
+    def _expand(self, ids: list[int], imgs: list[tuple[ImageFeatures, int]]) -> _Prepared:
+        """Replace each image placeholder with its family's tokens; the embedding runs become image spans."""
+        if not imgs and (self.family.placeholder_id is None or self.family.placeholder_id not in ids):
+            return _Prepared(prompt_ids=list(ids), image_spans=[])
+        if self.family.placeholder_id is None:
+            raise RequestError("this model takes no images")
+        try:
+            expanded, starts = self.tokenizer.expand_placeholders(ids, self.family.placeholder_id,
+                                                                  [f.token_ids for f, _ in imgs])
+        except ValueError as e:
+            raise RequestError(f"{e} (image placeholder token {self.image_token!r})") from e
+        spans, atomic = [], self.family.atomic_images
+        for start, (feats, h) in zip(starts, imgs, strict=True):
+            first = 0
+            for offset, n in feats.embedding_runs:
+                spans.append((start + offset, n, h, first, atomic))
+                first += n
+        return _Prepared(prompt_ids=list(expanded), image_spans=spans, images={h: f for f, h in imgs},
+                         image_starts=[(start, f) for start, (f, _) in zip(starts, imgs, strict=True)])
+
+    def _preprocess(self, sources: list[tuple]) -> dict:
+        """(features, content hash), or the error, of each distinct image: decoded once, in threads."""
+        distinct = {_image_key(src, opts): (src, opts) for src, opts in sources}
+
+        def one(item):
+            src, opts = item
             try:
-                pixels = self.image_processor(src)
-                return pixels, content_hash(pixels)
-            except (ValueError, OSError) as e:
-                return RequestError(str(e))
+                feats = self.image_processor(src, opts)
+                return feats, feats.content_hash()
+            except Exception as e:  # noqa: BLE001 - a bad image is its request's error
+                return e if isinstance(e, RequestError) else RequestError(_describe(e))
 
         if len(distinct) < 2:
-            return {k: one(src) for k, src in distinct.items()}
+            return {k: one(item) for k, item in distinct.items()}
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
             return dict(zip(distinct, pool.map(one, distinct.values()), strict=True))
 
-    def _prompt_and_images(self, req: dict) -> tuple[str, list, bool]:
+    def image_processor(self, src, options: dict | None = None) -> ImageFeatures:
+        """One image source (path, bytes or PIL image) to its family's features."""
+        return self.family.process_image(load_image(src), options or {})
+
+    def _prompt_and_images(self, req: dict) -> tuple[str, list, bool, dict]:
+        """(text, image sources, add special tokens, image options) of one request."""
         if not isinstance(req, dict):
             raise RequestError(f"a request is a dict with 'prompt' or 'messages', got {type(req).__name__}")
+        options = {k: req[k] for k in self.family.image_options if k in req}
         if "messages" in req:
             text, imgs = render_checkpoint_chat(self.checkpoint, req["messages"])
-            return text, imgs, False
+            return text, imgs, False, options
         if "prompt" in req:
             if not isinstance(req["prompt"], str):
                 raise RequestError("'prompt' must be a string")
-            return req["prompt"], list(req.get("images") or []), True
+            images = req.get("images") or []
+            if not isinstance(images, list | tuple):
+                raise RequestError(f"'images' must be a list, got {type(images).__name__}")
+            return req["prompt"], list(images), True, options
         raise RequestError("a request needs 'prompt' (with images) or 'messages'")
 
     # -------------------------------------------------------------------------------------------
@@ -263,12 +331,15 @@ class Engine:
     # -------------------------------------------------------------------------------------------
     def _add(self, prep: _Prepared, max_tokens: int, prompt_logprobs_from: int = -1, **sampling) -> int:
         seq_id = self._next_seq_id
+        positions = self.family.positions(prep.prompt_ids, prep.image_starts)
+        rows, delta = (np.ascontiguousarray(positions[0], dtype=np.int64).ravel().tolist(), int(positions[1])) \
+            if positions is not None else ([], 0)
         self.scheduler.add_sequence(seq_id, prep.prompt_ids, prep.image_spans, max_tokens=max_tokens,
-                                    prompt_logprobs_from=prompt_logprobs_from, **sampling)
+                                    prompt_logprobs_from=prompt_logprobs_from, positions=rows,
+                                    position_delta=delta, **sampling)
         self._next_seq_id += 1
-        for h, px in prep.image_pixels.items():
-            self.runner.encoder_cache.register(h, px)
-        self._seq_images[seq_id] = list(prep.image_pixels)
+        self.runner.pin_images(prep.images)
+        self._seq_images[seq_id] = list(prep.images)
         self._counters["prompt_tokens"] += len(prep.prompt_ids)
         return seq_id
 
@@ -280,8 +351,18 @@ class Engine:
             del owners[seq_id]
 
     def _release(self, seq_id: int) -> None:
-        for h in self._seq_images.pop(seq_id, ()):
-            self.runner.encoder_cache.release(h)
+        self.runner.unpin_images(self._seq_images.pop(seq_id, ()))
+
+    @contextmanager
+    def _call_guard(self):
+        """Whatever happens inside a call, nothing of it stays scheduled or pinned: the next call starts clean."""
+        try:
+            yield
+        except BaseException:
+            for seq_id in list(self._seq_images):
+                self.scheduler.abort(seq_id)
+                self._release(seq_id)
+            raise
 
     def _run(self, num_seqs: int, use_tqdm: bool, on_finished) -> None:
         start = time.perf_counter()
@@ -291,27 +372,26 @@ class Engine:
         first_token = np.full(self._next_seq_id + 1, np.nan) if self.profile else None
         try:
             while self.scheduler.has_unfinished():
-                finished, sampled_ids = self._step()
+                finished, sampled_ids, non_finite = self._step()
                 if first_token is not None:
                     now = time.perf_counter() - start
                     new = sampled_ids[np.isnan(first_token[sampled_ids])]
                     first_token[new] = now
+                # A sequence whose logits went NaN or infinite stops here and reports it.
+                done = {seq.seq_id for seq in finished}
+                finished += [f for f in map(self.scheduler.abort, non_finite - done) if f is not None]
                 for seq in finished:
+                    if seq.seq_id not in self._seq_images:  # taken back with its request already
+                        continue
                     generated += len(seq.output_token_ids)
                     self._release(seq.seq_id)
                     if first_token is not None:
                         self._record_latency(seq, first_token[seq.seq_id], time.perf_counter() - start)
-                    on_finished(seq)
+                    on_finished(seq, _NON_FINITE if seq.seq_id in non_finite else None)
                 if finished and use_tqdm:
                     elapsed = time.perf_counter() - start
                     bar.set_postfix_str(f"{generated / elapsed:.1f} tok/s out", refresh=False)
                     bar.update(len(finished))
-        except BaseException:
-            # Leave the engine usable: nothing half-done stays scheduled or pinned.
-            for seq_id in list(self._seq_images):
-                self.scheduler.abort(seq_id)
-                self._release(seq_id)
-            raise
         finally:
             bar.close()
             self._counters["generated_tokens"] += generated
@@ -335,14 +415,15 @@ class Engine:
             self.phase_seconds[phase] += now - since
         return now
 
-    def _step(self) -> tuple[list, np.ndarray]:
+    def _step(self) -> tuple[list, np.ndarray, set[int]]:
+        """One scheduled step: returns the finished sequences, the ids that sampled a token, and the ids
+        whose logits were not finite."""
         t = self._tick(None, 0.0)
         plan = self.scheduler.schedule()
         t = self._tick("scheduler", t)
         vision_before = self.runner.vision_seconds
         hidden = self.runner.execute(plan, synchronize=self.profile)
-        rows = torch.from_numpy(np.concatenate([plan.sample_indices, plan.prompt_lp_indices])).to(self.device)
-        logits = self.model.compute_logits(hidden[rows]).float()
+        logits = self.runner.compute_logits(hidden, np.concatenate([plan.sample_indices, plan.prompt_lp_indices]))
         t_forward = self._tick(None, t)
         if self.profile:
             self.phase_seconds["vision_encoder"] += self.runner.vision_seconds - vision_before
@@ -357,12 +438,36 @@ class Engine:
         targets = torch.from_numpy(plan.prompt_lp_targets).to(self.device)
         prompt_lps = torch.log_softmax(scored, dim=-1).gather(1, targets[:, None]).squeeze(1)
         greedy = scored.argmax(dim=-1) == targets
+        finite = torch.isfinite(logits).all(dim=-1)
         # One device-to-host copy, so one wait, for all the scheduler needs back (ids are exact in fp64).
-        host = torch.cat([tokens.double(), token_lps.double(), prompt_lps.double(), greedy.double()]).cpu().numpy()
+        host = torch.cat([tokens.double(), token_lps.double(), prompt_lps.double(), greedy.double(),
+                          finite.double()]).cpu().numpy()
         n, m = num_sampled, len(plan.prompt_lp_targets)
         tokens, token_lps = host[:n].astype(np.int64), host[n:2 * n].astype(np.float32)
-        prompt_lps, greedy = host[2 * n:2 * n + m].astype(np.float32), host[2 * n + m:] > 0.5
+        prompt_lps, greedy = host[2 * n:2 * n + m].astype(np.float32), host[2 * n + m:2 * n + 2 * m] > 0.5
+        non_finite = self._rows_to_seqs(plan, np.flatnonzero(host[2 * n + 2 * m:] < 0.5))
         t = self._tick("sampling", t)
         finished = self.scheduler.update(tokens, token_lps, prompt_lps, greedy)
         self._tick("update", t)
-        return finished, plan.sample_seq_ids
+        return finished, plan.sample_seq_ids, non_finite
+
+    @staticmethod
+    def _rows_to_seqs(plan, bad_rows: np.ndarray) -> set[int]:
+        """Sequence ids of logits rows (sampled rows first, then prompt-logprob rows)."""
+        if not len(bad_rows):
+            return set()
+        token_rows = np.concatenate([plan.sample_indices, plan.prompt_lp_indices])[bad_rows]
+        batch = np.searchsorted(plan.query_start_loc, token_rows, side="right") - 1
+        return {int(x) for x in plan.seq_ids[batch]}
+
+
+_NON_FINITE = ("the model produced NaN or infinite logits (in float16 or bfloat16, activations beyond the "
+               "dtype's range; try dtype='float32')")
+
+
+def _describe(e: BaseException) -> str:
+    """A one-line message for an error raised while preparing one request."""
+    text = str(e)
+    if isinstance(e, RequestError | ValueError | OSError) and text:
+        return text
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__

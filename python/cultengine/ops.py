@@ -188,22 +188,23 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, 
 # ---------------------------------------------------------------------------------------------
 # Vision
 # ---------------------------------------------------------------------------------------------
-def patch_embed(pixels: torch.Tensor, weight: torch.Tensor, class_embedding: torch.Tensor,
-                position_embedding: torch.Tensor) -> torch.Tensor:
-    """CLIP patch embedding: `[N, C, H, W]` pixels to `[N, 1 + H/P * W/P, E]`.
+def patch_embed(pixels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                class_embedding: torch.Tensor | None, position_embedding: torch.Tensor) -> torch.Tensor:
+    """ViT patch embedding: `[N, C, H, W]` pixels to `[N, (1 +) H/P * W/P, E]`.
 
-    Patchify + project (what the bias-free Conv2d with stride = kernel = P computes, written as a
-    matmul: cuDNN would run an fp32 convolution in tf32 by default, and this is the exact reference),
-    prepend the class token, add position embeddings `[1 + num_patches, E]`.
+    Patchify + project (what the Conv2d with stride = kernel = P computes, written as a matmul: cuDNN
+    would run an fp32 convolution in tf32 by default, and this is the exact reference), add the
+    projection's bias (SigLIP), prepend the class token (CLIP), add position embeddings `[tokens, E]`.
     """
     e, c, patch, _ = weight.shape
     n, _, h, w = pixels.shape
     gh, gw = h // patch, w // patch  # a ragged edge is dropped, as the strided convolution does
     x = pixels[:, :, :gh * patch, :gw * patch].reshape(n, c, gh, patch, gw, patch)
     x = x.permute(0, 2, 4, 1, 3, 5).reshape(n, gh * gw, c * patch * patch)
-    x = F.linear(x.to(weight.dtype), weight.reshape(e, c * patch * patch))
-    cls = class_embedding.to(x.dtype).expand(n, 1, -1)
-    return torch.cat([cls, x], dim=1) + position_embedding.to(x.dtype)[None]
+    x = F.linear(x.to(weight.dtype), weight.reshape(e, c * patch * patch), bias)
+    if class_embedding is not None:
+        x = torch.cat([class_embedding.to(x.dtype).expand(n, 1, -1), x], dim=1)
+    return x + position_embedding.to(x.dtype)[None]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -82,7 +82,7 @@ def build_workload(engine, args) -> tuple[list[dict], list[int]]:
     rng = random.Random(args.seed)
     vocab = [engine.tokenizer.id_to_token(i) for i in range(min(engine.tokenizer.vocab_size, 4000))]
     words = [w.strip("Ġ▁ ") for w in vocab if w and w.strip("Ġ▁ ").isalpha()] or ["word"]
-    size = engine.model.image_size
+    size = engine.family.dummy_image().width
     prompt_lens = _lengths(args.prompt_len, args.num_requests, rng)
     output_lens = _lengths(args.output_len, args.num_requests, rng)
 

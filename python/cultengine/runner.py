@@ -9,6 +9,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from .models.family import ImageFeatures, Model
 from .ops import AttentionMetadata
 
 GiB = 1 << 30
@@ -18,18 +19,19 @@ class EncoderCache:
     """Projected image embeddings by image content hash, least recently used evicted first.
 
     One image asked with many prompts (42 nationalities, 4 choices, a yes/no filter) is encoded once.
-    Pixels of images still in flight stay registered so an evicted embedding can be recomputed.
+    The processed inputs of images still in flight stay registered so an evicted embedding can be
+    recomputed.
     """
 
     def __init__(self, capacity: int):
         self.capacity = capacity
         self.embeddings: OrderedDict[int, torch.Tensor] = OrderedDict()
-        self.pixels: dict[int, torch.Tensor] = {}
+        self.inputs: dict[int, ImageFeatures] = {}
         self.pending: dict[int, int] = {}  # content hash -> sequences in flight that use it
         self.images_encoded = 0
 
-    def register(self, content_hash: int, pixels: torch.Tensor) -> None:
-        self.pixels.setdefault(content_hash, pixels)
+    def register(self, content_hash: int, image: ImageFeatures) -> None:
+        self.inputs.setdefault(content_hash, image)
         self.pending[content_hash] = self.pending.get(content_hash, 0) + 1
 
     def release(self, content_hash: int) -> None:
@@ -38,13 +40,13 @@ class EncoderCache:
             self.pending[content_hash] = left
         else:
             del self.pending[content_hash]
-            del self.pixels[content_hash]
+            del self.inputs[content_hash]
 
     def get_many(self, hashes: list[int], encode) -> dict[int, torch.Tensor]:
         missing = [h for h in dict.fromkeys(hashes) if h not in self.embeddings]
         if missing:
-            # CLIP preprocessing gives every image the same size, so one batched encoder call.
-            encoded = encode(torch.stack([self.pixels[h] for h in missing]))
+            # One encoder call for every image this step needs; the model batches what it can.
+            encoded = encode([self.inputs[h] for h in missing])
             self.images_encoded += len(missing)
             for h, emb in zip(missing, encoded, strict=True):
                 self.embeddings[h] = emb
@@ -67,15 +69,15 @@ class DecodeGraphs:
     kernel's split of the KV range covers any sequence (see kernels.attention.paged_decode_attention).
     """
 
-    def __init__(self, model, kv_caches, max_batch: int, max_model_len: int, block_size: int,
-                 device: torch.device, capture: bool = True):
+    def __init__(self, model: Model, kv_caches, max_batch: int, max_model_len: int, block_size: int,
+                 device: torch.device, position_rows: int = 1, capture: bool = True):
         """`capture=False` runs the same padded static-buffer steps eagerly (how CPU tests check them)."""
         self.sizes = sorted({s for s in (1, 2, 4, 8) if s < max_batch} | set(range(16, max_batch + 1, 16))
                             | {max_batch})
         self.max_blocks = -(-max_model_len // block_size)
         i64 = dict(dtype=torch.int64, device=device)
         self.input_ids = torch.zeros(max_batch, **i64)
-        self.positions = torch.zeros(max_batch, **i64)
+        self.positions = torch.zeros(position_rows, max_batch, **i64)
         self.slot_mapping = torch.full((max_batch,), -1, **i64)
         self.seq_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(max_batch, self.max_blocks, dtype=torch.int32, device=device)
@@ -93,8 +95,10 @@ class DecodeGraphs:
                                      self.block_tables[:size], self.slot_mapping[:size], max_query_len=1,
                                      max_seq_len=max_model_len)
 
-            def step(size=size, meta=meta):
-                self.hidden[size] = model.forward(self.input_ids[:size], self.positions[:size], kv_caches, meta)
+            positions = self.positions[:, :size] if len(self.positions) > 1 else self.positions[0, :size]
+
+            def step(size=size, meta=meta, positions=positions):
+                self.hidden[size] = model.forward(self.input_ids[:size], positions, kv_caches, meta)
 
             if not capture:
                 self.replay[size] = step
@@ -117,9 +121,10 @@ class DecodeGraphs:
         b = len(plan.seq_lens)
         size = next(s for s in self.sizes if s >= b)
         width = plan.block_tables.shape[1]
-        for buf, array in ((self.input_ids, plan.input_ids), (self.positions, plan.positions),
-                           (self.slot_mapping, plan.slot_mapping), (self.seq_lens, plan.seq_lens)):
+        for buf, array in ((self.input_ids, plan.input_ids), (self.slot_mapping, plan.slot_mapping),
+                           (self.seq_lens, plan.seq_lens)):
             buf[:b].copy_(torch.from_numpy(array), non_blocking=True)
+        self.positions[:, :b].copy_(torch.from_numpy(plan.positions), non_blocking=True)
         self.block_tables[:b, :width].copy_(torch.from_numpy(plan.block_tables), non_blocking=True)
         self.slot_mapping[b:size].fill_(-1)
         self.seq_lens[b:size].fill_(1)
@@ -129,12 +134,16 @@ class DecodeGraphs:
 
 
 class ModelRunner:
-    def __init__(self, model, device: torch.device, dtype: torch.dtype, block_size: int,
+    """Owns the paged KV cache and the vision-encoder cache; runs step plans and computes their logits."""
+
+    def __init__(self, model: Model, device: torch.device, dtype: torch.dtype, block_size: int,
                  num_blocks: int | None, kv_cache_memory: int | None, max_num_seqs: int,
-                 max_model_len: int, encoder_cache_size: int = 256, cuda_graphs: bool = False):
+                 max_model_len: int, encoder_cache_size: int = 256, cuda_graphs: bool = False,
+                 position_rows: int = 1):
         """`cuda_graphs` captures decode steps (needs CUDA and a backend whose kernels never read the
-        device on the host: the Triton one)."""
+        device on the host: the Triton one); `position_rows` > 1 for M-RoPE models."""
         self.model = model
+        self.position_rows = position_rows
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
@@ -143,7 +152,20 @@ class ModelRunner:
         self.encoder_cache = EncoderCache(encoder_cache_size)
         self.vision_seconds = 0.0  # measured only when execute() is asked to synchronise
         self.decode_graphs = (DecodeGraphs(model, self.kv_caches, min(max_num_seqs, 512), max_model_len, block_size,
-                                           device) if cuda_graphs else None)
+                                           device, position_rows) if cuda_graphs else None)
+
+    # Images in flight: their processed inputs stay until every sequence that uses them is done.
+    def pin_images(self, images: dict[int, ImageFeatures]) -> None:
+        for content_hash, image in images.items():
+            self.encoder_cache.register(content_hash, image)
+
+    def unpin_images(self, hashes) -> None:
+        for content_hash in hashes:
+            self.encoder_cache.release(content_hash)
+
+    @property
+    def images_encoded(self) -> int:
+        return self.encoder_cache.images_encoded
 
     def _bytes_per_block(self) -> int:
         m = self.model
@@ -184,17 +206,17 @@ class ModelRunner:
         if self.decode_graphs is not None and self.decode_graphs.fits(plan):
             return self.decode_graphs.run(plan)
         image_rows = image_embeds = None
-        chunks = plan.image_chunks
+        chunks = plan.image_chunks  # (dst row, first embedding, length) of each run, and its image's hash
         if len(chunks):
-            hashes = [int(h) & ((1 << 64) - 1) for h in chunks[:, 0]]  # back from int64 bits to u64
+            hashes = plan.image_hashes.tolist()
             started = self._sync_time(synchronize)
             images = self.encoder_cache.get_many(hashes, self.model.encode_images)
             if synchronize:
                 self.vision_seconds += self._sync_time(True) - started
             # One index per image token: cheap (images per step), and the copy itself is one op.
-            dst = np.concatenate([np.arange(d, d + n) for d, n in zip(chunks[:, 1], chunks[:, 3], strict=True)])
+            dst = np.concatenate([np.arange(d, d + n) for d, n in zip(chunks[:, 0], chunks[:, 2], strict=True)])
             image_rows = self._tensor(dst)
-            image_embeds = torch.cat([images[h][s:s + n] for h, s, n in zip(hashes, chunks[:, 2], chunks[:, 3],
+            image_embeds = torch.cat([images[h][s:s + n] for h, s, n in zip(hashes, chunks[:, 1], chunks[:, 2],
                                                                             strict=True)])
         meta = AttentionMetadata(
             query_start_loc=self._tensor(plan.query_start_loc),
@@ -204,5 +226,10 @@ class ModelRunner:
             max_query_len=int(plan.max_query_len),
             max_seq_len=int(plan.max_seq_len),
         )
-        return self.model.forward(self._tensor(plan.input_ids), self._tensor(plan.positions), self.kv_caches, meta,
+        positions = plan.positions if self.position_rows > 1 else plan.positions[0]
+        return self.model.forward(self._tensor(plan.input_ids), self._tensor(positions), self.kv_caches, meta,
                                   image_rows, image_embeds)
+
+    def compute_logits(self, hidden: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        """fp32 logits of the given rows of a step's hidden states."""
+        return self.model.compute_logits(hidden[torch.from_numpy(rows).to(self.device)]).float()

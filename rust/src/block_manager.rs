@@ -7,22 +7,33 @@ use rustc_hash::FxHashMap;
 
 const NONE: u32 = u32::MAX;
 
-/// An image's placeholder span in a sequence's tokens, and the hash of the image's content.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A run of a sequence's tokens that take image embeddings: tokens `start..start + len` take
+/// embeddings `offset..offset + len` of the image whose content hash is `hash`. One image may have
+/// several runs (Idefics3 puts row/column tokens between its tiles). An `atomic` run is never split
+/// across prefill chunks (Gemma 3's image tokens attend to each other bidirectionally).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ImageSpan {
     pub start: usize,
     pub len: usize,
     pub hash: u64,
+    pub offset: usize,
+    pub atomic: bool,
 }
 
-/// The extra keys of block `idx`: (content hash, offset of the block's first token into the image)
-/// of every image whose span overlaps the block. Placeholder ids alone do not identify an image.
+impl ImageSpan {
+    pub fn end(&self) -> usize {
+        self.start + self.len
+    }
+}
+
+/// The extra keys of block `idx`: (content hash, embedding index at the block's first token) of
+/// every image run that overlaps the block. Placeholder ids alone do not identify an image.
 pub fn extra_keys(images: &[ImageSpan], idx: usize, block_size: usize) -> Vec<(u64, i64)> {
     let (lo, hi) = (idx * block_size, (idx + 1) * block_size);
     images
         .iter()
-        .filter(|im| im.start < hi && im.start + im.len > lo)
-        .map(|im| (im.hash, lo as i64 - im.start as i64))
+        .filter(|im| im.start < hi && im.end() > lo)
+        .map(|im| (im.hash, im.offset as i64 + lo as i64 - im.start as i64))
         .collect()
 }
 

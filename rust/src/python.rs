@@ -8,6 +8,7 @@ use numpy::{PyArray1, PyArray2, PyReadonlyArray1};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 
+use crate::block_manager::ImageSpan;
 use crate::detokenizer;
 use crate::scheduler::{self, SamplingParams, SchedulerConfig};
 use crate::tokenizer;
@@ -72,13 +73,15 @@ impl Tokenizer {
         self.inner.vocab_size()
     }
 
-    fn expand_image_tokens(
+    /// Replaces the i-th `placeholder` id with `replacements[i]`; returns the ids and where each
+    /// replacement starts in them.
+    fn expand_placeholders(
         &self,
         ids: Vec<u32>,
-        image_token_id: u32,
-        tokens_per_image: Vec<usize>,
+        placeholder: u32,
+        replacements: Vec<Vec<u32>>,
     ) -> PyResult<tokenizer::Expanded> {
-        tokenizer::expand_image_tokens(&ids, image_token_id, &tokens_per_image).map_err(value_err)
+        tokenizer::expand_placeholders(&ids, placeholder, &replacements).map_err(value_err)
     }
 }
 
@@ -114,7 +117,7 @@ impl IncrementalDetokenizer {
 #[pyclass(module = "cultengine._core", frozen, get_all)]
 pub struct StepPlan {
     input_ids: Py<PyArray1<i64>>,
-    positions: Py<PyArray1<i64>>,
+    positions: Py<PyArray2<i64>>,
     slot_mapping: Py<PyArray1<i64>>,
     query_start_loc: Py<PyArray1<i32>>,
     seq_lens: Py<PyArray1<i32>>,
@@ -132,6 +135,7 @@ pub struct StepPlan {
     prompt_lp_indices: Py<PyArray1<i64>>,
     prompt_lp_targets: Py<PyArray1<i64>>,
     image_chunks: Py<PyArray2<i64>>,
+    image_hashes: Py<PyArray1<u64>>,
 }
 
 fn arr<T: numpy::Element>(py: Python<'_>, v: Vec<T>) -> Py<PyArray1<T>> {
@@ -139,15 +143,17 @@ fn arr<T: numpy::Element>(py: Python<'_>, v: Vec<T>) -> Py<PyArray1<T>> {
 }
 
 fn arr2<T: numpy::Element>(py: Python<'_>, v: Vec<T>, cols: usize) -> Py<PyArray2<T>> {
-    let a = Array2::from_shape_vec((v.len() / cols, cols), v).expect("rows * cols elements");
+    let rows = v.len().checked_div(cols).unwrap_or(0);
+    let a = Array2::from_shape_vec((rows, cols), v).expect("rows * cols elements");
     PyArray2::from_owned_array(py, a).unbind()
 }
 
 impl StepPlan {
     fn new(py: Python<'_>, p: scheduler::StepPlan) -> Self {
+        let num_tokens = p.input_ids.len();
         Self {
             input_ids: arr(py, p.input_ids),
-            positions: arr(py, p.positions),
+            positions: arr2(py, p.positions, num_tokens),
             slot_mapping: arr(py, p.slot_mapping),
             query_start_loc: arr(py, p.query_start_loc),
             seq_lens: arr(py, p.seq_lens),
@@ -164,7 +170,8 @@ impl StepPlan {
             output_index: arr(py, p.output_index),
             prompt_lp_indices: arr(py, p.prompt_lp_indices),
             prompt_lp_targets: arr(py, p.prompt_lp_targets),
-            image_chunks: arr2(py, p.image_chunks, 4),
+            image_chunks: arr2(py, p.image_chunks, 3),
+            image_hashes: arr(py, p.image_hashes),
         }
     }
 }
@@ -225,7 +232,8 @@ fn slice<'a, T: numpy::Element>(a: &'a PyReadonlyArray1<'_, T>, name: &str) -> P
 impl Scheduler {
     #[new]
     #[pyo3(signature = (tokenizer, num_blocks, block_size = 16, max_num_seqs = 256, max_num_batched_tokens = 8192,
-                        max_model_len = 4096, enable_prefix_caching = true, eos_token_ids = Vec::new()))]
+                        max_model_len = 4096, enable_prefix_caching = true, eos_token_ids = Vec::new(),
+                        position_rows = 1))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         tokenizer: &Tokenizer,
@@ -236,7 +244,11 @@ impl Scheduler {
         max_model_len: usize,
         enable_prefix_caching: bool,
         eos_token_ids: Vec<u32>,
+        position_rows: usize,
     ) -> PyResult<Self> {
+        if position_rows == 0 {
+            return Err(PyValueError::new_err("position_rows must be >= 1"));
+        }
         let cfg = SchedulerConfig {
             num_blocks,
             block_size,
@@ -245,20 +257,23 @@ impl Scheduler {
             max_model_len,
             enable_prefix_caching,
             eos_token_ids,
+            position_rows,
         };
         let inner = scheduler::Scheduler::new(tokenizer.inner.clone(), cfg).map_err(value_err)?;
         Ok(Self { inner })
     }
 
+    /// `images`: (start, length, content hash, first embedding, atomic) of each run of image tokens.
     #[pyo3(signature = (seq_id, prompt_ids, images, max_tokens, temperature = 0.0, top_p = 1.0, top_k = -1,
                         seed = 0, stop = Vec::new(), stop_token_ids = Vec::new(), ignore_eos = false,
-                        skip_special_tokens = true, prompt_logprobs_from = -1))]
+                        skip_special_tokens = true, prompt_logprobs_from = -1, positions = Vec::new(),
+                        position_delta = 0))]
     #[allow(clippy::too_many_arguments)]
     fn add_sequence(
         &mut self,
         seq_id: i64,
         prompt_ids: Vec<u32>,
-        images: Vec<(usize, usize, u64)>,
+        images: Vec<(usize, usize, u64, usize, bool)>,
         max_tokens: i64,
         temperature: f32,
         top_p: f32,
@@ -269,6 +284,8 @@ impl Scheduler {
         ignore_eos: bool,
         skip_special_tokens: bool,
         prompt_logprobs_from: i64,
+        positions: Vec<i64>,
+        position_delta: i64,
     ) -> PyResult<()> {
         let max_tokens = usize::try_from(max_tokens).map_err(|_| {
             PyValueError::new_err(format!(
@@ -287,8 +304,25 @@ impl Scheduler {
             skip_special_tokens,
             prompt_logprobs_from,
         };
+        let spans: Vec<ImageSpan> = images
+            .into_iter()
+            .map(|(start, len, hash, offset, atomic)| ImageSpan {
+                start,
+                len,
+                hash,
+                offset,
+                atomic,
+            })
+            .collect();
         self.inner
-            .add_sequence(seq_id, prompt_ids, &images, params)
+            .add_sequence(
+                seq_id,
+                prompt_ids,
+                &spans,
+                positions,
+                position_delta,
+                params,
+            )
             .map_err(value_err)
     }
 

@@ -23,6 +23,7 @@ pub struct SchedulerConfig {
     pub max_model_len: usize,
     pub enable_prefix_caching: bool,
     pub eos_token_ids: Vec<u32>,
+    pub position_rows: usize, // 1: plain positions; 3: M-RoPE (temporal, height, width)
 }
 
 impl Default for SchedulerConfig {
@@ -35,6 +36,7 @@ impl Default for SchedulerConfig {
             max_model_len: 4096,
             enable_prefix_caching: true,
             eos_token_ids: Vec::new(),
+            position_rows: 1,
         }
     }
 }
@@ -87,7 +89,7 @@ pub struct FinishedSequence {
 #[derive(Clone, Debug, Default)]
 pub struct StepPlan {
     pub input_ids: Vec<i64>,
-    pub positions: Vec<i64>,
+    pub positions: Vec<i64>, // [position_rows, T], row-major
     pub slot_mapping: Vec<i64>,
     pub query_start_loc: Vec<i32>,
     pub seq_lens: Vec<i32>,
@@ -105,7 +107,8 @@ pub struct StepPlan {
     pub output_index: Vec<i64>,
     pub prompt_lp_indices: Vec<i64>,
     pub prompt_lp_targets: Vec<i64>,
-    pub image_chunks: Vec<i64>, // [K, 4], row-major
+    pub image_chunks: Vec<i64>, // [K, 3], row-major: (dst row, first embedding, length)
+    pub image_hashes: Vec<u64>, // [K]: the content hash of each chunk's image
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -123,6 +126,8 @@ struct Seq {
     tokens: Vec<u32>, // prompt then output
     prompt_len: usize,
     images: Vec<ImageSpan>,
+    positions: Vec<i64>, // [position_rows, prompt_len] given with the prompt; empty: plain positions
+    position_delta: i64, // an output token at `pos` has position `pos + position_delta` in every row
     params: SamplingParams,
     lp_from: usize, // 0: no prompt logprobs
     blocks: Vec<u32>,
@@ -139,6 +144,28 @@ struct Seq {
 impl Seq {
     fn num_output(&self) -> usize {
         self.tokens.len() - self.prompt_len
+    }
+
+    /// Position of token `pos` in position row `row`.
+    fn position(&self, row: usize, pos: usize) -> i64 {
+        if pos < self.prompt_len && !self.positions.is_empty() {
+            self.positions[row * self.prompt_len + pos]
+        } else {
+            pos as i64 + self.position_delta
+        }
+    }
+
+    /// Tokens to compute from `start` within `budget`: the chunk never ends inside an atomic image
+    /// run (0 when that run does not fit; a run that began before `start` was a prefix-cache hit,
+    /// whose cached KV is valid, so only the rest of it must come in one piece).
+    fn chunk_len(&self, start: usize, budget: usize) -> usize {
+        let end = (start + budget).min(self.tokens.len());
+        let cut = self
+            .images
+            .iter()
+            .find(|im| im.atomic && im.start < end && end < im.end() && im.end() > start)
+            .map_or(end, |im| im.start.max(start));
+        cut - start
     }
 
     fn ensure_hashes(&mut self, n: usize, bs: usize) {
@@ -235,12 +262,15 @@ impl Scheduler {
         &self.stats
     }
 
-    /// `images`: (start, length, content hash) of each image's placeholder span in `prompt`.
+    /// `images`: the runs of `prompt` that take image embeddings. `positions`: the prompt's
+    /// positions, `[position_rows, prompt.len()]` row-major, or empty for `0..len` in every row.
     pub fn add_sequence(
         &mut self,
         seq_id: i64,
         prompt: Vec<u32>,
-        images: &[(usize, usize, u64)],
+        images: &[ImageSpan],
+        positions: Vec<i64>,
+        position_delta: i64,
         params: SamplingParams,
     ) -> Result<(), String> {
         let (n, bs) = (prompt.len(), self.cfg.block_size);
@@ -267,18 +297,36 @@ impl Scheduler {
                 self.cfg.num_blocks
             ));
         }
-        let mut spans: Vec<ImageSpan> = images
-            .iter()
-            .map(|&(start, len, hash)| ImageSpan { start, len, hash })
-            .collect();
+        let mut spans = images.to_vec();
         spans.sort_by_key(|s| s.start);
-        for s in &spans {
-            if s.len == 0 || s.start + s.len > n {
+        for (i, s) in spans.iter().enumerate() {
+            if s.len == 0 || s.end() > n {
                 return Err(format!(
                     "sequence {seq_id}: image span ({}, {}) is outside the prompt of length {n}",
                     s.start, s.len
                 ));
             }
+            if i > 0 && spans[i - 1].end() > s.start {
+                return Err(format!(
+                    "sequence {seq_id}: image spans starting at {} and {} overlap",
+                    spans[i - 1].start,
+                    s.start
+                ));
+            }
+            if s.atomic && s.len > self.cfg.max_num_batched_tokens {
+                return Err(format!(
+                    "sequence {seq_id}: an image of {} tokens must be computed in one step, but \
+                     max_num_batched_tokens is {}; raise it",
+                    s.len, self.cfg.max_num_batched_tokens
+                ));
+            }
+        }
+        let rows = self.cfg.position_rows;
+        if !positions.is_empty() && positions.len() != rows * n {
+            return Err(format!(
+                "sequence {seq_id}: {} positions given for {rows} row(s) of {n} prompt tokens",
+                positions.len()
+            ));
         }
         let lp_from = if params.prompt_logprobs_from >= 1 {
             params.prompt_logprobs_from as usize
@@ -301,6 +349,8 @@ impl Scheduler {
             tokens: prompt,
             prompt_len: n,
             images: spans,
+            positions,
+            position_delta,
             lp_from,
             blocks: Vec::new(),
             num_computed: 0,
@@ -356,7 +406,12 @@ impl Scheduler {
             let id = self.running[i];
             let seq = &self.seqs[&id];
             let start = seq.num_computed;
-            let len = (seq.tokens.len() - start).min(budget);
+            let len = seq.chunk_len(start, budget);
+            if len == 0 {
+                // An image that must be computed whole does not fit what is left of the budget.
+                i += 1;
+                continue;
+            }
             let need = (start + len).div_ceil(bs) - seq.blocks.len();
             // Out of blocks: preempt the most recently admitted sequence, possibly this one.
             while self.bm.num_free() < need && self.running.last() != Some(&id) {
@@ -398,9 +453,9 @@ impl Scheduler {
                 Vec::new()
             };
             let start = hit.len() * bs;
-            let len = (seq.tokens.len() - start).min(budget);
+            let len = seq.chunk_len(start, budget);
             let need = (start + len).div_ceil(bs) - hit.len();
-            if !self.bm.can_take(&hit, need) {
+            if len == 0 || !self.bm.can_take(&hit, need) {
                 break;
             }
             self.bm.take_hits(&hit);
@@ -441,10 +496,11 @@ impl Scheduler {
 
     fn build_plan(&mut self, chunks: &[(i64, usize, usize)], width: usize) -> StepPlan {
         let bs = self.cfg.block_size as i64;
+        let rows = self.cfg.position_rows;
         let total: usize = chunks.iter().map(|c| c.2).sum();
         let mut p = StepPlan {
             input_ids: Vec::with_capacity(total),
-            positions: Vec::with_capacity(total),
+            positions: vec![0; rows * total],
             slot_mapping: Vec::with_capacity(total),
             query_start_loc: Vec::with_capacity(chunks.len() + 1),
             seq_lens: Vec::with_capacity(chunks.len()),
@@ -460,8 +516,11 @@ impl Scheduler {
             let row0 = p.input_ids.len();
             let end = start + len;
             for pos in start..end {
+                let row = p.input_ids.len();
+                for r in 0..rows {
+                    p.positions[r * total + row] = seq.position(r, pos);
+                }
                 p.input_ids.push(seq.tokens[pos] as i64);
-                p.positions.push(pos as i64);
                 p.slot_mapping
                     .push(seq.blocks[pos / bs as usize] as i64 * bs + pos as i64 % bs);
             }
@@ -497,14 +556,14 @@ impl Scheduler {
                 }
             }
             for im in &seq.images {
-                let (lo, hi) = (start.max(im.start), end.min(im.start + im.len));
+                let (lo, hi) = (start.max(im.start), end.min(im.end()));
                 if lo < hi {
                     p.image_chunks.extend([
-                        im.hash as i64,
                         (row0 + lo - start) as i64,
-                        (lo - im.start) as i64,
+                        (im.offset + lo - im.start) as i64,
                         (hi - lo) as i64,
                     ]);
+                    p.image_hashes.push(im.hash);
                 }
             }
             let is_decode = len == 1 && start >= seq.prompt_len;

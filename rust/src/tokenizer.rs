@@ -68,37 +68,36 @@ impl Tokenizer {
     }
 }
 
-/// Expanded token ids and each image's (start, length) span in them.
-pub type Expanded = (Vec<u32>, Vec<(usize, usize)>);
+/// Expanded token ids and where each placeholder's replacement starts in them.
+pub type Expanded = (Vec<u32>, Vec<usize>);
 
-/// Repeats the i-th `image_token_id` placeholder `tokens_per_image[i]` times.
-/// Returns the expanded ids and each image's (start, length) span in them.
-pub fn expand_image_tokens(
+/// Replaces the i-th `placeholder` id in `ids` with `replacements[i]` (an image's tokens: its
+/// embedding slots and whatever a family puts around them).
+pub fn expand_placeholders(
     ids: &[u32],
-    image_token_id: u32,
-    tokens_per_image: &[usize],
+    placeholder: u32,
+    replacements: &[Vec<u32>],
 ) -> Result<Expanded, String> {
-    let placeholders = ids.iter().filter(|&&t| t == image_token_id).count();
-    if placeholders != tokens_per_image.len() {
+    let placeholders = ids.iter().filter(|&&t| t == placeholder).count();
+    if placeholders != replacements.len() {
         return Err(format!(
-            "prompt has {placeholders} image placeholder token(s) (id {image_token_id}) but {} image(s) were given",
-            tokens_per_image.len()
+            "prompt has {placeholders} image placeholder token(s) (id {placeholder}) but {} image(s) were given",
+            replacements.len()
         ));
     }
-    let extra: usize = tokens_per_image.iter().sum::<usize>();
+    let extra: usize = replacements.iter().map(Vec::len).sum();
     let mut out = Vec::with_capacity(ids.len() + extra);
-    let mut spans = Vec::with_capacity(placeholders);
-    let mut images = tokens_per_image.iter();
+    let mut starts = Vec::with_capacity(placeholders);
+    let mut next = replacements.iter();
     for &t in ids {
-        if t == image_token_id {
-            let n = *images.next().expect("counted above");
-            spans.push((out.len(), n));
-            out.extend(std::iter::repeat_n(t, n));
+        if t == placeholder {
+            starts.push(out.len());
+            out.extend_from_slice(next.next().expect("counted above"));
         } else {
             out.push(t);
         }
     }
-    Ok((out, spans))
+    Ok((out, starts))
 }
 
 #[cfg(test)]
@@ -106,15 +105,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn expand_repeats_each_placeholder() {
-        let (ids, spans) = expand_image_tokens(&[1, 9, 2, 9, 3], 9, &[3, 2]).unwrap();
-        assert_eq!(ids, vec![1, 9, 9, 9, 2, 9, 9, 3]);
-        assert_eq!(spans, vec![(1, 3), (5, 2)]);
+    fn expand_replaces_each_placeholder() {
+        let (ids, starts) =
+            expand_placeholders(&[1, 9, 2, 9, 3], 9, &[vec![9, 9, 9], vec![7, 9]]).unwrap();
+        assert_eq!(ids, vec![1, 9, 9, 9, 2, 7, 9, 3]);
+        assert_eq!(starts, vec![1, 5]);
     }
 
     #[test]
     fn expand_count_mismatch_names_both_counts() {
-        let err = expand_image_tokens(&[1, 9, 2], 9, &[3, 2]).unwrap_err();
+        let err = expand_placeholders(&[1, 9, 2], 9, &[vec![9], vec![9]]).unwrap_err();
         assert!(
             err.contains("1 image placeholder") && err.contains("2 image(s)"),
             "{err}"

@@ -70,6 +70,7 @@ fn hits_require_identical_tokens_and_image_hashes() {
             start: 2,
             len: 5,
             hash,
+            ..Default::default()
         }]
     };
     let tokens: Vec<u32> = vec![1, 2, 7, 7, 7, 7, 7, 3, 4, 5, 6, 8, 9];
@@ -93,6 +94,7 @@ fn hits_require_identical_tokens_and_image_hashes() {
         start: 3,
         len: 4,
         hash: 111,
+        ..Default::default()
     }];
     assert_eq!(
         bm.lookup(&hashes(&tokens, &shifted), &tokens, &shifted)
@@ -121,6 +123,7 @@ fn hash_collision_never_returns_other_content() {
         start: 0,
         len: 4,
         hash: 9,
+        ..Default::default()
     }];
     assert!(bm.lookup(&[12345], &[1, 2, 3, 4], &im).is_empty());
     assert_eq!(bm.lookup(&[12345], &[1, 2, 3, 4], &[]), blocks);

@@ -5,6 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use _core::block_manager::ImageSpan;
 use _core::scheduler::{FinishedSequence, SamplingParams, Scheduler, SchedulerConfig, StepPlan};
 use _core::tokenizer::Tokenizer;
 
@@ -51,12 +52,13 @@ impl FakeModel {
             .iter()
             .map(|&id| (id as u32 != IMG).then(|| mix(id as u64, 77)))
             .collect();
-        for c in p.image_chunks.chunks(4) {
-            for k in 0..c[3] as usize {
-                let row = c[1] as usize + k;
+        assert_eq!(p.image_chunks.len(), 3 * p.image_hashes.len());
+        for (c, &hash) in p.image_chunks.chunks(3).zip(&p.image_hashes) {
+            for k in 0..c[2] as usize {
+                let row = c[0] as usize + k;
                 assert_eq!(p.input_ids[row], IMG as i64);
                 assert!(emb[row].is_none(), "image row {row} given twice");
-                emb[row] = Some(mix(c[0] as u64, (c[2] as u64) + k as u64));
+                emb[row] = Some(mix(hash, (c[1] as u64) + k as u64));
             }
         }
         let mut state = vec![0u64; t];
@@ -106,7 +108,7 @@ impl FakeModel {
 
 struct Request {
     prompt: Vec<u32>,
-    images: Vec<(usize, usize, u64)>,
+    images: Vec<ImageSpan>,
     params: SamplingParams,
 }
 
@@ -126,7 +128,13 @@ fn random_requests(seed: u64, n: usize) -> Vec<Request> {
             for _ in 0..rng.below(3) {
                 prompt.extend((0..rng.below(6)).map(|_| 10 + rng.below(380) as u32));
                 let len = 3 + rng.below(20);
-                images.push((prompt.len(), len, 1 + rng.below(3) as u64)); // few distinct images
+                images.push(ImageSpan {
+                    start: prompt.len(),
+                    len,
+                    hash: 1 + rng.below(3) as u64, // few distinct images
+                    offset: rng.below(2) * 7,      // runs that start inside an image's embeddings
+                    atomic: rng.below(2) == 0,
+                });
                 prompt.extend(std::iter::repeat_n(IMG, len));
             }
             prompt.extend((0..1 + rng.below(30)).map(|_| 10 + rng.below(380) as u32));
@@ -174,8 +182,24 @@ fn run(
         // Requests arrive a few at a time while others run.
         for _ in 0..rng.below(4) {
             if let Some(r) = reqs.get(next) {
+                // An atomic run longer than the whole budget is refused: make those plain here.
+                let images: Vec<ImageSpan> = r
+                    .images
+                    .iter()
+                    .map(|&im| ImageSpan {
+                        atomic: im.atomic && im.len <= cfg.max_num_batched_tokens,
+                        ..im
+                    })
+                    .collect();
                 sched
-                    .add_sequence(next as i64, r.prompt.clone(), &r.images, r.params.clone())
+                    .add_sequence(
+                        next as i64,
+                        r.prompt.clone(),
+                        &images,
+                        vec![],
+                        0,
+                        r.params.clone(),
+                    )
                     .unwrap();
                 next += 1;
             }
@@ -201,6 +225,20 @@ fn run(
             "two rows write one slot"
         );
         assert!(plan.block_tables.iter().all(|&b| (b as usize) < nb));
+        for (b, &id) in plan.seq_ids.iter().enumerate() {
+            let (lo, hi) = (
+                plan.query_start_loc[b] as usize,
+                plan.query_start_loc[b + 1] as usize,
+            );
+            let (first, end) = (plan.positions[lo] as usize, plan.seq_lens[b] as usize);
+            for im in &reqs[id as usize].images {
+                let atomic = im.atomic && im.len <= cfg.max_num_batched_tokens;
+                assert!(
+                    !atomic || end <= im.start || end >= im.end() || first + (hi - lo) <= im.start,
+                    "atomic image run {im:?} split at {end}"
+                );
+            }
+        }
         let (s, lp, plp, greedy) = model.step(&plan);
         for f in sched.update(&s, &lp, &plp, &greedy).unwrap() {
             let r = &reqs[f.seq_id as usize];
@@ -233,6 +271,7 @@ fn config(
         max_model_len: 1024,
         enable_prefix_caching: caching,
         eos_token_ids: vec![EOS],
+        position_rows: 1,
     }
 }
 
@@ -313,7 +352,7 @@ fn prefix_hit_is_reported_and_capped() {
     };
     let mut finish = |sched: &mut Scheduler, id: i64, lp: i64| {
         sched
-            .add_sequence(id, prompt.clone(), &[], params(lp))
+            .add_sequence(id, prompt.clone(), &[], vec![], 0, params(lp))
             .unwrap();
         loop {
             let plan = sched.schedule().unwrap();
@@ -352,6 +391,8 @@ fn chunked_prefill_shares_the_step_with_decodes() {
             0,
             vec![11; 10],
             &[],
+            vec![],
+            0,
             SamplingParams {
                 max_tokens: 30,
                 ignore_eos: true,
@@ -363,7 +404,7 @@ fn chunked_prefill_shares_the_step_with_decodes() {
     let (s, l, pl, g) = model.step(&p);
     sched.update(&s, &l, &pl, &g).unwrap();
     sched
-        .add_sequence(1, vec![12; 100], &[], SamplingParams::default())
+        .add_sequence(1, vec![12; 100], &[], vec![], 0, SamplingParams::default())
         .unwrap();
     let p = sched.schedule().unwrap();
     // Decode first, then a 31-token chunk of the long prompt; nothing is sampled for the chunk.
@@ -436,7 +477,7 @@ fn stop_strings_eos_and_stop_tokens() {
         cfg.eos_token_ids = vec![eot];
         let mut sched = Scheduler::new(tok.clone(), cfg).unwrap();
         sched
-            .add_sequence(7, vec![30, 31, 32], &[], params.clone())
+            .add_sequence(7, vec![30, 31, 32], &[], vec![], 0, params.clone())
             .unwrap();
         let mut k = 0;
         let f = loop {
@@ -467,6 +508,7 @@ fn add_sequence_errors() {
         SchedulerConfig {
             num_blocks: 4,
             max_model_len: 100,
+            max_num_batched_tokens: 32,
             ..Default::default()
         },
     )
@@ -476,24 +518,49 @@ fn add_sequence_errors() {
         ..Default::default()
     };
     assert!(sched
-        .add_sequence(1, vec![], &[], p(1))
+        .add_sequence(1, vec![], &[], vec![], 0, p(1))
         .unwrap_err()
         .contains("empty"));
-    let e = sched.add_sequence(1, vec![1; 90], &[], p(20)).unwrap_err();
+    let e = sched
+        .add_sequence(1, vec![1; 90], &[], vec![], 0, p(20))
+        .unwrap_err();
     assert!(
         e.contains("90") && e.contains("20") && e.contains("100"),
         "{e}"
     );
-    let e = sched.add_sequence(1, vec![1; 60], &[], p(20)).unwrap_err();
+    let e = sched
+        .add_sequence(1, vec![1; 60], &[], vec![], 0, p(20))
+        .unwrap_err();
     assert!(e.contains("blocks"), "{e}");
-    sched.add_sequence(1, vec![1; 60], &[], p(5)).unwrap();
+    sched
+        .add_sequence(1, vec![1; 60], &[], vec![], 0, p(5))
+        .unwrap();
     assert!(sched
-        .add_sequence(1, vec![1; 3], &[], p(1))
+        .add_sequence(1, vec![1; 3], &[], vec![], 0, p(1))
         .unwrap_err()
         .contains("already"));
     assert!(sched
-        .add_sequence(2, vec![1; 3], &[(2, 5, 9)], p(1))
+        .add_sequence(2, vec![1; 3], &[span(2, 5, false)], vec![], 0, p(1))
         .is_err());
+    let e = sched
+        .add_sequence(3, vec![IMG; 40], &[span(0, 40, true)], vec![], 0, p(1))
+        .unwrap_err();
+    assert!(e.contains("max_num_batched_tokens"), "{e}");
+    let e = sched
+        .add_sequence(
+            4,
+            vec![IMG; 9],
+            &[span(0, 5, false), span(4, 5, false)],
+            vec![],
+            0,
+            p(1),
+        )
+        .unwrap_err();
+    assert!(e.contains("overlap"), "{e}");
+    let e = sched
+        .add_sequence(5, vec![1; 3], &[], vec![0, 1], 0, p(1))
+        .unwrap_err();
+    assert!(e.contains("positions"), "{e}");
     assert_eq!(sched.num_waiting(), 1);
 }
 
@@ -510,6 +577,8 @@ fn abort_releases_blocks_even_mid_step() {
                 id,
                 vec![20 + id as u32; 40],
                 &[],
+                vec![],
+                0,
                 SamplingParams {
                     max_tokens: 10,
                     ..Default::default()
@@ -540,7 +609,7 @@ fn schedule_512_decodes_is_fast() {
             ..Default::default()
         };
         sched
-            .add_sequence(id, vec![10 + (id % 300) as u32; 500], &[], p)
+            .add_sequence(id, vec![10 + (id % 300) as u32; 500], &[], vec![], 0, p)
             .unwrap();
     }
     let mut times = Vec::new();
@@ -581,6 +650,8 @@ fn identical_prompts_share_blocks_within_one_step() {
                 id,
                 prompt.clone(),
                 &[],
+                vec![],
+                0,
                 SamplingParams {
                     max_tokens: 4,
                     ..Default::default()
@@ -614,15 +685,72 @@ fn abort_before_update_uncaches_what_the_plan_was_to_write() {
     let mut sched = Scheduler::new(tok(), config(16, true, 1024, 8, 16)).unwrap();
     let prompt: Vec<u32> = (100..140).collect();
     sched
-        .add_sequence(0, prompt.clone(), &[], SamplingParams::default())
+        .add_sequence(0, prompt.clone(), &[], vec![], 0, SamplingParams::default())
         .unwrap();
     sched.schedule().unwrap();
     assert_eq!(sched.block_manager().num_cached(), 2);
     sched.abort(0).unwrap();
     assert_eq!(sched.block_manager().num_cached(), 0);
     sched
-        .add_sequence(1, prompt, &[], SamplingParams::default())
+        .add_sequence(1, prompt, &[], vec![], 0, SamplingParams::default())
         .unwrap();
     sched.schedule().unwrap();
     assert_eq!(sched.stats().prefix_cache_hit_tokens, 0);
+}
+
+fn span(start: usize, len: usize, atomic: bool) -> ImageSpan {
+    ImageSpan {
+        start,
+        len,
+        hash: 9,
+        offset: 0,
+        atomic,
+    }
+}
+
+#[test]
+fn atomic_image_moves_whole_to_the_next_step() {
+    // Budget 12: the 10-token atomic image cannot start in a step that has only 6 tokens left.
+    let mut sched = Scheduler::new(tok(), config(64, false, 12, 8, 4)).unwrap();
+    let mut prompt = vec![11; 6];
+    prompt.extend([IMG; 10]);
+    prompt.extend([12; 3]);
+    let p = SamplingParams {
+        max_tokens: 1,
+        ..Default::default()
+    };
+    sched
+        .add_sequence(0, prompt, &[span(6, 10, true)], vec![], 0, p)
+        .unwrap();
+    let mut chunks = Vec::new();
+    while let Some(plan) = sched.schedule() {
+        chunks.push((plan.positions[0], plan.input_ids.len()));
+        let n = plan.sample_indices.len();
+        sched
+            .update(&vec![EOS as i64; n], &vec![0.0; n], &[], &[])
+            .unwrap();
+    }
+    assert_eq!(chunks, vec![(0, 6), (6, 12), (18, 1)]);
+}
+
+#[test]
+fn explicit_position_rows_then_delta_for_outputs() {
+    let mut cfg = config(64, false, 64, 8, 4);
+    cfg.position_rows = 3;
+    let mut sched = Scheduler::new(tok(), cfg).unwrap();
+    // Three rows for a 4-token prompt (M-RoPE style); outputs continue at pos + delta.
+    let positions = vec![0, 1, 1, 3, 0, 1, 2, 3, 0, 2, 1, 3];
+    let p = SamplingParams {
+        max_tokens: 3,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    sched
+        .add_sequence(0, vec![11, 12, 13, 14], &[], positions.clone(), -1, p)
+        .unwrap();
+    let plan = sched.schedule().unwrap();
+    assert_eq!(plan.positions, positions);
+    sched.update(&[20], &[0.0], &[], &[]).unwrap();
+    let plan = sched.schedule().unwrap();
+    assert_eq!(plan.positions, vec![3, 3, 3]); // token 4 at position 4 - 1 in every row
 }

@@ -1,7 +1,8 @@
-"""CLIP patch embedding in one kernel: patchify + projection GEMM + class token + position embeddings.
+"""ViT patch embedding in one kernel: patchify + projection GEMM (+ bias) (+ class token) + position embeddings.
 
-Output row r of image n is token t = r % (1 + num_patches): t = 0 is the class token (its GEMM row is
-all zeros and the class embedding is added instead), t >= 1 is patch t - 1 in row-major order. The GEMM
+Output row r of image n is token t = r % tokens_per_image. With a class token (CLIP), t = 0 is the class
+token (its GEMM row is all zeros and the class embedding is added instead) and t >= 1 is patch t - 1 in
+row-major order; without one (SigLIP), t is patch t and the projection's bias is added. The GEMM
 reads the pixels straight from the image (no im2col copy): column k of the patch matrix is pixel
 (c, i, j) = (k // P², (k // P) % P, k % P) of the patch, the order of the conv weight reshaped [E, C*P*P].
 """
@@ -14,10 +15,11 @@ import triton.language as tl
 
 
 @triton.jit
-def _patch_embed_kernel(pix_ptr, w_ptr, cls_ptr, pos_ptr, out_ptr, num_rows, embed_dim, k_dim,
+def _patch_embed_kernel(pix_ptr, w_ptr, bias_ptr, cls_ptr, pos_ptr, out_ptr, num_rows, embed_dim, k_dim,
                         grid_w, tokens_per_image, stride_pn, stride_pc, stride_ph, stride_pw, stride_we,
-                        stride_pos, stride_cls, PATCH: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+                        stride_pos, stride_cls, PATCH: tl.constexpr, HAS_CLS: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -27,10 +29,10 @@ def _patch_embed_kernel(pix_ptr, w_ptr, cls_ptr, pos_ptr, out_ptr, num_rows, emb
 
     image = rows // tokens_per_image
     token = rows % tokens_per_image
-    patch = tl.maximum(token - 1, 0)
+    patch = tl.maximum(token - HAS_CLS, 0)
     row_off = (image.to(tl.int64) * stride_pn + (patch // grid_w) * PATCH * stride_ph
                + (patch % grid_w) * PATCH * stride_pw)
-    is_patch = mask_r & (token > 0)
+    is_patch = mask_r & (token >= HAS_CLS)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, k_dim, BLOCK_K):
@@ -45,21 +47,26 @@ def _patch_embed_kernel(pix_ptr, w_ptr, cls_ptr, pos_ptr, out_ptr, num_rows, emb
         # Pixels are cast to the weight dtype first, as the reference conv does.
         acc = tl.dot(a.to(b.dtype), b, acc, input_precision=PRECISION)
 
-    cls = tl.load(cls_ptr + cols * stride_cls, mask=mask_c, other=0.0).to(tl.float32)
     mask = mask_r[:, None] & mask_c[None, :]
     pos = tl.load(pos_ptr + token[:, None] * stride_pos + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    acc += pos + tl.where(token[:, None] == 0, cls[None, :], 0.0)
+    acc += pos
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    if HAS_CLS:
+        cls = tl.load(cls_ptr + cols * stride_cls, mask=mask_c, other=0.0).to(tl.float32)
+        acc += tl.where(token[:, None] == 0, cls[None, :], 0.0)
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * embed_dim + cols[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def patch_embed(pixels: torch.Tensor, weight: torch.Tensor, class_embedding: torch.Tensor,
-                position_embedding: torch.Tensor) -> torch.Tensor:
-    """`ops.patch_embed`: `[N, C, H, W]` pixels to `[N, 1 + (H//P)*(W//P), E]` in the weight's dtype."""
+def patch_embed(pixels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                class_embedding: torch.Tensor | None, position_embedding: torch.Tensor) -> torch.Tensor:
+    """`ops.patch_embed`: `[N, C, H, W]` pixels to `[N, (1 +) (H//P)*(W//P), E]` in the weight's dtype."""
     n, c, h, w = pixels.shape
     e, _, p, _ = weight.shape
     grid_h, grid_w = h // p, w // p  # like the strided conv, a ragged edge is dropped
-    tokens = 1 + grid_h * grid_w
+    has_cls = class_embedding is not None
+    tokens = has_cls + grid_h * grid_w
     assert position_embedding.shape == (tokens, e), "position embeddings must match the patch grid"
     w2 = weight.reshape(e, c * p * p)
     if w2.stride(-1) != 1:
@@ -70,8 +77,9 @@ def patch_embed(pixels: torch.Tensor, weight: torch.Tensor, class_embedding: tor
     block_m, block_n, block_k = 64, 128, 32
     grid = (triton.cdiv(n * tokens, block_m), triton.cdiv(e, block_n))
     _patch_embed_kernel[grid](
-        pixels, w2, class_embedding, pos, out, n * tokens, e, c * p * p, grid_w, tokens,
-        pixels.stride(0), pixels.stride(1), pixels.stride(2), pixels.stride(3), w2.stride(0), pos.stride(0),
-        class_embedding.stride(0), PATCH=p, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        pixels, w2, bias if bias is not None else w2, class_embedding if has_cls else w2, pos, out, n * tokens, e,
+        c * p * p, grid_w, tokens, pixels.stride(0), pixels.stride(1), pixels.stride(2), pixels.stride(3),
+        w2.stride(0), pos.stride(0), class_embedding.stride(0) if has_cls else 0, PATCH=p, HAS_CLS=has_cls,
+        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         PRECISION="ieee" if weight.dtype == torch.float32 else "tf32", num_warps=4, num_stages=3)
     return out

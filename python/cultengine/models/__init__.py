@@ -1,19 +1,35 @@
-"""Model registry: a loaded `Checkpoint` + an `Ops` instance -> a ready model."""
+"""Model registry: the one list of supported architectures, each naming its family's module and class.
+
+Adding a family is one file in this package (a `Family` subclass and its model; see
+docs/ARCHITECTURE.md) and one line below.
+"""
 
 from __future__ import annotations
 
-from ..checkpoint import SUPPORTED_ARCHITECTURES, Checkpoint, CheckpointError
-from .llava import LlavaModel
+import importlib
 
-_MODELS = {"LlavaForConditionalGeneration": LlavaModel}
-assert set(_MODELS) == set(SUPPORTED_ARCHITECTURES)
+from ..checkpoint import Checkpoint
+from ..errors import CheckpointError
+from .family import Family, ImageFeatures, Model
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "LlavaModel", "build_model"]
+FAMILIES: dict[str, str] = {
+    "LlavaForConditionalGeneration": "llava.Llava",
+}
+SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
+
+__all__ = ["FAMILIES", "SUPPORTED_ARCHITECTURES", "Family", "ImageFeatures", "Model", "build_model", "family_for"]
 
 
-def build_model(checkpoint: Checkpoint, ops, max_positions: int | None = None) -> LlavaModel:
+def family_for(checkpoint: Checkpoint, image_backend: str | None = None) -> Family:
+    """The family of `checkpoint`'s architecture, its config parsed (CheckpointError if unsupported or bad)."""
+    entry = FAMILIES.get(checkpoint.architecture)
+    if entry is None:
+        raise CheckpointError(f"{checkpoint.path / 'config.json'}: architecture {checkpoint.architecture!r} is not "
+                              f"supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    module, cls = entry.rsplit(".", 1)
+    return getattr(importlib.import_module(f".{module}", __package__), cls)(checkpoint, image_backend)
+
+
+def build_model(checkpoint: Checkpoint, ops, max_positions: int | None = None) -> Model:
     """Read the weights of `checkpoint` and build its model; `max_positions` sizes the RoPE tables."""
-    if checkpoint.architecture not in _MODELS:
-        raise CheckpointError(f"architecture {checkpoint.architecture!r} is not supported "
-                              f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-    return _MODELS[checkpoint.architecture](checkpoint, ops, max_positions=max_positions)
+    return family_for(checkpoint).build_model(ops, max_positions)

@@ -6,25 +6,122 @@ all use RMSNorm, rotate-half RoPE, grouped-query attention and a SwiGLU MLP.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
 from .. import ops as ops_module
 from ..checkpoint import Checkpoint
+from ..errors import CheckpointError, config_float, config_int
 from ..ops import AttentionMetadata
-from .clip import activation
+from .vision import activation
+
+TEXT_MODELS = ("llama", "qwen2", "mistral")
+# transformers' config defaults for the fields a Hub config.json may leave out (real checkpoints
+# often give only the fields that differ from these).
+_TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=10000.0,
+                  attention_bias=False, mlp_bias=False, hidden_act="silu", tie_word_embeddings=False),
+    "qwen2": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                  num_attention_heads=32, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                  rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=False),
+    "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096 * 32,
+                    rms_norm_eps=1e-6, rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=False),
+}
+# RoPE tables are [max_positions, head_dim / 2] fp32 cos and sin: refuse sizes that cannot be allocated.
+MAX_ROPE_POSITIONS = 1 << 24
+
+
+@dataclass
+class TextConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    attention_bias: bool  # q/k/v projections carry a bias (Qwen2 always)
+    o_bias: bool
+    mlp_bias: bool
+    hidden_act: str
+    sliding_window: int | None  # the engine caps max_model_len here, where windowed attention is still exact
+    tie_word_embeddings: bool
+
+    @classmethod
+    def parse(cls, cfg: dict, where: str, tie_word_embeddings: bool | None = None) -> TextConfig:
+        """A decoder's config (a VLM's `text_config`), transformers 4 or 5 layout, every field checked."""
+        mt = cfg.get("model_type", "llama")
+        if mt not in TEXT_MODELS:
+            raise CheckpointError(f"{where}: text model_type {mt!r} is not supported "
+                                  f"(supported: {', '.join(TEXT_MODELS)})")
+        c = {**_TEXT_DEFAULTS[mt], **{k: v for k, v in cfg.items() if v is not None}}
+        heads = config_int(c, "num_attention_heads", where)
+        kv_heads = config_int({**c, "num_key_value_heads": c.get("num_key_value_heads") or heads},
+                              "num_key_value_heads", where)
+        if heads % kv_heads:
+            raise CheckpointError(f"{where}: num_attention_heads {heads} is not a multiple of "
+                                  f"num_key_value_heads {kv_heads}")
+        hidden = config_int(c, "hidden_size", where)
+        head_dim = config_int({"head_dim": c.get("head_dim") or hidden // heads}, "head_dim", where)
+        max_pos = config_int(c, "max_position_embeddings", where)
+        theta, scaling = _rope(c, where)
+        sliding = c.get("sliding_window") if (mt != "qwen2" or c.get("use_sliding_window")) else None
+        tie = c.get("tie_word_embeddings") if tie_word_embeddings is None else tie_word_embeddings
+        return cls(
+            model_type=mt, vocab_size=config_int(c, "vocab_size", where), hidden_size=hidden,
+            intermediate_size=config_int(c, "intermediate_size", where),
+            num_layers=config_int(c, "num_hidden_layers", where), num_heads=heads, num_kv_heads=kv_heads,
+            head_dim=head_dim, rms_norm_eps=config_float(c, "rms_norm_eps", where), rope_theta=theta,
+            rope_scaling=scaling, max_position_embeddings=max_pos,
+            attention_bias=True if mt == "qwen2" else bool(c.get("attention_bias", False)),
+            o_bias=False if mt == "qwen2" else bool(c.get("attention_bias", False)),
+            mlp_bias=bool(c.get("mlp_bias", False)), hidden_act=c["hidden_act"],
+            sliding_window=config_int(c, "sliding_window", where) if sliding is not None else None,
+            tie_word_embeddings=bool(tie))
+
+
+def _rope(cfg: dict, where: str) -> tuple[float, dict | None]:
+    # transformers 5 writes `rope_parameters`; older configs `rope_theta` + `rope_scaling`.
+    params = cfg.get("rope_parameters") or {}
+    theta = config_float({"rope_theta": params.get("rope_theta", cfg.get("rope_theta", 10000.0))}, "rope_theta", where)
+    scaling = cfg.get("rope_scaling") or (params if params else None)
+    if scaling is not None:
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind not in ("default", "linear"):
+            raise CheckpointError(f"{where}: RoPE scaling {kind!r} is not supported (only default, linear)")
+        if kind == "default":
+            scaling = None
+        else:
+            config_float(scaling, "factor", where)
+    return theta, scaling
+
+
+def tied_embeddings(config: dict) -> bool:
+    """Whether a VLM's config ties the decoder's lm_head to its embeddings (top level or text_config)."""
+    text = config.get("text_config") or {}
+    return bool(config.get("tie_word_embeddings") or text.get("tie_word_embeddings"))
 
 
 class Decoder:
-    def __init__(self, ckpt: Checkpoint, ops, prefix: str = "model.language_model.",
+    def __init__(self, ckpt: Checkpoint, text: TextConfig, ops, prefix: str = "model.language_model.",
                  max_positions: int | None = None):
-        c = ckpt.text
+        c = text
         self.ops, self.cfg = ops, c
         h, hd, nq, nkv = c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads
         self.q_size, self.kv_size, self.scale = nq * hd, nkv * hd, hd ** -0.5
         w = ckpt.tensor
         self.embed_tokens = w(prefix + "embed_tokens.weight", (c.vocab_size, h))
-        if ckpt.tie_word_embeddings:
+        if c.tie_word_embeddings:
             self.lm_head = self.embed_tokens
         else:
             self.lm_head = w("lm_head.weight", (c.vocab_size, h))
@@ -54,8 +151,11 @@ class Decoder:
                 down=w(lp + "mlp.down_proj.weight", (h, c.intermediate_size)),
                 down_bias=w(lp + "mlp.down_proj.bias", (h,)) if mlp_b else None))
         # RoPE tables are built once, in fp32, for every position the model may see.
-        self.cos, self.sin = ops_module.rotary_cos_sin(hd, max_positions or c.max_position_embeddings,
-                                                       c.rope_theta, ckpt.device, c.rope_scaling)
+        positions = max_positions or c.max_position_embeddings
+        if positions > MAX_ROPE_POSITIONS:
+            raise CheckpointError(f"config.json: max_position_embeddings {positions} is too large to allocate "
+                                  f"RoPE tables for (limit {MAX_ROPE_POSITIONS}); pass a smaller max_model_len")
+        self.cos, self.sin = ops_module.rotary_cos_sin(hd, positions, c.rope_theta, ckpt.device, c.rope_scaling)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -1,53 +1,125 @@
-"""LLaVA: CLIP vision tower -> 2-layer projector -> image embeddings spliced into the decoder's input."""
+"""LLaVA-1.5 (`LlavaForConditionalGeneration`): a CLIP (or SigLIP) tower, a 2-layer projector, and a
+Llama / Qwen2 / Mistral decoder; every image is one tile whose projected patches fill one run of
+placeholder tokens. Pangea-style configs of this class with other decoders load the same way.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from ..checkpoint import Checkpoint
+from ..errors import CheckpointError
+from ..image import ClipImageProcessor
 from ..ops import AttentionMetadata
-from .clip import ClipVisionTower, activation
-from .decoder import Decoder
+from .decoder import Decoder, TextConfig, tied_embeddings
+from .family import Family, ImageFeatures
+from .vision import VisionConfig, VisionTower, activation
+
+# LlavaConfig's defaults for fields a Hub config.json may leave out, and its CLIP-L/336 tower defaults.
+_LLAVA_DEFAULTS: dict[str, Any] = dict(image_token_index=32000, projector_hidden_act="gelu",
+                                       vision_feature_select_strategy="default", vision_feature_layer=-2,
+                                       multimodal_projector_bias=True)
+_CLIP_L_336 = dict(intermediate_size=4096, hidden_size=1024, patch_size=14, image_size=336, num_hidden_layers=24,
+                   num_attention_heads=16)
+
+
+class Llava(Family):
+    """Config of a LLaVA checkpoint, and its host-side image processing (one CLIP-preprocessed tile)."""
+
+    config_defaults: dict[str, Any] = _LLAVA_DEFAULTS
+    vision_defaults: dict[str, Any] = _CLIP_L_336
+
+    def __init__(self, checkpoint: Checkpoint, image_backend: str | None = None):
+        super().__init__(checkpoint, image_backend)
+        config = checkpoint.config
+        c = {**self.config_defaults, **config}
+        self.text = TextConfig.parse(config.get("text_config") or {}, self.where,
+                                     tie_word_embeddings=tied_embeddings(config) or None)
+        self.vision = VisionConfig.parse(config.get("vision_config") or {}, self.where, self.vision_defaults)
+        self.placeholder_id = int(config.get("image_token_index", config.get("image_token_id",
+                                                                             c["image_token_index"])))
+        layers = c["vision_feature_layer"]
+        self.feature_layers = [layers] if isinstance(layers, int) else list(layers)
+        self.select_strategy = c["vision_feature_select_strategy"]
+        if self.select_strategy not in ("default", "full"):
+            raise CheckpointError(f"{self.where}: vision_feature_select_strategy {self.select_strategy!r} "
+                                  "is not default/full")
+        self.projector_act = c["projector_hidden_act"]
+        activation(self.projector_act)
+        self.projector_bias = bool(c["multimodal_projector_bias"])
+        # "default" drops the first token of the tower's output (CLIP's class token), "full" keeps it.
+        self.tokens_per_tile = (self.vision.num_patches + self.vision.has_class_token
+                                - (self.select_strategy == "default"))
+        self.image_processor = self._image_processor()
+
+    def _image_processor(self) -> ClipImageProcessor:
+        """The checkpoint's preprocessor_config.json; without one, resize + crop to the tower's size."""
+        cfg = self.checkpoint.preprocessor_config
+        if not cfg:
+            s = self.vision.image_size
+            cfg = {"size": {"shortest_edge": s}, "crop_size": {"height": s, "width": s}}
+        try:
+            return ClipImageProcessor(cfg)
+        except ValueError as e:
+            raise CheckpointError(f"{self.checkpoint.path / 'preprocessor_config.json'}: {e}") from e
+
+    @property
+    def max_context(self) -> int:
+        # Up to a sliding window (Mistral), windowed attention equals full attention: cap there, exactly.
+        return min(self.text.max_position_embeddings, self.text.sliding_window or 1 << 62)
+
+    def process_image(self, image: Image.Image, options: dict[str, Any]) -> ImageFeatures:
+        n = self.tokens_per_tile
+        return ImageFeatures(pixels=self.image_processor(image), token_ids=[self.placeholder_id] * n,
+                             embedding_runs=[(0, n)])
+
+    def dummy_image(self) -> Image.Image:
+        return Image.new("RGB", (self.vision.image_size, self.vision.image_size))
+
+    def build_model(self, ops, max_positions: int | None = None) -> LlavaModel:
+        return LlavaModel(self, ops, max_positions)
 
 
 class LlavaModel:
-    def __init__(self, ckpt: Checkpoint, ops, max_positions: int | None = None):
-        self.ops, self.ckpt = ops, ckpt
-        layers = ckpt.vision_feature_layer
-        self.feature_layers = [layers] if isinstance(layers, int) else list(layers)
-        self.keep_cls = ckpt.vision_feature_select_strategy == "full"
-        self.vision = ClipVisionTower(ckpt, ops, self.feature_layers)
-        self.language_model = Decoder(ckpt, ops, max_positions=max_positions)
-        v, h = ckpt.vision.hidden_size * len(self.feature_layers), ckpt.text.hidden_size
-        p, bias = "model.multi_modal_projector.", ckpt.projector_bias
+    """Vision tower -> selected hidden states -> projector; embeddings spliced into the decoder's input."""
+
+    def __init__(self, family: Llava, ops, max_positions: int | None = None):
+        ckpt = family.checkpoint
+        self.family, self.ops = family, ops
+        self.vision = VisionTower(ckpt, family.vision, ops, family.feature_layers)
+        self.language_model = Decoder(ckpt, family.text, ops, max_positions=max_positions)
+        v, h = family.vision.hidden_size * len(family.feature_layers), family.text.hidden_size
+        p, bias = "model.multi_modal_projector.", family.projector_bias
         self.proj1 = (ckpt.tensor(p + "linear_1.weight", (h, v)),
                       ckpt.tensor(p + "linear_1.bias", (h,)) if bias else None)
         self.proj2 = (ckpt.tensor(p + "linear_2.weight", (h, h)),
                       ckpt.tensor(p + "linear_2.bias", (h,)) if bias else None)
-        self.proj_act = activation(ckpt.projector_hidden_act)
-        self.image_token_id = ckpt.image_token_id
-        self.image_size = ckpt.vision.image_size
-        self.tokens_per_image = (ckpt.vision.image_size // ckpt.vision.patch_size) ** 2 + int(self.keep_cls)
-        self.vocab_size = ckpt.text.vocab_size
+        self.proj_act = activation(family.projector_act)
+        self.drop_first = family.select_strategy == "default"
+        self.image_token_id = family.placeholder_id
+        self.vocab_size = family.text.vocab_size
         self.hidden_size = h
-        self.num_layers = ckpt.text.num_layers
-        self.num_kv_heads = ckpt.text.num_kv_heads
-        self.head_dim = ckpt.text.head_dim
+        self.num_layers = family.text.num_layers
+        self.num_kv_heads = family.text.num_kv_heads
+        self.head_dim = family.text.head_dim
         self.dtype = self.language_model.dtype
-        self.device = ckpt.device
 
     @torch.inference_mode()
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Preprocessed pixels `[N, 3, S, S]` -> image embeddings `[N, tokens_per_image, H]`."""
-        if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, self.image_size, self.image_size):
-            s = self.image_size
-            raise ValueError(f"pixels must be [N, 3, {s}, {s}] (the tower's size), got {list(pixels.shape)}")
+    def tile_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Preprocessed tiles `[N, 3, S, S]` -> projected features `[N, tokens_per_tile, H]`."""
         states = self.vision.forward(pixels)
-        if not self.keep_cls:  # "default" strategy: the CLS token is not an image token
+        if self.drop_first:
             states = [s[:, 1:] for s in states]
         x = torch.cat(states, dim=-1) if len(states) > 1 else states[0]
         return F.linear(self.proj_act(F.linear(x, *self.proj1)), *self.proj2)
+
+    def encode_images(self, images: list[ImageFeatures]) -> list[torch.Tensor]:
+        # Every image is one tile of the tower's size: one batched call.
+        return list(self.tile_features(torch.stack([im.pixels for im in images])))
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         # Placeholder ids may lie beyond the text vocabulary; their rows are overwritten anyway.

@@ -2,27 +2,27 @@
 (`config.json` with `text_config`/`vision_config`, `*.safetensors`, `tokenizer.json`,
 `preprocessor_config.json`).
 
-The image side reuses the engine's vision tower (`cultengine.models.clip.ClipVisionTower`) and image
-preprocessing; this module adds the small text tower (token + position embeddings, causal pre-norm
+The image side reuses the engine's checkpoint loader, vision tower (`cultengine.models.vision.VisionTower`)
+and image preprocessing; this module adds the small text tower (token + position embeddings, causal pre-norm
 encoder layers, final LayerNorm, pooled at the end-of-text token) and both projections.
 CLIPScore itself is `stats.clip_score`.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import CheckpointError, VisionConfig
+from ..checkpoint import load_checkpoint
+from ..errors import CheckpointError
 from ..image import ClipImageProcessor
-from ..models.clip import ClipVisionTower, activation
+from ..models.vision import VisionConfig, VisionTower, activation
 from ..ops import Ops, resolve_backend
 
-# transformers' CLIPTextConfig / CLIPVisionConfig defaults, for fields a saved config leaves out.
+# transformers' CLIPTextConfig defaults, for fields a saved config leaves out.
 _TEXT_DEFAULTS = dict(
     vocab_size=49408,
     hidden_size=512,
@@ -33,42 +33,6 @@ _TEXT_DEFAULTS = dict(
     hidden_act="quick_gelu",
     layer_norm_eps=1e-5,
 )
-_VISION_DEFAULTS = dict(
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    num_channels=3,
-    image_size=224,
-    patch_size=32,
-    hidden_act="quick_gelu",
-    layer_norm_eps=1e-5,
-)
-
-
-class _Weights:
-    """The part of `checkpoint.Checkpoint` the vision tower reads: `.vision` and `.tensor(name, shape)`."""
-
-    def __init__(self, path: Path, vision: VisionConfig, device: torch.device):
-        from safetensors import safe_open
-
-        self.vision, self.device = vision, device
-        files = sorted(path.glob("*.safetensors"))
-        if not files:
-            raise CheckpointError(f"{path}: no *.safetensors weight files found")
-        self._where = {}
-        for f in files:
-            h = safe_open(str(f), framework="pt", device="cpu")
-            for k in h.keys():
-                self._where[k] = h
-
-    def tensor(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-        if name not in self._where:
-            raise CheckpointError(f"CLIP checkpoint: tensor {name!r} is missing")
-        t = self._where[name].get_tensor(name)
-        if shape is not None and tuple(t.shape) != tuple(shape):
-            raise CheckpointError(f"CLIP checkpoint: {name!r} has shape {tuple(t.shape)}, expected {shape}")
-        return t.to(self.device, torch.float32)
 
 
 class ClipModel:
@@ -78,36 +42,18 @@ class ClipModel:
         from .. import _core
 
         path = Path(path)
-        cfg_file = path / "config.json"
-        if not cfg_file.is_file():
-            raise CheckpointError(
-                f"{path}: config.json not found (a CLIPModel checkpoint directory is needed)"
-            )
-        cfg = json.loads(cfg_file.read_text())
-        arch = (cfg.get("architectures") or [cfg.get("model_type")])[0]
-        if arch not in ("CLIPModel", "clip"):
-            raise CheckpointError(f"{cfg_file}: architecture {arch!r} is not a CLIPModel")
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{path}: config.json not found (a CLIPModel checkpoint directory is needed)")
+        w = load_checkpoint(path, dtype="float32", device=device)
+        cfg = w.config
+        if w.architecture not in ("CLIPModel", "clip"):
+            raise CheckpointError(f"{path / 'config.json'}: architecture {w.architecture!r} is not a CLIPModel")
         self.device = torch.device(device)
         t = {**_TEXT_DEFAULTS, **{k: v for k, v in (cfg.get("text_config") or {}).items() if v is not None}}
-        v = {
-            **_VISION_DEFAULTS,
-            **{k: v for k, v in (cfg.get("vision_config") or {}).items() if v is not None},
-        }
-        vision = VisionConfig(
-            hidden_size=int(v["hidden_size"]),
-            intermediate_size=int(v["intermediate_size"]),
-            num_layers=int(v["num_hidden_layers"]),
-            num_heads=int(v["num_attention_heads"]),
-            num_channels=int(v["num_channels"]),
-            image_size=int(v["image_size"]),
-            patch_size=int(v["patch_size"]),
-            hidden_act=v["hidden_act"],
-            layer_norm_eps=float(v["layer_norm_eps"]),
-        )
-        w = _Weights(path, vision, self.device)
-        self.vision_tower = ClipVisionTower(
-            w, Ops(resolve_backend(self.device, None)), [-1], prefix="vision_model."
-        )
+        vision = VisionConfig.parse({"model_type": "clip_vision_model", **(cfg.get("vision_config") or {})},
+                                    str(path / "config.json"))
+        self.vision_tower = VisionTower(w, vision, Ops(resolve_backend(self.device, None)), [-1],
+                                        prefix="vision_model.")
         e = vision.hidden_size
         self.post_ln = (
             w.tensor("vision_model.post_layernorm.weight", (e,)),

@@ -1,0 +1,26 @@
+"""Errors shared by the checkpoint loader and the model families (kept apart so neither imports the other)."""
+
+from __future__ import annotations
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and the problem."""
+
+
+def config_int(cfg: dict, key: str, where: str, minimum: int = 1) -> int:
+    """`cfg[key]` as an int >= `minimum`, or a CheckpointError naming the field (never a ZeroDivisionError later)."""
+    value = cfg.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value or value < minimum:
+        raise CheckpointError(f"{where}: {key} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def config_float(cfg: dict, key: str, where: str, positive: bool = True) -> float:
+    """`cfg[key]` as a finite float (> 0 when `positive`), or a CheckpointError naming the field."""
+    value = cfg.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value or value in (float("inf"),
+                                                                                                  float("-inf")):
+        raise CheckpointError(f"{where}: {key} must be a number, got {value!r}")
+    if positive and value <= 0:
+        raise CheckpointError(f"{where}: {key} must be > 0, got {value!r}")
+    return float(value)

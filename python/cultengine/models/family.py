@@ -1,0 +1,109 @@
+"""The seam every model family implements: host-side processing on one side, the device model on the other.
+
+A family (one file in this package, one line in the registry in `__init__.py`) owns:
+- parsing its `config.json` (`__init__`, raising `CheckpointError` naming the field);
+- image processing: an image to `ImageFeatures` (pixels of any shape, the token ids that replace one
+  placeholder, which runs of those ids take embeddings, and metadata such as a tile grid);
+- positions (plain, or several rows for M-RoPE), a dummy image for warm-up, and building its model.
+
+The engine only moves these around: it expands placeholders with the Rust tokenizer, hands the
+scheduler the embedding runs, and gives the model's `encode_images` a ragged list of images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..checkpoint import Checkpoint
+from ..image import content_hash
+from ..ops import AttentionMetadata
+
+
+@dataclass(eq=False)
+class ImageFeatures:
+    """One image as a family's processor leaves it, ready for the encoder and the prompt."""
+
+    pixels: torch.Tensor  # the encoder's input, any shape (one tile [3, S, S], or [tiles, 3, S, S], ...)
+    token_ids: list[int]  # replaces the image's placeholder in the prompt
+    embedding_runs: list[tuple[int, int]]  # (offset into token_ids, length) that take embeddings, in order
+    meta: dict[str, Any] = field(default_factory=dict)  # what the encoder needs besides pixels (tile grid, ...)
+
+    @property
+    def num_embeddings(self) -> int:
+        return sum(n for _, n in self.embedding_runs)
+
+    def content_hash(self) -> int:
+        """u64 identity for the prefix and encoder caches: pixels, tokens and metadata all count (two
+        images with equal pixels but another original size unpad differently in LLaVA-NeXT)."""
+        h = hashlib.blake2b(digest_size=8)
+        h.update(content_hash(self.pixels).to_bytes(8, "little"))
+        h.update(np.asarray(self.token_ids, dtype=np.int64).tobytes())
+        h.update(np.asarray(self.embedding_runs, dtype=np.int64).tobytes())
+        h.update(repr(sorted(self.meta.items())).encode())
+        return int.from_bytes(h.digest(), "little")
+
+
+class Model(Protocol):
+    """What the runner drives: a packed forward over a paged KV cache, and a ragged image encoder."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    def allocate_kv_caches(self, num_blocks: int, block_size: int,
+                           dtype: torch.dtype | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def encode_images(self, images: list[ImageFeatures]) -> list[torch.Tensor]:
+        """Each image's embeddings `[num_embeddings, hidden]`, in the order of its embedding runs."""
+        ...
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list, meta: AttentionMetadata,
+                image_rows: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+
+class Family:
+    """Base of the families: the defaults a family overrides only where it differs."""
+
+    position_rows: ClassVar[int] = 1  # 3 for M-RoPE
+    atomic_images: ClassVar[bool] = False  # image runs never split across prefill chunks
+    image_options: ClassVar[tuple[str, ...]] = ()  # request keys passed to process_image (e.g. max_pixels)
+
+    def __init__(self, checkpoint: Checkpoint, image_backend: str | None = None):
+        self.checkpoint = checkpoint
+        self.where = str(checkpoint.path / "config.json")
+        self.image_backend = image_backend
+
+    # -- text ------------------------------------------------------------------------------------
+    @property
+    def max_context(self) -> int:
+        """The longest sequence the model can attend over exactly."""
+        raise NotImplementedError
+
+    # -- images ----------------------------------------------------------------------------------
+    placeholder_id: int | None = None  # the token a prompt marks each image with; None: a text-only family
+
+    def process_image(self, image: Image.Image, options: dict[str, Any]) -> ImageFeatures:
+        raise NotImplementedError
+
+    def dummy_image(self) -> Image.Image:
+        """An image the warm-up request can use (a kernel's first launch compiles it)."""
+        raise NotImplementedError
+
+    # -- positions -------------------------------------------------------------------------------
+    def positions(self, token_ids: list[int], images: list[tuple[int, ImageFeatures]]) -> tuple[np.ndarray, int] | None:
+        """`[position_rows, len(token_ids)]` positions and the decode offset, given each image's start;
+        None for plain positions `0..n` (every 1-D family)."""
+        return None
+
+    # -- the device model ------------------------------------------------------------------------
+    def build_model(self, ops, max_positions: int | None = None) -> Model:
+        raise NotImplementedError
