@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from cultengine.image import (
     SiglipImageProcessor,
     center_crop,
     fit_within_size,
+    image_processor_for_checkpoint,
     pad,
     pad_to_square,
     resize_output_size,
@@ -170,7 +172,10 @@ PICK_CONFIGS = {
     "clip-fast-suffix": {"image_processor_type": "CLIPImageProcessorFast"},
     "clip-use-fast-false": {"image_processor_type": "CLIPImageProcessor", "use_fast": False},
     "clip-fast-use-fast-false": {"image_processor_type": "CLIPImageProcessorFast", "use_fast": False},
+    "clip-pil-type": {"image_processor_type": "CLIPImageProcessorPil"},
     "siglip": {"image_processor_type": "SiglipImageProcessor"},
+    "idefics3-lanczos": {"image_processor_type": "Idefics3ImageProcessor"},
+    "smolvlm-fast-lanczos": {"image_processor_type": "SmolVLMImageProcessorFast"},
     "no-type (from config.json)": {},
     "no-type-use-fast-true": {"use_fast": True},
 }
@@ -210,6 +215,52 @@ def test_without_torchvision_both_pick_pil(saved_configs, monkeypatch):
     assert ClipImageProcessor({}).backend == "pil"
     with pytest.raises(ImportError, match="needs torchvision, which is not installed"):
         ClipImageProcessor({}, backend="torchvision")
+
+
+def test_lanczos_processors_stay_on_pil_before_torchvision_0_27(saved_configs, monkeypatch):
+    import transformers.models.auto.image_processing_auto as auto
+
+    monkeypatch.setattr(auto, "DEFAULT_TO_PIL_BACKEND_IMAGE_PROCESSORS", auto._LANCZOS_IMAGE_PROCESSORS)
+    real_version = ce_image._version
+    monkeypatch.setattr(ce_image, "_version", lambda p: "0.26.0" if p == "torchvision" else real_version(p))
+    picks = {}
+    for name, (d, cfg) in saved_configs.items():
+        picks[name] = resolve_image_backend(cfg, None)
+        assert picks[name] == transformers.AutoImageProcessor.from_pretrained(d).backend, name
+    assert picks["idefics3-lanczos"] == picks["smolvlm-fast-lanczos"] == "pil" and picks["clip"] == "torchvision"
+
+
+def test_transformers_4_rules(monkeypatch):
+    """transformers 4.5x (read from its AutoImageProcessor, not installed here): the saved class decides."""
+    real_version = ce_image._version
+    monkeypatch.setattr(ce_image, "_version", lambda p: "4.57.1" if p == "transformers" else real_version(p))
+    picks = {
+        t: resolve_image_backend({"image_processor_type": t})
+        for t in ("CLIPImageProcessor", "CLIPImageProcessorFast", "Qwen2VLImageProcessor", "")
+    }
+    assert picks == {
+        "CLIPImageProcessor": "pil",
+        "CLIPImageProcessorFast": "torchvision",
+        "Qwen2VLImageProcessor": "torchvision",
+        "": "pil",
+    }
+    monkeypatch.setattr(ce_image, "torchvision_available", lambda: False)
+    assert resolve_image_backend({"image_processor_type": "CLIPImageProcessorFast"}) == "pil"
+
+
+def test_processor_for_checkpoint_follows_image_processor_type():
+    def ckpt(config):
+        return SimpleNamespace(preprocessor_config=config, vision=SimpleNamespace(image_size=30))
+
+    siglip = image_processor_for_checkpoint(ckpt({"image_processor_type": "SiglipImageProcessorFast"}), "pil")
+    assert type(siglip) is SiglipImageProcessor and siglip.backend == "pil"
+    assert type(image_processor_for_checkpoint(ckpt({}), "torchvision")) is ClipImageProcessor
+    # No preprocessor_config.json: the tower's image size, resized exactly (SigLIP) or resized + cropped (CLIP).
+    img = _image(50, 31, "RGB", 0)
+    assert SiglipImageProcessor.for_checkpoint(ckpt({}))(img).shape == (3, 30, 30)
+    assert ClipImageProcessor.for_checkpoint(ckpt({}))(img).shape == (3, 30, 30)
+    with pytest.raises(ValueError, match="'BlipImageProcessor' is not implemented"):
+        image_processor_for_checkpoint(ckpt({"image_processor_type": "BlipImageProcessor"}))
 
 
 def test_backend_errors_and_provenance(tiny_llama):

@@ -130,24 +130,23 @@ def resolve_image_backend(preprocessor_config: dict | None, requested: str | Non
                 f"replacing torch), or use image backend 'pil'"
             )
         return requested
-    kind = str((preprocessor_config or {}).get("image_processor_type") or "")
-    base = kind.removesuffix("Fast").removesuffix("Pil")
     if not torchvision_available():
         return "pil"
+    kind = str((preprocessor_config or {}).get("image_processor_type") or "")
     transformers_version = _version("transformers")
     if transformers_version is not None and _major_minor(transformers_version)[0] < 5:
-        return "torchvision" if kind.endswith("Fast") or base in _FORCE_FAST_PROCESSORS_V4 else "pil"
-    if base in _LANCZOS_PROCESSORS and _major_minor(_version("torchvision") or "0.0") < (0, 27):
+        return "torchvision" if kind.endswith("Fast") or kind in _FORCE_FAST_PROCESSORS_V4 else "pil"
+    if kind.removesuffix("Fast") in _LANCZOS_PROCESSORS and _major_minor(_version("torchvision") or "0.0") < (0, 27):
         return "pil"
     return "torchvision"
 
 
 def _tvF():
     """torchvision.transforms.v2.functional, imported on first use: torchvision is optional."""
-    if not torchvision_available():
-        raise ImportError("the torchvision image path needs torchvision, which is not installed")
-    from torchvision.transforms.v2 import functional
-
+    try:
+        from torchvision.transforms.v2 import functional
+    except ImportError as e:
+        raise ImportError("the torchvision image path needs torchvision, which is not installed") from e
     return functional
 
 
@@ -380,6 +379,11 @@ def library_versions() -> dict[str, str | None]:
     return {name: _version(name) for name in ("cultengine", "transformers", "torch", "torchvision", "pillow")}
 
 
+def _per_channel(value: float | Sequence[float]) -> tuple[float, ...]:
+    # transformers accepts one mean/std for all three channels.
+    return (float(value),) * 3 if isinstance(value, (int, float)) else tuple(float(v) for v in value)
+
+
 class ImageProcessor:
     """preprocessor_config.json -> `[3, H, W]` float32 pixel tensors, as transformers' processor of the same
     name on the same path (`backend`).
@@ -404,8 +408,8 @@ class ImageProcessor:
         self.crop_size = size_dict(c["crop_size"], True) if self.do_center_crop else None
         self.rescale_factor = float(c.get("rescale_factor", 1 / 255)) if c.get("do_rescale") else None
         self.do_normalize = bool(c.get("do_normalize"))
-        self.mean = tuple(float(v) for v in c.get("image_mean", ())) if self.do_normalize else None
-        self.std = tuple(float(v) for v in c.get("image_std", ())) if self.do_normalize else None
+        self.mean = _per_channel(c["image_mean"]) if self.do_normalize else None
+        self.std = _per_channel(c["image_std"]) if self.do_normalize else None
         pad_size = c.get("pad_size") if c.get("do_pad") else None
         self.pad_size = size_dict(pad_size, True) if pad_size is not None else None
         if self.do_resize:
