@@ -90,6 +90,7 @@ CLIP_CONFIGS = {
     "no-rescale": {"size": {"shortest_edge": 24}, "crop_size": 24, "do_rescale": False},
     "no-normalize": {"size": {"shortest_edge": 24}, "crop_size": 24, "do_normalize": False},
     "no-rgb-conversion": {"size": {"shortest_edge": 24}, "crop_size": 24, "do_convert_rgb": False},
+    "padded-after-normalize": {"size": 20, "crop_size": 20, "do_pad": True, "pad_size": {"height": 26, "width": 23}},
 }
 SIGLIP_CONFIGS = {
     "default-224": {},
@@ -130,6 +131,16 @@ def test_pixels_match_transformers(hf_name, ours_cls, name, cfg, backend):
         got = ours(img)
         assert got.dtype == torch.float32 and got.shape == expected.shape, (name, w, h, mode, got.shape)
         assert (got - expected).abs().max().item() <= PIXEL_TOL, (name, w, h, mode)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_image_at_a_time_matches_transformers_batches(backend):
+    """transformers resizes same-shape images as one stacked batch; cultengine one by one, to the same pixels."""
+    cfg = CLIP_CONFIGS["llava-bicubic"]
+    images = [_image(97, 61, "RGB", s) for s in range(3)] + [_image(61, 97, "RGBA", 3)]
+    batch = hf_processor("CLIPImageProcessor", backend, **cfg)(images, return_tensors="pt")["pixel_values"]
+    ours = ClipImageProcessor(cfg, backend=backend)
+    assert torch.equal(torch.stack(ours.preprocess(images)), batch)
 
 
 def test_the_two_paths_really_differ():
