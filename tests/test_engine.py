@@ -42,7 +42,7 @@ class Reference:
     def __init__(self, path):
         self.model = reference_model(path)
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-        self.processor = transformers.CLIPImageProcessorPil.from_pretrained(path)
+        self.processor = transformers.AutoImageProcessor.from_pretrained(path)  # the path the engine defaults to
         self.image_token_id = self.model.config.image_token_id
 
     def tokens_per_image(self) -> int:
