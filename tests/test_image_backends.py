@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -260,18 +259,15 @@ def test_transformers_4_rules(monkeypatch):
 
 
 def test_processor_for_checkpoint_follows_image_processor_type():
-    def ckpt(config):
-        return SimpleNamespace(preprocessor_config=config, vision=SimpleNamespace(image_size=30))
-
-    siglip = image_processor_for_checkpoint(ckpt({"image_processor_type": "SiglipImageProcessorFast"}), "pil")
+    siglip = image_processor_for_checkpoint({"image_processor_type": "SiglipImageProcessorFast"}, 30, "pil")
     assert type(siglip) is SiglipImageProcessor and siglip.backend == "pil"
-    assert type(image_processor_for_checkpoint(ckpt({}), "torchvision")) is ClipImageProcessor
+    assert type(image_processor_for_checkpoint({}, 30, "torchvision")) is ClipImageProcessor
     # No preprocessor_config.json: the tower's image size, resized exactly (SigLIP) or resized + cropped (CLIP).
     img = _image(50, 31, "RGB", 0)
-    assert SiglipImageProcessor.for_checkpoint(ckpt({}))(img).shape == (3, 30, 30)
-    assert ClipImageProcessor.for_checkpoint(ckpt({}))(img).shape == (3, 30, 30)
+    assert SiglipImageProcessor.for_config({}, 30)(img).shape == (3, 30, 30)
+    assert ClipImageProcessor.for_config({}, 30)(img).shape == (3, 30, 30)
     with pytest.raises(ValueError, match="'BlipImageProcessor' is not implemented"):
-        image_processor_for_checkpoint(ckpt({"image_processor_type": "BlipImageProcessor"}))
+        image_processor_for_checkpoint({"image_processor_type": "BlipImageProcessor"}, 30)
 
 
 def test_backend_errors_and_provenance(tiny_llama):
@@ -312,21 +308,16 @@ def reference(tiny_llama):
     return model, tok, encode
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_llama):
-    return Engine(tiny_llama, dtype="float32")
-
-
 def _continuation_logprobs(model, ids: list[int], cont: list[int], pixels) -> torch.Tensor:
     logits = model(input_ids=torch.tensor([ids + cont]), pixel_values=pixels).logits[0]
     return torch.log_softmax(logits, -1)[len(ids) - 1 : -1].gather(1, torch.tensor(cont)[:, None]).squeeze(1)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_engine_matches_transformers_on_each_path(backend, engine, reference, tiny_llama):
+def test_engine_matches_transformers_on_each_path(backend, reference, tiny_llama):
     model, tok, encode = reference
-    # The lead wires Engine(image_backend=...); until then the processor is swapped in place.
-    engine.image_processor = ClipImageProcessor.for_checkpoint(engine.checkpoint, backend=backend)
+    engine = Engine(tiny_llama, dtype="float32", image_backend=backend)
+    assert engine.provenance()["image_backend"] == backend
     config = json.loads((tiny_llama / "preprocessor_config.json").read_text())
     theirs = hf_processor("CLIPImageProcessor", backend, **config)
     outs = engine.generate(E2E_REQUESTS, SamplingParams(max_tokens=8), use_tqdm=False)

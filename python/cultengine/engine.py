@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from . import _core
 from .chat import render_checkpoint_chat
 from .checkpoint import load_checkpoint
-from .image import load_image
+from .image import library_versions, load_image
 from .models import ImageFeatures, family_for
 from .ops import Ops, resolve_backend
 from .outputs import ChoiceScore, GenerationOutput, Sample, ScoreOutput
@@ -55,17 +55,18 @@ class Engine:
                  num_blocks: int | None = None, kv_cache_memory: int | None = None,
                  enable_prefix_caching: bool = True, attention_backend: str | None = None,
                  max_model_len: int | None = None, encoder_cache_size: int = 256, random_init: bool = False,
-                 profile: bool = False, cuda_graphs: bool = True):
+                 profile: bool = False, cuda_graphs: bool = True, image_backend: str | None = None):
         """`random_init` draws weights instead of reading them (profiling model shapes); `profile`
         synchronises the device around each phase to time it and records per-request latencies;
-        `cuda_graphs` replays decode steps from CUDA graphs (CUDA with the Triton backend only)."""
+        `cuda_graphs` replays decode steps from CUDA graphs (CUDA with the Triton backend only);
+        `image_backend` ("pil" | "torchvision") overrides the preprocessing path transformers would pick."""
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device='cuda' was asked for but torch sees no CUDA device")
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)  # Triton launches and graph capture use the current device
         self.checkpoint = load_checkpoint(model, dtype=dtype, device=self.device, random_init=random_init)
-        self.family = family_for(self.checkpoint)
+        self.family = family_for(self.checkpoint, image_backend)
         self.tokenizer = _core.Tokenizer.from_file(str(self.checkpoint.tokenizer_path))
         self.ops = Ops(resolve_backend(self.device, attention_backend))
         context = self.family.max_context
@@ -187,6 +188,14 @@ class Engine:
 
             self._run(len(owners), use_tqdm, on_finished)
         return outputs
+
+    def provenance(self) -> dict:
+        """What produced this engine's numbers: image processor and path, library versions, checkpoint."""
+        proc = self.family.image_processor
+        images = proc.provenance() if proc else {"image_processor": None, "image_backend": None,
+                                                 "versions": library_versions()}
+        return {**images, "checkpoint": str(self.checkpoint.path), "architecture": self.checkpoint.architecture,
+                "dtype": str(self.checkpoint.dtype).removeprefix("torch.")}
 
     def stats(self) -> dict:
         """Cumulative counters: scheduler (prefix cache, preemptions, CPU time), encoder cache, tokens."""

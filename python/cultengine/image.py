@@ -421,11 +421,11 @@ class ImageProcessor:
         return cls(json.loads(f.read_text()) if f.is_file() else None, backend=backend)
 
     @classmethod
-    def for_checkpoint(cls, ckpt, backend: str | None = None) -> ImageProcessor:
-        """The checkpoint's preprocessor_config.json; without one, the vision tower's image size."""
-        if ckpt.preprocessor_config:
-            return cls(ckpt.preprocessor_config, backend=backend)
-        return cls(cls.config_for_image_size(ckpt.vision.image_size), backend=backend)
+    def for_config(cls, preprocessor_config: dict, image_size: int, backend: str | None = None) -> ImageProcessor:
+        """A checkpoint's preprocessor_config.json; without one, inputs of the vision tower's `image_size`."""
+        if preprocessor_config:
+            return cls(preprocessor_config, backend=backend)
+        return cls(cls.config_for_image_size(image_size), backend=backend)
 
     @classmethod
     def config_for_image_size(cls, size: int) -> dict:
@@ -440,12 +440,19 @@ class ImageProcessor:
             x = center_crop(x, (self.crop_size["height"], self.crop_size["width"]))
         return x
 
-    def __call__(self, image: ImageInput) -> torch.Tensor:
-        x = to_channels_first(load_image(image), self.backend, convert_rgb=self.do_convert_rgb)
-        x = rescale_and_normalize(self.geometry(x), self.rescale_factor, self.mean, self.std)
+    def channels_first(self, image: ImageInput) -> Array:
+        """The uint8 [3, H, W] pixels this processor's path starts from (tiling families split these)."""
+        return to_channels_first(load_image(image), self.backend, convert_rgb=self.do_convert_rgb)
+
+    def finish(self, x: Array) -> torch.Tensor:
+        """The float stage after `geometry`: rescale, normalise, pad; a float32 tensor."""
+        x = rescale_and_normalize(x, self.rescale_factor, self.mean, self.std)
         if self.pad_size is not None:
             x = pad(x, (self.pad_size["height"], self.pad_size["width"]))
         return to_tensor(x)
+
+    def __call__(self, image: ImageInput) -> torch.Tensor:
+        return self.finish(self.geometry(self.channels_first(image)))
 
     def preprocess(self, images: list[ImageInput]) -> list[torch.Tensor]:
         return [self(im) for im in images]
@@ -501,10 +508,12 @@ PROCESSORS: dict[str, type[ImageProcessor]] = {
 }
 
 
-def image_processor_for_checkpoint(ckpt, backend: str | None = None) -> ImageProcessor:
-    """The processor named by the checkpoint's `image_processor_type` (CLIP when it names none)."""
-    kind = str(ckpt.preprocessor_config.get("image_processor_type") or "CLIPImageProcessor")
+def image_processor_for_checkpoint(preprocessor_config: dict, image_size: int,
+                                   backend: str | None = None) -> ImageProcessor:
+    """The processor named by a checkpoint's `image_processor_type` (CLIP when it names none); without a
+    preprocessor_config.json, one that makes inputs of the tower's `image_size`."""
+    kind = str(preprocessor_config.get("image_processor_type") or "CLIPImageProcessor")
     cls = PROCESSORS.get(kind.removesuffix("Fast").removesuffix("Pil"))
     if cls is None:
         raise ValueError(f"image processor {kind!r} is not implemented (known: {', '.join(PROCESSORS)})")
-    return cls.for_checkpoint(ckpt, backend=backend)
+    return cls.for_config(preprocessor_config, image_size, backend=backend)

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from ..checkpoint import Checkpoint
-from ..image import content_hash
+from ..image import ImageProcessor, content_hash
 from ..ops import AttentionMetadata
 
 
@@ -90,6 +90,7 @@ class Family:
 
     # -- images ----------------------------------------------------------------------------------
     placeholder_id: int | None = None  # the token a prompt marks each image with; None: a text-only family
+    image_processor: ImageProcessor | None = None  # its preprocessing path and provenance
 
     def process_image(self, image: Image.Image, options: dict[str, Any]) -> ImageFeatures:
         raise NotImplementedError

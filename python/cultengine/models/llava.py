@@ -13,7 +13,7 @@ from PIL import Image
 
 from ..checkpoint import Checkpoint
 from ..errors import CheckpointError
-from ..image import ClipImageProcessor
+from ..image import ImageProcessor, image_processor_for_checkpoint
 from ..ops import AttentionMetadata
 from .decoder import Decoder, TextConfig, tied_embeddings
 from .family import Family, ImageFeatures
@@ -56,14 +56,11 @@ class Llava(Family):
                                 - (self.select_strategy == "default"))
         self.image_processor = self._image_processor()
 
-    def _image_processor(self) -> ClipImageProcessor:
-        """The checkpoint's preprocessor_config.json; without one, resize + crop to the tower's size."""
-        cfg = self.checkpoint.preprocessor_config
-        if not cfg:
-            s = self.vision.image_size
-            cfg = {"size": {"shortest_edge": s}, "crop_size": {"height": s, "width": s}}
+    def _image_processor(self) -> ImageProcessor:
+        """The checkpoint's preprocessor_config.json (CLIP or SigLIP); without one, the tower's size."""
         try:
-            return ClipImageProcessor(cfg)
+            return image_processor_for_checkpoint(self.checkpoint.preprocessor_config, self.vision.image_size,
+                                                  self.image_backend)
         except ValueError as e:
             raise CheckpointError(f"{self.checkpoint.path / 'preprocessor_config.json'}: {e}") from e
 
