@@ -176,3 +176,80 @@ def reference_model(path: str | Path):
     """transformers' LLaVA on the checkpoint, fp32, eval mode (the parity oracle)."""
     return transformers.LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32,
                                                          attn_implementation="eager").eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# LLaVA-NeXT and LLaVA-OneVision: any-resolution tiling on 28-pixel tiles (2 x 2 patches of 14)
+# ---------------------------------------------------------------------------------------------
+NEXT_PINPOINTS = [[28, 56], [56, 28], [56, 56], [28, 84], [84, 28]]
+ONEVISION_PINPOINTS = [[28, 28], [28, 56], [56, 28], [56, 56], [28, 84], [84, 28], [84, 84]]
+ANYRES_FAMILIES = ("llava_next", "llava_next_mistral", "llava_onevision")
+
+
+def _save_family(out: Path, model, tok, processor_cls, image_processor, seed: int, **processor_kwargs) -> Path:
+    """Perturbed random weights, generation config, tokenizer, the family's own processor files."""
+    t = transformers
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.08)
+    model.save_pretrained(out, safe_serialization=True)
+    t.GenerationConfig(bos_token_id=0, eos_token_id=[1, tok.token_to_id("<|im_end|>")],
+                       pad_token_id=2).save_pretrained(out)
+    fast = t.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                     chat_template=CHAT_TEMPLATE)
+    processor_cls(image_processor=image_processor, tokenizer=fast, chat_template=CHAT_TEMPLATE,
+                  **processor_kwargs).save_pretrained(out)
+    fast.save_pretrained(out)
+    return out
+
+
+def build_tiny_anyres(out_dir: str | Path, family: str = "llava_next", seed: int = 0) -> Path:
+    """A tiny LLaVA-NeXT (`llava_next`: Llama decoder, CLIP tower; `llava_next_mistral`) or LLaVA-OneVision
+    (`llava_onevision`: Qwen2 decoder, SigLIP tower, `anyres_max_2` so large grids are shrunk) checkpoint."""
+    t = transformers
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = _train_tokenizer()
+    image_token_id = tok.token_to_id(IMAGE_TOKEN)
+    vocab = (tok.get_vocab_size() + 31) // 32 * 32
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    torch.manual_seed(seed)
+    if family in ("llava_next", "llava_next_mistral"):
+        text = (t.LlamaConfig(**common) if family == "llava_next"
+                else t.MistralConfig(**common, head_dim=24, sliding_window=None))
+        config = t.LlavaNextConfig(vision_config=t.CLIPVisionConfig(**vision, projection_dim=32), text_config=text,
+                                   image_token_index=image_token_id, image_grid_pinpoints=NEXT_PINPOINTS,
+                                   vision_feature_select_strategy="default", vision_feature_layer=-2)
+        model = t.LlavaNextForConditionalGeneration(config).eval()
+        processor = t.LlavaNextImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+                                              image_grid_pinpoints=NEXT_PINPOINTS)
+        return _save_family(out, model, tok, t.LlavaNextProcessor, processor, seed, patch_size=14,
+                            vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    if family == "llava_onevision":
+        config = t.LlavaOnevisionConfig(vision_config=t.SiglipVisionConfig(**vision),
+                                        text_config=t.Qwen2Config(**common, rope_theta=1e6),
+                                        image_token_index=image_token_id, image_grid_pinpoints=ONEVISION_PINPOINTS,
+                                        vision_aspect_ratio="anyres_max_2", vision_feature_select_strategy="full",
+                                        vision_feature_layer=-1)
+        model = t.LlavaOnevisionForConditionalGeneration(config).eval()
+        processor = t.LlavaOnevisionImageProcessor(size={"height": 28, "width": 28},
+                                                   image_grid_pinpoints=ONEVISION_PINPOINTS)
+        return _save_family(out, model, tok, t.LlavaOnevisionProcessor, processor, seed, num_image_tokens=4,
+                            vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_2",
+                            video_processor=t.LlavaOnevisionVideoProcessor())
+    raise ValueError(f"unknown family {family!r}; choose one of {ANYRES_FAMILIES}")
+
+
+def reference_anyres(path: str | Path, backend: str | None = None):
+    """transformers' model (fp32, eval) and processor (`backend`: "pil" | "torchvision" | its default)."""
+    t = transformers
+    model = t.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32,
+                                                          attn_implementation="eager").eval()
+    processor = t.AutoProcessor.from_pretrained(path)
+    if backend is not None:  # the image processor only: OneVision's video processor has no PIL path
+        processor.image_processor = t.AutoImageProcessor.from_pretrained(path, backend=backend)
+    return model, processor

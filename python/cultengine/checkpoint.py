@@ -147,6 +147,15 @@ def _index_weights(path: Path) -> dict[str, tuple[Path, str]]:
     return out
 
 
+def _image_processor_config(path: Path) -> dict:
+    """preprocessor_config.json, or the `image_processor` part of processor_config.json (what transformers 5
+    writes when a processor is saved whole)."""
+    config = _read_json(path / "preprocessor_config.json", required=False)
+    if config is None:
+        config = (_read_json(path / "processor_config.json", required=False) or {}).get("image_processor")
+    return config if isinstance(config, dict) else {}
+
+
 def _token_str(tok: Any) -> str | None:
     # tokenizer_config.json stores special tokens as strings or as AddedToken dicts.
     if isinstance(tok, dict):
@@ -212,5 +221,5 @@ def load_checkpoint(path: str | Path, dtype: str | torch.dtype = "auto",
         path=path, config=config, architecture=arch, dtype=_resolve_dtype(dtype, config), device=torch.device(device),
         eos_token_ids=eos_ids, bos_token_id=bos, tokenizer_path=tok_file, tokenizer_config=tok_cfg,
         special_tokens=special, chat_template=template,
-        preprocessor_config=_read_json(path / "preprocessor_config.json", required=False) or {},
+        preprocessor_config=_image_processor_config(path),
         weight_files=weights, random_init=random_init)

@@ -322,18 +322,21 @@ class Engine:
         """(text, image sources, add special tokens, image options) of one request."""
         if not isinstance(req, dict):
             raise RequestError(f"a request is a dict with 'prompt' or 'messages', got {type(req).__name__}")
-        options = {k: req[k] for k in self.family.image_options if k in req}
         if "messages" in req:
-            text, imgs = render_checkpoint_chat(self.checkpoint, req["messages"])
-            return text, imgs, False, options
-        if "prompt" in req:
+            text, images = render_checkpoint_chat(self.checkpoint, req["messages"])
+            special = False
+        elif "prompt" in req:
             if not isinstance(req["prompt"], str):
                 raise RequestError("'prompt' must be a string")
-            images = req.get("images") or []
+            text, images, special = req["prompt"], req.get("images") or [], True
             if not isinstance(images, list | tuple):
                 raise RequestError(f"'images' must be a list, got {type(images).__name__}")
-            return req["prompt"], list(images), True, options
-        raise RequestError("a request needs 'prompt' (with images) or 'messages'")
+        else:
+            raise RequestError("a request needs 'prompt' (with images) or 'messages'")
+        options = {k: req[k] for k in self.family.image_options if k in req}
+        if "num_images" in self.family.image_options:  # OneVision tiles only a prompt's only image
+            options["num_images"] = len(images)
+        return text, list(images), special, options
 
     # -------------------------------------------------------------------------------------------
     # The step loop

@@ -319,6 +319,18 @@ def pad(x: Array, hw: tuple[int, int], fill: float = 0) -> Array:
     return torch.nn.functional.pad(x, (0, pw, 0, ph), value=fill)
 
 
+def pad_centered(x: Array, hw: tuple[int, int]) -> Array:
+    """Zero-pad to (height, width) around the centre, the odd pixel after (LLaVA-NeXT's patching pad).
+    Exact on both paths."""
+    c, h, w = x.shape
+    top, left = (hw[0] - h) // 2, (hw[1] - w) // 2
+    if top < 0 or left < 0:
+        raise ValueError(f"cannot pad a {h}x{w} image to {hw[0]}x{hw[1]}")
+    out = np.zeros((c, *hw), dtype=x.dtype) if _is_pil_path(x) else x.new_zeros((c, *hw))
+    out[:, top : top + h, left : left + w] = x
+    return out
+
+
 def pad_to_square(x: Array, background: int | Sequence[int] = 0) -> Array:
     """Centre the image on a square of its longest side filled with `background` (one value per channel; an
     int fills the first channel only, as transformers' LLaVA processors). Exact on both paths."""

@@ -14,6 +14,8 @@ from .family import Family, ImageFeatures, Model
 
 FAMILIES: dict[str, str] = {
     "LlavaForConditionalGeneration": "llava.Llava",
+    "LlavaNextForConditionalGeneration": "llava_next.LlavaNext",
+    "LlavaOnevisionForConditionalGeneration": "llava_onevision.LlavaOnevision",
 }
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 
