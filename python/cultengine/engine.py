@@ -55,11 +55,14 @@ class Engine:
                  num_blocks: int | None = None, kv_cache_memory: int | None = None,
                  enable_prefix_caching: bool = True, attention_backend: str | None = None,
                  max_model_len: int | None = None, encoder_cache_size: int = 256, random_init: bool = False,
-                 profile: bool = False, cuda_graphs: bool = True, image_backend: str | None = None):
+                 profile: bool = False, cuda_graphs: bool = True, image_backend: str | None = None,
+                 max_num_image_tokens: int | None = None):
         """`random_init` draws weights instead of reading them (profiling model shapes); `profile`
         synchronises the device around each phase to time it and records per-request latencies;
         `cuda_graphs` replays decode steps from CUDA graphs (CUDA with the Triton backend only);
-        `image_backend` ("pil" | "torchvision") overrides the preprocessing path transformers would pick."""
+        `image_backend` ("pil" | "torchvision") overrides the preprocessing path transformers would pick;
+        `max_num_image_tokens` caps the image embeddings a step starts (each image's encoder runs whole
+        in the step that first reaches it; many-tile images then spread over steps)."""
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device='cuda' was asked for but torch sees no CUDA device")
@@ -83,7 +86,8 @@ class Engine:
             self.tokenizer, num_blocks=self.runner.num_blocks, block_size=block_size,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             max_model_len=self.max_model_len, enable_prefix_caching=enable_prefix_caching,
-            eos_token_ids=list(self.checkpoint.eos_token_ids), position_rows=rows)
+            eos_token_ids=list(self.checkpoint.eos_token_ids), position_rows=rows,
+            max_num_image_tokens=max_num_image_tokens)
         self._next_seq_id = 0
         self._seq_images: dict[int, list[int]] = {}  # in-flight sequence -> image hashes it pins
         self._counters = {"prompt_tokens": 0, "generated_tokens": 0, "run_seconds": 0.0}

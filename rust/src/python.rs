@@ -233,7 +233,7 @@ impl Scheduler {
     #[new]
     #[pyo3(signature = (tokenizer, num_blocks, block_size = 16, max_num_seqs = 256, max_num_batched_tokens = 8192,
                         max_model_len = 4096, enable_prefix_caching = true, eos_token_ids = Vec::new(),
-                        position_rows = 1))]
+                        position_rows = 1, max_num_image_tokens = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         tokenizer: &Tokenizer,
@@ -245,6 +245,7 @@ impl Scheduler {
         enable_prefix_caching: bool,
         eos_token_ids: Vec<u32>,
         position_rows: usize,
+        max_num_image_tokens: Option<usize>,
     ) -> PyResult<Self> {
         if position_rows == 0 {
             return Err(PyValueError::new_err("position_rows must be >= 1"));
@@ -258,6 +259,7 @@ impl Scheduler {
             enable_prefix_caching,
             eos_token_ids,
             position_rows,
+            max_num_image_tokens: max_num_image_tokens.unwrap_or(usize::MAX),
         };
         let inner = scheduler::Scheduler::new(tokenizer.inner.clone(), cfg).map_err(value_err)?;
         Ok(Self { inner })

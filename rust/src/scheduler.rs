@@ -24,6 +24,9 @@ pub struct SchedulerConfig {
     pub enable_prefix_caching: bool,
     pub eos_token_ids: Vec<u32>,
     pub position_rows: usize, // 1: plain positions; 3: M-RoPE (temporal, height, width)
+    /// Image embeddings a step may start (each image counted once, whole, when a chunk first touches
+    /// it: its encoder runs then); one image is always allowed, however large.
+    pub max_num_image_tokens: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -37,6 +40,7 @@ impl Default for SchedulerConfig {
             enable_prefix_caching: true,
             eos_token_ids: Vec::new(),
             position_rows: 1,
+            max_num_image_tokens: usize::MAX,
         }
     }
 }
@@ -157,15 +161,36 @@ impl Seq {
 
     /// Tokens to compute from `start` within `budget`: the chunk never ends inside an atomic image
     /// run (0 when that run does not fit; a run that began before `start` was a prefix-cache hit,
-    /// whose cached KV is valid, so only the rest of it must come in one piece).
-    fn chunk_len(&self, start: usize, budget: usize) -> usize {
-        let end = (start + budget).min(self.tokens.len());
+    /// whose cached KV is valid, so only the rest of it must come in one piece), and it stops before
+    /// an image whose embeddings would exceed the step's image budget (`images` holds the hashes
+    /// already counted this step and what they cost).
+    fn chunk_len(&self, start: usize, budget: usize, images: &mut ImageBudget) -> usize {
+        let mut end = (start + budget).min(self.tokens.len());
+        for im in self
+            .images
+            .iter()
+            .filter(|im| im.end() > start && im.start < end)
+        {
+            if !images.take(im.hash, || self.image_tokens(im.hash)) {
+                end = im.start.max(start);
+                break;
+            }
+        }
         let cut = self
             .images
             .iter()
             .find(|im| im.atomic && im.start < end && end < im.end() && im.end() > start)
             .map_or(end, |im| im.start.max(start));
         cut - start
+    }
+
+    /// Embeddings of the image `hash` in this sequence (the lengths of all its runs).
+    fn image_tokens(&self, hash: u64) -> usize {
+        self.images
+            .iter()
+            .filter(|im| im.hash == hash)
+            .map(|im| im.len)
+            .sum()
     }
 
     fn ensure_hashes(&mut self, n: usize, bs: usize) {
@@ -200,6 +225,38 @@ impl Seq {
             }
         }
         self.num_registered = self.num_registered.max(full);
+    }
+}
+
+/// The step's image-embedding budget: each image counted once.
+struct ImageBudget {
+    left: usize,
+    used_any: bool,
+    counted: Vec<u64>,
+}
+
+impl ImageBudget {
+    fn new(limit: usize) -> Self {
+        Self {
+            left: limit,
+            used_any: false,
+            counted: Vec::new(),
+        }
+    }
+
+    /// Whether image `hash` fits the step (counting it if it is new); the first image always fits.
+    fn take(&mut self, hash: u64, cost: impl FnOnce() -> usize) -> bool {
+        if self.counted.contains(&hash) {
+            return true;
+        }
+        let cost = cost();
+        if self.used_any && cost > self.left {
+            return false;
+        }
+        self.left = self.left.saturating_sub(cost);
+        self.used_any = true;
+        self.counted.push(hash);
+        true
     }
 }
 
@@ -396,6 +453,7 @@ impl Scheduler {
     fn schedule_inner(&mut self) -> Option<StepPlan> {
         let bs = self.cfg.block_size;
         let mut budget = self.cfg.max_num_batched_tokens;
+        let mut images = ImageBudget::new(self.cfg.max_num_image_tokens);
         let mut chunks: Vec<(i64, usize, usize)> = Vec::with_capacity(self.running.len()); // (id, start, len)
         let mut width = 0; // widest block table of the step
         let mut preempted = false;
@@ -406,9 +464,9 @@ impl Scheduler {
             let id = self.running[i];
             let seq = &self.seqs[&id];
             let start = seq.num_computed;
-            let len = seq.chunk_len(start, budget);
+            let len = seq.chunk_len(start, budget, &mut images);
             if len == 0 {
-                // An image that must be computed whole does not fit what is left of the budget.
+                // An image that must be computed whole, or its encoder, does not fit this step.
                 i += 1;
                 continue;
             }
@@ -453,7 +511,7 @@ impl Scheduler {
                 Vec::new()
             };
             let start = hit.len() * bs;
-            let len = seq.chunk_len(start, budget);
+            let len = seq.chunk_len(start, budget, &mut images);
             let need = (start + len).div_ceil(bs) - hit.len();
             if len == 0 || !self.bm.can_take(&hit, need) {
                 break;

@@ -272,6 +272,7 @@ fn config(
         enable_prefix_caching: caching,
         eos_token_ids: vec![EOS],
         position_rows: 1,
+        max_num_image_tokens: usize::MAX,
     }
 }
 
@@ -303,11 +304,9 @@ fn outputs_identical_under_memory_pressure_chunking_and_prefix_caching() {
                 // Just enough blocks for the longest request: forces preemption.
                 let tight = longest.div_ceil(bs) + rng.below(4);
                 let budget = 8 + rng.below(100);
-                let (out, sched) = run(
-                    &reqs,
-                    config(tight, caching, budget, 2 + rng.below(8), bs),
-                    seed + 1,
-                );
+                let mut cfg = config(tight, caching, budget, 2 + rng.below(8), bs);
+                cfg.max_num_image_tokens = [usize::MAX, 1, 20][rng.below(3)];
+                let (out, sched) = run(&reqs, cfg, seed + 1);
                 for (id, f) in &reference {
                     assert_eq!(
                         key(&out[id]),
@@ -753,4 +752,40 @@ fn explicit_position_rows_then_delta_for_outputs() {
     sched.update(&[20], &[0.0], &[], &[]).unwrap();
     let plan = sched.schedule().unwrap();
     assert_eq!(plan.positions, vec![3, 3, 3]); // token 4 at position 4 - 1 in every row
+}
+
+#[test]
+fn image_budget_spreads_images_over_steps() {
+    // Three 6-token images, a budget of 8 image tokens per step: one image starts per step.
+    let mut cfg = config(64, false, 64, 8, 4);
+    cfg.max_num_image_tokens = 8;
+    let mut sched = Scheduler::new(tok(), cfg).unwrap();
+    let mut prompt = Vec::new();
+    let mut images = Vec::new();
+    for h in 0..3u64 {
+        prompt.extend([11, 12]);
+        images.push(ImageSpan {
+            start: prompt.len(),
+            len: 6,
+            hash: 100 + h,
+            ..Default::default()
+        });
+        prompt.extend([IMG; 6]);
+    }
+    let p = SamplingParams {
+        max_tokens: 1,
+        ..Default::default()
+    };
+    sched
+        .add_sequence(0, prompt, &images, vec![], 0, p)
+        .unwrap();
+    let mut per_step = Vec::new();
+    while let Some(plan) = sched.schedule() {
+        per_step.push(plan.image_hashes.clone());
+        let n = plan.sample_indices.len();
+        sched
+            .update(&vec![EOS as i64; n], &vec![0.0; n], &[], &[])
+            .unwrap();
+    }
+    assert_eq!(per_step, vec![vec![100], vec![101], vec![102]]);
 }
