@@ -103,7 +103,7 @@ def test_choice_loglikelihoods_match_transformers(pair):
             assert got.logprob == pytest.approx(float(lp.gather(1, torch.tensor(cont)[:, None]).sum()), abs=ATOL)
 
 
-def test_prefix_cache_chunked_prefill_and_preemption_change_nothing(pair, family_path):
+def test_prefix_cache_chunked_prefill_image_budget_and_preemption_change_nothing(pair, family_path):
     engine, _, _ = pair
     reqs = [{"messages": m} for m in CONVERSATIONS] * 2
     params = SamplingParams(max_tokens=6, temperature=0.8, seed=3, ignore_eos=True)
@@ -115,7 +115,8 @@ def test_prefix_cache_chunked_prefill_and_preemption_change_nothing(pair, family
     tight = [{"block_size": 4, "num_blocks": -(-longest // 4) + extra, "max_model_len": longest}
              for extra in (8, 24, 32)]
     preemptions = 0
-    for kwargs in ({"enable_prefix_caching": False}, {"max_num_batched_tokens": 16, "block_size": 4}, *tight):
+    for kwargs in ({"enable_prefix_caching": False}, {"max_num_batched_tokens": 16, "block_size": 4},
+                   {"max_num_image_tokens": 1}, *tight):
         other = Engine(family_path, dtype="float32", **kwargs)
         assert [o.token_ids for o in other.generate(reqs, params, use_tqdm=False)] == expected, kwargs
         preemptions += other.stats()["num_preemptions"]
