@@ -89,11 +89,12 @@ class VisionTower:
 
     `hidden_states[0]` is the (pre-normed) embedding output and `hidden_states[i]` the output of layer i,
     as in transformers; only the layers up to the deepest requested one are loaded and run. The LLaVA
-    families select hidden states, so SigLIP's post-LayerNorm (applied to the last state only) never runs.
+    families select hidden states; families that take the tower's `last_hidden_state` (Gemma 3,
+    Idefics3: SigLIP's post-LayerNorm applied to the last layer) pass `post_layernorm=True`.
     """
 
     def __init__(self, ckpt: Checkpoint, config: VisionConfig, ops, feature_layers: list[int],
-                 prefix: str = "model.vision_tower."):
+                 prefix: str = "model.vision_tower.", post_layernorm: bool = False):
         c = config
         self.ops, self.cfg = ops, c
         n_hidden = c.num_layers + 1
@@ -108,6 +109,8 @@ class VisionTower:
         self.position_embedding = w(prefix + "embeddings.position_embedding.weight", (n_pos, e))
         self.pre_ln = ((w(prefix + "pre_layrnorm.weight", (e,)), w(prefix + "pre_layrnorm.bias", (e,)))
                        if c.has_class_token else None)
+        self.post_ln = ((w(prefix + "post_layernorm.weight", (e,)), w(prefix + "post_layernorm.bias", (e,)))
+                        if post_layernorm else None)
         self.num_heads, self.head_dim = c.num_heads, e // c.num_heads
         self.act = activation(c.hidden_act)
         self.layers = []
@@ -148,6 +151,8 @@ class VisionTower:
             h = F.layer_norm(x, (e,), *layer["ln2"], eps)
             x = x + F.linear(self.act(F.linear(h, *layer["fc1"])), *layer["fc2"])
             states.append(x)
+        if self.post_ln is not None:  # last_hidden_state: the final layer's output, post-normed
+            states[-1] = F.layer_norm(states[-1], (e,), *self.post_ln, eps)
         return [states[i] for i in self.feature_layers]
 
 
