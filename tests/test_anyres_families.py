@@ -186,3 +186,17 @@ def test_inconsistent_checkpoints_name_file_and_field(family_path, tmp_path, fil
     with pytest.raises(CheckpointError, match=needle) as err:
         family_for(load_checkpoint(_edited(family_path, tmp_path, file, **changes)))
     assert file in str(err.value)
+
+
+def test_missing_processor_file_is_a_checkpoint_error(family_path, tmp_path):
+    d = shutil.copytree(family_path, tmp_path / "noproc")
+    (d / "processor_config.json").unlink()
+    with pytest.raises(CheckpointError, match="preprocessor_config.json.*not found"):
+        family_for(load_checkpoint(d))
+
+
+def test_unsupported_architecture_lists_the_registry(family_path, tmp_path):
+    d = _edited(family_path, tmp_path, "config.json", architectures=["FancyVLMForConditionalGeneration"])
+    with pytest.raises(CheckpointError, match="'FancyVLM.*supported: LlavaForConditionalGeneration, "
+                                              "LlavaNextForConditionalGeneration, LlavaOnevision"):
+        family_for(load_checkpoint(d))
