@@ -293,19 +293,6 @@ def parse_subset(subset: str) -> tuple[str, str]:
     return "", s
 
 
-def _cvqa(rec: dict, base: Path, line: int, stem: str) -> Row:
-    country, lang = parse_subset(_text(rec.get("Subset")))
-    options = [_text(o) for o in rec.get("Options") or []]
-    label = rec.get("Label")
-    return Row(
-        id=_text(rec.get("ID")) or f"{stem}:{line}", question=_text(rec.get("Question")),
-        images=[_image(rec.get("image"), base, False)], options=options,
-        answer=_answer(None if _blank(label) or int(label) < 0 else int(label), options),
-        country=country, language=lang, category=_text(rec.get("Category")), question_type="cvqa",
-        meta={k: rec[k] for k in ("Translated Question", "Translated Options", "Image Type") if k in rec},
-    )
-
-
 _OPTION_RE = re.compile(r"(?:^|\s|\n)\(?([A-H])[.)]\s+(.+?)(?=\s+\(?[A-H][.)]\s+|\n|$)", re.S)
 
 
@@ -317,39 +304,6 @@ def split_options(text: str) -> tuple[str, list[str]]:
         return text, []
     question = re.sub(r"\s*(Options|Choices)\s*:?\s*$", "", text[: found[0].start()].strip(), flags=re.I)
     return question, [m.group(2).strip() for m in found]
-
-
-def _almbench(rec: dict, base: Path, line: int, stem: str) -> Row:
-    qtype = _text(rec.get("Question_Type"))
-    question = _text(rec.get("Translated_Question")) or _text(rec.get("English_Question"))
-    answer = _text(rec.get("Translated_Answer")) or _text(rec.get("English_Answer"))
-    question, options = split_options(question)
-    if not options and "true" in qtype.lower() and "false" in qtype.lower():
-        options = ["True", "False"]
-    if options:  # answers look like "B", "B. text" or the option text
-        m = re.match(r"^\(?([A-H])[.):]?(\s|$)", answer)
-        answer = m.group(1) if m else next((o for o in options if o.casefold() == answer.casefold()), answer)
-    img = rec.get("image") if not _blank(rec.get("image")) else rec.get("file_name")
-    return Row(
-        id=_text(rec.get("ID")) or f"{stem}:{line}", question=question,
-        images=[_image(img, base, False)] if not _blank(img) else [], options=options,
-        answer=_answer(answer or None, options), country=_text(rec.get("Country")),
-        language=_text(rec.get("Language")), category=_text(rec.get("Category")), question_type=qtype,
-        meta={"english_question": _text(rec.get("English_Question"))},
-    )
-
-
-def _culturalvqa(rec: dict, base: Path, line: int, stem: str) -> Row:
-    answers = rec.get("answers")
-    if isinstance(answers, str):
-        answers = [answers]
-    return Row(
-        id=_text(rec.get("u_id")) or _text(rec.get("id")) or f"{stem}:{line}",
-        question=_text(rec.get("question")), images=[_image(rec.get("image"), base, False)],
-        answer=_answer(list(answers) if answers else None, []), country=_text(rec.get("country")),
-        category=_text(rec.get("category")) or _text(rec.get("facet")), question_type="culturalvqa",
-        language=_text(rec.get("language")) or "English",
-    )
 
 
 def load_file(path: str | Path, fmt: str = "auto", verify_images: bool = True) -> Dataset:
@@ -370,9 +324,12 @@ def load_file(path: str | Path, fmt: str = "auto", verify_images: bool = True) -
                 rid = rid or _text(rec.get(k))
             if fmt == "vlmeval":
                 row = _vlmeval(rec, base, line, stem, by_index)
+            elif fmt == "canonical":
+                row = _canonical(rec, base, line, stem)
             else:
-                row = {"canonical": _canonical, "cvqa": _cvqa, "almbench": _almbench,
-                       "culturalvqa": _culturalvqa}[fmt](rec, base, line, stem)
+                from . import formats  # imports this module: loaded lazily
+
+                row = formats.IMPORTERS[fmt](rec, base, line, stem)
             rid = row.id
             if not row.question:
                 raise BadRow("empty question")
