@@ -45,7 +45,8 @@ from PIL import Image
 
 from . import countries
 
-FORMATS = ("auto", "canonical", "vlmeval", "cvqa", "almbench", "culturalvqa")
+FORMATS = ("auto", "canonical", "vlmeval", "cvqa", "almbench", "worldcuisines", "seavqa", "blend", "culturalvqa",
+           "columns")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 GROUP_KEYS = ("country", "region", "continent", "category", "question_type", "language")
 
@@ -123,10 +124,15 @@ def _records(path: Path, fmt: str) -> Iterator[tuple[int, dict | Exception]]:
         with path.open(encoding="utf-8", newline="") as f:
             for i, rec in enumerate(csv.DictReader(f, delimiter="\t"), 2):
                 yield i, rec
+    elif suffix == ".arrow":
+        from . import formats
+
+        yield from enumerate(formats.arrow_records(path), 1)
     elif suffix == ".json":
+        from . import formats
+
         data = json.loads(path.read_text(encoding="utf-8"))
-        for i, rec in enumerate(data if isinstance(data, list) else data.get("rows", []), 1):
-            yield i, rec
+        yield from enumerate(formats.json_records(data), 1)
     else:  # JSONL
         with path.open(encoding="utf-8") as f:
             for i, line in enumerate(f, 1):
@@ -142,14 +148,9 @@ def _records(path: Path, fmt: str) -> Iterator[tuple[int, dict | Exception]]:
 def detect_format(path: Path, first: dict | None) -> str:
     if path.suffix.lower() == ".tsv":
         return "vlmeval"
-    cols = set(first or ())
-    if {"Subset", "Options"} <= cols or {"ID", "Subset"} <= cols:
-        return "cvqa"
-    if cols & {"Question_Type", "English_Question", "Translated_Question"}:
-        return "almbench"
-    if "u_id" in cols:  # the public CulturalVQA file (image, question) also reads fine as canonical
-        return "culturalvqa"
-    return "canonical"
+    from . import formats
+
+    return formats.detect(set(first or ())) or "canonical"
 
 
 def _blank(v: Any) -> bool:
@@ -306,7 +307,13 @@ def split_options(text: str) -> tuple[str, list[str]]:
     return question, [m.group(2).strip() for m in found]
 
 
-def load_file(path: str | Path, fmt: str = "auto", verify_images: bool = True) -> Dataset:
+def load_file(path: str | Path, fmt: str = "auto", verify_images: bool = True, opts=None) -> Dataset:
+    """`opts`: a `formats.ImportOptions` (language, column map, image root) for the published formats."""
+    from . import formats  # imports this module: loaded lazily
+
+    opts = opts or formats.ImportOptions()
+    if opts.columns and fmt == "auto":
+        fmt = "columns"
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"benchmark file not found: {path}")
@@ -320,16 +327,13 @@ def load_file(path: str | Path, fmt: str = "auto", verify_images: bool = True) -
                 raise rec
             if fmt == "auto":
                 fmt = detect_format(path, rec)
-            for k in ("id", "ID", "u_id", "index"):
-                rid = rid or _text(rec.get(k))
+            rid = formats.record_id(rec, opts)
             if fmt == "vlmeval":
                 row = _vlmeval(rec, base, line, stem, by_index)
             elif fmt == "canonical":
                 row = _canonical(rec, base, line, stem)
             else:
-                from . import formats  # imports this module: loaded lazily
-
-                row = formats.IMPORTERS[fmt](rec, base, line, stem)
+                row = formats.IMPORTERS[fmt](rec, base, line, stem, opts)
             rid = row.id
             if not row.question:
                 raise BadRow("empty question")
@@ -346,10 +350,13 @@ def load_file(path: str | Path, fmt: str = "auto", verify_images: bool = True) -
     return Dataset(rows, skipped, [str(path)])
 
 
-def load(paths: list[str | Path], fmt: str = "auto", verify_images: bool = True) -> Dataset:
+def load(paths: list[str | Path], fmt: str = "auto", verify_images: bool = True, opts=None) -> Dataset:
+    """Every file of `paths` (folders and hub-cache dataset ids expanded by `formats.expand`)."""
+    from . import formats
+
     out = Dataset([], [], [])
-    for p in paths:
-        d = load_file(p, fmt, verify_images)
+    for p in formats.expand(paths, opts.split if opts else None):
+        d = load_file(p, fmt, verify_images, opts)
         seen = {r.id for r in out.rows}
         for r in d.rows:
             if r.id in seen:
@@ -358,6 +365,8 @@ def load(paths: list[str | Path], fmt: str = "auto", verify_images: bool = True)
                 out.rows.append(r)
         out.skipped += d.skipped
         out.files += d.files
+    if opts and opts.lang == "both":
+        out.rows = formats.split_languages(out.rows)
     return out
 
 

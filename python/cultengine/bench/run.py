@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import runlog
-from . import data, distributed, metrics, report, results
+from . import data, distributed, formats, metrics, report, results
 from .suites import MAX_TOKENS, SuiteConfig, build_requests, prompt_hash, score, usable
 
 FINGERPRINT = ("model", "data", "format", "suite", "scoring", "circular", "template")
@@ -144,7 +144,7 @@ def run(args, make_engine=None) -> int:
     if demo and lead:
         _log(f"note: {report.CHANCE_NOTE}")
 
-    ds = data.load(data_paths, args.format)
+    ds = data.load(data_paths, args.format, opts=formats.ImportOptions.from_args(args, cfg.suite == "vqa"))
     rows = ds.rows[: args.limit] if args.limit else ds.rows
     skipped = list(ds.skipped)
     for r in list(rows):

@@ -61,6 +61,8 @@ class SuiteConfig:
         return cls(suite, scoring, circular, text)
 
     def render(self, row: Row, options: list[str]) -> str:
+        if row.meta.get("prompt_as_given"):  # the benchmark's own prompt, options and instruction included
+            return row.question
         return self._tmpl.render(question=row.question, hint=row.hint, options=options, letters=LETTERS,
                                  country=row.country, language=row.language, category=row.category)
 
@@ -71,6 +73,8 @@ def usable(row: Row, cfg: SuiteConfig) -> str | None:
         return "multiple-choice suite needs at least two options"
     if cfg.suite == "mcq" and len(row.options) > len(LETTERS):
         return "too many options"
+    if cfg.suite == "vqa" and row.options:
+        return "open-answer suite: the row is multiple choice (run it with --suite mcq)"
     return None
 
 
