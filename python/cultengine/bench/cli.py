@@ -54,6 +54,10 @@ def _bench_parser(sub) -> None:
     formats.add_arguments(p)
     p.add_argument("--template", metavar="FILE", help="Jinja template for the user turn text (variables: "
                    "question, hint, options, letters, country, language, category)")
+    p.add_argument("--judge-model", metavar="DIR", help="vqa: judge each open answer with this checkpoint "
+                   "(P(yes) of 'yes'/'no' by Engine.score), after the answers are generated")
+    p.add_argument("--judge-prompt", metavar="FILE", help="Jinja judging prompt (variables: question, answers, "
+                   "prediction, country, language); default: the package's bench/prompts/judge.jinja")
     p.set_defaults(func=_bench)
 
 

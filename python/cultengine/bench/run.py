@@ -11,15 +11,32 @@ from pathlib import Path
 from typing import Any
 
 from .. import runlog
-from . import data, distributed, formats, metrics, report, results
+from . import data, distributed, formats, judge, langgap, metrics, report, results
 from .suites import MAX_TOKENS, SuiteConfig, build_requests, prompt_hash, score, usable
 
-FINGERPRINT = ("model", "data", "format", "suite", "scoring", "circular", "template")
+FINGERPRINT = ("model", "data", "format", "suite", "scoring", "circular", "template", "cvqa_lang", "mc_prompt",
+               "columns", "split", "judge_model", "judge_prompt")
 STATS = "engine_stats.jsonl"
 
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def _free_memory(device: str) -> None:
+    import gc
+
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def _default_engine(model: str, device: str, dtype: str):
+    from ..engine import Engine
+
+    return Engine(model, device=device, dtype=dtype, enable_prefix_caching=True)
 
 
 def _default_device() -> str:
@@ -42,6 +59,8 @@ def _check_config(run_dir: Path, config: dict) -> None:
 
 def _record(row: data.Row, cfg: SuiteConfig, outs: list, batch_s: float, n: int) -> dict:
     rec = {"id": row.id, "prompt_hash": prompt_hash(row, cfg), **score(row, cfg, outs)}
+    if "prompt_lang" in row.meta:  # --cvqa-lang both: the English-vs-local gap needs it
+        rec["prompt_lang"] = row.meta["prompt_lang"]
     rec.update(groups=row.groups(), western=row.western,
                timings={"batch_s": round(batch_s, 4), "sample_s": round(batch_s / n, 5)})
     return rec
@@ -99,8 +118,19 @@ def _evaluate(engine, rows: list[data.Row], cfg: SuiteConfig, writer: runlog.Res
 def _finalize(run_dir: Path, rows: list[data.Row], skipped: list[data.Skipped], cfg: SuiteConfig,
               config: dict, demo: bool, extra: list[dict] = ()) -> Path:
     recs = results.merge(run_dir, [r.id for r in rows], extra)
+    if judge.attach(run_dir, recs):  # the verdicts join each sample's result line
+        runlog.atomic_write(run_dir / results.RESULTS, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                               for r in recs))
     summary = {"config": config, "demo": demo,
                **metrics.summarize(recs, [asdict(s) for s in skipped], cfg.suite)}
+    summary["samples"]["missing_images"] = sum(s.reason.startswith("missing image") for s in skipped)
+    if any("judge_correct" in r for r in recs):
+        summary["primary_metric"] = "judge_acc"
+        summary["judge"] = judge.agreement(recs)
+    summary["language_gap"] = langgap.language_gap([r for r in recs if not r.get("error")], cfg.suite,
+                                               summary["primary_metric"])
+    for name, preds in formats.submissions(rows, recs).items():  # CVQA leaderboard files
+        runlog.atomic_write(run_dir / name, json.dumps(preds, ensure_ascii=False, indent=1))
     summary["run"] = {"engine": _engine_totals(run_dir)}
     if demo:
         summary["note_demo"] = report.CHANCE_NOTE
@@ -137,6 +167,10 @@ def run(args, make_engine=None) -> int:
               "suite": cfg.suite, "scoring": cfg.scoring, "circular": cfg.circular, "template": cfg.template,
               "limit": args.limit, "device": device, "dtype": args.dtype, "batch": args.batch,
               "shard": list(shard) if shard else None}
+    judge_model = getattr(args, "judge_model", None)
+    for k in ("cvqa_lang", "mc_prompt", "columns", "split", "judge_prompt"):
+        config[k] = getattr(args, k, None)
+    config["judge_model"] = str(Path(judge_model).resolve()) if judge_model else None
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_config(run_dir, config)
     if lead:
@@ -163,13 +197,8 @@ def run(args, make_engine=None) -> int:
     mine = distributed.shard_slice(ordered, shard)
     finished = results.read_all(run_dir)
     todo = [r for r in mine if r.id not in finished]
+    make_engine = make_engine or _default_engine
     if todo:
-        if make_engine is None:
-            from ..engine import Engine
-
-            def make_engine(model, device, dtype):
-                return Engine(model, device=device, dtype=dtype, enable_prefix_caching=True)
-
         engine = make_engine(str(model), device, args.dtype)
         writer = runlog.ResultLog(results.shard_file(run_dir, shard))
         try:
@@ -177,12 +206,21 @@ def run(args, make_engine=None) -> int:
             _evaluate(engine, todo, cfg, writer, args.batch, done, len(mine), run_dir / STATS)
         finally:
             writer.close()
+        del engine  # the judge (if any) loads after the answers: free the memory first
+        _free_memory(device)
+
+    def judge_all() -> None:
+        if judge_model and cfg.suite == "vqa":
+            prompt = judge.JudgePrompt.load(config["judge_prompt"])
+            judge.run_judge(run_dir, rows, results.read_all(run_dir),
+                            lambda: make_engine(judge_model, device, args.dtype), prompt, args.batch)
 
     if dist:
         mine_ids = {r.id for r in mine}
         own = [rec for i, rec in results.read_all(run_dir).items() if i in mine_ids]
         gathered = dist.gather(own)
         if lead:
+            judge_all()
             out = _finalize(run_dir, rows, skipped, cfg, config, demo, [x for g in gathered for x in g])
         dist.barrier()
         dist.close()
@@ -195,6 +233,7 @@ def run(args, make_engine=None) -> int:
             _log(f"shard {args.shard} done; {missing} of {len(rows)} samples still to run in other shards. "
                  f"The summary is written by whichever shard (or unsharded run) finishes last.")
             return 0
+        judge_all()
         out = _finalize(run_dir, rows, skipped, cfg, config, demo)
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     m = summary["primary_metric"]

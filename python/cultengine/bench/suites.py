@@ -10,7 +10,9 @@ come first in the turn). Variables: question, hint, options, letters, country, l
 - mcq, `--scoring generate`: same listing, "Answer with the option's letter from the given choices
   directly."; greedy, up to 16 tokens, the letter parsed by `parse_letter`.
 - vqa: the question, "Answer the question using a single word or phrase."; greedy, up to 32 tokens,
-  scored by normalised exact match and answer-contained-in-prediction (`normalize`).
+  scored by exact match (`normalize`: case, punctuation), normalised match (`judge.vqa_normalize`: the
+  VQA normalisation, articles and number words too), answer-contained-in-prediction, and with
+  `--judge-model` by a judge model (`judge.py`).
 - `--circular`: each question is asked once per rotation of its options and counts right only when
   every rotation is (VLMEvalKit CircularEval); `acc_vanilla` keeps the unrotated score.
 A `--template FILE` replaces the text template of the suite being run.
@@ -28,6 +30,7 @@ from typing import Any
 import jinja2
 
 from .data import LETTERS, Row
+from .judge import normalized_match
 
 _LISTING = (
     "{% if hint %}Hint: {{ hint }}\n{% endif %}{{ question }}\n"
@@ -181,6 +184,7 @@ def score(row: Row, cfg: SuiteConfig, outs: list) -> dict[str, Any]:
         if row.labeled:
             p, answers = normalize(pred), [normalize(a) for a in row.answer if normalize(a)]
             res["correct"] = p in answers
+            res["normalized"] = normalized_match(pred, row.answer)
             res["contains"] = any(a in p for a in answers)
         else:
             res["correct"] = None
