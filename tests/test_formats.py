@@ -520,3 +520,39 @@ def test_validate_report(cvqa_file, capsys):
     assert "skipped by reason:" in out.out and "out of range" in out.out
     assert "--suite vqa would skip 2" in out.out
     assert "q2" in out.err and ":3 " in out.err  # each bad row with its file, line and id
+
+
+def test_bench_run_cvqa_both_languages_gap_and_submission(tmp_path, monkeypatch):
+    from bench_helpers import FakeEngine, bench_args
+    from cultengine.bench.run import run
+
+    monkeypatch.setenv("CULTENGINE_CACHE", str(tmp_path / "cache"))
+    rows = [
+        cvqa_row(i, label=i % 4, subset=s)
+        for i, s in enumerate(["('Japanese', 'Japan')"] * 3 + ["('Spanish', 'Mexico')"] * 3)
+    ]
+    rows += [cvqa_row(10 + i, label=-1) for i in range(2)]
+    rows.append({**cvqa_row(20), "image": {"bytes": None, "path": "https://example.org/gone.jpg"}})
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "cvqa.parquet")
+    out = tmp_path / "run"
+    args = bench_args(data=[str(tmp_path / "cvqa.parquet")], output_dir=str(out), cvqa_lang="both")
+    assert run(args, make_engine=lambda *a: FakeEngine()) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["samples"]["evaluated"] == 16 and s["samples"]["labeled"] == 12 and s["samples"]["missing_images"] == 1
+    g = s["language_gap"]
+    assert set(g["by"]["country"]) == {"Japan", "Mexico"} and g["by"]["country"]["Japan"]["n_en"] == 3
+    for v in g["by"]["country"].values():
+        assert v["gap"] == pytest.approx(v["en"] - v["local"], abs=1e-6)
+    recs = {r["id"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    sub = json.loads((out / "cvqa_submission_en.json").read_text())
+    assert sub == {"q10": recs["q10|en"]["pred_index"], "q11": recs["q11|en"]["pred_index"]}
+    assert set(json.loads((out / "cvqa_submission_local.json").read_text())) == {"q10", "q11"}
+    assert "## English vs local language" in (out / "report.md").read_text()
+    assert "English minus local language, by country" in (out / "report.html").read_text()
+    # the same file in the open-answer suite: every row is multiple choice, each skipped with the reason
+    vqa = tmp_path / "vqa"
+    run(
+        bench_args(data=[str(tmp_path / "cvqa.parquet")], output_dir=str(vqa), suite="vqa"),
+        make_engine=lambda *a: FakeEngine(),
+    )
+    assert json.loads((vqa / "summary.json").read_text())["samples"]["skipped_rows"] == 9
