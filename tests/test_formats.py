@@ -556,3 +556,28 @@ def test_bench_run_cvqa_both_languages_gap_and_submission(tmp_path, monkeypatch)
         make_engine=lambda *a: FakeEngine(),
     )
     assert json.loads((vqa / "summary.json").read_text())["samples"]["skipped_rows"] == 9
+
+
+def test_csv_canonical_with_url_images_and_hub_subpath(tmp_path, monkeypatch):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    (root / "kimono.png").write_bytes(png_bytes())
+    (tmp_path / "t.csv").write_text(
+        "id,question,answer,country,image\n"
+        "r1,What is she wearing?,kimono,Japan,https://cdn.example.org/pics/kimono.png\n"
+        "r2,What is this?,x,Japan,https://cdn.example.org/pics/absent.png\n"
+    )
+    ds = load(tmp_path / "t.csv", image_root=root)
+    (r,) = ds.rows
+    assert (r.id, r.answer, r.images, r.region) == ("r1", ["kimono"], [str(root / "kimono.png")], "Eastern Asia")
+    assert ds.skipped[0].line == 3 and "missing image https://cdn.example.org/pics/absent.png" in ds.skipped[0].reason
+
+    snap = tmp_path / "hub" / "datasets--worldcuisines--vqa" / "snapshots" / "abc"
+    (snap / "task1").mkdir(parents=True)
+    (snap / "task2").mkdir()
+    pq.write_table(_cvqa_table(1), snap / "task1" / "test_small-00000-of-00001.parquet")
+    pq.write_table(_cvqa_table(2), snap / "task2" / "test_small-00000-of-00001.parquet")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    files = formats.expand(["worldcuisines/vqa/task1"])
+    assert files == [snap / "task1" / "test_small-00000-of-00001.parquet"]
+    assert len(formats.expand(["worldcuisines/vqa"], split="task2")) == 1

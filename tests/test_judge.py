@@ -134,6 +134,9 @@ def test_tiny_judge_on_fixed_answers(tmp_path, tiny_llama, monkeypatch):
     )
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{}")
+    # answers first, then judging added to the finished run: the answers are not generated again
+    assert run(bench_args(**{**vars(args), "judge_model": None}), make_engine=make) == 0
+    assert answers.generated == len(QA) and not judges and not (out / judge.JUDGMENTS).exists()
     assert run(args, make_engine=make) == 0
     assert answers.generated == len(QA) and len(judges) == 1
     recs = list(runlog.read(out / "results.jsonl"))
@@ -180,6 +183,12 @@ def test_tiny_judge_on_fixed_answers(tmp_path, tiny_llama, monkeypatch):
     assert "## Judge" in report and "agreement with exact match" in report and "judge_acc" in report
     # a re-run judges nothing again and builds no judge engine
     assert run(args, make_engine=make) == 0 and len(judges) == 1
+    # another judging prompt never mixes its verdicts with these
+    (tmp_path / "other.jinja").write_text(SHORT_PROMPT + " (yes/no)")
+    with pytest.raises(SystemExit, match="another judge model or prompt"):
+        run(bench_args(**{**vars(args), "judge_prompt": str(tmp_path / "other.jinja")}), make_engine=make)
+    with pytest.raises(SystemExit, match="use it with --suite vqa"):
+        run(bench_args(**{**vars(args), "suite": "mcq"}), make_engine=make)
 
 
 def test_language_gap_table_and_plot():

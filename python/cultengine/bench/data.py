@@ -119,10 +119,10 @@ def _records(path: Path, fmt: str) -> Iterator[tuple[int, dict | Exception]]:
         table = pq.read_table(path)
         for i, rec in enumerate(table.to_pylist(), 1):
             yield i, rec
-    elif suffix == ".tsv":
+    elif suffix in (".tsv", ".csv"):
         csv.field_size_limit(sys.maxsize)  # base64 images are long
         with path.open(encoding="utf-8", newline="") as f:
-            for i, rec in enumerate(csv.DictReader(f, delimiter="\t"), 2):
+            for i, rec in enumerate(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","), 2):
                 yield i, rec
     elif suffix == ".arrow":
         from . import formats
@@ -146,11 +146,9 @@ def _records(path: Path, fmt: str) -> Iterator[tuple[int, dict | Exception]]:
 
 
 def detect_format(path: Path, first: dict | None) -> str:
-    if path.suffix.lower() == ".tsv":
-        return "vlmeval"
     from . import formats
 
-    return formats.detect(set(first or ())) or "canonical"
+    return formats.detect(set(first or ())) or ("vlmeval" if path.suffix.lower() == ".tsv" else "canonical")
 
 
 def _blank(v: Any) -> bool:
@@ -331,7 +329,7 @@ def load_file(path: str | Path, fmt: str = "auto", verify_images: bool = True, o
             if fmt == "vlmeval":
                 row = _vlmeval(rec, base, line, stem, by_index)
             elif fmt == "canonical":
-                row = _canonical(rec, base, line, stem)
+                row = _canonical(formats.local_images(rec, base, opts), base, line, stem)
             else:
                 row = formats.IMPORTERS[fmt](rec, base, line, stem, opts)
             rid = row.id

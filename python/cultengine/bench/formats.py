@@ -27,7 +27,8 @@ Images named by URL are never fetched: `ImportOptions.image_root` names a folder
 Folders (`expand`): a Hugging Face hub-cache snapshot (`owner/name` resolved offline under `HF_HUB_CACHE`
 or `HF_HOME/hub`, layout `datasets--owner--name/snapshots/<rev>/`), a folder of parquet shards, or a
 `datasets.save_to_disk` folder (`state.json` + Arrow IPC stream files; a `DatasetDict` has
-`dataset_dict.json` and one such folder per split). All read with pyarrow; no dataset script runs.
+`dataset_dict.json` and one such folder per split). `OWNER/NAME/sub/path` names a folder or file
+inside the snapshot. All read with pyarrow; no dataset script runs.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ CANONICAL_FIELDS = (
     "language",
     "split",
 )
-DATA_SUFFIXES = (".parquet", ".arrow", ".jsonl", ".json", ".tsv")
+DATA_SUFFIXES = (".parquet", ".arrow", ".jsonl", ".json", ".tsv", ".csv")
 # files of a dataset folder that describe it rather than hold rows
 _NOT_DATA = {"dataset_info.json", "dataset_infos.json", "state.json", "dataset_dict.json", "config.json"}
 
@@ -186,6 +187,15 @@ def image(v: Any, base: Path, opts: ImportOptions) -> str | bytes:
 @cache
 def _image_root(root: Path) -> ImageRoot:
     return ImageRoot(root)
+
+
+def local_images(rec: dict, base: Path, opts: ImportOptions) -> dict:
+    """A canonical record with the images it names by URL replaced by the files under `--image-root`."""
+    for key in ("image", "images"):
+        v = rec.get(key)
+        if is_url(v) or (isinstance(v, list) and any(map(is_url, v))):
+            rec = {**rec, key: [image(x, base, opts) for x in (v if isinstance(v, list) else [v])]}
+    return rec
 
 
 def _images(rec: dict, base: Path, opts: ImportOptions, *keys: str) -> list[str | bytes]:
@@ -735,8 +745,9 @@ def expand(paths: list[str | Path], split: str | None = None) -> list[Path]:
     out: list[Path] = []
     for p in paths:
         path = Path(p).expanduser()
-        if not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(p)):
-            path = hub_snapshot(str(p)) or path
+        if not path.exists() and (m := re.fullmatch(r"([\w.-]+/[\w.-]+)(/.+)?", str(p))):
+            snap = hub_snapshot(m.group(1))  # OWNER/NAME[/folder or file inside the snapshot]
+            path = snap / (m.group(2) or "/").lstrip("/") if snap else path
             if not path.exists():
                 raise FileNotFoundError(
                     f"benchmark not found: {p} is neither a path nor a dataset in the "

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import sys
@@ -69,6 +70,10 @@ class JudgePrompt:
 
     template: str
 
+    def fingerprint(self, model: str | Path) -> str:
+        """Identity of a judge (checkpoint + prompt): verdicts of different judges are never mixed."""
+        return hashlib.sha256(f"{Path(model).resolve()}\n{self.template}".encode()).hexdigest()[:12]
+
     @classmethod
     def load(cls, path: str | Path | None = None) -> JudgePrompt:
         return cls(Path(path or PROMPT_FILE).read_text(encoding="utf-8"))
@@ -111,6 +116,7 @@ def run_judge(
     run_dir: Path,
     rows: list[Row],
     recs: dict[str, dict],
+    model: str,
     make_engine: Callable[[], Any],
     prompt: JudgePrompt,
     batch: int,
@@ -118,6 +124,12 @@ def run_judge(
     """Judge every judgeable sample not yet in `judgments.jsonl`; returns how many were judged now.
     The judge engine is built only when something is left to judge."""
     log = runlog.ResultLog(Path(run_dir) / JUDGMENTS)
+    judge_id = prompt.fingerprint(model)
+    if any(j.get("judge") != judge_id for j in log.read()):
+        raise SystemExit(
+            f"error: {log.path} holds verdicts of another judge model or prompt; delete it to judge again "
+            "with this one (the answers are kept)"
+        )
     todo = [r for r in rows if judgeable(r, recs.get(r.id))]
     pending = [r for r in todo if r.id not in log.done]
     print(
@@ -132,7 +144,7 @@ def run_judge(
         for start in range(0, len(pending), batch):
             chunk = pending[start : start + batch]
             outs = engine.score([prompt.request(r, recs[r.id]["prediction"]) for r in chunk], use_tqdm=False)
-            log.write({"id": r.id, **verdict(o)} for r, o in zip(chunk, outs, strict=True))
+            log.write({"id": r.id, "judge": judge_id, **verdict(o)} for r, o in zip(chunk, outs, strict=True))
     finally:
         log.close()
     return len(pending)
@@ -144,7 +156,7 @@ def attach(run_dir: Path, recs: list[dict]) -> bool:
     for rec in recs:
         j = judged.get(rec["id"])
         if j:
-            rec.update({k: v for k, v in j.items() if k != "id"})
+            rec.update({k: v for k, v in j.items() if k not in ("id", "judge")})
     return bool(judged)
 
 

@@ -14,8 +14,9 @@ from .. import runlog
 from . import data, distributed, formats, judge, langgap, metrics, report, results
 from .suites import MAX_TOKENS, SuiteConfig, build_requests, prompt_hash, score, usable
 
+# the judge is not part of it: judging can be added to (or redone for) a finished run of answers
 FINGERPRINT = ("model", "data", "format", "suite", "scoring", "circular", "template", "cvqa_lang", "mc_prompt",
-               "columns", "split", "judge_model", "judge_prompt")
+               "columns", "split")
 STATS = "engine_stats.jsonl"
 
 
@@ -168,6 +169,8 @@ def run(args, make_engine=None) -> int:
               "limit": args.limit, "device": device, "dtype": args.dtype, "batch": args.batch,
               "shard": list(shard) if shard else None}
     judge_model = getattr(args, "judge_model", None)
+    if judge_model and cfg.suite != "vqa":
+        raise SystemExit("error: --judge-model judges open answers: use it with --suite vqa")
     for k in ("cvqa_lang", "mc_prompt", "columns", "split", "judge_prompt"):
         config[k] = getattr(args, k, None)
     config["judge_model"] = str(Path(judge_model).resolve()) if judge_model else None
@@ -210,9 +213,9 @@ def run(args, make_engine=None) -> int:
         _free_memory(device)
 
     def judge_all() -> None:
-        if judge_model and cfg.suite == "vqa":
+        if judge_model:
             prompt = judge.JudgePrompt.load(config["judge_prompt"])
-            judge.run_judge(run_dir, rows, results.read_all(run_dir),
+            judge.run_judge(run_dir, rows, results.read_all(run_dir), judge_model,
                             lambda: make_engine(judge_model, device, args.dtype), prompt, args.batch)
 
     if dist:
