@@ -127,7 +127,7 @@ def _validate(args) -> int:
 
 def _reason_kind(reason: str) -> str:
     """A skip reason without the row's own values (paths, URLs, quoted text, numbers), for counting."""
-    reason = re.sub(r"\S*[/\\]\S*|'[^']*'|\"[^\"]*\"|\[[^\]]*\]|\d+", "…", reason)
+    reason = re.sub(r"[\w.~:-]*[/\\][\w./\\~%:?=&-]{2,}|'[^']*'|\"[^\"]*\"|\[[^\]]*\]|\d+", "…", reason)
     return re.sub(r"(…\s*)+", "… ", reason).strip()
 
 
