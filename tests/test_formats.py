@@ -94,6 +94,10 @@ def test_cvqa_mapping_languages_and_bad_rows(cvqa_file):
     assert [r.id for r in both] == ["q0|local", "q0|en", "q1|local", "q1|en"]
     assert both[1].question == "What is this?" and both[0].question == "これは何ですか?"
     assert both[1].meta["source_id"] == "q0" and both[1].meta["prompt_lang"] == "en"
+    untranslated = {**cvqa_row(5), "Translated Options": None}
+    write_jsonl(cvqa_file.with_name("untranslated.jsonl"), [{**untranslated, "image": {"bytes": None, "path": "x"}}])
+    skip = data.load([cvqa_file.with_name("untranslated.jsonl")], fmt="cvqa", opts=opts(lang="en")).skipped[0]
+    assert "--cvqa-lang en: no Translated Question / Translated Options" in skip.reason
 
 
 def test_cvqa_submission_for_unlabelled_rows(cvqa_file):
@@ -412,6 +416,8 @@ def test_numbered_options():
     q, labels, options, rest = formats.numbered_options("Q?\nA) one\nB) two\nC) three\nPick a letter.")
     assert (q, labels, options, rest) == ("Q?", ["A", "B", "C"], ["one", "two", "three"], "Pick a letter.")
     assert formats.numbered_options("no options here")[2] == []
+    inline = formats._mc_from_prompt("Which dish? A. Pho B. Banh mi", opts(), "Banh mi")
+    assert inline == ("Which dish?", ["Pho", "Banh mi"], 1, {})
 
 
 def _cvqa_table(n=3):

@@ -83,11 +83,15 @@ class ImportOptions:
     def from_args(cls, args: Any, open_answers: bool = False) -> ImportOptions:
         """From the parsed `add_arguments` flags (absent flags keep their defaults)."""
         root = getattr(args, "image_root", None)
+        try:
+            columns = cls.parse_columns(getattr(args, "columns", None))
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
         return cls(
             lang=getattr(args, "cvqa_lang", None) or "local",
             mc_prompt=getattr(args, "mc_prompt", None) or "parsed",
             open_answers=open_answers,
-            columns=cls.parse_columns(getattr(args, "columns", None)),
+            columns=columns,
             image_root=Path(root).expanduser() if root else None,
             split=getattr(args, "split", None),
         )
@@ -284,7 +288,12 @@ def numbered_options(prompt: str) -> tuple[str, list[str], list[str], str]:
             continue
         labels, options, end = [], [], start
         seq = [str(i) for i in range(1, 100)] if m.group(1) == "1" else list(LETTERS)
-        while end < len(lines) and (m := _NUMBERED.match(lines[end])) and m.group(1) == seq[len(labels)]:
+        while (
+            end < len(lines)
+            and len(labels) < len(seq)
+            and (m := _NUMBERED.match(lines[end]))
+            and m.group(1) == seq[len(labels)]
+        ):
             labels.append(m.group(1))
             options.append(m.group(2))
             end += 1
@@ -296,9 +305,12 @@ def numbered_options(prompt: str) -> tuple[str, list[str], list[str], str]:
 def _mc_from_prompt(prompt: str, opts: ImportOptions, answer_label: str | None) -> tuple[str, list[str], Any, dict]:
     """(question, options, answer, meta) for a prompt that lists its own options."""
     question, labels, options, instruction = numbered_options(prompt)
+    if not options:  # options inline: "Q? A. x B. y"
+        question, options = split_options(prompt)
+        labels, instruction = list(LETTERS[: len(options)]), ""
     if not options:
         raise BadRow("no numbered or lettered options found in the prompt")
-    answer = labels.index(answer_label) if answer_label in labels else None
+    answer = next((seq.index(answer_label) for seq in (labels, options) if answer_label in seq), None)
     if answer_label is not None and answer is None:
         raise BadRow(f"answer {answer_label!r} not among the prompt's options {labels}")
     if opts.mc_prompt == "as-given":
@@ -317,11 +329,14 @@ def _cvqa(rec: dict, base: Path, line: int, stem: str, opts: ImportOptions) -> R
     country, lang = parse_subset(_text(rec.get("Subset")))
     local = {"question": _text(rec.get("Question")), "options": _list(rec.get("Options"), "Options")}
     english = {
-        "question": _text(rec.get("Translated Question")) or local["question"],
-        "options": _list(rec.get("Translated Options"), "Translated Options") or local["options"],
+        "question": _text(rec.get("Translated Question")),
+        "options": _list(rec.get("Translated Options"), "Translated Options"),
     }
-    if len(english["options"]) != len(local["options"]):
-        raise BadRow("Options and Translated Options differ in length")
+    if opts.lang != "local":  # the English version is asked: it must be complete
+        if not english["question"] or not english["options"]:
+            raise BadRow(f"--cvqa-lang {opts.lang}: no Translated Question / Translated Options")
+        if len(english["options"]) != len(local["options"]):
+            raise BadRow("Options and Translated Options differ in length")
     row = Row(
         id=_text(rec.get("ID")) or f"{stem}:{line}",
         question="",
