@@ -189,6 +189,11 @@ def test_tiny_judge_on_fixed_answers(tmp_path, tiny_llama, monkeypatch):
         run(bench_args(**{**vars(args), "judge_prompt": str(tmp_path / "other.jinja")}), make_engine=make)
     with pytest.raises(SystemExit, match="use it with --suite vqa"):
         run(bench_args(**{**vars(args), "suite": "mcq"}), make_engine=make)
+    # verdicts deleted: the summary and the result lines drop them
+    (out / judge.JUDGMENTS).unlink()
+    assert run(bench_args(**{**vars(args), "judge_model": None}), make_engine=make) == 0
+    assert "judge" not in json.loads((out / "summary.json").read_text())
+    assert not any("judge_correct" in r for r in runlog.read(out / "results.jsonl"))
 
 
 def test_language_gap_table_and_plot():

@@ -151,13 +151,17 @@ def run_judge(
 
 
 def attach(run_dir: Path, recs: list[dict]) -> bool:
-    """Copy the stored verdicts onto the result records; True when any sample was judged."""
+    """Copy the stored verdicts onto the result records, replacing any earlier ones (of a judgments file
+    since deleted); True when a record changed."""
     judged = {j["id"]: j for j in runlog.read(Path(run_dir) / JUDGMENTS)}
+    changed = False
     for rec in recs:
+        old = {k: rec.pop(k) for k in [k for k in rec if k.startswith("judge_")]}
         j = judged.get(rec["id"])
         if j:
             rec.update({k: v for k, v in j.items() if k not in ("id", "judge")})
-    return bool(judged)
+        changed |= old != {k: v for k, v in rec.items() if k.startswith("judge_")}
+    return changed
 
 
 def agreement(recs: list[dict]) -> dict[str, Any]:

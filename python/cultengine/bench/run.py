@@ -119,7 +119,7 @@ def _evaluate(engine, rows: list[data.Row], cfg: SuiteConfig, writer: runlog.Res
 def _finalize(run_dir: Path, rows: list[data.Row], skipped: list[data.Skipped], cfg: SuiteConfig,
               config: dict, demo: bool, extra: list[dict] = ()) -> Path:
     recs = results.merge(run_dir, [r.id for r in rows], extra)
-    if judge.attach(run_dir, recs):  # the verdicts join each sample's result line
+    if judge.attach(run_dir, recs):  # the judge's verdicts join each sample's result line
         runlog.atomic_write(run_dir / results.RESULTS, "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                                                for r in recs))
     summary = {"config": config, "demo": demo,
