@@ -12,15 +12,9 @@ Importers (picked by `--format`, else by extension and columns):
 - vlmeval (.tsv): `index`->id, `image` (base64; a bare index refers to that row's image), `image_path`,
   `question`, `hint`, option columns `A`..`Z`, `answer` (letter), `category`, `l2-category`->question_type,
   and `country`, `language` when present.
-- cvqa (.parquet): `ID`->id, `image` (bytes or {"bytes": ..}), `Subset` ("('Japanese', 'Japan')" or
-  "Japan-Japanese") -> language + country, `Question`, `Options`, `Label` (-1 or missing = unlabeled),
-  `Category`; `Translated Question/Options` kept in meta.
-- almbench (.parquet / .jsonl): `ID`->id, `file_name` or `image`, `Language`, `Category`, `Question_Type`,
-  `Translated_Question` (else `English_Question`), `Translated_Answer` (else `English_Answer`), `Country`
-  when present; multiple-choice options are parsed from the question text ("A. ..", "(B) .."), true/false
-  questions get the options True/False; other types are open questions (vqa suite).
-- culturalvqa (.parquet / .jsonl): `u_id`/`id`->id, `image`, `question`, `answers` (list of open answers;
-  absent = unlabeled), `country`.
+- cvqa, almbench, worldcuisines, seavqa, blend, culturalvqa (published schemas) and columns (`--columns`
+  maps any table): in `formats.py`, which also expands folders (Hugging Face hub snapshots, parquet
+  shards, `save_to_disk`) and `OWNER/NAME` from the local hub cache.
 
 Country -> region/continent comes from `countries.csv` when the file gives only a country.
 """
@@ -39,11 +33,14 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from . import countries
+
+if TYPE_CHECKING:
+    from . import formats
 
 FORMATS = ("auto", "canonical", "vlmeval", "cvqa", "almbench", "worldcuisines", "seavqa", "blend", "culturalvqa",
            "columns")
@@ -305,7 +302,8 @@ def split_options(text: str) -> tuple[str, list[str]]:
     return question, [m.group(2).strip() for m in found]
 
 
-def load_file(path: str | Path, fmt: str = "auto", verify_images: bool = True, opts=None) -> Dataset:
+def load_file(path: str | Path, fmt: str = "auto", verify_images: bool = True,
+              opts: formats.ImportOptions | None = None) -> Dataset:
     """`opts`: a `formats.ImportOptions` (language, column map, image root) for the published formats."""
     from . import formats  # imports this module: loaded lazily
 
@@ -348,7 +346,8 @@ def load_file(path: str | Path, fmt: str = "auto", verify_images: bool = True, o
     return Dataset(rows, skipped, [str(path)])
 
 
-def load(paths: list[str | Path], fmt: str = "auto", verify_images: bool = True, opts=None) -> Dataset:
+def load(paths: list[str | Path], fmt: str = "auto", verify_images: bool = True,
+         opts: formats.ImportOptions | None = None) -> Dataset:
     """Every file of `paths` (folders and hub-cache dataset ids expanded by `formats.expand`)."""
     from . import formats
 
