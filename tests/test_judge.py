@@ -266,3 +266,31 @@ def test_sigkill_while_judging_resumes_without_regenerating(tmp_path, tiny_llama
     assert len(ids) == len(set(ids)) == n and all("judge_p_yes" in r for r in recs)
     s = json.loads((out / "summary.json").read_text())
     assert s["judge"]["n"] == n and s["primary_metric"] == "judge_acc"
+
+
+def test_long_answers_get_sentences_and_room(tmp_path, monkeypatch):
+    monkeypatch.setenv("CULTENGINE_CACHE", str(tmp_path / "cache"))
+    seen = []
+
+    class Capture(FixedAnswers):
+        def generate(self, requests, params, use_tqdm=False):
+            seen.extend(
+                (r["messages"][0]["content"][-1]["text"], p.max_tokens, p.stop)
+                for r, p in zip(requests, params, strict=True)
+            )
+            return [GenerationOutput(i, [1], [Sample("x", [5], "stop", [-0.1])]) for i in range(len(requests))]
+
+    rows = [
+        {"id": "s", "question": "Name the dish.", "answers": ["ugali"], "question_type": "SVQA"},
+        {"id": "l", "question": "Describe the dish.", "answers": ["a maize porridge"], "question_type": "LVQA"},
+    ]
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = bench_args(data=[str(data)], suite="vqa", output_dir=str(tmp_path / "o"), model=str(tmp_path / "m"))
+    assert run(args, make_engine=lambda *a: Capture()) == 0
+    by_q = {t.split("\n")[0]: (t, n, stop) for t, n, stop in seen}
+    assert by_q["Name the dish."][1:] == (32, ["\n"]) and "single word or phrase" in by_q["Name the dish."][0]
+    assert by_q["Describe the dish."][1] == 256 and not by_q["Describe the dish."][2]
+    assert by_q["Describe the dish."][0].endswith("Answer the question in a few sentences.")

@@ -12,7 +12,7 @@ from typing import Any
 
 from .. import runlog
 from . import data, distributed, formats, judge, langgap, metrics, report, results
-from .suites import MAX_TOKENS, SuiteConfig, build_requests, prompt_hash, score, usable
+from .suites import LONG_MAX_TOKENS, MAX_TOKENS, SuiteConfig, build_requests, long_answer, prompt_hash, score, usable
 
 # the judge is not part of it: judging can be added to (or redone for) a finished run of answers
 FINGERPRINT = ("model", "data", "format", "suite", "scoring", "circular", "template", "cvqa_lang", "mc_prompt",
@@ -91,7 +91,8 @@ def _evaluate(engine, rows: list[data.Row], cfg: SuiteConfig, writer: runlog.Res
     from ..sampling import SamplingParams
 
     session = uuid.uuid4().hex
-    params = SamplingParams(max_tokens=MAX_TOKENS[cfg.suite], temperature=0.0, stop=["\n"])
+    params = {False: SamplingParams(max_tokens=MAX_TOKENS[cfg.suite], temperature=0.0, stop=["\n"]),
+              True: SamplingParams(max_tokens=LONG_MAX_TOKENS, temperature=0.0)}  # by long_answer(row)
     bar = tqdm(total=total, initial=done, unit="sample", dynamic_ncols=True, file=sys.stderr)
     t_start = time.perf_counter()
     for start in range(0, len(rows), batch):
@@ -100,7 +101,8 @@ def _evaluate(engine, rows: list[data.Row], cfg: SuiteConfig, writer: runlog.Res
         flat = [q for rs in reqs for q in rs]
         t0 = time.perf_counter()
         outs = (engine.score(flat, use_tqdm=False) if cfg.scoring == "loglik"
-                else engine.generate(flat, params, use_tqdm=False))
+                else engine.generate(flat, [params[long_answer(r, cfg.suite)] for r, rs in zip(chunk, reqs, strict=True)
+                                            for _ in rs], use_tqdm=False))
         dt = time.perf_counter() - t0
         recs, k = [], 0
         for row, rs in zip(chunk, reqs, strict=True):

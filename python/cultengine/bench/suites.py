@@ -43,6 +43,14 @@ TEMPLATES = {
                          "Answer the question using a single word or phrase.",
 }
 MAX_TOKENS = {"mcq": 16, "vqa": 32}
+# long-answer questions (ALM-Bench's LVQA) are answered in sentences, up to 256 tokens, and judged
+LONG_ANSWER_TYPES = ("LVQA",)
+LONG_TEMPLATE = "{% if hint %}Hint: {{ hint }}\n{% endif %}{{ question }}\nAnswer the question in a few sentences."
+LONG_MAX_TOKENS = 256
+
+
+def long_answer(row: Row, suite: str) -> bool:
+    return suite == "vqa" and row.question_type in LONG_ANSWER_TYPES
 
 
 @dataclass
@@ -56,7 +64,9 @@ class SuiteConfig:
         if self.suite == "vqa":
             self.scoring, self.circular = "generate", False
         src = self.template or TEMPLATES[(self.suite, self.scoring)]
-        self._tmpl = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(src)
+        env = jinja2.Environment(undefined=jinja2.StrictUndefined)
+        self._tmpl = env.from_string(src)
+        self._long = env.from_string(self.template or LONG_TEMPLATE)
 
     @classmethod
     def from_args(cls, suite: str, scoring: str, circular: bool, template_file: str | None) -> SuiteConfig:
@@ -66,8 +76,9 @@ class SuiteConfig:
     def render(self, row: Row, options: list[str]) -> str:
         if row.meta.get("prompt_as_given"):  # the benchmark's own prompt, options and instruction included
             return row.question
-        return self._tmpl.render(question=row.question, hint=row.hint, options=options, letters=LETTERS,
-                                 country=row.country, language=row.language, category=row.category)
+        tmpl = self._long if long_answer(row, self.suite) else self._tmpl
+        return tmpl.render(question=row.question, hint=row.hint, options=options, letters=LETTERS,
+                           country=row.country, language=row.language, category=row.category)
 
 
 def usable(row: Row, cfg: SuiteConfig) -> str | None:
