@@ -13,6 +13,7 @@ come first in the turn). Variables: question, hint, options, letters, country, l
   scored by exact match (`normalize`: case, punctuation), normalised match (`judge.vqa_normalize`: the
   VQA normalisation, articles and number words too), answer-contained-in-prediction, and with
   `--judge-model` by a judge model (`judge.py`).
+  Long-answer rows (ALM-Bench's LVQA): "Answer the question in a few sentences.", up to 256 tokens.
 - `--circular`: each question is asked once per rotation of its options and counts right only when
   every rotation is (VLMEvalKit CircularEval); `acc_vanilla` keeps the unrotated score.
 A `--template FILE` replaces the text template of the suite being run.
