@@ -77,10 +77,16 @@ def test_cvqa_mapping_languages_and_bad_rows(cvqa_file):
     why = {s.id: (s.line, s.reason) for s in ds.skipped}
     assert why["q2"][0] == 3 and "Label 7 out of range for 4 options" in why["q2"][1]
     assert why["q4"][0] == 4 and "missing image" in why["q4"][1]
-    row = {**cvqa_row(3, Options="sushi, ramen"), "image": {"bytes": None, "path": "x.png"}}
-    write_jsonl(cvqa_file.with_name("cvqa.jsonl"), [row])
-    bad = data.load([cvqa_file.with_name("cvqa.jsonl")], fmt="cvqa").skipped[0]
+    (cvqa_file.parent / "p.png").write_bytes(png_bytes())
+    local = {"bytes": None, "path": "p.png"}  # JSON holds the image as a path beside the file
+    write_jsonl(
+        cvqa_file.with_name("cvqa.jsonl"),
+        [{**cvqa_row(3, Options="sushi, ramen"), "image": local}, {**cvqa_row(6), "image": local}],
+    )
+    loaded = data.load([cvqa_file.with_name("cvqa.jsonl")], fmt="cvqa")
+    bad = loaded.skipped[0]
     assert (bad.line, bad.id) == (1, "q3") and "Options is not a list" in bad.reason
+    assert [r.id for r in loaded.rows] == ["q6"] and loaded.rows[0].images == [str(cvqa_file.parent / "p.png")]
 
     en = load(cvqa_file, lang="en").rows[0]
     assert (en.question, en.options, en.answer, en.language) == (
@@ -94,8 +100,8 @@ def test_cvqa_mapping_languages_and_bad_rows(cvqa_file):
     assert [r.id for r in both] == ["q0|local", "q0|en", "q1|local", "q1|en"]
     assert both[1].question == "What is this?" and both[0].question == "これは何ですか?"
     assert both[1].meta["source_id"] == "q0" and both[1].meta["prompt_lang"] == "en"
-    untranslated = {**cvqa_row(5), "Translated Options": None}
-    write_jsonl(cvqa_file.with_name("untranslated.jsonl"), [{**untranslated, "image": {"bytes": None, "path": "x"}}])
+    untranslated = {**cvqa_row(5), "Translated Options": None, "image": local}
+    write_jsonl(cvqa_file.with_name("untranslated.jsonl"), [untranslated, {**cvqa_row(6), "image": local}])
     skip = data.load([cvqa_file.with_name("untranslated.jsonl")], fmt="cvqa", opts=opts(lang="en")).skipped[0]
     assert "--cvqa-lang en: no Translated Question / Translated Options" in skip.reason
 
@@ -240,8 +246,10 @@ def test_worldcuisines_prompt_options_and_image_root(tmp_path):
     assert given.meta["prompt_as_given"] is True
     open_ = load(f, image_root=root, open_answers=True).rows[0]
     assert (open_.question, open_.options, open_.answer) == ("What is this dish?", [], ["Nasi goreng"])
-    no_root = load(f)
-    assert not no_root.rows and all("need --image-root" in x.reason for x in no_root.skipped[:3])
+    (tmp_path / "local.png").write_bytes(png_bytes())
+    write_jsonl(tmp_path / "wc2.jsonl", [{**rows[0], "qa_id": "9", "image_path": "local.png"}, rows[1]])
+    no_root = load(tmp_path / "wc2.jsonl")
+    assert [r.id for r in no_root.rows] == ["9"] and "need --image-root" in no_root.skipped[0].reason
 
 
 def test_seavqa(tmp_path):
@@ -404,10 +412,12 @@ def test_columns_map_any_table(tmp_path):
     assert r.images == [str(tmp_path / "p.png")] and r.meta["extra"] == "kept"
     assert ds.skipped[0].id == "k2" and "is not a list" in ds.skipped[0].reason
     joined = formats.ImportOptions.parse_columns("question=question,options=choice_a+choice_b,answer=ans")
-    write_jsonl(tmp_path / "j.jsonl", [{"question": "Q?", "choice_a": "x", "choice_b": "y", "ans": "B"}])
+    write_jsonl(
+        tmp_path / "j.jsonl", [{"question": "Q?", "choice_a": "x", "choice_b": "y", "ans": "B"}, {"Nope": "Q2?"}]
+    )
     assert load(tmp_path / "j.jsonl", columns=joined).rows[0].options == ["x", "y"]
     bad = load(tmp_path / "j.jsonl", columns=formats.ImportOptions.parse_columns("question=Nope"))
-    assert "no column 'Nope'" in bad.skipped[0].reason
+    assert "no column 'Nope'" in bad.skipped[0].reason and bad.rows[0].question == "Q2?"
     with pytest.raises(ValueError, match="FIELD=COLUMN"):
         formats.ImportOptions.parse_columns("colour=x")
 
