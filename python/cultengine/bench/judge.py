@@ -70,6 +70,9 @@ class JudgePrompt:
 
     template: str
 
+    def __post_init__(self) -> None:
+        self._compiled = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(self.template)
+
     def fingerprint(self, model: str | Path) -> str:
         """Identity of a judge (checkpoint + prompt): verdicts of different judges are never mixed."""
         return hashlib.sha256(f"{Path(model).resolve()}\n{self.template}".encode()).hexdigest()[:12]
@@ -79,18 +82,14 @@ class JudgePrompt:
         return cls(Path(path or PROMPT_FILE).read_text(encoding="utf-8"))
 
     def request(self, row: Row, prediction: str) -> dict[str, Any]:
-        text = (
-            jinja2.Environment(undefined=jinja2.StrictUndefined)
-            .from_string(self.template)
-            .render(
-                question=row.question,
-                answers=list(row.answer or []),
-                prediction=prediction,
-                country=row.country,
-                language=row.language,
-            )
-            .strip()
-        )
+        """A text-only scoring request: the rendered prompt, with the choices "yes" and "no"."""
+        text = self._compiled.render(
+            question=row.question,
+            answers=list(row.answer or []),
+            prediction=prediction,
+            country=row.country,
+            language=row.language,
+        ).strip()
         return {"messages": [{"role": "user", "content": [{"type": "text", "text": text}]}], "choices": list(CHOICES)}
 
 
