@@ -117,10 +117,10 @@ def _validate(args) -> int:
         print("  skipped by reason: " + "; ".join(f"{k} ({n})" for k, n in reasons.most_common()))
     from .suites import SuiteConfig, usable
 
-    for suite in ("mcq", "vqa"):
-        why = Counter(w for r in ds.rows if (w := usable(r, SuiteConfig(suite))))
+    for cfg in (SuiteConfig("mcq"), SuiteConfig("vqa")):
+        why = Counter(w for r in ds.rows if (w := usable(r, cfg)))
         if why:
-            print(f"  --suite {suite} would skip {sum(why.values())}: "
+            print(f"  --suite {cfg.suite} would skip {sum(why.values())}: "
                   + "; ".join(f"{k} ({n})" for k, n in why.most_common()))
     return 1 if ds.skipped else 0
 
