@@ -357,19 +357,11 @@ def test_blend_multiple_choice_and_short_answer(tmp_path):
 
 
 def test_culturalvqa_predictions_only(tmp_path):
+    img = png_bytes()
     pq.write_table(
-        pa.Table.from_pylist(
-            [
-                {
-                    "u_id": "c1",
-                    "image": {"bytes": png_bytes(), "path": None},
-                    "question": "What is served?",
-                    "country": "Ethiopia",
-                }
-            ]
-        ),
+        pa.Table.from_pylist([{"u_id": "c1", "image": img, "question": "What is served?", "country": "Ethiopia"}]),
         tmp_path / "cv.parquet",
-    )
+    )  # the image as a plain binary column
     (r,) = load(tmp_path / "cv.parquet").rows
     assert (r.id, r.question, r.answer, r.country, r.region, r.question_type) == (
         "c1",
@@ -379,6 +371,7 @@ def test_culturalvqa_predictions_only(tmp_path):
         "Eastern Africa",
         "culturalvqa",
     )
+    assert r.images == [img] and not r.labeled
 
 
 def test_columns_map_any_table(tmp_path):
