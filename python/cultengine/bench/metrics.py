@@ -16,7 +16,8 @@ from .data import GROUP_KEYS
 # result field -> metric name, per suite
 METRICS = {
     "mcq": {"correct": "acc", "correct_norm": "acc_norm", "correct_vanilla": "acc_vanilla"},
-    "vqa": {"correct": "exact_match", "contains": "contains"},
+    "vqa": {"correct": "exact_match", "normalized": "normalized_match", "contains": "contains",
+            "judge_correct": "judge_acc"},
 }
 PRIMARY = {"mcq": "acc", "vqa": "exact_match"}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .. import plots
+from . import judge, langgap
 
 CHANCE_NOTE = ("This run used the demo checkpoint (random weights): its accuracy is chance level. "
                "It demonstrates the pipeline and the engine's throughput, not a model's knowledge.")
@@ -39,7 +40,8 @@ def _heatmap(table: dict[str, dict[str, dict]], metric: str, title: str) -> str:
 
 def _metric_names(summary: dict) -> list[str]:
     o = summary["overall"]
-    return [k for k in ("acc", "acc_norm", "acc_vanilla", "exact_match", "contains") if k in o]
+    return [k for k in ("acc", "acc_norm", "acc_vanilla", "exact_match", "normalized_match", "contains", "judge_acc")
+            if k in o]
 
 
 def markdown(summary: dict) -> str:
@@ -67,6 +69,7 @@ def markdown(summary: dict) -> str:
         groups = summary["by"].get(key, {})
         if len(groups) > 1 or (groups and "unknown" not in groups):
             lines += [f"## By {key.replace('_', ' ')}", "", _table_md(groups, names)]
+    lines += judge.markdown(summary) + langgap.markdown(summary)
     run = summary.get("run", {})
     if run:
         lines += ["## Run", ""] + [f"- {k}: {v}" for k, v in run.items() if not isinstance(v, dict)]
@@ -80,6 +83,7 @@ def html_report(summary: dict) -> str:
         _bars(sorted(_rows(summary["by"]["region"], m), key=lambda r: -r[1]), f"{m} by region"),
         _heatmap(summary.get("by_category_region", {}), m, f"{m}: category x region"),
         _bars(worst(summary["by"]["country"], m), f"worst countries by {m}"),
+        langgap.plot(summary),
     ]
     text = markdown(summary)
     title, _, rest = text.partition("\n")  # the report's own heading and notes go above the plots
