@@ -45,7 +45,11 @@ def test_proportion_independent_is_wilson_clustered_is_wider():
     width = clustered.high - clustered.low
     normal_15 = 2 * 1.96 * math.sqrt(0.25 / 15)  # the interval of 15 independent observations
     assert width == pytest.approx(normal_15, rel=0.2) and width > 1.5 * (ind.high - ind.low)
+    assert clustered.effective_n == pytest.approx(15, rel=0.15)  # design effect ~4: four copies of a verdict
     assert stats.proportion(correct, clusters=[i // 4 for i in range(60)]) == clustered  # seeded
+    # clusters that mix right and wrong answers are no worse than independent questions: design effect 1
+    mixed = stats.proportion([True, False] * 30, clusters=[i // 4 for i in range(60)])
+    assert mixed.effective_n == 60 and (mixed.low, mixed.high) == pytest.approx(stats.wilson(30, 60))
 
 
 def test_proportion_all_right_in_clusters_is_wilson_over_clusters():

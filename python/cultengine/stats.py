@@ -3,8 +3,9 @@
 One place for the uncertainty of every reported number, since bench, the studies and `compare` all use it:
 
 - `wilson`: the Wilson score interval of a proportion (Wilson 1927; Newcombe 1998, method 3).
-- `proportion`: a proportion with its 95 % interval: Wilson when the observations are independent, a
-  cluster bootstrap (resampling whole clusters, e.g. the questions of one image) when some share a cluster.
+- `proportion`: a proportion with its 95 % interval: Wilson when the observations are independent; when some
+  share a cluster (the questions of one image), Wilson at the effective sample size n / design effect, the
+  design effect measured by a cluster bootstrap (resampling whole clusters).
 - `cluster_mean`: the mean of per-observation values with a cluster-bootstrap percentile interval and a
   two-sided cluster sign-flip permutation p-value for "mean = 0" (paired differences).
 - `group_gap`: difference of two groups' proportions: stratified cluster-bootstrap interval, p-value from a
@@ -43,6 +44,7 @@ class Estimate:
     method: str
     clusters: int | None = None
     p: float | None = None
+    effective_n: float | None = None  # n over the design effect, for clustered proportions
 
     def as_dict(self, digits: int = 6) -> dict:
         out = {k: (round(v, digits) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -50,8 +52,9 @@ class Estimate:
 
 
 # ---------------------------------------------------------------- proportions
-def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for k successes in n trials (no continuity correction)."""
+def wilson(k: float, n: float, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for k successes in n trials (no continuity correction); n may be an effective
+    (non-integer) sample size."""
     if n <= 0:
         return float("nan"), float("nan")
     p = k / n
@@ -94,9 +97,12 @@ def proportion(
 ) -> Estimate:
     """The proportion of True with a 95 % interval.
 
-    Independent observations (no cluster holds two): Wilson. Otherwise a cluster bootstrap percentile interval
-    (the questions of one image are not independent); where it collapses to a point (all right or all wrong),
-    Wilson over the number of clusters instead, the conservative bound that counts each cluster once.
+    Independent observations (no cluster holds two): Wilson. Otherwise (the questions of one image are not
+    independent) the variance comes from a cluster bootstrap, resampling whole clusters, scaled by C / (C - 1)
+    for C clusters; its ratio to the binomial variance is the design effect (at least 1), and the interval is
+    Wilson's at the effective sample size n / design effect. Unlike bootstrap percentiles, this neither
+    collapses to a point nor to [0, 1] for a group of a few images. All right (or all wrong) leaves no variance
+    to measure: Wilson over the number of clusters, the conservative bound that counts each cluster once.
     """
     x = np.asarray(correct, dtype=np.float64)
     n = len(x)
@@ -104,16 +110,17 @@ def proportion(
         return Estimate(float("nan"), float("nan"), float("nan"), 0, "none")
     idx = _cluster_index(clusters, n)
     counts = np.bincount(idx).astype(np.float64)
-    k = int(x.sum())
+    c, k = len(counts), float(x.sum())
     p = k / n
-    if len(counts) == n:
+    if c == n:
         return Estimate(p, *wilson(k, n), n, "wilson")
-    if p in (0.0, 1.0):
-        c = len(counts)
-        return Estimate(p, *wilson(round(p * c), c), n, "wilson over clusters", clusters=c)
+    if p in (0.0, 1.0) or c < 2:
+        return Estimate(p, *wilson(round(p * c), c), n, "wilson over clusters", clusters=c, effective_n=c)
     sums = np.bincount(idx, weights=x)
     boot = _bootstrap_means(sums, counts, n_boot, np.random.default_rng(seed))
-    return Estimate(p, *_percentile(boot), n, "cluster bootstrap", clusters=len(counts))
+    design_effect = max(1.0, float(boot.var()) * c / (c - 1) / (p * (1 - p) / n))
+    n_eff = n / design_effect
+    return Estimate(p, *wilson(p * n_eff, n_eff), n, "cluster bootstrap", clusters=c, effective_n=n_eff)
 
 
 def _sign_flip_p(sums: np.ndarray, permutations: int, rng: np.random.Generator) -> float:

@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .. import runlog
+from .. import provenance, runlog
 from . import data, distributed, metrics, report, results
 from .suites import MAX_TOKENS, SuiteConfig, build_requests, prompt_hash, score, usable
 
@@ -42,7 +42,8 @@ def _check_config(run_dir: Path, config: dict) -> None:
 
 def _record(row: data.Row, cfg: SuiteConfig, outs: list, batch_s: float, n: int) -> dict:
     rec = {"id": row.id, "prompt_hash": prompt_hash(row, cfg), **score(row, cfg, outs)}
-    rec.update(groups=row.groups(), western=row.western,
+    rec.update(groups=row.groups(), western=row.western, cluster=row.image_key()[:16] or row.id,
+               chance=metrics.chance(len(row.options), cfg.circular) if cfg.suite == "mcq" else None,
                timings={"batch_s": round(batch_s, 4), "sample_s": round(batch_s / n, 5)})
     return rec
 
@@ -97,11 +98,11 @@ def _evaluate(engine, rows: list[data.Row], cfg: SuiteConfig, writer: runlog.Res
 
 
 def _finalize(run_dir: Path, rows: list[data.Row], skipped: list[data.Skipped], cfg: SuiteConfig,
-              config: dict, demo: bool, extra: list[dict] = ()) -> Path:
+              config: dict, demo: bool, extra: list[dict] = (), engine=None) -> Path:
     recs = results.merge(run_dir, [r.id for r in rows], extra)
     summary = {"config": config, "demo": demo,
                **metrics.summarize(recs, [asdict(s) for s in skipped], cfg.suite)}
-    summary["run"] = {"engine": _engine_totals(run_dir)}
+    summary["run"] = {"engine": _engine_totals(run_dir), **provenance.collect(config["model"], config["data"], engine)}
     if demo:
         summary["note_demo"] = report.CHANCE_NOTE
     if summary["samples"]["unlabeled"]:
@@ -136,7 +137,7 @@ def run(args, make_engine=None) -> int:
               "data": [str(Path(p).resolve()) for p in data_paths], "format": args.format,
               "suite": cfg.suite, "scoring": cfg.scoring, "circular": cfg.circular, "template": cfg.template,
               "limit": args.limit, "device": device, "dtype": args.dtype, "batch": args.batch,
-              "shard": list(shard) if shard else None}
+              "shard": list(shard) if shard else None, "min_cell_n": getattr(args, "min_cell_n", 10)}
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_config(run_dir, config)
     if lead:
@@ -163,6 +164,7 @@ def run(args, make_engine=None) -> int:
     mine = distributed.shard_slice(ordered, shard)
     finished = results.read_all(run_dir)
     todo = [r for r in mine if r.id not in finished]
+    engine = None
     if todo:
         if make_engine is None:
             from ..engine import Engine
@@ -183,7 +185,7 @@ def run(args, make_engine=None) -> int:
         own = [rec for i, rec in results.read_all(run_dir).items() if i in mine_ids]
         gathered = dist.gather(own)
         if lead:
-            out = _finalize(run_dir, rows, skipped, cfg, config, demo, [x for g in gathered for x in g])
+            out = _finalize(run_dir, rows, skipped, cfg, config, demo, [x for g in gathered for x in g], engine)
         dist.barrier()
         dist.close()
         if not lead:
@@ -195,7 +197,7 @@ def run(args, make_engine=None) -> int:
             _log(f"shard {args.shard} done; {missing} of {len(rows)} samples still to run in other shards. "
                  f"The summary is written by whichever shard (or unsharded run) finishes last.")
             return 0
-        out = _finalize(run_dir, rows, skipped, cfg, config, demo)
+        out = _finalize(run_dir, rows, skipped, cfg, config, demo, engine=engine)
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     m = summary["primary_metric"]
     overall = summary["overall"]
