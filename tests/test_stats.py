@@ -66,8 +66,10 @@ def test_cluster_mean_interval_and_sign_flip_p():
     assert est.high - est.low == pytest.approx(2 * 1.96 * shifted.std() / math.sqrt(200), rel=0.15)
     # exactly symmetric values: the observed mean is 0, nothing to reject
     assert stats.cluster_mean([1.0, -1.0, 2.0, -2.0]).p == 1.0
-    # NaN values are dropped
+    # NaN values are dropped; a single cluster has no interval
     assert stats.cluster_mean([1.0, float("nan"), 3.0]).value == 2.0
+    one = stats.cluster_mean([0.2, 0.4], clusters=["item", "item"])
+    assert one.value == pytest.approx(0.3) and math.isnan(one.low) and one.p is None
 
 
 def test_group_gap_planted_and_null():

@@ -110,7 +110,7 @@ def is_demo(model: str | Path | None) -> bool:
 def command_line(argv: Sequence[str]) -> str:
     """The command as typed: `python -m cultengine.cli ...` and the console script both read `cultengine ...`."""
     argv = list(argv)
-    if argv and Path(argv[0]).name in ("cli.py", "cultengine", "__main__.py"):
+    if argv and (Path(argv[0]).name == "cultengine" or Path(argv[0]).resolve().parent == Path(__file__).parent):
         argv[0] = "cultengine"
     return shlex.join(argv)
 
@@ -123,6 +123,8 @@ def collect(
 ) -> dict[str, Any]:
     """The run section: versions, checkpoint, data hashes, command line, date, machine."""
     processor = getattr(engine, "image_processor", None)
+    if model is None:  # an engine knows where its checkpoint came from
+        model = getattr(getattr(engine, "checkpoint", None), "path", None)
     out: dict[str, Any] = {
         "cultengine": __version__,
         "command": command_line(sys.argv if argv is None else argv),

@@ -151,6 +151,8 @@ def cluster_mean(
     if n == 0:
         return Estimate(float("nan"), float("nan"), float("nan"), 0, "none")
     sums, counts = np.bincount(idx, weights=x), np.bincount(idx).astype(np.float64)
+    if len(counts) < 2:  # one cluster: no spread to resample, nothing to test
+        return Estimate(float(x.mean()), float("nan"), float("nan"), n, "too few clusters", clusters=1)
     rng = np.random.default_rng(seed)
     boot = _bootstrap_means(sums, counts, n_boot, rng)
     method = "bootstrap" if len(counts) == n else "cluster bootstrap"
