@@ -1,0 +1,93 @@
+"""`analyze stories` tests story similarity against cultural distance with a Mantel test: a planted
+relation is found, unrelated stories are not, and a demo-checkpoint run carries the note."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from cultengine import stats
+from cultengine.studies import stories
+
+NATS = [
+    "Japanese",
+    "German",
+    "Peruvian",
+    "Kenyan",
+    "French",
+    "Brazilian",
+    "Indian",
+    "Chinese",
+    "Mexican",
+    "Egyptian",
+    "Swedish",
+    "Nigerian",
+]
+VOCAB = [f"word{chr(97 + i)}" for i in range(24)]
+
+
+def _culture(tmp_path, positions):
+    path = tmp_path / "culture.csv"
+    rows = [f"c{i},Country{i},{n},{positions[n]:.3f}" for i, n in enumerate(NATS)]
+    path.write_text("ctr,country,Demonym,dim\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def _run(tmp_path, name, text_of, model="m"):
+    run = tmp_path / name
+    run.mkdir()
+    recs = [
+        {
+            "id": f"{n}|{k}",
+            "image": "a.png",
+            "concept": "rain",
+            "nationality": n,
+            "temperature": 0.7,
+            "model": model,
+            "text": text_of(n, k),
+        }
+        for n in NATS
+        for k in range(6)
+    ]
+    (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return run
+
+
+def test_planted_relation_is_significant_and_unrelated_stories_are_not(tmp_path):
+    rng = random.Random(0)
+    positions = {n: rng.random() for n in NATS}
+    culture = _culture(tmp_path, positions)
+
+    def near(n, k):  # words near the nationality's position on the one cultural dimension
+        centre = positions[n] * (len(VOCAB) - 1)
+        r = random.Random(f"{n}{k}")
+        return " ".join(VOCAB[min(len(VOCAB) - 1, max(0, round(centre + r.gauss(0, 1.5))))] for _ in range(30))
+
+    planted = stories.analyze([_run(tmp_path, "planted", near)], hofstede=culture, permutations=1999)
+    (a,) = planted["models"]["m"]["alignment"]
+    assert a["tau"] < -0.3 and a["p"] < 0.01 and a["pairs"] == 66 and a["permutations"] == 1999
+    assert "Mantel" in a["test"]
+    # the reported p is the Mantel test of the analysis' own matrices
+    sim = np.array(planted["models"]["m"]["similarity"])
+    order = planted["models"]["m"]["nationalities"]
+    pos = np.array([positions[n] for n in order])[:, None]
+    dist = np.abs(pos - pos.T)
+    assert stats.mantel(sim, dist, permutations=1999).p == pytest.approx(a["p"])
+
+    def unrelated(n, k):
+        r = random.Random(f"u{n}{k}")
+        return " ".join(r.choice(VOCAB) for _ in range(30))
+
+    null = stories.analyze([_run(tmp_path, "null", unrelated)], hofstede=culture, permutations=1999)
+    assert null["models"]["m"]["alignment"][0]["p"] > 0.05
+    anova = null["models"]["m"]["lexical"]["type_token_ratio"]["anova"]
+    assert 0 <= anova["eta_squared"] <= 1 and anova["omega_squared"] <= anova["eta_squared"]
+
+
+def test_demo_checkpoint_note(tmp_path):
+    run = _run(tmp_path, "demo", lambda n, k: f"a story {n} {k}", model="demo")
+    res = stories.analyze([run], permutations=99)
+    assert res["models"]["demo"]["demo"] is True
+    md = (run / "analysis.md").read_text()
+    assert "demo checkpoint (random weights)" in md and "## Run" in md and "eta^2" in md
