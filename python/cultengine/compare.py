@@ -1,4 +1,5 @@
-"""`cultengine compare RUN_DIR...`: models side by side on the same benchmark (bench runs).
+"""`cultengine compare RUN_DIR...`: models side by side on the same benchmark (bench, values or stories runs;
+the study comparisons are in `studies/compare.py`). Bench runs:
 
 Every run must hold the same questions: the same ids with the same prompt and images (`prompt_hash`), the
 same suite and circular setting, and, where both runs recorded them, benchmark files with the same sha256.
@@ -60,8 +61,6 @@ class Run:
 
 def check_comparable(runs: list[Run]) -> None:
     """Raise `Incomparable` naming the first difference between the first run and another."""
-    if len(runs) < 2:
-        raise Incomparable("compare needs at least two runs")
     ref = runs[0]
     for run in runs[1:]:
         for key in MATCH:
@@ -110,8 +109,38 @@ def _subsets(records: list[dict]) -> list[tuple[str, str, list[str]]]:
     return out
 
 
+def run_kind(path: Path) -> str:
+    """'bench', 'values' or 'stories', from the files a run directory holds."""
+    cfg, summ = path / "config.json", path / "summary.json"
+    config = json.loads(cfg.read_text(encoding="utf-8")) if cfg.exists() else {}
+    if config.get("study") == "stories":
+        return "stories"
+    if "suite" in config:
+        return "bench"
+    if summ.exists() and "image_minus_text" in json.loads(summ.read_text(encoding="utf-8")):
+        return "values"
+    raise Incomparable(f"{path} is not a finished bench, values or stories run directory")
+
+
 def compare(run_dirs: list[str | Path]) -> dict[str, Any]:
-    """The comparison of bench runs as one dict (what compare.json holds)."""
+    """The comparison of runs as one dict (what compare.json holds)."""
+    paths = [Path(d) for d in run_dirs]
+    if len(paths) < 2:
+        raise Incomparable("compare needs at least two runs")
+    kinds = [run_kind(p) for p in paths]
+    if len(set(kinds)) > 1:
+        raise Incomparable(
+            "runs of different kinds: " + ", ".join(f"{p} ({k})" for p, k in zip(paths, kinds, strict=True))
+        )
+    if kinds[0] != "bench":
+        from .studies import compare as studies
+
+        return (studies.compare_values if kinds[0] == "values" else studies.compare_stories)(paths)
+    return compare_bench(paths)
+
+
+def compare_bench(run_dirs: list[Path]) -> dict[str, Any]:
+    """The comparison of bench runs."""
     runs = [Run(d) for d in run_dirs]
     check_comparable(runs)
     names = _unique_names(runs)
@@ -140,6 +169,7 @@ def compare(run_dirs: list[str | Path]) -> dict[str, Any]:
         pairs.append({"a": a, "b": b, "tests": tests})
     chance = {k: v["chance"] for k, v in table[names[0]].items() if v.get("chance") is not None}
     return {
+        "kind": "bench",
         "metric": metric,
         "suite": suite,
         "models": names,
@@ -319,14 +349,28 @@ def figures(result: dict) -> list[str]:
     return [f for f in figs if f]
 
 
+def _renderers(kind: str):
+    """(markdown parts, figures, csv) for a comparison of that kind."""
+    if kind == "bench":
+        return markdown_parts, figures, to_csv
+    from .studies import compare as studies
+
+    return {
+        "values": (studies.values_markdown, studies.values_figures, studies.values_csv),
+        "stories": (studies.stories_markdown, studies.stories_figures, studies.stories_csv),
+    }[kind]
+
+
 def write(result: dict, out_dir: str | Path) -> Path:
+    """compare.json, compare.csv, compare.md and compare.html in `out_dir`; returns the page's path."""
+    md_parts, figs_of, csv_of = _renderers(result["kind"])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "compare.json", result)
-    atomic_write(out / "compare.csv", to_csv(result))
-    head, tables = markdown_parts(result)
+    atomic_write(out / "compare.csv", csv_of(result))
+    head, tables = md_parts(result)
     atomic_write(out / "compare.md", "\n".join(head + tables))
-    figs = "\n".join(f"<figure>{f}</figure>" for f in figures(result))
+    figs = "\n".join(f"<figure>{f}</figure>" for f in figs_of(result))
     page = (
         f"<!doctype html>\n<html lang='en'><head><meta charset='utf-8'><title>cultengine compare</title>"
         f"<meta name='viewport' content='width=device-width, initial-scale=1'><style>{plots.PAGE_STYLE}</style>"
@@ -343,12 +387,16 @@ def run(run_dirs: list[str | Path], out_dir: str | Path) -> int:
     except Incomparable as e:
         raise SystemExit(f"error: {e}") from None
     page = write(result, out_dir)
-    m = result["metric"]
-    for n in result["models"]:
-        print(f"{n}: {m} {_cell(result['table'][n]['overall|all'], m)} %")
+    print("\n".join(line[2:] for line in md_parts_summary(result)))
     print(f"report: {page.resolve()}")
     print(f"table: {(Path(out_dir) / 'compare.csv').resolve()}")
     return 0
+
+
+def md_parts_summary(result: dict) -> list[str]:
+    """The summary bullets of a comparison (what the command prints)."""
+    head, _ = _renderers(result["kind"])[0](result)
+    return [line for line in head if line.startswith("- ")]
 
 
 def bench_many(args: argparse.Namespace, bench_run) -> int:
@@ -377,6 +425,11 @@ def register(sub) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="bench run directories (two or more)")
+    p.add_argument(
+        "run_dirs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="two or more run directories of one kind: bench, values, or stories (analysed)",
+    )
     p.add_argument("--out", default="cultengine-compare", help="output directory (default cultengine-compare)")
     p.set_defaults(func=lambda a: run(a.run_dirs, a.out))
