@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from cultengine import plots
+from cultengine import compare, plots
 from cultengine.bench import metrics, report
 from cultengine.studies import report as study_report
 
@@ -166,3 +166,21 @@ def test_the_probe_catches_clipping_and_console_errors(tmp_path):
     r = inspect(broken, tmp_path, "broken")
     assert r["clipped"] == ["a label far too long for its plot"]
     assert "boom" in r["errors"]
+
+
+def _bench_run(path, records, model):
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model_name": model, "suite": "mcq", "circular": False}))
+    (path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (path / "summary.json").write_text(json.dumps(metrics.summarize(records, [], "mcq")))
+    return path
+
+
+def test_compare_report_in_a_browser(tmp_path):
+    recs = _records()
+    flipped = [{**r, "correct": not r["correct"] if i % 5 == 0 else r["correct"]} for i, r in enumerate(recs)]
+    runs = [_bench_run(tmp_path / "a", recs, "llava-1.5-7b-hf"), _bench_run(tmp_path / "b", flipped, "other")]
+    page = compare.write(compare.compare(runs), tmp_path / "cmp")
+    r = inspect(page.read_text(), tmp_path, "compare")
+    assert r["svgs"] >= 2 and r["errors"] == [] and r["console"] == [] and r["clipped"] == []
+    assert r["resources"] == 0 and not r["overflow"]
