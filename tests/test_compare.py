@@ -138,3 +138,17 @@ def test_identical_runs_have_no_difference(runs, tmp_path):
     assert overall["value"] == 0 and overall["p"] == 1.0 and (overall["only_a"], overall["only_b"]) == (0, 0)
     assert len(set(res["models"])) == 2  # the same model name twice is told apart by its folder
     assert stats.mcnemar_exact(0, 0) == 1.0
+
+
+def test_questions_an_engine_failed_on_are_left_out_of_every_model(runs, tmp_path):
+    a, b = _copy(runs, tmp_path)
+
+    def fail_first(rs):
+        rs[0] = {**rs[0], "error": "image unreadable", "correct": None}
+        return rs
+
+    _edit_jsonl(b / "results.jsonl", fail_first)
+    res = compare.compare([a, b])
+    assert res["questions"] == 47 and res["left_out"] == 1
+    assert all(fig["overall|all"]["n"] == 47 for fig in res["table"].values())
+    assert "left out of every model" in "\n".join(compare.markdown_parts(res)[0])

@@ -21,6 +21,7 @@ import copy
 import csv
 import io
 import json
+import math
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ class Run:
             raise Incomparable(f"{self.path} is not a finished bench run (no config.json or summary.json)")
         self.config = json.loads(cfg.read_text(encoding="utf-8"))
         self.summary = json.loads(summ.read_text(encoding="utf-8"))
-        self.records = {r["id"]: r for r in read(self.path / "results.jsonl") if not r.get("error")}
+        self.records = {r["id"]: r for r in read(self.path / "results.jsonl")}
         self.name = self.config.get("model_name") or self.path.name
 
     @property
@@ -146,7 +147,8 @@ def compare_bench(run_dirs: list[Path]) -> dict[str, Any]:
     names = _unique_names(runs)
     suite = runs[0].config["suite"]
     metric = metrics.PRIMARY[suite]
-    order = [i for i in runs[0].records if runs[0].records[i].get("correct") is not None]
+    # a question an engine failed on (or without a label) in any run is left out of every model's figures
+    order = [i for i in runs[0].records if all(r.records[i].get("correct") is not None for r in runs)]
     recs = [[run.records[i] for i in order] for run in runs]
     table, gaps = {}, {}
     for name, rs in zip(names, recs, strict=True):
@@ -176,6 +178,7 @@ def compare_bench(run_dirs: list[Path]) -> dict[str, Any]:
         "runs": [str(r.path) for r in runs],
         "demo": [n for n, r in zip(names, runs, strict=True) if r.summary.get("demo")],
         "questions": len(order),
+        "left_out": len(runs[0].records) - len(order),
         "table": table,
         "western_gap": gaps,
         "paired": pairs,
@@ -250,6 +253,12 @@ def markdown_parts(result: dict) -> tuple[list[str], list[str]]:
     """(summary lines, table lines) of the comparison report in markdown."""
     m, models = result["metric"], result["models"]
     head = [f"# cultengine compare: {len(models)} models, {result['questions']} questions", ""]
+    if result.get("left_out"):
+        head += [
+            f"> {result['left_out']} questions without a result in every run (engine errors, no label) "
+            "are left out of every model's figures.",
+            "",
+        ]
     head += [f"> {n}: {CHANCE_NOTE}" for n in result["demo"]] + ([""] if result["demo"] else [])
     ranked = sorted(models, key=lambda n: -(result["table"][n]["overall|all"].get(m) or 0))
     head += ["## Summary", ""] + [f"- {n}: {m} {_cell(result['table'][n]['overall|all'], m)} %" for n in ranked]
@@ -282,7 +291,7 @@ def markdown_parts(result: dict) -> tuple[list[str], list[str]]:
                 f"{t['group_key']}: {t['group']}",
                 t["n"],
                 f"{100 * t['value']:+.1f}",
-                f"[{100 * t['low']:.1f}, {100 * t['high']:.1f}]" if t.get("low") == t.get("low") else "-",
+                "-" if math.isnan(t["low"]) else f"[{100 * t['low']:.1f}, {100 * t['high']:.1f}]",
                 t["only_a"],
                 t["only_b"],
                 t.get("p"),
