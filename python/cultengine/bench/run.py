@@ -202,7 +202,8 @@ def run(args, make_engine=None) -> int:
     m = summary["primary_metric"]
     overall = summary["overall"]
     if overall.get(m) is not None:
-        print(f"{m} = {100 * overall[m]:.1f}% over {overall['n']} samples "
+        lo, hi = overall.get(f"{m}_ci") or (overall[m], overall[m])
+        print(f"{m} = {100 * overall[m]:.1f}% (95% CI {100 * lo:.1f}-{100 * hi:.1f}) over {overall['n']} samples "
               f"({summary['samples']['skipped']} skipped)")
     if demo:
         print(f"note: {report.CHANCE_NOTE}")
