@@ -28,7 +28,7 @@ from typing import Any
 
 from . import plots, provenance, stats
 from .bench import metrics
-from .bench.report import CHANCE_NOTE, gap_line
+from .bench.report import CHANCE_NOTE, MIN_CELL_N, gap_line
 from .runlog import atomic_write, read, write_json
 
 GROUPS = ("continent", "region", "category", "question_type")
@@ -184,6 +184,7 @@ def compare_bench(run_dirs: list[Path]) -> dict[str, Any]:
         "paired": pairs,
         "countries_all_fail": _all_fail(recs, names, suite),
         "chance": chance,
+        "min_cell_n": int(runs[0].config.get("min_cell_n") or MIN_CELL_N),
         "methods": METHODS,
         "run": provenance.collect(data=[Path(r.path) / "results.jsonl" for r in runs]),
     }
@@ -352,7 +353,7 @@ def figures(result: dict) -> list[str]:
                     f"{m} (%) by {key}, n per cell",
                     counts=counts,
                     percent=True,
-                    min_n=10,
+                    min_n=result.get("min_cell_n", MIN_CELL_N),
                 )
             )
     return [f for f in figs if f]
