@@ -172,8 +172,10 @@ def summarize(records: list[dict]) -> dict:
             img[(r["item_id"], r["country"], r["category"])].append(r["js_similarity"])
 
     text_tc: dict[tuple, list[float]] = defaultdict(list)
+    text_items: dict[tuple, list[str]] = defaultdict(list)
     for (item, country), s in text.items():
         text_tc[(topic_of[item], country)].append(s)
+        text_items[(topic_of[item], country)].append(item)
     cells: dict[tuple, dict[str, list]] = defaultdict(lambda: {"text": [], "image": [], "delta": [], "items": []})
     for (item, country, cat), sims in img.items():
         c = cells[(topic_of[item], country, cat)]
@@ -190,8 +192,12 @@ def summarize(records: list[dict]) -> dict:
         "num_errors": sum(1 for r in records if "error" in r),
         "mean_similarity_text": _mean(list(text.values())),
         "mean_similarity_image": _mean([s for v in img.values() for s in v]),
+        "similarity_text": _delta_estimate(list(text.values()), [item for item, _ in text]),
+        "similarity_image": _delta_estimate([s for v in img.values() for s in v],
+                                            [k[0] for k, v in img.items() for _ in v]),
         "text_by_topic_country": [
-            dict(topic=t, country=c, similarity=_mean(v), n=len(v)) for (t, c), v in sorted(text_tc.items())
+            dict(topic=t, country=c, similarity=_mean(v), **_interval(v, text_items[(t, c)]), n=len(v))
+            for (t, c), v in sorted(text_tc.items())
         ],
         "image_minus_text": [
             dict(
@@ -217,7 +223,8 @@ def summarize(records: list[dict]) -> dict:
 
 
 def _delta_estimate(deltas: list[float], items: list[str]) -> dict:
-    """The mean paired difference with its item-cluster bootstrap interval and sign-flip p-value."""
+    """The mean (of paired differences, or of similarities) with its item-cluster bootstrap interval and the
+    sign-flip p-value of mean = 0 (meaningful for differences only)."""
     return cluster_mean(deltas, items).as_dict() if deltas else {"value": float("nan"), "n": 0}
 
 
@@ -245,18 +252,19 @@ def write_report(out_dir: str | Path, summary: dict) -> None:
         for r in rows
     ]
     text_rows = [
-        [r["topic"], r["country"], r["similarity"], r["n"]] for r in summary["text_by_topic_country"]
+        [r["topic"], r["country"], r["similarity"], _ci_text(r), r["n"]] for r in summary["text_by_topic_country"]
     ]
     overview = (
         f"{summary['num_records']} scored prompts ({summary['num_errors']} errors). Mean JS similarity "
-        f"text-only {plots.fmt(summary['mean_similarity_text'])}, with images "
-        f"{plots.fmt(summary['mean_similarity_image'])}."
+        f"text-only {_est_text(summary.get('similarity_text'), summary['mean_similarity_text'])}, with images "
+        f"{_est_text(summary.get('similarity_image'), summary['mean_similarity_image'])}."
     )
     overall = summary.get("image_minus_text_overall", {})
     if overall.get("n"):
+        test = f"p = {plots.fmt(overall['p'])}" if overall.get("p") is not None else "one item: no interval or test"
         overview += (
-            f" Image minus text, paired on (item, country): {plots.fmt(overall['value'])} {_ci_text(overall)}, "
-            f"p = {plots.fmt(overall.get('p'))}, n = {overall['n']} over {overall.get('clusters')} items."
+            f" Image minus text, paired on (item, country): {_est_text(overall, overall['value'])}, {test}, "
+            f"n = {overall['n']} over {overall.get('clusters')} items."
         )
     method = summary.get("interval_method", "")
     sections = [("Overview", f"{overview}\n\n{method}.", f"<p>{overview}</p><p>{method}.</p>")]
@@ -301,12 +309,17 @@ def write_report(out_dir: str | Path, summary: dict) -> None:
     sections.append(
         (
             "Text-only similarity by topic and country",
-            plots.md_table(["topic", "country", "JS-sim", "items"], text_rows),
-            plots.html_table(["topic", "country", "JS-sim", "items"], text_rows),
+            plots.md_table(["topic", "country", "JS-sim", "95% CI", "items"], text_rows),
+            plots.html_table(["topic", "country", "JS-sim", "95% CI", "items"], text_rows),
         )
     )
     notes = [report.DEMO_NOTE] if summary.get("demo") else []
     report.write_report(out_dir, "report", "values: cultural value sensitivity", sections, notes, summary.get("run"))
+
+
+def _est_text(est: dict | None, value: float) -> str:
+    ci = _ci_text(est) if est else "-"
+    return plots.fmt(value) if ci == "-" else f"{plots.fmt(value)} {ci}"
 
 
 def _ci_text(est: dict) -> str:
