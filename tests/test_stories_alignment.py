@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from cultengine import stats
+from cultengine.studies import stats as study_stats
 from cultengine.studies import stories
 
 NATS = [
@@ -91,3 +92,34 @@ def test_demo_checkpoint_note(tmp_path):
     assert res["models"]["demo"]["demo"] is True
     md = (run / "analysis.md").read_text()
     assert "demo checkpoint (random weights)" in md and "## Run" in md and "eta^2" in md
+
+
+def test_clipscore_intervals_resample_images(tmp_path):
+    emb = {"x": [1.0, 0.0], "y": [0.0, 1.0], "z": [0.7, 0.7]}
+
+    class Clip:  # a story's embedding leans to its image's by how long the story is
+        def encode_images(self, ims):
+            return study_stats.cosine_rows(np.array([emb[i] for i in ims]))
+
+        def encode_text(self, texts):
+            return study_stats.cosine_rows(np.array([np.array(emb[t[0]]) + 0.1 * len(t) for t in texts]))
+
+    recs = [dict(image=i, nationality=n, text=i + "s" * k) for i in "xyz" for n in ("A", "B") for k in range(3)]
+    nats = [stories.Nationality("A"), stories.Nationality("B")]
+    c = stories.clip_metrics(Clip(), recs, nats, ks=(1,))
+    ci = c["clipscore_by_nationality_ci"]["A"]
+    assert ci["n"] == 9 and ci["clusters"] == 3 and ci["low"] <= c["clipscore_by_nationality"]["A"] <= ci["high"]
+    result = {"tfidf": "t", "clip": "stand-in", "anova": "a", "alignment_test": "m", "models": {}}
+    m = {
+        "nationalities": ["A", "B"],
+        "regions": {"A": "r", "B": "r"},
+        "num_stories": 18,
+        "similarity": [[1, 0], [0, 1]],
+        "lexical": {},
+        "distinctive_terms": {"A": [], "B": []},
+        "alignment": [],
+        "clip": c,
+    }
+    result["models"]["m"] = m
+    stories.write_analysis_report(tmp_path, result)
+    assert "CLIPScore by nationality (95 % CI over images)" in (tmp_path / "analysis.html").read_text()

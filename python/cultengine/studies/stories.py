@@ -33,7 +33,7 @@ import numpy as np
 
 from .. import plots, provenance
 from ..runlog import ResultLog, read, write_json
-from ..stats import PERMUTATIONS, mantel
+from ..stats import PERMUTATIONS, cluster_mean, mantel
 from . import report, stats
 from .culture import CultureTable, Nationality, parse_nationalities, wvs_columns
 from .io import chunks
@@ -255,9 +255,17 @@ def clip_metrics(clip, records: list[dict], nats: list[Nationality], ks=(1, 5, 1
     by_nat = {
         n.demonym: float(np.mean(scores[nat_of == n.demonym])) for n in nats if (nat_of == n.demonym).any()
     }
+    # stories of one image are not independent: intervals resample images
+    by_nat_ci = {
+        n.demonym: cluster_mean(scores[nat_of == n.demonym], img_of[nat_of == n.demonym]).as_dict()
+        for n in nats
+        if (nat_of == n.demonym).any()
+    }
     return dict(
         clipscore_mean=float(np.mean(scores)),
+        clipscore_mean_ci=cluster_mean(scores, img_of).as_dict(),
         clipscore_by_nationality=by_nat,
+        clipscore_by_nationality_ci=by_nat_ci,
         recall_within_nationality=within,
         recall_across_nationalities=across,
         num_images=len(images),
@@ -406,11 +414,18 @@ def write_analysis_report(out_dir: Path, result: dict) -> None:
                 [f"R@{k}", c["recall_within_nationality"][k], c["recall_across_nationalities"][k]] for k in ks
             ]
             h = ["", "within nationality", "across nationalities"]
-            body = f"Mean CLIPScore {plots.fmt(c['clipscore_mean'])} over {c['num_images']} images.\n\n"
+            ci = c.get("clipscore_mean_ci", {})
+            has_ci = "low" in ci and not np.isnan(ci["low"])
+            ci_text = f" [{plots.fmt(ci['low'])}, {plots.fmt(ci['high'])}]" if has_ci else ""
+            body = f"Mean CLIPScore {plots.fmt(c['clipscore_mean'])}{ci_text} over {c['num_images']} images.\n\n"
+            cis = c.get("clipscore_by_nationality_ci", {})
+            nat_names = list(c["clipscore_by_nationality"])
             bars = plots.bar_chart(
-                list(c["clipscore_by_nationality"]),
+                nat_names,
                 list(c["clipscore_by_nationality"].values()),
-                "CLIPScore by nationality",
+                "CLIPScore by nationality (95 % CI over images)",
+                counts=[cis[n]["n"] for n in nat_names] if cis else None,
+                intervals=[(cis[n].get("low"), cis[n].get("high")) for n in nat_names] if cis else None,
             )
             sections.append(
                 (
