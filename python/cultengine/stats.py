@@ -188,12 +188,10 @@ def group_gap(
     boot = _bootstrap_means(sums[first], counts[first], n_boot, rng) - _bootstrap_means(
         sums[~first], counts[~first], n_boot, rng
     )
-    hits, k, step = 0, int(first.sum()), max(1, 2_000_000 // len(sums))
+    hits, step = 0, max(1, 2_000_000 // len(sums))
     for start in range(0, permutations, step):
         b = min(step, permutations - start)
-        order = np.argsort(rng.random((b, len(sums))), axis=1)
-        mask = np.zeros((b, len(sums)))
-        np.put_along_axis(mask, order[:, :k], 1.0, axis=1)
+        mask = rng.permuted(np.tile(first.astype(np.float64), (b, 1)), axis=1)  # shuffled group labels
         a = (mask @ sums) / (mask @ counts) - ((1 - mask) @ sums) / ((1 - mask) @ counts)
         hits += int((np.abs(a) >= abs(gap) - 1e-12).sum())
     method = "bootstrap" if len(sums) == len(x) else "cluster bootstrap"
