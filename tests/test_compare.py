@@ -152,3 +152,14 @@ def test_questions_an_engine_failed_on_are_left_out_of_every_model(runs, tmp_pat
     assert res["questions"] == 47 and res["left_out"] == 1
     assert all(fig["overall|all"]["n"] == 47 for fig in res["table"].values())
     assert "left out of every model" in "\n".join(compare.markdown_parts(res)[0])
+
+
+def test_three_models_get_the_pairwise_matrix(runs, tmp_path):
+    a, b = _copy(runs, tmp_path)
+    twin = tmp_path / "twin"
+    shutil.copytree(a, twin)
+    res = compare.compare([a, b, twin])
+    assert len(res["paired"]) == 3
+    _, tables = compare.markdown_parts(res)
+    text = "\n".join(tables)
+    assert "row minus column" in text and "+0.0 (p 1.000)" in text  # a vs its twin

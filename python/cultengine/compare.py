@@ -280,6 +280,7 @@ def markdown_parts(result: dict) -> tuple[list[str], list[str]]:
         for k in keys
     ]
     tables = ["## Accuracy by group (95 % CI)", "", plots.md_table(["group", "n", *models], rows), ""]
+    tables += _pairwise_matrix(result)
     tables += ["## Western vs non-Western", ""]
     tables += [
         f"- {n}: {gap_line(g)}" if g else f"- {n}: no Western/non-Western split"
@@ -324,6 +325,20 @@ def markdown_parts(result: dict) -> tuple[list[str], list[str]]:
         tables.append("None.")
     tables += ["", "## Methods", ""] + [f"- {x}" for x in result["methods"]] + [""]
     return head, tables + provenance.markdown(result["run"])
+
+
+def _pairwise_matrix(result: dict) -> list[str]:
+    """Overall differences of every pair at a glance: row model minus column model, points and p."""
+    models = result["models"]
+    if len(models) < 3:
+        return []
+    cell: dict[tuple[str, str], str] = {}
+    for pair in result["paired"]:
+        t = pair["tests"][0]
+        cell[(pair["a"], pair["b"])] = f"{100 * t['value']:+.1f} (p {plots.fmt(t.get('p'))})"
+        cell[(pair["b"], pair["a"])] = f"{-100 * t['value']:+.1f} (p {plots.fmt(t.get('p'))})"
+    rows = [[a, *(cell.get((a, b), "") for b in models)] for a in models]
+    return ["## Overall differences, row minus column (points, p)", "", plots.md_table(["", *models], rows), ""]
 
 
 def figures(result: dict) -> list[str]:
