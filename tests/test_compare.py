@@ -11,6 +11,7 @@ import pytest
 
 from cultengine import compare, stats
 from cultengine.cli import main
+from test_report_browser import BROWSER, inspect
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +164,11 @@ def test_three_models_get_the_pairwise_matrix(runs, tmp_path):
     _, tables = compare.markdown_parts(res)
     text = "\n".join(tables)
     assert "row minus column" in text and "+0.0 (p 1.000)" in text  # a vs its twin
+
+
+@pytest.mark.skipif(BROWSER is None, reason="no chromium binary on PATH")
+def test_real_run_pages_in_a_browser(runs, tmp_path):
+    pages = [runs / "compare.html", *sorted(runs.glob("*/report.html"))]
+    for i, page in enumerate(pages):
+        r = inspect(page.read_text(), tmp_path, f"page{i}")
+        assert r["errors"] == r["console"] == r["clipped"] == [] and r["resources"] == 0 and not r["overflow"], page
