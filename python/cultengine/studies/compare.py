@@ -47,7 +47,7 @@ def compare_values(run_dirs: list[Path]) -> dict[str, Any]:
     ref = run_dirs[0]
     for d, s, recs in zip(run_dirs[1:], summaries[1:], records[1:], strict=True):
         a, b = _hashes(summaries[0]), _hashes(s)
-        if a is not None and b is not None and a != b:
+        if a is not None and b is not None and sorted(a.values()) != sorted(b.values()):
             raise Incomparable(f"{ref} and {d} used different inputs: {sorted(a.items())} vs {sorted(b.items())}")
         only_a, only_b = records[0].keys() - recs.keys(), recs.keys() - records[0].keys()
         if only_a or only_b:
