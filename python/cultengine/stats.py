@@ -115,7 +115,7 @@ def proportion(
     if c == n:
         return Estimate(p, *wilson(k, n), n, "wilson")
     if p in (0.0, 1.0) or c < 2:
-        return Estimate(p, *wilson(round(p * c), c), n, "wilson over clusters", clusters=c, effective_n=c)
+        return Estimate(p, *wilson(p * c, c), n, "wilson over clusters", clusters=c, effective_n=c)
     sums = np.bincount(idx, weights=x)
     boot = _bootstrap_means(sums, counts, n_boot, np.random.default_rng(seed))
     design_effect = max(1.0, float(boot.var()) * c / (c - 1) / (p * (1 - p) / n))
