@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from . import _core
 from .chat import render_checkpoint_chat
 from .checkpoint import load_checkpoint
-from .image import library_versions, load_image
+from .image import load_image
 from .models import ImageFeatures, family_for
 from .ops import Ops, resolve_backend
 from .outputs import ChoiceScore, GenerationOutput, Sample, ScoreOutput
@@ -195,6 +195,8 @@ class Engine:
 
     def provenance(self) -> dict:
         """What produced this engine's numbers: image processor and path, library versions, checkpoint."""
+        from .provenance import library_versions
+
         proc = self.family.image_processor
         images = proc.provenance() if proc else {"image_processor": None, "image_backend": None,
                                                  "versions": library_versions()}

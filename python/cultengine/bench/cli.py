@@ -26,8 +26,10 @@ def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="run a cultural benchmark and write a report",
                        description="Evaluate a vision-language model on cultural benchmark files.",
                        epilog=BENCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", metavar="PATH", help="local checkpoint directory (Hugging Face layout); "
-                   "default: the built-in demo checkpoint (random weights)")
+    p.add_argument("--model", metavar="PATH", action="append",
+                   help="local checkpoint directory (Hugging Face layout); default: the built-in demo checkpoint "
+                   "(random weights). Repeat it to run several models one after another into one parent folder "
+                   "(--output-dir), finished by their comparison (as `cultengine compare`)")
     p.add_argument("--data", metavar="PATH", nargs="+", help="benchmark files or folders: canonical JSONL/parquet, "
                    "VLMEvalKit TSV, CVQA, ALM-Bench, WorldCuisines, SEA-VQA, BLEnD, CulturalVQA; Hugging Face "
                    "dataset folders (parquet shards, save_to_disk) or OWNER/NAME from the local hub cache; "
@@ -58,12 +60,19 @@ def _bench_parser(sub) -> None:
                    "(P(yes) of 'yes'/'no' by Engine.score), after the answers are generated")
     p.add_argument("--judge-prompt", metavar="FILE", help="Jinja judging prompt (variables: question, answers, "
                    "prediction, country, language); default: the package's bench/prompts/judge.jinja")
+    p.add_argument("--min-cell-n", type=int, default=10, metavar="N",
+                   help="report: groups and heatmap cells with fewer samples are greyed (default 10)")
     p.set_defaults(func=_bench)
 
 
 def _bench(args) -> int:
     from .run import run
 
+    if args.model and len(args.model) > 1:
+        from ..compare import bench_many
+
+        return bench_many(args, run)
+    args.model = args.model[0] if args.model else None
     return run(args)
 
 

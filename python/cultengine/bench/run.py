@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .. import runlog
+from .. import provenance, runlog
 from . import data, distributed, formats, judge, langgap, metrics, report, results
 from .suites import LONG_MAX_TOKENS, MAX_TOKENS, SuiteConfig, build_requests, long_answer, prompt_hash, score, usable
 
@@ -62,7 +62,8 @@ def _record(row: data.Row, cfg: SuiteConfig, outs: list, batch_s: float, n: int)
     rec = {"id": row.id, "prompt_hash": prompt_hash(row, cfg), **score(row, cfg, outs)}
     if "prompt_lang" in row.meta:  # --cvqa-lang both: the English-vs-local gap needs it
         rec["prompt_lang"] = row.meta["prompt_lang"]
-    rec.update(groups=row.groups(), western=row.western,
+    rec.update(groups=row.groups(), western=row.western, cluster=row.image_key()[:16] or row.id,
+               chance=metrics.chance(len(row.options), cfg.circular) if cfg.suite == "mcq" else None,
                timings={"batch_s": round(batch_s, 4), "sample_s": round(batch_s / n, 5)})
     return rec
 
@@ -119,7 +120,7 @@ def _evaluate(engine, rows: list[data.Row], cfg: SuiteConfig, writer: runlog.Res
 
 
 def _finalize(run_dir: Path, rows: list[data.Row], skipped: list[data.Skipped], cfg: SuiteConfig,
-              config: dict, demo: bool, extra: list[dict] = ()) -> Path:
+              config: dict, demo: bool, extra: list[dict] = (), engine_provenance: dict | None = None) -> Path:
     recs = results.merge(run_dir, [r.id for r in rows], extra)
     if judge.attach(run_dir, recs):  # the judge's verdicts join each sample's result line
         runlog.atomic_write(run_dir / results.RESULTS, "".join(json.dumps(r, ensure_ascii=False) + "\n"
@@ -134,7 +135,8 @@ def _finalize(run_dir: Path, rows: list[data.Row], skipped: list[data.Skipped], 
                                                summary["primary_metric"])
     for name, preds in formats.submissions(rows, recs).items():  # CVQA leaderboard files
         runlog.atomic_write(run_dir / name, json.dumps(preds, ensure_ascii=False, indent=1))
-    summary["run"] = {"engine": _engine_totals(run_dir)}
+    summary["run"] = {"engine": _engine_totals(run_dir),
+                      **provenance.collect(config["model"], config["data"], engine_provenance)}
     if demo:
         summary["note_demo"] = report.CHANCE_NOTE
     if summary["samples"]["unlabeled"]:
@@ -169,7 +171,7 @@ def run(args, make_engine=None) -> int:
               "data": [str(Path(p).resolve()) for p in data_paths], "format": args.format,
               "suite": cfg.suite, "scoring": cfg.scoring, "circular": cfg.circular, "template": cfg.template,
               "limit": args.limit, "device": device, "dtype": args.dtype, "batch": args.batch,
-              "shard": list(shard) if shard else None}
+              "shard": list(shard) if shard else None, "min_cell_n": getattr(args, "min_cell_n", 10)}
     judge_model = getattr(args, "judge_model", None)
     if judge_model and cfg.suite != "vqa":
         raise SystemExit("error: --judge-model judges open answers: use it with --suite vqa")
@@ -203,6 +205,7 @@ def run(args, make_engine=None) -> int:
     finished = results.read_all(run_dir)
     todo = [r for r in mine if r.id not in finished]
     make_engine = make_engine or _default_engine
+    engine_provenance = None
     if todo:
         engine = make_engine(str(model), device, args.dtype)
         writer = runlog.ResultLog(results.shard_file(run_dir, shard))
@@ -211,6 +214,7 @@ def run(args, make_engine=None) -> int:
             _evaluate(engine, todo, cfg, writer, args.batch, done, len(mine), run_dir / STATS)
         finally:
             writer.close()
+        engine_provenance = engine.provenance()
         del engine  # the judge (if any) loads after the answers: free the memory first
         _free_memory(device)
 
@@ -226,7 +230,8 @@ def run(args, make_engine=None) -> int:
         gathered = dist.gather(own)
         if lead:
             judge_all()
-            out = _finalize(run_dir, rows, skipped, cfg, config, demo, [x for g in gathered for x in g])
+            out = _finalize(run_dir, rows, skipped, cfg, config, demo, [x for g in gathered for x in g],
+                            engine_provenance)
         dist.barrier()
         dist.close()
         if not lead:
@@ -239,12 +244,13 @@ def run(args, make_engine=None) -> int:
                  f"The summary is written by whichever shard (or unsharded run) finishes last.")
             return 0
         judge_all()
-        out = _finalize(run_dir, rows, skipped, cfg, config, demo)
+        out = _finalize(run_dir, rows, skipped, cfg, config, demo, engine_provenance=engine_provenance)
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     m = summary["primary_metric"]
     overall = summary["overall"]
     if overall.get(m) is not None:
-        print(f"{m} = {100 * overall[m]:.1f}% over {overall['n']} samples "
+        lo, hi = overall.get(f"{m}_ci") or (overall[m], overall[m])
+        print(f"{m} = {100 * overall[m]:.1f}% (95% CI {100 * lo:.1f}-{100 * hi:.1f}) over {overall['n']} samples "
               f"({summary['samples']['skipped']} skipped)")
     if demo:
         print(f"note: {report.CHANCE_NOTE}")
