@@ -201,7 +201,9 @@ def test_language_gap_table_and_plot():
     for country, en, local in (("Japan", [1, 1, 1, 0], [1, 0, 0, 0]), ("Peru", [1, 0], [1, 1])):
         for lang, vals in (("en", en), ("local", local)):
             recs += [
-                {"correct": bool(v), "prompt_lang": lang, "groups": {"country": country, "language": "x"}} for v in vals
+                {"id": f"{country}-{lang}-{i}", "correct": bool(v), "prompt_lang": lang,
+                 "groups": {"country": country, "language": "x"}}
+                for i, v in enumerate(vals)
             ]
     g = langgap.language_gap(recs, "mcq", "acc")
     assert g["by"]["country"]["Japan"] == {"en": 0.75, "local": 0.25, "n_en": 4, "n_local": 4, "gap": 0.5}

@@ -123,7 +123,7 @@ def collect(
 ) -> dict[str, Any]:
     """The run section: versions, checkpoint, data hashes, command line, date, machine. `engine` is an
     `Engine` or what its `provenance()` returned (image processor and path, checkpoint)."""
-    image = engine.provenance() if hasattr(engine, "provenance") else dict(engine or {})
+    image = engine.provenance() if hasattr(engine, "provenance") else engine if isinstance(engine, dict) else {}
     if model is None:  # an engine knows where its checkpoint came from
         model = image.get("checkpoint")
     out: dict[str, Any] = {

@@ -214,7 +214,7 @@ def run(args, make_engine=None) -> int:
             _evaluate(engine, todo, cfg, writer, args.batch, done, len(mine), run_dir / STATS)
         finally:
             writer.close()
-        engine_provenance = engine.provenance()
+        engine_provenance = engine.provenance() if hasattr(engine, "provenance") else None
         del engine  # the judge (if any) loads after the answers: free the memory first
         _free_memory(device)
 
