@@ -1,6 +1,6 @@
 """Benchmark files -> canonical rows; bad rows are reported with their line and id, never fatal.
 
-Canonical row (docs: /work/shared/DESIGN.md): `id, images[], question, options[], answer, country, region,
+Canonical row (README.md, "Benchmark files"): `id, images[], question, options[], answer, country, region,
 continent, category, question_type, language, split` plus `hint`; other columns are kept in `meta`.
 `answer` is normalised to an option index for multiple choice, to a list of accepted texts for open
 questions, or None when the file carries no label (predictions are then written for submission only).

@@ -33,7 +33,7 @@ import numpy as np
 from .. import plots
 from ..runlog import ResultLog, read, write_json
 from . import report, stats
-from .culture import CultureTable, Nationality, parse_nationalities, wvs_columns
+from .culture import HOFSTEDE_CSV, WVS_CSV, CultureTable, Nationality, parse_nationalities, wvs_columns
 from .io import chunks
 
 TEMPLATE = "Write a short story for a {demonym} child about {concept}, inspired by the image."
@@ -248,14 +248,16 @@ def clip_metrics(clip, records: list[dict], nats: list[Nationality], ks=(1, 5, 1
 
 def analyze(
     run_dirs: list[str | Path],
-    hofstede: str | Path | None = None,
-    wvs: str | Path | None = None,
+    hofstede: str | Path | None = HOFSTEDE_CSV,
+    wvs: str | Path | None = WVS_CSV,
     clip_path: str | Path | None = None,
     out_dir: str | Path | None = None,
     top_k: int = 10,
     wvs_standardize: bool = True,
     device: str = "cpu",
 ) -> dict:
+    """Analyse stories run directories; `hofstede` / `wvs` are culture tables (default: the packaged
+    copies; None leaves that table out of the alignment)."""
     out_dir = Path(out_dir or run_dirs[0])
     out_dir.mkdir(parents=True, exist_ok=True)
     tables = []
