@@ -5,10 +5,12 @@ continent, category, question_type, language, split` plus `hint`; other columns 
 `answer` is normalised to an option index for multiple choice, to a list of accepted texts for open
 questions, or None when the file carries no label (predictions are then written for submission only).
 
-Importers (picked by `--format`, else by extension and columns):
+Importers (picked by `--format`, else by extension and columns); text files are read as UTF-8 with or
+without a byte-order mark:
 
 - canonical (.jsonl / .json / .parquet): the canonical names; `image` (one) or `images` (list), each a
-  path relative to the file, `{"bytes": ...}` (raw bytes, or base64 in JSON) or a `data:` URI.
+  path relative to the file, `{"bytes": ...}` (raw bytes, or base64 in JSON) or a `data:` URI. `options`
+  is a list of strings; `answer` a letter, an option index (an integer) or an option's text.
 - vlmeval (.tsv): `index`->id, `image` (base64; a bare index refers to that row's image), `image_path`,
   `question`, `hint`, option columns `A`..`Z`, `answer` (letter), `category`, `l2-category`->question_type,
   and `country`, `language` when present.
@@ -23,6 +25,11 @@ Importers (picked by `--format`, else by extension and columns):
   absent = unlabeled), `country`.
 
 Country -> region/continent comes from `countries.csv` when the file gives only a country.
+
+Image paths stay inside the dataset: a relative path resolves under the data file's folder (or the
+`image_root` given to `load`) and may not lead out of it, through `..`, a symlink or an absolute path.
+`allow_outside_images=True` (`--allow-absolute-image-paths`) trusts the file's paths instead. A refused
+path makes its row a skipped row, and nothing outside is opened.
 """
 
 from __future__ import annotations
@@ -43,11 +50,14 @@ from typing import Any
 
 from PIL import Image
 
+from ..image import check_image_size
 from . import countries
 
 FORMATS = ("auto", "canonical", "vlmeval", "cvqa", "almbench", "culturalvqa")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 GROUP_KEYS = ("country", "region", "continent", "category", "question_type", "language")
+KNOWN_FORMATS = ("canonical JSONL/JSON/parquet, VLMEvalKit TSV, CVQA/ALM-Bench/CulturalVQA parquet, "
+                 "ALM-Bench/CulturalVQA JSONL")
 
 
 @dataclass
@@ -120,15 +130,23 @@ def _records(path: Path, fmt: str) -> Iterator[tuple[int, dict | Exception]]:
             yield i, rec
     elif suffix == ".tsv":
         csv.field_size_limit(sys.maxsize)  # base64 images are long
-        with path.open(encoding="utf-8", newline="") as f:
+        with path.open(encoding="utf-8-sig", newline="") as f:
             for i, rec in enumerate(csv.DictReader(f, delimiter="\t"), 2):
                 yield i, rec
     elif suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
-        for i, rec in enumerate(data if isinstance(data, list) else data.get("rows", []), 1):
-            yield i, rec
+        try:
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); expected a list of row "
+                             f"objects. Readable formats: {KNOWN_FORMATS}") from None
+        rows = data.get("rows") if isinstance(data, dict) else data
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: a .json benchmark file holds a list of row objects (or {{\"rows\": [...]}}), "
+                             f"got {type(data).__name__ if not isinstance(data, dict) else 'an object without rows'}")
+        for i, rec in enumerate(rows, 1):
+            yield i, rec if isinstance(rec, dict) else BadRow("row is not a JSON object")
     else:  # JSONL
-        with path.open(encoding="utf-8") as f:
+        with path.open(encoding="utf-8-sig") as f:
             for i, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -183,6 +201,7 @@ def _image(v: Any, base: Path, b64: bool) -> str | bytes:
 def check_image(im: str | bytes) -> None:
     try:
         with Image.open(io.BytesIO(im) if isinstance(im, bytes) else im) as f:
+            check_image_size(f.size, f"<{len(im)} bytes>" if isinstance(im, bytes) else im)
             f.verify()
     except FileNotFoundError as e:
         raise BadRow(f"missing image {im}") from e
@@ -192,11 +211,15 @@ def check_image(im: str | bytes) -> None:
 
 def _answer(raw: Any, options: list[str]) -> int | list[str] | None:
     """A letter, an index or the option text -> index (MCQ); text or list of texts -> list (open)."""
+    if isinstance(raw, bool) or (isinstance(raw, list | tuple) and any(isinstance(a, bool) for a in raw)):
+        raise BadRow(f"answer {raw!r} is a boolean; give the option's letter, index or text")
     if _blank(raw) or (isinstance(raw, int | float) and raw < 0):
         return None
     if not options:
         return [_text(a) for a in raw] if isinstance(raw, list | tuple) else [_text(raw)]
-    if isinstance(raw, int | float) and not isinstance(raw, bool):
+    if isinstance(raw, float) and not raw.is_integer():
+        raise BadRow(f"answer {raw!r} is not an option index (a whole number)")
+    if isinstance(raw, int | float):
         if int(raw) < len(options):
             return int(raw)
         raise BadRow(f"answer index {raw} not among {len(options)} options")
@@ -221,10 +244,23 @@ def _place(row: Row) -> Row:
     return row
 
 
+def _options(raw: Any, column: str = "options") -> list[str]:
+    """A list of option texts (numbers are written out); a string or anything else is a bad row."""
+    if _blank(raw):
+        return []
+    if not isinstance(raw, list | tuple) or any(isinstance(o, bool) or not isinstance(o, str | int | float)
+                                                for o in raw):
+        raise BadRow(f"{column} must be a list of strings, got {raw!r:.60}")
+    options = [_text(o) for o in raw]
+    if "" in options:
+        raise BadRow(f"{column} has an empty option (option {options.index('') + 1})")
+    return options
+
+
 def _canonical(rec: dict, base: Path, line: int, stem: str) -> Row:
     imgs = rec.get("images", rec.get("image"))
     imgs = [] if _blank(imgs) else imgs if isinstance(imgs, list) else [imgs]
-    options = [_text(o) for o in rec.get("options") or []]
+    options = _options(rec.get("options"))
     known = {"id", "image", "images", "question", "options", "answer", "answers", "hint",
              *Row.__dataclass_fields__}
     return Row(
@@ -295,7 +331,7 @@ def parse_subset(subset: str) -> tuple[str, str]:
 
 def _cvqa(rec: dict, base: Path, line: int, stem: str) -> Row:
     country, lang = parse_subset(_text(rec.get("Subset")))
-    options = [_text(o) for o in rec.get("Options") or []]
+    options = _options(rec.get("Options"), "Options")
     label = rec.get("Label")
     return Row(
         id=_text(rec.get("ID")) or f"{stem}:{line}", question=_text(rec.get("Question")),
@@ -352,13 +388,18 @@ def _culturalvqa(rec: dict, base: Path, line: int, stem: str) -> Row:
     )
 
 
-def load_file(path: str | Path, fmt: str = "auto", verify_images: bool = True) -> Dataset:
+def load_file(path: str | Path, fmt: str = "auto", verify_images: bool = True, image_root: str | Path | None = None,
+              allow_outside_images: bool = False) -> Dataset:
+    """Rows of one benchmark file; a file with no readable row at all is a ValueError naming the formats."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"benchmark file not found: {path}")
-    base, stem = path.parent, path.stem
+    if not path.is_file():
+        raise ValueError(f"benchmark file {path} is not a file")
+    base, stem = Path(image_root) if image_root else path.parent, path.stem
     rows, skipped, seen = [], [], set()
     by_index: dict[str, str] = {}
+    root = base.resolve()
     for line, rec in _records(path, fmt):
         rid = ""
         try:
@@ -378,6 +419,10 @@ def load_file(path: str | Path, fmt: str = "auto", verify_images: bool = True) -
                 raise BadRow("empty question")
             if row.id in seen:
                 raise BadRow("duplicate id")
+            for im in row.images:  # checked before any image is opened
+                if isinstance(im, str) and not allow_outside_images and not Path(im).is_relative_to(root):
+                    raise BadRow(f"image {im} is outside the dataset folder {root}: absolute paths and paths "
+                                 "leading out (.., symlinks) need --allow-absolute-image-paths (or --image-root)")
             if verify_images:
                 for im in row.images:
                     check_image(im)
@@ -386,13 +431,19 @@ def load_file(path: str | Path, fmt: str = "auto", verify_images: bool = True) -
             rows.append(_place(row))
         except BadRow as e:
             skipped.append(Skipped(str(path), line, rid, str(e)))
+    if not rows:
+        why = f"; {len(skipped)} unreadable rows, the first: {skipped[0]}" if skipped else " (the file is empty)"
+        raise ValueError(f"{path}: no benchmark rows could be read{why}. Readable formats: {KNOWN_FORMATS} "
+                         "(see --format)")
     return Dataset(rows, skipped, [str(path)])
 
 
-def load(paths: list[str | Path], fmt: str = "auto", verify_images: bool = True) -> Dataset:
+def load(paths: list[str | Path], fmt: str = "auto", verify_images: bool = True, image_root: str | Path | None = None,
+         allow_outside_images: bool = False) -> Dataset:
+    """Rows of every file (an id seen in an earlier file is skipped); see `load_file`."""
     out = Dataset([], [], [])
     for p in paths:
-        d = load_file(p, fmt, verify_images)
+        d = load_file(p, fmt, verify_images, image_root, allow_outside_images)
         seen = {r.id for r in out.rows}
         for r in d.rows:
             if r.id in seen:
