@@ -147,6 +147,8 @@ def _check_config(run_dir: Path, config: dict) -> None:
         old = {}
     diff = [k for k in FINGERPRINT if old.get(k) != config.get(k)]
     if diff:
+        if "model" in diff:  # another checkpoint: that its files differ goes without saying
+            diff = [k for k in diff if k != "model_identity"]
         what = ", ".join("model (its files changed)" if k == "model_identity" else k for k in diff)
         raise RunError(f"{run_dir} holds a run with a different {what}; rerun with --overwrite to discard "
                        "its results and start fresh, or use another --output-dir")
