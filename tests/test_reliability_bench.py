@@ -129,6 +129,13 @@ def test_unknown_ids_and_bogus_lines_are_dropped_and_counted(tmp_path):
     assert [r["id"] for r in runlog.read(out / "results.jsonl")] == ["q0", "q1", "q2", "q3"]
 
 
+def test_a_run_that_failed_before_any_result_does_not_hold_the_directory(tmp_path):
+    out, empty = tmp_path / "run", write_rows(tmp_path / "empty.jsonl", [])
+    with pytest.raises(ValueError, match="no benchmark rows"):
+        run(bench_args(output_dir=str(out), data=[str(empty)]), make_engine=Engines())
+    assert run(bench_args(output_dir=str(out), data=[str(quiz(tmp_path))]), make_engine=Engines()) == 0
+
+
 def test_output_dir_is_locked_while_a_run_owns_it(tmp_path):
     f, out = quiz(tmp_path), tmp_path / "run"
     held = _open_run_dir(out, None)

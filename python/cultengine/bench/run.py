@@ -137,9 +137,10 @@ def _discard(run_dir: Path) -> None:
 
 
 def _check_config(run_dir: Path, config: dict) -> None:
-    """Resuming into a directory made by a different command would mix results: refuse."""
+    """Resuming into a directory made by a different command would mix results: refuse. (Without results
+    there is nothing to mix: a run that failed before its first result leaves nothing to protect.)"""
     f = run_dir / "config.json"
-    if not f.exists():
+    if not f.exists() or not results.result_files(run_dir):
         return
     try:
         old = json.loads(f.read_text(encoding="utf-8"))
@@ -192,26 +193,28 @@ def _evaluate(engine, rows: list[data.Row], cfg: SuiteConfig, writer: runlog.Res
     params = SamplingParams(max_tokens=MAX_TOKENS[cfg.suite], temperature=0.0, stop=["\n"])
     bar = tqdm(total=total, initial=done, unit="sample", dynamic_ncols=True, file=sys.stderr)
     t_start = time.perf_counter()
-    for start in range(0, len(rows), batch):
-        chunk = rows[start:start + batch]
-        reqs = [build_requests(r, cfg) for r in chunk]
-        flat = [q for rs in reqs for q in rs]
-        t0 = time.perf_counter()
-        outs = (engine.score(flat, use_tqdm=False) if cfg.scoring == "loglik"
-                else engine.generate(flat, params, use_tqdm=False))
-        dt = time.perf_counter() - t0
-        recs, k = [], 0
-        for row, rs in zip(chunk, reqs, strict=True):
-            recs.append(_record(row, cfg, outs[k:k + len(rs)], dt, len(chunk)))
-            k += len(rs)
-        writer.write(recs)
-        stats = engine.stats()
-        with stats_file.open("a", encoding="utf-8") as f:
-            f.write(json.dumps({"session": session, "stats": stats}) + "\n")
-        tokens = stats.get("prompt_tokens", 0) + stats.get("generated_tokens", 0)
-        bar.update(len(chunk))
-        bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t_start, 1e-9):,.0f} tok/s")
-    bar.close()
+    try:
+        for start in range(0, len(rows), batch):
+            chunk = rows[start:start + batch]
+            reqs = [build_requests(r, cfg) for r in chunk]
+            flat = [q for rs in reqs for q in rs]
+            t0 = time.perf_counter()
+            outs = (engine.score(flat, use_tqdm=False) if cfg.scoring == "loglik"
+                    else engine.generate(flat, params, use_tqdm=False))
+            dt = time.perf_counter() - t0
+            recs, k = [], 0
+            for row, rs in zip(chunk, reqs, strict=True):
+                recs.append(_record(row, cfg, outs[k:k + len(rs)], dt, len(chunk)))
+                k += len(rs)
+            writer.write(recs)
+            stats = engine.stats()
+            with stats_file.open("a", encoding="utf-8") as f:
+                f.write(json.dumps({"session": session, "stats": stats}) + "\n")
+            tokens = stats.get("prompt_tokens", 0) + stats.get("generated_tokens", 0)
+            bar.update(len(chunk))
+            bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t_start, 1e-9):,.0f} tok/s")
+    finally:  # a failing batch leaves the bar on its own line, before the error
+        bar.close()
 
 
 def _finalize(run_dir: Path, rows: list[data.Row], skipped: list[data.Skipped], cfg: SuiteConfig,
