@@ -60,7 +60,7 @@ class SuiteConfig:
 
     @classmethod
     def from_args(cls, suite: str, scoring: str, circular: bool, template_file: str | None) -> SuiteConfig:
-        text = Path(template_file).read_text(encoding="utf-8") if template_file else None
+        text = Path(template_file).read_text(encoding="utf-8-sig") if template_file else None
         return cls(suite, scoring, circular, text)
 
     def render(self, row: Row, options: list[str]) -> str:

@@ -65,7 +65,7 @@ def parse_nationalities(spec: str | None) -> list[Nationality]:
     if not spec:
         return default_nationalities()
     path = Path(spec)
-    names = _demonym_lines(path.read_text(encoding="utf-8")) if path.is_file() else spec.split(",")
+    names = _demonym_lines(path.read_text(encoding="utf-8-sig")) if path.is_file() else spec.split(",")
     return [Nationality(n.strip()) for n in names if n.strip()]
 
 
@@ -78,7 +78,7 @@ class CultureTable:
 
     @classmethod
     def read(cls, path: str | Path, name: str | None = None) -> CultureTable:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
             header = next(reader)
             keys, rows = [], []

@@ -386,7 +386,7 @@ def load_list(spec: str) -> list[str]:
     if p.is_file():
         if p.suffix == ".json":
             return [str(x) for x in json.loads(p.read_text())]
-        return [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        return [ln.strip() for ln in p.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
     return [s.strip() for s in spec.split(",") if s.strip()]
 
 
