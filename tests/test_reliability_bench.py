@@ -149,14 +149,17 @@ def test_output_dir_is_locked_while_a_run_owns_it(tmp_path):
     assert run(bench_args(output_dir=str(out), data=[str(f)]), make_engine=Engines()) == 0
 
 
-@pytest.mark.parametrize("kw, why", [
-    ({"batch": 0}, "--batch must be a positive"),
-    ({"limit": -1}, "--limit must be a positive"),
-    ({"model": "/nonexistent/ckpt"}, "no such checkpoint directory"),
-    ({"data": ["/nonexistent/d.jsonl"]}, "no such file"),
-    ({"template": "/nonexistent/t.jinja"}, "no such file"),
-    ({"image_root": "/nonexistent/imgs"}, "no such directory"),
-])
+@pytest.mark.parametrize(
+    "kw, why",
+    [
+        ({"batch": 0}, "--batch must be a positive"),
+        ({"limit": -1}, "--limit must be a positive"),
+        ({"model": "/nonexistent/ckpt"}, "no such checkpoint directory"),
+        ({"data": ["/nonexistent/d.jsonl"]}, "no such file"),
+        ({"template": "/nonexistent/t.jinja"}, "no such file"),
+        ({"image_root": "/nonexistent/imgs"}, "no such directory"),
+    ],
+)
 def test_bad_flags_fail_before_the_model_loads(tmp_path, kw, why):
     def no_engine(*a):
         raise AssertionError("the engine must not be built")
@@ -195,14 +198,17 @@ def test_byte_order_marks_are_read_in_every_text_format(tmp_path):
 
 
 def test_options_and_answers_of_the_wrong_kind_are_bad_rows(tmp_path):
-    f = write_rows(tmp_path / "d.jsonl", [
-        {"id": "str", "question": "Q?", "options": "Japan", "answer": "A"},
-        {"id": "nested", "question": "Q?", "options": [["a"], "b"], "answer": "A"},
-        {"id": "float", "question": "Q?", "options": ["x", "y", "z"], "answer": 1.7},
-        {"id": "bool", "question": "Q?", "options": ["x", "y"], "answer": True},
-        {"id": "empty", "question": "Q?", "options": ["x", ""], "answer": "A"},
-        {"id": "ok", "question": "Q?", "options": ["x", "y", 1990], "answer": 2.0},
-    ])
+    f = write_rows(
+        tmp_path / "d.jsonl",
+        [
+            {"id": "str", "question": "Q?", "options": "Japan", "answer": "A"},
+            {"id": "nested", "question": "Q?", "options": [["a"], "b"], "answer": "A"},
+            {"id": "float", "question": "Q?", "options": ["x", "y", "z"], "answer": 1.7},
+            {"id": "bool", "question": "Q?", "options": ["x", "y"], "answer": True},
+            {"id": "empty", "question": "Q?", "options": ["x", ""], "answer": "A"},
+            {"id": "ok", "question": "Q?", "options": ["x", "y", 1990], "answer": 2.0},
+        ],
+    )
     ds = data.load([f])
     assert [(r.id, r.options, r.answer) for r in ds.rows] == [("ok", ["x", "y", "1990"], 2)]
     why = {s.id: s.reason for s in ds.skipped}
@@ -210,12 +216,15 @@ def test_options_and_answers_of_the_wrong_kind_are_bad_rows(tmp_path):
     assert "not an option index" in why["float"] and "boolean" in why["bool"] and "empty option" in why["empty"]
 
 
-@pytest.mark.parametrize("name, text, why", [
-    ("bare.json", '"just a string"', "holds a list of row objects"),
-    ("broken.json", "[{", "not valid JSON"),
-    ("empty.jsonl", "", "no benchmark rows could be read.*the file is empty.*Readable formats: canonical"),
-    ("table.jsonl", "id,question,answer\n1,Q?,A\n", "no benchmark rows.*malformed JSON.*Readable formats"),
-])
+@pytest.mark.parametrize(
+    "name, text, why",
+    [
+        ("bare.json", '"just a string"', "holds a list of row objects"),
+        ("broken.json", "[{", "not valid JSON"),
+        ("empty.jsonl", "", "no benchmark rows could be read.*the file is empty.*Readable formats: canonical"),
+        ("table.jsonl", "id,question,answer\n1,Q?,A\n", "no benchmark rows.*malformed JSON.*Readable formats"),
+    ],
+)
 def test_unreadable_files_are_errors_naming_the_file_and_formats(tmp_path, name, text, why):
     (tmp_path / name).write_text(text)
     with pytest.raises(ValueError, match=why) as e:
@@ -230,18 +239,27 @@ def test_image_paths_stay_inside_the_dataset_folder(tmp_path, monkeypatch):
     Image.new("RGB", (4, 4)).save(tmp_path / "outside.png")
     Image.new("RGB", (4, 4)).save(ds_dir / "img" / "in.png")
     (ds_dir / "img" / "link.png").symlink_to(tmp_path / "outside.png")
-    f = write_rows(ds_dir / "d.jsonl", [
-        {"id": i, "image": im, "question": "Q?", "options": ["x", "y"], "answer": "A"}
-        for i, im in [("in", "img/in.png"), ("up", "../outside.png"), ("abs", str(tmp_path / "outside.png")),
-                      ("passwd", "/etc/passwd"), ("link", "img/link.png")]
-    ])
+    f = write_rows(
+        ds_dir / "d.jsonl",
+        [
+            {"id": i, "image": im, "question": "Q?", "options": ["x", "y"], "answer": "A"}
+            for i, im in [
+                ("in", "img/in.png"),
+                ("up", "../outside.png"),
+                ("abs", str(tmp_path / "outside.png")),
+                ("passwd", "/etc/passwd"),
+                ("link", "img/link.png"),
+            ]
+        ],
+    )
     opened = []
     real_open = Image.open
     monkeypatch.setattr(Image, "open", lambda fp, *a, **k: opened.append(str(fp)) or real_open(fp, *a, **k))
     ds = data.load([f])
     assert [r.id for r in ds.rows] == ["in"]
     assert {s.id: "outside the dataset folder" in s.reason for s in ds.skipped} == dict.fromkeys(
-        ["up", "abs", "passwd", "link"], True)
+        ["up", "abs", "passwd", "link"], True
+    )
     assert "--allow-absolute-image-paths" in ds.skipped[0].reason
     assert opened == [str(ds_dir / "img" / "in.png")]  # nothing outside was opened
     # --image-root: relative paths resolve under it instead

@@ -5,8 +5,19 @@ from pathlib import Path
 from cultengine.studies import culture
 
 ROOT = Path(__file__).resolve().parents[1]
-SKIP_DIRS = {".git", ".venv", "target", "__pycache__", ".pytest_cache", ".ruff_cache", ".benchmarks", "build", "dist",
-             "cultengine-runs", ".whl"}
+SKIP_DIRS = {
+    ".git",
+    ".venv",
+    "target",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".benchmarks",
+    "build",
+    "dist",
+    "cultengine-runs",
+    ".whl",
+}
 # Built from pieces so this file does not match itself.
 MACHINE_PATHS = ("../" + "shared", "/" + "work/")
 
@@ -25,10 +36,12 @@ def _text_files(root: Path):
 
 
 def test_no_file_names_a_path_outside_the_clone():
-    hits = [f"{p.relative_to(ROOT)}:{n}: {line.strip()}"
-            for p, text in _text_files(ROOT)
-            for n, line in enumerate(text.splitlines(), 1)
-            if any(m in line for m in MACHINE_PATHS)]
+    hits = [
+        f"{p.relative_to(ROOT)}:{n}: {line.strip()}"
+        for p, text in _text_files(ROOT)
+        for n, line in enumerate(text.splitlines(), 1)
+        if any(m in line for m in MACHINE_PATHS)
+    ]
     assert not hits, "machine paths outside the repository:\n" + "\n".join(hits)
 
 

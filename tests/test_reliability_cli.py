@@ -72,8 +72,18 @@ _runs = itertools.count()
 
 def bench(d, *args, model="model", data="good.jsonl", out=None):
     out = out or f"run{next(_runs)}"  # the cases run side by side: each has its own output dir
-    return ["bench", "--device", "cpu", "--model", str(d / model), "--data", str(d / data),
-            "--output-dir", str(d / out), *args]
+    return [
+        "bench",
+        "--device",
+        "cpu",
+        "--model",
+        str(d / model),
+        "--data",
+        str(d / data),
+        "--output-dir",
+        str(d / out),
+        *args,
+    ]
 
 
 def run_cli(argv, cache, fault=None):
@@ -127,9 +137,17 @@ def test_second_run_on_a_locked_output_dir_names_the_owner(files, tmp_path):
     run_dir = files / "locked"
     run_dir.mkdir()
     holder = subprocess.Popen(  # stands for a run in progress: holds the run directory's lock
-        [sys.executable, "-c", "import fcntl, os, sys; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
-         "f.write(f'{os.getpid()}\\n'); f.flush(); print('locked', flush=True); sys.stdin.read()",
-         str(run_dir / ".lock")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+            "f.write(f'{os.getpid()}\\n'); f.flush(); print('locked', flush=True); sys.stdin.read()",
+            str(run_dir / ".lock"),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         p = run_cli(bench(files, out="locked"), tmp_path)

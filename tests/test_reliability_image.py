@@ -14,6 +14,7 @@ from cultengine.image import load_image
 
 def png_header(width: int, height: int) -> bytes:
     """A PNG declaring width x height 8-bit greyscale pixels, with one empty IDAT: a few dozen bytes."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 

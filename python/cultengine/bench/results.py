@@ -69,8 +69,9 @@ def read_valid(run_dir: Path, expected: dict[str, str]) -> Stored:
     return out
 
 
-def merge(run_dir: Path, order: list[str], extra: list[dict] = (),
-          expected: dict[str, str] | None = None) -> list[dict]:
+def merge(
+    run_dir: Path, order: list[str], extra: list[dict] = (), expected: dict[str, str] | None = None
+) -> list[dict]:
     """Fold every results file (plus `extra` records) into results.jsonl in `order`; drop shard files.
 
     With `expected` (id -> input hash), only the results still valid are kept (`read_valid`)."""

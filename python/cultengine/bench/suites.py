@@ -99,7 +99,7 @@ def build_requests(row: Row, cfg: SuiteConfig) -> list[dict[str, Any]]:
     return reqs
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=1 << 16)
 def _file_digest(path: str, size: int, mtime_ns: int) -> bytes:
     # keyed by size and mtime too, so an image rewritten in place is read again
     with open(path, "rb") as f:
