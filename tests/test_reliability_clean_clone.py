@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import cultengine
 from cultengine.studies import culture
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,9 +47,13 @@ def test_no_file_names_a_path_outside_the_clone():
 
 
 def test_culture_tables_ship_in_the_package():
-    data = ROOT / "python" / "cultengine" / "studies" / "data"
-    assert culture.HOFSTEDE_CSV.parent.resolve() == data.resolve()
+    # Under the README's test command this is the installed wheel: the tables must have come with it.
+    package_data = Path(cultengine.__file__).resolve().parent / "studies" / "data"
+    source_data = ROOT / "python" / "cultengine" / "studies" / "data"
+    for table in (culture.HOFSTEDE_CSV, culture.WVS_CSV):
+        assert table.resolve().parent == package_data
+        assert table.read_bytes() == (source_data / table.name).read_bytes()
     assert culture.HOFSTEDE_CSV.read_text(encoding="utf-8").startswith("ctr,country,Demonym,pdi,idv,mas,uai")
     assert culture.WVS_CSV.read_text(encoding="utf-8").startswith("ctr,country,Demonym,Q1,")
-    notice = (data / "NOTICE.md").read_text(encoding="utf-8")
+    notice = (package_data / "NOTICE.md").read_text(encoding="utf-8")
     assert "MIT-licensed" in notice and "Hofstede" in notice and "World Values Survey" in notice
