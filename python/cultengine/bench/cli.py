@@ -17,9 +17,26 @@ $CULTENGINE_CACHE (default ~/.cache/cultengine). The demo's accuracy is chance l
 the pipeline and the engine's throughput.
 
 Run directory: results.jsonl (one line per finished sample, fsync'd), summary.json, report.md,
-report.html, config.json. Re-running the same command resumes: finished samples are skipped.
-Under torchrun each rank takes its slice and its GPU; rank 0 merges and writes the summary.
+report.html, config.json. Re-running the same command resumes: finished samples are skipped, unless
+their row changed (question, options, answer, groups or an image's content): those are recomputed. A
+different model (path or files), suite, scoring or template is refused; --overwrite starts afresh. One
+run at a time per directory (and shard). Under torchrun each rank takes its slice and its GPU; rank 0
+merges and writes the summary.
+
+Image paths in the data must stay inside the data file's folder (or --image-root); absolute paths and
+paths leading out of it need --allow-absolute-image-paths, otherwise their rows are skipped.
 """
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
 
 
 def _bench_parser(sub) -> None:
@@ -38,7 +55,7 @@ def _bench_parser(sub) -> None:
                    help="mcq: multiple choice; vqa: open answers scored by exact match / containment")
     p.add_argument("--output-dir", metavar="DIR",
                    help="run directory (default: cultengine-runs/<model>-<data>-<suite>-<scoring>)")
-    p.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N rows")
+    p.add_argument("--limit", type=positive_int, metavar="N", help="evaluate only the first N rows")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="weights and activations dtype (auto: the checkpoint's)")
@@ -47,7 +64,7 @@ def _bench_parser(sub) -> None:
                         "and parse it")
     p.add_argument("--circular", action="store_true",
                    help="mcq: ask every rotation of the options; right only if all rotations are")
-    p.add_argument("--batch", type=int, default=128, metavar="N",
+    p.add_argument("--batch", type=positive_int, default=128, metavar="N",
                    help="samples per engine call; results are flushed after each (default 128)")
     p.add_argument("--shard", metavar="I/N", help="run slice I of N (0-based); the last shard to finish "
                    "writes the summary")
@@ -62,7 +79,19 @@ def _bench_parser(sub) -> None:
                    "prediction, country, language); default: the package's bench/prompts/judge.jinja")
     p.add_argument("--min-cell-n", type=int, default=10, metavar="N",
                    help="report: groups and heatmap cells with fewer samples are greyed (default 10)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard the results already in --output-dir and start afresh")
+    _image_args(p)
     p.set_defaults(func=_bench)
+
+
+def _image_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image-root", metavar="DIR",
+                   help="folder that relative image paths resolve under (default: each data file's folder), "
+                   "and where images named by URL are found (by the URL's file name or its sha1/md5/sha256 hex "
+                   "digest); nothing is downloaded")
+    p.add_argument("--allow-absolute-image-paths", action="store_true",
+                   help="trust the data's image paths: absolute ones, and relative ones leading out of the folder")
 
 
 def _bench(args) -> int:
@@ -83,6 +112,7 @@ def _data_parser(sub) -> None:
     v.add_argument("files", nargs="+")
     v.add_argument("--format", choices=data.FORMATS, default="auto")
     formats.add_arguments(v)
+    _image_args(v)
     v.set_defaults(func=_validate)
     c = dsub.add_parser("convert", help="write files as canonical JSONL (images beside it) or parquet "
                         "(images embedded), chosen by the output's extension")
@@ -90,14 +120,16 @@ def _data_parser(sub) -> None:
     c.add_argument("-o", "--output", required=True)
     c.add_argument("--format", choices=data.FORMATS, default="auto")
     formats.add_arguments(c)
+    _image_args(c)
     c.set_defaults(func=_convert)
     s = dsub.add_parser("sample", help="write a random subset (canonical form)")
     s.add_argument("files", nargs="+")
     s.add_argument("-o", "--output", required=True)
-    s.add_argument("-n", type=int, required=True, help="rows to keep")
+    s.add_argument("-n", type=positive_int, required=True, help="rows to keep")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--format", choices=data.FORMATS, default="auto")
     formats.add_arguments(s)
+    _image_args(s)
     s.set_defaults(func=_sample)
 
 

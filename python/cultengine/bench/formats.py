@@ -76,7 +76,8 @@ class ImportOptions:
     mc_prompt: str = "parsed"  # parsed | as-given: options out of the prompt, or the prompt verbatim
     open_answers: bool = False  # formats holding both: ask the open-ended question (the vqa suite)
     columns: dict[str, str] = field(default_factory=dict)  # canonical field -> the file's column(s)
-    image_root: Path | None = None
+    image_root: Path | None = None  # relative image paths resolve here; URL-named images are looked up here
+    allow_outside_images: bool = False  # trust absolute paths and paths leading out of the dataset folder
     split: str | None = None
 
     @classmethod
@@ -93,6 +94,7 @@ class ImportOptions:
             open_answers=open_answers,
             columns=columns,
             image_root=Path(root).expanduser() if root else None,
+            allow_outside_images=bool(getattr(args, "allow_absolute_image_paths", False)),
             split=getattr(args, "split", None),
         )
 
@@ -133,12 +135,6 @@ def add_arguments(p: Any) -> None:
         help="map any table's columns onto the canonical "
         "fields, e.g. question=Q,options=Options,answer=Label,country=Country,image=img "
         "(options=A+B+C+D joins option columns)",
-    )
-    p.add_argument(
-        "--image-root",
-        metavar="DIR",
-        help="folder holding the images a file names by URL (found "
-        "by the URL's file name or its sha1/md5/sha256 hex digest); nothing is downloaded",
     )
     p.add_argument("--split", metavar="NAME", help="dataset folders: read only this split (e.g. test)")
 

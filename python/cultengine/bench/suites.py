@@ -22,9 +22,12 @@ A `--template FILE` replaces the text template of the suite being run.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import re
 import unicodedata
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +74,7 @@ class SuiteConfig:
 
     @classmethod
     def from_args(cls, suite: str, scoring: str, circular: bool, template_file: str | None) -> SuiteConfig:
-        text = Path(template_file).read_text(encoding="utf-8") if template_file else None
+        text = Path(template_file).read_text(encoding="utf-8-sig") if template_file else None
         return cls(suite, scoring, circular, text)
 
     def render(self, row: Row, options: list[str]) -> str:
@@ -115,10 +118,35 @@ def build_requests(row: Row, cfg: SuiteConfig) -> list[dict[str, Any]]:
     return reqs
 
 
+@lru_cache(maxsize=1 << 16)
+def _file_digest(path: str, size: int, mtime_ns: int) -> bytes:
+    # keyed by size and mtime too, so an image rewritten in place is read again
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha1").digest()
+
+
+def _image_digest(im: str | bytes) -> bytes:
+    if isinstance(im, bytes):
+        return hashlib.sha1(im).digest()
+    try:
+        st = os.stat(im)
+        return _file_digest(im, st.st_size, st.st_mtime_ns)
+    except OSError:
+        return b"missing:" + im.encode()
+
+
 def prompt_hash(row: Row, cfg: SuiteConfig) -> str:
+    """The rendered prompt and the content (not the names) of the row's images."""
     h = hashlib.sha256(cfg.render(row, row.options).encode())
-    h.update(row.image_key().encode())
+    for im in row.images:
+        h.update(_image_digest(im))
     return h.hexdigest()[:16]
+
+
+def input_hash(row: Row, cfg: SuiteConfig) -> str:
+    """Everything a stored result depends on: the prompt and images, the options, the answer, the groups."""
+    rest = json.dumps([row.options, row.answer, row.groups(), row.western], ensure_ascii=False)
+    return hashlib.sha256(f"{prompt_hash(row, cfg)}\n{rest}".encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------ normalising

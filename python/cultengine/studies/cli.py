@@ -47,8 +47,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     asub = p.add_subparsers(dest="study", required=True)
     a = asub.add_parser("stories", help="lexical, vocabulary, cultural-alignment and CLIP analysis")
     a.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    a.add_argument("--hofstede", help="Hofstede 6-D CSV (ctr,country,Demonym,pdi,...)")
-    a.add_argument("--wvs", help="WVS means CSV (ctr,country,Demonym,Q1..Q250)")
+    a.add_argument("--hofstede", help="Hofstede 6-D CSV (ctr,country,Demonym,pdi,...); default: the packaged "
+                   "copy of Hofstede's published scores")
+    a.add_argument("--wvs", help="WVS means CSV (ctr,country,Demonym,Q1..Q250); default: the packaged copy of "
+                   "the World Values Survey means")
     a.add_argument("--wvs-raw", action="store_true", help="do not z-score the WVS columns")
     a.add_argument("--clip", help="CLIPModel checkpoint directory for CLIPScore and retrieval")
     a.add_argument("--device", default="cpu")
@@ -145,12 +147,12 @@ def _ground(args) -> int:
 
 
 def _analyze_stories(args) -> int:
-    from . import stories
+    from . import culture, stories
 
     result = stories.analyze(
         args.run_dirs,
-        hofstede=args.hofstede,
-        wvs=args.wvs,
+        hofstede=args.hofstede or culture.HOFSTEDE_CSV,
+        wvs=args.wvs or culture.WVS_CSV,
         clip_path=args.clip,
         out_dir=args.out,
         top_k=args.top_k,

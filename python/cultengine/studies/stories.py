@@ -35,7 +35,7 @@ from .. import plots, provenance
 from ..runlog import ResultLog, read, write_json
 from ..stats import PERMUTATIONS, cluster_mean, mantel
 from . import report, stats
-from .culture import CultureTable, Nationality, parse_nationalities, wvs_columns
+from .culture import HOFSTEDE_CSV, WVS_CSV, CultureTable, Nationality, parse_nationalities, wvs_columns
 from .io import chunks
 
 TEMPLATE = "Write a short story for a {demonym} child about {concept}, inspired by the image."
@@ -274,8 +274,8 @@ def clip_metrics(clip, records: list[dict], nats: list[Nationality], ks=(1, 5, 1
 
 def analyze(
     run_dirs: list[str | Path],
-    hofstede: str | Path | None = None,
-    wvs: str | Path | None = None,
+    hofstede: str | Path | None = HOFSTEDE_CSV,
+    wvs: str | Path | None = WVS_CSV,
     clip_path: str | Path | None = None,
     out_dir: str | Path | None = None,
     top_k: int = 10,
@@ -284,7 +284,8 @@ def analyze(
     permutations: int = PERMUTATIONS,
     seed: int = 0,
 ) -> dict:
-    """Analyse stories run directories (one model each, or several): analysis.json, .md and .html."""
+    """Analyse stories run directories (one model each, or several): analysis.json, .md and .html.
+    `hofstede` / `wvs` are culture tables (default: the packaged copies; None leaves that table out)."""
     out_dir = Path(out_dir or run_dirs[0])
     out_dir.mkdir(parents=True, exist_ok=True)
     tables = []
@@ -446,7 +447,7 @@ def load_list(spec: str) -> list[str]:
     if p.is_file():
         if p.suffix == ".json":
             return [str(x) for x in json.loads(p.read_text())]
-        return [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        return [ln.strip() for ln in p.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
     return [s.strip() for s in spec.split(",") if s.strip()]
 
 
