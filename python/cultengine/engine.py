@@ -22,7 +22,7 @@ from . import _core
 from .chat import render_checkpoint_chat
 from .checkpoint import load_checkpoint
 from .image import load_image
-from .models import ImageFeatures, family_for
+from .models import SUPPORTED_ARCHITECTURES, ImageFeatures, family_for
 from .ops import Ops, resolve_backend
 from .outputs import ChoiceScore, GenerationOutput, Sample, ScoreOutput
 from .runner import ModelRunner
@@ -88,7 +88,8 @@ class Engine:
             raise RuntimeError("device='cuda' was asked for but torch sees no CUDA device")
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)  # Triton launches and graph capture use the current device
-        self.checkpoint = load_checkpoint(model, dtype=dtype, device=self.device, random_init=random_init)
+        self.checkpoint = load_checkpoint(model, dtype=dtype, device=self.device, random_init=random_init,
+                                          architectures=SUPPORTED_ARCHITECTURES)
         self.family = family_for(self.checkpoint, image_backend)
         self.tokenizer = _core.Tokenizer.from_file(str(self.checkpoint.tokenizer_path))
         self.ops = Ops(resolve_backend(self.device, attention_backend))
