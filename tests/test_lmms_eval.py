@@ -229,3 +229,79 @@ def test_lmms_eval_runs_local_tasks_with_bench_answers(tiny_llama, rows):
         ref = generated[f"q{sample['doc_id']}"]
         assert sample["filtered_resps"] == ref["response"]
         assert sample["exact_match"] == float(ref["correct"])
+
+
+def test_adapter_groups_options_per_context_and_maps_generation_kwargs(tiny_llama):
+    """In process, on lmms-eval's own Instance objects: one score request per (context, images), the
+    unconditional (mutual-information) pairs, raw-prompt mode, generation kwargs."""
+    from lmms_eval.api.instance import Instance
+    from lmms_eval.models import get_model
+    from PIL import Image
+
+    from cultengine import Engine, SamplingParams
+    from cultengine.lmms_eval import CultEngineLMM, register
+
+    register()
+    assert get_model("cultengine") is CultEngineLMM
+    lm = CultEngineLMM.create_from_arg_string(f"pretrained={tiny_llama},device=cpu", {"batch_size": 1})
+    image = Image.new("RGB", (30, 30), (10, 120, 240))
+    docs = [{"q": "Which country?", "img": image}, {"q": "Which country?", "img": Image.new("RGB", (30, 30))}]
+    lm.task_dict = {"t": {"test": docs}}
+
+    def visual(doc):
+        return [doc["img"]]
+
+    def inst(kind, args, doc_id):
+        return Instance(
+            request_type=kind, arguments=args, idx=0, metadata={"task": "t", "doc_id": doc_id, "repeats": 1}
+        )
+
+    options = [" Peru", " Japan", " Ghana"]
+    reqs = [inst("loglikelihood", ("Which country?", o, visual, d, "t", "test"), d) for d in (0, 1) for o in options]
+    reqs.append(inst("loglikelihood", ("", "Peru"), 0))
+    got = [r.text for r in lm.loglikelihood(reqs)]
+
+    ref = Engine(tiny_llama)
+    content = [{"type": "text", "text": "Which country?"}]
+    scores = ref.score(
+        [
+            {
+                "messages": [{"role": "user", "content": [{"type": "image", "image": d["img"]}, *content]}],
+                "choices": [o.strip() for o in options],
+            }
+            for d in docs
+        ]
+        + [{"messages": [{"role": "user", "content": [{"type": "text", "text": ""}]}], "choices": ["Peru"]}],
+        use_tqdm=False,
+    )
+    want = [(-c.logprob, c.is_greedy) for s in scores for c in s.choices]
+    assert [v for v, _ in got] == pytest.approx([v for v, _ in want], abs=1e-5)
+    assert [g for _, g in got] == [g for _, g in want]
+    assert got[0][0] != got[3][0]  # the same text with another image is another context
+
+    raw = CultEngineLMM(pretrained=str(tiny_llama), device="cpu", chat="false", nll="false")
+    raw.task_dict = lm.task_dict
+    ((value, _),) = [
+        r.text for r in raw.loglikelihood([inst("loglikelihood", ("Q:", " Peru", visual, 0, "t", "test"), 0)])
+    ]
+    (expected,) = ref.score([{"prompt": "<image>\nQ:", "images": [image], "choices": [" Peru"]}], use_tqdm=False)
+    assert value == pytest.approx(expected.choices[0].logprob, abs=1e-5)
+
+    gen = {"until": "\n", "max_new_tokens": 7, "temperature": 0.9, "do_sample": True}
+    texts = lm.generate_until(
+        [
+            inst("generate_until", ("Describe.", dict(gen), visual, 0, "t", "test"), 0),
+            inst("generate_until", ("Describe.", {**gen, "do_sample": False}, visual, 0, "t", "test"), 0),
+        ]
+    )
+    msgs = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Describe."}]}]
+    sampled, greedy = ref.generate(
+        [{"messages": msgs}] * 2,
+        [SamplingParams(max_tokens=7, temperature=0.9, seed=0, stop=["\n"]), SamplingParams(max_tokens=7, stop=["\n"])],
+        use_tqdm=False,
+    )
+    assert texts == [sampled.text, greedy.text]
+    with pytest.raises(ValueError, match="beam search"):
+        lm.generate_until([inst("generate_until", ("x", {"num_beams": 4}, visual, 0, "t", "test"), 0)])
+    with pytest.raises(TypeError, match="unknown model_args"):
+        CultEngineLMM(pretrained=str(tiny_llama), device="cpu", temprature=1)

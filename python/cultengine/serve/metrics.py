@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import bisect
 import threading
+from collections import deque
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class Histogram:
-    """A cumulative Prometheus histogram (bucket upper bounds in seconds)."""
+    """A cumulative Prometheus histogram (bucket upper bounds in seconds); `recent` keeps the latest
+    observations themselves, for exact percentiles (benchmarks)."""
 
-    def __init__(self, bounds: tuple[float, ...]):
+    def __init__(self, bounds: tuple[float, ...], keep: int = 10_000):
         self.bounds = bounds
+        self.recent: deque[float] = deque(maxlen=keep)
         self.counts = [0] * (len(bounds) + 1)  # the last is +Inf
         self.sum = 0.0
         self._lock = threading.Lock()
@@ -22,6 +25,7 @@ class Histogram:
         with self._lock:
             self.counts[bisect.bisect_left(self.bounds, value)] += 1
             self.sum += value
+            self.recent.append(value)
 
     def lines(self, name: str, help_text: str) -> list[str]:
         with self._lock:
