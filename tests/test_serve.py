@@ -297,6 +297,26 @@ def test_client_disconnecting_mid_stream_aborts_and_frees_blocks(server):
     assert now["cultengine_generation_tokens_total"] - before["cultengine_generation_tokens_total"] < 64 * 200
 
 
+def test_a_failed_engine_step_is_a_500_and_the_server_goes_on(server):
+    engine = server[1].engine
+    real_step = engine._step
+
+    def failing_step():
+        engine._step = real_step  # fail once
+        raise RuntimeError("injected device error")
+
+    engine._step = failing_step
+    try:
+        resp = post(server, "/v1/chat/completions", _chat(max_tokens=8))
+    finally:
+        engine._step = real_step
+    assert resp.status_code == 500 and "injected device error" in resp.json()["error"]["message"]
+    assert metrics(server)["cultengine_engine_step_errors_total"] >= 1
+    assert metrics(server)["cultengine_kv_blocks_used"] == 0
+    assert httpx.get(server[0] + "/health", timeout=TIMEOUT).json() == {"status": "ok"}
+    assert post(server, "/v1/chat/completions", _chat()).status_code == 200
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad requests: a 4xx each, with an OpenAI-style body, and the server keeps serving
 # ------------------------------------------------------------------------------------------------

@@ -21,7 +21,10 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +67,11 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
     def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,14 +236,9 @@ def sampling_params(body: _Sampling, max_tokens: int | None) -> SamplingParams:
         raise APIError(400, str(e), param=str(e).split()[0]) from e
 
 
-def _token_texts(tokenizer, token_ids: list[int]) -> list[str]:
-    return [tokenizer.decode([t], skip_special_tokens=False) for t in token_ids]
-
-
-def chat_logprobs(tokenizer, sample: Sample) -> dict:
-    """OpenAI's chat `logprobs`; `bytes` is null for a token that is only part of a UTF-8 character
-    (its text alone decodes to U+FFFD)."""
-    texts = _token_texts(tokenizer, sample.token_ids)
+def chat_logprobs(texts: list[str], sample: Sample) -> dict:
+    """OpenAI's chat `logprobs` (`texts`: each token's text); `bytes` is null for a token that is only
+    part of a UTF-8 character (its text alone decodes to U+FFFD)."""
     content = [
         {"token": t, "logprob": lp, "bytes": None if "\ufffd" in t else list(t.encode()), "top_logprobs": []}
         for t, lp in zip(texts, sample.logprobs, strict=True)
@@ -246,8 +246,7 @@ def chat_logprobs(tokenizer, sample: Sample) -> dict:
     return {"content": content}
 
 
-def completion_logprobs(tokenizer, sample: Sample) -> dict:
-    texts = _token_texts(tokenizer, sample.token_ids)
+def completion_logprobs(texts: list[str], sample: Sample) -> dict:
     offsets, pos = [], 0
     for t in texts:
         offsets.append(pos)
@@ -330,7 +329,6 @@ def build_app(loop: EngineLoop, config: ServeConfig) -> FastAPI:
     app = FastAPI(title="cultengine", docs_url=None, redoc_url=None)
     http_counts: Counter = Counter()
     app.add_middleware(_Guard, config=config, counts=http_counts)
-    tokenizer = loop.engine.tokenizer
     created = int(time.time())
 
     @app.exception_handler(APIError)
@@ -352,32 +350,51 @@ def build_app(loop: EngineLoop, config: ServeConfig) -> FastAPI:
                 code="model_not_found",
             )
 
-    async def admit(submit, *args) -> Admitted:
-        try:
-            future = await run_in_threadpool(submit, *args)
-            return await asyncio.wrap_future(future)
-        except RequestError as e:
-            raise APIError(400, str(e)) from e
+    async def admit(*submits: Callable[[], Future]) -> list[Admitted]:
+        """Prepare requests (in worker threads: images are decoded there) and queue them all before
+        waiting, so they join the same step; if one is refused, the others are aborted."""
+        futures, error = [], None
+        for submit in submits:
+            try:
+                futures.append(await run_in_threadpool(submit))
+            except (RequestError, APIError) as e:
+                error = e
+                break
+        admitted = []
+        for future in futures:
+            try:
+                admitted.append(await asyncio.wrap_future(future))
+            except RequestError as e:
+                error = error or e
+            except Exception as e:  # an engine failure, not the request's fault
+                error = error or APIError(500, f"{type(e).__name__}: {e}", type_="server_error")
+        if error is not None:
+            for a in admitted:
+                loop.abort(a.request_id)
+            raise error if isinstance(error, APIError) else APIError(400, str(error))
+        return admitted
 
     async def results(request: Request, admitted: list[Admitted]) -> list:
-        """Every result of the admitted requests; a client that goes away aborts them all."""
-        futures = [asyncio.wrap_future(f) for a in admitted for f in a.results]
-        everything = asyncio.gather(*futures)
+        """Every result of the admitted requests, in order; a client that goes away aborts them all."""
+        everything = asyncio.gather(*(asyncio.wrap_future(f) for a in admitted for f in a.results))
         try:
-            while True:
-                done, _ = await asyncio.wait({everything}, timeout=0.25)
-                if done:
-                    return everything.result()
+            while not (await asyncio.wait({everything}, timeout=0.25))[0]:
                 if await request.is_disconnected():
-                    raise asyncio.CancelledError
-        except BaseException:
+                    raise APIError(499, "the client closed the request", code="client_closed_request")
+        except BaseException:  # gone, or this task was cancelled (a stream's connection closed)
             everything.cancel()
             for a in admitted:
                 loop.abort(a.request_id)
             raise
+        try:
+            return everything.result()
+        except RuntimeError as e:  # the engine step failed (the server goes on)
+            raise APIError(500, str(e), type_="server_error") from e
 
     @app.get("/health")
     async def health():
+        if not loop.alive:
+            return JSONResponse({"status": "the engine loop has stopped"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -415,18 +432,18 @@ def build_app(loop: EngineLoop, config: ServeConfig) -> FastAPI:
                 "log-probability only (logprobs=true with top_logprobs 0 works)",
                 param="top_logprobs",
             )
-        params = sampling_params(body, body.max_completion_tokens or body.max_tokens)
-        max_tokens = body.max_completion_tokens or body.max_tokens
+        max_tokens = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
+        params = sampling_params(body, max_tokens)
 
         def submit():
             return loop.generate({"messages": to_engine_messages(body.messages, config)}, params, max_tokens)
 
-        admitted = await admit(submit)
+        (admitted,) = await admit(submit)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": now, "model": config.model_name}
 
         def choice(k: int, s: Sample) -> dict:
-            lp = chat_logprobs(tokenizer, s) if body.logprobs else None
+            lp = chat_logprobs(loop.token_texts(s.token_ids), s) if body.logprobs else None
             return {
                 "index": k,
                 "message": {"role": "assistant", "content": s.text},
@@ -459,9 +476,13 @@ def build_app(loop: EngineLoop, config: ServeConfig) -> FastAPI:
                     ],
                 }
             )
-            samples = await results(request, [admitted])
+            try:
+                samples = await results(request, [admitted])
+            except APIError as e:
+                yield _sse(e.body())
+                return
             for k, s in enumerate(samples):
-                lp = chat_logprobs(tokenizer, s) if body.logprobs else None
+                lp = chat_logprobs(loop.token_texts(s.token_ids), s) if body.logprobs else None
                 yield _sse(
                     {
                         **chunk,
@@ -496,14 +517,7 @@ def build_app(loop: EngineLoop, config: ServeConfig) -> FastAPI:
         if not prompts:
             raise APIError(400, "prompt must be a string or a non-empty list of strings", param="prompt")
         params = sampling_params(body, body.max_tokens)
-        admitted: list[Admitted] = []
-        try:
-            for p in prompts:
-                admitted.append(await admit(loop.generate, {"prompt": p}, params, body.max_tokens))
-        except APIError:
-            for a in admitted:
-                loop.abort(a.request_id)
-            raise
+        admitted = await admit(*(partial(loop.generate, {"prompt": p}, params, body.max_tokens) for p in prompts))
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": now, "model": config.model_name}
         want_lp = body.logprobs is not None
@@ -513,7 +527,7 @@ def build_app(loop: EngineLoop, config: ServeConfig) -> FastAPI:
             return {
                 "index": k,
                 "text": s.text,
-                "logprobs": completion_logprobs(tokenizer, s) if want_lp else None,
+                "logprobs": completion_logprobs(loop.token_texts(s.token_ids), s) if want_lp else None,
                 "finish_reason": s.finish_reason,
             }
 
@@ -527,7 +541,11 @@ def build_app(loop: EngineLoop, config: ServeConfig) -> FastAPI:
             }
 
         async def events():
-            samples = await results(request, admitted)
+            try:
+                samples = await results(request, admitted)
+            except APIError as e:
+                yield _sse(e.body())
+                return
             for k, s in enumerate(samples):
                 yield _sse({**head, "object": "text_completion", "choices": [choice(k, s)]})
             if (body.stream_options or {}).get("include_usage"):
@@ -561,7 +579,7 @@ def build_app(loop: EngineLoop, config: ServeConfig) -> FastAPI:
                 req = {"prompt": body.prompt, "images": [load_image_url(u, config) for u in body.images or []]}
             return loop.score({**req, "choices": body.choices})
 
-        admitted = await admit(submit)
+        (admitted,) = await admit(submit)
         scores = await results(request, [admitted])
         best = max(range(len(scores)), key=lambda j: scores[j].logprob)
         return {

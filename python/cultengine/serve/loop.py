@@ -1,8 +1,8 @@
 """The engine thread behind `cultengine serve`: one step loop, requests admitted between steps.
 
 `EngineLoop` is the only code of the server that touches the engine's internals (`_prepare`, `_add`,
-`_step`, `_release`, the scheduler and the tokenizer), so it is the one seam to move onto a public
-incremental engine API. Everything else talks to it through thread-safe calls that return
+`_step`, `_release`, the scheduler, the tokenizer and `_Prepared`'s `prompt_ids`), so it is the one seam
+to move onto a public incremental engine API. Everything else talks to it through thread-safe calls that return
 `concurrent.futures.Future`s (awaitable from asyncio with `asyncio.wrap_future`).
 
 Every scheduler call happens on the engine thread; request preparation (chat template, image
@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 
 from ..engine import Engine, RequestError
@@ -117,6 +117,14 @@ class EngineLoop:
         """Stop a request (its client went away): its sequences leave the scheduler, their KV blocks return."""
         self._inbox.put(lambda: self._abort(request_id))
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def token_texts(self, token_ids: list[int]) -> list[str]:
+        """Each token's own text (special tokens included), as OpenAI's per-token log-probabilities show it."""
+        return [self.engine.tokenizer.decode([t], skip_special_tokens=False) for t in token_ids]
+
     def stats(self) -> dict:
         """The engine's counters as of the last step, plus the loop's: admitted, aborted, queue lengths."""
         return dict(self._snapshot)
@@ -178,6 +186,10 @@ class EngineLoop:
         self._fail_all(RuntimeError("the server is shutting down"))
 
     def _admit(self, job: _Job) -> None:
+        if not job.admitted.set_running_or_notify_cancel():
+            return  # the caller stopped waiting (its client went away) before admission
+        for f in job.results:
+            f.set_running_or_notify_cancel()  # from here on only this thread resolves them
         eng, prep = self.engine, job.prepared
         try:
             if job.params is not None:
@@ -206,9 +218,9 @@ class EngineLoop:
                         raise ValueError(f"choice {text!r} tokenizes to nothing")
                     full = dataclasses.replace(prep, prompt_ids=prep.prompt_ids + list(ids))
                     job.seq_ids.append(eng._add(full, max_tokens=0, prompt_logprobs_from=len(prep.prompt_ids)))
-        except ValueError as e:
+        except Exception as e:  # ValueError: the scheduler refuses it (too long, ...)
             self._drop(job)
-            job.admitted.set_exception(RequestError(str(e)))
+            job.admitted.set_exception(RequestError(str(e)) if isinstance(e, ValueError) else e)
             return
         self._jobs[job.request_id] = job
         for k, seq_id in enumerate(job.seq_ids):
@@ -273,7 +285,7 @@ class EngineLoop:
         self.counters["requests_aborted"] += 1
         for f in job.results:
             if not f.done():
-                f.cancel()
+                f.set_exception(CancelledError(f"request {request_id} was aborted"))
 
     def _drop(self, job: _Job) -> None:
         """Take a job's sequences out of the scheduler and unpin their images."""
