@@ -44,8 +44,12 @@ def data_url(image: bytes) -> str:
 
 
 def image_message(image_url: str, text: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
-                                         {"type": "text", "text": text}]}]
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": text}],
+        }
+    ]
 
 
 def engine_message(image: bytes, text: str) -> list[dict]:
@@ -66,8 +70,13 @@ def media(tmp_path_factory) -> Path:
 def server(tiny_llama, media):
     """(base URL, EngineLoop) of a server on 127.0.0.1 with auth, a media directory and small limits."""
     loop = EngineLoop(Engine(tiny_llama))
-    config = ServeConfig(model_name=MODEL, api_key=API_KEY, allowed_local_media_path=(media / "allowed").resolve(),
-                         max_request_bytes=1 << 20, max_images_per_request=2)
+    config = ServeConfig(
+        model_name=MODEL,
+        api_key=API_KEY,
+        allowed_local_media_path=(media / "allowed").resolve(),
+        max_request_bytes=1 << 20,
+        max_images_per_request=2,
+    )
     try:
         with BackgroundServer(build_app(loop, config)) as url:
             yield url, loop
@@ -92,8 +101,10 @@ def post(server, path: str, body=None, key: str | None = API_KEY, **kw) -> httpx
 
 def metrics(server) -> dict[str, float]:
     text = httpx.get(server[0] + "/metrics", timeout=TIMEOUT).text
-    return {name: float(value) for name, value in (line.rsplit(" ", 1) for line in text.splitlines()
-                                                   if line and not line.startswith("#"))}
+    return {
+        name: float(value)
+        for name, value in (line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -101,14 +112,28 @@ def metrics(server) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------------
 def test_models_lists_the_served_name(client):
     assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
 
 
 def test_chat_with_image_n_seed_logprobs_match_engine_generate(client, reference):
     image = png((200, 10, 10))
-    resp = client.chat.completions.create(model=MODEL, messages=image_message(data_url(image), "What is this dish?"),
-                                          max_tokens=12, temperature=0.8, top_p=0.9, seed=7, n=3, logprobs=True)
-    (ref,) = reference.generate([{"messages": engine_message(image, "What is this dish?")}],
-                                SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=7, n=3), use_tqdm=False)
+    resp = client.chat.completions.create(
+        model=MODEL,
+        messages=image_message(data_url(image), "What is this dish?"),
+        max_tokens=12,
+        temperature=0.8,
+        top_p=0.9,
+        seed=7,
+        n=3,
+        logprobs=True,
+    )
+    (ref,) = reference.generate(
+        [{"messages": engine_message(image, "What is this dish?")}],
+        SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=7, n=3),
+        use_tqdm=False,
+    )
     assert ref.error is None
     assert [c.index for c in resp.choices] == [0, 1, 2]
     for choice, sample in zip(resp.choices, ref.samples, strict=True):
@@ -123,17 +148,26 @@ def test_chat_with_image_n_seed_logprobs_match_engine_generate(client, reference
     assert resp.usage.completion_tokens == sum(len(s.token_ids) for s in ref.samples)
     assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
 
-    again = client.chat.completions.create(model=MODEL, messages=image_message(data_url(image), "What is this dish?"),
-                                           max_tokens=12, temperature=0.8, top_p=0.9, seed=7, n=3)
+    again = client.chat.completions.create(
+        model=MODEL,
+        messages=image_message(data_url(image), "What is this dish?"),
+        max_tokens=12,
+        temperature=0.8,
+        top_p=0.9,
+        seed=7,
+        n=3,
+    )
     assert [c.message.content for c in again.choices] == [c.message.content for c in resp.choices]
 
 
 def test_completions_prompt_list_stop_and_logprobs_match_engine_generate(client, reference):
     prompts = ["The quick brown fox", "Un café au lait"]
-    resp = client.completions.create(model=MODEL, prompt=prompts, max_tokens=10, temperature=0, logprobs=0, n=2,
-                                     stop=["\n"])
-    refs = reference.generate([{"prompt": p} for p in prompts],
-                              SamplingParams(max_tokens=10, temperature=0, n=2, stop=["\n"]), use_tqdm=False)
+    resp = client.completions.create(
+        model=MODEL, prompt=prompts, max_tokens=10, temperature=0, logprobs=0, n=2, stop=["\n"]
+    )
+    refs = reference.generate(
+        [{"prompt": p} for p in prompts], SamplingParams(max_tokens=10, temperature=0, n=2, stop=["\n"]), use_tqdm=False
+    )
     expected = [s for r in refs for s in r.samples]
     assert [c.index for c in resp.choices] == [0, 1, 2, 3]
     assert [c.text for c in resp.choices] == [s.text for s in expected]
@@ -144,16 +178,18 @@ def test_completions_prompt_list_stop_and_logprobs_match_engine_generate(client,
 
 
 def test_max_tokens_default_runs_to_the_end_of_the_context(client, reference):
-    resp = client.completions.create(model=MODEL, prompt="The quick brown fox", temperature=0,
-                                     extra_body={"ignore_eos": True})
+    resp = client.completions.create(
+        model=MODEL, prompt="The quick brown fox", temperature=0, extra_body={"ignore_eos": True}
+    )
     assert resp.choices[0].finish_reason == "length"
     assert resp.usage.prompt_tokens + resp.usage.completion_tokens == reference.max_model_len
 
 
 def test_streaming_chat_and_completions(client):
     image = data_url(png((10, 200, 10)))
-    kwargs = dict(model=MODEL, messages=image_message(image, "Describe it."), max_tokens=10, temperature=0.7, seed=3,
-                  n=2)
+    kwargs = dict(
+        model=MODEL, messages=image_message(image, "Describe it."), max_tokens=10, temperature=0.7, seed=3, n=2
+    )
     whole = client.chat.completions.create(**kwargs)
     chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
     assert [c.delta.role for c in chunks[0].choices] == ["assistant", "assistant"]
@@ -172,10 +208,13 @@ def test_streaming_chat_and_completions(client):
 
 
 def test_sse_wire_format_ends_with_done(server):
-    with httpx.stream("POST", server[0] + "/v1/chat/completions", timeout=TIMEOUT,
-                      headers={"Authorization": f"Bearer {API_KEY}"},
-                      json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
-                            "stream": True}) as r:
+    with httpx.stream(
+        "POST",
+        server[0] + "/v1/chat/completions",
+        timeout=TIMEOUT,
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True},
+    ) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         events = [line for line in r.iter_lines() if line]
     assert all(e.startswith("data: ") for e in events)
@@ -184,13 +223,19 @@ def test_sse_wire_format_ends_with_done(server):
 
 def test_local_files_only_under_the_allowed_path(client, media):
     allowed = media / "allowed" / "red.png"
-    by_file = client.chat.completions.create(model=MODEL, messages=image_message(allowed.as_uri(), "What?"),
-                                             max_tokens=8, temperature=0)
-    by_data = client.chat.completions.create(model=MODEL, messages=image_message(data_url(allowed.read_bytes()),
-                                                                                 "What?"), max_tokens=8, temperature=0)
+    by_file = client.chat.completions.create(
+        model=MODEL, messages=image_message(allowed.as_uri(), "What?"), max_tokens=8, temperature=0
+    )
+    by_data = client.chat.completions.create(
+        model=MODEL, messages=image_message(data_url(allowed.read_bytes()), "What?"), max_tokens=8, temperature=0
+    )
     assert by_file.choices[0].message.content == by_data.choices[0].message.content
-    for outside in [(media / "secret.png").as_uri(), "file://" + str(media / "allowed" / ".." / "secret.png"),
-                    (media / "allowed" / "link.png").as_uri(), str(media / "secret.png")]:
+    for outside in [
+        (media / "secret.png").as_uri(),
+        "file://" + str(media / "allowed" / ".." / "secret.png"),
+        (media / "allowed" / "link.png").as_uri(),
+        str(media / "secret.png"),
+    ]:
         with pytest.raises(openai.PermissionDeniedError, match="outside the allowed local media path"):
             client.chat.completions.create(model=MODEL, messages=image_message(outside, "What?"), max_tokens=4)
 
@@ -201,12 +246,23 @@ def test_local_files_only_under_the_allowed_path(client, media):
 def test_score_matches_engine_score(server, reference):
     image = png((30, 60, 200))
     choices = ["Japan", "Peru", "Ghana", "India"]
-    by_prompt = post(server, "/v1/score", {"model": MODEL, "prompt": "<image>\nWhich country? Answer:",
-                                           "images": [data_url(image)], "choices": choices})
-    by_chat = post(server, "/v1/score", {"model": MODEL, "messages": image_message(data_url(image), "Which country?"),
-                                         "choices": choices})
-    refs = reference.score([{"prompt": "<image>\nWhich country? Answer:", "images": [image], "choices": choices},
-                            {"messages": engine_message(image, "Which country?"), "choices": choices}], use_tqdm=False)
+    by_prompt = post(
+        server,
+        "/v1/score",
+        {"model": MODEL, "prompt": "<image>\nWhich country? Answer:", "images": [data_url(image)], "choices": choices},
+    )
+    by_chat = post(
+        server,
+        "/v1/score",
+        {"model": MODEL, "messages": image_message(data_url(image), "Which country?"), "choices": choices},
+    )
+    refs = reference.score(
+        [
+            {"prompt": "<image>\nWhich country? Answer:", "images": [image], "choices": choices},
+            {"messages": engine_message(image, "Which country?"), "choices": choices},
+        ],
+        use_tqdm=False,
+    )
     for resp, ref in zip([by_prompt, by_chat], refs, strict=True):
         assert resp.status_code == 200, resp.text
         body = resp.json()
@@ -225,21 +281,34 @@ def _workload(i: int) -> tuple[str, dict]:
     """Request i of the concurrent test: chats with one of 4 images (seeded sampling), completions, scores."""
     image = data_url(png(((i % 4) * 60, 100, 50)))
     if i % 4 == 3:
-        return "/v1/score", {"model": MODEL, "messages": image_message(image, f"Question {i // 4}?"),
-                             "choices": ["yes", "no", "maybe"]}
+        return "/v1/score", {
+            "model": MODEL,
+            "messages": image_message(image, f"Question {i // 4}?"),
+            "choices": ["yes", "no", "maybe"],
+        }
     if i % 4 == 2:
-        return "/v1/completions", {"model": MODEL, "prompt": f"Story {i}:", "max_tokens": 4 + i % 7,
-                                   "temperature": 1.0, "seed": i}
-    return "/v1/chat/completions", {"model": MODEL, "messages": image_message(image, f"Describe {i}."),
-                                    "max_tokens": 4 + i % 9, "temperature": 0.9, "seed": 100 + i,
-                                    "stream": i % 8 == 0}
+        return "/v1/completions", {
+            "model": MODEL,
+            "prompt": f"Story {i}:",
+            "max_tokens": 4 + i % 7,
+            "temperature": 1.0,
+            "seed": i,
+        }
+    return "/v1/chat/completions", {
+        "model": MODEL,
+        "messages": image_message(image, f"Describe {i}."),
+        "max_tokens": 4 + i % 9,
+        "temperature": 0.9,
+        "seed": 100 + i,
+        "stream": i % 8 == 0,
+    }
 
 
 def _answer(server, path: str, body: dict):
     resp = post(server, path, body)
     assert resp.status_code == 200, resp.text
     if body.get("stream"):
-        events = [line[len("data: "):] for line in resp.text.splitlines() if line.startswith("data: ")]
+        events = [line[len("data: ") :] for line in resp.text.splitlines() if line.startswith("data: ")]
         assert events[-1] == "[DONE]"
         chunks = [json.loads(e) for e in events[1:-1]]
         return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
@@ -276,11 +345,22 @@ def test_64_concurrent_clients_each_answered_once_identical_to_sequential(server
 
 def test_client_disconnecting_mid_stream_aborts_and_frees_blocks(server):
     before = metrics(server)
-    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 200, "n": 64, "temperature": 1.0,
-            "ignore_eos": True, "stream": True}
+    body = {
+        "model": MODEL,
+        "prompt": "Once upon a time",
+        "max_tokens": 200,
+        "n": 64,
+        "temperature": 1.0,
+        "ignore_eos": True,
+        "stream": True,
+    }
     with httpx.Client(timeout=TIMEOUT) as http:
-        with http.stream("POST", server[0] + "/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"},
-                         json={**body, "messages": [{"role": "user", "content": "Tell a long story."}]}) as r:
+        with http.stream(
+            "POST",
+            server[0] + "/v1/chat/completions",
+            headers={"Authorization": f"Bearer {API_KEY}"},
+            json={**body, "messages": [{"role": "user", "content": "Tell a long story."}]},
+        ) as r:
             lines = r.iter_lines()  # (dropping this iterator would close the connection)
             assert next(lines).startswith("data: ")  # the role chunk: the request is admitted and running
             running = metrics(server)
@@ -332,26 +412,62 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", _chat(n=0), 400, "n must be >= 1"),
     ("/v1/chat/completions", _chat(logprobs=True, top_logprobs=2), 400, "top_logprobs > 0 is not supported"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 3}, 400, "not supported"),
-    ("/v1/chat/completions", _chat(messages=image_message("data:image/png;base64,@@@not-base64", "x")), 400,
-     "malformed data URL"),
+    (
+        "/v1/chat/completions",
+        _chat(messages=image_message("data:image/png;base64,@@@not-base64", "x")),
+        400,
+        "malformed data URL",
+    ),
     ("/v1/chat/completions", _chat(messages=image_message("data:image/png,rawbytes", "x")), 400, "malformed data URL"),
-    ("/v1/chat/completions", _chat(messages=image_message(data_url(b"not an image at all"), "x")), 400,
-     "cannot read image"),
-    ("/v1/chat/completions", _chat(messages=image_message("https://example.com/cat.png", "x")), 400,
-     "remote image URLs are not fetched"),
-    ("/v1/chat/completions", _chat(messages=[{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": data_url(png((1, 2, 3)))}} for _ in range(3)]}]), 400,
-     "more than 2 images"),
-    ("/v1/chat/completions", _chat(messages=[{"role": "user", "content": [{"type": "input_audio"}]}]), 400,
-     "unsupported content part"),
+    (
+        "/v1/chat/completions",
+        _chat(messages=image_message(data_url(b"not an image at all"), "x")),
+        400,
+        "cannot read image",
+    ),
+    (
+        "/v1/chat/completions",
+        _chat(messages=image_message("https://example.com/cat.png", "x")),
+        400,
+        "remote image URLs are not fetched",
+    ),
+    (
+        "/v1/chat/completions",
+        _chat(
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": data_url(png((1, 2, 3)))}} for _ in range(3)
+                    ],
+                }
+            ]
+        ),
+        400,
+        "more than 2 images",
+    ),
+    (
+        "/v1/chat/completions",
+        _chat(messages=[{"role": "user", "content": [{"type": "input_audio"}]}]),
+        400,
+        "unsupported content part",
+    ),
     ("/v1/chat/completions", {"model": MODEL}, 400, "messages"),
     ("/v1/completions", {"model": MODEL, "prompt": "word " * 400, "max_tokens": 4}, 400, ""),
     ("/v1/completions", {"model": MODEL, "prompt": "<image> two placeholders <image>"}, 400, "placeholder"),
     ("/v1/score", {"model": MODEL, "prompt": "Q:", "choices": []}, 400, "choices"),
-    ("/v1/score", {"model": MODEL, "prompt": "Q:", "messages": [{"role": "user", "content": "Q"}], "choices": ["a"]},
-     400, "exactly one of"),
-    ("/v1/score", {"model": MODEL, "prompt": "Q:", "images": ["file:///etc/passwd"], "choices": ["a"]}, 403,
-     "outside the allowed local media path"),
+    (
+        "/v1/score",
+        {"model": MODEL, "prompt": "Q:", "messages": [{"role": "user", "content": "Q"}], "choices": ["a"]},
+        400,
+        "exactly one of",
+    ),
+    (
+        "/v1/score",
+        {"model": MODEL, "prompt": "Q:", "images": ["file:///etc/passwd"], "choices": ["a"]},
+        403,
+        "outside the allowed local media path",
+    ),
 ]
 
 
@@ -405,9 +521,28 @@ def _free_port() -> int:
 def test_cultengine_serve_command(tiny_llama):
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(cultengine.__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "cultengine.cli", "serve", "--model", str(tiny_llama),
-                             "--port", str(port), "--api-key", "k", "--device", "cpu", "--served-model-name", "m"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cultengine.cli",
+            "serve",
+            "--model",
+            str(tiny_llama),
+            "--port",
+            str(port),
+            "--api-key",
+            "k",
+            "--device",
+            "cpu",
+            "--served-model-name",
+            "m",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + TIMEOUT
         while True:

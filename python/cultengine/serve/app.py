@@ -329,7 +329,6 @@ def build_app(loop: EngineLoop, config: ServeConfig) -> FastAPI:
     app = FastAPI(title="cultengine", docs_url=None, redoc_url=None)
     http_counts: Counter = Counter()
     app.add_middleware(_Guard, config=config, counts=http_counts)
-    created = int(time.time())
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -407,20 +406,22 @@ def build_app(loop: EngineLoop, config: ServeConfig) -> FastAPI:
             metrics.render(loop.stats(), dict(http_counts), histograms), media_type="text/plain; version=0.0.4"
         )
 
+    model_card = {
+        "id": config.model_name,
+        "object": "model",
+        "created": int(time.time()),
+        "owned_by": "cultengine",
+        "max_model_len": loop.max_model_len,
+    }
+
     @app.get("/v1/models")
     async def models():
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": config.model_name,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "cultengine",
-                    "max_model_len": loop.max_model_len,
-                }
-            ],
-        }
+        return {"object": "list", "data": [model_card]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        check_model(name)
+        return model_card
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
