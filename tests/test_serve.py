@@ -107,6 +107,15 @@ def metrics(server) -> dict[str, float]:
     }
 
 
+def settled(server, condition) -> dict[str, float]:
+    """/metrics once `condition` holds (the engine loop publishes its figures after each step), or the last
+    reading at the deadline."""
+    deadline = time.monotonic() + TIMEOUT
+    while not condition(m := metrics(server)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return m
+
+
 # ------------------------------------------------------------------------------------------------
 # OpenAI endpoints == Engine.generate
 # ------------------------------------------------------------------------------------------------
@@ -337,7 +346,7 @@ def test_64_concurrent_clients_each_answered_once_identical_to_sequential(server
             f.result(timeout=TIMEOUT)
     assert sorted(answered) == list(range(64))
     assert [answered[i] for i in range(64)] == sequential
-    after = metrics(server)
+    after = settled(server, lambda m: m["cultengine_requests_running"] == 0)
     assert after["cultengine_requests_admitted_total"] - before["cultengine_requests_admitted_total"] == 64
     assert after["cultengine_prefix_cache_hit_tokens_total"] > before["cultengine_prefix_cache_hit_tokens_total"]
     assert after["cultengine_requests_running"] == 0 and after["cultengine_kv_blocks_used"] == 0
@@ -347,7 +356,7 @@ def test_client_disconnecting_mid_stream_aborts_and_frees_blocks(server):
     before = metrics(server)
     body = {
         "model": MODEL,
-        "prompt": "Once upon a time",
+        "messages": [{"role": "user", "content": "Tell a long story."}],
         "max_tokens": 200,
         "n": 64,
         "temperature": 1.0,
@@ -359,19 +368,15 @@ def test_client_disconnecting_mid_stream_aborts_and_frees_blocks(server):
             "POST",
             server[0] + "/v1/chat/completions",
             headers={"Authorization": f"Bearer {API_KEY}"},
-            json={**body, "messages": [{"role": "user", "content": "Tell a long story."}]},
+            json=body,
         ) as r:
             lines = r.iter_lines()  # (dropping this iterator would close the connection)
             assert next(lines).startswith("data: ")  # the role chunk: the request is admitted and running
-            running = metrics(server)
+            running = settled(server, lambda m: m["cultengine_kv_blocks_used"] > 0)
             assert running["cultengine_kv_blocks_used"] > 0 and running["cultengine_requests_running"] == 1
         # leaving the block closes the connection mid-stream
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        now = metrics(server)
-        if now["cultengine_requests_aborted_total"] > before["cultengine_requests_aborted_total"]:
-            break
-        time.sleep(0.05)
+    aborted = before["cultengine_requests_aborted_total"] + 1
+    now = settled(server, lambda m: m["cultengine_requests_aborted_total"] == aborted)
     assert now["cultengine_requests_aborted_total"] == before["cultengine_requests_aborted_total"] + 1
     assert now["cultengine_kv_blocks_used"] == 0 and now["cultengine_requests_running"] == 0
     assert now["cultengine_generation_tokens_total"] - before["cultengine_generation_tokens_total"] < 64 * 200
@@ -391,8 +396,8 @@ def test_a_failed_engine_step_is_a_500_and_the_server_goes_on(server):
     finally:
         engine._step = real_step
     assert resp.status_code == 500 and "injected device error" in resp.json()["error"]["message"]
-    assert metrics(server)["cultengine_engine_step_errors_total"] >= 1
-    assert metrics(server)["cultengine_kv_blocks_used"] == 0
+    after = settled(server, lambda m: m["cultengine_requests_running"] == 0)
+    assert after["cultengine_engine_step_errors_total"] >= 1 and after["cultengine_kv_blocks_used"] == 0
     assert httpx.get(server[0] + "/health", timeout=TIMEOUT).json() == {"status": "ok"}
     assert post(server, "/v1/chat/completions", _chat()).status_code == 200
 

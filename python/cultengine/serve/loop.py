@@ -175,9 +175,11 @@ class EngineLoop:
                     running = False
                     break
                 cmd()
+            if commands:
+                self._refresh_snapshot()
             if running and self.engine.scheduler.has_unfinished():
                 self._step()
-            self._refresh_snapshot()
+                self._refresh_snapshot()
         # Whatever was queued behind the stop still resolves its futures (with the shutdown error).
         while not self._inbox.empty():
             cmd = self._inbox.get_nowait()
