@@ -205,8 +205,9 @@ def register() -> None:
 
 
 def _skip_filelock3_patch() -> None:
-    """lmms-eval 0.7's evaluator patches filelock 3's singleton metaclass (`filelock._api.FileLockMeta`)
-    and fails on filelock >= 4, which has no such module; there the patch has nothing to fix, so skip it."""
+    """lmms-eval 0.7's evaluator patches filelock 3's singleton metaclass (`filelock._api.FileLockMeta`,
+    against a lock clash between `datasets` and filelock) and crashes on filelock >= 4, which has no such
+    module. There the patch cannot apply, so it is marked done and filelock keeps its own behaviour."""
     try:
         import filelock._api  # noqa: F401
     except ImportError:
