@@ -382,6 +382,26 @@ def test_client_disconnecting_mid_stream_aborts_and_frees_blocks(server):
     assert now["cultengine_generation_tokens_total"] - before["cultengine_generation_tokens_total"] < 64 * 200
 
 
+def test_client_giving_up_on_a_plain_request_aborts_it(server):
+    before = metrics(server)
+    body = _chat(max_tokens=230, n=128, temperature=1.0, ignore_eos=True)  # about a second of work
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            server[0] + "/v1/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {API_KEY}"},
+            timeout=httpx.Timeout(TIMEOUT, read=0.2),
+        )
+    aborted = before["cultengine_requests_aborted_total"] + 1
+    now = settled(
+        server, lambda m: m["cultengine_requests_aborted_total"] == aborted and m["cultengine_requests_running"] == 0
+    )
+    assert now["cultengine_requests_aborted_total"] == aborted
+    assert now["cultengine_kv_blocks_used"] == 0
+    assert now["cultengine_generation_tokens_total"] - before["cultengine_generation_tokens_total"] < 128 * 230
+    assert now['cultengine_http_requests_total{endpoint="/v1/chat/completions",status="499"}'] >= 1
+
+
 def test_a_failed_engine_step_is_a_500_and_the_server_goes_on(server):
     engine = server[1].engine
     real_step = engine._step
@@ -415,6 +435,9 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens must be >= 1"),
     ("/v1/chat/completions", _chat(temperature=-1), 400, "temperature"),
     ("/v1/chat/completions", _chat(n=0), 400, "n must be >= 1"),
+    ("/v1/chat/completions", _chat(presence_penalty=0.5), 400, "presence_penalty=0.5 is not supported"),
+    ("/v1/chat/completions", _chat(response_format={"type": "json_object"}), 400, "response_format"),
+    ("/v1/chat/completions", _chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
     ("/v1/chat/completions", _chat(logprobs=True, top_logprobs=2), 400, "top_logprobs > 0 is not supported"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 3}, 400, "not supported"),
     (

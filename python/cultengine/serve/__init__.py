@@ -86,6 +86,8 @@ def _serve(args: argparse.Namespace) -> int:
         max_request_bytes=args.max_request_bytes,
         max_images_per_request=args.max_images_per_request,
     )
+    if not config.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
     loop = EngineLoop(engine)
     try:
         print(f"cultengine serve: model {config.model_name!r} on http://{args.host}:{args.port}/v1", flush=True)

@@ -215,8 +215,29 @@ def to_engine_messages(messages: list[dict], config: ServeConfig) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 # Sampling parameters and responses
 # ---------------------------------------------------------------------------------------------
+# OpenAI (and vLLM) fields the engine does not implement, with the values that mean "off": any other
+# value is refused rather than silently ignored, since ignoring it would change the output.
+_UNSUPPORTED = {
+    "presence_penalty": (0,),
+    "frequency_penalty": (0,),
+    "repetition_penalty": (1,),
+    "min_p": (0,),
+    "logit_bias": ({},),
+    "best_of": (1,),
+    "use_beam_search": (False,),
+    "suffix": ("",),
+    "tools": ([],),
+    "functions": ([],),
+    "response_format": ({"type": "text"},),
+}
+
+
 def sampling_params(body: _Sampling, max_tokens: int | None) -> SamplingParams:
     """The engine's parameters; `max_tokens=None` (up to the context's end) is validated as 1."""
+    for name, off in _UNSUPPORTED.items():
+        value = (body.model_extra or {}).get(name)
+        if value is not None and value not in off:
+            raise APIError(400, f"{name}={value!r} is not supported by this server", param=name)
     if max_tokens is not None and max_tokens < 1:
         raise APIError(400, f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens")
     try:
