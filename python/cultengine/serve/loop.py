@@ -129,19 +129,6 @@ class EngineLoop:
         """The engine's counters as of the last step, plus the loop's: admitted, aborted, queue lengths."""
         return dict(self._snapshot)
 
-    def call(self, fn: Callable[[Engine], object]) -> Future:
-        """Run `fn(engine)` on the engine thread between steps (for code that needs a quiet engine)."""
-        fut: Future = Future()
-
-        def run() -> None:
-            try:
-                fut.set_result(fn(self.engine))
-            except BaseException as e:  # handed to the caller
-                fut.set_exception(e)
-
-        self._inbox.put(run)
-        return fut
-
     def close(self) -> None:
         if self._thread.is_alive():
             self._inbox.put(None)
