@@ -16,7 +16,9 @@ Every request of a call goes to the engine at once (continuous batching). Log-li
 share a context and images (a question's options) become one `Engine.score` request: the context is
 computed once and the options share its KV blocks through the prefix cache. In chat mode an option is
 the assistant's reply, so the target delimiter lmms-eval puts before it (a space by default) is dropped;
-with `chat=false` the continuation is scored exactly as given. One process, one device.
+with `chat=false` the continuation is scored exactly as given. Under `torchrun` or `accelerate launch`
+each process runs its own engine on `cuda:$LOCAL_RANK` and lmms-eval splits the documents between them
+(not tested here: no multi-GPU machine).
 
 What `loglikelihood` returns: lmms-eval's built-in models return a loss, and its `multiple_choice` tasks
 pick the option with the *lowest* value (`np.argmin` in `lmms_eval/api/task.py`). So by default each
@@ -28,6 +30,7 @@ convention, for custom `process_results`).
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -84,6 +87,8 @@ class CultEngineLMM(lmms):
         # batch_size / max_batch_size come from lmms-eval's command line; the engine batches continuously.
         del batch_size, max_batch_size
         self._device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if self._device == "cuda" and "LOCAL_RANK" in os.environ:  # one engine per GPU under torchrun/accelerate
+            self._device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         self.engine = Engine(
             pretrained,
             device=self._device,
