@@ -34,14 +34,15 @@ import os
 import sys
 from typing import Any
 
-from lmms_eval.api.instance import Instance
-
 try:
-    from lmms_eval.api.instance import GenerationResult
-except ImportError:  # lmms-eval < 0.7 hands model outputs to the tasks as they are
-    GenerationResult = None
-from lmms_eval.api.model import lmms
-from lmms_eval.models.registry_v2 import ModelManifest
+    from lmms_eval.api.instance import GenerationResult, Instance
+    from lmms_eval.api.model import lmms
+    from lmms_eval.models.registry_v2 import ModelManifest
+except ImportError as e:
+    raise ImportError(
+        f"cultengine's lmms-eval backend needs lmms-eval 0.7 ({e}): pip install 'cultengine[lmms]' && "
+        "pip install --no-deps 'lmms-eval==0.7.3'"
+    ) from e
 from PIL import Image
 
 from .engine import Engine
@@ -198,8 +199,7 @@ def _loglikelihood_result(value: float, is_greedy: bool):
     """The `(value, is_greedy)` pair lmms-eval's tasks expect. lmms-eval 0.7's evaluator passes every
     model output through `unwrap_generation_output`, which turns a bare tuple into its `str()`; wrapped
     in a `GenerationResult` the pair comes out unchanged."""
-    pair = (value, is_greedy)
-    return pair if GenerationResult is None else GenerationResult(text=pair)
+    return GenerationResult(text=(value, is_greedy))
 
 
 def register() -> None:

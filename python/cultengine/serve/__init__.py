@@ -55,8 +55,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+    except ImportError:
+        print("cultengine serve needs FastAPI and uvicorn: pip install 'cultengine[serve]'", file=sys.stderr)
+        return 2
     import torch
-    import uvicorn
 
     from ..engine import Engine
     from .app import ServeConfig, build_app
