@@ -76,6 +76,12 @@ def render(stats: dict, http_counts: dict[tuple[str, int], int], histograms: dic
         ("cultengine_sequences_running", "gauge", "Sequences the scheduler is running.", stats["num_running"]),
         ("cultengine_sequences_waiting", "gauge", "Sequences queued in the scheduler.", stats["num_waiting"]),
         (
+            "cultengine_engine_commands_queued",
+            "gauge",
+            "Admissions and aborts waiting for the next step.",
+            stats["inbox"],
+        ),
+        (
             "cultengine_prompt_tokens_total",
             "counter",
             "Prompt tokens admitted (images expanded).",
