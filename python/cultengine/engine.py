@@ -433,7 +433,7 @@ class Engine:
                     self._release(seq.seq_id)
                     if first_token is not None:
                         self._record_latency(seq, first_token[seq.seq_id], time.perf_counter() - start)
-                    on_finished(seq, _NON_FINITE if seq.seq_id in non_finite else None)
+                    on_finished(seq, NON_FINITE_LOGITS if seq.seq_id in non_finite else None)
                 if finished and use_tqdm:
                     elapsed = time.perf_counter() - start
                     bar.set_postfix_str(f"{generated / elapsed:.1f} tok/s out", refresh=False)
@@ -507,7 +507,7 @@ class Engine:
         return {int(x) for x in plan.seq_ids[batch]}
 
 
-_NON_FINITE = ("the model produced NaN or infinite logits (in float16 or bfloat16, activations beyond the "
+NON_FINITE_LOGITS = ("the model produced NaN or infinite logits (in float16 or bfloat16, activations beyond the "
                "dtype's range; try dtype='float32')")
 
 
