@@ -279,16 +279,13 @@ class QwenVisionTower:
         """Lengths of the attention segments of full-attention layers: every frame of every image."""
         return [h * w for t, h, w in grids for _ in range(t)]
 
-    def layer_segments(self, grids: list[tuple[int, int, int]]) -> list[list[int]]:
-        """Each layer's attention segments (Qwen2-VL: whole images everywhere)."""
-        return [self.image_segments(grids)] * self.cfg.depth
+    def layout(self, grids: list[tuple[int, int, int]]) -> tuple[torch.Tensor | None, list[list[int]]]:
+        """The order the tower processes merged patches in (None: as packed) and each layer's attention
+        segments in that order. Qwen2-VL: packed order, whole images in every layer."""
+        return None, [self.image_segments(grids)] * self.cfg.depth
 
     def after_layer(self, i: int, x: torch.Tensor, extras: list[torch.Tensor]) -> None:
         """Collect intermediate outputs (Qwen3-VL's DeepStack features)."""
-
-    def order(self, grids: list[tuple[int, int, int]]) -> torch.Tensor | None:
-        """Rows' processing order, by merged patch (Qwen2.5-VL: its windows'); None: as packed."""
-        return None
 
     @torch.inference_mode()
     def forward(self, pixels: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
@@ -298,7 +295,7 @@ class QwenVisionTower:
         unit = c.merge_size ** 2
         x = self.embed(pixels, grids)
         cos, sin = self.rotary_tables(grids)
-        order = self.order(grids)
+        order, segments = self.layout(grids)
         if order is not None:  # reorder whole merged patches, keeping each 2x2 block together
             rows = (order.to(x.device)[:, None] * unit + torch.arange(unit, device=x.device)).flatten()
             x, cos, sin = x[rows], cos[rows], sin[rows]
@@ -306,7 +303,7 @@ class QwenVisionTower:
         positions = torch.arange(n, device=x.device)
         cu = {}
         extras: list[torch.Tensor] = []
-        for i, (layer, lengths) in enumerate(zip(self.layers, self.layer_segments(grids), strict=True)):
+        for i, (layer, lengths) in enumerate(zip(self.layers, segments, strict=True)):
             key = tuple(lengths)
             if key not in cu:
                 cu[key] = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32, device=x.device)
