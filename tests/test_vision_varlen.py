@@ -47,10 +47,9 @@ def _per_segment(q, k, v, cu, scale):
 def test_varlen_kernel_matches_reference(d, dtype):
     lengths = [5, 130, 1, 64, 33] if d != 128 else [70, 1, 129]
     q, k, v, cu = _packed(lengths, 2, 2, d, dtype, seed=d)
-    scale = d ** -0.5
+    scale = d**-0.5
     ref = ops.varlen_vision_attention(q, k, v, cu, max(lengths), scale)
-    torch.testing.assert_close(ref.float(), _per_segment(q, k, v, cu, scale).float(), atol=TOL[dtype],
-                               rtol=TOL[dtype])
+    torch.testing.assert_close(ref.float(), _per_segment(q, k, v, cu, scale).float(), atol=TOL[dtype], rtol=TOL[dtype])
     out = kernels.varlen_vision_attention(q, k, v, cu, max(lengths), scale)
     assert out.dtype == dtype and out.shape == q.shape
     torch.testing.assert_close(out, ref, atol=TOL[dtype], rtol=TOL[dtype])
@@ -100,10 +99,10 @@ def test_mrope_tables_match_transformers_recomposition(interleaved):
     if interleaved:  # Qwen3-VL: T everywhere, then every third frequency from H (offset 1) and W (offset 2)
         mixed = freqs[0].clone()
         for row, offset in ((1, 1), (2, 2)):
-            mixed[..., offset:section[row] * 3:3] = freqs[row, ..., offset:section[row] * 3:3]
+            mixed[..., offset : section[row] * 3 : 3] = freqs[row, ..., offset : section[row] * 3 : 3]
         rows = torch.zeros(head_dim // 2, dtype=torch.long)
         for row in (1, 2):
-            rows[row:section[row] * 3:3] = row
+            rows[row : section[row] * 3 : 3] = row
     else:  # Qwen2/2.5-VL: contiguous chunks
         mixed = torch.cat([m[i % 3] for i, m in enumerate(freqs.split(section, dim=-1))], dim=-1)
         rows = torch.repeat_interleave(torch.arange(3), torch.tensor(section))

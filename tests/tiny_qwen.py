@@ -27,8 +27,15 @@ import torch
 import transformers
 
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                  "<|image_pad|>", "<|video_pad|>"]
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 # Qwen2-VL's own template.
 CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
@@ -60,8 +67,12 @@ def _train_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(CORPUS, trainer)
     return tok
 
@@ -70,29 +81,64 @@ def _config(family: str, tok):
     t = transformers
     ids = {name: tok.token_to_id(f"<|{name}|>") for name in ("image_pad", "video_pad", "vision_start", "vision_end")}
     vocab = (tok.get_vocab_size() + 31) // 32 * 32
-    text = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
-                bos_token_id=None, eos_token_id=tok.token_to_id("<|im_end|>"), pad_token_id=0)
+    text = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        bos_token_id=None,
+        eos_token_id=tok.token_to_id("<|im_end|>"),
+        pad_token_id=0,
+    )
     rope = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}
     vision = dict(depth=3, num_heads=2, in_channels=3, spatial_merge_size=2, temporal_patch_size=2)
-    tokens = dict(image_token_id=ids["image_pad"], video_token_id=ids["video_pad"],
-                  vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"])
+    tokens = dict(
+        image_token_id=ids["image_pad"],
+        video_token_id=ids["video_pad"],
+        vision_start_token_id=ids["vision_start"],
+        vision_end_token_id=ids["vision_end"],
+    )
     if family == "qwen2_vl":
-        return t.Qwen2VLConfig(text_config={**text, "rope_parameters": rope},
-                               vision_config=dict(**vision, embed_dim=32, hidden_size=64, mlp_ratio=2, patch_size=14),
-                               tie_word_embeddings=False, **tokens)
+        return t.Qwen2VLConfig(
+            text_config={**text, "rope_parameters": rope},
+            vision_config=dict(**vision, embed_dim=32, hidden_size=64, mlp_ratio=2, patch_size=14),
+            tie_word_embeddings=False,
+            **tokens,
+        )
     if family == "qwen2_5_vl":
-        return t.Qwen2_5_VLConfig(text_config={**text, "rope_parameters": rope, "tie_word_embeddings": True},
-                                  vision_config=dict(**vision, hidden_size=32, intermediate_size=48, out_hidden_size=64,
-                                                     patch_size=14, window_size=56, fullatt_block_indexes=[1]),
-                                  tie_word_embeddings=True, **tokens)
+        return t.Qwen2_5_VLConfig(
+            text_config={**text, "rope_parameters": rope, "tie_word_embeddings": True},
+            vision_config=dict(
+                **vision,
+                hidden_size=32,
+                intermediate_size=48,
+                out_hidden_size=64,
+                patch_size=14,
+                window_size=56,
+                fullatt_block_indexes=[1],
+            ),
+            tie_word_embeddings=True,
+            **tokens,
+        )
     if family == "qwen3_vl":
-        return t.Qwen3VLConfig(text_config={**text, "head_dim": 16,
-                                            "rope_parameters": {**rope, "mrope_interleaved": True}},
-                               vision_config=dict(**vision, hidden_size=32, intermediate_size=48, out_hidden_size=64,
-                                                  patch_size=16, num_position_embeddings=16,
-                                                  deepstack_visual_indexes=[0, 1]),
-                               tie_word_embeddings=False, **tokens)
+        return t.Qwen3VLConfig(
+            text_config={**text, "head_dim": 16, "rope_parameters": {**rope, "mrope_interleaved": True}},
+            vision_config=dict(
+                **vision,
+                hidden_size=32,
+                intermediate_size=48,
+                out_hidden_size=64,
+                patch_size=16,
+                num_position_embeddings=16,
+                deepstack_visual_indexes=[0, 1],
+            ),
+            tie_word_embeddings=False,
+            **tokens,
+        )
     raise ValueError(f"unknown family {family!r}; choose one of {QWEN_FAMILIES}")
 
 
@@ -111,17 +157,27 @@ def build_tiny_qwen(out_dir: str | Path, family: str = "qwen2_vl", seed: int = 0
     model.save_pretrained(out, safe_serialization=True)
     im_end = tok.token_to_id("<|im_end|>")
     t.GenerationConfig(eos_token_id=[im_end, tok.token_to_id("<|endoftext|>")], pad_token_id=0).save_pretrained(out)
-    fast = t.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                     chat_template=CHAT_TEMPLATE)
+    fast = t.PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE
+    )
     patch = config.vision_config.patch_size
     factor = patch * 2
-    image_processor = t.Qwen2VLImageProcessor(patch_size=patch, merge_size=2, temporal_patch_size=2,
-                                              min_pixels=2 * factor * factor, max_pixels=24 * factor * factor)
+    image_processor = t.Qwen2VLImageProcessor(
+        patch_size=patch,
+        merge_size=2,
+        temporal_patch_size=2,
+        min_pixels=2 * factor * factor,
+        max_pixels=24 * factor * factor,
+    )
     video_processor = t.Qwen2VLVideoProcessor(patch_size=patch, merge_size=2, temporal_patch_size=2)
-    processor_cls = {"qwen2_vl": t.Qwen2VLProcessor, "qwen2_5_vl": t.Qwen2_5_VLProcessor,
-                     "qwen3_vl": t.Qwen3VLProcessor}[family]
-    processor_cls(image_processor=image_processor, tokenizer=fast, video_processor=video_processor,
-                  chat_template=CHAT_TEMPLATE).save_pretrained(out)
+    processor_cls = {
+        "qwen2_vl": t.Qwen2VLProcessor,
+        "qwen2_5_vl": t.Qwen2_5_VLProcessor,
+        "qwen3_vl": t.Qwen3VLProcessor,
+    }[family]
+    processor_cls(
+        image_processor=image_processor, tokenizer=fast, video_processor=video_processor, chat_template=CHAT_TEMPLATE
+    ).save_pretrained(out)
     fast.save_pretrained(out)
     return out
 
@@ -129,8 +185,7 @@ def build_tiny_qwen(out_dir: str | Path, family: str = "qwen2_vl", seed: int = 0
 def reference_qwen(path: str | Path, backend: str | None = None):
     """transformers' model (fp32, eager attention, eval) and processor (image processor on `backend`)."""
     t = transformers
-    model = t.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32,
-                                                          attn_implementation="eager").eval()
+    model = t.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     processor = t.AutoProcessor.from_pretrained(path)
     if backend is not None:
         processor.image_processor = t.AutoImageProcessor.from_pretrained(path, backend=backend)

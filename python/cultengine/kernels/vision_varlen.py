@@ -15,10 +15,28 @@ from .attention import LOG2E, _attention_tiles, _precision, _softmax_tile
 
 
 @triton.jit
-def _varlen_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_ptr, qk_scale,
-                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-                   QUERIES_PER_KV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+def _varlen_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    cu_ptr,
+    qk_scale,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    QUERIES_PER_KV: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     tile = tl.program_id(0)
     seg = tl.program_id(1)
     head = tl.program_id(2)
@@ -32,8 +50,9 @@ def _varlen_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_ptr, qk_scale,
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     mask_q = (offs_m < seq_len)[:, None] & mask_d[None, :]
-    q = tl.load(q_ptr + (start + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                mask=mask_q, other=0.0)
+    q = tl.load(
+        q_ptr + (start + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=mask_q, other=0.0
+    )
     k_base = k_ptr + start * stride_kt + kv_head * stride_kh + offs_d[None, :]
     v_base = v_ptr + start * stride_vt + kv_head * stride_vh + offs_d[None, :]
 
@@ -55,12 +74,16 @@ def _varlen_kernel(q_ptr, k_ptr, v_ptr, out_ptr, cu_ptr, qk_scale,
         v = tl.load(v_base + offs_n[:, None] * stride_vt, mask=mask_kv, other=0.0)
         acc, m_i, l_i = _softmax_tile(q, k, v, acc, m_i, l_i, qk_scale, mask_n[None, :], True, PRECISION)
 
-    tl.store(out_ptr + (start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
-             (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=mask_q)
+    tl.store(
+        out_ptr + (start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+        (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
+        mask=mask_q,
+    )
 
 
-def varlen_vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                            max_seqlen: int, scale: float) -> torch.Tensor:
+def varlen_vision_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float
+) -> torch.Tensor:
     """`ops.varlen_vision_attention`: packed `[N, H, D]` in and out; q, k, v may be strided views of one qkv."""
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1, "head_dim must be contiguous"
     n, hq, d = q.shape
@@ -73,8 +96,27 @@ def varlen_vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     block_d = triton.next_power_of_2(d)
     block_m, block_n = _attention_tiles(block_d)
     _varlen_kernel[(triton.cdiv(max_seqlen, block_m), segments, hq)](
-        q, k, v, out, cu_seqlens, scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        v.stride(0), v.stride(1), out.stride(0), out.stride(1), QUERIES_PER_KV=hq // hkv, HEAD_DIM=d,
-        BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype), num_warps=8,
-        num_stages=2)
+        q,
+        k,
+        v,
+        out,
+        cu_seqlens,
+        scale * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        out.stride(0),
+        out.stride(1),
+        QUERIES_PER_KV=hq // hkv,
+        HEAD_DIM=d,
+        BLOCK_D=block_d,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        PRECISION=_precision(q.dtype),
+        num_warps=8,
+        num_stages=2,
+    )
     return out

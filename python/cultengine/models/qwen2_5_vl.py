@@ -27,15 +27,27 @@ class Qwen2_5_VisionConfig(QwenVisionConfig):
 
     @classmethod
     def parse(cls, cfg: dict, where: str) -> Qwen2_5_VisionConfig:
-        c = {"depth": 32, "hidden_size": 3584, "hidden_act": "silu", "intermediate_size": 3420, "num_heads": 16,
-             "in_channels": 3, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
-             "window_size": 112, "out_hidden_size": 3584, "fullatt_block_indexes": [7, 15, 23, 31],
-             **{k: v for k, v in cfg.items() if v is not None}}
+        c = {
+            "depth": 32,
+            "hidden_size": 3584,
+            "hidden_act": "silu",
+            "intermediate_size": 3420,
+            "num_heads": 16,
+            "in_channels": 3,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 112,
+            "out_hidden_size": 3584,
+            "fullatt_block_indexes": [7, 15, 23, 31],
+            **{k: v for k, v in cfg.items() if v is not None},
+        }
         fields = cls.fields(c, where)
         window, factor = config_int(c, "window_size", where), fields["patch_size"] * fields["merge_size"]
         if window % factor:
-            raise CheckpointError(f"{where}: vision window_size {window} is not a multiple of "
-                                  f"patch_size x spatial_merge_size = {factor}")
+            raise CheckpointError(
+                f"{where}: vision window_size {window} is not a multiple of patch_size x spatial_merge_size = {factor}"
+            )
         full, depth = c["fullatt_block_indexes"], fields["depth"]
         if not isinstance(full, list) or not all(isinstance(i, int) and 0 <= i < depth for i in full):
             raise CheckpointError(f"{where}: vision fullatt_block_indexes {full!r} must list blocks 0..{depth - 1}")
@@ -53,7 +65,7 @@ def window_layout(grids: list[tuple[int, int, int]], merge: int, window: int) ->
         for frame in index:
             for i in range(0, lh, window):
                 for j in range(0, lw, window):
-                    block = frame[i:i + window, j:j + window].flatten()
+                    block = frame[i : i + window, j : j + window].flatten()
                     order.append(block)
                     lengths.append(block.numel() * merge * merge)
         offset += t * lh * lw
@@ -73,11 +85,15 @@ class Qwen2_5_VisionTower(QwenVisionTower):
 
     def load_mlp(self, lp: str) -> dict[str, Any]:
         c = self.cfg
-        gate, up = self.linear(lp + "gate_proj", c.intermediate_size, c.hidden_size), \
-            self.linear(lp + "up_proj", c.intermediate_size, c.hidden_size)
+        gate, up = (
+            self.linear(lp + "gate_proj", c.intermediate_size, c.hidden_size),
+            self.linear(lp + "up_proj", c.intermediate_size, c.hidden_size),
+        )
         # gate and up fused into one matmul.
-        return dict(gate_up=(torch.cat([gate[0], up[0]]), torch.cat([gate[1], up[1]])),
-                    down=self.linear(lp + "down_proj", c.hidden_size, c.intermediate_size))
+        return dict(
+            gate_up=(torch.cat([gate[0], up[0]]), torch.cat([gate[1], up[1]])),
+            down=self.linear(lp + "down_proj", c.hidden_size, c.intermediate_size),
+        )
 
     def mlp(self, layer: dict, x: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, *layer["gate_up"]).chunk(2, dim=-1)

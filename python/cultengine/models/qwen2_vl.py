@@ -38,8 +38,7 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     """(height, width), both multiples of `factor`, about the image's aspect ratio, with a pixel count within
     `min_pixels`..`max_pixels` (transformers' `smart_resize`, float arithmetic included)."""
     if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"a {width}x{height} image has an aspect ratio over 200, which the Qwen processors "
-                         "refuse")
+        raise ValueError(f"a {width}x{height} image has an aspect ratio over 200, which the Qwen processors refuse")
     h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
     if h_bar * w_bar > max_pixels:
         beta = math.sqrt((height * width) / max_pixels)
@@ -57,33 +56,42 @@ class QwenImageProcessor(ImageProcessor):
     `[h * w, channels * temporal_patch * patch^2]` in merge-block order (each 2x2 block's patches together)."""
 
     DEFAULTS: ClassVar[dict[str, Any]] = {
-        "do_convert_rgb": True, "do_resize": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255,
-        "do_normalize": True, "image_mean": OPENAI_CLIP_MEAN, "image_std": OPENAI_CLIP_STD,
-        "min_pixels": 56 * 56, "max_pixels": 28 * 28 * 1280, "patch_size": 14, "temporal_patch_size": 2,
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "resample": 3,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": OPENAI_CLIP_MEAN,
+        "image_std": OPENAI_CLIP_STD,
+        "min_pixels": 56 * 56,
+        "max_pixels": 28 * 28 * 1280,
+        "patch_size": 14,
+        "temporal_patch_size": 2,
         "merge_size": 2,
     }
 
     def __init__(self, config: dict | None = None, backend: str | None = None):
         c = {**self.DEFAULTS, **{k: v for k, v in (config or {}).items() if v is not None}}
-        where = "preprocessor_config.json"
+        where = "image processor"
         # Pixel bounds: `size` (shortest_edge/longest_edge, or min_pixels/max_pixels), then the top-level keys.
         size = c.get("size") if isinstance(c.get("size"), dict) else {}
-        self.min_pixels = config_int({"min_pixels": (config or {}).get("min_pixels") or size.get("shortest_edge")
-                                      or size.get("min_pixels") or c["min_pixels"]}, "min_pixels", where)
-        self.max_pixels = config_int({"max_pixels": (config or {}).get("max_pixels") or size.get("longest_edge")
-                                      or size.get("max_pixels") or c["max_pixels"]}, "max_pixels", where)
+        given = {k: v for k, v in (config or {}).items() if v is not None}
+        for key, edge in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
+            value = next(v for v in (given.get(key), size.get(edge), size.get(key), c[key]) if v is not None)
+            setattr(self, key, config_int({key: value}, key, where))
         self.patch_size = config_int(c, "patch_size", where)
         self.temporal_patch_size = config_int(c, "temporal_patch_size", where)
         self.merge_size = config_int(c, "merge_size", where)
-        super().__init__({**c, "size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}},
-                         backend)
+        super().__init__({**c, "size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}}, backend)
 
     @property
     def factor(self) -> int:
         return self.patch_size * self.merge_size
 
-    def process(self, image: Image.Image, min_pixels: int | None = None,
-                max_pixels: int | None = None) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    def process(
+        self, image: Image.Image, min_pixels: int | None = None, max_pixels: int | None = None
+    ) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """Flattened patches and the `(t, h, w)` patch grid of one image (pixel bounds as given, else the config's)."""
         x = self.channels_first(image)
         if self.do_resize:
@@ -94,8 +102,9 @@ class QwenImageProcessor(ImageProcessor):
         p, m, tp = self.patch_size, self.merge_size, self.temporal_patch_size
         gh, gw = height // p, width // p
         if gh % m or gw % m:
-            raise ValueError(f"a {width}x{height} image is not a multiple of the {p * m}-pixel merged patch "
-                             "(do_resize is off)")
+            raise ValueError(
+                f"a {width}x{height} image is not a multiple of the {p * m}-pixel merged patch (do_resize is off)"
+            )
         patches = pixels.reshape(c, gh // m, m, p, gw // m, m, p).permute(1, 4, 2, 5, 0, 3, 6)
         patches = patches.unsqueeze(5).expand(-1, -1, -1, -1, -1, tp, -1, -1)  # a still image: tp equal frames
         return patches.reshape(gh * gw, c * tp * p * p).contiguous(), (1, gh, gw)
@@ -104,8 +113,9 @@ class QwenImageProcessor(ImageProcessor):
 # ---------------------------------------------------------------------------------------------
 # M-RoPE positions: transformers' `get_rope_index` for text and images
 # ---------------------------------------------------------------------------------------------
-def mrope_positions(num_tokens: int, images: list[tuple[int, tuple[int, int, int]]],
-                    merge_size: int) -> tuple[np.ndarray, int]:
+def mrope_positions(
+    num_tokens: int, images: list[tuple[int, tuple[int, int, int]]], merge_size: int
+) -> tuple[np.ndarray, int]:
     """`[3, num_tokens]` (temporal, height, width) positions and the decode offset, given each image's first
     token and its patch grid. Text runs count up in all three rows; an image's tokens take the grid
     coordinates of their merged patch, offset by where the image starts; text after an image resumes at
@@ -117,7 +127,7 @@ def mrope_positions(num_tokens: int, images: list[tuple[int, tuple[int, int, int
         current += start - previous
         h, w = h // merge_size, w // merge_size
         grid = np.stack(np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")).reshape(3, -1)
-        pos[:, start:start + grid.shape[1]] = current + grid
+        pos[:, start : start + grid.shape[1]] = current + grid
         current += max(h, w)
         previous = start + grid.shape[1]
     pos[:, previous:] = current + np.arange(num_tokens - previous)
@@ -131,8 +141,8 @@ def mrope_rows(section: list[int], interleaved: bool = False) -> list[int]:
         return [row for row, n in enumerate(section) for _ in range(n)]
     rows = [0] * sum(section)
     for row in (1, 2):
-        picked = range(sum(section))[row:section[row] * 3:3]  # clipped to the frequencies there are
-        rows[picked.start:picked.stop:picked.step] = [row] * len(picked)
+        picked = range(sum(section))[row : section[row] * 3 : 3]  # clipped to the frequencies there are
+        rows[picked.start : picked.stop : picked.step] = [row] * len(picked)
     return rows
 
 
@@ -159,35 +169,61 @@ class QwenVisionConfig:
 
     @property
     def patch_dim(self) -> int:
-        return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
 
     @classmethod
     def fields(cls, c: dict, where: str) -> dict[str, Any]:
         """The fields every Qwen tower shares, from a vision_config with its family's defaults merged in."""
         hidden, heads = config_int(c, "hidden_size", where), config_int(c, "num_heads", where)
         if hidden % heads or (hidden // heads) % 4:
-            raise CheckpointError(f"{where}: vision hidden_size {hidden} / num_heads {heads} must be a head size "
-                                  "divisible by 4 (2-D rotary embeddings)")
+            raise CheckpointError(
+                f"{where}: vision hidden_size {hidden} / num_heads {heads} must be a head size "
+                "divisible by 4 (2-D rotary embeddings)"
+            )
         activation(c["hidden_act"])
         theta = (c.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-        return dict(depth=config_int(c, "depth", where), hidden_size=hidden, num_heads=heads,
-                    intermediate_size=config_int(c, "intermediate_size", where),
-                    out_hidden_size=config_int(c, "out_hidden_size", where),
-                    patch_size=config_int(c, "patch_size", where),
-                    temporal_patch_size=config_int(c, "temporal_patch_size", where),
-                    merge_size=config_int(c, "spatial_merge_size", where),
-                    in_channels=config_int(c, "in_channels", where), hidden_act=c["hidden_act"],
-                    rope_theta=float(theta))
+        return dict(
+            depth=config_int(c, "depth", where),
+            hidden_size=hidden,
+            num_heads=heads,
+            intermediate_size=config_int(c, "intermediate_size", where),
+            out_hidden_size=config_int(c, "out_hidden_size", where),
+            patch_size=config_int(c, "patch_size", where),
+            temporal_patch_size=config_int(c, "temporal_patch_size", where),
+            merge_size=config_int(c, "spatial_merge_size", where),
+            in_channels=config_int(c, "in_channels", where),
+            hidden_act=c["hidden_act"],
+            rope_theta=float(theta),
+        )
 
     @classmethod
     def parse(cls, cfg: dict, where: str) -> QwenVisionConfig:
         """Qwen2-VL's vision_config: `embed_dim` wide, `hidden_size` out, an MLP `mlp_ratio` times wider."""
-        c = {"depth": 32, "embed_dim": 1280, "hidden_size": 3584, "hidden_act": "quick_gelu", "mlp_ratio": 4,
-             "num_heads": 16, "in_channels": 3, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
-             **{k: v for k, v in cfg.items() if v is not None}}
+        c = {
+            "depth": 32,
+            "embed_dim": 1280,
+            "hidden_size": 3584,
+            "hidden_act": "quick_gelu",
+            "mlp_ratio": 4,
+            "num_heads": 16,
+            "in_channels": 3,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            **{k: v for k, v in cfg.items() if v is not None},
+        }
         embed = config_int(c, "embed_dim", where)
-        return cls(**cls.fields({**c, "hidden_size": embed, "out_hidden_size": c["hidden_size"],
-                                 "intermediate_size": int(embed * c["mlp_ratio"])}, where))
+        return cls(
+            **cls.fields(
+                {
+                    **c,
+                    "hidden_size": embed,
+                    "out_hidden_size": c["hidden_size"],
+                    "intermediate_size": int(embed * c["mlp_ratio"]),
+                },
+                where,
+            )
+        )
 
 
 def merge_order_coordinates(h: int, w: int, merge: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,16 +247,23 @@ class QwenVisionTower:
         c, w = config, ckpt.tensor
         self.ops, self.cfg, self.prefix, self.ckpt = ops, c, prefix, ckpt
         e = c.hidden_size
-        self.patch_weight = w(prefix + "patch_embed.proj.weight",
-                              (e, c.in_channels, c.temporal_patch_size, c.patch_size, c.patch_size)).reshape(e, -1)
+        self.patch_weight = w(
+            prefix + "patch_embed.proj.weight", (e, c.in_channels, c.temporal_patch_size, c.patch_size, c.patch_size)
+        ).reshape(e, -1)
         self.patch_bias = self.load_patch_bias()
         self.act = activation(c.hidden_act)
         self.layers = []
         for i in range(c.depth):
             lp = f"{prefix}blocks.{i}."
-            self.layers.append(dict(norm1=self.load_norm(lp + "norm1", e), norm2=self.load_norm(lp + "norm2", e),
-                                    qkv=self.linear(lp + "attn.qkv", 3 * e, e),
-                                    proj=self.linear(lp + "attn.proj", e, e), **self.load_mlp(lp + "mlp.")))
+            self.layers.append(
+                dict(
+                    norm1=self.load_norm(lp + "norm1", e),
+                    norm2=self.load_norm(lp + "norm2", e),
+                    qkv=self.linear(lp + "attn.qkv", 3 * e, e),
+                    proj=self.linear(lp + "attn.proj", e, e),
+                    **self.load_mlp(lp + "mlp."),
+                )
+            )
         self.merger = self.load_merger(prefix + "merger.")
         inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim // 2, 2, dtype=torch.float) / (c.head_dim // 2)))
         self.inv_freq = inv_freq.to(ckpt.device)
@@ -240,36 +283,47 @@ class QwenVisionTower:
 
     def load_mlp(self, lp: str) -> dict[str, Any]:
         c = self.cfg
-        return dict(fc1=self.linear(lp + "fc1", c.intermediate_size, c.hidden_size),
-                    fc2=self.linear(lp + "fc2", c.hidden_size, c.intermediate_size))
+        return dict(
+            fc1=self.linear(lp + "fc1", c.intermediate_size, c.hidden_size),
+            fc2=self.linear(lp + "fc2", c.hidden_size, c.intermediate_size),
+        )
 
     def mlp(self, layer: dict, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.act(F.linear(x, *layer["fc1"])), *layer["fc2"])
 
     def load_merger(self, mp: str) -> dict[str, Any]:
         c = self.cfg
-        wide = c.hidden_size * c.merge_size ** 2
-        return dict(norm=self.load_norm(mp + "ln_q", c.hidden_size), fc1=self.linear(mp + "mlp.0", wide, wide),
-                    fc2=self.linear(mp + "mlp.2", c.out_hidden_size, wide))
+        wide = c.hidden_size * c.merge_size**2
+        return dict(
+            norm=self.load_norm(mp + "ln_q", c.hidden_size),
+            fc1=self.linear(mp + "mlp.0", wide, wide),
+            fc2=self.linear(mp + "mlp.2", c.out_hidden_size, wide),
+        )
 
     # -- forward ---------------------------------------------------------------------------------
     def merge(self, merger: dict, x: torch.Tensor) -> torch.Tensor:
         """Each 2x2 block of patches (consecutive rows) normed, concatenated and projected."""
-        wide = self.cfg.hidden_size * self.cfg.merge_size ** 2
+        wide = self.cfg.hidden_size * self.cfg.merge_size**2
         x = self.norm(x, merger["norm"]).reshape(-1, wide)
         return F.linear(F.gelu(F.linear(x, *merger["fc1"])), *merger["fc2"])
 
     def embed(self, pixels: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
-        return F.linear(pixels.to(self.patch_weight.device, self.patch_weight.dtype), self.patch_weight,
-                        self.patch_bias)
+        return F.linear(
+            pixels.to(self.patch_weight.device, self.patch_weight.dtype), self.patch_weight, self.patch_bias
+        )
 
     def rotary_tables(self, grids: list[tuple[int, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-patch cos, sin `[N, head_dim / 2]`: the first half of the frequencies turned by the patch's
         row, the second by its column."""
         rows, cols = zip(*(merge_order_coordinates(h, w, self.cfg.merge_size) for _, h, w in grids), strict=True)
         t_rep = [t for t, _, _ in grids]
-        hw = torch.stack([torch.cat([r.repeat(t) for r, t in zip(rows, t_rep, strict=True)]),
-                          torch.cat([c.repeat(t) for c, t in zip(cols, t_rep, strict=True)])], dim=-1)
+        hw = torch.stack(
+            [
+                torch.cat([r.repeat(t) for r, t in zip(rows, t_rep, strict=True)]),
+                torch.cat([c.repeat(t) for c, t in zip(cols, t_rep, strict=True)]),
+            ],
+            dim=-1,
+        )
         freqs = hw.to(self.inv_freq.device)[..., None].float() * self.inv_freq  # [N, 2, head_dim / 4]
         freqs = freqs.flatten(1)
         return freqs.cos(), freqs.sin()
@@ -292,7 +346,7 @@ class QwenVisionTower:
         """Packed patches `[N, patch_dim]` of images with patch grids `grids` -> merged embeddings
         `[N / merge^2, out_hidden_size * (1 + extra outputs)]` (DeepStack features after the main ones)."""
         c, ops = self.cfg, self.ops
-        unit = c.merge_size ** 2
+        unit = c.merge_size**2
         x = self.embed(pixels, grids)
         cos, sin = self.rotary_tables(grids)
         order, segments = self.layout(grids)
@@ -309,7 +363,7 @@ class QwenVisionTower:
                 cu[key] = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32, device=x.device)
             q, k, v = F.linear(self.norm(x, layer["norm1"]), *layer["qkv"]).view(n, 3, heads, d).unbind(1)
             q, k = ops.rotary_embedding(q, k, positions, cos, sin)
-            a = ops.varlen_vision_attention(q, k, v, cu[key], max(lengths), d ** -0.5)
+            a = ops.varlen_vision_attention(q, k, v, cu[key], max(lengths), d**-0.5)
             x = x + F.linear(a.reshape(n, -1), *layer["proj"])
             x = x + self.mlp(layer, self.norm(x, layer["norm2"]))
             self.after_layer(i, x, extras)
@@ -332,24 +386,38 @@ class Qwen2VL(Family):
     mrope_interleaved = False
     vision_config_class: type[QwenVisionConfig] = QwenVisionConfig
     # Qwen2VLTextConfig's defaults where they differ from Qwen2's.
-    text_defaults: ClassVar[dict[str, Any]] = dict(vocab_size=152064, hidden_size=8192, intermediate_size=29568,
-                                                   num_hidden_layers=80, num_attention_heads=64,
-                                                   num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=1e6)
+    text_defaults: ClassVar[dict[str, Any]] = dict(
+        vocab_size=152064,
+        hidden_size=8192,
+        intermediate_size=29568,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        rms_norm_eps=1e-5,
+        rope_theta=1e6,
+    )
 
     def __init__(self, checkpoint: Checkpoint, image_backend: str | None = None):
         super().__init__(checkpoint, image_backend)
         config = checkpoint.config
         text, section = self._text_config(config)
         self.text = TextConfig.parse(text, self.where, tie_word_embeddings=tied_embeddings(config) or None)
-        if len(section) != 3 or not all(isinstance(s, int) and s >= 0 for s in section) \
-                or sum(section) != self.text.head_dim // 2:
-            raise CheckpointError(f"{self.where}: mrope_section {section!r} must be three counts adding up to "
-                                  f"head_dim / 2 = {self.text.head_dim // 2}")
+        if (
+            len(section) != 3
+            or not all(isinstance(s, int) and s >= 0 for s in section)
+            or sum(section) != self.text.head_dim // 2
+        ):
+            raise CheckpointError(
+                f"{self.where}: mrope_section {section!r} must be three counts adding up to "
+                f"head_dim / 2 = {self.text.head_dim // 2}"
+            )
         self.mrope_rows = mrope_rows(section, self.mrope_interleaved)
         self.vision = self.vision_config_class.parse(config.get("vision_config") or {}, self.where)
         if self.vision.out_hidden_size != self.text.hidden_size:
-            raise CheckpointError(f"{self.where}: the vision merger's output size {self.vision.out_hidden_size} "
-                                  f"is not the decoder's hidden_size {self.text.hidden_size}")
+            raise CheckpointError(
+                f"{self.where}: the vision merger's output size {self.vision.out_hidden_size} "
+                f"is not the decoder's hidden_size {self.text.hidden_size}"
+            )
         self.placeholder_id = config_int({**{"image_token_id": 151655}, **config}, "image_token_id", self.where, 0)
         self.video_token_id = config.get("video_token_id", 151656)
         pre = str(checkpoint.path / "preprocessor_config.json")
@@ -358,9 +426,11 @@ class Qwen2VL(Family):
         except (ValueError, CheckpointError) as e:
             raise CheckpointError(f"{pre}: {e}") from e
         proc, v = self.image_processor, self.vision
-        for key, mine, tower in (("patch_size", proc.patch_size, v.patch_size),
-                                 ("merge_size", proc.merge_size, v.merge_size),
-                                 ("temporal_patch_size", proc.temporal_patch_size, v.temporal_patch_size)):
+        for key, mine, tower in (
+            ("patch_size", proc.patch_size, v.patch_size),
+            ("merge_size", proc.merge_size, v.merge_size),
+            ("temporal_patch_size", proc.temporal_patch_size, v.temporal_patch_size),
+        ):
             if mine != tower:
                 raise CheckpointError(f"{pre}: {key} {mine} differs from the vision tower's {tower} (config.json)")
 
@@ -379,8 +449,11 @@ class Qwen2VL(Family):
                 if rope.get("type") == "mrope":
                     del rope["type"]
                 text[key] = rope or None
-        return {**self.text_defaults, **{k: v for k, v in text.items() if v is not None},
-                "model_type": self.decoder_type}, list(section)
+        return {
+            **self.text_defaults,
+            **{k: v for k, v in text.items() if v is not None},
+            "model_type": self.decoder_type,
+        }, list(section)
 
     @property
     def max_context(self) -> int:
@@ -392,14 +465,17 @@ class Qwen2VL(Family):
             if options.get(key) is not None:
                 bounds[key] = config_int(options, key, f"request {key}")
         pixels, grid = self.image_processor.process(image, **bounds)
-        n = grid[0] * grid[1] * grid[2] // self.vision.merge_size ** 2
-        return ImageFeatures(pixels=pixels, token_ids=[self.placeholder_id] * n, embedding_runs=[(0, n)],
-                             meta={"grid_thw": grid})
+        n = grid[0] * grid[1] * grid[2] // self.vision.merge_size**2
+        return ImageFeatures(
+            pixels=pixels, token_ids=[self.placeholder_id] * n, embedding_runs=[(0, n)], meta={"grid_thw": grid}
+        )
 
     def positions(self, token_ids: list[int], images: list[tuple[int, ImageFeatures]]) -> tuple[np.ndarray, int]:
         if self.video_token_id in token_ids:
-            raise ValueError("video inputs are not supported: the prompt holds a video placeholder "
-                             f"(token {self.video_token_id}); pass video frames as images")
+            raise ValueError(
+                "video inputs are not supported: the prompt holds a video placeholder "
+                f"(token {self.video_token_id}); pass video frames as images"
+            )
         return mrope_positions(len(token_ids), [(s, f.meta["grid_thw"]) for s, f in images], self.vision.merge_size)
 
     def dummy_image(self) -> Image.Image:
@@ -427,8 +503,14 @@ class Qwen2VLModel:
         text_prefix, vision_prefix = family.weight_prefixes()
         self.family, self.ops = family, ops
         self.vision = family.build_vision_tower(ops, vision_prefix)
-        self.language_model = Decoder(family.checkpoint, family.text, ops, prefix=text_prefix,
-                                      max_positions=max_positions, mrope_rows=family.mrope_rows)
+        self.language_model = Decoder(
+            family.checkpoint,
+            family.text,
+            ops,
+            prefix=text_prefix,
+            max_positions=max_positions,
+            mrope_rows=family.mrope_rows,
+        )
         self.image_token_id, self.vocab_size = family.placeholder_id, family.text.vocab_size
         self.hidden_size = family.text.hidden_size
         self.num_layers = family.text.num_layers
@@ -448,9 +530,15 @@ class Qwen2VLModel:
         return self.language_model.embed(input_ids)
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
-                image_rows: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+        image_rows: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Packed step: `input_ids [T]`, `positions [3, T]` -> hidden `[T, H]`; rows `image_rows` take
         `image_embeds` (their first H features; the rest are DeepStack's)."""
         x = self.embed(input_ids)

@@ -29,18 +29,28 @@ class Qwen3VisionConfig(QwenVisionConfig):
 
     @classmethod
     def parse(cls, cfg: dict, where: str) -> Qwen3VisionConfig:
-        c = {"depth": 27, "hidden_size": 1152, "hidden_act": "gelu_pytorch_tanh", "intermediate_size": 4304,
-             "num_heads": 16, "in_channels": 3, "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
-             "out_hidden_size": 3584, "num_position_embeddings": 2304, "deepstack_visual_indexes": [8, 16, 24],
-             **{k: v for k, v in cfg.items() if v is not None}}
+        c = {
+            "depth": 27,
+            "hidden_size": 1152,
+            "hidden_act": "gelu_pytorch_tanh",
+            "intermediate_size": 4304,
+            "num_heads": 16,
+            "in_channels": 3,
+            "patch_size": 16,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "out_hidden_size": 3584,
+            "num_position_embeddings": 2304,
+            "deepstack_visual_indexes": [8, 16, 24],
+            **{k: v for k, v in cfg.items() if v is not None},
+        }
         fields = cls.fields(c, where)
         n_pos = config_int(c, "num_position_embeddings", where)
-        if round(n_pos ** 0.5) ** 2 != n_pos:
+        if round(n_pos**0.5) ** 2 != n_pos:
             raise CheckpointError(f"{where}: vision num_position_embeddings {n_pos} is not a square grid")
         deep, depth = c["deepstack_visual_indexes"], fields["depth"]
         if not isinstance(deep, list) or not all(isinstance(i, int) and 0 <= i < depth for i in deep):
-            raise CheckpointError(f"{where}: vision deepstack_visual_indexes {deep!r} must list blocks "
-                                  f"0..{depth - 1}")
+            raise CheckpointError(f"{where}: vision deepstack_visual_indexes {deep!r} must list blocks 0..{depth - 1}")
         return cls(**fields, num_position_embeddings=n_pos, deepstack_indexes=tuple(deep))
 
 
@@ -63,29 +73,36 @@ class Qwen3VisionTower(QwenVisionTower):
     def __init__(self, ckpt, config: Qwen3VisionConfig, ops, prefix: str):
         super().__init__(ckpt, config, ops, prefix)
         self.pos_embed = ckpt.tensor(prefix + "pos_embed.weight", (config.num_position_embeddings, config.hidden_size))
-        self.side = round(config.num_position_embeddings ** 0.5)
-        self.deepstack_mergers = [self.load_merger(f"{prefix}deepstack_merger_list.{j}.", postshuffle=True)
-                                  for j in range(len(config.deepstack_indexes))]
+        self.side = round(config.num_position_embeddings**0.5)
+        self.deepstack_mergers = [
+            self.load_merger(f"{prefix}deepstack_merger_list.{j}.", postshuffle=True)
+            for j in range(len(config.deepstack_indexes))
+        ]
 
     def load_patch_bias(self) -> torch.Tensor:
         return self.ckpt.tensor(self.prefix + "patch_embed.proj.bias", (self.cfg.hidden_size,))
 
     def load_mlp(self, lp: str) -> dict[str, Any]:
         c = self.cfg
-        return dict(fc1=self.linear(lp + "linear_fc1", c.intermediate_size, c.hidden_size),
-                    fc2=self.linear(lp + "linear_fc2", c.hidden_size, c.intermediate_size))
+        return dict(
+            fc1=self.linear(lp + "linear_fc1", c.intermediate_size, c.hidden_size),
+            fc2=self.linear(lp + "linear_fc2", c.hidden_size, c.intermediate_size),
+        )
 
     def load_merger(self, mp: str, postshuffle: bool = False) -> dict[str, Any]:
         c = self.cfg
-        wide = c.hidden_size * c.merge_size ** 2
-        return dict(norm=self.load_norm(mp + "norm", wide if postshuffle else c.hidden_size), postshuffle=postshuffle,
-                    fc1=self.linear(mp + "linear_fc1", wide, wide), fc2=self.linear(mp + "linear_fc2",
-                                                                                  c.out_hidden_size, wide))
+        wide = c.hidden_size * c.merge_size**2
+        return dict(
+            norm=self.load_norm(mp + "norm", wide if postshuffle else c.hidden_size),
+            postshuffle=postshuffle,
+            fc1=self.linear(mp + "linear_fc1", wide, wide),
+            fc2=self.linear(mp + "linear_fc2", c.out_hidden_size, wide),
+        )
 
     def merge(self, merger: dict, x: torch.Tensor) -> torch.Tensor:
         if not merger["postshuffle"]:
             return super().merge(merger, x)
-        x = self.norm(x.reshape(-1, self.cfg.hidden_size * self.cfg.merge_size ** 2), merger["norm"])
+        x = self.norm(x.reshape(-1, self.cfg.hidden_size * self.cfg.merge_size**2), merger["norm"])
         return F.linear(F.gelu(F.linear(x, *merger["fc1"])), *merger["fc2"])
 
     def position_embeddings(self, grids: list[tuple[int, int, int]]) -> torch.Tensor:
