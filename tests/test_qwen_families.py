@@ -297,3 +297,25 @@ def test_inconsistent_checkpoints_name_file_and_field(family_path, tmp_path, fil
     with pytest.raises(CheckpointError, match=needle) as err:
         family_for(load_checkpoint(_edited(family_path, tmp_path, file, change)))
     assert file in str(err.value)
+
+
+def test_qwen25_vl_presets_have_real_shapes_and_plan_memory(tmp_path, capsys):
+    from cultengine import cli
+    from cultengine.profile import preset_checkpoint
+
+    ckpt = load_checkpoint(preset_checkpoint("qwen2.5-vl-7b", tmp_path / "p"), device="meta", random_init=True)
+    family = family_for(ckpt)
+    assert str(ckpt.dtype) == "torch.bfloat16" and ckpt.architecture == "Qwen2_5_VLForConditionalGeneration"
+    assert (family.text.hidden_size, family.text.num_layers, family.text.num_kv_heads) == (3584, 28, 4)
+    assert (family.vision.depth, family.vision.window_size, family.vision.fullatt_block_indexes) == (
+        32,
+        112,
+        (7, 15, 23, 31),
+    )
+    assert cli.main(["profile", "--model", "qwen2.5-vl-7b", "--dry-run", "--json"]) == 0
+    small = json.loads(capsys.readouterr().out)
+    assert cli.main(["profile", "--model", "qwen2.5-vl-72b", "--dry-run", "--json", "--max-model-len", "32768"]) == 0
+    large = json.loads(capsys.readouterr().out)
+    assert 15 < small["weight_gib"] < 16 and small["fits_one_gpu"]  # 8.3B parameters in bf16
+    assert 130 < large["weight_gib"] < 140 and not large["fits_one_gpu"]  # 73.4B: tensor parallelism needed
+    assert large["kv_bytes_per_token"] == 2 * 80 * 8 * 128 * 2
