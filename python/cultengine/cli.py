@@ -7,7 +7,7 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import profile
+    from . import compare, profile
     from .bench import cli as bench_cli
     from .studies import cli as studies_cli
 
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cli.register(sub)  # bench, data
     studies_cli.register(sub)  # values, stories, ground, analyze
     profile.register(sub)
+    compare.register(sub)
     return parser
 
 

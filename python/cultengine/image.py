@@ -386,11 +386,6 @@ def to_tensor(x: Array) -> torch.Tensor:
 # Processors
 
 
-def library_versions() -> dict[str, str | None]:
-    """Versions that decide preprocessing numbers (None: not installed), to record next to results."""
-    return {name: _version(name) for name in ("cultengine", "transformers", "torch", "torchvision", "pillow")}
-
-
 def _per_channel(value: float | Sequence[float]) -> tuple[float, ...]:
     # transformers accepts one mean/std for all three channels.
     return (float(value),) * 3 if isinstance(value, (int, float)) else tuple(float(v) for v in value)
@@ -471,6 +466,8 @@ class ImageProcessor:
 
     def provenance(self) -> dict[str, Any]:
         """What produced the pixels: processor, path and library versions (for results files)."""
+        from .provenance import library_versions
+
         return {"image_processor": type(self).__name__, "image_backend": self.backend, "versions": library_versions()}
 
 

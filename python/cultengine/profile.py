@@ -1,8 +1,9 @@
 """`cultengine profile`: throughput, latency and where the time goes, on a synthetic workload.
 
-`--model` takes a checkpoint directory or a shape preset (`llava-1.5-7b`, `qwen2-7b`, `qwen2.5-vl-7b`,
-`qwen2.5-vl-72b`, `demo`) whose weights are drawn at load time, so real model sizes can be profiled without
-downloading anything. `--dry-run` runs nothing: it plans memory (weight and KV-cache bytes) from the shapes.
+`--model` takes a checkpoint directory or a shape preset (`llava-1.5-7b`, `llava-next-7b`, `pangea-7b`,
+`llava-onevision-7b`, `qwen2-7b`, `qwen2.5-vl-7b`, `qwen2.5-vl-72b`, `demo`) whose weights are drawn at
+load time, so real model sizes can be profiled without downloading anything. `--dry-run` runs nothing: it
+plans memory (weight and KV-cache bytes) from the shapes.
 """
 
 from __future__ import annotations
@@ -25,41 +26,73 @@ from PIL import Image
 _CLIP_L14_336 = {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
                  "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336, "patch_size": 14,
                  "hidden_act": "quick_gelu", "projection_dim": 768}
-PRESETS = {
-    "llava-1.5-7b": {
-        "text_config": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
-                        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
-                        "vocab_size": 32064, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
-                        "rope_theta": 10000.0},
-        "vision_config": _CLIP_L14_336,
-    },
-    "qwen2-7b": {  # a Qwen2-7B decoder (as Pangea-7B and LLaVA-OneVision-7B use) behind CLIP-L/14-336
-        "text_config": {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944,
-                        "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
-                        "vocab_size": 152064, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
-                        "rope_theta": 1000000.0},
-        "vision_config": _CLIP_L14_336,
-    },
+_SIGLIP_SO400M_384 = {"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
+                      "num_hidden_layers": 26, "num_attention_heads": 16, "image_size": 384, "patch_size": 14,
+                      "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6}
+_LLAMA2_7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064,
+              "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}
+_MISTRAL_7B = {"model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+               "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32064,
+               "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 1000000.0,
+               "sliding_window": None}
+_QWEN2_7B = {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+             "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+             "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0}
+_CLIP_336_PREPROCESSOR = {"crop_size": {"height": 336, "width": 336}, "size": {"shortest_edge": 336},
+                          "do_center_crop": True, "do_resize": True, "do_rescale": True, "do_normalize": True,
+                          "resample": 3, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                          "image_std": [0.26862954, 0.26130258, 0.27577711]}
+_LLAVA = {"architectures": ["LlavaForConditionalGeneration"], "vision_feature_layer": -2,
+          "vision_feature_select_strategy": "default"}
+_LLAVA_NEXT = {"architectures": ["LlavaNextForConditionalGeneration"], "vision_feature_layer": -2,
+               "vision_feature_select_strategy": "default",
+               "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]}
+# name -> (config.json fields over the demo's, preprocessor_config.json)
+PRESETS: dict[str, tuple[dict, dict]] = {
+    "llava-1.5-7b": ({**_LLAVA, "text_config": _LLAMA2_7B, "vision_config": _CLIP_L14_336}, _CLIP_336_PREPROCESSOR),
+    # a Qwen2-7B decoder behind CLIP-L/14-336 in the LLaVA-1.5 layout
+    "qwen2-7b": ({**_LLAVA, "text_config": _QWEN2_7B, "vision_config": _CLIP_L14_336}, _CLIP_336_PREPROCESSOR),
+    # llava-v1.6-mistral-7b: up to 4 tiles of 336 + the base tile (5 tiles)
+    "llava-next-7b": ({**_LLAVA_NEXT, "text_config": _MISTRAL_7B, "vision_config": _CLIP_L14_336},
+                      {**_CLIP_336_PREPROCESSOR, "image_processor_type": "LlavaNextImageProcessor"}),
+    # Pangea-7B-hf: LLaVA-NeXT with a Qwen2-7B decoder (CLIP-L/14-336 tower, as LLaVA-NeXT)
+    "pangea-7b": ({**_LLAVA_NEXT, "text_config": _QWEN2_7B, "vision_config": _CLIP_L14_336},
+                  {**_CLIP_336_PREPROCESSOR, "image_processor_type": "LlavaNextImageProcessor"}),
+    # llava-onevision-qwen2-7b-ov-hf: SigLIP-so400m/14-384 and Qwen2-7B, anyres_max_9
+    "llava-onevision-7b": ({"architectures": ["LlavaOnevisionForConditionalGeneration"], "vision_feature_layer": -1,
+                            "vision_feature_select_strategy": "full", "vision_aspect_ratio": "anyres_max_9",
+                            "text_config": _QWEN2_7B, "vision_config": _SIGLIP_SO400M_384},
+                           {"image_processor_type": "LlavaOnevisionImageProcessor", "size": {"height": 384,
+                            "width": 384}, "do_resize": True, "do_rescale": True, "do_normalize": True,
+                            "resample": 3, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}),
 }
-# Qwen2.5-VL's windowed tower (the same in 7B and 72B, but for its output width) and its decoders.
-_QWEN25_VL_TOWER = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "patch_size": 14,
-                    "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31], "hidden_act": "silu",
-                    "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3}
-_QWEN25_VL_TEXT = {"vocab_size": 152064, "max_position_embeddings": 128000, "rms_norm_eps": 1e-6,
+# Qwen2.5-VL: its windowed tower (the same in 7B and 72B but for its output width), a Qwen2 decoder with M-RoPE;
+# the demo tokenizer's <image> is the placeholder, Qwen's processor defaults (4 to 16384 merged patches).
+_QWEN25_VL_TOWER = {"model_type": "qwen2_5_vl_vision", "depth": 32, "hidden_size": 1280, "intermediate_size": 3420,
+                    "num_heads": 16, "patch_size": 14, "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31],
+                    "hidden_act": "silu", "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3}
+_QWEN25_VL_TEXT = {"model_type": "qwen2_5_vl_text", "vocab_size": 152064, "max_position_embeddings": 128000,
+                   "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
                    "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}}
-QWEN_PRESETS = {
-    "qwen2.5-vl-7b": {
-        "text_config": {**_QWEN25_VL_TEXT, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-                        "num_attention_heads": 28, "num_key_value_heads": 4},
-        "vision_config": {**_QWEN25_VL_TOWER, "out_hidden_size": 3584},
-    },
-    "qwen2.5-vl-72b": {
-        "text_config": {**_QWEN25_VL_TEXT, "hidden_size": 8192, "intermediate_size": 29568, "num_hidden_layers": 80,
-                        "num_attention_heads": 64, "num_key_value_heads": 8},
-        "vision_config": {**_QWEN25_VL_TOWER, "out_hidden_size": 8192},
-    },
-}
-PRESETS.update(QWEN_PRESETS)
+_QWEN2_VL_PREPROCESSOR = {"image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 56 * 56,
+                          "max_pixels": 28 * 28 * 16384, "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2}
+
+
+def _qwen25_vl(text: dict, out_hidden_size: int) -> tuple[dict, dict]:
+    return ({"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+             "text_config": {**_QWEN25_VL_TEXT, **text},
+             "vision_config": {**_QWEN25_VL_TOWER, "out_hidden_size": out_hidden_size},
+             "video_token_id": _QWEN25_VL_TEXT["vocab_size"] - 1,
+             "tie_word_embeddings": False}, _QWEN2_VL_PREPROCESSOR)
+
+
+PRESETS.update({
+    "qwen2.5-vl-7b": _qwen25_vl({"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                                 "num_attention_heads": 28, "num_key_value_heads": 4}, 3584),
+    "qwen2.5-vl-72b": _qwen25_vl({"hidden_size": 8192, "intermediate_size": 29568, "num_hidden_layers": 80,
+                                  "num_attention_heads": 64, "num_key_value_heads": 8}, 8192),
+})
 
 
 def preset_checkpoint(name: str, out_dir: Path) -> Path:
@@ -72,35 +105,14 @@ def preset_checkpoint(name: str, out_dir: Path) -> Path:
         if f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
             shutil.copy(f, out_dir / f.name)
     demo_cfg = json.loads((demo / "config.json").read_text())
-    preset = PRESETS[name]
-    if name in QWEN_PRESETS:
-        return _qwen_preset(preset, demo_cfg, out_dir)
-    config = {**demo_cfg, "text_config": {**preset["text_config"]}, "vision_config": preset["vision_config"],
-              "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "dtype": "bfloat16"}
-    # The demo tokenizer's ids must stay inside the preset's vocabulary.
+    fields, preprocessor = PRESETS[name]
+    config = {**demo_cfg, **fields, "text_config": {**fields["text_config"]}, "dtype": "bfloat16"}
+    # The demo tokenizer's ids (its image token included) must stay inside the preset's vocabulary.
     text = config["text_config"]
     text["vocab_size"] = max(text["vocab_size"], demo_cfg["text_config"]["vocab_size"])
+    config["image_token_index"] = config["image_token_id"] = demo_cfg["image_token_index"]  # both names in use
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    prep = {"crop_size": {"height": 336, "width": 336}, "size": {"shortest_edge": 336}, "do_center_crop": True,
-            "do_resize": True, "do_rescale": True, "do_normalize": True, "resample": 3,
-            "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
-    (out_dir / "preprocessor_config.json").write_text(json.dumps(prep))
-    return out_dir
-
-
-def _qwen_preset(preset: dict, demo_cfg: dict, out_dir: Path) -> Path:
-    """A Qwen2.5-VL config around the demo tokenizer: its `<image>` is the image placeholder (the chat template
-    writes one per image), and Qwen's processor defaults (native resolution, 4 to 16384 merged patches)."""
-    image_id = demo_cfg["image_token_index"]
-    text = {**preset["text_config"], "model_type": "qwen2_5_vl_text", "tie_word_embeddings": False}
-    config = {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
-              "text_config": text, "vision_config": {**preset["vision_config"], "model_type": "qwen2_5_vl_vision"},
-              "image_token_id": image_id, "video_token_id": text["vocab_size"] - 1, "dtype": "bfloat16",
-              "eos_token_id": demo_cfg.get("eos_token_id"), "tie_word_embeddings": False}
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    prep = {"image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 56 * 56, "max_pixels": 28 * 28 * 16384,
-            "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2}
-    (out_dir / "preprocessor_config.json").write_text(json.dumps(prep))
+    (out_dir / "preprocessor_config.json").write_text(json.dumps(preprocessor))
     return out_dir
 
 

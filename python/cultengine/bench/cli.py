@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import random
+import re
 import sys
 from collections import Counter
 
-from . import data
+from . import data, formats
 
 BENCH_EPILOG = """\
 With no arguments, runs the embedded default benchmark (flags drawn by code, capital/currency
@@ -25,10 +26,14 @@ def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="run a cultural benchmark and write a report",
                        description="Evaluate a vision-language model on cultural benchmark files.",
                        epilog=BENCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", metavar="PATH", help="local checkpoint directory (Hugging Face layout); "
-                   "default: the built-in demo checkpoint (random weights)")
-    p.add_argument("--data", metavar="PATH", nargs="+", help="benchmark files: canonical JSONL/parquet, "
-                   "VLMEvalKit TSV, CVQA/ALM-Bench/CulturalVQA parquet; default: the embedded benchmark")
+    p.add_argument("--model", metavar="PATH", action="append",
+                   help="local checkpoint directory (Hugging Face layout); default: the built-in demo checkpoint "
+                   "(random weights). Repeat it to run several models one after another into one parent folder "
+                   "(--output-dir), finished by their comparison (as `cultengine compare`)")
+    p.add_argument("--data", metavar="PATH", nargs="+", help="benchmark files or folders: canonical JSONL/parquet, "
+                   "VLMEvalKit TSV, CVQA, ALM-Bench, WorldCuisines, SEA-VQA, BLEnD, CulturalVQA; Hugging Face "
+                   "dataset folders (parquet shards, save_to_disk) or OWNER/NAME from the local hub cache; "
+                   "default: the embedded benchmark")
     p.add_argument("--suite", choices=("mcq", "vqa"), default="mcq",
                    help="mcq: multiple choice; vqa: open answers scored by exact match / containment")
     p.add_argument("--output-dir", metavar="DIR",
@@ -48,14 +53,26 @@ def _bench_parser(sub) -> None:
                    "writes the summary")
     p.add_argument("--format", choices=data.FORMATS, default="auto",
                    help="importer for --data (auto: by extension and columns)")
+    formats.add_arguments(p)
     p.add_argument("--template", metavar="FILE", help="Jinja template for the user turn text (variables: "
                    "question, hint, options, letters, country, language, category)")
+    p.add_argument("--judge-model", metavar="DIR", help="vqa: judge each open answer with this checkpoint "
+                   "(P(yes) of 'yes'/'no' by Engine.score), after the answers are generated")
+    p.add_argument("--judge-prompt", metavar="FILE", help="Jinja judging prompt (variables: question, answers, "
+                   "prediction, country, language); default: the package's bench/prompts/judge.jinja")
+    p.add_argument("--min-cell-n", type=int, default=10, metavar="N",
+                   help="report: groups and heatmap cells with fewer samples are greyed (default 10)")
     p.set_defaults(func=_bench)
 
 
 def _bench(args) -> int:
     from .run import run
 
+    if args.model and len(args.model) > 1:
+        from ..compare import bench_many
+
+        return bench_many(args, run)
+    args.model = args.model[0] if args.model else None
     return run(args)
 
 
@@ -65,12 +82,14 @@ def _data_parser(sub) -> None:
     v = dsub.add_parser("validate", help="load files, report bad rows and counts; exit 1 if any row is bad")
     v.add_argument("files", nargs="+")
     v.add_argument("--format", choices=data.FORMATS, default="auto")
+    formats.add_arguments(v)
     v.set_defaults(func=_validate)
     c = dsub.add_parser("convert", help="write files as canonical JSONL (images beside it) or parquet "
                         "(images embedded), chosen by the output's extension")
     c.add_argument("files", nargs="+")
     c.add_argument("-o", "--output", required=True)
     c.add_argument("--format", choices=data.FORMATS, default="auto")
+    formats.add_arguments(c)
     c.set_defaults(func=_convert)
     s = dsub.add_parser("sample", help="write a random subset (canonical form)")
     s.add_argument("files", nargs="+")
@@ -78,11 +97,12 @@ def _data_parser(sub) -> None:
     s.add_argument("-n", type=int, required=True, help="rows to keep")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--format", choices=data.FORMATS, default="auto")
+    formats.add_arguments(s)
     s.set_defaults(func=_sample)
 
 
 def _load(args) -> data.Dataset:
-    ds = data.load(args.files, args.format)
+    ds = data.load(args.files, args.format, opts=formats.ImportOptions.from_args(args))
     for s in ds.skipped:
         print(f"skipped {s}", file=sys.stderr)
     return ds
@@ -101,7 +121,23 @@ def _validate(args) -> int:
     unknown = sorted({r.country for r in ds.rows if r.country and not r.region})
     if unknown:
         print(f"  countries not in the table (no region): {', '.join(unknown[:20])}")
+    if ds.skipped:
+        reasons = Counter(_reason_kind(s.reason) for s in ds.skipped)
+        print("  skipped by reason: " + "; ".join(f"{k} ({n})" for k, n in reasons.most_common()))
+    from .suites import SuiteConfig, usable
+
+    for cfg in (SuiteConfig("mcq"), SuiteConfig("vqa")):
+        why = Counter(w for r in ds.rows if (w := usable(r, cfg)))
+        if why:
+            print(f"  --suite {cfg.suite} would skip {sum(why.values())}: "
+                  + "; ".join(f"{k} ({n})" for k, n in why.most_common()))
     return 1 if ds.skipped else 0
+
+
+def _reason_kind(reason: str) -> str:
+    """A skip reason without the row's own values (paths, URLs, quoted text, numbers), for counting."""
+    reason = re.sub(r"[\w.~:-]*[/\\][\w./\\~%:?=&-]{2,}|'[^']*'|\"[^\"]*\"|\[[^\]]*\]|\d+", "…", reason)
+    return re.sub(r"(…\s*)+", "… ", reason).strip()
 
 
 def _convert(args) -> int:

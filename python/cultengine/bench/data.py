@@ -12,15 +12,9 @@ Importers (picked by `--format`, else by extension and columns):
 - vlmeval (.tsv): `index`->id, `image` (base64; a bare index refers to that row's image), `image_path`,
   `question`, `hint`, option columns `A`..`Z`, `answer` (letter), `category`, `l2-category`->question_type,
   and `country`, `language` when present.
-- cvqa (.parquet): `ID`->id, `image` (bytes or {"bytes": ..}), `Subset` ("('Japanese', 'Japan')" or
-  "Japan-Japanese") -> language + country, `Question`, `Options`, `Label` (-1 or missing = unlabeled),
-  `Category`; `Translated Question/Options` kept in meta.
-- almbench (.parquet / .jsonl): `ID`->id, `file_name` or `image`, `Language`, `Category`, `Question_Type`,
-  `Translated_Question` (else `English_Question`), `Translated_Answer` (else `English_Answer`), `Country`
-  when present; multiple-choice options are parsed from the question text ("A. ..", "(B) .."), true/false
-  questions get the options True/False; other types are open questions (vqa suite).
-- culturalvqa (.parquet / .jsonl): `u_id`/`id`->id, `image`, `question`, `answers` (list of open answers;
-  absent = unlabeled), `country`.
+- cvqa, almbench, worldcuisines, seavqa, blend, culturalvqa (published schemas) and columns (`--columns`
+  maps any table): in `formats.py`, which also expands folders (Hugging Face hub snapshots, parquet
+  shards, `save_to_disk`) and `OWNER/NAME` from the local hub cache.
 
 Country -> region/continent comes from `countries.csv` when the file gives only a country.
 """
@@ -39,13 +33,17 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from . import countries
 
-FORMATS = ("auto", "canonical", "vlmeval", "cvqa", "almbench", "culturalvqa")
+if TYPE_CHECKING:
+    from . import formats
+
+FORMATS = ("auto", "canonical", "vlmeval", "cvqa", "almbench", "worldcuisines", "seavqa", "blend", "culturalvqa",
+           "columns")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 GROUP_KEYS = ("country", "region", "continent", "category", "question_type", "language")
 
@@ -118,15 +116,20 @@ def _records(path: Path, fmt: str) -> Iterator[tuple[int, dict | Exception]]:
         table = pq.read_table(path)
         for i, rec in enumerate(table.to_pylist(), 1):
             yield i, rec
-    elif suffix == ".tsv":
+    elif suffix in (".tsv", ".csv"):
         csv.field_size_limit(sys.maxsize)  # base64 images are long
         with path.open(encoding="utf-8", newline="") as f:
-            for i, rec in enumerate(csv.DictReader(f, delimiter="\t"), 2):
+            for i, rec in enumerate(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","), 2):
                 yield i, rec
+    elif suffix == ".arrow":
+        from . import formats
+
+        yield from enumerate(formats.arrow_records(path), 1)
     elif suffix == ".json":
+        from . import formats
+
         data = json.loads(path.read_text(encoding="utf-8"))
-        for i, rec in enumerate(data if isinstance(data, list) else data.get("rows", []), 1):
-            yield i, rec
+        yield from enumerate(formats.json_records(data), 1)
     else:  # JSONL
         with path.open(encoding="utf-8") as f:
             for i, line in enumerate(f, 1):
@@ -140,16 +143,9 @@ def _records(path: Path, fmt: str) -> Iterator[tuple[int, dict | Exception]]:
 
 
 def detect_format(path: Path, first: dict | None) -> str:
-    if path.suffix.lower() == ".tsv":
-        return "vlmeval"
-    cols = set(first or ())
-    if {"Subset", "Options"} <= cols or {"ID", "Subset"} <= cols:
-        return "cvqa"
-    if cols & {"Question_Type", "English_Question", "Translated_Question"}:
-        return "almbench"
-    if "u_id" in cols:  # the public CulturalVQA file (image, question) also reads fine as canonical
-        return "culturalvqa"
-    return "canonical"
+    from . import formats
+
+    return formats.detect(set(first or ())) or ("vlmeval" if path.suffix.lower() == ".tsv" else "canonical")
 
 
 def _blank(v: Any) -> bool:
@@ -293,19 +289,6 @@ def parse_subset(subset: str) -> tuple[str, str]:
     return "", s
 
 
-def _cvqa(rec: dict, base: Path, line: int, stem: str) -> Row:
-    country, lang = parse_subset(_text(rec.get("Subset")))
-    options = [_text(o) for o in rec.get("Options") or []]
-    label = rec.get("Label")
-    return Row(
-        id=_text(rec.get("ID")) or f"{stem}:{line}", question=_text(rec.get("Question")),
-        images=[_image(rec.get("image"), base, False)], options=options,
-        answer=_answer(None if _blank(label) or int(label) < 0 else int(label), options),
-        country=country, language=lang, category=_text(rec.get("Category")), question_type="cvqa",
-        meta={k: rec[k] for k in ("Translated Question", "Translated Options", "Image Type") if k in rec},
-    )
-
-
 _OPTION_RE = re.compile(r"(?:^|\s|\n)\(?([A-H])[.)]\s+(.+?)(?=\s+\(?[A-H][.)]\s+|\n|$)", re.S)
 
 
@@ -319,40 +302,14 @@ def split_options(text: str) -> tuple[str, list[str]]:
     return question, [m.group(2).strip() for m in found]
 
 
-def _almbench(rec: dict, base: Path, line: int, stem: str) -> Row:
-    qtype = _text(rec.get("Question_Type"))
-    question = _text(rec.get("Translated_Question")) or _text(rec.get("English_Question"))
-    answer = _text(rec.get("Translated_Answer")) or _text(rec.get("English_Answer"))
-    question, options = split_options(question)
-    if not options and "true" in qtype.lower() and "false" in qtype.lower():
-        options = ["True", "False"]
-    if options:  # answers look like "B", "B. text" or the option text
-        m = re.match(r"^\(?([A-H])[.):]?(\s|$)", answer)
-        answer = m.group(1) if m else next((o for o in options if o.casefold() == answer.casefold()), answer)
-    img = rec.get("image") if not _blank(rec.get("image")) else rec.get("file_name")
-    return Row(
-        id=_text(rec.get("ID")) or f"{stem}:{line}", question=question,
-        images=[_image(img, base, False)] if not _blank(img) else [], options=options,
-        answer=_answer(answer or None, options), country=_text(rec.get("Country")),
-        language=_text(rec.get("Language")), category=_text(rec.get("Category")), question_type=qtype,
-        meta={"english_question": _text(rec.get("English_Question"))},
-    )
+def load_file(path: str | Path, fmt: str = "auto", verify_images: bool = True,
+              opts: formats.ImportOptions | None = None) -> Dataset:
+    """`opts`: a `formats.ImportOptions` (language, column map, image root) for the published formats."""
+    from . import formats  # imports this module: loaded lazily
 
-
-def _culturalvqa(rec: dict, base: Path, line: int, stem: str) -> Row:
-    answers = rec.get("answers")
-    if isinstance(answers, str):
-        answers = [answers]
-    return Row(
-        id=_text(rec.get("u_id")) or _text(rec.get("id")) or f"{stem}:{line}",
-        question=_text(rec.get("question")), images=[_image(rec.get("image"), base, False)],
-        answer=_answer(list(answers) if answers else None, []), country=_text(rec.get("country")),
-        category=_text(rec.get("category")) or _text(rec.get("facet")), question_type="culturalvqa",
-        language=_text(rec.get("language")) or "English",
-    )
-
-
-def load_file(path: str | Path, fmt: str = "auto", verify_images: bool = True) -> Dataset:
+    opts = opts or formats.ImportOptions()
+    if opts.columns and fmt == "auto":
+        fmt = "columns"
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"benchmark file not found: {path}")
@@ -366,13 +323,13 @@ def load_file(path: str | Path, fmt: str = "auto", verify_images: bool = True) -
                 raise rec
             if fmt == "auto":
                 fmt = detect_format(path, rec)
-            for k in ("id", "ID", "u_id", "index"):
-                rid = rid or _text(rec.get(k))
+            rid = formats.record_id(rec, opts)
             if fmt == "vlmeval":
                 row = _vlmeval(rec, base, line, stem, by_index)
+            elif fmt == "canonical":
+                row = _canonical(formats.local_images(rec, base, opts), base, line, stem)
             else:
-                row = {"canonical": _canonical, "cvqa": _cvqa, "almbench": _almbench,
-                       "culturalvqa": _culturalvqa}[fmt](rec, base, line, stem)
+                row = formats.IMPORTERS[fmt](rec, base, line, stem, opts)
             rid = row.id
             if not row.question:
                 raise BadRow("empty question")
@@ -389,10 +346,14 @@ def load_file(path: str | Path, fmt: str = "auto", verify_images: bool = True) -
     return Dataset(rows, skipped, [str(path)])
 
 
-def load(paths: list[str | Path], fmt: str = "auto", verify_images: bool = True) -> Dataset:
+def load(paths: list[str | Path], fmt: str = "auto", verify_images: bool = True,
+         opts: formats.ImportOptions | None = None) -> Dataset:
+    """Every file of `paths` (folders and hub-cache dataset ids expanded by `formats.expand`)."""
+    from . import formats
+
     out = Dataset([], [], [])
-    for p in paths:
-        d = load_file(p, fmt, verify_images)
+    for p in formats.expand(paths, opts.split if opts else None):
+        d = load_file(p, fmt, verify_images, opts)
         seen = {r.id for r in out.rows}
         for r in d.rows:
             if r.id in seen:
@@ -401,6 +362,8 @@ def load(paths: list[str | Path], fmt: str = "auto", verify_images: bool = True)
                 out.rows.append(r)
         out.skipped += d.skipped
         out.files += d.files
+    if opts and opts.lang == "both":
+        out.rows = formats.split_languages(out.rows)
     return out
 
 

@@ -10,16 +10,34 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .. import runlog
-from . import data, distributed, metrics, report, results
-from .suites import MAX_TOKENS, SuiteConfig, build_requests, prompt_hash, score, usable
+from .. import provenance, runlog
+from . import data, distributed, formats, judge, langgap, metrics, report, results
+from .suites import LONG_MAX_TOKENS, MAX_TOKENS, SuiteConfig, build_requests, long_answer, prompt_hash, score, usable
 
-FINGERPRINT = ("model", "data", "format", "suite", "scoring", "circular", "template")
+# the judge is not part of it: judging can be added to (or redone for) a finished run of answers
+FINGERPRINT = ("model", "data", "format", "suite", "scoring", "circular", "template", "cvqa_lang", "mc_prompt",
+               "columns", "split")
 STATS = "engine_stats.jsonl"
 
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def _free_memory(device: str) -> None:
+    import gc
+
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def _default_engine(model: str, device: str, dtype: str):
+    from ..engine import Engine
+
+    return Engine(model, device=device, dtype=dtype, enable_prefix_caching=True)
 
 
 def _default_device() -> str:
@@ -42,7 +60,10 @@ def _check_config(run_dir: Path, config: dict) -> None:
 
 def _record(row: data.Row, cfg: SuiteConfig, outs: list, batch_s: float, n: int) -> dict:
     rec = {"id": row.id, "prompt_hash": prompt_hash(row, cfg), **score(row, cfg, outs)}
-    rec.update(groups=row.groups(), western=row.western,
+    if "prompt_lang" in row.meta:  # --cvqa-lang both: the English-vs-local gap needs it
+        rec["prompt_lang"] = row.meta["prompt_lang"]
+    rec.update(groups=row.groups(), western=row.western, cluster=row.image_key()[:16] or row.id,
+               chance=metrics.chance(len(row.options), cfg.circular) if cfg.suite == "mcq" else None,
                timings={"batch_s": round(batch_s, 4), "sample_s": round(batch_s / n, 5)})
     return rec
 
@@ -71,7 +92,8 @@ def _evaluate(engine, rows: list[data.Row], cfg: SuiteConfig, writer: runlog.Res
     from ..sampling import SamplingParams
 
     session = uuid.uuid4().hex
-    params = SamplingParams(max_tokens=MAX_TOKENS[cfg.suite], temperature=0.0, stop=["\n"])
+    params = {False: SamplingParams(max_tokens=MAX_TOKENS[cfg.suite], temperature=0.0, stop=["\n"]),
+              True: SamplingParams(max_tokens=LONG_MAX_TOKENS, temperature=0.0)}  # by long_answer(row)
     bar = tqdm(total=total, initial=done, unit="sample", dynamic_ncols=True, file=sys.stderr)
     t_start = time.perf_counter()
     for start in range(0, len(rows), batch):
@@ -80,7 +102,8 @@ def _evaluate(engine, rows: list[data.Row], cfg: SuiteConfig, writer: runlog.Res
         flat = [q for rs in reqs for q in rs]
         t0 = time.perf_counter()
         outs = (engine.score(flat, use_tqdm=False) if cfg.scoring == "loglik"
-                else engine.generate(flat, params, use_tqdm=False))
+                else engine.generate(flat, [params[long_answer(r, cfg.suite)] for r, rs in zip(chunk, reqs, strict=True)
+                                            for _ in rs], use_tqdm=False))
         dt = time.perf_counter() - t0
         recs, k = [], 0
         for row, rs in zip(chunk, reqs, strict=True):
@@ -97,11 +120,23 @@ def _evaluate(engine, rows: list[data.Row], cfg: SuiteConfig, writer: runlog.Res
 
 
 def _finalize(run_dir: Path, rows: list[data.Row], skipped: list[data.Skipped], cfg: SuiteConfig,
-              config: dict, demo: bool, extra: list[dict] = ()) -> Path:
+              config: dict, demo: bool, extra: list[dict] = (), engine_provenance: dict | None = None) -> Path:
     recs = results.merge(run_dir, [r.id for r in rows], extra)
+    if judge.attach(run_dir, recs):  # the judge's verdicts join each sample's result line
+        runlog.atomic_write(run_dir / results.RESULTS, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                               for r in recs))
     summary = {"config": config, "demo": demo,
                **metrics.summarize(recs, [asdict(s) for s in skipped], cfg.suite)}
-    summary["run"] = {"engine": _engine_totals(run_dir)}
+    summary["samples"]["missing_images"] = sum(s.reason.startswith("missing image") for s in skipped)
+    if any("judge_correct" in r for r in recs):
+        summary["primary_metric"] = "judge_acc"
+        summary["judge"] = judge.agreement(recs)
+    summary["language_gap"] = langgap.language_gap([r for r in recs if not r.get("error")], cfg.suite,
+                                               summary["primary_metric"])
+    for name, preds in formats.submissions(rows, recs).items():  # CVQA leaderboard files
+        runlog.atomic_write(run_dir / name, json.dumps(preds, ensure_ascii=False, indent=1))
+    summary["run"] = {"engine": _engine_totals(run_dir),
+                      **provenance.collect(config["model"], config["data"], engine_provenance)}
     if demo:
         summary["note_demo"] = report.CHANCE_NOTE
     if summary["samples"]["unlabeled"]:
@@ -136,7 +171,13 @@ def run(args, make_engine=None) -> int:
               "data": [str(Path(p).resolve()) for p in data_paths], "format": args.format,
               "suite": cfg.suite, "scoring": cfg.scoring, "circular": cfg.circular, "template": cfg.template,
               "limit": args.limit, "device": device, "dtype": args.dtype, "batch": args.batch,
-              "shard": list(shard) if shard else None}
+              "shard": list(shard) if shard else None, "min_cell_n": getattr(args, "min_cell_n", 10)}
+    judge_model = getattr(args, "judge_model", None)
+    if judge_model and cfg.suite != "vqa":
+        raise SystemExit("error: --judge-model judges open answers: use it with --suite vqa")
+    for k in ("cvqa_lang", "mc_prompt", "columns", "split", "judge_prompt"):
+        config[k] = getattr(args, k, None)
+    config["judge_model"] = str(Path(judge_model).resolve()) if judge_model else None
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_config(run_dir, config)
     if lead:
@@ -144,7 +185,7 @@ def run(args, make_engine=None) -> int:
     if demo and lead:
         _log(f"note: {report.CHANCE_NOTE}")
 
-    ds = data.load(data_paths, args.format)
+    ds = data.load(data_paths, args.format, opts=formats.ImportOptions.from_args(args, cfg.suite == "vqa"))
     rows = ds.rows[: args.limit] if args.limit else ds.rows
     skipped = list(ds.skipped)
     for r in list(rows):
@@ -163,13 +204,9 @@ def run(args, make_engine=None) -> int:
     mine = distributed.shard_slice(ordered, shard)
     finished = results.read_all(run_dir)
     todo = [r for r in mine if r.id not in finished]
+    make_engine = make_engine or _default_engine
+    engine_provenance = None
     if todo:
-        if make_engine is None:
-            from ..engine import Engine
-
-            def make_engine(model, device, dtype):
-                return Engine(model, device=device, dtype=dtype, enable_prefix_caching=True)
-
         engine = make_engine(str(model), device, args.dtype)
         writer = runlog.ResultLog(results.shard_file(run_dir, shard))
         try:
@@ -177,13 +214,24 @@ def run(args, make_engine=None) -> int:
             _evaluate(engine, todo, cfg, writer, args.batch, done, len(mine), run_dir / STATS)
         finally:
             writer.close()
+        engine_provenance = engine.provenance() if hasattr(engine, "provenance") else None
+        del engine  # the judge (if any) loads after the answers: free the memory first
+        _free_memory(device)
+
+    def judge_all() -> None:
+        if judge_model:
+            prompt = judge.JudgePrompt.load(config["judge_prompt"])
+            judge.run_judge(run_dir, rows, results.read_all(run_dir), judge_model,
+                            lambda: make_engine(judge_model, device, args.dtype), prompt, args.batch)
 
     if dist:
         mine_ids = {r.id for r in mine}
         own = [rec for i, rec in results.read_all(run_dir).items() if i in mine_ids]
         gathered = dist.gather(own)
         if lead:
-            out = _finalize(run_dir, rows, skipped, cfg, config, demo, [x for g in gathered for x in g])
+            judge_all()
+            out = _finalize(run_dir, rows, skipped, cfg, config, demo, [x for g in gathered for x in g],
+                            engine_provenance)
         dist.barrier()
         dist.close()
         if not lead:
@@ -195,12 +243,14 @@ def run(args, make_engine=None) -> int:
             _log(f"shard {args.shard} done; {missing} of {len(rows)} samples still to run in other shards. "
                  f"The summary is written by whichever shard (or unsharded run) finishes last.")
             return 0
-        out = _finalize(run_dir, rows, skipped, cfg, config, demo)
+        judge_all()
+        out = _finalize(run_dir, rows, skipped, cfg, config, demo, engine_provenance=engine_provenance)
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     m = summary["primary_metric"]
     overall = summary["overall"]
     if overall.get(m) is not None:
-        print(f"{m} = {100 * overall[m]:.1f}% over {overall['n']} samples "
+        lo, hi = overall.get(f"{m}_ci") or (overall[m], overall[m])
+        print(f"{m} = {100 * overall[m]:.1f}% (95% CI {100 * lo:.1f}-{100 * hi:.1f}) over {overall['n']} samples "
               f"({summary['samples']['skipped']} skipped)")
     if demo:
         print(f"note: {report.CHANCE_NOTE}")

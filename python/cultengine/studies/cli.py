@@ -54,6 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--device", default="cpu")
     a.add_argument("--out", help="output directory (default: the first RUN_DIR)")
     a.add_argument("--top-k", type=int, default=10, help="distinctive terms per nationality")
+    a.add_argument("--permutations", type=int, default=9999, help="Mantel test permutations (default 9999)")
     a.set_defaults(func=_analyze_stories)
 
 
@@ -100,6 +101,7 @@ def _values(args) -> int:
         args.out,
         choice_format=args.choices,
         model_name=args.model,
+        data_files=[f for f in (args.items, args.human, args.images) if f],
     )
     _print(summary)
     return 0
@@ -154,12 +156,13 @@ def _analyze_stories(args) -> int:
         top_k=args.top_k,
         wvs_standardize=not args.wvs_raw,
         device=args.device,
+        permutations=args.permutations,
     )
     for model, m in result["models"].items():
         print(f"{model}: {m['num_stories']} stories, {len(m['nationalities'])} nationalities")
         for a in m["alignment"]:
             print(
-                f"  {a['table']}: Kendall tau-b {a['tau']:.3f} (p={a['p']:.3g}, {a['pairs']} pairs); "
+                f"  {a['table']}: Kendall tau-b {a['tau']:.3f} (Mantel p={a['p']:.3g}, {a['pairs']} pairs); "
                 f"lacking data: {', '.join(a['lacking']) or '-'}"
             )
     print(f"CLIP: {result['clip']}")
