@@ -28,3 +28,4 @@ def bind(ops, use_flash_attn: bool = False) -> None:
             return
         ops.paged_attention = flash.paged_attention
         ops.vision_attention = flash.vision_attention
+        ops.varlen_vision_attention = flash.varlen_vision_attention
