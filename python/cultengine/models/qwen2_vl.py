@@ -167,10 +167,6 @@ class QwenVisionConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
-    @property
-    def patch_dim(self) -> int:
-        return self.in_channels * self.temporal_patch_size * self.patch_size**2
-
     @classmethod
     def fields(cls, c: dict, where: str) -> dict[str, Any]:
         """The fields every Qwen tower shares, from a vision_config with its family's defaults merged in."""
@@ -315,16 +311,9 @@ class QwenVisionTower:
     def rotary_tables(self, grids: list[tuple[int, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-patch cos, sin `[N, head_dim / 2]`: the first half of the frequencies turned by the patch's
         row, the second by its column."""
-        rows, cols = zip(*(merge_order_coordinates(h, w, self.cfg.merge_size) for _, h, w in grids), strict=True)
-        t_rep = [t for t, _, _ in grids]
-        hw = torch.stack(
-            [
-                torch.cat([r.repeat(t) for r, t in zip(rows, t_rep, strict=True)]),
-                torch.cat([c.repeat(t) for c, t in zip(cols, t_rep, strict=True)]),
-            ],
-            dim=-1,
-        )
-        freqs = hw.to(self.inv_freq.device)[..., None].float() * self.inv_freq  # [N, 2, head_dim / 4]
+        m = self.cfg.merge_size
+        coords = torch.cat([torch.stack(merge_order_coordinates(h, w, m), dim=-1).repeat(t, 1) for t, h, w in grids])
+        freqs = coords.to(self.inv_freq.device)[..., None].float() * self.inv_freq  # [N, 2, head_dim / 4]
         freqs = freqs.flatten(1)
         return freqs.cos(), freqs.sin()
 
@@ -343,8 +332,8 @@ class QwenVisionTower:
 
     @torch.inference_mode()
     def forward(self, pixels: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
-        """Packed patches `[N, patch_dim]` of images with patch grids `grids` -> merged embeddings
-        `[N / merge^2, out_hidden_size * (1 + extra outputs)]` (DeepStack features after the main ones)."""
+        """Packed patches `[N, channels * temporal_patch * patch^2]` of images with patch grids `grids` ->
+        merged embeddings `[N / merge^2, out_hidden_size * (1 + extra outputs)]` (DeepStack's after the main)."""
         c, ops = self.cfg, self.ops
         unit = c.merge_size**2
         x = self.embed(pixels, grids)
