@@ -167,8 +167,10 @@ def varlen_vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
         return out.transpose(1, 2)
 
     keys = torch.arange(max_seqlen, device=q.device)[None, :] < lens[:, None]
-    out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=keys[:, None, None, :],
-                                         scale=scale, enable_gqa=hq != k.shape[1])
+    # Segments of one length (one image) need no mask, and SDPA then avoids materialising the scores.
+    mask = None if bool(keys.all()) else keys[:, None, None, :]
+    out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=mask, scale=scale,
+                                         enable_gqa=hq != k.shape[1])
     return out.transpose(1, 2)[seg, row].to(q.dtype)
 
 

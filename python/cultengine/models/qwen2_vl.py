@@ -452,7 +452,7 @@ class Qwen2VL(Family):
         bounds = {}
         for key in self.image_options:
             if options.get(key) is not None:
-                bounds[key] = config_int(options, key, f"request {key}")
+                bounds[key] = config_int(options, key, "request")
         pixels, grid = self.image_processor.process(image, **bounds)
         n = grid[0] * grid[1] * grid[2] // self.vision.merge_size**2
         return ImageFeatures(
