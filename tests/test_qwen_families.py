@@ -98,21 +98,34 @@ def test_token_ids_greedy_tokens_and_logprobs_match_transformers(pair):
 
 
 def test_mrope_positions_equal_get_rope_index(pair):
+    """The family's positions for the engine's own token ids and processed images (and `mrope_positions`
+    for a grid whose images sit back to back) equal transformers' `get_rope_index`; decode offsets too."""
     engine, model, processor = pair
-    image_token = engine.family.placeholder_id
+    family, image_token = engine.family, engine.family.placeholder_id
     for messages in CONVERSATIONS:
         inputs = _inputs(processor, messages)
         ids = inputs["input_ids"][0].tolist()
-        grids = inputs.get("image_grid_thw")
         starts = [i for i, t in enumerate(ids) if t == image_token and (i == 0 or ids[i - 1] != image_token)]
-        images = list(zip(starts, [tuple(g) for g in grids.tolist()] if grids is not None else [], strict=True))
-        got, delta = mrope_positions(len(ids), images, engine.family.vision.merge_size)
+        images = [item["image"] for item in messages[0]["content"] if item["type"] == "image"]
+        got, delta = family.positions(
+            ids, [(s, family.process_image(im, {})) for s, im in zip(starts, images, strict=True)]
+        )
+        grids = inputs.get("image_grid_thw")
         if grids is None:
             want, want_delta = torch.arange(len(ids)).expand(3, 1, -1), torch.zeros(1, 1, dtype=torch.long)
         else:
             want, want_delta = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"], grids)
         np.testing.assert_array_equal(got, want[:, 0].numpy())
         assert delta == int(want_delta)
+    # Two images with no text between them (a raw prompt can do that): each keeps its own grid.
+    grids = torch.tensor([[1, 4, 6], [1, 8, 2]])
+    n = [int(g.prod()) // 4 for g in grids]
+    ids = torch.tensor([[7] * 3 + [image_token] * sum(n) + [7] * 2])
+    types = (ids == image_token).int()
+    got, delta = mrope_positions(ids.shape[1], [(3, (1, 4, 6)), (3 + n[0], (1, 8, 2))], family.vision.merge_size)
+    first, _ = model.model.get_rope_index(ids[:, : 3 + n[0]], types[:, : 3 + n[0]], grids[:1])
+    np.testing.assert_array_equal(got[:, : 3 + n[0]], first[:, 0].numpy())
+    assert got[:, 3 + n[0] :].min() == got[:, : 3 + n[0]].max() + 1  # the second image starts after the first
 
 
 def test_choice_loglikelihoods_match_transformers(pair):
