@@ -16,6 +16,9 @@ FAMILIES: dict[str, str] = {
     "LlavaForConditionalGeneration": "llava.Llava",
     "LlavaNextForConditionalGeneration": "llava_next.LlavaNext",
     "LlavaOnevisionForConditionalGeneration": "llava_onevision.LlavaOnevision",
+    "Qwen2VLForConditionalGeneration": "qwen2_vl.Qwen2VL",
+    "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl.Qwen2_5_VL",
+    "Qwen3VLForConditionalGeneration": "qwen3_vl.Qwen3VL",
 }
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 
