@@ -16,6 +16,9 @@ FAMILIES: dict[str, str] = {
     "LlavaForConditionalGeneration": "llava.Llava",
     "LlavaNextForConditionalGeneration": "llava_next.LlavaNext",
     "LlavaOnevisionForConditionalGeneration": "llava_onevision.LlavaOnevision",
+    "Idefics3ForConditionalGeneration": "idefics3.Idefics3",
+    "SmolVLMForConditionalGeneration": "idefics3.SmolVLM",
+    "InternVLForConditionalGeneration": "internvl.InternVL",
 }
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 
