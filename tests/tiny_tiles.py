@@ -19,12 +19,16 @@ Public API (importable from any test: `from tiny_tiles import ...`):
                  untied lm_head and vision_feature_layer -2.
 - `reference_tiles(path, backend=None)`: transformers' model (fp32, eager) and processor (`backend`: "pil",
   "torchvision" or transformers' default).
+- Shared checks: test images `WIDE, TALL, SMALL, ODD, SQUARE`, `user(...)`, `CONVERSATIONS` (0, 1 and 2 images),
+  `assert_generations_match`, `assert_choice_scores_match`, `assert_serving_features_change_nothing`,
+  `to_transformers4_config`, `edited`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
 from tokenizers import AddedToken, Tokenizer
@@ -235,3 +239,171 @@ def reference_tiles(path: str | Path, backend: str | None = None):
     if backend is not None:
         processor.image_processor = t.AutoImageProcessor.from_pretrained(path, backend=backend)
     return model, processor
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared checks of the tiling families' tests (test_idefics3.py, test_internvl.py)
+# ---------------------------------------------------------------------------------------------
+ATOL = 1e-4
+
+
+def image(w: int, h: int, seed: int):
+    """A noise image of `w` x `h` pixels."""
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+WIDE, TALL, SMALL, ODD, SQUARE = (
+    image(90, 24, 1),
+    image(22, 70, 2),
+    image(20, 15, 3),
+    image(37, 53, 4),
+    image(30, 30, 5),
+)
+
+
+def user(*items) -> list[dict]:
+    """One user message of images (PIL) and texts, in order."""
+    content = [{"type": "text", "text": x} if isinstance(x, str) else {"type": "image", "image": x} for x in items]
+    return [{"role": "user", "content": content}]
+
+
+# 0, 1 and 2 images of different sizes and aspect ratios
+CONVERSATIONS = [
+    user("Tell me about the festival of lights, señor."),
+    user(WIDE, "Which country is this dish from? 日本"),
+    user(TALL, "and", SMALL, ": compare the two flags."),
+    user(ODD, "Where?"),
+    user(SQUARE, "What is it?"),
+]
+
+
+def chat_inputs(processor, messages) -> dict:
+    return processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+
+
+def _extras(inputs: dict) -> dict:
+    return {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+
+
+@torch.no_grad()
+def _logprobs(model, ids: list[int], extras: dict) -> torch.Tensor:
+    return torch.log_softmax(model(input_ids=torch.tensor([ids]), **extras).logits[0].float(), dim=-1)
+
+
+def assert_generations_match(engine, model, processor, conversations, max_tokens: int = 8) -> list[int]:
+    """Token ids equal `apply_chat_template(tokenize=True)`'s, greedy tokens equal transformers', per-token
+    log-probabilities within ATOL; returns each prompt's length."""
+    from cultengine import SamplingParams
+
+    outs = engine.generate(
+        [{"messages": m} for m in conversations], SamplingParams(max_tokens=max_tokens), use_tqdm=False
+    )
+    lengths = []
+    for messages, out in zip(conversations, outs, strict=True):
+        inputs = chat_inputs(processor, messages)
+        ids = inputs["input_ids"][0].tolist()
+        assert out.error is None, out.error
+        assert out.prompt_token_ids == ids
+        with torch.no_grad():
+            want = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)[0, len(ids) :].tolist()
+        assert out.token_ids == want
+        lp = _logprobs(model, ids + want, _extras(inputs))
+        expected = lp[len(ids) - 1 : -1].gather(1, torch.tensor(want)[:, None]).squeeze(1)
+        np.testing.assert_allclose(out.logprobs, expected.numpy(), atol=ATOL)
+        lengths.append(len(ids))
+    return lengths
+
+
+def assert_choice_scores_match(engine, model, processor, conversations) -> None:
+    """`Engine.score` choice log-likelihoods equal transformers' within ATOL."""
+    choices = ["Japan", " Peru", "Ghana and more"]
+    scores = engine.score([{"messages": m, "choices": choices} for m in conversations], use_tqdm=False)
+    for messages, score in zip(conversations, scores, strict=True):
+        assert score.error is None, score.error
+        inputs = chat_inputs(processor, messages)
+        ctx = inputs["input_ids"][0].tolist()
+        for choice, got in zip(choices, score.choices, strict=True):
+            cont = processor.tokenizer(choice, add_special_tokens=False)["input_ids"]
+            lp = _logprobs(model, ctx + cont, _extras(inputs))[len(ctx) - 1 : -1]
+            assert got.num_tokens == len(cont)
+            want = float(lp.gather(1, torch.tensor(cont)[:, None]).sum())
+            assert abs(got.logprob - want) <= ATOL, (choice, got.logprob, want)
+
+
+def assert_serving_features_change_nothing(engine, path, conversations) -> None:
+    """Prefix caching, chunked prefill, a one-image step budget and preemption leave sampled outputs as they
+    are; the budget spreads a step's images over several encoder calls; `score` shares each context."""
+    from cultengine import Engine, SamplingParams
+
+    reqs = [{"messages": m} for m in conversations] * 2
+    params = SamplingParams(max_tokens=5, temperature=0.8, seed=3, ignore_eos=True)
+    outs = engine.generate(reqs, params, use_tqdm=False)
+    expected = [o.token_ids for o in outs]
+    assert engine.stats()["prefix_cache_hit_tokens"] > 0  # the repeated conversations share their context
+    longest = max(len(o.prompt_token_ids) for o in outs) + 5
+    # A few KV blocks more than the longest sequence needs: sequences are preempted and recomputed (at some
+    # of these sizes; which ones depends on the prompts' lengths).
+    tight = [
+        {"block_size": size, "num_blocks": -(-longest // size) + extra, "max_model_len": longest}
+        for size in (4, 16)
+        for extra in (1, 2, 4, 8, 16, 24)
+    ]
+    preemptions, calls = 0, {}
+    for name, kwargs in (
+        ("no prefix cache", {"enable_prefix_caching": False}),
+        ("chunked", {"max_num_batched_tokens": 16, "block_size": 4}),
+        ("budget", {"max_num_image_tokens": 1}),
+        ("unbudgeted", {}),
+        *((f"tight {i}", k) for i, k in enumerate(tight)),
+    ):
+        other = Engine(path, dtype="float32", **kwargs)
+        encode, calls[name] = other.model.encode_images, []
+
+        def recording(images, encode=encode, seen=calls[name]):
+            seen.append(len(images))
+            return encode(images)
+
+        other.model.encode_images = recording
+        assert [o.token_ids for o in other.generate(reqs, params, use_tqdm=False)] == expected, name
+        preemptions += other.stats()["num_preemptions"]
+    assert preemptions > 0
+    assert max(calls["budget"]) == 1 < max(calls["unbudgeted"])  # one image a step, whole; else several
+    before = engine.stats()["prefix_cache_hit_tokens"]
+    engine.score([{"messages": conversations[1], "choices": ["a", "b", "c", "d"]}], use_tqdm=False)
+    assert engine.stats()["prefix_cache_hit_tokens"] - before >= 3 * 16
+
+
+def to_transformers4_config(src: Path, dst: Path) -> Path:
+    """A copy of a checkpoint whose config.json is in transformers 4's layout (torch_dtype, rope_theta)."""
+    import json
+    import shutil
+
+    old = shutil.copytree(src, dst)
+    config = json.loads((old / "config.json").read_text())
+    text = config["text_config"]
+    params = text.pop("rope_parameters", None) or {"rope_theta": text.pop("rope_theta")}
+    text["rope_theta"], text["rope_scaling"] = params["rope_theta"], None
+    for c in (config, text, config["vision_config"]):
+        if "dtype" in c:
+            c["torch_dtype"] = c.pop("dtype")
+    (old / "config.json").write_text(json.dumps(config))
+    return old
+
+
+def edited(src: Path, dst: Path, file: str, **changes) -> Path:
+    """A copy of a checkpoint with `changes` made in one JSON file (processor_config.json: its image processor
+    part, or its top level for the keys that live there)."""
+    import json
+    import shutil
+
+    d = shutil.copytree(src, dst)
+    data = json.loads((d / file).read_text())
+    for key, value in changes.items():
+        target = data["image_processor"] if file == "processor_config.json" and key in data["image_processor"] else data
+        target[key] = value
+    (d / file).write_text(json.dumps(data))
+    return d

@@ -98,9 +98,10 @@ class Idefics3ImageProcessor(ImageProcessor):
         # The base class does colour, rescale and normalisation; the geometry is this processor's own.
         # (Its padding only aligns a batch's tiles, which are all one size here: nothing to pad.)
         super().__init__({**c, "do_resize": False, "do_pad": False}, backend)
-        self.longest_edge = size_dict(c["size"], False).get("longest_edge") if c["do_resize"] else None
-        if c["do_resize"] and self.longest_edge is None:
-            raise ValueError(f"size must be {{'longest_edge': N}}, got {c['size']}")
+        # The first resize: the longest edge to `size["longest_edge"]`, or exactly to height x width.
+        self.first_size = size_dict(c["size"], False) if c["do_resize"] else None
+        if self.first_size is not None and set(self.first_size) not in ({"longest_edge"}, {"height", "width"}):
+            raise ValueError(f"size must be {{'longest_edge': N}} or {{'height': H, 'width': W}}, got {c['size']}")
         self.tile = size_dict(c["max_image_size"], False).get("longest_edge")
         if not isinstance(self.tile, int) or self.tile < 1:
             raise ValueError(f"max_image_size must be {{'longest_edge': N}}, got {c['max_image_size']}")
@@ -109,8 +110,14 @@ class Idefics3ImageProcessor(ImageProcessor):
     def tiles(self, x: Array) -> tuple[list[Array], tuple[int, int]]:
         """uint8 tiles in prompt order (rows x columns, then the global image) and the (rows, columns) of the
         split ((0, 0): one tile, the image itself)."""
-        if self.longest_edge is not None:
-            x = resize(x, longest_edge_size(tuple(x.shape[-2:]), self.longest_edge), self.resample)
+        if self.first_size is not None:
+            size = self.first_size
+            hw = (
+                longest_edge_size(tuple(x.shape[-2:]), size["longest_edge"])
+                if "longest_edge" in size
+                else (size["height"], size["width"])
+            )
+            x = resize(x, hw, self.resample)
         t = self.tile
         if not self.do_image_splitting:
             return [resize(x, (t, t), self.resample)], (0, 0)
@@ -136,6 +143,8 @@ def idefics3_position_ids(patches_per_side: int, num_positions_per_side: int) ->
 class Idefics3(Family):
     """Config, image splitting and prompt layout of an Idefics3 checkpoint."""
 
+    markers_from_tokenizer: ClassVar[bool] = False
+
     def __init__(self, checkpoint: Checkpoint, image_backend: str | None = None):
         super().__init__(checkpoint, image_backend)
         config = checkpoint.config
@@ -158,7 +167,7 @@ class Idefics3(Family):
         self.placeholder_id = config_int(
             {"image_token_id": config.get("image_token_id", 128257)}, "image_token_id", self.where
         )
-        pre = checkpoint.path / "preprocessor_config.json"
+        pre = checkpoint.preprocessor_file
         if not checkpoint.preprocessor_config:
             raise CheckpointError(
                 f"{checkpoint.path}: no preprocessor_config.json or processor_config.json "
@@ -193,8 +202,9 @@ class Idefics3(Family):
                 raise CheckpointError(f"{checkpoint.tokenizer_path}: the image marker token {text!r} is missing")
             return i
 
-        # SmolVLM's processor reads the marker names off the tokenizer (tokenizer_config.json) when it names them.
-        names = checkpoint.tokenizer_config
+        # SmolVLM's processor reads the marker names off the tokenizer (tokenizer_config.json) when it names
+        # them; Idefics3's has them fixed.
+        names = checkpoint.tokenizer_config if self.markers_from_tokenizer else {}
         self.fake_id = token(names.get("fake_image_token") or "<fake_token_around_image>")
         self.global_id = token(names.get("global_image_token") or "<global-img>")
         self.row_col_ids = [[token(f"<row_{r}_col_{c}>") for c in range(1, 7)] for r in range(1, 7)]
@@ -238,7 +248,10 @@ class Idefics3(Family):
 
 
 class SmolVLM(Idefics3):
-    """SmolVLM / SmolVLM2: Idefics3's layout and processor under another name (a SmolLM2 decoder)."""
+    """SmolVLM / SmolVLM2: Idefics3's layout and processor (a SmolLM2 decoder); its processor takes the marker
+    tokens' names from the tokenizer's settings."""
+
+    markers_from_tokenizer = True
 
 
 class Idefics3Model(SplicedDecoder):

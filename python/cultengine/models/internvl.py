@@ -316,7 +316,7 @@ class InternVL(Family):
 
     def _image_processor(self) -> None:
         ckpt = self.checkpoint
-        pre = ckpt.path / "preprocessor_config.json"
+        pre = ckpt.preprocessor_file
         if not ckpt.preprocessor_config:
             raise CheckpointError(
                 f"{ckpt.path}: no preprocessor_config.json or processor_config.json "
