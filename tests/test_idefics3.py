@@ -7,6 +7,7 @@ Embeddings are one run per tile, with the row/column markers and newlines betwee
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,6 +16,7 @@ from cultengine.checkpoint import load_checkpoint
 from cultengine.errors import CheckpointError
 from cultengine.models import family_for
 from tiny_tiles import (
+    ATOL,
     CONVERSATIONS,
     ODD,
     SMALL,
@@ -109,13 +111,12 @@ def test_both_config_layouts_load_the_same(pair, family_path, tmp_path):
     )
 
 
-def test_triton_backend_gives_the_torch_tokens(pair, family_path):
+def test_triton_backend_matches_the_torch_path(pair, family_path):
     req, params = [{"messages": CONVERSATIONS[1]}], SamplingParams(max_tokens=4)
-    triton = Engine(family_path, dtype="float32", attention_backend="triton")
-    assert (
-        triton.generate(req, params, use_tqdm=False)[0].token_ids
-        == pair[0].generate(req, params, use_tqdm=False)[0].token_ids
-    )
+    triton = Engine(family_path, dtype="float32", attention_backend="triton").generate(req, params, use_tqdm=False)
+    torch_path = pair[0].generate(req, params, use_tqdm=False)
+    assert triton[0].token_ids == torch_path[0].token_ids
+    np.testing.assert_allclose(triton[0].logprobs, torch_path[0].logprobs, atol=ATOL)
 
 
 @pytest.mark.parametrize(
