@@ -57,3 +57,17 @@ def test_family_presets_have_real_shapes(tmp_path, name, arch, hidden, tiles):
     # A 1000 x 700 photo: the best grid of tiles plus the base tile.
     feats = family.process_image(Image.new("RGB", (1000, 700)), {"num_images": 1})
     assert feats.pixels.shape[0] == tiles and len(feats.token_ids) == feats.num_embeddings > 2 * family.tokens_per_tile
+
+
+@pytest.mark.parametrize("name,arch,hidden,tiles,tokens_per_tile", [
+    ("smolvlm2-2.2b", "SmolVLMForConditionalGeneration", 2048, 3 * 4 + 1, 81),
+    ("internvl3-8b", "InternVLForConditionalGeneration", 3584, 3 * 2 + 1, 256),
+])
+def test_tiling_presets_have_real_shapes(tmp_path, name, arch, hidden, tiles, tokens_per_tile):
+    ckpt = load_checkpoint(preset_checkpoint(name, tmp_path / "p"), device="meta", random_init=True)
+    family = family_for(ckpt)
+    assert ckpt.architecture == arch and family.text.hidden_size == hidden
+    assert family.tokens_per_tile == tokens_per_tile
+    # A 1000 x 700 photo: its grid of tiles plus the global image / thumbnail, one embedding each a token.
+    feats = family.process_image(Image.new("RGB", (1000, 700)), {})
+    assert feats.pixels.shape[0] == tiles and feats.num_embeddings == tiles * tokens_per_tile
