@@ -200,3 +200,19 @@ def test_unsupported_architecture_lists_the_registry(family_path, tmp_path):
     with pytest.raises(CheckpointError, match="'FancyVLM.*supported: LlavaForConditionalGeneration, "
                                               "LlavaNextForConditionalGeneration, LlavaOnevision"):
         family_for(load_checkpoint(d))
+
+
+def test_bench_runs_on_the_family(family_path, tmp_path):
+    """`cultengine bench --model DIR` on the embedded default benchmark (its first rows)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    env = dict(os.environ, CULTENGINE_CACHE=str(tmp_path / "cache"))
+    p = subprocess.run([sys.executable, "-m", "cultengine.cli", "bench", "--device", "cpu", "--model",
+                        str(family_path), "--limit", "6", "--output-dir", str(out)], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["overall"]["n"] == 6 and len((out / "results.jsonl").read_text().splitlines()) == 6

@@ -133,12 +133,24 @@ def _index_weights(path: Path) -> dict[str, tuple[Path, str]]:
         weight_map = _read_json(index_file).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index_file}: no 'weight_map' object")
+        bad = sorted({repr(f) for f in weight_map.values() if not isinstance(f, str) or not f})
+        if bad:
+            raise CheckpointError(f"{index_file}: weight_map values must be file names, got {', '.join(bad)}")
         files = sorted(set(weight_map.values()))
-        for f in files:
-            if not (path / f).is_file():
-                raise CheckpointError(f"{index_file}: shard {f!r} is listed but not present in {path}")
+        where = f"{index_file}: shard"
     else:
         files = sorted(p.name for p in path.glob("*.safetensors"))
+        where = f"{path}: weight file"
+    root = path.resolve()
+    # A Hugging Face cache snapshot (models--org--name/snapshots/<rev>) links its files to ../../blobs/.
+    roots = [root, root.parent.parent] if root.parent.name == "snapshots" else [root]
+    for f in files:
+        # A weight index (or a symlink) may not make us open files outside the checkpoint.
+        target = (path / f).resolve()
+        if Path(f).is_absolute() or ".." in Path(f).parts or not any(target.is_relative_to(r) for r in roots):
+            raise CheckpointError(f"{where} {f!r} lies outside the checkpoint folder {path}; refusing to read it")
+        if not target.is_file():
+            raise CheckpointError(f"{where} {f!r} is listed but not present in {path}")
     if not files:
         pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
         if pickles:
