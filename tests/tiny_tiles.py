@@ -335,8 +335,9 @@ def assert_choice_scores_match(engine, model, processor, conversations) -> None:
 
 
 def assert_serving_features_change_nothing(engine, path, conversations) -> None:
-    """Prefix caching, chunked prefill, a one-image step budget and preemption leave sampled outputs as they
-    are; the budget spreads a step's images over several encoder calls; `score` shares each context."""
+    """Prefix caching, the encoder cache, chunked prefill, a one-image step budget and preemption leave sampled
+    outputs as they are; the encoder cache encodes a repeated image once; the budget spreads a step's images
+    over several encoder calls; `score` shares each context."""
     from cultengine import Engine, SamplingParams
 
     reqs = [{"messages": m} for m in conversations] * 2
@@ -370,6 +371,9 @@ def assert_serving_features_change_nothing(engine, path, conversations) -> None:
         other.model.encode_images = recording
         assert [o.token_ids for o in other.generate(reqs, params, use_tqdm=False)] == expected, name
         preemptions += other.stats()["num_preemptions"]
+        if name == "no prefix cache":  # every request embeds its images: the encoder cache encodes each once
+            distinct = {id(item["image"]) for m in conversations for item in m[0]["content"] if "image" in item}
+            assert other.stats()["images_encoded"] == len(distinct)
     assert preemptions > 0
     assert max(calls["budget"]) == 1 < max(calls["unbudgeted"])  # one image a step, whole; else several
     before = engine.stats()["prefix_cache_hit_tokens"]
