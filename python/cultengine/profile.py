@@ -127,7 +127,7 @@ def preset_checkpoint(name: str, out_dir: Path) -> Path:
     # The demo tokenizer's ids (its image token included) must stay inside the preset's vocabulary.
     text = config["text_config"]
     text["vocab_size"] = max(text["vocab_size"], demo_cfg["text_config"]["vocab_size"])
-    config["image_token_index"] = demo_cfg["image_token_index"]
+    config["image_token_index"] = config["image_token_id"] = demo_cfg["image_token_index"]  # both names in use
     if family_tokens:
         config["image_token_id"] = _add_family_tokens(out_dir, family_tokens[0])
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
