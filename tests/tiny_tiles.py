@@ -17,6 +17,7 @@ Public API (importable from any test: `from tiny_tiles import ...`):
                  decoder, 1..6 tiles by aspect ratio plus a thumbnail.
     "internvl_qk" InternVL with RMSNorm, q/k norms, q/k/v biases, a final LayerNorm (no mean pooling), an
                  untied lm_head and vision_feature_layer -2.
+    "internvl_qwen3" InternVL3.5's layout: InternVL3's tower before a Qwen3 decoder (per-head q/k norms).
 - `reference_tiles(path, backend=None)`: transformers' model (fp32, eager) and processor (`backend`: "pil",
   "torchvision" or transformers' default).
 - Shared checks: test images `WIDE, TALL, SMALL, ODD, SQUARE`, `user(...)`, `CONVERSATIONS` (0, 1 and 2 images),
@@ -35,7 +36,7 @@ from tokenizers import AddedToken, Tokenizer
 
 from tiny_checkpoints import _train_tokenizer
 
-TILE_FAMILIES = ("idefics3", "smolvlm", "internvl", "internvl_qk")
+TILE_FAMILIES = ("idefics3", "smolvlm", "internvl", "internvl_qk", "internvl_qwen3")
 
 IDEFICS3_TOKENS = [
     "<fake_token_around_image>",
@@ -90,7 +91,7 @@ def _text(kind: str, vocab: int, **kw):
         eos_token_id=1,
         pad_token_id=2,
     )
-    return (t.LlamaConfig if kind == "llama" else t.Qwen2Config)(**common, **kw)
+    return {"llama": t.LlamaConfig, "qwen2": t.Qwen2Config, "qwen3": t.Qwen3Config}[kind](**common, **kw)
 
 
 def _perturb(model, seed: int) -> None:
@@ -168,7 +169,7 @@ def build_tiny_tiles(out_dir: str | Path, family: str = "idefics3", seed: int = 
             chat_template=template,
             **extra,
         )
-    elif family in ("internvl", "internvl_qk"):
+    elif family in ("internvl", "internvl_qk", "internvl_qwen3"):
         tok = _tokenizer(INTERNVL_TOKENS)
         vocab = (tok.get_vocab_size() + 31) // 32 * 32
         eos = [1, tok.token_to_id("<|im_end|>")]
@@ -185,9 +186,14 @@ def build_tiny_tiles(out_dir: str | Path, family: str = "idefics3", seed: int = 
             attention_bias=qk,
             use_mean_pooling=not qk,
         )
+        text = (
+            _text("qwen3", vocab, head_dim=16, rope_theta=1e6)
+            if family == "internvl_qwen3"
+            else _text("qwen2", vocab, rope_theta=1e6)
+        )
         config = t.InternVLConfig(
             vision_config=vision,
-            text_config=_text("qwen2", vocab, rope_theta=1e6),
+            text_config=text,
             image_token_id=tok.token_to_id("<IMG_CONTEXT>"),
             image_seq_length=4,
             downsample_ratio=0.5,
