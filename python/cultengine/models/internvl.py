@@ -9,6 +9,7 @@ prompt the image is `<img>`, one `<IMG_CONTEXT>` per embedding (all tiles in one
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, ClassVar
@@ -71,7 +72,7 @@ def best_grid(hw: tuple[int, int], tile: tuple[int, int], min_tiles: int, max_ti
     return best
 
 
-class InternVLImageProcessor(ImageProcessor):
+class GotOcr2ImageProcessor(ImageProcessor):
     """transformers' `GotOcr2ImageProcessor` (and its Pil twin) as `InternVLProcessor` drives it (always cropping
     to tiles): bicubic resize to the best grid, the tiles row by row, a thumbnail when there are several."""
 
@@ -323,7 +324,7 @@ class InternVL(Family):
                 "(a tiling model needs its image processor's settings)"
             )
         try:
-            self.image_processor = InternVLImageProcessor(ckpt.preprocessor_config, self.image_backend)
+            self.image_processor = GotOcr2ImageProcessor(ckpt.preprocessor_config, self.image_backend)
         except ValueError as e:
             raise CheckpointError(f"{pre}: {e}") from e
         s = self.vision.image_size
@@ -375,7 +376,7 @@ class InternVL(Family):
 
 
 class InternVLModel(SplicedDecoder):
-    """InternViT -> patch features (CLS dropped) -> pixel shuffle -> LayerNorm + MLP, per tile; Qwen2 decoder."""
+    """InternViT -> patch features (CLS dropped) -> pixel shuffle -> LayerNorm + MLP, per tile; Qwen2 / Qwen3."""
 
     def __init__(self, family: InternVL, ops, max_positions: int | None = None):
         ckpt = family.checkpoint
@@ -401,7 +402,7 @@ class InternVLModel(SplicedDecoder):
         # Every tile of every image has the tower's size: one batched call, then each image's tiles in order.
         states = self.vision.forward(torch.cat([im.pixels for im in images]))[:, 1:]
         n, patches, e = states.shape
-        side = int(patches**0.5)
+        side = math.isqrt(patches)
         x = self.pixel_shuffle(states.reshape(n, side, side, e))
         x = F.layer_norm(x, (x.shape[-1],), *self.norm, _PROJECTOR_NORM_EPS)
         x = F.linear(self.proj_act(F.linear(x, *self.proj1)), *self.proj2)
