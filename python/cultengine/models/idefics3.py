@@ -23,7 +23,7 @@ from ..checkpoint import Checkpoint, _read_json
 from ..errors import CheckpointError, config_int
 from ..image import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, Array, ImageProcessor, resize, size_dict
 from .decoder import TextConfig, tied_embeddings
-from .family import Family, ImageFeatures
+from .family import Family, ImageFeatures, marker_token_ids
 from .llava import SplicedDecoder
 from .vision import VisionConfig, VisionTower
 
@@ -195,19 +195,12 @@ class Idefics3(Family):
     def _markers(self, checkpoint: Checkpoint) -> None:
         """The ids of the prompt's image markers and of the newlines between rows."""
         tok = _core.Tokenizer.from_file(str(checkpoint.tokenizer_path))
-
-        def token(text: str) -> int:
-            i = tok.token_to_id(text)
-            if i is None:
-                raise CheckpointError(f"{checkpoint.tokenizer_path}: the image marker token {text!r} is missing")
-            return i
-
-        # SmolVLM's processor reads the marker names off the tokenizer (tokenizer_config.json) when it names
-        # them; Idefics3's has them fixed.
-        names = checkpoint.tokenizer_config if self.markers_from_tokenizer else {}
-        self.fake_id = token(names.get("fake_image_token") or "<fake_token_around_image>")
-        self.global_id = token(names.get("global_image_token") or "<global-img>")
-        self.row_col_ids = [[token(f"<row_{r}_col_{c}>") for c in range(1, 7)] for r in range(1, 7)]
+        # SmolVLM's processor takes these two names from the tokenizer's settings; Idefics3's has them fixed.
+        named = {"fake_image_token": "<fake_token_around_image>", "global_image_token": "<global-img>"}
+        self.fake_id, self.global_id = marker_token_ids(tok, checkpoint, named, self.markers_from_tokenizer)
+        grid = {f"<row_{r}_col_{c}>": f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)}
+        ids = marker_token_ids(tok, checkpoint, grid, named=False)
+        self.row_col_ids = [ids[r * 6 : (r + 1) * 6] for r in range(6)]
         # The newlines sit between special tokens, so they are tokenized on their own.
         self.newline, self.row_gap = tok.encode("\n"), tok.encode("\n\n")
 

@@ -23,7 +23,7 @@ from ..checkpoint import Checkpoint, _read_json
 from ..errors import CheckpointError, config_float, config_int
 from ..image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Array, ImageProcessor, resize, size_dict
 from .decoder import TextConfig
-from .family import Family, ImageFeatures
+from .family import Family, ImageFeatures, marker_token_ids
 from .llava import SplicedDecoder
 from .vision import activation
 
@@ -341,18 +341,8 @@ class InternVL(Family):
 
     def _markers(self, checkpoint: Checkpoint) -> None:
         tok = _core.Tokenizer.from_file(str(checkpoint.tokenizer_path))
-        names = checkpoint.tokenizer_config
-        extra = names.get("extra_special_tokens")
-        names = {**names, **(extra if isinstance(extra, dict) else {})}
-
-        def token(attr: str, default: str) -> int:
-            text = names.get(attr) if isinstance(names.get(attr), str) else default
-            i = tok.token_to_id(text)
-            if i is None:
-                raise CheckpointError(f"{checkpoint.tokenizer_path}: the image marker token {text!r} is missing")
-            return i
-
-        self.start_id, self.end_id = token("start_image_token", "<img>"), token("end_image_token", "</img>")
+        markers = {"start_image_token": "<img>", "end_image_token": "</img>"}
+        self.start_id, self.end_id = marker_token_ids(tok, checkpoint, markers)
 
     @property
     def max_context(self) -> int:
