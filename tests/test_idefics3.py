@@ -24,6 +24,7 @@ from tiny_tiles import (
     TALL,
     WIDE,
     assert_choice_scores_match,
+    assert_cuda_matches_cpu,
     assert_generations_match,
     assert_serving_features_change_nothing,
     build_tiny_tiles,
@@ -156,3 +157,8 @@ def test_marker_token_names_follow_the_processor(family_name, family_path, tmp_p
     assert processor.tokenizer.convert_tokens_to_ids("<global-pic>") in ids
     out = engine.generate([{"messages": CONVERSATIONS[1]}], SamplingParams(max_tokens=1), use_tqdm=False)[0]
     assert out.prompt_token_ids == ids
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_the_cpu_torch_path(family_path):
+    assert_cuda_matches_cpu(family_path, CONVERSATIONS)

@@ -28,6 +28,7 @@ from tiny_tiles import (
     TALL,
     WIDE,
     assert_choice_scores_match,
+    assert_cuda_matches_cpu,
     assert_generations_match,
     assert_serving_features_change_nothing,
     build_tiny_tiles,
@@ -143,3 +144,8 @@ def test_remote_code_layout_names_the_hf_checkpoint(family_path, tmp_path):
     assert config["auto_map"]
     with pytest.raises(CheckpointError, match="-hf.*InternVLForConditionalGeneration.*never runs checkpoint code"):
         Engine(path, dtype="float32")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_the_cpu_torch_path(family_path):
+    assert_cuda_matches_cpu(family_path, CONVERSATIONS)

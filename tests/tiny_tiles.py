@@ -22,7 +22,7 @@ Public API (importable from any test: `from tiny_tiles import ...`):
   "torchvision" or transformers' default).
 - Shared checks: test images `WIDE, TALL, SMALL, ODD, SQUARE`, `user(...)`, `CONVERSATIONS` (0, 1 and 2 images),
   `assert_generations_match`, `assert_choice_scores_match`, `assert_serving_features_change_nothing`,
-  `to_transformers4_config`, `edited`.
+  `to_transformers4_config`, `edited`, `assert_cuda_matches_cpu` (CUDA tests, skipped without a GPU).
 """
 
 from __future__ import annotations
@@ -417,3 +417,25 @@ def edited(src: Path, dst: Path, file: str, **changes) -> Path:
         target[key] = value
     (d / file).write_text(json.dumps(data))
     return d
+
+
+def assert_cuda_matches_cpu(path: Path, conversations) -> None:
+    """On CUDA (Triton kernels, CUDA-graph decode), fp32 generations equal the CPU torch path's (tokens, and
+    log-probabilities within ATOL); bf16 choice log-likelihoods stay within 0.05 a token of fp32's."""
+    from cultengine import Engine, SamplingParams
+
+    reqs = [{"messages": m} for m in conversations]
+    params = SamplingParams(max_tokens=8)
+    cpu = Engine(path, dtype="float32").generate(reqs, params, use_tqdm=False)
+    engine = Engine(path, device="cuda", dtype="float32")
+    cuda = engine.generate(reqs, params, use_tqdm=False)
+    assert engine.ops.backend == "triton" and engine.runner.decode_graphs.replays > 0
+    for got, want in zip(cuda, cpu, strict=True):
+        assert got.error is None and got.token_ids == want.token_ids
+        np.testing.assert_allclose(got.logprobs, want.logprobs, atol=ATOL)
+    scored = [{**r, "choices": ["Japan", " Peru"]} for r in reqs[1:3]]
+    fp32 = engine.score(scored, use_tqdm=False)
+    bf16 = Engine(path, device="cuda", dtype="bfloat16").score(scored, use_tqdm=False)
+    for a, b in zip(fp32, bf16, strict=True):
+        for ca, cb in zip(a.choices, b.choices, strict=True):
+            assert abs(ca.logprob - cb.logprob) <= 0.05 * ca.num_tokens
