@@ -142,8 +142,11 @@ def test_remote_code_layout_names_the_hf_checkpoint(family_path, tmp_path):
     )
     config = json.loads((path / "config.json").read_text())
     assert config["auto_map"]
-    with pytest.raises(CheckpointError, match="-hf.*InternVLForConditionalGeneration.*never runs checkpoint code"):
+    needle = "-hf.*InternVLForConditionalGeneration.*never runs checkpoint code"
+    with pytest.raises(CheckpointError, match=needle):  # refused before a weight file is opened
         Engine(path, dtype="float32")
+    with pytest.raises(CheckpointError, match=needle):  # and by the registry
+        family_for(load_checkpoint(path))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -15,7 +15,7 @@ from bench_helpers import bench_args
 from cultengine import runlog
 from cultengine.bench import judge, langgap
 from cultengine.bench.data import Row
-from cultengine.bench.run import run
+from cultengine.bench.run import RunError, run
 from cultengine.outputs import ChoiceScore, GenerationOutput, Sample, ScoreOutput
 
 REPO = Path(__file__).resolve().parents[1]
@@ -187,7 +187,7 @@ def test_tiny_judge_on_fixed_answers(tmp_path, tiny_llama, monkeypatch):
     (tmp_path / "other.jinja").write_text(SHORT_PROMPT + " (yes/no)")
     with pytest.raises(SystemExit, match="another judge model or prompt"):
         run(bench_args(**{**vars(args), "judge_prompt": str(tmp_path / "other.jinja")}), make_engine=make)
-    with pytest.raises(SystemExit, match="use it with --suite vqa"):
+    with pytest.raises(RunError, match="use it with --suite vqa"):
         run(bench_args(**{**vars(args), "suite": "mcq"}), make_engine=make)
     # verdicts deleted: the summary and the result lines drop them
     (out / judge.JUDGMENTS).unlink()

@@ -10,6 +10,7 @@ from PIL import Image
 from bench_helpers import FakeEngine, bench_args
 from cultengine import runlog
 from cultengine.bench import data
+from cultengine.bench.formats import ImportOptions
 from cultengine.bench.run import RunError, _open_run_dir, run
 
 
@@ -263,9 +264,9 @@ def test_image_paths_stay_inside_the_dataset_folder(tmp_path, monkeypatch):
     assert "--allow-absolute-image-paths" in ds.skipped[0].reason
     assert opened == [str(ds_dir / "img" / "in.png")]  # nothing outside was opened
     # --image-root: relative paths resolve under it instead
-    ds = data.load([f], image_root=tmp_path)
+    ds = data.load([f], opts=ImportOptions(image_root=tmp_path))
     assert [r.id for r in ds.rows] == ["abs"] and ds.rows[0].images == [str(tmp_path / "outside.png")]
     # --allow-absolute-image-paths trusts the file's paths
-    ds = data.load([f], allow_outside_images=True)
+    ds = data.load([f], opts=ImportOptions(allow_outside_images=True))
     assert sorted(r.id for r in ds.rows) == ["abs", "in", "link", "up"]
     assert [s.id for s in ds.skipped] == ["passwd"]  # not an image: skipped as unreadable

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, unsupported_architecture
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16, "half": torch.float16}
@@ -196,11 +196,13 @@ def _resolve_dtype(dtype: str | torch.dtype, config: dict) -> torch.dtype:
 
 
 def load_checkpoint(path: str | Path, dtype: str | torch.dtype = "auto",
-                    device: str | torch.device = "cpu", random_init: bool = False) -> Checkpoint:
+                    device: str | torch.device = "cpu", random_init: bool = False,
+                    architectures: tuple[str, ...] | None = None) -> Checkpoint:
     """Parse a local checkpoint directory; weights are indexed now and read by `Checkpoint.tensor`.
 
     `random_init` needs only config and tokenizer files: weights are drawn instead of read (profiling
-    real model shapes without downloading them).
+    real model shapes without downloading them). `architectures`, when given, are the ones the caller
+    can run: any other is refused before a weight file is opened.
     """
     path = Path(path).expanduser()
     if not path.is_dir():
@@ -209,6 +211,8 @@ def load_checkpoint(path: str | Path, dtype: str | torch.dtype = "auto",
     config = _read_json(path / "config.json")
     archs = config.get("architectures") or []
     arch = archs[0] if archs and isinstance(archs[0], str) else str(config.get("model_type", "<none>"))
+    if architectures is not None and arch not in architectures:  # before any weight file is opened
+        raise unsupported_architecture(str(path / "config.json"), arch, architectures)
     text_cfg = config.get("text_config") or {}
     weights = {} if random_init else _index_weights(path)
 

@@ -21,7 +21,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import compare, profile
+    from . import compare, profile, serve
     from .bench import cli as bench_cli
     from .studies import cli as studies_cli
 
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     studies_cli.register(sub)  # values, stories, ground, analyze
     profile.register(sub)
     compare.register(sub)
+    serve.register(sub)
     return parser
 
 

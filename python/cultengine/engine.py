@@ -22,7 +22,7 @@ from . import _core
 from .chat import render_checkpoint_chat
 from .checkpoint import load_checkpoint
 from .image import load_image
-from .models import ImageFeatures, family_for
+from .models import SUPPORTED_ARCHITECTURES, ImageFeatures, family_for
 from .ops import Ops, resolve_backend
 from .outputs import ChoiceScore, GenerationOutput, Sample, ScoreOutput
 from .runner import ModelRunner
@@ -70,14 +70,17 @@ class Engine:
                  enable_prefix_caching: bool = True, attention_backend: str | None = None,
                  max_model_len: int | None = None, encoder_cache_size: int = 256, random_init: bool = False,
                  profile: bool = False, cuda_graphs: bool = True, image_backend: str | None = None,
-                 max_num_image_tokens: int | None = None, threads: int | None = None):
+                 max_num_image_tokens: int | None = None, threads: int | None = None,
+                 image_options: dict | None = None):
         """`random_init` draws weights instead of reading them (profiling model shapes); `profile`
         synchronises the device around each phase to time it and records per-request latencies;
         `cuda_graphs` replays decode steps from CUDA graphs (CUDA with the Triton backend only);
         `image_backend` ("pil" | "torchvision") overrides the preprocessing path transformers would pick;
         `max_num_image_tokens` caps the image embeddings a step starts (each image's encoder runs whole
         in the step that first reaches it; many-tile images then spread over steps); `threads` sets torch's
-        CPU threads (default: the cores this process may run on, unless OMP_NUM_THREADS is set)."""
+        CPU threads (default: the cores this process may run on, unless OMP_NUM_THREADS is set);
+        `image_options` are defaults for the request keys the family reads from requests
+        (`family.image_options`, e.g. Qwen's `min_pixels`/`max_pixels`)."""
         _set_threads(threads)
         if str(model) == "demo":
             from .bench.demo_checkpoint import ensure
@@ -88,8 +91,14 @@ class Engine:
             raise RuntimeError("device='cuda' was asked for but torch sees no CUDA device")
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)  # Triton launches and graph capture use the current device
-        self.checkpoint = load_checkpoint(model, dtype=dtype, device=self.device, random_init=random_init)
+        self.checkpoint = load_checkpoint(model, dtype=dtype, device=self.device, random_init=random_init,
+                                          architectures=SUPPORTED_ARCHITECTURES)
         self.family = family_for(self.checkpoint, image_backend)
+        unknown = set(image_options or {}) - set(self.family.image_options)
+        if unknown:
+            raise ValueError(f"image_options {sorted(unknown)} are not read by this model family (it reads: "
+                             f"{', '.join(self.family.image_options) or 'none'})")
+        self.image_options = dict(image_options or {})
         self.tokenizer = _core.Tokenizer.from_file(str(self.checkpoint.tokenizer_path))
         self.ops = Ops(resolve_backend(self.device, attention_backend))
         context = self.family.max_context
@@ -366,7 +375,7 @@ class Engine:
                 raise RequestError(f"'images' must be a list, got {type(images).__name__}")
         else:
             raise RequestError("a request needs 'prompt' (with images) or 'messages'")
-        options = {k: req[k] for k in self.family.image_options if k in req}
+        options = {**self.image_options, **{k: req[k] for k in self.family.image_options if k in req}}
         if "num_images" in self.family.image_options:  # OneVision tiles only a prompt's only image
             options["num_images"] = len(images)
         return text, list(images), special, options
@@ -432,7 +441,7 @@ class Engine:
                     self._release(seq.seq_id)
                     if first_token is not None:
                         self._record_latency(seq, first_token[seq.seq_id], time.perf_counter() - start)
-                    on_finished(seq, _NON_FINITE if seq.seq_id in non_finite else None)
+                    on_finished(seq, NON_FINITE_LOGITS if seq.seq_id in non_finite else None)
                 if finished and use_tqdm:
                     elapsed = time.perf_counter() - start
                     bar.set_postfix_str(f"{generated / elapsed:.1f} tok/s out", refresh=False)
@@ -506,7 +515,7 @@ class Engine:
         return {int(x) for x in plan.seq_ids[batch]}
 
 
-_NON_FINITE = ("the model produced NaN or infinite logits (in float16 or bfloat16, activations beyond the "
+NON_FINITE_LOGITS = ("the model produced NaN or infinite logits (in float16 or bfloat16, activations beyond the "
                "dtype's range; try dtype='float32')")
 
 

@@ -82,9 +82,12 @@ def _check_args(args) -> None:
     if args.template and not Path(args.template).is_file():
         raise RunError(f"--template {args.template}: no such file")
     try:
-        formats.expand(args.data or [], getattr(args, "split", None))
+        files = formats.expand(args.data or [], getattr(args, "split", None))
     except FileNotFoundError as e:
         raise RunError(f"--data: {e}") from None
+    for p in files:
+        if not p.is_file():
+            raise RunError(f"--data {p}: {'not a file' if p.exists() else 'no such file'}")
     if args.image_root and not Path(args.image_root).is_dir():
         raise RunError(f"--image-root {args.image_root}: no such directory")
 

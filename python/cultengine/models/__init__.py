@@ -9,24 +9,21 @@ from __future__ import annotations
 import importlib
 
 from ..checkpoint import Checkpoint
-from ..errors import CheckpointError
+from ..errors import unsupported_architecture
 from .family import Family, ImageFeatures, Model
 
 FAMILIES: dict[str, str] = {
     "LlavaForConditionalGeneration": "llava.Llava",
     "LlavaNextForConditionalGeneration": "llava_next.LlavaNext",
     "LlavaOnevisionForConditionalGeneration": "llava_onevision.LlavaOnevision",
+    "Qwen2VLForConditionalGeneration": "qwen2_vl.Qwen2VL",
+    "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl.Qwen2_5_VL",
+    "Qwen3VLForConditionalGeneration": "qwen3_vl.Qwen3VL",
     "Idefics3ForConditionalGeneration": "idefics3.Idefics3",
     "SmolVLMForConditionalGeneration": "idefics3.SmolVLM",
     "InternVLForConditionalGeneration": "internvl.InternVL",
 }
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
-# Architectures published in a remote-code layout (their own modelling code, `auto_map`, `trust_remote_code`),
-# whose weights cultengine reads in another family's layout: the error names the checkpoint to use instead.
-REMOTE_CODE_LAYOUTS: dict[str, str] = {
-    "InternVLChatModel": "InternVL's remote-code layout; use the transformers-native `-hf` checkpoint of the same "
-                         "model (e.g. OpenGVLab/InternVL3-8B-hf, architecture InternVLForConditionalGeneration)",
-}
 
 __all__ = ["FAMILIES", "SUPPORTED_ARCHITECTURES", "Family", "ImageFeatures", "Model", "build_model", "family_for"]
 
@@ -34,12 +31,9 @@ __all__ = ["FAMILIES", "SUPPORTED_ARCHITECTURES", "Family", "ImageFeatures", "Mo
 def family_for(checkpoint: Checkpoint, image_backend: str | None = None) -> Family:
     """The family of `checkpoint`'s architecture, its config parsed (CheckpointError if unsupported or bad)."""
     entry = FAMILIES.get(checkpoint.architecture)
-    if checkpoint.architecture in REMOTE_CODE_LAYOUTS:
-        raise CheckpointError(f"{checkpoint.path / 'config.json'}: architecture {checkpoint.architecture!r} is "
-                              f"{REMOTE_CODE_LAYOUTS[checkpoint.architecture]}; cultengine never runs checkpoint code")
     if entry is None:
-        raise CheckpointError(f"{checkpoint.path / 'config.json'}: architecture {checkpoint.architecture!r} is not "
-                              f"supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        raise unsupported_architecture(str(checkpoint.path / "config.json"), checkpoint.architecture,
+                                       SUPPORTED_ARCHITECTURES)
     module, cls = entry.rsplit(".", 1)
     return getattr(importlib.import_module(f".{module}", __package__), cls)(checkpoint, image_backend)
 
