@@ -3,7 +3,7 @@
 The test images pick different grids of 28-px tiles by aspect ratio: one tile (a square image, no
 thumbnail), several (4 x 1, 1 x 3, each with a thumbnail) and the maximum of 6 (3 x 2, 2 x 3).
 Two towers: InternVL3's (LayerNorm, mean pooling) and one with RMSNorm, q/k norms and q/k/v biases;
-and InternVL3.5's Qwen3 decoder where models/decoder.py has one.
+and InternVL3.5's layout, InternVL3's tower before a Qwen3 decoder.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from cultengine import Engine, SamplingParams
 from cultengine.checkpoint import load_checkpoint
 from cultengine.errors import CheckpointError
 from cultengine.models import family_for
-from cultengine.models.decoder import TEXT_MODELS
 from tiny_tiles import (
     ATOL,
     CONVERSATIONS,
@@ -38,17 +37,7 @@ from tiny_tiles import (
 )
 
 
-@pytest.fixture(
-    scope="module",
-    params=[
-        "internvl",
-        "internvl_qk",
-        pytest.param(
-            "internvl_qwen3",
-            marks=pytest.mark.skipif("qwen3" not in TEXT_MODELS, reason="no Qwen3 decoder in models/decoder.py yet"),
-        ),
-    ],
-)
+@pytest.fixture(scope="module", params=["internvl", "internvl_qk", "internvl_qwen3"])
 def family_path(request, tmp_path_factory):
     return build_tiny_tiles(tmp_path_factory.mktemp(request.param), request.param)
 
