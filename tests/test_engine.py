@@ -276,3 +276,24 @@ def test_engine_demo_and_threads(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="threads"):
         Engine("demo", threads=0)
     torch.set_num_threads(1)
+
+
+def test_choices_compute_only_their_own_tokens_and_score_alike_under_pressure(tiny_llama):
+    """Each choice forks from its context (computed once, its last row scoring every first choice token);
+    a choice computes only its tokens but the last. Tight memory (forked choices release their shared
+    blocks, preemption) and no prefix caching change no score."""
+    choices = ["Japan", " Peru and Chile", "Ghana", "a much longer answer about India"]
+    reqs = [{**r, "choices": choices} for r in REQUESTS[:3]]
+    engine = Engine(tiny_llama, dtype="float32", enable_prefix_caching=False)
+    want = engine.score(reqs, use_tqdm=False)
+    contexts = [len(engine._prepare([r])[0].prompt_ids) for r in reqs]
+    own = sum(len(engine.tokenizer.encode(c)) - 1 for c in choices) * len(reqs)
+    assert engine.stats()["prefill_tokens_computed"] == sum(contexts) + own
+    longest = max(contexts) + max(len(engine.tokenizer.encode(c)) for c in choices)
+    for kw in ({"block_size": 4, "num_blocks": -(-longest // 4) + 2, "max_model_len": longest},
+               {"block_size": 4, "max_num_batched_tokens": 8}):
+        got = Engine(tiny_llama, dtype="float32", **kw).score(reqs, use_tqdm=False)
+        for a, b in zip(got, want, strict=True):
+            assert a.error is None
+            np.testing.assert_allclose([c.logprob for c in a.choices], [c.logprob for c in b.choices], atol=1e-5)
+            assert [c.is_greedy for c in a.choices] == [c.is_greedy for c in b.choices]

@@ -119,6 +119,7 @@ class Engine:
             max_num_image_tokens=max_num_image_tokens)
         self._next_seq_id = 0
         self._seq_images: dict[int, list[int]] = {}  # in-flight sequence -> image hashes it pins
+        self._contexts: dict[int, list[int]] = {}  # a scoring context in flight -> its choices' ids
         self._counters = {"prompt_tokens": 0, "generated_tokens": 0, "run_seconds": 0.0}
         self.profile = profile
         self.phase_seconds: dict[str, float] = dict.fromkeys(
@@ -196,21 +197,21 @@ class Engine:
                 choice_texts += [(i, j, c) for j, c in enumerate(choices)]
         # Choice tokens: tokenised on their own so every choice shares the context's exact tokens.
         choice_ids = self._encode_choices(choice_texts, outputs)
+        by_request: dict[int, list[list[int]]] = {}
+        for (i, _, text), ids in zip(choice_texts, choice_ids, strict=True):
+            if not ids and not outputs[i].error:
+                outputs[i].error = f"choice {text!r} tokenizes to nothing"
+            by_request.setdefault(i, []).append(list(ids))
         owners: dict[int, tuple[int, int]] = {}
         with self._call_guard():
-            for (i, j, text), ids in zip(choice_texts, choice_ids, strict=True):
+            for i, choices in by_request.items():
                 if outputs[i].error:
                     continue
-                prep = prepared[i]
-                if j == 0:
-                    outputs[i].choices = [None] * len(requests[i]["choices"])
+                outputs[i].choices = [None] * len(choices)
                 try:
-                    if not ids:
-                        raise RequestError(f"choice {text!r} tokenizes to nothing")
-                    full = _Prepared(prep.prompt_ids + list(ids), prep.image_spans, prep.images, prep.image_starts)
-                    owners[self._add(full, max_tokens=0, prompt_logprobs_from=len(prep.prompt_ids))] = (i, j)
+                    for j, seq_id in enumerate(self._add_scoring(prepared[i], choices)):
+                        owners[seq_id] = (i, j)
                 except Exception as e:  # noqa: BLE001 - whatever one request raises is that request's error
-                    self._abort_request(owners, i)
                     outputs[i].error, outputs[i].choices = _describe(e), []
 
             def on_finished(seq, error: str | None) -> None:
@@ -397,6 +398,24 @@ class Engine:
         self._counters["prompt_tokens"] += len(prep.prompt_ids)
         return seq_id
 
+    def _add_scoring(self, prep: _Prepared, choices: list[list[int]]) -> list[int]:
+        """Score `choices` after the context `prep`, computed once for all of them (the scheduler forks
+        each choice from it); returns the choices' sequence ids."""
+        context_id = self._next_seq_id
+        ids = list(range(context_id + 1, context_id + 1 + len(choices)))
+        positions = self.family.positions(prep.prompt_ids, prep.image_starts)
+        rows, delta = (np.ascontiguousarray(positions[0], dtype=np.int64).ravel().tolist(), int(positions[1])) \
+            if positions is not None else ([], 0)
+        self.scheduler.add_scoring(context_id, prep.prompt_ids, prep.image_spans, choices, ids, positions=rows,
+                                   position_delta=delta)
+        self._next_seq_id = ids[-1] + 1
+        self._contexts[context_id] = ids
+        for seq_id in ids:
+            self.runner.pin_images(prep.images)
+            self._seq_images[seq_id] = list(prep.images)
+        self._counters["prompt_tokens"] += len(prep.prompt_ids) + sum(map(len, choices))
+        return ids
+
     def _abort_request(self, owners: dict[int, tuple[int, int]], index: int) -> None:
         """Take back the sequences already added for a request that failed part-way."""
         for seq_id in [s for s, (i, _) in owners.items() if i == index]:
@@ -417,6 +436,8 @@ class Engine:
                 self.scheduler.abort(seq_id)
                 self._release(seq_id)
             raise
+        finally:
+            self._contexts.clear()
 
     def _run(self, num_seqs: int, use_tqdm: bool, on_finished) -> None:
         start = time.perf_counter()
@@ -431,7 +452,10 @@ class Engine:
                     now = time.perf_counter() - start
                     new = sampled_ids[np.isnan(first_token[sampled_ids])]
                     first_token[new] = now
-                # A sequence whose logits went NaN or infinite stops here and reports it.
+                # A sequence whose logits went NaN or infinite stops here and reports it (a scoring
+                # context's choices with it).
+                for context in non_finite & self._contexts.keys():
+                    non_finite |= set(self._contexts.pop(context))
                 done = {seq.seq_id for seq in finished}
                 finished += [f for f in map(self.scheduler.abort, non_finite - done) if f is not None]
                 for seq in finished:
