@@ -57,3 +57,22 @@ def test_family_presets_have_real_shapes(tmp_path, name, arch, hidden, tiles):
     # A 1000 x 700 photo: the best grid of tiles plus the base tile.
     feats = family.process_image(Image.new("RGB", (1000, 700)), {"num_images": 1})
     assert feats.pixels.shape[0] == tiles and len(feats.token_ids) == feats.num_embeddings > 2 * family.tokens_per_tile
+
+
+@pytest.mark.parametrize("name,arch,hidden,tiles,tokens_per_tile,billions", [
+    ("smolvlm2-2.2b", "SmolVLMForConditionalGeneration", 2048, 3 * 4 + 1, 81, 2.25),
+    ("internvl3-8b", "InternVLForConditionalGeneration", 3584, 3 * 2 + 1, 256, 7.94),
+])
+def test_tiling_presets_have_real_shapes(tmp_path, name, arch, hidden, tiles, tokens_per_tile, billions):
+    ckpt = load_checkpoint(preset_checkpoint(name, tmp_path / "p"), device="meta", random_init=True)
+    family = family_for(ckpt)
+    assert ckpt.architecture == arch and family.text.hidden_size == hidden
+    assert family.tokens_per_tile == tokens_per_tile
+    # A 1000 x 700 photo: its grid of tiles plus the global image / thumbnail, one embedding each a token.
+    feats = family.process_image(Image.new("RGB", (1000, 700)), {})
+    assert feats.pixels.shape[0] == tiles and feats.num_embeddings == tiles * tokens_per_tile
+    # Built on the meta device, the model holds the published parameter count.
+    weights, draw = [], ckpt.tensor
+    ckpt.tensor = lambda key, shape=None: weights.append(draw(key, shape)) or weights[-1]
+    family.build_model(None, max_positions=1)
+    assert sum(w.numel() for w in weights) / 1e9 == pytest.approx(billions, abs=0.01)

@@ -19,6 +19,9 @@ FAMILIES: dict[str, str] = {
     "Qwen2VLForConditionalGeneration": "qwen2_vl.Qwen2VL",
     "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl.Qwen2_5_VL",
     "Qwen3VLForConditionalGeneration": "qwen3_vl.Qwen3VL",
+    "Idefics3ForConditionalGeneration": "idefics3.Idefics3",
+    "SmolVLMForConditionalGeneration": "idefics3.SmolVLM",
+    "InternVLForConditionalGeneration": "internvl.InternVL",
 }
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 
