@@ -119,7 +119,8 @@ class Engine:
             max_num_image_tokens=max_num_image_tokens)
         self._next_seq_id = 0
         self._seq_images: dict[int, list[int]] = {}  # in-flight sequence -> image hashes it pins
-        self._contexts: dict[int, list[int]] = {}  # a scoring context in flight -> its choices' ids
+        self._contexts: dict[int, list[int]] = {}  # a scoring context not yet forked -> its choices' ids
+        self._context_of: dict[int, int] = {}  # such a choice -> its context
         # SamplingParams(logprobs=k, prompt_logprobs=k): k per sequence, and what has been gathered so far
         self._top_k: dict[int, int] = {}
         self._top: dict[int, list[dict[int, float]]] = {}
@@ -435,6 +436,7 @@ class Engine:
         self._next_seq_id = ids[-1] + 1
         self._contexts[context_id] = ids
         for seq_id in ids:
+            self._context_of[seq_id] = context_id
             self.runner.pin_images(prep.images)
             self._seq_images[seq_id] = list(prep.images)
         self._counters["prompt_tokens"] += len(prep.prompt_ids) + sum(map(len, choices))
@@ -449,6 +451,8 @@ class Engine:
 
     def _release(self, seq_id: int) -> None:
         self.runner.unpin_images(self._seq_images.pop(seq_id, ()))
+        # A choice that finished (or was dropped) means its context has forked or is gone.
+        self._contexts.pop(self._context_of.pop(seq_id, None), None)
 
     @contextmanager
     def _call_guard(self):
@@ -461,7 +465,6 @@ class Engine:
                 self._release(seq_id)
             raise
         finally:
-            self._contexts.clear()
             for gathered in (self._top_k, self._top, self._prompt_top_k, self._prompt_top):
                 gathered.clear()
 
@@ -478,12 +481,11 @@ class Engine:
                     now = time.perf_counter() - start
                     new = sampled_ids[np.isnan(first_token[sampled_ids])]
                     first_token[new] = now
-                # A sequence whose logits went NaN or infinite stops here and reports it (a scoring
-                # context's choices with it).
-                for context in non_finite & self._contexts.keys():
-                    non_finite |= set(self._contexts.pop(context))
+                # A sequence whose logits went NaN or infinite stops here and reports it.
                 done = {seq.seq_id for seq in finished}
-                finished += [f for f in map(self.scheduler.abort, non_finite - done) if f is not None]
+                # Choices before their contexts: dropping a context first would drop its choices unreported.
+                stopped = sorted(non_finite - done, key=lambda s: s in self._contexts)
+                finished += [f for f in map(self.scheduler.abort, stopped) if f is not None]
                 for seq in finished:
                     if seq.seq_id not in self._seq_images:  # taken back with its request already
                         continue
@@ -550,6 +552,8 @@ class Engine:
         tokens, token_lps = host[:n].astype(np.int64), host[n:2 * n].astype(np.float32)
         prompt_lps, greedy = host[2 * n:2 * n + m].astype(np.float32), host[2 * n + m:2 * n + 2 * m] > 0.5
         non_finite = self._rows_to_seqs(plan, np.flatnonzero(host[2 * n + 2 * m:] < 0.5))
+        for context in non_finite & self._contexts.keys():  # a scoring context fails its choices
+            non_finite |= set(self._contexts[context])
         if self._top_k or self._prompt_top_k:
             self._gather_top_logprobs(plan, logits)
         t = self._tick("sampling", t)
