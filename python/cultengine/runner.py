@@ -139,11 +139,13 @@ class ModelRunner:
     def __init__(self, model: Model, device: torch.device, dtype: torch.dtype, block_size: int,
                  num_blocks: int | None, kv_cache_memory: int | None, max_num_seqs: int,
                  max_model_len: int, encoder_cache_size: int = 256, cuda_graphs: bool = False,
-                 position_rows: int = 1):
+                 position_rows: int = 1, bidirectional_images: bool = False):
         """`cuda_graphs` captures decode steps (needs CUDA and a backend whose kernels never read the
-        device on the host: the Triton one); `position_rows` > 1 for M-RoPE models."""
+        device on the host: the Triton one); `position_rows` > 1 for M-RoPE models;
+        `bidirectional_images` passes each step's image runs to attention as bidirectional spans."""
         self.model = model
         self.position_rows = position_rows
+        self.bidirectional_images = bidirectional_images
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
@@ -205,7 +207,7 @@ class ModelRunner:
         """
         if self.decode_graphs is not None and self.decode_graphs.fits(plan):
             return self.decode_graphs.run(plan)
-        image_rows = image_embeds = None
+        image_rows = image_embeds = spans = None
         chunks = plan.image_chunks  # (dst row, first embedding, length) of each run, and its image's hash
         if len(chunks):
             hashes = plan.image_hashes.tolist()
@@ -218,6 +220,8 @@ class ModelRunner:
             image_rows = self._tensor(dst)
             image_embeds = torch.cat([images[h][s:s + n] for h, s, n in zip(hashes, chunks[:, 1], chunks[:, 2],
                                                                             strict=True)])
+            if self.bidirectional_images:
+                spans = self._image_spans(plan, hashes)
         meta = AttentionMetadata(
             query_start_loc=self._tensor(plan.query_start_loc),
             seq_lens=self._tensor(plan.seq_lens),
@@ -225,10 +229,32 @@ class ModelRunner:
             slot_mapping=self._tensor(plan.slot_mapping),
             max_query_len=int(plan.max_query_len),
             max_seq_len=int(plan.max_seq_len),
+            image_spans=None if spans is None else self._tensor(spans[0]),
+            image_span_loc=None if spans is None else self._tensor(spans[1]),
         )
         positions = plan.positions if self.position_rows > 1 else plan.positions[0]
         return self.model.forward(self._tensor(plan.input_ids), self._tensor(positions), self.kv_caches, meta,
                                   image_rows, image_embeds)
+
+    def _image_spans(self, plan, hashes: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(first, end) positions `[N, 2]` of each embedding run this step computes, by sequence, and where
+        each sequence's runs begin `[B+1]`. A run is whole in its step (atomic) unless a prefix-cache hit
+        ended inside it: then its cached part is widened back in, as the rest attends to it too."""
+        qsl, seq_lens = plan.query_start_loc.astype(np.int64), plan.seq_lens.astype(np.int64)
+        seqs, spans = [], []
+        for (dst, first, _), h in zip(plan.image_chunks.tolist(), hashes, strict=True):
+            b = int(np.searchsorted(qsl, dst, side="right")) - 1
+            pos = int(seq_lens[b] - (qsl[b + 1] - qsl[b]) + (dst - qsl[b]))
+            run_first = 0
+            for _, length in self.encoder_cache.inputs[h].embedding_runs:  # the run holding embedding `first`
+                if first < run_first + length:
+                    break
+                run_first += length
+            seqs.append(b)
+            spans.append((pos - (first - run_first), pos - (first - run_first) + length))
+        order = np.argsort(seqs, kind="stable")
+        loc = np.concatenate([[0], np.cumsum(np.bincount(seqs, minlength=len(seq_lens)))])
+        return np.asarray(spans, dtype=np.int32).reshape(-1, 2)[order], loc.astype(np.int32)
 
     def compute_logits(self, hidden: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
         """fp32 logits of the given rows of a step's hidden states."""

@@ -16,6 +16,11 @@ FAMILIES: dict[str, str] = {
     "LlavaForConditionalGeneration": "llava.Llava",
     "LlavaNextForConditionalGeneration": "llava_next.LlavaNext",
     "LlavaOnevisionForConditionalGeneration": "llava_onevision.LlavaOnevision",
+    "Gemma3ForConditionalGeneration": "gemma3.Gemma3",
+    "Gemma3ForCausalLM": "gemma3.Gemma3Text",
+    "LlamaForCausalLM": "text.TextOnly",
+    "MistralForCausalLM": "text.TextOnly",
+    "Qwen2ForCausalLM": "text.TextOnly",
 }
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 
