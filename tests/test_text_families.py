@@ -82,3 +82,30 @@ def test_chunked_prefill_beyond_the_window_and_images_refused(family):
     image = engine.generate([{"prompt": "<image> what?", "images": [Image.new("RGB", (4, 4))]}],
                             use_tqdm=False)[0]
     assert image.error and "text-only" in image.error
+
+
+def test_values_compares_an_llm_with_its_vlm_in_one_report(tiny_llama, tmp_path):
+    """`cultengine values --model <llm> --model <vlm>`: the LLM runs the text condition only and says so."""
+    import json
+
+    from cultengine.cli import main
+
+    llm = build_tiny_text(tmp_path / "llm", "LlamaForCausalLM")
+    item = {"id": "q1", "question": "How important is family?", "options": ["Very", "Rather", "Not"], "topic": "family"}
+    (tmp_path / "items.jsonl").write_text(json.dumps(item) + "\n")
+    (tmp_path / "human.csv").write_text("item_id,country,distribution\nq1,Japan,5|3|2\nq1,Peru,6|3|1\n")
+    Image.new("RGB", (30, 20), (200, 30, 30)).save(tmp_path / "market.png")
+    (tmp_path / "imgs.csv").write_text(f"country,category,image\nJapan,food,{tmp_path / 'market.png'}\n")
+    out = tmp_path / "run"
+    args = ["values", "--model", str(llm), "--model", str(tiny_llama), "--out", str(out),
+            "--items", str(tmp_path / "items.jsonl"), "--human", str(tmp_path / "human.csv"),
+            "--images", str(tmp_path / "imgs.csv"), "--dtype", "float32"]
+    assert main(args) == 0
+    text_only, vlm = json.loads((out / "comparison.json").read_text())["models"]
+    assert text_only["model"] == str(llm) and not text_only["takes_images"]
+    assert text_only["num_records"] == 2 and "skipped" in text_only["note"]
+    assert vlm["takes_images"] and vlm["num_records"] == 3 and vlm["num_errors"] == 0
+    assert 0.0 <= text_only["mean_similarity_text"] <= 1.0 and 0.0 <= vlm["mean_similarity_image"] <= 1.0
+    report = (out / "comparison.md").read_text()
+    assert str(llm) in report and "text-only model: image conditions skipped" in report
+    assert (out / "comparison.html").is_file()

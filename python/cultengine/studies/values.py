@@ -12,6 +12,8 @@ and once with each of that country's images. Its answer distribution is the soft
 summed log-likelihoods (`Engine.score`); nothing is parsed from a sample. Metric: Jensen-Shannon
 similarity (1 - JS divergence, base 2) with the human distribution. Summary: mean similarity per topic and
 country for text and for each image category, and image-minus-text differences matched on (item, country).
+A text-only model (an LLM beside its VLM) runs the text condition only and says so; `compare` puts several
+models' runs side by side in one report.
 """
 
 from __future__ import annotations
@@ -110,8 +112,9 @@ def run(
     out_dir = Path(out_dir)
     log = ResultLog(out_dir / "results.jsonl")
     tasks = []
+    with_images = takes_images(engine)
     for (item_id, country), dist in human.items():
-        conds = [("text", "", None)] + [("image", cat, img) for cat, img in images.get(country, [])]
+        conds = [("text", "", None)] + [("image", cat, img) for cat, img in images.get(country, []) if with_images]
         for cond, cat, img in conds:
             rid = f"{item_id}|{country}|{cond}" + (f"|{cat}|{img}" if img else "")
             if rid not in log.done:
@@ -143,11 +146,79 @@ def run(
             log.write(recs)
     summary = summarize(list(log.read()))
     summary["scored_this_run"] = len(tasks)
+    summary["model"] = model_name
+    if not with_images:
+        summary["images_skipped"] = TEXT_ONLY_NOTE
     if hasattr(engine, "stats"):
         summary["engine_stats"] = engine.stats()
     write_json(out_dir / "summary.json", summary)
     write_report(out_dir, summary)
     return summary
+
+
+TEXT_ONLY_NOTE = "text-only model: image conditions skipped"
+
+
+def takes_images(engine) -> bool:
+    """Whether the engine's model takes images (a text-only family has no image placeholder)."""
+    family = getattr(engine, "family", None)
+    return family is None or family.placeholder_id is not None
+
+
+def compare(summaries: list[tuple[str, dict]], out_dir: str | Path) -> dict:
+    """Several models' run summaries side by side (`out_dir/comparison.{json,md,html}`): overall
+    similarity per model and condition, and text-condition similarity per topic for each model."""
+    topics = sorted({r["topic"] for _, s in summaries for r in s["text_by_topic_country"]})
+    models = []
+    for name, s in summaries:
+        by_topic: dict[str, list[float]] = defaultdict(list)
+        for r in s["text_by_topic_country"]:
+            by_topic[r["topic"]].append(r["similarity"])
+        deltas = [r["delta"] for r in s["image_minus_text"] if not math.isnan(r["delta"])]
+        models.append(
+            dict(
+                model=name,
+                takes_images="images_skipped" not in s,
+                num_records=s["num_records"],
+                num_errors=s["num_errors"],
+                mean_similarity_text=s["mean_similarity_text"],
+                mean_similarity_image=s["mean_similarity_image"],
+                mean_image_minus_text=_mean(deltas),
+                note=s.get("images_skipped", ""),
+                text_by_topic={t: _mean(by_topic.get(t, [])) for t in topics},
+            )
+        )
+    out = {"models": models}
+    write_json(Path(out_dir) / "comparison.json", out)
+    headers = ["model", "text JS-sim", "image JS-sim", "image - text", "prompts", "errors", "note"]
+    rows = [
+        [
+            m["model"],
+            m["mean_similarity_text"],
+            m["mean_similarity_image"] if m["takes_images"] else "skipped",
+            m["mean_image_minus_text"] if m["takes_images"] else "skipped",
+            m["num_records"],
+            m["num_errors"],
+            m["note"],
+        ]
+        for m in models
+    ]
+    topic_rows = [[t] + [m["text_by_topic"][t] for m in models] for t in topics]
+    topic_headers = ["topic"] + [f"{m['model']} text JS-sim" for m in models]
+    report.write_report(
+        out_dir,
+        "comparison",
+        "values: models compared",
+        [
+            ("Models", plots.md_table(headers, rows), plots.html_table(headers, rows)),
+            (
+                "Text-only condition by topic",
+                plots.md_table(topic_headers, topic_rows),
+                plots.html_table(topic_headers, topic_rows),
+            ),
+        ],
+    )
+    return out
 
 
 def _mean(xs) -> float:
@@ -223,6 +294,7 @@ def write_report(out_dir: str | Path, summary: dict) -> None:
         f"{summary['num_records']} scored prompts ({summary['num_errors']} errors). Mean JS similarity "
         f"text-only {plots.fmt(summary['mean_similarity_text'])}, with images "
         f"{plots.fmt(summary['mean_similarity_image'])}."
+        + (f" {summary['images_skipped']}." if "images_skipped" in summary else "")
     )
     sections = [("Overview", overview, f"<p>{overview}</p>")]
     svgs = "".join(
