@@ -42,3 +42,13 @@ def test_shape_presets_are_real_sizes_in_bfloat16(tmp_path):
     family = family_for(ckpt)
     assert (family.text.hidden_size, family.text.num_layers, family.text.num_heads) == (4096, 32, 32)
     assert (family.vision.image_size, family.vision.patch_size) == (336, 14)
+
+
+@pytest.mark.parametrize("name,shape", [("gemma-3-4b", (2560, 34, 8, 4)), ("gemma-3-12b", (3840, 48, 16, 8))])
+def test_gemma3_presets_are_real_sizes(tmp_path, name, shape):
+    ckpt = load_checkpoint(preset_checkpoint(name, tmp_path / "p"), device="meta", random_init=True)
+    family = family_for(ckpt)
+    t = family.text
+    assert (t.hidden_size, t.num_layers, t.num_heads, t.num_kv_heads) == shape
+    assert t.layer_types.count("full_attention") == t.num_layers // 6 and t.sliding_window == 1024
+    assert (family.vision.image_size, family.mm_tokens, family.image_processor.size["height"]) == (896, 256, 896)

@@ -1,7 +1,8 @@
 """`cultengine profile`: throughput, latency and where the time goes, on a synthetic workload.
 
-`--model` takes a checkpoint directory or a shape preset (`llava-1.5-7b`, `qwen2-7b`, `demo`) whose
-weights are drawn at load time, so real model sizes can be profiled without downloading anything.
+`--model` takes a checkpoint directory or a shape preset (`llava-1.5-7b`, `qwen2-7b`, `gemma-3-4b`,
+`gemma-3-12b`, `demo`) whose weights are drawn at load time, so real model sizes can be profiled without
+downloading anything.
 """
 
 from __future__ import annotations
@@ -24,6 +25,17 @@ from PIL import Image
 _CLIP_L14_336 = {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
                  "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336, "patch_size": 14,
                  "hidden_act": "quick_gelu", "projection_dim": 768}
+_SIGLIP_SO400M_896 = {"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
+                      "num_hidden_layers": 27, "num_attention_heads": 16, "image_size": 896, "patch_size": 14,
+                      "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6}
+_GEMMA3 = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "mm_tokens_per_image": 256}
+_GEMMA3_TEXT = {"model_type": "gemma3_text", "head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 1024,
+                "sliding_window_pattern": 6, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
+                "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "vocab_size": 262_208,
+                "max_position_embeddings": 131_072, "rms_norm_eps": 1e-6}
+_GEMMA3_PREPROCESSOR = {"image_processor_type": "Gemma3ImageProcessor", "size": {"height": 896, "width": 896},
+                        "resample": 2, "do_resize": True, "do_rescale": True, "do_normalize": True,
+                        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
 PRESETS = {
     "llava-1.5-7b": {
         "text_config": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
@@ -38,6 +50,16 @@ PRESETS = {
                         "vocab_size": 152064, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
                         "rope_theta": 1000000.0},
         "vision_config": _CLIP_L14_336,
+    },
+    "gemma-3-4b": {
+        "text_config": {**_GEMMA3_TEXT, "hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 34,
+                        "num_attention_heads": 8, "num_key_value_heads": 4},
+        "vision_config": _SIGLIP_SO400M_896, "config": _GEMMA3, "preprocessor": _GEMMA3_PREPROCESSOR,
+    },
+    "gemma-3-12b": {
+        "text_config": {**_GEMMA3_TEXT, "hidden_size": 3840, "intermediate_size": 15360, "num_hidden_layers": 48,
+                        "num_attention_heads": 16, "num_key_value_heads": 8},
+        "vision_config": _SIGLIP_SO400M_896, "config": _GEMMA3, "preprocessor": _GEMMA3_PREPROCESSOR,
     },
 }
 
@@ -54,14 +76,20 @@ def preset_checkpoint(name: str, out_dir: Path) -> Path:
     demo_cfg = json.loads((demo / "config.json").read_text())
     preset = PRESETS[name]
     config = {**demo_cfg, "text_config": {**preset["text_config"]}, "vision_config": preset["vision_config"],
-              "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "dtype": "bfloat16"}
+              "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "dtype": "bfloat16",
+              **preset.get("config", {})}
     # The demo tokenizer's ids must stay inside the preset's vocabulary.
     text = config["text_config"]
-    text["vocab_size"] = max(text["vocab_size"], demo_cfg["text_config"]["vocab_size"])
+    demo_vocab = demo_cfg["text_config"]["vocab_size"]
+    text["vocab_size"] = max(text["vocab_size"], demo_vocab)
+    if "mm_tokens_per_image" in config:  # Gemma 3: the demo's <image> opens an image; soft/end ids past its vocab
+        config.update(boi_token_index=demo_cfg["image_token_index"], image_token_index=demo_vocab,
+                      eoi_token_index=demo_vocab + 1)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    prep = {"crop_size": {"height": 336, "width": 336}, "size": {"shortest_edge": 336}, "do_center_crop": True,
-            "do_resize": True, "do_rescale": True, "do_normalize": True, "resample": 3,
-            "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
+    prep = preset.get("preprocessor") or {
+        "crop_size": {"height": 336, "width": 336}, "size": {"shortest_edge": 336}, "do_center_crop": True,
+        "do_resize": True, "do_rescale": True, "do_normalize": True, "resample": 3,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
     (out_dir / "preprocessor_config.json").write_text(json.dumps(prep))
     return out_dir
 
