@@ -35,8 +35,9 @@ WIDE, TALL, SQUARE = _image(90, 30, 1), _image(22, 70, 2), _image(40, 40, 3)
 
 
 def _chat(*items, system: str | None = None) -> list[dict]:
-    content = [{"type": "image", "image": x} if isinstance(x, Image.Image) else {"type": "text", "text": x}
-               for x in items]
+    content = [
+        {"type": "image", "image": x} if isinstance(x, Image.Image) else {"type": "text", "text": x} for x in items
+    ]
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
 
 
@@ -54,8 +55,9 @@ def gemma_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(gemma_path):
-    model = transformers.Gemma3ForConditionalGeneration.from_pretrained(gemma_path, dtype=torch.float32,
-                                                                        attn_implementation="eager").eval()
+    model = transformers.Gemma3ForConditionalGeneration.from_pretrained(
+        gemma_path, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     return model, transformers.AutoProcessor.from_pretrained(gemma_path)
 
 
@@ -65,8 +67,14 @@ def engine(gemma_path):
 
 
 def _inputs(processor, messages, **processor_kwargs) -> dict:
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                         return_tensors="pt", processor_kwargs=processor_kwargs)
+    return processor.apply_chat_template(
+        messages,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        processor_kwargs=processor_kwargs,
+    )
 
 
 @torch.no_grad()
@@ -85,10 +93,10 @@ def _check_generation(model, processor, messages, out, max_tokens: int, **proces
     assert out.prompt_token_ids == ids
     assert len(ids) > GEMMA_WINDOW
     with torch.no_grad():
-        want = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)[0, len(ids):].tolist()
+        want = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)[0, len(ids) :].tolist()
     assert out.token_ids == want
     lp = _logprobs(model, ids + want, inputs)
-    expected = lp[len(ids) - 1:-1].gather(1, torch.tensor(want)[:, None]).squeeze(1)
+    expected = lp[len(ids) - 1 : -1].gather(1, torch.tensor(want)[:, None]).squeeze(1)
     np.testing.assert_allclose(out.logprobs, expected.numpy(), atol=ATOL)
 
 
@@ -113,7 +121,7 @@ def test_prompt_logprobs_of_image_tokens_see_their_whole_image(engine, reference
         ctx = inputs["input_ids"][0].tolist()
         for choice, got in zip(choices, score.choices, strict=True):
             cont = processor.tokenizer(choice, add_special_tokens=False)["input_ids"]
-            lp = _logprobs(model, ctx + cont, inputs)[len(ctx) - 1:-1]
+            lp = _logprobs(model, ctx + cont, inputs)[len(ctx) - 1 : -1]
             assert got.num_tokens == len(cont)
             assert got.logprob == pytest.approx(float(lp.gather(1, torch.tensor(cont)[:, None]).sum()), abs=ATOL)
 
@@ -124,16 +132,20 @@ def test_chunk_budget_cutting_an_image_prefix_cache_and_preemption_change_nothin
     expected = [o.token_ids for o in engine.generate(reqs, params, use_tqdm=False)]
     # 11-token steps over prompts of 40-60 tokens with 9-token images: some chunk boundaries would fall
     # inside an image, which then starts the next step whole.
-    for kwargs in ({"max_num_batched_tokens": 11, "block_size": 4}, {"enable_prefix_caching": False},
-                   {"block_size": 4, "num_blocks": 40, "max_model_len": 80}):
+    for kwargs in (
+        {"max_num_batched_tokens": 11, "block_size": 4},
+        {"enable_prefix_caching": False},
+        {"block_size": 4, "num_blocks": 40, "max_model_len": 80},
+    ):
         other = Engine(gemma_path, dtype="float32", **kwargs)
         assert [o.token_ids for o in other.generate(reqs, params, use_tqdm=False)] == expected, kwargs
 
 
 def test_an_image_longer_than_the_token_budget_is_that_requests_error(gemma_path):
     engine = Engine(gemma_path, dtype="float32", max_num_batched_tokens=MM_TOKENS - 1)
-    outs = engine.generate([{"messages": CONVERSATIONS[1]}, {"messages": CONVERSATIONS[0]}],
-                           SamplingParams(max_tokens=3), use_tqdm=False)
+    outs = engine.generate(
+        [{"messages": CONVERSATIONS[1]}, {"messages": CONVERSATIONS[0]}], SamplingParams(max_tokens=3), use_tqdm=False
+    )
     assert outs[0].error and "max_num_batched_tokens" in outs[0].error, outs[0].error
     assert outs[1].error is None and len(outs[1].token_ids) > 0
 
@@ -142,8 +154,10 @@ def test_triton_kernels_give_the_torch_tokens(engine, gemma_path):
     req = [{"messages": CONVERSATIONS[2]}]
     params = SamplingParams(max_tokens=4)
     triton = Engine(gemma_path, dtype="float32", attention_backend="triton", max_num_batched_tokens=24)
-    assert (triton.generate(req, params, use_tqdm=False)[0].token_ids
-            == engine.generate(req, params, use_tqdm=False)[0].token_ids)
+    assert (
+        triton.generate(req, params, use_tqdm=False)[0].token_ids
+        == engine.generate(req, params, use_tqdm=False)[0].token_ids
+    )
 
 
 def test_pil_path_matches_transformers_pil_processor(gemma_path, reference):
@@ -160,8 +174,9 @@ def test_pan_and_scan_crops_match_transformers(tmp_path):
     """Crops as preprocessor_config.json enables them. transformers' Gemma3Processor lets its own defaults
     (pan-and-scan off, 256-pixel crops) override the config's values, so the reference is given them."""
     path = build_tiny_gemma3(tmp_path / "pas", pan_and_scan=True)
-    model = transformers.Gemma3ForConditionalGeneration.from_pretrained(path, dtype=torch.float32,
-                                                                        attn_implementation="eager").eval()
+    model = transformers.Gemma3ForConditionalGeneration.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     processor = transformers.AutoProcessor.from_pretrained(path)
     engine = Engine(path, dtype="float32")
     convs = [_chat(WIDE, "Which country?"), _chat(SQUARE, "and", TALL, "?")]
@@ -178,8 +193,11 @@ def test_both_config_layouts_load_the_same(engine, gemma_path, tmp_path):
     # transformers 4: rope_theta + rope_scaling for the full layers, rope_local_base_freq, torch_dtype.
     params = text.pop("rope_parameters")
     full = params["full_attention"]
-    text.update(rope_theta=full["rope_theta"], rope_local_base_freq=params["sliding_attention"]["rope_theta"],
-                rope_scaling={"rope_type": full["rope_type"], "factor": full["factor"]})
+    text.update(
+        rope_theta=full["rope_theta"],
+        rope_local_base_freq=params["sliding_attention"]["rope_theta"],
+        rope_scaling={"rope_type": full["rope_type"], "factor": full["factor"]},
+    )
     for c in (config, text, config["vision_config"]):
         if "dtype" in c:
             c["torch_dtype"] = c.pop("dtype")
@@ -194,8 +212,9 @@ def test_both_config_layouts_load_the_same(engine, gemma_path, tmp_path):
 
 def test_text_only_gemma3_matches_transformers(tmp_path):
     path = build_tiny_gemma3_text(tmp_path / "gemma3-text")
-    model = transformers.Gemma3ForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                           attn_implementation="eager").eval()
+    model = transformers.Gemma3ForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     engine = Engine(path, dtype="float32")
     messages = _chat("Tell me about the festival of lights and the food, señor. 日本", system="Be brief.")
@@ -204,19 +223,23 @@ def test_text_only_gemma3_matches_transformers(tmp_path):
     ids = ids["input_ids"]
     assert out.error is None and out.prompt_token_ids == ids and len(ids) > 3 * GEMMA_WINDOW
     with torch.no_grad():
-        want = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
+        want = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids) :].tolist()
         lp = torch.log_softmax(model(torch.tensor([ids + want])).logits[0].float(), -1)
     assert out.token_ids == want
-    np.testing.assert_allclose(out.logprobs, lp[len(ids) - 1:-1].gather(1, torch.tensor(want)[:, None])[:, 0],
-                               atol=ATOL)
+    np.testing.assert_allclose(
+        out.logprobs, lp[len(ids) - 1 : -1].gather(1, torch.tensor(want)[:, None])[:, 0], atol=ATOL
+    )
     image_req = {"prompt": "<start_of_image> what?", "images": [SQUARE]}
     assert "text-only" in engine.generate([image_req], use_tqdm=False)[0].error
 
 
-@pytest.mark.parametrize("changes,needle", [
-    ({"mm_tokens_per_image": 8}, "mm_tokens_per_image 8"),
-    ({"text_config": {"layer_types": ["full_attention"]}}, "layer_types must list 3"),
-])
+@pytest.mark.parametrize(
+    "changes,needle",
+    [
+        ({"mm_tokens_per_image": 8}, "mm_tokens_per_image 8"),
+        ({"text_config": {"layer_types": ["full_attention"]}}, "layer_types must list 3"),
+    ],
+)
 def test_bad_configs_name_the_field(gemma_path, tmp_path, changes, needle):
     bad = shutil.copytree(gemma_path, tmp_path / "bad")
     config = json.loads((bad / "config.json").read_text())

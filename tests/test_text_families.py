@@ -20,22 +20,26 @@ ATOL = 1e-4
 WINDOWED_LAYERS = {"LlamaForCausalLM": (), "MistralForCausalLM": (0, 1), "Qwen2ForCausalLM": (1,)}
 CONVERSATIONS = [
     [{"role": "user", "content": "Tell me about the festival of lights and the food, señor. 日本の料理"}],
-    [{"role": "system", "content": "Answer with a single letter."},
-     {"role": "user", "content": [{"type": "text", "text": "Which country is this dish from? A, B, C or D."}]}],
+    [
+        {"role": "system", "content": "Answer with a single letter."},
+        {"role": "user", "content": [{"type": "text", "text": "Which country is this dish from? A, B, C or D."}]},
+    ],
 ]
 
 
 @pytest.fixture(scope="module", params=TEXT_ARCHS)
 def family(request, tmp_path_factory):
     path = build_tiny_text(tmp_path_factory.mktemp(request.param), request.param)
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                              attn_implementation="eager").eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     return path, Engine(path, dtype="float32"), model, transformers.AutoTokenizer.from_pretrained(path)
 
 
 def _ids(tokenizer, messages) -> list[int]:
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                         return_dict=True)["input_ids"]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
+        "input_ids"
+    ]
 
 
 @torch.no_grad()
@@ -53,11 +57,12 @@ def test_greedy_tokens_and_logprobs_match_transformers(family):
         assert out.error is None, out.error
         assert out.prompt_token_ids == ids and len(ids) > 2 * TEXT_WINDOW
         with torch.no_grad():
-            want = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
+            want = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids) :].tolist()
         assert out.token_ids == want
         lp = _logprobs(model, ids + want)
-        np.testing.assert_allclose(out.logprobs, lp[len(ids) - 1:-1].gather(1, torch.tensor(want)[:, None])[:, 0],
-                                   atol=ATOL)
+        np.testing.assert_allclose(
+            out.logprobs, lp[len(ids) - 1 : -1].gather(1, torch.tensor(want)[:, None])[:, 0], atol=ATOL
+        )
 
 
 def test_choice_loglikelihoods_match_transformers(family):
@@ -68,7 +73,7 @@ def test_choice_loglikelihoods_match_transformers(family):
     ctx = _ids(tokenizer, CONVERSATIONS[1])
     for choice, got in zip(choices, score.choices, strict=True):
         cont = tokenizer(choice, add_special_tokens=False)["input_ids"]
-        lp = _logprobs(model, ctx + cont)[len(ctx) - 1:-1]
+        lp = _logprobs(model, ctx + cont)[len(ctx) - 1 : -1]
         assert got.logprob == pytest.approx(float(lp.gather(1, torch.tensor(cont)[:, None]).sum()), abs=ATOL)
 
 
@@ -79,8 +84,7 @@ def test_chunked_prefill_beyond_the_window_and_images_refused(family):
     expected = [o.token_ids for o in engine.generate(reqs, params, use_tqdm=False)]
     chunked = Engine(path, dtype="float32", max_num_batched_tokens=7, block_size=4)
     assert [o.token_ids for o in chunked.generate(reqs, params, use_tqdm=False)] == expected
-    image = engine.generate([{"prompt": "<image> what?", "images": [Image.new("RGB", (4, 4))]}],
-                            use_tqdm=False)[0]
+    image = engine.generate([{"prompt": "<image> what?", "images": [Image.new("RGB", (4, 4))]}], use_tqdm=False)[0]
     assert image.error and "text-only" in image.error
 
 
@@ -97,9 +101,23 @@ def test_values_compares_an_llm_with_its_vlm_in_one_report(tiny_llama, tmp_path)
     Image.new("RGB", (30, 20), (200, 30, 30)).save(tmp_path / "market.png")
     (tmp_path / "imgs.csv").write_text(f"country,category,image\nJapan,food,{tmp_path / 'market.png'}\n")
     out = tmp_path / "run"
-    args = ["values", "--model", str(llm), "--model", str(tiny_llama), "--out", str(out),
-            "--items", str(tmp_path / "items.jsonl"), "--human", str(tmp_path / "human.csv"),
-            "--images", str(tmp_path / "imgs.csv"), "--dtype", "float32"]
+    args = [
+        "values",
+        "--model",
+        str(llm),
+        "--model",
+        str(tiny_llama),
+        "--out",
+        str(out),
+        "--items",
+        str(tmp_path / "items.jsonl"),
+        "--human",
+        str(tmp_path / "human.csv"),
+        "--images",
+        str(tmp_path / "imgs.csv"),
+        "--dtype",
+        "float32",
+    ]
     assert main(args) == 0
     text_only, vlm = json.loads((out / "comparison.json").read_text())["models"]
     assert text_only["model"] == str(llm) and not text_only["takes_images"]

@@ -44,11 +44,17 @@ def _batch(q_lens, seq_lens, spans=(), seed=0, shared_prefix_blocks=0):
     by_seq = sorted(spans)
     loc = [0] + [sum(1 for s in by_seq if s[0] <= b) for b in range(len(q_lens))]
     meta = ops.AttentionMetadata(
-        qsl.to(DEVICE), torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE), tables.to(DEVICE),
-        torch.zeros(sum(q_lens), dtype=torch.int64, device=DEVICE), max(q_lens), max(seq_lens),
+        qsl.to(DEVICE),
+        torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+        tables.to(DEVICE),
+        torch.zeros(sum(q_lens), dtype=torch.int64, device=DEVICE),
+        max(q_lens),
+        max(seq_lens),
         image_spans=torch.tensor([s[1:] for s in by_seq], dtype=torch.int32, device=DEVICE).view(-1, 2)
-        if by_seq else None,
-        image_span_loc=torch.tensor(loc, dtype=torch.int32, device=DEVICE) if by_seq else None)
+        if by_seq
+        else None,
+        image_span_loc=torch.tensor(loc, dtype=torch.int32, device=DEVICE) if by_seq else None,
+    )
     return q.to(DEVICE), k_cache.to(DEVICE), v_cache.to(DEVICE), meta, by_seq
 
 
@@ -67,17 +73,18 @@ def _dense(q, k_cache, v_cache, meta, spans, window):
             for key in range(n):
                 same_span = any(s == b and lo <= p < hi and lo <= key < hi for s, lo, hi in spans)
                 mask[i, key] = (key <= p or same_span) and (window is None or key > p - window)
-        scores = torch.einsum("qhd,khd->hqk", q[qsl[b]:qsl[b + 1]].cpu(), k.cpu()) * D ** -0.5
+        scores = torch.einsum("qhd,khd->hqk", q[qsl[b] : qsl[b + 1]].cpu(), k.cpu()) * D**-0.5
         probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-        out[qsl[b]:qsl[b + 1]] = torch.einsum("hqk,khd->qhd", probs, v.cpu()).to(q.device)
+        out[qsl[b] : qsl[b + 1]] = torch.einsum("hqk,khd->qhd", probs, v.cpu()).to(q.device)
     return out
 
 
 def _check(q, k_cache, v_cache, meta, spans, window):
     expected = _dense(q, k_cache, v_cache, meta, spans, window)
     for impl in (ops.paged_attention, kernels.paged_attention):
-        torch.testing.assert_close(impl(q, k_cache, v_cache, meta, D ** -0.5, window=window), expected,
-                                   atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(
+            impl(q, k_cache, v_cache, meta, D**-0.5, window=window), expected, atol=2e-5, rtol=2e-5
+        )
 
 
 @pytest.mark.parametrize("window", [5, 16, 40, None])
@@ -93,22 +100,34 @@ def test_decode_windows(window):
     _check(q, k_cache, v_cache, meta, spans, window)
     for splits in (1, 3):
         torch.testing.assert_close(
-            kernels.paged_decode_attention(q, k_cache, v_cache, meta, D ** -0.5, window=window, num_splits=splits),
-            _dense(q, k_cache, v_cache, meta, spans, window), atol=2e-5, rtol=2e-5)
+            kernels.paged_decode_attention(q, k_cache, v_cache, meta, D**-0.5, window=window, num_splits=splits),
+            _dense(q, k_cache, v_cache, meta, spans, window),
+            atol=2e-5,
+            rtol=2e-5,
+        )
 
 
 @pytest.mark.parametrize("window", [10, 48])
 def test_chunked_prefill_across_the_window_edge_equals_one_pass(window):
     """A prompt computed in three chunks gives, row for row, what one pass gives."""
     q, k_cache, v_cache, meta, _ = _batch([90], [90], seed=2)
-    whole = kernels.paged_attention(q, k_cache, v_cache, meta, D ** -0.5, window=window)
+    whole = kernels.paged_attention(q, k_cache, v_cache, meta, D**-0.5, window=window)
     for first, end in ((0, 30), (30, 61), (61, 90)):
-        chunk = ops.AttentionMetadata(torch.tensor([0, end - first], dtype=torch.int32, device=DEVICE),
-                                      torch.tensor([end], dtype=torch.int32, device=DEVICE), meta.block_tables,
-                                      meta.slot_mapping[first:end], end - first, end)
+        chunk = ops.AttentionMetadata(
+            torch.tensor([0, end - first], dtype=torch.int32, device=DEVICE),
+            torch.tensor([end], dtype=torch.int32, device=DEVICE),
+            meta.block_tables,
+            meta.slot_mapping[first:end],
+            end - first,
+            end,
+        )
         for impl in (ops.paged_attention, kernels.paged_attention):
-            torch.testing.assert_close(impl(q[first:end], k_cache, v_cache, chunk, D ** -0.5, window=window),
-                                       whole[first:end], atol=2e-5, rtol=2e-5)
+            torch.testing.assert_close(
+                impl(q[first:end], k_cache, v_cache, chunk, D**-0.5, window=window),
+                whole[first:end],
+                atol=2e-5,
+                rtol=2e-5,
+            )
 
 
 @pytest.mark.parametrize("window", [8, 40, 200])
@@ -131,7 +150,8 @@ def test_spans_of_one_sequence_do_not_leak_into_another():
     spans = [(0, 2, 9)]
     q, k_cache, v_cache, meta, spans = _batch([12, 12], [12, 12], spans=spans, seed=5)
     _check(q, k_cache, v_cache, meta, spans, None)
-    plain = ops.AttentionMetadata(meta.query_start_loc, meta.seq_lens, meta.block_tables, meta.slot_mapping,
-                                  12, 12)
-    torch.testing.assert_close(kernels.paged_attention(q, k_cache, v_cache, meta, D ** -0.5)[12:],
-                               ops.paged_attention(q, k_cache, v_cache, plain, D ** -0.5)[12:])
+    plain = ops.AttentionMetadata(meta.query_start_loc, meta.seq_lens, meta.block_tables, meta.slot_mapping, 12, 12)
+    torch.testing.assert_close(
+        kernels.paged_attention(q, k_cache, v_cache, meta, D**-0.5)[12:],
+        ops.paged_attention(q, k_cache, v_cache, plain, D**-0.5)[12:],
+    )

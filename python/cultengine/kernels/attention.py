@@ -134,7 +134,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, qsl_ptr, seq_lens_
                                       acc, m_i, l_i, qk_scale, offs_d, mask_d, stride_kb, stride_ko,
                                       BLOCK_SIZE, BLOCK_N, True, PRECISION)
 
-    out = acc / l_i[:, None]
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # l = 0 only in idle rows past the sequence's end
     tl.store(out_ptr + q_rows * stride_ot + head * stride_oh + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=mask_q)
 

@@ -31,12 +31,26 @@ from .vision import VisionConfig, VisionTower, activation
 
 # Gemma3TextConfig's defaults for fields a config.json may leave out (hub configs give only what differs).
 _TEXT_DEFAULTS: dict[str, Any] = dict(
-    vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
-    num_key_value_heads=4, head_dim=256, hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131_072,
-    rms_norm_eps=1e-6, query_pre_attn_scalar=256, sliding_window=4096, sliding_window_pattern=6,
-    rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, tie_word_embeddings=True)
-_GEMMA3_DEFAULTS: dict[str, Any] = dict(mm_tokens_per_image=256, boi_token_index=255_999, eoi_token_index=256_000,
-                                        image_token_index=262_144)
+    vocab_size=262_208,
+    hidden_size=2304,
+    intermediate_size=9216,
+    num_hidden_layers=26,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=256,
+    hidden_activation="gelu_pytorch_tanh",
+    max_position_embeddings=131_072,
+    rms_norm_eps=1e-6,
+    query_pre_attn_scalar=256,
+    sliding_window=4096,
+    sliding_window_pattern=6,
+    rope_theta=1_000_000.0,
+    rope_local_base_freq=10_000.0,
+    tie_word_embeddings=True,
+)
+_GEMMA3_DEFAULTS: dict[str, Any] = dict(
+    mm_tokens_per_image=256, boi_token_index=255_999, eoi_token_index=256_000, image_token_index=262_144
+)
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
@@ -70,8 +84,9 @@ class GemmaTextConfig:
             raise CheckpointError(f"{where}: attention_bias is not supported for Gemma 3")
         heads, kv_heads = config_int(c, "num_attention_heads", where), config_int(c, "num_key_value_heads", where)
         if heads % kv_heads:
-            raise CheckpointError(f"{where}: num_attention_heads {heads} is not a multiple of "
-                                  f"num_key_value_heads {kv_heads}")
+            raise CheckpointError(
+                f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+            )
         num_layers = config_int(c, "num_hidden_layers", where)
         pattern = config_int(c, "sliding_window_pattern", where)
         types = c.get("layer_types") or [LAYER_TYPES[(i + 1) % pattern == 0] for i in range(num_layers)]
@@ -81,23 +96,32 @@ class GemmaTextConfig:
         if params and set(params) <= set(LAYER_TYPES):  # transformers 5: one set per layer type
             rope = {kind: _rope({"rope_parameters": params[kind]}, where) for kind in params}
         else:  # transformers 4: the global base and scaling, and a local base
-            rope = {"full_attention": _rope({"rope_theta": c["rope_theta"], "rope_scaling": c.get("rope_scaling")},
-                                            where),
-                    "sliding_attention": _rope({"rope_theta": c["rope_local_base_freq"]}, where)}
+            rope = {
+                "full_attention": _rope({"rope_theta": c["rope_theta"], "rope_scaling": c.get("rope_scaling")}, where),
+                "sliding_attention": _rope({"rope_theta": c["rope_local_base_freq"]}, where),
+            }
         if not set(types) <= set(rope):
             raise CheckpointError(f"{where}: rope_parameters has no entry for every layer type")
         activation(c["hidden_activation"])
         cap = c.get("final_logit_softcapping")
         return cls(
-            vocab_size=config_int(c, "vocab_size", where), hidden_size=config_int(c, "hidden_size", where),
-            intermediate_size=config_int(c, "intermediate_size", where), num_layers=num_layers, num_heads=heads,
-            num_kv_heads=kv_heads, head_dim=config_int(c, "head_dim", where),
+            vocab_size=config_int(c, "vocab_size", where),
+            hidden_size=config_int(c, "hidden_size", where),
+            intermediate_size=config_int(c, "intermediate_size", where),
+            num_layers=num_layers,
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=config_int(c, "head_dim", where),
             rms_norm_eps=config_float(c, "rms_norm_eps", where),
             query_scale=config_float(c, "query_pre_attn_scalar", where) ** -0.5,
-            sliding_window=config_int(c, "sliding_window", where), layer_types=list(types), rope=rope,
+            sliding_window=config_int(c, "sliding_window", where),
+            layer_types=list(types),
+            rope=rope,
             max_position_embeddings=config_int(c, "max_position_embeddings", where),
-            hidden_act=c["hidden_activation"], final_logit_softcapping=None if cap is None else float(cap),
-            tie_word_embeddings=bool(c["tie_word_embeddings"]))
+            hidden_act=c["hidden_activation"],
+            final_logit_softcapping=None if cap is None else float(cap),
+            tie_word_embeddings=bool(c["tie_word_embeddings"]),
+        )
 
 
 def gemma_rms_norm(x: torch.Tensor, weight_plus_one: torch.Tensor, eps: float) -> torch.Tensor:
@@ -121,41 +145,59 @@ class GemmaDecoder:
 
         self.embed_tokens = w(prefix + "embed_tokens.weight", (c.vocab_size, h))
         # transformers rounds sqrt(hidden) to the weights' dtype (55.4256 becomes 55.5 in bf16).
-        self.embed_scale = torch.tensor(h ** 0.5, dtype=self.embed_tokens.dtype)
+        self.embed_scale = torch.tensor(h**0.5, dtype=self.embed_tokens.dtype)
         self.lm_head = self.embed_tokens if c.tie_word_embeddings else w("lm_head.weight", (c.vocab_size, h))
         self.norm = norm(prefix + "norm.weight")
         self.act = activation(c.hidden_act)
         self.layers = []
         for i in range(c.num_layers):
             lp = f"{prefix}layers.{i}."
-            self.layers.append(dict(
-                input_norm=norm(lp + "input_layernorm.weight"),
-                post_attn_norm=norm(lp + "post_attention_layernorm.weight"),
-                pre_ff_norm=norm(lp + "pre_feedforward_layernorm.weight"),
-                post_ff_norm=norm(lp + "post_feedforward_layernorm.weight"),
-                q_norm=norm(lp + "self_attn.q_norm.weight", hd), k_norm=norm(lp + "self_attn.k_norm.weight", hd),
-                qkv=torch.cat([w(f"{lp}self_attn.{n}_proj.weight", (o, h))
-                               for n, o in (("q", self.q_size), ("k", self.kv_size), ("v", self.kv_size))]),
-                o=w(lp + "self_attn.o_proj.weight", (h, self.q_size)),
-                gate_up=torch.cat([w(lp + "mlp.gate_proj.weight", (c.intermediate_size, h)),
-                                   w(lp + "mlp.up_proj.weight", (c.intermediate_size, h))]),
-                down=w(lp + "mlp.down_proj.weight", (h, c.intermediate_size)),
-                kind=c.layer_types[i],
-                window=c.sliding_window if c.layer_types[i] == "sliding_attention" else None))
+            self.layers.append(
+                dict(
+                    input_norm=norm(lp + "input_layernorm.weight"),
+                    post_attn_norm=norm(lp + "post_attention_layernorm.weight"),
+                    pre_ff_norm=norm(lp + "pre_feedforward_layernorm.weight"),
+                    post_ff_norm=norm(lp + "post_feedforward_layernorm.weight"),
+                    q_norm=norm(lp + "self_attn.q_norm.weight", hd),
+                    k_norm=norm(lp + "self_attn.k_norm.weight", hd),
+                    qkv=torch.cat(
+                        [
+                            w(f"{lp}self_attn.{n}_proj.weight", (o, h))
+                            for n, o in (("q", self.q_size), ("k", self.kv_size), ("v", self.kv_size))
+                        ]
+                    ),
+                    o=w(lp + "self_attn.o_proj.weight", (h, self.q_size)),
+                    gate_up=torch.cat(
+                        [
+                            w(lp + "mlp.gate_proj.weight", (c.intermediate_size, h)),
+                            w(lp + "mlp.up_proj.weight", (c.intermediate_size, h)),
+                        ]
+                    ),
+                    down=w(lp + "mlp.down_proj.weight", (h, c.intermediate_size)),
+                    kind=c.layer_types[i],
+                    window=c.sliding_window if c.layer_types[i] == "sliding_attention" else None,
+                )
+            )
         positions = max_positions or c.max_position_embeddings
         if positions > MAX_ROPE_POSITIONS:
-            raise CheckpointError(f"config.json: max_position_embeddings {positions} is too large to allocate "
-                                  f"RoPE tables for (limit {MAX_ROPE_POSITIONS}); pass a smaller max_model_len")
+            raise CheckpointError(
+                f"config.json: max_position_embeddings {positions} is too large to allocate "
+                f"RoPE tables for (limit {MAX_ROPE_POSITIONS}); pass a smaller max_model_len"
+            )
         # One pair of RoPE tables per layer type: the local base for sliding layers, the global one for full.
-        self.rope = {kind: ops_module.rotary_cos_sin(hd, positions, theta, ckpt.device, scaling)
-                     for kind, (theta, scaling) in c.rope.items() if kind in c.layer_types}
+        self.rope = {
+            kind: ops_module.rotary_cos_sin(hd, positions, theta, ckpt.device, scaling)
+            for kind, (theta, scaling) in c.rope.items()
+            if kind in c.layer_types
+        }
 
     @property
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.dtype
 
-    def allocate_kv_caches(self, num_blocks: int, block_size: int,
-                           dtype: torch.dtype | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def allocate_kv_caches(
+        self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         shape = (num_blocks, block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
         kw = dict(dtype=dtype or self.dtype, device=self.embed_tokens.device)
         return [(torch.zeros(shape, **kw), torch.zeros(shape, **kw)) for _ in self.layers]
@@ -164,8 +206,13 @@ class GemmaDecoder:
         return F.embedding(input_ids, self.embed_tokens) * self.embed_scale.to(self.embed_tokens.device)
 
     @torch.inference_mode()
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
         """Packed `[T, H]` embeddings -> final-normed hidden states `[T, H]`; writes this step's KV."""
         ops, c, t = self.ops, self.cfg, x.shape[0]
         eps = c.rms_norm_eps
@@ -196,11 +243,19 @@ class Gemma3ImageProcessor(ImageProcessor):
     square size, bilinear, mean and std 0.5; pan-and-scan crops when the config enables them."""
 
     DEFAULTS: ClassVar[dict[str, Any]] = {
-        "do_convert_rgb": True, "do_resize": True, "size": {"height": 224, "width": 224}, "resample": 2,
-        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": IMAGENET_STANDARD_MEAN, "image_std": IMAGENET_STANDARD_STD,
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "size": {"height": 224, "width": 224},
+        "resample": 2,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": IMAGENET_STANDARD_MEAN,
+        "image_std": IMAGENET_STANDARD_STD,
         # Gemma3Processor's defaults for what preprocessor_config.json leaves null.
-        "do_pan_and_scan": False, "pan_and_scan_min_crop_size": 256, "pan_and_scan_max_num_crops": 4,
+        "do_pan_and_scan": False,
+        "pan_and_scan_min_crop_size": 256,
+        "pan_and_scan_max_num_crops": 4,
         "pan_and_scan_min_ratio_to_activate": 1.2,
     }
     DEFAULT_TO_SQUARE: ClassVar[bool] = True
@@ -231,7 +286,7 @@ class Gemma3ImageProcessor(ImageProcessor):
         ch, cw = math.ceil(h / rows), math.ceil(w / cols)
         if min(ch, cw) < self.min_crop:
             return []
-        return [x[..., i * ch:(i + 1) * ch, j * cw:(j + 1) * cw] for i in range(rows) for j in range(cols)]
+        return [x[..., i * ch : (i + 1) * ch, j * cw : (j + 1) * cw] for i in range(rows) for j in range(cols)]
 
 
 class Gemma3(Family):
@@ -249,16 +304,19 @@ class Gemma3(Family):
             text.setdefault("tie_word_embeddings", config["tie_word_embeddings"])
         self.text = GemmaTextConfig.parse(text, self.where)
         self.text.final_logit_softcapping = None  # Gemma3ForConditionalGeneration never soft-caps its logits
-        self.vision = VisionConfig.parse(config.get("vision_config") or {}, self.where,
-                                         {"model_type": "siglip_vision_model"})
+        self.vision = VisionConfig.parse(
+            config.get("vision_config") or {}, self.where, {"model_type": "siglip_vision_model"}
+        )
         if self.vision.has_class_token:
             raise CheckpointError(f"{self.where}: Gemma 3 takes a SigLIP vision tower")
         self.mm_tokens = config_int(c, "mm_tokens_per_image", self.where)
         self.tokens_per_side = math.isqrt(self.mm_tokens)
         side = self.vision.image_size // self.vision.patch_size
-        if self.tokens_per_side ** 2 != self.mm_tokens or side % self.tokens_per_side:
-            raise CheckpointError(f"{self.where}: mm_tokens_per_image {self.mm_tokens} is not a square that pools "
-                                  f"the tower's {side}x{side} patches evenly")
+        if self.tokens_per_side**2 != self.mm_tokens or side % self.tokens_per_side:
+            raise CheckpointError(
+                f"{self.where}: mm_tokens_per_image {self.mm_tokens} is not a square that pools "
+                f"the tower's {side}x{side} patches evenly"
+            )
         self.placeholder_id = config_int(c, "boi_token_index", self.where)
         self.eoi_id = config_int(c, "eoi_token_index", self.where)
         self.image_token_id = config_int(c, "image_token_index", self.where)
@@ -268,8 +326,9 @@ class Gemma3(Family):
     def _image_processor(self) -> Gemma3ImageProcessor:
         pre = self.checkpoint.path / "preprocessor_config.json"
         try:
-            proc = Gemma3ImageProcessor.for_config(self.checkpoint.preprocessor_config, self.vision.image_size,
-                                                   self.image_backend)
+            proc = Gemma3ImageProcessor.for_config(
+                self.checkpoint.preprocessor_config, self.vision.image_size, self.image_backend
+            )
         except ValueError as e:
             raise CheckpointError(f"{pre}: {e}") from e
         s = self.vision.image_size
@@ -296,8 +355,10 @@ class Gemma3(Family):
         # Pan-and-scan: Gemma3Processor's text between the whole image and its crops, tokenized as it is
         # (between special tokens, so on its own).
         for i in range(1, pixels.shape[0]):
-            token_ids += self.tokenizer.encode("\n\n and here are some crops to help you see better \n\n"
-                                               if i == 1 else "\n\n \n\n", add_special_tokens=False)
+            token_ids += self.tokenizer.encode(
+                "\n\n and here are some crops to help you see better \n\n" if i == 1 else "\n\n \n\n",
+                add_special_tokens=False,
+            )
             runs.append((len(token_ids) + 1, self.mm_tokens))
             token_ids += image_run
         return ImageFeatures(pixels=pixels, token_ids=token_ids, embedding_runs=runs)
@@ -354,8 +415,15 @@ class Gemma3Model:
         return list(features.flatten(0, 1).split([im.num_embeddings for im in images]))
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list, meta: AttentionMetadata,
-                image_rows: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list,
+        meta: AttentionMetadata,
+        image_rows: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if self.image_token_id is not None and self.image_token_id >= self.vocab_size:  # rows overwritten anyway
             input_ids = input_ids.masked_fill(input_ids == self.image_token_id, 0)
         x = self.decoder.embed(input_ids)

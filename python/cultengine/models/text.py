@@ -46,8 +46,15 @@ class TextModel:
     def encode_images(self, images: list[ImageFeatures]) -> list[torch.Tensor]:
         raise ValueError("a text-only model encodes no images")
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list, meta: AttentionMetadata,
-                image_rows: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list,
+        meta: AttentionMetadata,
+        image_rows: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         return self.decoder.forward(self.decoder.embed(input_ids), positions, kv_caches, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
