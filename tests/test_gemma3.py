@@ -251,3 +251,33 @@ def test_bad_configs_name_the_field(gemma_path, tmp_path, changes, needle):
     (bad / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=needle):
         family_for(load_checkpoint(bad))
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@CUDA
+def test_cuda_triton_and_graphs_match_transformers(gemma_path, reference):
+    """fp32 on the GPU (Triton prefill with image spans and windows, CUDA-graph decode) keeps the 1e-4 bar."""
+    model, processor = reference
+    engine = Engine(gemma_path, device="cuda", dtype="float32")
+    assert engine.ops.backend == "triton" and engine.runner.decode_graphs is not None
+    outs = engine.generate([{"messages": m} for m in CONVERSATIONS], SamplingParams(max_tokens=8), use_tqdm=False)
+    for messages, out in zip(CONVERSATIONS, outs, strict=True):
+        _check_generation(model, processor, messages, out, 8)
+
+
+@CUDA
+def test_cuda_bf16_choice_loglikelihoods_are_close_to_fp32(gemma_path):
+    """Gemma's bf16 hazards (the rounded sqrt(hidden) embedding scale, (1 + w) norms) stay within the bar of
+    tests/test_cuda.py for a tiny random model: 0.05 per token."""
+    reqs = [{"messages": m, "choices": ["Japan", " Peru", "Ghana and more"]} for m in CONVERSATIONS]
+    bf16 = Engine(gemma_path, device="cuda", dtype="bfloat16").score(reqs, use_tqdm=False)
+    fp32 = Engine(gemma_path, device="cuda", dtype="float32", attention_backend="torch").score(reqs, use_tqdm=False)
+    diffs = []
+    for a, b in zip(bf16, fp32, strict=True):
+        assert a.error is None and b.error is None
+        for ca, cb in zip(a.choices, b.choices, strict=True):
+            diffs += [abs(x - y) for x, y in zip(ca.token_logprobs, cb.token_logprobs, strict=True)]
+    print(f"gemma3 bf16 vs fp32 per-token logprob: max |diff| {max(diffs):.4f}, mean {np.mean(diffs):.4f}")
+    assert max(diffs) < 0.05
