@@ -234,23 +234,26 @@ def test_text_only_gemma3_matches_transformers(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "changes,needle",
+    "file,changes,needle",
     [
-        ({"mm_tokens_per_image": 8}, "mm_tokens_per_image 8"),
-        ({"text_config": {"layer_types": ["full_attention"]}}, "layer_types must list 3"),
+        ("config.json", {"mm_tokens_per_image": 8}, "mm_tokens_per_image 8"),
+        ("config.json", {"text_config": {"layer_types": ["full_attention"]}}, "layer_types must list 3"),
+        ("processor_config.json", {"image_seq_length": 16}, "image_seq_length 16 differs"),
+        ("processor_config.json", {"image_processor": {"size": {"height": 40, "width": 40}}}, "42x42 images"),
     ],
 )
-def test_bad_configs_name_the_field(gemma_path, tmp_path, changes, needle):
+def test_bad_configs_name_file_and_field(gemma_path, tmp_path, file, changes, needle):
     bad = shutil.copytree(gemma_path, tmp_path / "bad")
-    config = json.loads((bad / "config.json").read_text())
+    config = json.loads((bad / file).read_text())
     for key, value in changes.items():
         if isinstance(value, dict):
             config[key].update(value)
         else:
             config[key] = value
-    (bad / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=needle):
+    (bad / file).write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=needle) as err:
         family_for(load_checkpoint(bad))
+    assert file in str(err.value)
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -12,6 +12,7 @@ each other both ways during prefill (so an image's run is never split across pre
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -324,7 +325,18 @@ class Gemma3(Family):
         self._tokenizer = None  # loaded on first use (expand_text, pan-and-scan)
 
     def _image_processor(self) -> Gemma3ImageProcessor:
-        pre = self.checkpoint.path / "preprocessor_config.json"
+        path = self.checkpoint.path
+        pre = path / "preprocessor_config.json"
+        processor_file = path / "processor_config.json"
+        processor = json.loads(processor_file.read_text()) if processor_file.is_file() else {}
+        if not pre.is_file() and processor_file.is_file():  # transformers 5 saves the processor whole
+            pre = processor_file
+        seq = processor.get("image_seq_length")
+        if seq is not None and seq != self.mm_tokens:
+            raise CheckpointError(
+                f"{processor_file}: image_seq_length {seq} differs from config.json's mm_tokens_per_image "
+                f"{self.mm_tokens} (the prompt would hold another number of image tokens than the model makes)"
+            )
         try:
             proc = Gemma3ImageProcessor.for_config(
                 self.checkpoint.preprocessor_config, self.vision.image_size, self.image_backend
