@@ -141,6 +141,37 @@ def test_chunk_budget_cutting_an_image_prefix_cache_and_preemption_change_nothin
         assert [o.token_ids for o in other.generate(reqs, params, use_tqdm=False)] == expected, kwargs
 
 
+def test_an_image_that_does_not_fit_the_steps_budget_moves_whole_to_the_next_step(gemma_path, reference):
+    model, processor = reference
+    engine = Engine(gemma_path, dtype="float32", max_num_batched_tokens=11)
+    steps = []
+    execute = engine.runner.execute
+
+    def spy(plan, synchronize=False):
+        steps.append((len(plan.input_ids), plan.image_chunks[:, 2].tolist()))
+        return execute(plan, synchronize)
+
+    engine.runner.execute = spy
+    out = engine.generate([{"messages": CONVERSATIONS[2]}], SamplingParams(max_tokens=4), use_tqdm=False)[0]
+    prefill = [step for step in steps if step[0] > 1][:-1]  # every prefill step but the prompt's last
+    assert all(n == MM_TOKENS for _, runs in steps for n in runs)  # both images computed whole
+    assert any(tokens < 11 for tokens, _ in prefill)  # a step stopped short of an image that did not fit
+    _check_generation(model, processor, CONVERSATIONS[2], out, 4)
+
+
+def test_prefix_cache_hit_ending_inside_an_image(gemma_path, reference):
+    """The second prompt shares the first's blocks up to a block boundary inside the image (block size 12):
+    its image's cached tokens were computed attending to the whole image, its uncached ones do now."""
+    model, processor = reference
+    engine = Engine(gemma_path, dtype="float32", block_size=12)
+    engine.generate([{"messages": _chat(WIDE, "Which country is this dish from?")}], use_tqdm=False)
+    second = _chat(WIDE, "Where was this photo taken?")
+    out = engine.generate([{"messages": second}], SamplingParams(max_tokens=5), use_tqdm=False)[0]
+    soft = [i for i, t in enumerate(out.prompt_token_ids) if t == model.config.image_token_id]
+    assert soft[0] < out.num_cached_tokens <= soft[-1]
+    _check_generation(model, processor, second, out, 5)
+
+
 def test_an_image_longer_than_the_token_budget_is_that_requests_error(gemma_path):
     engine = Engine(gemma_path, dtype="float32", max_num_batched_tokens=MM_TOKENS - 1)
     outs = engine.generate(

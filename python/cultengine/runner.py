@@ -221,7 +221,7 @@ class ModelRunner:
             image_embeds = torch.cat([images[h][s:s + n] for h, s, n in zip(hashes, chunks[:, 1], chunks[:, 2],
                                                                             strict=True)])
             if self.bidirectional_images:
-                spans = self._image_spans(plan, hashes)
+                spans = self._image_spans(plan)
         meta = AttentionMetadata(
             query_start_loc=self._tensor(plan.query_start_loc),
             seq_lens=self._tensor(plan.seq_lens),
@@ -236,25 +236,20 @@ class ModelRunner:
         return self.model.forward(self._tensor(plan.input_ids), self._tensor(positions), self.kv_caches, meta,
                                   image_rows, image_embeds)
 
-    def _image_spans(self, plan, hashes: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """(first, end) positions `[N, 2]` of each embedding run this step computes, by sequence, and where
-        each sequence's runs begin `[B+1]`. A run is whole in its step (atomic) unless a prefix-cache hit
-        ended inside it: then its cached part is widened back in, as the rest attends to it too."""
+    @staticmethod
+    def _image_spans(plan) -> tuple[np.ndarray, np.ndarray]:
+        """(first, end) positions `[N, 2]` of each image run this step computes, by sequence, and where each
+        sequence's runs begin `[B+1]`. A query already sees the keys before it; the span adds the rest of its
+        run, which is always in the same step (atomic runs). A run a prefix-cache hit cut into keeps only its
+        uncached part here, and loses nothing: its cached part lies before every query."""
         qsl, seq_lens = plan.query_start_loc.astype(np.int64), plan.seq_lens.astype(np.int64)
-        seqs, spans = [], []
-        for (dst, first, _), h in zip(plan.image_chunks.tolist(), hashes, strict=True):
-            b = int(np.searchsorted(qsl, dst, side="right")) - 1
-            pos = int(seq_lens[b] - (qsl[b + 1] - qsl[b]) + (dst - qsl[b]))
-            run_first = 0
-            for _, length in self.encoder_cache.inputs[h].embedding_runs:  # the run holding embedding `first`
-                if first < run_first + length:
-                    break
-                run_first += length
-            seqs.append(b)
-            spans.append((pos - (first - run_first), pos - (first - run_first) + length))
-        order = np.argsort(seqs, kind="stable")
-        loc = np.concatenate([[0], np.cumsum(np.bincount(seqs, minlength=len(seq_lens)))])
-        return np.asarray(spans, dtype=np.int32).reshape(-1, 2)[order], loc.astype(np.int32)
+        dst, n = plan.image_chunks[:, 0].astype(np.int64), plan.image_chunks[:, 2].astype(np.int64)
+        seq = np.searchsorted(qsl, dst, side="right") - 1
+        first = seq_lens[seq] - (qsl[seq + 1] - qsl[seq]) + (dst - qsl[seq])
+        order = np.argsort(seq, kind="stable")
+        spans = np.stack([first, first + n], axis=1)[order].astype(np.int32)
+        loc = np.concatenate([[0], np.cumsum(np.bincount(seq, minlength=len(seq_lens)))]).astype(np.int32)
+        return spans, loc
 
     def compute_logits(self, hidden: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
         """fp32 logits of the given rows of a step's hidden states."""
