@@ -146,7 +146,7 @@ class GemmaDecoder:
 
         self.embed_tokens = w(prefix + "embed_tokens.weight", (c.vocab_size, h))
         # transformers rounds sqrt(hidden) to the weights' dtype (55.4256 becomes 55.5 in bf16).
-        self.embed_scale = torch.tensor(h**0.5, dtype=self.embed_tokens.dtype)
+        self.embed_scale = torch.tensor(h**0.5, dtype=self.embed_tokens.dtype, device=self.embed_tokens.device)
         self.lm_head = self.embed_tokens if c.tie_word_embeddings else w("lm_head.weight", (c.vocab_size, h))
         self.norm = norm(prefix + "norm.weight")
         self.act = activation(c.hidden_act)
@@ -204,7 +204,7 @@ class GemmaDecoder:
         return [(torch.zeros(shape, **kw), torch.zeros(shape, **kw)) for _ in self.layers]
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.embed_tokens) * self.embed_scale.to(self.embed_tokens.device)
+        return F.embedding(input_ids, self.embed_tokens) * self.embed_scale
 
     @torch.inference_mode()
     def forward(
