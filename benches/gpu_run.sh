@@ -2,6 +2,7 @@
 # Everything a GPU lease is for, in one command: the CUDA tests and the GPU benchmarks.
 #
 #   benches/gpu_run.sh OUT_DIR STEP...      STEP: env tests kernels generate bound bound-quick score profile
+#                                                 profile-families
 #
 # Runs from the repository root on a machine with torch, triton and transformers but no Rust: the
 # compiled core comes along as python/cultengine/_core.abi3.so (built elsewhere with `maturin develop
@@ -33,6 +34,9 @@ for step in "$@"; do
         score) run 240 python3 benches/bench_score.py --device cuda --preset llava-1.5-7b --out "$res" ;;
         profile) run 150 python3 -m cultengine.cli profile --model llava-1.5-7b --num-requests 1000 \
             --prompts-per-image 4 --prompt-len 16:64 --output-len 4:64 --shared-fraction 0 ;;
+        profile-families) for m in llava-next-7b llava-onevision-7b; do
+            run 150 python3 -m cultengine.cli profile --model $m --num-requests 200 --prompts-per-image 4 \
+                --prompt-len 16:64 --output-len 4:64 --shared-fraction 0; done ;;
         *) log "unknown step $step" ;;
     esac
 done

@@ -62,6 +62,7 @@ class FakeEngine:
 
 def bench_args(**kw) -> argparse.Namespace:
     base = dict(model=None, data=None, suite="mcq", output_dir=None, limit=None, device="cpu", dtype="auto",
-                scoring="loglik", circular=False, batch=64, shard=None, format="auto", template=None)
+                scoring="loglik", circular=False, batch=64, shard=None, format="auto", template=None,
+                overwrite=False, image_root=None, allow_absolute_image_paths=False)
     base.update(kw)
     return argparse.Namespace(**base)

@@ -186,3 +186,33 @@ def test_inconsistent_checkpoints_name_file_and_field(family_path, tmp_path, fil
     with pytest.raises(CheckpointError, match=needle) as err:
         family_for(load_checkpoint(_edited(family_path, tmp_path, file, **changes)))
     assert file in str(err.value)
+
+
+def test_missing_processor_file_is_a_checkpoint_error(family_path, tmp_path):
+    d = shutil.copytree(family_path, tmp_path / "noproc")
+    (d / "processor_config.json").unlink()
+    with pytest.raises(CheckpointError, match="preprocessor_config.json.*not found"):
+        family_for(load_checkpoint(d))
+
+
+def test_unsupported_architecture_lists_the_registry(family_path, tmp_path):
+    d = _edited(family_path, tmp_path, "config.json", architectures=["FancyVLMForConditionalGeneration"])
+    with pytest.raises(CheckpointError, match="'FancyVLM.*supported: LlavaForConditionalGeneration, "
+                                              "LlavaNextForConditionalGeneration, LlavaOnevision"):
+        family_for(load_checkpoint(d))
+
+
+def test_bench_runs_on_the_family(family_path, tmp_path):
+    """`cultengine bench --model DIR` on the embedded default benchmark (its first rows)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    env = dict(os.environ, CULTENGINE_CACHE=str(tmp_path / "cache"))
+    p = subprocess.run([sys.executable, "-m", "cultengine.cli", "bench", "--device", "cpu", "--model",
+                        str(family_path), "--limit", "6", "--output-dir", str(out)], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["overall"]["n"] == 6 and len((out / "results.jsonl").read_text().splitlines()) == 6

@@ -27,8 +27,10 @@ def test_summary_groups_gap_and_counts():
     s = metrics.summarize(sample(), [{"id": "x", "reason": "missing image"}], "mcq")
     assert s["samples"] == {"evaluated": 5, "labeled": 5, "unlabeled": 0, "skipped": 2, "skipped_rows": 1,
                             "engine_errors": 1}
-    assert s["by"]["country"]["France"] == {"n": 2, "acc": 1.0, "acc_stderr": 0.0, "acc_norm": 1.0,
-                                            "acc_norm_stderr": 0.0}
+    wilson_2_of_2 = [0.34238, 1.0]  # Wilson 95 %: 2 / 2 -> (0.3424, 1)
+    assert s["by"]["country"]["France"] == {"n": 2, "acc": 1.0, "acc_stderr": 0.0, "acc_ci": wilson_2_of_2,
+                                            "acc_norm": 1.0, "acc_norm_stderr": 0.0, "acc_norm_ci": wilson_2_of_2,
+                                            "ci_method": "wilson", "clusters": 2}
     assert s["by"]["region"]["Eastern Asia"]["n"] == 3
     gap = s["western_gap"]
     assert gap["metric"] == "acc" and math.isclose(gap["gap"], 1 - 2 / 3, abs_tol=1e-5)
@@ -48,7 +50,7 @@ def test_reports_render_valid_svg():
     assert "chance level" in md and "## By region" in md and "Western vs non-Western" in md
     page = report.html_report(s)
     svgs = page.split("<figure>")[1:]
-    assert len(svgs) == 3
+    assert len(svgs) == 4  # region bars, category bars, heatmap, worst countries
     for svg in svgs:
         ET.fromstring(svg.split("</figure>")[0])  # well-formed XML
     assert report.worst(s["by"]["country"], "acc")[0][0] == "Japan"

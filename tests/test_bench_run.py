@@ -7,7 +7,7 @@ import pytest
 from bench_helpers import FakeEngine, bench_args
 from cultengine import runlog
 from cultengine.bench import results
-from cultengine.bench.run import run
+from cultengine.bench.run import RunError, run
 
 
 @pytest.fixture(autouse=True)
@@ -90,7 +90,7 @@ def test_generate_scoring_and_changed_command_refused(tmp_path):
     run(bench_args(output_dir=str(out), scoring="generate", limit=20), make_engine=Counting())
     s = json.loads((out / "summary.json").read_text())
     assert s["overall"]["n"] == 20 and "acc_norm" not in s["overall"]
-    with pytest.raises(SystemExit, match="different scoring"):
+    with pytest.raises(RunError, match="different scoring.*--overwrite"):
         run(bench_args(output_dir=str(out), scoring="loglik", limit=20), make_engine=Counting())
 
 

@@ -90,7 +90,8 @@ def test_generate_scoring_and_unlabeled():
 def test_vqa_exact_and_contains():
     cfg = SuiteConfig("vqa")
     r = row(options=[], answer=["Tokyo", "東京"])
-    assert score(r, cfg, [gen(" tokyo. ")]) == {"prediction": "tokyo.", "correct": True, "contains": True}
+    assert score(r, cfg, [gen(" tokyo. ")]) == {"prediction": "tokyo.", "correct": True, "normalized": True,
+                                                "contains": True}
     res = score(r, cfg, [gen("It is 東京です")])
     assert res["correct"] is False and res["contains"] is True
 

@@ -267,3 +267,30 @@ def test_sliding_window_attention_is_exact_beyond_the_window(tiny_mistral, tmp_p
     assert [o.token_ids for o in chunked.generate(reqs * 2, SamplingParams(max_tokens=6), use_tqdm=False)] \
         == [o.token_ids for o in outs] * 2
     assert chunked.stats()["prefix_cache_hit_tokens"] > 24  # the repeats reuse blocks beyond the window
+
+
+def test_request_forms_match_the_list_of_dicts_form(tiny_llama):
+    engine = Engine(tiny_llama, dtype="float32")
+    params = SamplingParams(max_tokens=5)
+    canonical = engine.generate(REQUESTS[:2], params, use_tqdm=False)
+    assert engine.generate(REQUESTS[0]["prompt"], params, use_tqdm=False)[0].token_ids == canonical[0].token_ids
+    one = engine.generate(REQUESTS[1], params, use_tqdm=False)  # a dict alone is one request, not its keys
+    assert len(one) == 1 and one[0].token_ids == canonical[1].token_ids
+    vllm = {"prompt": REQUESTS[1]["prompt"], "multi_modal_data": {"image": REQUESTS[1]["images"][0]}}
+    assert engine.generate([vllm], params, use_tqdm=False)[0].token_ids == canonical[1].token_ids
+    bad = engine.generate([{"prompt": "x", "multi_modal_data": {"video": b"..."}}], params, use_tqdm=False)[0]
+    assert "multi_modal_data" in bad.error and "video" in bad.error
+    score = engine.score({**REQUESTS[0], "choices": ["a", "b"]}, use_tqdm=False)
+    assert len(score) == 1 and len(score[0].choices) == 2
+
+
+def test_engine_demo_and_threads(monkeypatch, tmp_path):
+    import torch
+
+    monkeypatch.setenv("CULTENGINE_CACHE", str(tmp_path))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    engine = Engine("demo", threads=1)
+    assert torch.get_num_threads() == 1 and engine.checkpoint.config.get("cultengine_demo")
+    with pytest.raises(ValueError, match="threads"):
+        Engine("demo", threads=0)
+    torch.set_num_threads(1)

@@ -101,7 +101,7 @@ def test_load_errors_name_the_file(tmp_path):
             load_image(cut)
     with pytest.raises(ValueError, match="bytes"):
         load_image(b"\x89PNG garbage")
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match="unsupported image"):
         load_image(123)
 
 

@@ -276,7 +276,7 @@ def test_backend_errors_and_provenance(tiny_llama):
     proc = ClipImageProcessor.from_pretrained(tiny_llama, backend="pil")
     record = proc.provenance()
     assert record["image_backend"] == "pil" and record["image_processor"] == "ClipImageProcessor"
-    assert record["versions"]["torch"] == torch.__version__.split("+")[0]
+    assert record["versions"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
     assert record["versions"]["torchvision"] is not None and record["versions"]["transformers"] is not None
 
 

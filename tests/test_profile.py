@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from PIL import Image
 
 from cultengine import cli
 from cultengine.checkpoint import load_checkpoint
@@ -42,6 +43,20 @@ def test_shape_presets_are_real_sizes_in_bfloat16(tmp_path):
     family = family_for(ckpt)
     assert (family.text.hidden_size, family.text.num_layers, family.text.num_heads) == (4096, 32, 32)
     assert (family.vision.image_size, family.vision.patch_size) == (336, 14)
+
+
+@pytest.mark.parametrize("name,arch,hidden,tiles", [
+    ("llava-next-7b", "LlavaNextForConditionalGeneration", 4096, 5),
+    ("pangea-7b", "LlavaNextForConditionalGeneration", 3584, 5),
+    ("llava-onevision-7b", "LlavaOnevisionForConditionalGeneration", 3584, 7),
+])
+def test_family_presets_have_real_shapes(tmp_path, name, arch, hidden, tiles):
+    ckpt = load_checkpoint(preset_checkpoint(name, tmp_path / "p"), device="meta", random_init=True)
+    family = family_for(ckpt)
+    assert ckpt.architecture == arch and family.text.hidden_size == hidden
+    # A 1000 x 700 photo: the best grid of tiles plus the base tile.
+    feats = family.process_image(Image.new("RGB", (1000, 700)), {"num_images": 1})
+    assert feats.pixels.shape[0] == tiles and len(feats.token_ids) == feats.num_embeddings > 2 * family.tokens_per_tile
 
 
 @pytest.mark.parametrize("name,shape", [("gemma-3-4b", (2560, 34, 8, 4)), ("gemma-3-12b", (3840, 48, 16, 8))])

@@ -10,8 +10,6 @@ from PIL import Image
 
 from cultengine.cli import main
 
-CULTURE = Path(__file__).resolve().parents[2] / "shared" / "data" / "culture"
-
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
@@ -94,11 +92,7 @@ def test_stories_cli_and_analysis(demo, images, tmp_path):
             [
                 "analyze",
                 "stories",
-                str(run),
-                "--hofstede",
-                str(CULTURE / "hofstede_6d.csv"),
-                "--wvs",
-                str(CULTURE / "wvs_250d.csv"),
+                str(run),  # the packaged Hofstede and WVS tables by default
             ]
         )
         == 0

@@ -13,8 +13,6 @@ from PIL import Image
 from cultengine.outputs import ChoiceScore, GenerationOutput, Sample, ScoreOutput
 from cultengine.studies import culture, ground, stats, stories, values
 
-CULTURE = Path(__file__).resolve().parents[2] / "shared" / "data" / "culture"
-
 
 def _text(req: dict) -> str:
     content = req["messages"][0]["content"]
@@ -120,7 +118,7 @@ def test_culture_tables_and_default_nationalities():
     nats = culture.default_nationalities()
     assert len(nats) == 42 and len({n.demonym for n in nats}) == 42
     assert all(n.country is not None for n in nats)
-    hof = culture.CultureTable.read(CULTURE / "hofstede_6d.csv", "hofstede")
+    hof = culture.CultureTable.read(culture.HOFSTEDE_CSV, "hofstede")
     # "Malaysian" finds the "Malaysia" row (demonym "Malay" there); "South Korean" the "Korea South" row
     assert hof.keys[hof.find(culture.Nationality("Malaysian"))][1] == "Malaysia"
     found, d, lacking = hof.distances(
@@ -129,7 +127,7 @@ def test_culture_tables_and_default_nationalities():
     assert lacking == ["Nigerian"]  # #NULL! dimensions
     # Japan 54,46,95,92,88,42 ; Germany 35,67,66,65,83,40: diffs 19,-21,29,27,5,2
     assert d[0, 1] == pytest.approx(math.sqrt(19**2 + 21**2 + 29**2 + 27**2 + 5**2 + 2**2))
-    wvs = culture.CultureTable.read(CULTURE / "wvs_250d.csv", "wvs").select(culture.wvs_columns())
+    wvs = culture.CultureTable.read(culture.WVS_CSV, "wvs").select(culture.wvs_columns())
     assert len(wvs.columns) == 250
     found, d, lacking = wvs.distances(nats, complete_rows=False, standardize=True)
     assert set(lacking) == {"French", "Italian", "Spanish", "Swedish", "Indian"}
@@ -183,9 +181,7 @@ def test_stories_run_resume_and_analysis(tmp_path):
         and eng2.generated == 0
     )
 
-    res = stories.analyze(
-        [tmp_path / "run"], hofstede=CULTURE / "hofstede_6d.csv", wvs=CULTURE / "wvs_250d.csv"
-    )
+    res = stories.analyze([tmp_path / "run"])  # the packaged Hofstede and WVS tables by default
     m = res["models"]["m"]
     # story length is a function of the nationality alone: SSW = 0, F = inf, p = 0
     lex = m["lexical"]["length_words"]["anova"]

@@ -119,11 +119,12 @@ def test_values_compares_an_llm_with_its_vlm_in_one_report(tiny_llama, tmp_path)
         "float32",
     ]
     assert main(args) == 0
-    text_only, vlm = json.loads((out / "comparison.json").read_text())["models"]
-    assert text_only["model"] == str(llm) and not text_only["takes_images"]
-    assert text_only["num_records"] == 2 and "skipped" in text_only["note"]
-    assert vlm["takes_images"] and vlm["num_records"] == 3 and vlm["num_errors"] == 0
-    assert 0.0 <= text_only["mean_similarity_text"] <= 1.0 and 0.0 <= vlm["mean_similarity_image"] <= 1.0
-    report = (out / "comparison.md").read_text()
-    assert str(llm) in report and "text-only model: image conditions skipped" in report
-    assert (out / "comparison.html").is_file()
+    llm_run, vlm_run = sorted(p for p in out.iterdir() if p.is_dir())
+    text_only = json.loads((llm_run / "summary.json").read_text())
+    assert text_only["num_records"] == 2 and text_only["images_skipped"] == "text-only model: image conditions skipped"
+    assert json.loads((vlm_run / "summary.json").read_text())["num_records"] == 3  # text + the Japan image
+    result = json.loads((out / "compare.json").read_text())
+    assert result["kind"] == "values" and result["text_only"] == [str(llm)] and result["prompts"] == 2
+    assert {p["a"] for p in result["paired"]} | {p["b"] for p in result["paired"]} == {str(llm), str(tiny_llama)}
+    report = (out / "compare.md").read_text()
+    assert "text-only model: image conditions skipped" in report and (out / "compare.html").is_file()

@@ -1,13 +1,17 @@
 """Chat-template rendering, identical to transformers' `apply_chat_template(tokenize=False)`.
 
 Chat templates come from the Hub and are untrusted: they run in Jinja's immutable sandbox, and they
-only ever see plain JSON data (images become inert "<TypeName>" strings, as in transformers).
+only ever see plain JSON data (images become inert "<TypeName>" strings, as in transformers). Rendering
+is bounded in time (`RENDER_TIME_LIMIT_S`; every loop iteration and call checks the clock) and `*` / `**`
+cannot build huge strings or numbers, so a hostile template fails its own request instead of hanging.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextvars import ContextVar
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -16,6 +20,9 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+RENDER_TIME_LIMIT_S = 2.0  # a real template renders a conversation in milliseconds
+MAX_REPEAT = 10_000_000  # longest string or list that `*` may build inside a template
+MAX_POWER_BITS = 1 << 16  # largest integer (in bits) that `**` may compute inside a template
 IMAGE_KEYS = ("image", "url", "path")  # where a {"type": "image"} item may carry its source
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
@@ -35,6 +42,49 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
 
 def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
+
+
+class _OutOfTime(Exception):
+    """Raised inside a template whose render passed its deadline."""
+
+
+_deadline: ContextVar[float] = ContextVar("chat_template_deadline", default=float("inf"))
+
+
+def _check_deadline() -> None:
+    if time.monotonic() > _deadline.get():
+        raise _OutOfTime
+
+
+def _bounded_iter(iterable: Iterable) -> Iterator:
+    # Wraps the iterable of every {% for %}: nested loops are where templates spend unbounded time.
+    for item in iterable:
+        _check_deadline()
+        yield item
+
+
+_DEADLINE_FILTER = "cultengine_deadline"
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """The immutable sandbox, plus a clock check on every call and bounded `*` and `**`."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call(self, context, obj, /, *args, **kwargs):  # every call of a template goes through here
+        _check_deadline()
+        return super().call(context, obj, *args, **kwargs)
+
+    def call_binop(self, context, operator, left, right):
+        _check_deadline()
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, str | list | tuple) and isinstance(n, int) and len(seq) * n > MAX_REPEAT:
+                    raise jinja2.exceptions.SecurityError(f"'*' would build {len(seq) * n:,} items")
+        elif isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1:
+            if right * abs(left).bit_length() > MAX_POWER_BITS:
+                raise jinja2.exceptions.SecurityError(f"'**' would compute a number of over {MAX_POWER_BITS} bits")
+        return super().call_binop(context, operator, left, right)
 
 
 class _TemplateDict:
@@ -80,12 +130,14 @@ class _GenerationTag(jinja2.ext.Extension):
 
 @lru_cache(maxsize=16)
 def compile_template(template: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
+    env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env.filters.update({"tojson": _tojson, _DEADLINE_FILTER: _bounded_iter})
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, dict=_TemplateDict(),
                        namespace=_TemplateNamespace)
-    return env.from_string(template)
+    tree = env.parse(template)
+    for loop in tree.find_all(jinja2.nodes.For):
+        loop.iter = jinja2.nodes.Filter(loop.iter, _DEADLINE_FILTER, [], [], None, None, lineno=loop.lineno)
+    return env.from_string(tree)
 
 
 def _plain(value: Any) -> Any:
@@ -126,8 +178,13 @@ def extract_images(messages: list[dict]) -> list[Any]:
 
 
 def render_chat(template: str | None, messages: list[dict], special_tokens: dict[str, str] | None = None,
-                add_generation_prompt: bool = True, **kwargs: Any) -> tuple[str, list[Any]]:
-    """Render one conversation; returns (prompt text, image sources in order)."""
+                add_generation_prompt: bool = True, *, template_name: str = "the chat template",
+                time_limit: float | None = None, **kwargs: Any) -> tuple[str, list[Any]]:
+    """Render one conversation; returns (prompt text, image sources in order).
+
+    Any failure of the template (its own errors, a sandbox refusal, a render running past `time_limit`
+    seconds, default `RENDER_TIME_LIMIT_S`) is a `ChatTemplateError` naming `template_name`.
+    """
     if not template:
         raise ChatTemplateError("this checkpoint has no chat template (no chat_template.jinja and no "
                                 "'chat_template' in tokenizer_config.json); pass a plain prompt instead")
@@ -144,14 +201,24 @@ def render_chat(template: str | None, messages: list[dict], special_tokens: dict
             msg = {"thinking": reasoning, **msg, "reasoning_content": reasoning}
         chat.append(msg)
     variables = _plain({**(special_tokens or {}), **kwargs})
+    limit = RENDER_TIME_LIMIT_S if time_limit is None else time_limit
+    token = _deadline.set(time.monotonic() + limit)
     try:
         text = compile_template(template).render(messages=chat, tools=None, documents=None,
                                                  add_generation_prompt=add_generation_prompt, **variables)
+    except _OutOfTime:
+        raise ChatTemplateError(f"{template_name} did not finish rendering within {limit:g} s (it loops too long; "
+                                "the limit is cultengine.chat.RENDER_TIME_LIMIT_S)") from None
     except jinja2.exceptions.TemplateError as e:
-        raise ChatTemplateError(f"chat template error: {e}") from e
+        raise ChatTemplateError(f"error in {template_name}: {e}") from e
+    except Exception as e:  # the template is untrusted code: whatever it raises is its own request's error
+        raise ChatTemplateError(f"{template_name} failed: {type(e).__name__}: {e}") from e
+    finally:
+        _deadline.reset(token)
     return text, extract_images(messages)
 
 
 def render_checkpoint_chat(checkpoint, messages: list[dict], **kwargs: Any) -> tuple[str, list[Any]]:
     """`render_chat` with a loaded `Checkpoint`'s template and special tokens."""
-    return render_chat(checkpoint.chat_template, messages, checkpoint.special_tokens, **kwargs)
+    return render_chat(checkpoint.chat_template, messages, checkpoint.special_tokens,
+                       template_name=f"the chat template of {checkpoint.path}", **kwargs)

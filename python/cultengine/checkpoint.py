@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, unsupported_architecture
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16, "half": torch.float16}
@@ -127,12 +127,24 @@ def _index_weights(path: Path) -> dict[str, tuple[Path, str]]:
         weight_map = _read_json(index_file).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index_file}: no 'weight_map' object")
+        bad = sorted({repr(f) for f in weight_map.values() if not isinstance(f, str) or not f})
+        if bad:
+            raise CheckpointError(f"{index_file}: weight_map values must be file names, got {', '.join(bad)}")
         files = sorted(set(weight_map.values()))
-        for f in files:
-            if not (path / f).is_file():
-                raise CheckpointError(f"{index_file}: shard {f!r} is listed but not present in {path}")
+        where = f"{index_file}: shard"
     else:
         files = sorted(p.name for p in path.glob("*.safetensors"))
+        where = f"{path}: weight file"
+    root = path.resolve()
+    # A Hugging Face cache snapshot (models--org--name/snapshots/<rev>) links its files to ../../blobs/.
+    roots = [root, root.parent.parent] if root.parent.name == "snapshots" else [root]
+    for f in files:
+        # A weight index (or a symlink) may not make us open files outside the checkpoint.
+        target = (path / f).resolve()
+        if Path(f).is_absolute() or ".." in Path(f).parts or not any(target.is_relative_to(r) for r in roots):
+            raise CheckpointError(f"{where} {f!r} lies outside the checkpoint folder {path}; refusing to read it")
+        if not target.is_file():
+            raise CheckpointError(f"{where} {f!r} is listed but not present in {path}")
     if not files:
         pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
         if pickles:
@@ -178,11 +190,13 @@ def _resolve_dtype(dtype: str | torch.dtype, config: dict) -> torch.dtype:
 
 
 def load_checkpoint(path: str | Path, dtype: str | torch.dtype = "auto",
-                    device: str | torch.device = "cpu", random_init: bool = False) -> Checkpoint:
+                    device: str | torch.device = "cpu", random_init: bool = False,
+                    architectures: tuple[str, ...] | None = None) -> Checkpoint:
     """Parse a local checkpoint directory; weights are indexed now and read by `Checkpoint.tensor`.
 
     `random_init` needs only config and tokenizer files: weights are drawn instead of read (profiling
-    real model shapes without downloading them).
+    real model shapes without downloading them). `architectures`, when given, are the ones the caller
+    can run: any other is refused before a weight file is opened.
     """
     path = Path(path).expanduser()
     if not path.is_dir():
@@ -191,6 +205,8 @@ def load_checkpoint(path: str | Path, dtype: str | torch.dtype = "auto",
     config = _read_json(path / "config.json")
     archs = config.get("architectures") or []
     arch = archs[0] if archs and isinstance(archs[0], str) else str(config.get("model_type", "<none>"))
+    if architectures is not None and arch not in architectures:  # before any weight file is opened
+        raise unsupported_architecture(str(path / "config.json"), arch, architectures)
     text_cfg = config.get("text_config") or {}
     weights = {} if random_init else _index_weights(path)
 

@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 from . import _core
 from .chat import render_checkpoint_chat
 from .checkpoint import load_checkpoint
-from .image import library_versions, load_image
-from .models import ImageFeatures, family_for
+from .image import load_image
+from .models import SUPPORTED_ARCHITECTURES, ImageFeatures, family_for
 from .ops import Ops, resolve_backend
 from .outputs import ChoiceScore, GenerationOutput, Sample, ScoreOutput
 from .runner import ModelRunner
@@ -49,26 +49,47 @@ def _image_key(src, options: dict):
     return key + tuple(sorted(options.items()))
 
 
+Request = dict | str  # {"prompt", "images"} | {"messages"} | vLLM's {"prompt", "multi_modal_data"} | a prompt string
+
+
 class Engine:
+    """A loaded checkpoint with its paged KV cache, scheduler and caches, ready to generate and score.
+
+    `model` is a local Hugging Face checkpoint directory (any architecture in `cultengine.models.FAMILIES`)
+    or "demo" (the small random-weight demo checkpoint, built on first use). Requests are dicts:
+    `{"prompt": str, "images": [...]}` (the checkpoint's image placeholder marks each image),
+    `{"messages": [...]}` (rendered with the checkpoint's chat template), vLLM's
+    `{"prompt": str, "multi_modal_data": {"image": img or [imgs]}}`, or a plain prompt string; images are
+    paths, bytes or PIL images. `generate` and `score` take one request or a list and return a list.
+    A bad request gets `.error` on its output and never stops the others.
+    """
+
     def __init__(self, model: str | os.PathLike, device: str = "cpu", dtype: str = "auto",
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, block_size: int = 16,
                  num_blocks: int | None = None, kv_cache_memory: int | None = None,
                  enable_prefix_caching: bool = True, attention_backend: str | None = None,
                  max_model_len: int | None = None, encoder_cache_size: int = 256, random_init: bool = False,
                  profile: bool = False, cuda_graphs: bool = True, image_backend: str | None = None,
-                 max_num_image_tokens: int | None = None):
+                 max_num_image_tokens: int | None = None, threads: int | None = None):
         """`random_init` draws weights instead of reading them (profiling model shapes); `profile`
         synchronises the device around each phase to time it and records per-request latencies;
         `cuda_graphs` replays decode steps from CUDA graphs (CUDA with the Triton backend only);
         `image_backend` ("pil" | "torchvision") overrides the preprocessing path transformers would pick;
         `max_num_image_tokens` caps the image embeddings a step starts (each image's encoder runs whole
-        in the step that first reaches it; many-tile images then spread over steps)."""
+        in the step that first reaches it; many-tile images then spread over steps); `threads` sets torch's
+        CPU threads (default: the cores this process may run on, unless OMP_NUM_THREADS is set)."""
+        _set_threads(threads)
+        if str(model) == "demo":
+            from .bench.demo_checkpoint import ensure
+
+            model = ensure()
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device='cuda' was asked for but torch sees no CUDA device")
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)  # Triton launches and graph capture use the current device
-        self.checkpoint = load_checkpoint(model, dtype=dtype, device=self.device, random_init=random_init)
+        self.checkpoint = load_checkpoint(model, dtype=dtype, device=self.device, random_init=random_init,
+                                          architectures=SUPPORTED_ARCHITECTURES)
         self.family = family_for(self.checkpoint, image_backend)
         self.tokenizer = _core.Tokenizer.from_file(str(self.checkpoint.tokenizer_path))
         self.ops = Ops(resolve_backend(self.device, attention_backend))
@@ -102,9 +123,12 @@ class Engine:
     # -------------------------------------------------------------------------------------------
     # Public API
     # -------------------------------------------------------------------------------------------
-    def generate(self, requests: list[dict], params: SamplingParams | list[SamplingParams] | None = None,
+    def generate(self, requests: Request | list[Request],
+                 params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[GenerationOutput]:
-        """Generate for every request; a bad request gets `.error`, the others run."""
+        """Generate for every request (one SamplingParams for all, or one per request); returns one
+        `GenerationOutput` per request, in order. A bad request gets `.error`, the others run."""
+        requests = _as_list(requests)
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(requests)
         if len(params_list) != len(requests):
             raise ValueError(f"{len(params_list)} SamplingParams for {len(requests)} requests")
@@ -142,12 +166,14 @@ class Engine:
             self._run(len(owners), use_tqdm, on_finished)
         return outputs
 
-    def score(self, requests: list[dict], use_tqdm: bool = True) -> list[ScoreOutput]:
-        """Log-likelihood of each of a request's `choices` continuing its prompt.
+    def score(self, requests: Request | list[Request], use_tqdm: bool = True) -> list[ScoreOutput]:
+        """Log-likelihood of each of a request's `choices` continuing its prompt; one `ScoreOutput` per
+        request, in order.
 
         The context (images + prompt) is one shared prefix: the first choice computes it, the others
         find its full blocks in the prefix cache, and all choices of all requests run batched.
         """
+        requests = _as_list(requests)
         prepared = self._prepare(requests)
         outputs = [ScoreOutput(index=i) for i in range(len(requests))]
         choice_texts: list[tuple[int, int, str]] = []
@@ -196,6 +222,8 @@ class Engine:
 
     def provenance(self) -> dict:
         """What produced this engine's numbers: image processor and path, library versions, checkpoint."""
+        from .provenance import library_versions
+
         proc = self.family.image_processor
         images = proc.provenance() if proc else {"image_processor": None, "image_backend": None,
                                                  "versions": library_versions()}
@@ -326,6 +354,8 @@ class Engine:
 
     def _prompt_and_images(self, req: dict) -> tuple[str, list, bool, dict]:
         """(text, image sources, add special tokens, image options) of one request."""
+        if isinstance(req, dict) and "multi_modal_data" in req:  # vLLM's form
+            req = {**req, "images": _vllm_images(req["multi_modal_data"], req.get("images"))}
         if not isinstance(req, dict):
             raise RequestError(f"a request is a dict with 'prompt' or 'messages', got {type(req).__name__}")
         if "messages" in req:
@@ -405,7 +435,7 @@ class Engine:
                     self._release(seq.seq_id)
                     if first_token is not None:
                         self._record_latency(seq, first_token[seq.seq_id], time.perf_counter() - start)
-                    on_finished(seq, _NON_FINITE if seq.seq_id in non_finite else None)
+                    on_finished(seq, NON_FINITE_LOGITS if seq.seq_id in non_finite else None)
                 if finished and use_tqdm:
                     elapsed = time.perf_counter() - start
                     bar.set_postfix_str(f"{generated / elapsed:.1f} tok/s out", refresh=False)
@@ -479,8 +509,36 @@ class Engine:
         return {int(x) for x in plan.seq_ids[batch]}
 
 
-_NON_FINITE = ("the model produced NaN or infinite logits (in float16 or bfloat16, activations beyond the "
+NON_FINITE_LOGITS = ("the model produced NaN or infinite logits (in float16 or bfloat16, activations beyond the "
                "dtype's range; try dtype='float32')")
+
+
+def _as_list(requests) -> list:
+    """One request or a list of them (a dict or a string alone is one request, not an iterable); a
+    string is a prompt."""
+    requests = [requests] if isinstance(requests, dict | str) else list(requests)
+    return [{"prompt": r} if isinstance(r, str) else r for r in requests]
+
+
+def _vllm_images(data, images) -> list:
+    if images:
+        raise RequestError("give images either as 'images' or in 'multi_modal_data', not both")
+    if not isinstance(data, dict) or set(data) - {"image"}:
+        kinds = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise RequestError(f"multi_modal_data takes {{'image': image or [images]}}, got {kinds} (no video or audio)")
+    image = data.get("image")
+    return list(image) if isinstance(image, list | tuple) else [image]
+
+
+def _set_threads(threads: int | None) -> None:
+    """torch's CPU threads: as asked, else the cores this process may use (a container or taskset may allow
+    fewer than the machine has); OMP_NUM_THREADS, when set, wins over the default."""
+    if threads is None and os.environ.get("OMP_NUM_THREADS"):
+        return
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(threads or available)
 
 
 def _describe(e: BaseException) -> str:

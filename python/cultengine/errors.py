@@ -7,6 +7,11 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and the problem."""
 
 
+def unsupported_architecture(where: str, architecture: str, supported) -> CheckpointError:
+    return CheckpointError(f"{where}: architecture {architecture!r} is not supported "
+                           f"(supported: {', '.join(supported)})")
+
+
 def config_int(cfg: dict, key: str, where: str, minimum: int = 1) -> int:
     """`cfg[key]` as an int >= `minimum`, or a CheckpointError naming the field (never a ZeroDivisionError later)."""
     value = cfg.get(key)

@@ -33,9 +33,38 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 ImageInput = str | Path | bytes | bytearray | Image.Image
 
 
-def load_image(src: ImageInput) -> Image.Image:
-    """Open an image from a path, raw bytes or a PIL image; decode it fully so truncation fails here."""
+# Images are bounded before they are decoded: a few hundred bytes of PNG can declare a 1x60000 image that
+# a shortest-edge resize turns into gigabytes, or billions of pixels. Set these to change the limits for
+# every caller (the engine included), or pass `max_pixels` / `max_aspect_ratio` to `load_image`.
+MAX_IMAGE_PIXELS = 64_000_000  # width x height; 8000x8000, above any phone camera's photo
+MAX_ASPECT_RATIO = 200.0  # longer side / shorter side, as Qwen2-VL's processor allows
+
+
+def check_image_size(size: tuple[int, int], name: str, max_pixels: int | None = None,
+                     max_aspect_ratio: float | None = None) -> None:
+    """Refuse an image of `size` (width, height) beyond the pixel or aspect-ratio limit."""
+    max_pixels = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    max_aspect_ratio = MAX_ASPECT_RATIO if max_aspect_ratio is None else max_aspect_ratio
+    w, h = size
+    if w < 1 or h < 1:
+        raise ValueError(f"image {name} has no pixels ({w}x{h})")
+    if w * h > max_pixels:
+        raise ValueError(f"image {name} is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} "
+                         "(cultengine.image.MAX_IMAGE_PIXELS)")
+    if max(w, h) / min(w, h) > max_aspect_ratio:
+        raise ValueError(f"image {name} is {w}x{h}, an aspect ratio over the limit of {max_aspect_ratio:g}:1 "
+                         "(cultengine.image.MAX_ASPECT_RATIO)")
+
+
+def load_image(src: ImageInput, max_pixels: int | None = None, max_aspect_ratio: float | None = None) -> Image.Image:
+    """Open an image from a path, raw bytes or a PIL image; decode it fully so truncation fails here.
+
+    The size is checked against `max_pixels` and `max_aspect_ratio` (default: the module's
+    `MAX_IMAGE_PIXELS`, `MAX_ASPECT_RATIO`) from the header, before any pixel is decoded. Every
+    failure, PIL's decompression-bomb check included, is a ValueError naming the image.
+    """
     if isinstance(src, Image.Image):
+        check_image_size(src.size, f"<PIL {src.mode} image>", max_pixels, max_aspect_ratio)
         return src
     if isinstance(src, (bytes, bytearray)):
         name, fp = f"<{len(src)} bytes>", io.BytesIO(src)
@@ -45,11 +74,18 @@ def load_image(src: ImageInput) -> Image.Image:
             raise ValueError(f"image file not found: {p}")
         name, fp = str(p), p
     else:
-        raise TypeError(f"unsupported image type {type(src).__name__} (use a path, bytes or PIL.Image)")
+        raise ValueError(f"unsupported image {src!r:.80} of type {type(src).__name__} "
+                         "(use a path, bytes or PIL.Image)")
     try:
-        img = Image.open(fp)
-        img.load()  # PIL decodes lazily: force it so a truncated file raises now, not mid-batch
+        img = Image.open(fp)  # reads the header only
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # the warning, under -W error
+        raise ValueError(f"cannot read image {name}: refused as a decompression bomb: {e}") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"cannot read image {name}: {e}") from e
+    check_image_size(img.size, name, max_pixels, max_aspect_ratio)
+    try:
+        img.load()  # PIL decodes lazily: force it so a truncated file raises now, not mid-batch
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         raise ValueError(f"cannot read image {name}: {e}") from e
     return img
 
@@ -386,11 +422,6 @@ def to_tensor(x: Array) -> torch.Tensor:
 # Processors
 
 
-def library_versions() -> dict[str, str | None]:
-    """Versions that decide preprocessing numbers (None: not installed), to record next to results."""
-    return {name: _version(name) for name in ("cultengine", "transformers", "torch", "torchvision", "pillow")}
-
-
 def _per_channel(value: float | Sequence[float]) -> tuple[float, ...]:
     # transformers accepts one mean/std for all three channels.
     return (float(value),) * 3 if isinstance(value, (int, float)) else tuple(float(v) for v in value)
@@ -471,6 +502,8 @@ class ImageProcessor:
 
     def provenance(self) -> dict[str, Any]:
         """What produced the pixels: processor, path and library versions (for results files)."""
+        from .provenance import library_versions
+
         return {"image_processor": type(self).__name__, "image_backend": self.backend, "versions": library_versions()}
 
 

@@ -241,6 +241,8 @@ def patch_embed(pixels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 class Ops:
     """The primitives of one backend, bound once per engine so the hot path does no lookups."""
 
+    PRIMITIVES = PRIMITIVES
+
     def __init__(self, backend: str):
         self.backend = backend
         for name in PRIMITIVES:

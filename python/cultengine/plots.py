@@ -1,8 +1,9 @@
 """Tables and inline-SVG plots for the bench and studies reports (no plotting dependency).
 
 Plots take `percent=True` for fractions in [0, 1], drawn on a fixed 0..100% scale; otherwise the scale
-spans the data. Colours diverge from white at 0 (at the midpoint when the data lie on one side of 0):
-blue above, red below. Labels are drawn in the order given; missing values are None or NaN.
+spans the data. Margins are sized from the labels (`text_width`), so no label is clipped at any length.
+Colours diverge from white at 0 (at the midpoint when the data lie on one side of 0): blue above, red below.
+Labels are drawn in the order given; missing values are None or NaN.
 """
 
 from __future__ import annotations
@@ -98,63 +99,112 @@ def _color(v: float, lo: float, hi: float) -> str:
     return f"rgb({r},{g},{b})"
 
 
+def text_width(s, size: float = 11) -> float:
+    """A generous estimate of rendered text width (sans-serif), so margins hold every label unclipped."""
+    return len(str(s)) * size * 0.62 + 4
+
+
 def _svg(width: float, height: float, title: str) -> str:
+    width = max(width, text_width(title, 12) + 8)
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
-            f'font-family="sans-serif" font-size="11" role="img" aria-label="{esc(title)}">'
-            f'<text x="4" y="16" font-weight="bold" font-size="12">{esc(title)}</text>')
+            f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="sans-serif" font-size="11" role="img" '
+            f'aria-label="{esc(title)}"><text x="4" y="16" font-weight="bold" font-size="12">{esc(title)}</text>')
+
+
+SPARSE = "#bbb"  # bars and cells with too few samples to colour by value
 
 
 def bar_chart(labels: Sequence[str], values: Sequence, title: str, counts: Sequence[int] | None = None,
-              percent: bool = False) -> str:
-    """Horizontal bars from 0 (negative ones to the left), one row per label; value and n at the right."""
+              percent: bool = False, intervals: Sequence[Sequence] | None = None, reference: float | None = None,
+              reference_label: str = "chance", min_n: int = 0) -> str:
+    """Horizontal bars from 0 (negative ones to the left), one row per label; value, interval and n at the
+    right. `intervals` draws each (low, high) as a whisker; `reference` a dashed vertical line (chance);
+    bars with n < `min_n` are grey."""
     if not labels:
         return ""
     vals = [_num(v) for v in values]
-    lo, hi = _range(vals + [0.0], percent)
-    left, plot_w, row = 190, 360, 22
+    ivs = [(_num(a), _num(b)) for a, b in intervals] if intervals is not None else None
+    extra = [x for iv in ivs or [] for x in iv] + ([reference] if reference is not None else [])
+    lo, hi = _range(vals + extra + [0.0], percent)
+    row, plot_w = 22, 360
+    left = max(60.0, max(text_width(x) for x in labels) + 10)
+    notes = [_bar_note(vals[i], ivs[i] if ivs else None, counts[i] if counts else None, percent)
+             for i in range(len(vals))]
     scale = plot_w / ((hi - lo) or 1.0)
     x0 = left - lo * scale
-    h = 30 + row * len(vals) + 10
-    out = [_svg(left + plot_w + 120, h, title)]
+    top = 44 if reference is not None else 28
+    h = top + row * len(vals) + 10
+    out = [_svg(left + plot_w + 12 + max(text_width(t) for t in notes), h, title)]
     for i, (label, v) in enumerate(zip(labels, vals, strict=True)):
-        y = 28 + i * row
+        y = top + i * row
         w = 0.0 if math.isnan(v) else v * scale
-        n = f" (n={counts[i]})" if counts is not None else ""
-        out.append(f'<text x="{left - 6}" y="{y + 13}" text-anchor="end">{esc(label)}</text>'
-                   f'<rect x="{left}" y="{y}" width="{plot_w}" height="{row - 4}" fill="#f3f3f3"/>'
-                   f'<rect x="{min(x0, x0 + w):.1f}" y="{y}" width="{abs(w):.1f}" height="{row - 4}" '
-                   f'fill="rgb{BLUE if v >= 0 else RED}"/>'
-                   f'<text x="{left + plot_w + 6}" y="{y + 13}">{_text(v, percent)}{n}</text>')
-    out.append(f'<line x1="{x0:.1f}" y1="24" x2="{x0:.1f}" y2="{h - 6}" stroke="#333"/></svg>')
+        sparse = counts is not None and counts[i] < min_n
+        fill = SPARSE if sparse else f"rgb{BLUE if v >= 0 else RED}"
+        out.append(f'<text x="{left - 6:.1f}" y="{y + 13}" text-anchor="end">{esc(label)}</text>'
+                   f'<rect x="{left:.1f}" y="{y}" width="{plot_w}" height="{row - 4}" fill="#f3f3f3"/>'
+                   f'<rect x="{min(x0, x0 + w):.1f}" y="{y}" width="{abs(w):.1f}" height="{row - 4}" fill="{fill}"/>')
+        if ivs and not math.isnan(ivs[i][0]):
+            a, b = (left + (x - lo) * scale for x in ivs[i])
+            ym = y + (row - 4) / 2
+            out.append(f'<path d="M{a:.1f} {ym - 4:.1f}v8M{a:.1f} {ym:.1f}H{b:.1f}M{b:.1f} {ym - 4:.1f}v8" '
+                       f'stroke="#222" stroke-width="1.2" fill="none"/>')
+        out.append(f'<text x="{left + plot_w + 6:.1f}" y="{y + 13}">{esc(notes[i])}</text>')
+    out.append(f'<line x1="{x0:.1f}" y1="{top - 4}" x2="{x0:.1f}" y2="{h - 6}" stroke="#333"/>')
+    if reference is not None:
+        xr = left + (reference - lo) * scale
+        label = f"{reference_label} {_text(reference, percent)}"
+        anchor = "end" if xr + text_width(label) > left + plot_w else "start"
+        out.append(f'<line x1="{xr:.1f}" y1="{top - 6}" x2="{xr:.1f}" y2="{h - 6}" stroke="#c0392b" '
+                   f'stroke-dasharray="4 3"/><text x="{xr:.1f}" y="{top - 10}" fill="#c0392b" '
+                   f'text-anchor="{anchor}">{esc(label)}</text>')
+    out.append("</svg>")
     return "".join(out)
 
 
+def _bar_note(v: float, interval, n, percent: bool) -> str:
+    text = _text(v, percent)
+    if interval is not None and not math.isnan(interval[0]):
+        text += f" [{_text(interval[0], percent)}, {_text(interval[1], percent)}]"
+    return text + (f" n={n}" if n is not None else "")
+
+
 def heatmap(row_labels: Sequence[str], col_labels: Sequence[str], values, title: str,
-            counts=None, percent: bool = False) -> str:
+            counts=None, percent: bool = False, min_n: int = 0) -> str:
     """A rows x cols matrix as coloured cells, each value (and n) in its tooltip; `percent` cells are
-    wide enough to also show the value."""
+    wide enough to also show the value and n. Cells with n < `min_n` are grey, not coloured by value."""
     if not row_labels or not col_labels:
         return ""
     grid = [[_num(v) for v in r] for r in values]
     lo, hi = _range([v for r in grid for v in r], percent)
     if not percent:
         title = f"{title} (range {lo:.3f} .. {hi:.3f})"
-    cw, ch = (44, 24) if percent else (14, 14)
-    left, top = 150, 130
-    out = [_svg(left + cw * len(col_labels) + 10, top + ch * len(row_labels) + 10, title)]
+    cw, ch = (48, 30) if percent else (14, 14)
+    rise = 0.87  # sin 60 degrees: the rotated column labels' height per unit of length
+    longest_col = max(text_width(c) for c in col_labels)
+    left = max(60.0, max(text_width(r) for r in row_labels) + 8)
+    top = 30 + rise * longest_col
+    width = left + cw * len(col_labels) + max(10.0, 0.5 * longest_col - cw / 2 + 10)
+    out = [_svg(width, top + ch * len(row_labels) + 10, title)]
     for j, c in enumerate(col_labels):
-        out.append(f'<text transform="translate({left + j * cw + cw / 2 + 3:.0f},{top - 4}) rotate(-60)">'
+        out.append(f'<text transform="translate({left + j * cw + cw / 2 + 3:.0f},{top - 4:.0f}) rotate(-60)">'
                    f"{esc(c)}</text>")
     for i, r in enumerate(row_labels):
         y = top + i * ch
-        out.append(f'<text x="{left - 4}" y="{y + ch / 2 + 4:.0f}" text-anchor="end">{esc(r)}</text>')
+        out.append(f'<text x="{left - 4:.1f}" y="{y + ch / 2 + 4:.0f}" text-anchor="end">{esc(r)}</text>')
         for j, v in enumerate(grid[i]):
             x = left + j * cw
-            n = f" (n={counts[i][j]})" if counts is not None else ""
-            out.append(f'<rect x="{x}" y="{y}" width="{cw - 1}" height="{ch - 1}" fill="{_color(v, lo, hi)}">'
-                       f"<title>{esc(r)} / {esc(col_labels[j])}: {_text(v, percent)}{n}</title></rect>")
+            n = counts[i][j] if counts is not None else None
+            sparse = n is not None and n < min_n and not math.isnan(v)
+            fill = SPARSE if sparse else _color(v, lo, hi)
+            tip = f"{esc(r)} / {esc(col_labels[j])}: {_text(v, percent)}" + ("" if n is None else f" (n={n})")
+            out.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{cw - 1}" height="{ch - 1}" fill="{fill}">'
+                       f"<title>{tip}{' too few samples' if sparse else ''}</title></rect>")
             if percent and not math.isnan(v):
-                out.append(f'<text x="{x + cw / 2:.0f}" y="{y + ch / 2 + 4:.0f}" text-anchor="middle" '
-                           f'fill="{"#fff" if v > 0.6 else "#000"}">{100 * v:.1f}</text>')
+                color = "#fff" if v > 0.6 and not sparse else "#000"
+                out.append(f'<text x="{x + cw / 2:.1f}" y="{y + 13:.1f}" text-anchor="middle" fill="{color}">'
+                           f"{100 * v:.1f}</text>")
+                if n is not None:
+                    out.append(f'<text x="{x + cw / 2:.1f}" y="{y + 25:.1f}" text-anchor="middle" font-size="9" '
+                               f'fill="{color}">n={n}</text>')
     out.append("</svg>")
     return "".join(out)

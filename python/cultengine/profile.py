@@ -1,8 +1,8 @@
 """`cultengine profile`: throughput, latency and where the time goes, on a synthetic workload.
 
-`--model` takes a checkpoint directory or a shape preset (`llava-1.5-7b`, `qwen2-7b`, `gemma-3-4b`,
-`gemma-3-12b`, `demo`) whose weights are drawn at load time, so real model sizes can be profiled without
-downloading anything.
+`--model` takes a checkpoint directory or a shape preset (`llava-1.5-7b`, `llava-next-7b`, `pangea-7b`,
+`llava-onevision-7b`, `qwen2-7b`, `gemma-3-4b`, `gemma-3-12b`, `demo`) whose weights are drawn at load time,
+so real model sizes can be profiled without downloading anything.
 """
 
 from __future__ import annotations
@@ -25,6 +25,28 @@ from PIL import Image
 _CLIP_L14_336 = {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
                  "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336, "patch_size": 14,
                  "hidden_act": "quick_gelu", "projection_dim": 768}
+_SIGLIP_SO400M_384 = {"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
+                      "num_hidden_layers": 26, "num_attention_heads": 16, "image_size": 384, "patch_size": 14,
+                      "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6}
+_LLAMA2_7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064,
+              "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}
+_MISTRAL_7B = {"model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+               "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32064,
+               "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 1000000.0,
+               "sliding_window": None}
+_QWEN2_7B = {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+             "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+             "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0}
+_CLIP_336_PREPROCESSOR = {"crop_size": {"height": 336, "width": 336}, "size": {"shortest_edge": 336},
+                          "do_center_crop": True, "do_resize": True, "do_rescale": True, "do_normalize": True,
+                          "resample": 3, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                          "image_std": [0.26862954, 0.26130258, 0.27577711]}
+_LLAVA = {"architectures": ["LlavaForConditionalGeneration"], "vision_feature_layer": -2,
+          "vision_feature_select_strategy": "default"}
+_LLAVA_NEXT = {"architectures": ["LlavaNextForConditionalGeneration"], "vision_feature_layer": -2,
+               "vision_feature_select_strategy": "default",
+               "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]}
 _SIGLIP_SO400M_896 = {"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
                       "num_hidden_layers": 27, "num_attention_heads": 16, "image_size": 896, "patch_size": 14,
                       "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6}
@@ -36,31 +58,33 @@ _GEMMA3_TEXT = {"model_type": "gemma3_text", "head_dim": 256, "query_pre_attn_sc
 _GEMMA3_PREPROCESSOR = {"image_processor_type": "Gemma3ImageProcessor", "size": {"height": 896, "width": 896},
                         "resample": 2, "do_resize": True, "do_rescale": True, "do_normalize": True,
                         "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
-PRESETS = {
-    "llava-1.5-7b": {
-        "text_config": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
-                        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
-                        "vocab_size": 32064, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
-                        "rope_theta": 10000.0},
-        "vision_config": _CLIP_L14_336,
-    },
-    "qwen2-7b": {  # a Qwen2-7B decoder (as Pangea-7B and LLaVA-OneVision-7B use) behind CLIP-L/14-336
-        "text_config": {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944,
-                        "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
-                        "vocab_size": 152064, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
-                        "rope_theta": 1000000.0},
-        "vision_config": _CLIP_L14_336,
-    },
-    "gemma-3-4b": {
-        "text_config": {**_GEMMA3_TEXT, "hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 34,
-                        "num_attention_heads": 8, "num_key_value_heads": 4},
-        "vision_config": _SIGLIP_SO400M_896, "config": _GEMMA3, "preprocessor": _GEMMA3_PREPROCESSOR,
-    },
-    "gemma-3-12b": {
-        "text_config": {**_GEMMA3_TEXT, "hidden_size": 3840, "intermediate_size": 15360, "num_hidden_layers": 48,
-                        "num_attention_heads": 16, "num_key_value_heads": 8},
-        "vision_config": _SIGLIP_SO400M_896, "config": _GEMMA3, "preprocessor": _GEMMA3_PREPROCESSOR,
-    },
+# name -> (config.json fields over the demo's, preprocessor_config.json)
+PRESETS: dict[str, tuple[dict, dict]] = {
+    "llava-1.5-7b": ({**_LLAVA, "text_config": _LLAMA2_7B, "vision_config": _CLIP_L14_336}, _CLIP_336_PREPROCESSOR),
+    # a Qwen2-7B decoder behind CLIP-L/14-336 in the LLaVA-1.5 layout
+    "qwen2-7b": ({**_LLAVA, "text_config": _QWEN2_7B, "vision_config": _CLIP_L14_336}, _CLIP_336_PREPROCESSOR),
+    # llava-v1.6-mistral-7b: up to 4 tiles of 336 + the base tile (5 tiles)
+    "llava-next-7b": ({**_LLAVA_NEXT, "text_config": _MISTRAL_7B, "vision_config": _CLIP_L14_336},
+                      {**_CLIP_336_PREPROCESSOR, "image_processor_type": "LlavaNextImageProcessor"}),
+    # Pangea-7B-hf: LLaVA-NeXT with a Qwen2-7B decoder (CLIP-L/14-336 tower, as LLaVA-NeXT)
+    "pangea-7b": ({**_LLAVA_NEXT, "text_config": _QWEN2_7B, "vision_config": _CLIP_L14_336},
+                  {**_CLIP_336_PREPROCESSOR, "image_processor_type": "LlavaNextImageProcessor"}),
+    # llava-onevision-qwen2-7b-ov-hf: SigLIP-so400m/14-384 and Qwen2-7B, anyres_max_9
+    "llava-onevision-7b": ({"architectures": ["LlavaOnevisionForConditionalGeneration"], "vision_feature_layer": -1,
+                            "vision_feature_select_strategy": "full", "vision_aspect_ratio": "anyres_max_9",
+                            "text_config": _QWEN2_7B, "vision_config": _SIGLIP_SO400M_384},
+                           {"image_processor_type": "LlavaOnevisionImageProcessor", "size": {"height": 384,
+                            "width": 384}, "do_resize": True, "do_rescale": True, "do_normalize": True,
+                            "resample": 3, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}),
+    # gemma-3-4b-it / gemma-3-12b-it: SigLIP-so400m/14-896 pooled to 256 tokens; 5 sliding layers per full one
+    "gemma-3-4b": ({**_GEMMA3, "text_config": {**_GEMMA3_TEXT, "hidden_size": 2560, "intermediate_size": 10240,
+                                               "num_hidden_layers": 34, "num_attention_heads": 8,
+                                               "num_key_value_heads": 4}, "vision_config": _SIGLIP_SO400M_896},
+                   _GEMMA3_PREPROCESSOR),
+    "gemma-3-12b": ({**_GEMMA3, "text_config": {**_GEMMA3_TEXT, "hidden_size": 3840, "intermediate_size": 15360,
+                                                "num_hidden_layers": 48, "num_attention_heads": 16,
+                                                "num_key_value_heads": 8}, "vision_config": _SIGLIP_SO400M_896},
+                    _GEMMA3_PREPROCESSOR),
 }
 
 
@@ -74,23 +98,18 @@ def preset_checkpoint(name: str, out_dir: Path) -> Path:
         if f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
             shutil.copy(f, out_dir / f.name)
     demo_cfg = json.loads((demo / "config.json").read_text())
-    preset = PRESETS[name]
-    config = {**demo_cfg, "text_config": {**preset["text_config"]}, "vision_config": preset["vision_config"],
-              "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "dtype": "bfloat16",
-              **preset.get("config", {})}
-    # The demo tokenizer's ids must stay inside the preset's vocabulary.
+    fields, preprocessor = PRESETS[name]
+    config = {**demo_cfg, **fields, "text_config": {**fields["text_config"]}, "dtype": "bfloat16"}
+    # The demo tokenizer's ids (its image token included) must stay inside the preset's vocabulary.
     text = config["text_config"]
-    demo_vocab = demo_cfg["text_config"]["vocab_size"]
-    text["vocab_size"] = max(text["vocab_size"], demo_vocab)
+    text["vocab_size"] = max(text["vocab_size"], demo_cfg["text_config"]["vocab_size"])
+    config["image_token_index"] = demo_cfg["image_token_index"]
     if "mm_tokens_per_image" in config:  # Gemma 3: the demo's <image> opens an image; soft/end ids past its vocab
+        demo_vocab = demo_cfg["text_config"]["vocab_size"]
         config.update(boi_token_index=demo_cfg["image_token_index"], image_token_index=demo_vocab,
                       eoi_token_index=demo_vocab + 1)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    prep = preset.get("preprocessor") or {
-        "crop_size": {"height": 336, "width": 336}, "size": {"shortest_edge": 336}, "do_center_crop": True,
-        "do_resize": True, "do_rescale": True, "do_normalize": True, "resample": 3,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
-    (out_dir / "preprocessor_config.json").write_text(json.dumps(prep))
+    (out_dir / "preprocessor_config.json").write_text(json.dumps(preprocessor))
     return out_dir
 
 

@@ -15,19 +15,23 @@ from pathlib import Path
 from typing import Any
 
 
-def read(path: str | Path) -> Iterator[dict]:
-    """Stream the complete records of `path` (files of millions of lines are never held in memory)."""
+def read(path: str | Path, unreadable: list[int] | None = None) -> Iterator[dict]:
+    """Stream the complete records of `path` (files of millions of lines are never held in memory).
+
+    Lines that are not JSON (blank, or torn by an older writer that appended after them) are skipped;
+    their 1-based numbers go to `unreadable` when given. A last line without newline is a cut-short write."""
     path = Path(path)
     if not path.is_file():
         return
     with path.open("rb") as f:  # bytes: a kill can also split a multi-byte character
-        for line in f:
+        for n, line in enumerate(f, 1):
             if not line.endswith(b"\n"):
                 break  # the write of the last line was cut short
             try:
                 yield json.loads(line)
-            except ValueError:  # blank, or torn by an older writer that appended after it
-                continue
+            except ValueError:
+                if unreadable is not None and line.strip():
+                    unreadable.append(n)
 
 
 def _cut_torn_tail(path: Path) -> None:

@@ -7,15 +7,61 @@ in its batch, and a sequence preempted and recomputed samples exactly what it sa
 
 from __future__ import annotations
 
+import math
+import numbers
 import secrets
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+INT32_MAX = 2**31 - 1  # the scheduler keeps token counts, top-k and token ids as 32-bit integers
+
+
+def _int(name: str, value, low: int, high: int = INT32_MAX) -> int:
+    """`value` as a plain int in [low, high]; bools and floats (even 2.0) are refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    value = int(value)
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return value
+
+
+def _real(name: str, value) -> float:
+    """`value` as a finite float (ints are fine, NaN and infinity are not)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _flag(name: str, value) -> bool:
+    if not isinstance(value, bool | np.bool_):
+        raise ValueError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return bool(value)
+
+
+def _list(name: str, value) -> list:
+    """None -> [], a list or tuple -> a new list (so later edits of the caller's list change nothing)."""
+    if value is None:
+        return []
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"{name} must be a list, got {value!r} ({type(value).__name__})")
+    return list(value)
+
 
 @dataclass
 class SamplingParams:
+    """How to sample one request; every field is checked (type and range) when the object is built.
+
+    `stop` takes one string or a list of non-empty strings; `stop` and `stop_token_ids` may be None
+    (no stops). Numbers must be of the right kind: `max_tokens=2.5`, `seed=1.5` or `top_k=True` are
+    refused, as are NaN or infinite temperatures.
+    """
+
     max_tokens: int = 64
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
@@ -28,18 +74,29 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self):
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        self.max_tokens = _int("max_tokens", self.max_tokens, 1)
+        self.temperature = _real("temperature", self.temperature)
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        self.top_p = _real("top_p", self.top_p)
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k == 0 or self.top_k < -1:
-            raise ValueError(f"top_k must be -1 (off) or >= 1, got {self.top_k}")
-        if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
+        self.top_k = _int("top_k", self.top_k, -1)
+        if self.top_k == 0:
+            raise ValueError("top_k must be -1 (off) or >= 1, got 0")
+        if self.seed is not None:
+            if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
+                raise ValueError(f"seed must be an integer or None, got {self.seed!r} ({type(self.seed).__name__})")
+            self.seed = int(self.seed)
+        self.n = _int("n", self.n, 1)
+        stop = [self.stop] if isinstance(self.stop, str) else _list("stop", self.stop)
+        for s in stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop strings must be non-empty strings, got {s!r} in stop={self.stop!r}")
+        self.stop = stop
+        self.stop_token_ids = [_int("stop_token_ids[]", t, 0) for t in _list("stop_token_ids", self.stop_token_ids)]
+        self.ignore_eos = _flag("ignore_eos", self.ignore_eos)
+        self.skip_special_tokens = _flag("skip_special_tokens", self.skip_special_tokens)
 
     def sample_seeds(self) -> list[int]:
         """One seed per sample: sample i of a seeded request is reproducible on its own."""

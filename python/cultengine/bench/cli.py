@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import random
+import re
 import sys
 from collections import Counter
 
-from . import data
+from . import data, formats
 
 BENCH_EPILOG = """\
 With no arguments, runs the embedded default benchmark (flags drawn by code, capital/currency
@@ -16,24 +17,45 @@ $CULTENGINE_CACHE (default ~/.cache/cultengine). The demo's accuracy is chance l
 the pipeline and the engine's throughput.
 
 Run directory: results.jsonl (one line per finished sample, fsync'd), summary.json, report.md,
-report.html, config.json. Re-running the same command resumes: finished samples are skipped.
-Under torchrun each rank takes its slice and its GPU; rank 0 merges and writes the summary.
+report.html, config.json. Re-running the same command resumes: finished samples are skipped, unless
+their row changed (question, options, answer, groups or an image's content): those are recomputed. A
+different model (path or files), suite, scoring or template is refused; --overwrite starts afresh. One
+run at a time per directory (and shard). Under torchrun each rank takes its slice and its GPU; rank 0
+merges and writes the summary.
+
+Image paths in the data must stay inside the data file's folder (or --image-root); absolute paths and
+paths leading out of it need --allow-absolute-image-paths, otherwise their rows are skipped.
 """
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
 
 
 def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="run a cultural benchmark and write a report",
                        description="Evaluate a vision-language model on cultural benchmark files.",
                        epilog=BENCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", metavar="PATH", help="local checkpoint directory (Hugging Face layout); "
-                   "default: the built-in demo checkpoint (random weights)")
-    p.add_argument("--data", metavar="PATH", nargs="+", help="benchmark files: canonical JSONL/parquet, "
-                   "VLMEvalKit TSV, CVQA/ALM-Bench/CulturalVQA parquet; default: the embedded benchmark")
+    p.add_argument("--model", metavar="PATH", action="append",
+                   help="local checkpoint directory (Hugging Face layout); default: the built-in demo checkpoint "
+                   "(random weights). Repeat it to run several models one after another into one parent folder "
+                   "(--output-dir), finished by their comparison (as `cultengine compare`)")
+    p.add_argument("--data", metavar="PATH", nargs="+", help="benchmark files or folders: canonical JSONL/parquet, "
+                   "VLMEvalKit TSV, CVQA, ALM-Bench, WorldCuisines, SEA-VQA, BLEnD, CulturalVQA; Hugging Face "
+                   "dataset folders (parquet shards, save_to_disk) or OWNER/NAME from the local hub cache; "
+                   "default: the embedded benchmark")
     p.add_argument("--suite", choices=("mcq", "vqa"), default="mcq",
                    help="mcq: multiple choice; vqa: open answers scored by exact match / containment")
     p.add_argument("--output-dir", metavar="DIR",
                    help="run directory (default: cultengine-runs/<model>-<data>-<suite>-<scoring>)")
-    p.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N rows")
+    p.add_argument("--limit", type=positive_int, metavar="N", help="evaluate only the first N rows")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="weights and activations dtype (auto: the checkpoint's)")
@@ -42,20 +64,44 @@ def _bench_parser(sub) -> None:
                         "and parse it")
     p.add_argument("--circular", action="store_true",
                    help="mcq: ask every rotation of the options; right only if all rotations are")
-    p.add_argument("--batch", type=int, default=128, metavar="N",
+    p.add_argument("--batch", type=positive_int, default=128, metavar="N",
                    help="samples per engine call; results are flushed after each (default 128)")
     p.add_argument("--shard", metavar="I/N", help="run slice I of N (0-based); the last shard to finish "
                    "writes the summary")
     p.add_argument("--format", choices=data.FORMATS, default="auto",
                    help="importer for --data (auto: by extension and columns)")
+    formats.add_arguments(p)
     p.add_argument("--template", metavar="FILE", help="Jinja template for the user turn text (variables: "
                    "question, hint, options, letters, country, language, category)")
+    p.add_argument("--judge-model", metavar="DIR", help="vqa: judge each open answer with this checkpoint "
+                   "(P(yes) of 'yes'/'no' by Engine.score), after the answers are generated")
+    p.add_argument("--judge-prompt", metavar="FILE", help="Jinja judging prompt (variables: question, answers, "
+                   "prediction, country, language); default: the package's bench/prompts/judge.jinja")
+    p.add_argument("--min-cell-n", type=int, default=10, metavar="N",
+                   help="report: groups and heatmap cells with fewer samples are greyed (default 10)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard the results already in --output-dir and start afresh")
+    _image_args(p)
     p.set_defaults(func=_bench)
+
+
+def _image_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image-root", metavar="DIR",
+                   help="folder that relative image paths resolve under (default: each data file's folder), "
+                   "and where images named by URL are found (by the URL's file name or its sha1/md5/sha256 hex "
+                   "digest); nothing is downloaded")
+    p.add_argument("--allow-absolute-image-paths", action="store_true",
+                   help="trust the data's image paths: absolute ones, and relative ones leading out of the folder")
 
 
 def _bench(args) -> int:
     from .run import run
 
+    if args.model and len(args.model) > 1:
+        from ..compare import bench_many
+
+        return bench_many(args, run)
+    args.model = args.model[0] if args.model else None
     return run(args)
 
 
@@ -65,24 +111,30 @@ def _data_parser(sub) -> None:
     v = dsub.add_parser("validate", help="load files, report bad rows and counts; exit 1 if any row is bad")
     v.add_argument("files", nargs="+")
     v.add_argument("--format", choices=data.FORMATS, default="auto")
+    formats.add_arguments(v)
+    _image_args(v)
     v.set_defaults(func=_validate)
     c = dsub.add_parser("convert", help="write files as canonical JSONL (images beside it) or parquet "
                         "(images embedded), chosen by the output's extension")
     c.add_argument("files", nargs="+")
     c.add_argument("-o", "--output", required=True)
     c.add_argument("--format", choices=data.FORMATS, default="auto")
+    formats.add_arguments(c)
+    _image_args(c)
     c.set_defaults(func=_convert)
     s = dsub.add_parser("sample", help="write a random subset (canonical form)")
     s.add_argument("files", nargs="+")
     s.add_argument("-o", "--output", required=True)
-    s.add_argument("-n", type=int, required=True, help="rows to keep")
+    s.add_argument("-n", type=positive_int, required=True, help="rows to keep")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--format", choices=data.FORMATS, default="auto")
+    formats.add_arguments(s)
+    _image_args(s)
     s.set_defaults(func=_sample)
 
 
 def _load(args) -> data.Dataset:
-    ds = data.load(args.files, args.format)
+    ds = data.load(args.files, args.format, opts=formats.ImportOptions.from_args(args))
     for s in ds.skipped:
         print(f"skipped {s}", file=sys.stderr)
     return ds
@@ -101,7 +153,23 @@ def _validate(args) -> int:
     unknown = sorted({r.country for r in ds.rows if r.country and not r.region})
     if unknown:
         print(f"  countries not in the table (no region): {', '.join(unknown[:20])}")
+    if ds.skipped:
+        reasons = Counter(_reason_kind(s.reason) for s in ds.skipped)
+        print("  skipped by reason: " + "; ".join(f"{k} ({n})" for k, n in reasons.most_common()))
+    from .suites import SuiteConfig, usable
+
+    for cfg in (SuiteConfig("mcq"), SuiteConfig("vqa")):
+        why = Counter(w for r in ds.rows if (w := usable(r, cfg)))
+        if why:
+            print(f"  --suite {cfg.suite} would skip {sum(why.values())}: "
+                  + "; ".join(f"{k} ({n})" for k, n in why.most_common()))
     return 1 if ds.skipped else 0
+
+
+def _reason_kind(reason: str) -> str:
+    """A skip reason without the row's own values (paths, URLs, quoted text, numbers), for counting."""
+    reason = re.sub(r"[\w.~:-]*[/\\][\w./\\~%:?=&-]{2,}|'[^']*'|\"[^\"]*\"|\[[^\]]*\]|\d+", "…", reason)
+    return re.sub(r"(…\s*)+", "… ", reason).strip()
 
 
 def _convert(args) -> int:

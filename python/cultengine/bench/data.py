@@ -1,28 +1,30 @@
 """Benchmark files -> canonical rows; bad rows are reported with their line and id, never fatal.
 
-Canonical row (docs: /work/shared/DESIGN.md): `id, images[], question, options[], answer, country, region,
+Canonical row (README.md, "Benchmark files"): `id, images[], question, options[], answer, country, region,
 continent, category, question_type, language, split` plus `hint`; other columns are kept in `meta`.
 `answer` is normalised to an option index for multiple choice, to a list of accepted texts for open
 questions, or None when the file carries no label (predictions are then written for submission only).
 
-Importers (picked by `--format`, else by extension and columns):
+Importers (picked by `--format`, else by extension and columns); text files are read as UTF-8 with or
+without a byte-order mark:
 
 - canonical (.jsonl / .json / .parquet): the canonical names; `image` (one) or `images` (list), each a
-  path relative to the file, `{"bytes": ...}` (raw bytes, or base64 in JSON) or a `data:` URI.
+  path relative to the file, `{"bytes": ...}` (raw bytes, or base64 in JSON) or a `data:` URI. `options`
+  is a list of strings; `answer` a letter, an option index (an integer) or an option's text.
 - vlmeval (.tsv): `index`->id, `image` (base64; a bare index refers to that row's image), `image_path`,
   `question`, `hint`, option columns `A`..`Z`, `answer` (letter), `category`, `l2-category`->question_type,
   and `country`, `language` when present.
-- cvqa (.parquet): `ID`->id, `image` (bytes or {"bytes": ..}), `Subset` ("('Japanese', 'Japan')" or
-  "Japan-Japanese") -> language + country, `Question`, `Options`, `Label` (-1 or missing = unlabeled),
-  `Category`; `Translated Question/Options` kept in meta.
-- almbench (.parquet / .jsonl): `ID`->id, `file_name` or `image`, `Language`, `Category`, `Question_Type`,
-  `Translated_Question` (else `English_Question`), `Translated_Answer` (else `English_Answer`), `Country`
-  when present; multiple-choice options are parsed from the question text ("A. ..", "(B) .."), true/false
-  questions get the options True/False; other types are open questions (vqa suite).
-- culturalvqa (.parquet / .jsonl): `u_id`/`id`->id, `image`, `question`, `answers` (list of open answers;
-  absent = unlabeled), `country`.
+- cvqa, almbench, worldcuisines, seavqa, blend, culturalvqa (published schemas) and columns (`--columns`
+  maps any table): in `formats.py`, which also expands folders (Hugging Face hub snapshots, parquet
+  shards, `save_to_disk`) and `OWNER/NAME` from the local hub cache.
 
 Country -> region/continent comes from `countries.csv` when the file gives only a country.
+
+Image paths stay inside the dataset: a relative path resolves under the data file's folder (or the
+import options' `image_root`) and may not lead out of it, through `..`, a symlink or an absolute path
+(a Hugging Face hub snapshot's own `blobs/` count as inside: its files are links there).
+`allow_outside_images=True` (`--allow-absolute-image-paths`) trusts the file's paths instead. A refused
+path makes its row a skipped row, and nothing outside is opened.
 """
 
 from __future__ import annotations
@@ -39,15 +41,22 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
+from ..image import check_image_size
 from . import countries
 
-FORMATS = ("auto", "canonical", "vlmeval", "cvqa", "almbench", "culturalvqa")
+if TYPE_CHECKING:
+    from . import formats
+
+FORMATS = ("auto", "canonical", "vlmeval", "cvqa", "almbench", "worldcuisines", "seavqa", "blend", "culturalvqa",
+           "columns")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 GROUP_KEYS = ("country", "region", "continent", "category", "question_type", "language")
+KNOWN_FORMATS = ("canonical JSONL/JSON/parquet, VLMEvalKit TSV, CVQA/ALM-Bench/CulturalVQA parquet, "
+                 "ALM-Bench/CulturalVQA JSONL")
 
 
 @dataclass
@@ -118,17 +127,31 @@ def _records(path: Path, fmt: str) -> Iterator[tuple[int, dict | Exception]]:
         table = pq.read_table(path)
         for i, rec in enumerate(table.to_pylist(), 1):
             yield i, rec
-    elif suffix == ".tsv":
+    elif suffix in (".tsv", ".csv"):
         csv.field_size_limit(sys.maxsize)  # base64 images are long
-        with path.open(encoding="utf-8", newline="") as f:
-            for i, rec in enumerate(csv.DictReader(f, delimiter="\t"), 2):
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            for i, rec in enumerate(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","), 2):
                 yield i, rec
+    elif suffix == ".arrow":
+        from . import formats
+
+        yield from enumerate(formats.arrow_records(path), 1)
     elif suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
-        for i, rec in enumerate(data if isinstance(data, list) else data.get("rows", []), 1):
-            yield i, rec
+        from . import formats
+
+        try:
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); expected a list of row "
+                             f"objects. Readable formats: {KNOWN_FORMATS}") from None
+        rows = formats.json_records(data)
+        if not rows:
+            raise ValueError(f"{path}: a .json benchmark file holds a list of row objects, {{\"rows\": [...]}} or "
+                             f"an object of row objects keyed by id; got {type(data).__name__}")
+        for i, rec in enumerate(rows, 1):
+            yield i, rec if isinstance(rec, dict) else BadRow("row is not a JSON object")
     else:  # JSONL
-        with path.open(encoding="utf-8") as f:
+        with path.open(encoding="utf-8-sig") as f:
             for i, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -140,16 +163,9 @@ def _records(path: Path, fmt: str) -> Iterator[tuple[int, dict | Exception]]:
 
 
 def detect_format(path: Path, first: dict | None) -> str:
-    if path.suffix.lower() == ".tsv":
-        return "vlmeval"
-    cols = set(first or ())
-    if {"Subset", "Options"} <= cols or {"ID", "Subset"} <= cols:
-        return "cvqa"
-    if cols & {"Question_Type", "English_Question", "Translated_Question"}:
-        return "almbench"
-    if "u_id" in cols:  # the public CulturalVQA file (image, question) also reads fine as canonical
-        return "culturalvqa"
-    return "canonical"
+    from . import formats
+
+    return formats.detect(set(first or ())) or ("vlmeval" if path.suffix.lower() == ".tsv" else "canonical")
 
 
 def _blank(v: Any) -> bool:
@@ -183,6 +199,7 @@ def _image(v: Any, base: Path, b64: bool) -> str | bytes:
 def check_image(im: str | bytes) -> None:
     try:
         with Image.open(io.BytesIO(im) if isinstance(im, bytes) else im) as f:
+            check_image_size(f.size, f"<{len(im)} bytes>" if isinstance(im, bytes) else im)
             f.verify()
     except FileNotFoundError as e:
         raise BadRow(f"missing image {im}") from e
@@ -192,11 +209,15 @@ def check_image(im: str | bytes) -> None:
 
 def _answer(raw: Any, options: list[str]) -> int | list[str] | None:
     """A letter, an index or the option text -> index (MCQ); text or list of texts -> list (open)."""
+    if isinstance(raw, bool) or (isinstance(raw, list | tuple) and any(isinstance(a, bool) for a in raw)):
+        raise BadRow(f"answer {raw!r} is a boolean; give the option's letter, index or text")
     if _blank(raw) or (isinstance(raw, int | float) and raw < 0):
         return None
     if not options:
         return [_text(a) for a in raw] if isinstance(raw, list | tuple) else [_text(raw)]
-    if isinstance(raw, int | float) and not isinstance(raw, bool):
+    if isinstance(raw, float) and not raw.is_integer():
+        raise BadRow(f"answer {raw!r} is not an option index (a whole number)")
+    if isinstance(raw, int | float):
         if int(raw) < len(options):
             return int(raw)
         raise BadRow(f"answer index {raw} not among {len(options)} options")
@@ -221,10 +242,23 @@ def _place(row: Row) -> Row:
     return row
 
 
+def _options(raw: Any, column: str = "options") -> list[str]:
+    """A list of option texts (numbers are written out); a string or anything else is a bad row."""
+    if _blank(raw):
+        return []
+    if not isinstance(raw, list | tuple) or any(isinstance(o, bool) or not isinstance(o, str | int | float)
+                                                for o in raw):
+        raise BadRow(f"{column} must be a list of strings, got {raw!r:.60}")
+    options = [_text(o) for o in raw]
+    if "" in options:
+        raise BadRow(f"{column} has an empty option (option {options.index('') + 1})")
+    return options
+
+
 def _canonical(rec: dict, base: Path, line: int, stem: str) -> Row:
     imgs = rec.get("images", rec.get("image"))
     imgs = [] if _blank(imgs) else imgs if isinstance(imgs, list) else [imgs]
-    options = [_text(o) for o in rec.get("options") or []]
+    options = _options(rec.get("options"))
     known = {"id", "image", "images", "question", "options", "answer", "answers", "hint",
              *Row.__dataclass_fields__}
     return Row(
@@ -293,19 +327,6 @@ def parse_subset(subset: str) -> tuple[str, str]:
     return "", s
 
 
-def _cvqa(rec: dict, base: Path, line: int, stem: str) -> Row:
-    country, lang = parse_subset(_text(rec.get("Subset")))
-    options = [_text(o) for o in rec.get("Options") or []]
-    label = rec.get("Label")
-    return Row(
-        id=_text(rec.get("ID")) or f"{stem}:{line}", question=_text(rec.get("Question")),
-        images=[_image(rec.get("image"), base, False)], options=options,
-        answer=_answer(None if _blank(label) or int(label) < 0 else int(label), options),
-        country=country, language=lang, category=_text(rec.get("Category")), question_type="cvqa",
-        meta={k: rec[k] for k in ("Translated Question", "Translated Options", "Image Type") if k in rec},
-    )
-
-
 _OPTION_RE = re.compile(r"(?:^|\s|\n)\(?([A-H])[.)]\s+(.+?)(?=\s+\(?[A-H][.)]\s+|\n|$)", re.S)
 
 
@@ -319,46 +340,34 @@ def split_options(text: str) -> tuple[str, list[str]]:
     return question, [m.group(2).strip() for m in found]
 
 
-def _almbench(rec: dict, base: Path, line: int, stem: str) -> Row:
-    qtype = _text(rec.get("Question_Type"))
-    question = _text(rec.get("Translated_Question")) or _text(rec.get("English_Question"))
-    answer = _text(rec.get("Translated_Answer")) or _text(rec.get("English_Answer"))
-    question, options = split_options(question)
-    if not options and "true" in qtype.lower() and "false" in qtype.lower():
-        options = ["True", "False"]
-    if options:  # answers look like "B", "B. text" or the option text
-        m = re.match(r"^\(?([A-H])[.):]?(\s|$)", answer)
-        answer = m.group(1) if m else next((o for o in options if o.casefold() == answer.casefold()), answer)
-    img = rec.get("image") if not _blank(rec.get("image")) else rec.get("file_name")
-    return Row(
-        id=_text(rec.get("ID")) or f"{stem}:{line}", question=question,
-        images=[_image(img, base, False)] if not _blank(img) else [], options=options,
-        answer=_answer(answer or None, options), country=_text(rec.get("Country")),
-        language=_text(rec.get("Language")), category=_text(rec.get("Category")), question_type=qtype,
-        meta={"english_question": _text(rec.get("English_Question"))},
-    )
+def _confinement_root(base: Path) -> Path:
+    """The folder images may not leave: `base`, or the hub-cache dataset folder holding its snapshot (whose
+    files link into that folder's `blobs/`)."""
+    root = base.resolve()
+    for parent in (base, *base.parents):
+        if parent.name.startswith("datasets--") and (parent / "snapshots").is_dir():
+            return parent.resolve()
+    return root
 
 
-def _culturalvqa(rec: dict, base: Path, line: int, stem: str) -> Row:
-    answers = rec.get("answers")
-    if isinstance(answers, str):
-        answers = [answers]
-    return Row(
-        id=_text(rec.get("u_id")) or _text(rec.get("id")) or f"{stem}:{line}",
-        question=_text(rec.get("question")), images=[_image(rec.get("image"), base, False)],
-        answer=_answer(list(answers) if answers else None, []), country=_text(rec.get("country")),
-        category=_text(rec.get("category")) or _text(rec.get("facet")), question_type="culturalvqa",
-        language=_text(rec.get("language")) or "English",
-    )
+def load_file(path: str | Path, fmt: str = "auto", verify_images: bool = True,
+              opts: formats.ImportOptions | None = None) -> Dataset:
+    """Rows of one benchmark file; a file with no readable row at all is a ValueError naming the formats.
+    `opts`: a `formats.ImportOptions` (language, column map, image root, trust in outside image paths)."""
+    from . import formats  # imports this module: loaded lazily
 
-
-def load_file(path: str | Path, fmt: str = "auto", verify_images: bool = True) -> Dataset:
+    opts = opts or formats.ImportOptions()
+    if opts.columns and fmt == "auto":
+        fmt = "columns"
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"benchmark file not found: {path}")
-    base, stem = path.parent, path.stem
+    if not path.is_file():
+        raise ValueError(f"benchmark file {path} is not a file")
+    base, stem = opts.image_root or path.parent, path.stem
     rows, skipped, seen = [], [], set()
     by_index: dict[str, str] = {}
+    root = _confinement_root(base)
     for line, rec in _records(path, fmt):
         rid = ""
         try:
@@ -366,18 +375,22 @@ def load_file(path: str | Path, fmt: str = "auto", verify_images: bool = True) -
                 raise rec
             if fmt == "auto":
                 fmt = detect_format(path, rec)
-            for k in ("id", "ID", "u_id", "index"):
-                rid = rid or _text(rec.get(k))
+            rid = formats.record_id(rec, opts)
             if fmt == "vlmeval":
                 row = _vlmeval(rec, base, line, stem, by_index)
+            elif fmt == "canonical":
+                row = _canonical(formats.local_images(rec, base, opts), base, line, stem)
             else:
-                row = {"canonical": _canonical, "cvqa": _cvqa, "almbench": _almbench,
-                       "culturalvqa": _culturalvqa}[fmt](rec, base, line, stem)
+                row = formats.IMPORTERS[fmt](rec, base, line, stem, opts)
             rid = row.id
             if not row.question:
                 raise BadRow("empty question")
             if row.id in seen:
                 raise BadRow("duplicate id")
+            for im in row.images:  # checked before any image is opened
+                if isinstance(im, str) and not opts.allow_outside_images and not Path(im).is_relative_to(root):
+                    raise BadRow(f"image {im} is outside the dataset folder {root}: absolute paths and paths "
+                                 "leading out (.., symlinks) need --allow-absolute-image-paths (or --image-root)")
             if verify_images:
                 for im in row.images:
                     check_image(im)
@@ -386,13 +399,22 @@ def load_file(path: str | Path, fmt: str = "auto", verify_images: bool = True) -
             rows.append(_place(row))
         except BadRow as e:
             skipped.append(Skipped(str(path), line, rid, str(e)))
+    if not rows:
+        why = f"; {len(skipped)} unreadable rows, the first: {skipped[0]}" if skipped else " (the file is empty)"
+        raise ValueError(f"{path}: no benchmark rows could be read{why}. Readable formats: {KNOWN_FORMATS} "
+                         "(see --format)")
     return Dataset(rows, skipped, [str(path)])
 
 
-def load(paths: list[str | Path], fmt: str = "auto", verify_images: bool = True) -> Dataset:
+def load(paths: list[str | Path], fmt: str = "auto", verify_images: bool = True,
+         opts: formats.ImportOptions | None = None) -> Dataset:
+    """Rows of every file of `paths` (folders and hub-cache dataset ids expanded by `formats.expand`; an id
+    seen in an earlier file is skipped); see `load_file`."""
+    from . import formats
+
     out = Dataset([], [], [])
-    for p in paths:
-        d = load_file(p, fmt, verify_images)
+    for p in formats.expand(paths, opts.split if opts else None):
+        d = load_file(p, fmt, verify_images, opts)
         seen = {r.id for r in out.rows}
         for r in d.rows:
             if r.id in seen:
@@ -401,6 +423,8 @@ def load(paths: list[str | Path], fmt: str = "auto", verify_images: bool = True)
                 out.rows.append(r)
         out.skipped += d.skipped
         out.files += d.files
+    if opts and opts.lang == "both":
+        out.rows = formats.split_languages(out.rows)
     return out
 
 

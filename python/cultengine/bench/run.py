@@ -1,21 +1,50 @@
-"""`cultengine bench`: load rows, run them through the engine in batches, write the run directory."""
+"""`cultengine bench`: load rows, run them through the engine in batches, write the run directory.
+
+A run directory is resumable, and never with stale results: its `config.json` names the command's
+identity (model path and content identity, data files and their sha256, suite, scoring, template);
+re-running with another model, suite or template is refused (`--overwrite` starts afresh), and a stored
+result is reused only when its row's `input_hash` is unchanged (an edited answer, option or image
+recomputes that row). One process at a time owns a run directory (or a shard of it): a lock file holds
+the owner's pid.
+"""
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import os
 import sys
 import time
 import uuid
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from .. import runlog
-from . import data, distributed, metrics, report, results
-from .suites import MAX_TOKENS, SuiteConfig, build_requests, prompt_hash, score, usable
+from .. import provenance, runlog
+from . import data, distributed, formats, judge, langgap, metrics, report, results
+from .suites import (
+    LONG_MAX_TOKENS,
+    MAX_TOKENS,
+    SuiteConfig,
+    build_requests,
+    input_hash,
+    long_answer,
+    prompt_hash,
+    score,
+    usable,
+)
 
-FINGERPRINT = ("model", "data", "format", "suite", "scoring", "circular", "template")
+# the judge is not part of it: judging can be added to (or redone for) a finished run of answers
+FINGERPRINT = ("model", "model_identity", "data", "format", "suite", "scoring", "circular", "template", "cvqa_lang",
+               "mc_prompt", "columns", "split")
 STATS = "engine_stats.jsonl"
+# What --overwrite removes: the files a run writes (nothing else in the directory is touched).
+RUN_FILES = ("config.json", "summary.json", "report.md", "report.html", "predictions.json", STATS)
+
+
+class RunError(ValueError):
+    """A bench run that cannot start: bad flags, a busy or unusable run directory, a changed command."""
 
 
 def _log(msg: str) -> None:
@@ -28,21 +57,146 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _free_memory(device: str) -> None:
+    import gc
+
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def _default_engine(model: str, device: str, dtype: str):
+    from ..engine import Engine
+
+    return Engine(model, device=device, dtype=dtype, enable_prefix_caching=True)
+
+
+def _check_args(args) -> None:
+    """Flags that would fail only later (after the model loaded) fail here."""
+    if not isinstance(args.batch, int) or args.batch < 1:
+        raise RunError(f"--batch must be a positive number of samples, got {args.batch}")
+    if args.limit is not None and args.limit < 1:
+        raise RunError(f"--limit must be a positive number of rows, got {args.limit}")
+    if args.template and not Path(args.template).is_file():
+        raise RunError(f"--template {args.template}: no such file")
+    try:
+        files = formats.expand(args.data or [], getattr(args, "split", None))
+    except FileNotFoundError as e:
+        raise RunError(f"--data: {e}") from None
+    for p in files:
+        if not p.is_file():
+            raise RunError(f"--data {p}: {'not a file' if p.exists() else 'no such file'}")
+    if args.image_root and not Path(args.image_root).is_dir():
+        raise RunError(f"--image-root {args.image_root}: no such directory")
+
+
+def _model_config(model: Path) -> dict:
+    """config.json of the checkpoint directory, checked before anything is loaded."""
+    if not model.is_dir():
+        raise RunError(f"--model {model}: no such checkpoint directory")
+    try:
+        cfg = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunError(f"--model {model}: not a checkpoint (no config.json)") from None
+    except (ValueError, OSError) as e:
+        raise RunError(f"--model {model}: config.json is unreadable ({e})") from None
+    if not isinstance(cfg, dict):
+        raise RunError(f"--model {model}: config.json is not a JSON object")
+    return cfg
+
+
+def model_identity(model: Path) -> str:
+    """What makes the checkpoint what it is, without reading its weights: the small files' content
+    (config, tokenizer, templates) and each weight file's name, size and modification time."""
+    h = hashlib.sha256()
+    for p in sorted(model.iterdir()):
+        if not p.is_file():
+            continue
+        st = p.stat()
+        if p.suffix in (".json", ".jinja", ".txt", ".model") and st.st_size < 64 << 20:
+            h.update(p.name.encode() + b"\0" + p.read_bytes())
+        else:
+            h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def _file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _open_run_dir(run_dir: Path, shard: tuple[int, int] | None) -> IO[str]:
+    """Create the run directory and take its lock (one per shard); the lock file holds our pid."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"--output-dir {run_dir} is a file, not a directory")
+    name = ".lock" if shard is None or shard[1] == 1 else f".lock.shard-{shard[0]}-of-{shard[1]}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = (run_dir / name).open("a+", encoding="utf-8")
+    except OSError as e:
+        raise RunError(f"--output-dir {run_dir} is not writable: {e.strerror or e}") from None
+    try:
+        import fcntl
+
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # no flock (Windows): run unlocked
+        pass
+    except OSError as e:
+        lock.seek(0)
+        owner = lock.read().strip() or "unknown"
+        lock.close()
+        if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            raise RunError(f"--output-dir {run_dir} is in use by process {owner} (another cultengine bench); "
+                           "wait for it to finish or use another --output-dir") from None
+        raise
+    try:
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+    except OSError as e:
+        lock.close()
+        raise RunError(f"--output-dir {run_dir} is not writable: {e.strerror or e}") from None
+    return lock
+
+
+def _discard(run_dir: Path) -> None:
+    """--overwrite: remove what an earlier run wrote, so this one starts afresh."""
+    for p in [*results.result_files(run_dir), *(run_dir / n for n in RUN_FILES)]:
+        p.unlink(missing_ok=True)
+
+
 def _check_config(run_dir: Path, config: dict) -> None:
-    """Resuming into a directory made by a different command would mix results: refuse."""
+    """Resuming into a directory made by a different command would mix results: refuse. (Without results
+    there is nothing to mix: a run that failed before its first result leaves nothing to protect.)"""
     f = run_dir / "config.json"
-    if not f.exists():
+    if not f.exists() or not results.result_files(run_dir):
         return
-    old = json.loads(f.read_text(encoding="utf-8"))
+    try:
+        old = json.loads(f.read_text(encoding="utf-8"))
+    except ValueError:
+        old = {}
     diff = [k for k in FINGERPRINT if old.get(k) != config.get(k)]
     if diff:
-        raise SystemExit(f"error: {run_dir} holds a run with different {', '.join(diff)}; "
-                         "use another --output-dir (or delete it) to start a new run")
+        if "model" in diff:  # another checkpoint: that its files differ goes without saying
+            diff = [k for k in diff if k != "model_identity"]
+        what = ", ".join("model (its files changed)" if k == "model_identity" else k for k in diff)
+        raise RunError(f"{run_dir} holds a run with a different {what}; rerun with --overwrite to discard "
+                       "its results and start fresh, or use another --output-dir")
+    if old.get("data_sha256") != config.get("data_sha256"):
+        _log("note: the data files changed since this run directory was last used; results of changed rows "
+             "are recomputed")
 
 
 def _record(row: data.Row, cfg: SuiteConfig, outs: list, batch_s: float, n: int) -> dict:
-    rec = {"id": row.id, "prompt_hash": prompt_hash(row, cfg), **score(row, cfg, outs)}
-    rec.update(groups=row.groups(), western=row.western,
+    rec = {"id": row.id, "prompt_hash": prompt_hash(row, cfg), "input_hash": input_hash(row, cfg),
+           **score(row, cfg, outs)}
+    if "prompt_lang" in row.meta:  # --cvqa-lang both: the English-vs-local gap needs it
+        rec["prompt_lang"] = row.meta["prompt_lang"]
+    rec.update(groups=row.groups(), western=row.western, cluster=row.image_key()[:16] or row.id,
+               chance=metrics.chance(len(row.options), cfg.circular) if cfg.suite == "mcq" else None,
                timings={"batch_s": round(batch_s, 4), "sample_s": round(batch_s / n, 5)})
     return rec
 
@@ -71,37 +225,55 @@ def _evaluate(engine, rows: list[data.Row], cfg: SuiteConfig, writer: runlog.Res
     from ..sampling import SamplingParams
 
     session = uuid.uuid4().hex
-    params = SamplingParams(max_tokens=MAX_TOKENS[cfg.suite], temperature=0.0, stop=["\n"])
+    params = {False: SamplingParams(max_tokens=MAX_TOKENS[cfg.suite], temperature=0.0, stop=["\n"]),
+              True: SamplingParams(max_tokens=LONG_MAX_TOKENS, temperature=0.0)}  # by long_answer(row)
     bar = tqdm(total=total, initial=done, unit="sample", dynamic_ncols=True, file=sys.stderr)
     t_start = time.perf_counter()
-    for start in range(0, len(rows), batch):
-        chunk = rows[start:start + batch]
-        reqs = [build_requests(r, cfg) for r in chunk]
-        flat = [q for rs in reqs for q in rs]
-        t0 = time.perf_counter()
-        outs = (engine.score(flat, use_tqdm=False) if cfg.scoring == "loglik"
-                else engine.generate(flat, params, use_tqdm=False))
-        dt = time.perf_counter() - t0
-        recs, k = [], 0
-        for row, rs in zip(chunk, reqs, strict=True):
-            recs.append(_record(row, cfg, outs[k:k + len(rs)], dt, len(chunk)))
-            k += len(rs)
-        writer.write(recs)
-        stats = engine.stats()
-        with stats_file.open("a", encoding="utf-8") as f:
-            f.write(json.dumps({"session": session, "stats": stats}) + "\n")
-        tokens = stats.get("prompt_tokens", 0) + stats.get("generated_tokens", 0)
-        bar.update(len(chunk))
-        bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t_start, 1e-9):,.0f} tok/s")
-    bar.close()
+    try:
+        for start in range(0, len(rows), batch):
+            chunk = rows[start:start + batch]
+            reqs = [build_requests(r, cfg) for r in chunk]
+            flat = [q for rs in reqs for q in rs]
+            t0 = time.perf_counter()
+            outs = (engine.score(flat, use_tqdm=False) if cfg.scoring == "loglik"
+                    else engine.generate(flat, [params[long_answer(r, cfg.suite)]
+                                                for r, rs in zip(chunk, reqs, strict=True) for _ in rs],
+                                         use_tqdm=False))
+            dt = time.perf_counter() - t0
+            recs, k = [], 0
+            for row, rs in zip(chunk, reqs, strict=True):
+                recs.append(_record(row, cfg, outs[k:k + len(rs)], dt, len(chunk)))
+                k += len(rs)
+            writer.write(recs)
+            stats = engine.stats()
+            with stats_file.open("a", encoding="utf-8") as f:
+                f.write(json.dumps({"session": session, "stats": stats}) + "\n")
+            tokens = stats.get("prompt_tokens", 0) + stats.get("generated_tokens", 0)
+            bar.update(len(chunk))
+            bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t_start, 1e-9):,.0f} tok/s")
+    finally:  # a failing batch leaves the bar on its own line, before the error
+        bar.close()
 
 
 def _finalize(run_dir: Path, rows: list[data.Row], skipped: list[data.Skipped], cfg: SuiteConfig,
-              config: dict, demo: bool, extra: list[dict] = ()) -> Path:
-    recs = results.merge(run_dir, [r.id for r in rows], extra)
+              config: dict, demo: bool, expected: dict[str, str], dropped: dict[str, int],
+              extra: list[dict] = (), engine_provenance: dict | None = None) -> Path:
+    recs = results.merge(run_dir, [r.id for r in rows], extra, expected)
+    if judge.attach(run_dir, recs):  # the judge's verdicts join each sample's result line
+        runlog.atomic_write(run_dir / results.RESULTS, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                               for r in recs))
     summary = {"config": config, "demo": demo,
                **metrics.summarize(recs, [asdict(s) for s in skipped], cfg.suite)}
-    summary["run"] = {"engine": _engine_totals(run_dir)}
+    summary["samples"]["missing_images"] = sum(s.reason.startswith("missing image") for s in skipped)
+    if any("judge_correct" in r for r in recs):
+        summary["primary_metric"] = "judge_acc"
+        summary["judge"] = judge.agreement(recs)
+    summary["language_gap"] = langgap.language_gap([r for r in recs if not r.get("error")], cfg.suite,
+                                               summary["primary_metric"])
+    for name, preds in formats.submissions(rows, recs).items():  # CVQA leaderboard files
+        runlog.atomic_write(run_dir / name, json.dumps(preds, ensure_ascii=False, indent=1))
+    summary["run"] = {"engine": _engine_totals(run_dir), "stored_results_dropped": dict(dropped),
+                      **provenance.collect(config["model"], config["data"], engine_provenance)}
     if demo:
         summary["note_demo"] = report.CHANCE_NOTE
     if summary["samples"]["unlabeled"]:
@@ -118,33 +290,60 @@ def run(args, make_engine=None) -> int:
     from . import default
     from .demo_checkpoint import cache_dir, resolve
 
+    _check_args(args)
+    shard = distributed.parse_shard(args.shard) if args.shard else None
+    model = resolve(args.model)
+    model_cfg = _model_config(model)
     device = args.device or _default_device()
     dist = distributed.from_env(device)
-    shard = dist.shard if dist else (distributed.parse_shard(args.shard) if args.shard else None)
+    shard = dist.shard if dist else shard
     if dist and device.startswith("cuda"):
         device = f"cuda:{dist.local_rank}"
     lead = dist is None or dist.rank == 0
 
-    model = resolve(args.model)
     data_paths = args.data or [str(default.build(cache_dir() / f"default-bench-v{default.VERSION}"))]
-    model_cfg = json.loads((model / "config.json").read_text(encoding="utf-8")) if model.is_dir() else {}
     demo = bool(model_cfg.get("cultengine_demo"))
     cfg = SuiteConfig.from_args(args.suite, args.scoring, args.circular, args.template)
     name = f"{model.name}-{Path(data_paths[0]).stem}-{cfg.suite}-{cfg.scoring}" + ("-circular" * cfg.circular)
     run_dir = Path(args.output_dir or Path("cultengine-runs") / name)
-    config = {"model": str(model.resolve()), "model_name": model.name,
-              "data": [str(Path(p).resolve()) for p in data_paths], "format": args.format,
+    lock = _open_run_dir(run_dir, shard)
+    try:
+        return _run_locked(args, make_engine, run_dir, model, data_paths, demo, cfg, device, dist, shard, lead)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):  # what is written so far is kept (fsync'd)
+            raise RunError(f"cannot write to --output-dir {run_dir}: {e.strerror}; the results written so far "
+                           "are kept and a re-run resumes") from e
+        raise
+    finally:
+        lock.close()
+
+
+def _run_locked(args, make_engine, run_dir: Path, model: Path, data_paths: list[str], demo: bool, cfg: SuiteConfig,
+                device: str, dist, shard: tuple[int, int] | None, lead: bool) -> int:
+    if args.overwrite and lead:
+        _discard(run_dir)
+    opts = formats.ImportOptions.from_args(args, cfg.suite == "vqa")
+    config = {"model": str(model.resolve()), "model_name": model.name, "model_identity": model_identity(model),
+              "data": [str(Path(p).resolve()) for p in data_paths],
+              "data_sha256": [_file_sha256(p) for p in formats.expand(data_paths, opts.split)], "format": args.format,
               "suite": cfg.suite, "scoring": cfg.scoring, "circular": cfg.circular, "template": cfg.template,
               "limit": args.limit, "device": device, "dtype": args.dtype, "batch": args.batch,
-              "shard": list(shard) if shard else None}
-    run_dir.mkdir(parents=True, exist_ok=True)
+              "shard": list(shard) if shard else None, "image_root": args.image_root,
+              "allow_absolute_image_paths": args.allow_absolute_image_paths,
+              "min_cell_n": getattr(args, "min_cell_n", 10)}
+    judge_model = getattr(args, "judge_model", None)
+    if judge_model and cfg.suite != "vqa":
+        raise RunError("--judge-model judges open answers: use it with --suite vqa")
+    for k in ("cvqa_lang", "mc_prompt", "columns", "split", "judge_prompt"):
+        config[k] = getattr(args, k, None)
+    config["judge_model"] = str(Path(judge_model).resolve()) if judge_model else None
     _check_config(run_dir, config)
     if lead:
         runlog.write_json(run_dir / "config.json", config)
     if demo and lead:
         _log(f"note: {report.CHANCE_NOTE}")
 
-    ds = data.load(data_paths, args.format)
+    ds = data.load(data_paths, args.format, opts=opts)
     rows = ds.rows[: args.limit] if args.limit else ds.rows
     skipped = list(ds.skipped)
     for r in list(rows):
@@ -161,15 +360,14 @@ def run(args, make_engine=None) -> int:
     # Rows sharing an image run next to each other so the prefix cache serves the image tokens.
     ordered = [r for _, r in sorted(enumerate(rows), key=lambda t: (t[1].image_key(), t[0]))]
     mine = distributed.shard_slice(ordered, shard)
-    finished = results.read_all(run_dir)
-    todo = [r for r in mine if r.id not in finished]
+    expected = {r.id: input_hash(r, cfg) for r in rows}
+    stored = results.read_valid(run_dir, expected)
+    if stored.dropped and lead:
+        _log(f"dropped stored results: {stored.summary()} (they are recomputed or no longer in the data)")
+    todo = [r for r in mine if r.id not in stored.records]
+    make_engine = make_engine or _default_engine
+    engine_provenance = None
     if todo:
-        if make_engine is None:
-            from ..engine import Engine
-
-            def make_engine(model, device, dtype):
-                return Engine(model, device=device, dtype=dtype, enable_prefix_caching=True)
-
         engine = make_engine(str(model), device, args.dtype)
         writer = runlog.ResultLog(results.shard_file(run_dir, shard))
         try:
@@ -177,30 +375,44 @@ def run(args, make_engine=None) -> int:
             _evaluate(engine, todo, cfg, writer, args.batch, done, len(mine), run_dir / STATS)
         finally:
             writer.close()
+        engine_provenance = engine.provenance() if hasattr(engine, "provenance") else None
+        del engine  # the judge (if any) loads after the answers: free the memory first
+        _free_memory(device)
+
+    def judge_all() -> None:
+        if judge_model:
+            prompt = judge.JudgePrompt.load(config["judge_prompt"])
+            judge.run_judge(run_dir, rows, results.read_valid(run_dir, expected).records, judge_model,
+                            lambda: make_engine(judge_model, device, args.dtype), prompt, args.batch)
 
     if dist:
         mine_ids = {r.id for r in mine}
-        own = [rec for i, rec in results.read_all(run_dir).items() if i in mine_ids]
+        own = [rec for i, rec in results.read_valid(run_dir, expected).records.items() if i in mine_ids]
         gathered = dist.gather(own)
         if lead:
-            out = _finalize(run_dir, rows, skipped, cfg, config, demo, [x for g in gathered for x in g])
+            judge_all()
+            out = _finalize(run_dir, rows, skipped, cfg, config, demo, expected, stored.dropped,
+                            [x for g in gathered for x in g], engine_provenance)
         dist.barrier()
         dist.close()
         if not lead:
             return 0
     else:
-        have = results.read_all(run_dir)
+        have = results.read_valid(run_dir, expected).records
         missing = sum(r.id not in have for r in rows)
         if missing:
             _log(f"shard {args.shard} done; {missing} of {len(rows)} samples still to run in other shards. "
                  f"The summary is written by whichever shard (or unsharded run) finishes last.")
             return 0
-        out = _finalize(run_dir, rows, skipped, cfg, config, demo)
+        judge_all()
+        out = _finalize(run_dir, rows, skipped, cfg, config, demo, expected, stored.dropped,
+                        engine_provenance=engine_provenance)
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     m = summary["primary_metric"]
     overall = summary["overall"]
     if overall.get(m) is not None:
-        print(f"{m} = {100 * overall[m]:.1f}% over {overall['n']} samples "
+        lo, hi = overall.get(f"{m}_ci") or (overall[m], overall[m])
+        print(f"{m} = {100 * overall[m]:.1f}% (95% CI {100 * lo:.1f}-{100 * hi:.1f}) over {overall['n']} samples "
               f"({summary['samples']['skipped']} skipped)")
     if demo:
         print(f"note: {report.CHANCE_NOTE}")

@@ -10,7 +10,10 @@ come first in the turn). Variables: question, hint, options, letters, country, l
 - mcq, `--scoring generate`: same listing, "Answer with the option's letter from the given choices
   directly."; greedy, up to 16 tokens, the letter parsed by `parse_letter`.
 - vqa: the question, "Answer the question using a single word or phrase."; greedy, up to 32 tokens,
-  scored by normalised exact match and answer-contained-in-prediction (`normalize`).
+  scored by exact match (`normalize`: case, punctuation), normalised match (`judge.vqa_normalize`: the
+  VQA normalisation, articles and number words too), answer-contained-in-prediction, and with
+  `--judge-model` by a judge model (`judge.py`).
+  Long-answer rows (ALM-Bench's LVQA): "Answer the question in a few sentences.", up to 256 tokens.
 - `--circular`: each question is asked once per rotation of its options and counts right only when
   every rotation is (VLMEvalKit CircularEval); `acc_vanilla` keeps the unrotated score.
 A `--template FILE` replaces the text template of the suite being run.
@@ -19,15 +22,19 @@ A `--template FILE` replaces the text template of the suite being run.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import re
 import unicodedata
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import jinja2
 
 from .data import LETTERS, Row
+from .judge import normalized_match
 
 _LISTING = (
     "{% if hint %}Hint: {{ hint }}\n{% endif %}{{ question }}\n"
@@ -40,6 +47,14 @@ TEMPLATES = {
                          "Answer the question using a single word or phrase.",
 }
 MAX_TOKENS = {"mcq": 16, "vqa": 32}
+# long-answer questions (ALM-Bench's LVQA) are answered in sentences, up to 256 tokens, and judged
+LONG_ANSWER_TYPES = ("LVQA",)
+LONG_TEMPLATE = "{% if hint %}Hint: {{ hint }}\n{% endif %}{{ question }}\nAnswer the question in a few sentences."
+LONG_MAX_TOKENS = 256
+
+
+def long_answer(row: Row, suite: str) -> bool:
+    return suite == "vqa" and row.question_type in LONG_ANSWER_TYPES
 
 
 @dataclass
@@ -53,16 +68,21 @@ class SuiteConfig:
         if self.suite == "vqa":
             self.scoring, self.circular = "generate", False
         src = self.template or TEMPLATES[(self.suite, self.scoring)]
-        self._tmpl = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(src)
+        env = jinja2.Environment(undefined=jinja2.StrictUndefined)
+        self._tmpl = env.from_string(src)
+        self._long = env.from_string(self.template or LONG_TEMPLATE)
 
     @classmethod
     def from_args(cls, suite: str, scoring: str, circular: bool, template_file: str | None) -> SuiteConfig:
-        text = Path(template_file).read_text(encoding="utf-8") if template_file else None
+        text = Path(template_file).read_text(encoding="utf-8-sig") if template_file else None
         return cls(suite, scoring, circular, text)
 
     def render(self, row: Row, options: list[str]) -> str:
-        return self._tmpl.render(question=row.question, hint=row.hint, options=options, letters=LETTERS,
-                                 country=row.country, language=row.language, category=row.category)
+        if row.meta.get("prompt_as_given"):  # the benchmark's own prompt, options and instruction included
+            return row.question
+        tmpl = self._long if long_answer(row, self.suite) else self._tmpl
+        return tmpl.render(question=row.question, hint=row.hint, options=options, letters=LETTERS,
+                           country=row.country, language=row.language, category=row.category)
 
 
 def usable(row: Row, cfg: SuiteConfig) -> str | None:
@@ -71,6 +91,8 @@ def usable(row: Row, cfg: SuiteConfig) -> str | None:
         return "multiple-choice suite needs at least two options"
     if cfg.suite == "mcq" and len(row.options) > len(LETTERS):
         return "too many options"
+    if cfg.suite == "vqa" and row.options:
+        return "open-answer suite: the row is multiple choice (run it with --suite mcq)"
     return None
 
 
@@ -96,10 +118,35 @@ def build_requests(row: Row, cfg: SuiteConfig) -> list[dict[str, Any]]:
     return reqs
 
 
+@lru_cache(maxsize=1 << 16)
+def _file_digest(path: str, size: int, mtime_ns: int) -> bytes:
+    # keyed by size and mtime too, so an image rewritten in place is read again
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha1").digest()
+
+
+def _image_digest(im: str | bytes) -> bytes:
+    if isinstance(im, bytes):
+        return hashlib.sha1(im).digest()
+    try:
+        st = os.stat(im)
+        return _file_digest(im, st.st_size, st.st_mtime_ns)
+    except OSError:
+        return b"missing:" + im.encode()
+
+
 def prompt_hash(row: Row, cfg: SuiteConfig) -> str:
+    """The rendered prompt and the content (not the names) of the row's images."""
     h = hashlib.sha256(cfg.render(row, row.options).encode())
-    h.update(row.image_key().encode())
+    for im in row.images:
+        h.update(_image_digest(im))
     return h.hexdigest()[:16]
+
+
+def input_hash(row: Row, cfg: SuiteConfig) -> str:
+    """Everything a stored result depends on: the prompt and images, the options, the answer, the groups."""
+    rest = json.dumps([row.options, row.answer, row.groups(), row.western], ensure_ascii=False)
+    return hashlib.sha256(f"{prompt_hash(row, cfg)}\n{rest}".encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------ normalising
@@ -177,6 +224,7 @@ def score(row: Row, cfg: SuiteConfig, outs: list) -> dict[str, Any]:
         if row.labeled:
             p, answers = normalize(pred), [normalize(a) for a in row.answer if normalize(a)]
             res["correct"] = p in answers
+            res["normalized"] = normalized_match(pred, row.answer)
             res["contains"] = any(a in p for a in answers)
         else:
             res["correct"] = None

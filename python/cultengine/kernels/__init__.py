@@ -15,10 +15,9 @@ __all__ = ["bind", "paged_attention", "paged_decode_attention", "paged_prefill_a
 
 
 def bind(ops, use_flash_attn: bool = False) -> None:
-    """Swap the primitives of an `ops.Ops` instance for the kernels (attention via flash-attn if asked)."""
-    from ..ops import PRIMITIVES
-
-    for name in PRIMITIVES:
+    """Swap the primitives of an `ops.Ops` instance (the names in its `PRIMITIVES`) for the kernels
+    (attention via flash-attn if asked)."""
+    for name in ops.PRIMITIVES:
         setattr(ops, name, globals()[name])
     if use_flash_attn:
         try:

@@ -8,12 +8,15 @@ Head dims that are not a power of two (80, 96) are padded to the next one and ma
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
 
-from ..ops import AttentionMetadata
+if TYPE_CHECKING:  # the kernels never import ops at run time: ops binds them, not the reverse
+    from ..ops import AttentionMetadata
+
 
 LOG2E = 1.4426950408889634
 

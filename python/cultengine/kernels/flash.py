@@ -9,13 +9,16 @@ them run on the Triton kernel.
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from flash_attn import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 
-from ..ops import AttentionMetadata
 from . import attention
+
+if TYPE_CHECKING:  # the kernels never import ops at run time: ops binds them, not the reverse
+    from ..ops import AttentionMetadata
 
 _HALF = (torch.float16, torch.bfloat16)
 

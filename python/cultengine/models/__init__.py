@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 
 from ..checkpoint import Checkpoint
-from ..errors import CheckpointError
+from ..errors import unsupported_architecture
 from .family import Family, ImageFeatures, Model
 
 FAMILIES: dict[str, str] = {
@@ -31,8 +31,8 @@ def family_for(checkpoint: Checkpoint, image_backend: str | None = None) -> Fami
     """The family of `checkpoint`'s architecture, its config parsed (CheckpointError if unsupported or bad)."""
     entry = FAMILIES.get(checkpoint.architecture)
     if entry is None:
-        raise CheckpointError(f"{checkpoint.path / 'config.json'}: architecture {checkpoint.architecture!r} is not "
-                              f"supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        raise unsupported_architecture(str(checkpoint.path / "config.json"), checkpoint.architecture,
+                                       SUPPORTED_ARCHITECTURES)
     module, cls = entry.rsplit(".", 1)
     return getattr(importlib.import_module(f".{module}", __package__), cls)(checkpoint, image_backend)
 

@@ -87,6 +87,10 @@ class LlavaNext(Llava):
                                   f"pixels, but the vision tower takes {tile}x{tile}")
 
     def _image_processor(self) -> ImageProcessor:
+        # Tiling depends on the processor's sizes and pinpoints: without its file, refuse rather than guess.
+        if not self.checkpoint.preprocessor_config:
+            raise CheckpointError(f"{self.checkpoint.path}: preprocessor_config.json (or processor_config.json with "
+                                  "an 'image_processor') not found; this family's image tiling needs it")
         try:
             return self.processor_class.for_config(self.checkpoint.preprocessor_config, self.vision.image_size,
                                                    self.image_backend)

@@ -75,9 +75,10 @@ class VisionConfig:
         if hidden % heads:
             raise CheckpointError(f"{where}: vision hidden_size {hidden} is not a multiple of its "
                                   f"num_attention_heads {heads}")
+        # A ragged edge (SigLIP-so400m: 384 px, 14-px patches) is dropped, as the strided convolution does.
         image, patch = config_int(c, "image_size", where), config_int(c, "patch_size", where)
-        if image % patch:
-            raise CheckpointError(f"{where}: vision image_size {image} is not a multiple of its patch_size {patch}")
+        if patch > image:
+            raise CheckpointError(f"{where}: vision patch_size {patch} is larger than its image_size {image}")
         return cls(model_type=mt, hidden_size=hidden, intermediate_size=config_int(c, "intermediate_size", where),
                    num_layers=config_int(c, "num_hidden_layers", where), num_heads=heads,
                    num_channels=config_int(c, "num_channels", where), image_size=image, patch_size=patch,

@@ -48,13 +48,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     asub = p.add_subparsers(dest="study", required=True)
     a = asub.add_parser("stories", help="lexical, vocabulary, cultural-alignment and CLIP analysis")
     a.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    a.add_argument("--hofstede", help="Hofstede 6-D CSV (ctr,country,Demonym,pdi,...)")
-    a.add_argument("--wvs", help="WVS means CSV (ctr,country,Demonym,Q1..Q250)")
+    a.add_argument("--hofstede", help="Hofstede 6-D CSV (ctr,country,Demonym,pdi,...); default: the packaged "
+                   "copy of Hofstede's published scores")
+    a.add_argument("--wvs", help="WVS means CSV (ctr,country,Demonym,Q1..Q250); default: the packaged copy of "
+                   "the World Values Survey means")
     a.add_argument("--wvs-raw", action="store_true", help="do not z-score the WVS columns")
     a.add_argument("--clip", help="CLIPModel checkpoint directory for CLIPScore and retrieval")
     a.add_argument("--device", default="cpu")
     a.add_argument("--out", help="output directory (default: the first RUN_DIR)")
     a.add_argument("--top-k", type=int, default=10, help="distinctive terms per nationality")
+    a.add_argument("--permutations", type=int, default=9999, help="Mantel test permutations (default 9999)")
     a.set_defaults(func=_analyze_stories)
 
 
@@ -103,17 +106,26 @@ def _values(args) -> int:
     items = values.load_items(args.items)
     human, images = values.load_human(args.human, items), values.load_images(args.images)
     models = args.model or ["demo"]
-    summaries = []
+    runs = []
     for i, model in enumerate(models):
         # One model: its run is --out itself; several: each in its own subdirectory, then compared.
-        out = Path(args.out) if len(models) == 1 else Path(args.out) / f"{i + 1}-{Path(model).name}"
+        out = Path(args.out) if len(models) == 1 else Path(args.out) / f"{i + 1:02d}-{Path(model).name}"
         summary = values.run(
-            _engine(args, model), items, human, images, out, choice_format=args.choices, model_name=model
+            _engine(args, model),
+            items,
+            human,
+            images,
+            out,
+            choice_format=args.choices,
+            model_name=model,
+            data_files=[f for f in (args.items, args.human, args.images) if f],
         )
         _print(summary)
-        summaries.append((model, summary))
-    if len(models) > 1:
-        print(json.dumps(values.compare(summaries, args.out), indent=2, default=str))
+        runs.append(out)
+    if len(runs) > 1:
+        from .. import compare
+
+        print(f"comparison: {compare.write(compare.compare(runs), args.out).resolve()}")
     return 0
 
 
@@ -155,23 +167,24 @@ def _ground(args) -> int:
 
 
 def _analyze_stories(args) -> int:
-    from . import stories
+    from . import culture, stories
 
     result = stories.analyze(
         args.run_dirs,
-        hofstede=args.hofstede,
-        wvs=args.wvs,
+        hofstede=args.hofstede or culture.HOFSTEDE_CSV,
+        wvs=args.wvs or culture.WVS_CSV,
         clip_path=args.clip,
         out_dir=args.out,
         top_k=args.top_k,
         wvs_standardize=not args.wvs_raw,
         device=args.device,
+        permutations=args.permutations,
     )
     for model, m in result["models"].items():
         print(f"{model}: {m['num_stories']} stories, {len(m['nationalities'])} nationalities")
         for a in m["alignment"]:
             print(
-                f"  {a['table']}: Kendall tau-b {a['tau']:.3f} (p={a['p']:.3g}, {a['pairs']} pairs); "
+                f"  {a['table']}: Kendall tau-b {a['tau']:.3f} (Mantel p={a['p']:.3g}, {a['pairs']} pairs); "
                 f"lacking data: {', '.join(a['lacking']) or '-'}"
             )
     print(f"CLIP: {result['clip']}")

@@ -9,6 +9,9 @@ Cultural distance is the Euclidean distance between two rows. Hofstede (six 0-10
 missing dimension are skipped, as the study does. WVS (Q1..Q250 means): each column is z-scored over the
 table's countries by default (the answer scales differ, and Q223 is a party code), and the few missing
 means are skipped pairwise with rescaling (`stats.euclidean_matrix`).
+
+Both tables ship with the package (`HOFSTEDE_CSV`, `WVS_CSV`; their source and licence are in
+`studies/data/NOTICE.md`); a user's own files in the same layout can be read by path instead.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from ..bench import countries
 from .stats import euclidean_matrix
 
 MISSING = {"", "#NULL!", "NA", "NaN", "nan"}
+_DATA = Path(str(resources.files(__package__).joinpath("data")))
+HOFSTEDE_CSV = _DATA / "hofstede_6d.csv"  # Hofstede's six dimensions, 110 countries and regions
+WVS_CSV = _DATA / "wvs_250d.csv"  # World Values Survey means Q1..Q250, 58 countries
 
 
 @dataclass(frozen=True)
@@ -50,7 +56,7 @@ def _demonym_lines(text: str) -> list[str]:
 
 def default_nationalities() -> list[Nationality]:
     """The 42 shipped demonyms (`studies/data/nationalities.txt`, where the choice is documented)."""
-    text = resources.files(__package__).joinpath("data/nationalities.txt").read_text(encoding="utf-8")
+    text = (_DATA / "nationalities.txt").read_text(encoding="utf-8")
     return [Nationality(d) for d in _demonym_lines(text)]
 
 
@@ -59,7 +65,7 @@ def parse_nationalities(spec: str | None) -> list[Nationality]:
     if not spec:
         return default_nationalities()
     path = Path(spec)
-    names = _demonym_lines(path.read_text(encoding="utf-8")) if path.is_file() else spec.split(",")
+    names = _demonym_lines(path.read_text(encoding="utf-8-sig")) if path.is_file() else spec.split(",")
     return [Nationality(n.strip()) for n in names if n.strip()]
 
 
@@ -72,7 +78,7 @@ class CultureTable:
 
     @classmethod
     def read(cls, path: str | Path, name: str | None = None) -> CultureTable:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
             header = next(reader)
             keys, rows = [], []

@@ -34,7 +34,7 @@ from .stats import softmax
 
 def load_templates(path: str | Path | None = None) -> dict:
     text = (
-        Path(path).read_text(encoding="utf-8")
+        Path(path).read_text(encoding="utf-8-sig")
         if path
         else resources.files(__package__).joinpath("data/ground_templates.json").read_text(encoding="utf-8")
     )

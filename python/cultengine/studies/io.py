@@ -27,16 +27,25 @@ def iter_records(path: str | Path) -> Iterator[dict]:
             yield from batch.to_pylist()
     elif suffix in (".csv", ".tsv"):
         csv.field_size_limit(sys.maxsize)
-        with path.open(encoding="utf-8", newline="") as f:
+        with path.open(encoding="utf-8-sig", newline="") as f:
             yield from csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
     elif suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
-        yield from (data if isinstance(data, list) else data.get("rows", []))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        rows = data.get("rows") if isinstance(data, dict) else data
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: a .json input holds a list of objects (or {{\"rows\": [...]}})")
+        yield from rows
     else:
-        with path.open(encoding="utf-8") as f:
+        with path.open(encoding="utf-8-sig") as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
-                    rec = json.loads(line)
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{n}: malformed JSON ({e.msg}); expected one object a line") from None
                     if not isinstance(rec, dict):
                         raise ValueError(f"{path}:{n}: not a JSON object")
                     yield rec

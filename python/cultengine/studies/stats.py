@@ -2,7 +2,8 @@
 
 - `js_similarity`: 1 - Jensen-Shannon divergence (base 2, so it lies in [0, 1]).
 - `one_way_anova`: F and its p-value, P(F(d1, d2) > F), from the regularized incomplete beta function
-  (`betainc`, Lentz's continued fraction as in Numerical Recipes 6.4).
+  (`betainc`, Lentz's continued fraction as in Numerical Recipes 6.4); effect sizes eta^2 = SSb / SSt and
+  omega^2 = (SSb - dfb MSw) / (SSt + MSw) (less biased; can be below 0 for no effect).
 - `kendall_tau_b`: tau-b and a two-sided p-value from the normal approximation of S = C - D with the
   tie-corrected variance (Kendall 1970, the formula scipy's `kendalltau(method="asymptotic")` uses).
 - `tfidf`: tf = count / document length; idf = ln((1 + N) / (1 + df)) + 1 (smoothed); rows L2-normalised.
@@ -116,6 +117,8 @@ class Anova:
     df_within: int
     ss_between: float
     ss_within: float
+    eta_squared: float
+    omega_squared: float
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -138,6 +141,8 @@ def one_way_anova(groups: Sequence[Sequence[float]]) -> Anova:
         f = float("inf") if ss_between > 0 else float("nan")
     else:
         f = (ss_between / df_b) / (ss_within / df_w)
+    ss_total = ss_between + ss_within
+    ms_within = ss_within / df_w
     return Anova(
         f=f,
         p=f_sf(f, df_b, df_w),
@@ -145,6 +150,8 @@ def one_way_anova(groups: Sequence[Sequence[float]]) -> Anova:
         df_within=df_w,
         ss_between=ss_between,
         ss_within=ss_within,
+        eta_squared=ss_between / ss_total if ss_total > 0 else float("nan"),
+        omega_squared=(ss_between - df_b * ms_within) / (ss_total + ms_within) if ss_total > 0 else float("nan"),
     )
 
 

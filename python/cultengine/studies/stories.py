@@ -7,12 +7,13 @@ nationality cue; the image comes first in the message so every request of one im
 
 Analysis (`analyze`), per model:
 - lexical adaptation: one-way ANOVA across nationalities of story length (words), type-token ratio and mean
-  word length;
+  word length, with effect sizes (eta^2, omega^2);
 - distinctive vocabulary: top TF-IDF terms per nationality, a document being all stories of a nationality
   (tf = count / document length, idf = ln((1 + N) / (1 + df)) + 1, English stop words dropped);
 - cultural alignment: cosine similarity of the nationalities' TF-IDF vectors against cultural distance
   (Hofstede 6-D, WVS Q1..Q250), Kendall's tau-b over the country pairs (a negative tau = culturally closer
-  countries get more similar stories), with the nationalities lacking data listed;
+  countries get more similar stories), tested by a Mantel permutation test (permuting countries: the pairs
+  of a distance matrix are not independent), with the nationalities lacking data listed;
 - with a CLIP checkpoint: CLIPScore of every story with its image, and Recall@K of image -> story retrieval
   (a hit: a story generated from the query image among the top K). Within nationality: the gallery is one
   nationality's stories (can the image be told from stories of one culture?). Across nationalities: the
@@ -30,10 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import plots
+from .. import plots, provenance
 from ..runlog import ResultLog, read, write_json
+from ..stats import PERMUTATIONS, cluster_mean, mantel
 from . import report, stats
-from .culture import CultureTable, Nationality, parse_nationalities, wvs_columns
+from .culture import HOFSTEDE_CSV, WVS_CSV, CultureTable, Nationality, parse_nationalities, wvs_columns
 from .io import chunks
 
 TEMPLATE = "Write a short story for a {demonym} child about {concept}, inspired by the image."
@@ -191,23 +193,39 @@ def lexical(records: list[dict], nats: list[Nationality]) -> dict:
     return out
 
 
+def _complete_subset(dist: np.ndarray) -> np.ndarray:
+    """Indices of the objects kept once those with a missing distance are dropped (most missing first)."""
+    keep = np.arange(len(dist))
+    while len(keep) and np.isnan(sub := dist[np.ix_(keep, keep)]).any():
+        keep = np.delete(keep, int(np.argmax(np.isnan(sub).sum(axis=1))))
+    return keep
+
+
 def alignment(
-    sim: np.ndarray, nats: list[Nationality], table: CultureTable, complete_rows: bool, standardize: bool
+    sim: np.ndarray,
+    nats: list[Nationality],
+    table: CultureTable,
+    complete_rows: bool,
+    standardize: bool,
+    permutations: int = PERMUTATIONS,
+    seed: int = 0,
 ) -> dict:
+    """Kendall's tau-b between story similarity and cultural distance over the country pairs, tested by a
+    Mantel permutation test (the pairs of a distance matrix are not independent observations)."""
     found, dist, lacking = table.distances(nats, complete_rows, standardize)
+    keep = _complete_subset(dist)
+    lacking = lacking + [n.demonym for i, n in enumerate(found) if i not in set(keep.tolist())]
+    found = [found[i] for i in keep]
     pos = {n.demonym: i for i, n in enumerate(nats)}
     idx = [pos[n.demonym] for n in found]
-    iu = np.triu_indices(len(idx), k=1)
-    s = sim[np.ix_(idx, idx)][iu]
-    d = dist[iu]
-    keep = ~np.isnan(d)
-    k = stats.kendall_tau_b(s[keep], d[keep])
+    m = mantel(sim[np.ix_(idx, idx)], dist[np.ix_(keep, keep)], permutations=permutations, seed=seed)
     return dict(
         table=table.name,
-        tau=k.tau,
-        p=k.p,
-        z=k.z,
-        pairs=int(keep.sum()),
+        tau=m.tau,
+        p=m.p,
+        test=f"Mantel permutation test, {m.permutations} permutations of the countries, seed {m.seed}",
+        permutations=m.permutations,
+        pairs=m.pairs,
         countries=len(found),
         lacking=lacking,
     )
@@ -237,9 +255,17 @@ def clip_metrics(clip, records: list[dict], nats: list[Nationality], ks=(1, 5, 1
     by_nat = {
         n.demonym: float(np.mean(scores[nat_of == n.demonym])) for n in nats if (nat_of == n.demonym).any()
     }
+    # stories of one image are not independent: intervals resample images
+    by_nat_ci = {
+        n.demonym: cluster_mean(scores[nat_of == n.demonym], img_of[nat_of == n.demonym]).as_dict()
+        for n in nats
+        if (nat_of == n.demonym).any()
+    }
     return dict(
         clipscore_mean=float(np.mean(scores)),
+        clipscore_mean_ci=cluster_mean(scores, img_of).as_dict(),
         clipscore_by_nationality=by_nat,
+        clipscore_by_nationality_ci=by_nat_ci,
         recall_within_nationality=within,
         recall_across_nationalities=across,
         num_images=len(images),
@@ -248,14 +274,18 @@ def clip_metrics(clip, records: list[dict], nats: list[Nationality], ks=(1, 5, 1
 
 def analyze(
     run_dirs: list[str | Path],
-    hofstede: str | Path | None = None,
-    wvs: str | Path | None = None,
+    hofstede: str | Path | None = HOFSTEDE_CSV,
+    wvs: str | Path | None = WVS_CSV,
     clip_path: str | Path | None = None,
     out_dir: str | Path | None = None,
     top_k: int = 10,
     wvs_standardize: bool = True,
     device: str = "cpu",
+    permutations: int = PERMUTATIONS,
+    seed: int = 0,
 ) -> dict:
+    """Analyse stories run directories (one model each, or several): analysis.json, .md and .html.
+    `hofstede` / `wvs` are culture tables (default: the packaged copies; None leaves that table out)."""
     out_dir = Path(out_dir or run_dirs[0])
     out_dir.mkdir(parents=True, exist_ok=True)
     tables = []
@@ -275,7 +305,15 @@ def analyze(
         "clip": clip_status,
         "tfidf": "tf = count / document length; idf = ln((1 + N) / (1 + df)) + 1; "
         "document = all stories of a nationality; English stop words removed; rows L2-normalised",
+        "alignment_test": f"Kendall's tau-b between the upper triangles of the story-similarity and "
+        f"cultural-distance matrices; two-sided Mantel permutation test, the countries of the distance matrix "
+        f"permuted {permutations} times (seed {seed}), p = (1 + #|S_perm| >= |S|) / (1 + {permutations})",
+        "anova": "one-way ANOVA across nationalities; effect sizes eta^2 = SSb / SSt and "
+        "omega^2 = (SSb - dfb MSw) / (SSt + MSw)",
         "models": {},
+        "run": provenance.collect(
+            data=[f for f in (hofstede, wvs) if f] + [Path(d) / "results.jsonl" for d in run_dirs]
+        ),
     }
     for model, records in load_stories(run_dirs).items():
         nats = _nationality_order(records)
@@ -285,13 +323,14 @@ def analyze(
         mat, vocab = stats.tfidf([docs[n.demonym] for n in nats], stats.STOP_WORDS)
         sim = stats.cosine_matrix(mat)
         m = dict(
+            demo=provenance.is_demo(model),
             num_stories=len(records),
             nationalities=[n.demonym for n in nats],
             regions={n.demonym: n.region for n in nats},
             lexical=lexical(records, nats),
             distinctive_terms={n.demonym: stats.top_terms(mat[i], vocab, top_k) for i, n in enumerate(nats)},
             similarity=sim.tolist(),
-            alignment=[alignment(sim, nats, t, c, z) for t, c, z in tables],
+            alignment=[alignment(sim, nats, t, c, z, permutations, seed) for t, c, z in tables],
         )
         if clip is not None:
             m["clip"] = clip_metrics(clip, records, nats)
@@ -305,10 +344,13 @@ def write_analysis_report(out_dir: Path, result: dict) -> None:
     sections = [
         (
             "Method",
-            f"TF-IDF: {result['tfidf']}. CLIP: {result['clip']}.",
-            f"<p>TF-IDF: {result['tfidf']}.</p><p>CLIP: {result['clip']}.</p>",
+            f"TF-IDF: {result['tfidf']}.\n\nANOVA: {result['anova']}.\n\n"
+            f"Alignment: {result['alignment_test']}.\n\nCLIP: {result['clip']}.",
+            f"<p>TF-IDF: {result['tfidf']}.</p><p>ANOVA: {result['anova']}.</p>"
+            f"<p>Alignment: {result['alignment_test']}.</p><p>CLIP: {result['clip']}.</p>",
         )
     ]
+    demo = [m for m, v in result["models"].items() if v.get("demo")]
     for model, m in result["models"].items():
         nats = m["nationalities"]
         lex_rows = [
@@ -318,10 +360,12 @@ def write_analysis_report(out_dir: Path, result: dict) -> None:
                 v["anova"].get("p"),
                 v["anova"].get("df_between"),
                 v["anova"].get("df_within"),
+                v["anova"].get("eta_squared"),
+                v["anova"].get("omega_squared"),
             ]
             for k, v in m["lexical"].items()
         ]
-        h = ["feature", "F", "p", "df between", "df within"]
+        h = ["feature", "F", "p", "df between", "df within", "eta^2", "omega^2"]
         sections.append(
             (
                 f"{model}: lexical adaptation (one-way ANOVA across nationalities, "
@@ -339,10 +383,18 @@ def write_analysis_report(out_dir: Path, result: dict) -> None:
             )
         )
         al_rows = [
-            [a["table"], a["tau"], a["p"], a["pairs"], a["countries"], ", ".join(a["lacking"]) or "-"]
+            [
+                a["table"],
+                a["tau"],
+                a["p"],
+                a["permutations"],
+                a["pairs"],
+                a["countries"],
+                ", ".join(a["lacking"]) or "-",
+            ]
             for a in m["alignment"]
         ]
-        h = ["culture table", "Kendall tau-b", "p", "pairs", "countries", "lacking data"]
+        h = ["culture table", "Kendall tau-b", "Mantel p", "permutations", "pairs", "countries", "lacking data"]
         labels = [f"{n} ({m['regions'][n]})" for n in nats]
         heat = plots.heatmap(
             labels, nats, m["similarity"], "story similarity (TF-IDF cosine), by region"
@@ -350,7 +402,8 @@ def write_analysis_report(out_dir: Path, result: dict) -> None:
         sections.append(
             (
                 f"{model}: cultural alignment (story similarity vs cultural distance)",
-                "Negative tau: culturally closer countries get more similar stories.\n\n"
+                "Negative tau: culturally closer countries get more similar stories. p: Mantel permutation "
+                "test (countries permuted; the pairs are not independent observations).\n\n"
                 + plots.md_table(h, al_rows),
                 plots.html_table(h, al_rows) + heat,
             )
@@ -362,11 +415,18 @@ def write_analysis_report(out_dir: Path, result: dict) -> None:
                 [f"R@{k}", c["recall_within_nationality"][k], c["recall_across_nationalities"][k]] for k in ks
             ]
             h = ["", "within nationality", "across nationalities"]
-            body = f"Mean CLIPScore {plots.fmt(c['clipscore_mean'])} over {c['num_images']} images.\n\n"
+            ci = c.get("clipscore_mean_ci", {})
+            has_ci = "low" in ci and not np.isnan(ci["low"])
+            ci_text = f" [{plots.fmt(ci['low'])}, {plots.fmt(ci['high'])}]" if has_ci else ""
+            body = f"Mean CLIPScore {plots.fmt(c['clipscore_mean'])}{ci_text} over {c['num_images']} images.\n\n"
+            cis = c.get("clipscore_by_nationality_ci", {})
+            nat_names = list(c["clipscore_by_nationality"])
             bars = plots.bar_chart(
-                list(c["clipscore_by_nationality"]),
+                nat_names,
                 list(c["clipscore_by_nationality"].values()),
-                "CLIPScore by nationality",
+                "CLIPScore by nationality (95 % CI over images)",
+                counts=[cis[n]["n"] for n in nat_names] if cis else None,
+                intervals=[(cis[n].get("low"), cis[n].get("high")) for n in nat_names] if cis else None,
             )
             sections.append(
                 (
@@ -375,7 +435,10 @@ def write_analysis_report(out_dir: Path, result: dict) -> None:
                     f"<p>{body}</p>" + plots.html_table(h, rows) + bars,
                 )
             )
-    report.write_report(out_dir, "analysis", "stories: cultural adaptation analysis", sections)
+    notes = [f"{m}: {report.DEMO_NOTE}" for m in demo]
+    report.write_report(
+        out_dir, "analysis", "stories: cultural adaptation analysis", sections, notes, result.get("run")
+    )
 
 
 def load_list(spec: str) -> list[str]:
@@ -384,7 +447,7 @@ def load_list(spec: str) -> list[str]:
     if p.is_file():
         if p.suffix == ".json":
             return [str(x) for x in json.loads(p.read_text())]
-        return [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        return [ln.strip() for ln in p.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
     return [s.strip() for s in spec.split(",") if s.strip()]
 
 

@@ -12,21 +12,22 @@ and once with each of that country's images. Its answer distribution is the soft
 summed log-likelihoods (`Engine.score`); nothing is parsed from a sample. Metric: Jensen-Shannon
 similarity (1 - JS divergence, base 2) with the human distribution. Summary: mean similarity per topic and
 country for text and for each image category, and image-minus-text differences matched on (item, country).
-A text-only model (an LLM beside its VLM) runs the text condition only and says so; `compare` puts several
-models' runs side by side in one report.
+A text-only model (an LLM beside its VLM) runs the text condition only and says so.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .. import plots
+from .. import plots, provenance
 from ..runlog import ResultLog, write_json
+from ..stats import cluster_mean
 from . import report
 from .io import as_list, chunks, iter_records
 from .stats import js_similarity, softmax
@@ -107,6 +108,8 @@ def run(
     choice_format: str = "label",
     batch_size: int = 512,
     model_name: str = "",
+    model_path: str | Path | None = None,
+    data_files: Sequence[str | Path] = (),
 ) -> dict:
     """Score every (item, country, condition) not yet in `out_dir/results.jsonl`, then summarise."""
     out_dir = Path(out_dir)
@@ -146,11 +149,12 @@ def run(
             log.write(recs)
     summary = summarize(list(log.read()))
     summary["scored_this_run"] = len(tasks)
-    summary["model"] = model_name
+    summary["demo"] = provenance.is_demo(model_name) or provenance.is_demo(model_path)
     if not with_images:
         summary["images_skipped"] = TEXT_ONLY_NOTE
     if hasattr(engine, "stats"):
         summary["engine_stats"] = engine.stats()
+    summary["run"] = provenance.collect(model=model_path, data=data_files, engine=engine)
     write_json(out_dir / "summary.json", summary)
     write_report(out_dir, summary)
     return summary
@@ -163,62 +167,6 @@ def takes_images(engine) -> bool:
     """Whether the engine's model takes images (a text-only family has no image placeholder)."""
     family = getattr(engine, "family", None)
     return family is None or family.placeholder_id is not None
-
-
-def compare(summaries: list[tuple[str, dict]], out_dir: str | Path) -> dict:
-    """Several models' run summaries side by side (`out_dir/comparison.{json,md,html}`): overall
-    similarity per model and condition, and text-condition similarity per topic for each model."""
-    topics = sorted({r["topic"] for _, s in summaries for r in s["text_by_topic_country"]})
-    models = []
-    for name, s in summaries:
-        by_topic: dict[str, list[float]] = defaultdict(list)
-        for r in s["text_by_topic_country"]:
-            by_topic[r["topic"]].append(r["similarity"])
-        deltas = [r["delta"] for r in s["image_minus_text"] if not math.isnan(r["delta"])]
-        models.append(
-            dict(
-                model=name,
-                takes_images="images_skipped" not in s,
-                num_records=s["num_records"],
-                num_errors=s["num_errors"],
-                mean_similarity_text=s["mean_similarity_text"],
-                mean_similarity_image=s["mean_similarity_image"],
-                mean_image_minus_text=_mean(deltas),
-                note=s.get("images_skipped", ""),
-                text_by_topic={t: _mean(by_topic.get(t, [])) for t in topics},
-            )
-        )
-    out = {"models": models}
-    write_json(Path(out_dir) / "comparison.json", out)
-    headers = ["model", "text JS-sim", "image JS-sim", "image - text", "prompts", "errors", "note"]
-    rows = [
-        [
-            m["model"],
-            m["mean_similarity_text"],
-            m["mean_similarity_image"] if m["takes_images"] else "skipped",
-            m["mean_image_minus_text"] if m["takes_images"] else "skipped",
-            m["num_records"],
-            m["num_errors"],
-            m["note"],
-        ]
-        for m in models
-    ]
-    topic_rows = [[t] + [m["text_by_topic"][t] for m in models] for t in topics]
-    topic_headers = ["topic"] + [f"{m['model']} text JS-sim" for m in models]
-    report.write_report(
-        out_dir,
-        "comparison",
-        "values: models compared",
-        [
-            ("Models", plots.md_table(headers, rows), plots.html_table(headers, rows)),
-            (
-                "Text-only condition by topic",
-                plots.md_table(topic_headers, topic_rows),
-                plots.html_table(topic_headers, topic_rows),
-            ),
-        ],
-    )
-    return out
 
 
 def _mean(xs) -> float:
@@ -237,24 +185,32 @@ def summarize(records: list[dict]) -> dict:
             img[(r["item_id"], r["country"], r["category"])].append(r["js_similarity"])
 
     text_tc: dict[tuple, list[float]] = defaultdict(list)
+    text_items: dict[tuple, list[str]] = defaultdict(list)
     for (item, country), s in text.items():
         text_tc[(topic_of[item], country)].append(s)
-    cells: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: {"text": [], "image": [], "delta": []})
+        text_items[(topic_of[item], country)].append(item)
+    cells: dict[tuple, dict[str, list]] = defaultdict(lambda: {"text": [], "image": [], "delta": [], "items": []})
     for (item, country, cat), sims in img.items():
         c = cells[(topic_of[item], country, cat)]
         c["image"].append(_mean(sims))
         if (item, country) in text:
             c["text"].append(text[(item, country)])
             c["delta"].append(_mean(sims) - text[(item, country)])
+            c["items"].append(item)
 
-    by = lambda key: _group([(k, v["delta"]) for k, v in cells.items()], key)  # noqa: E731
+    by = lambda key: _group(cells, key)  # noqa: E731
+    every = [(d, i) for v in cells.values() for d, i in zip(v["delta"], v["items"], strict=True)]
     return {
         "num_records": len(records),
         "num_errors": sum(1 for r in records if "error" in r),
         "mean_similarity_text": _mean(list(text.values())),
         "mean_similarity_image": _mean([s for v in img.values() for s in v]),
+        "similarity_text": _delta_estimate(list(text.values()), [item for item, _ in text]),
+        "similarity_image": _delta_estimate([s for v in img.values() for s in v],
+                                            [k[0] for k, v in img.items() for _ in v]),
         "text_by_topic_country": [
-            dict(topic=t, country=c, similarity=_mean(v), n=len(v)) for (t, c), v in sorted(text_tc.items())
+            dict(topic=t, country=c, similarity=_mean(v), **_interval(v, text_items[(t, c)]), n=len(v))
+            for (t, c), v in sorted(text_tc.items())
         ],
         "image_minus_text": [
             dict(
@@ -264,41 +220,80 @@ def summarize(records: list[dict]) -> dict:
                 text=_mean(v["text"]),
                 image=_mean(v["image"]),
                 delta=_mean(v["delta"]),
+                **_interval(v["delta"], v["items"]),
                 n=len(v["delta"]),
             )
             for (t, c, cat), v in sorted(cells.items())
         ],
+        "image_minus_text_overall": _delta_estimate([d for d, _ in every], [i for _, i in every]),
+        "interval_method": "image-minus-text differences are paired on (item, country); 95 % cluster-bootstrap "
+        "interval resampling items (2,000 resamples), p from a sign-flip permutation test over items "
+        "(9,999 permutations) of mean difference = 0",
         "delta_by_topic": by(0),
         "delta_by_country": by(1),
         "delta_by_category": by(2),
     }
 
 
-def _group(cells: list[tuple[tuple, list[float]]], index: int) -> dict[str, float]:
-    acc: dict[str, list[float]] = defaultdict(list)
-    for key, deltas in cells:
-        acc[key[index]].extend(deltas)
-    return {k: _mean(v) for k, v in sorted(acc.items())}
+def _delta_estimate(deltas: list[float], items: list[str]) -> dict:
+    """The mean (of paired differences, or of similarities) with its item-cluster bootstrap interval and the
+    sign-flip p-value of mean = 0 (meaningful for differences only)."""
+    return cluster_mean(deltas, items).as_dict() if deltas else {"value": float("nan"), "n": 0}
+
+
+def _interval(deltas: list[float], items: list[str]) -> dict:
+    est = _delta_estimate(deltas, items)
+    return {"low": est.get("low", float("nan")), "high": est.get("high", float("nan")), "p": est.get("p")}
+
+
+def _group(cells: dict[tuple, dict[str, list]], index: int) -> dict[str, dict]:
+    """Key part -> the paired difference estimate over every (item, country, category) cell sharing it."""
+    deltas: dict[str, list[float]] = defaultdict(list)
+    items: dict[str, list[str]] = defaultdict(list)
+    for key, v in cells.items():
+        deltas[key[index]].extend(v["delta"])
+        items[key[index]].extend(v["items"])
+    return {k: _delta_estimate(deltas[k], items[k]) for k in sorted(deltas)}
 
 
 def write_report(out_dir: str | Path, summary: dict) -> None:
     rows = sorted(summary["image_minus_text"], key=lambda r: -r["delta"] if not math.isnan(r["delta"]) else 0)
-    headers = ["topic", "country", "image category", "text JS-sim", "image JS-sim", "image - text", "items"]
+    headers = ["topic", "country", "image category", "text JS-sim", "image JS-sim", "image - text", "95% CI", "p",
+               "items"]
     table = [
-        [r["topic"], r["country"], r["category"], r["text"], r["image"], r["delta"], r["n"]] for r in rows
+        [r["topic"], r["country"], r["category"], r["text"], r["image"], r["delta"], _ci_text(r), r.get("p"), r["n"]]
+        for r in rows
     ]
     text_rows = [
-        [r["topic"], r["country"], r["similarity"], r["n"]] for r in summary["text_by_topic_country"]
+        [r["topic"], r["country"], r["similarity"], _ci_text(r), r["n"]] for r in summary["text_by_topic_country"]
     ]
     overview = (
         f"{summary['num_records']} scored prompts ({summary['num_errors']} errors). Mean JS similarity "
-        f"text-only {plots.fmt(summary['mean_similarity_text'])}, with images "
-        f"{plots.fmt(summary['mean_similarity_image'])}."
+        f"text-only {_est_text(summary.get('similarity_text'), summary['mean_similarity_text'])}, with images "
+        f"{_est_text(summary.get('similarity_image'), summary['mean_similarity_image'])}."
         + (f" {summary['images_skipped']}." if "images_skipped" in summary else "")
     )
-    sections = [("Overview", overview, f"<p>{overview}</p>")]
+    overall = summary.get("image_minus_text_overall", {})
+    if overall.get("n"):
+        test = f"p = {plots.fmt(overall['p'])}" if overall.get("p") is not None else "one item: no interval or test"
+        overview += (
+            f" Image minus text, paired on (item, country): {_est_text(overall, overall['value'])}, {test}, "
+            f"n = {overall['n']} over {overall.get('clusters')} items."
+        )
+    method = summary.get("interval_method", "")
+    sections = [("Overview", f"{overview}\n\n{method}.", f"<p>{overview}</p><p>{method}.</p>")]
+    topic_rows = [[k, v["value"], _ci_text(v), v.get("p"), v["n"]] for k, v in summary["delta_by_topic"].items()]
+    topic_h = ["topic", "image - text", "95% CI", "p", "pairs"]
+    topic_md, topic_html = plots.md_table(topic_h, topic_rows), plots.html_table(topic_h, topic_rows)
+    sections.append(("Image minus text by topic (paired over items)", topic_md, topic_html))
     svgs = "".join(
-        plots.bar_chart(list(d), list(d.values()), f"image - text by {name}")
+        plots.bar_chart(
+            list(d),
+            [v["value"] for v in d.values()],
+            f"image - text by {name} (95 % CI)",
+            counts=[v["n"] for v in d.values()],
+            intervals=[(v.get("low"), v.get("high")) for v in d.values()],
+        )
         for name, d in (
             ("topic", summary["delta_by_topic"]),
             ("image category", summary["delta_by_category"]),
@@ -328,8 +323,21 @@ def write_report(out_dir: str | Path, summary: dict) -> None:
     sections.append(
         (
             "Text-only similarity by topic and country",
-            plots.md_table(["topic", "country", "JS-sim", "items"], text_rows),
-            plots.html_table(["topic", "country", "JS-sim", "items"], text_rows),
+            plots.md_table(["topic", "country", "JS-sim", "95% CI", "items"], text_rows),
+            plots.html_table(["topic", "country", "JS-sim", "95% CI", "items"], text_rows),
         )
     )
-    report.write_report(out_dir, "report", "values: cultural value sensitivity", sections)
+    notes = [report.DEMO_NOTE] if summary.get("demo") else []
+    report.write_report(out_dir, "report", "values: cultural value sensitivity", sections, notes, summary.get("run"))
+
+
+def _est_text(est: dict | None, value: float) -> str:
+    ci = _ci_text(est) if est else "-"
+    return plots.fmt(value) if ci == "-" else f"{plots.fmt(value)} {ci}"
+
+
+def _ci_text(est: dict) -> str:
+    low, high = est.get("low"), est.get("high")
+    if low is None or high is None or math.isnan(low):
+        return "-"
+    return f"[{plots.fmt(low)}, {plots.fmt(high)}]"

@@ -1,0 +1,782 @@
+"""Published benchmark schemas, Hugging Face dataset folders and column maps -> canonical rows.
+
+Each importer maps one record of a benchmark's own file onto `data.Row`; a record that cannot be
+mapped raises `data.BadRow`, which the loader reports with its line and id and skips. Importers
+(`--format`, else detected from the columns by `detect`):
+
+- cvqa: `ID, image, Subset` ("('Japanese', 'Japan')"), `Question, Translated Question, Options,
+  Translated Options, Label` (-1 = unlabelled), `Category, Image Type, Image Source, License`.
+  `ImportOptions.lang` picks the local-language (`Question`/`Options`) or English (`Translated ...`) text.
+- almbench: `file_name` (image), `ID, Language, Category, Question_Type` (MCQ, T/F, SVQA, LVQA: each
+  name ALM-Bench uses is accepted), `English_Question, English_Answer, Translated_Question,
+  Translated_Answer, Image_Url`; MCQ options are parsed from the question text.
+- worldcuisines: `qa_id, lang, image_url, multi_choice_prompt, open_ended_prompt, multi_choice_answer`
+  (1-based), `answer`; the options are parsed out of the prompt, or with `mc_prompt="as-given"` the
+  prompt is asked verbatim and its option numbers are the choices. `open_answers` asks the open prompt.
+- seavqa: `question, choice_a .. choice_d, correct_answer, image_path`, `country`/`category` if present.
+- blend: multiple choice (`MCQID, ID, country, prompt, choices` (JSON letter -> text),
+  `choice_countries, answer_idx`) and short answer (`ID, question, en_question, annotations`
+  (`answers`/`en_answers`, `count`), country from the column or the file name `{Country}_data.json`).
+  Text only.
+- culturalvqa: `u_id`/`id, image, question`, `answers` when present (the public file withholds them:
+  predictions only), `country`.
+
+Images named by URL are never fetched: `ImportOptions.image_root` names a folder where a URL's file name
+(or the sha1/md5/sha256 hex digest of the URL, any extension) is looked up.
+
+Folders (`expand`): a Hugging Face hub-cache snapshot (`owner/name` resolved offline under `HF_HUB_CACHE`
+or `HF_HOME/hub`, layout `datasets--owner--name/snapshots/<rev>/`), a folder of parquet shards, or a
+`datasets.save_to_disk` folder (`state.json` + Arrow IPC stream files; a `DatasetDict` has
+`dataset_dict.json` and one such folder per split). `OWNER/NAME/sub/path` names a folder or file
+inside the snapshot. All read with pyarrow; no dataset script runs.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from . import countries
+from .data import LETTERS, BadRow, Row, _answer, _blank, _canonical, _image, _text, parse_subset, split_options
+
+CANONICAL_FIELDS = (
+    "id",
+    "question",
+    "options",
+    "answer",
+    "image",
+    "hint",
+    "country",
+    "region",
+    "continent",
+    "category",
+    "question_type",
+    "language",
+    "split",
+)
+DATA_SUFFIXES = (".parquet", ".arrow", ".jsonl", ".json", ".tsv", ".csv")
+# files of a dataset folder that describe it rather than hold rows
+_NOT_DATA = {"dataset_info.json", "dataset_infos.json", "state.json", "dataset_dict.json", "config.json"}
+
+
+@dataclass
+class ImportOptions:
+    """How the published formats are read (the `--cvqa-lang`, `--columns`, ... flags)."""
+
+    lang: str = "local"  # local | en | both: which text of a bilingual benchmark is asked
+    mc_prompt: str = "parsed"  # parsed | as-given: options out of the prompt, or the prompt verbatim
+    open_answers: bool = False  # formats holding both: ask the open-ended question (the vqa suite)
+    columns: dict[str, str] = field(default_factory=dict)  # canonical field -> the file's column(s)
+    image_root: Path | None = None  # relative image paths resolve here; URL-named images are looked up here
+    allow_outside_images: bool = False  # trust absolute paths and paths leading out of the dataset folder
+    split: str | None = None
+
+    @classmethod
+    def from_args(cls, args: Any, open_answers: bool = False) -> ImportOptions:
+        """From the parsed `add_arguments` flags (absent flags keep their defaults)."""
+        root = getattr(args, "image_root", None)
+        try:
+            columns = cls.parse_columns(getattr(args, "columns", None))
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+        return cls(
+            lang=getattr(args, "cvqa_lang", None) or "local",
+            mc_prompt=getattr(args, "mc_prompt", None) or "parsed",
+            open_answers=open_answers,
+            columns=columns,
+            image_root=Path(root).expanduser() if root else None,
+            allow_outside_images=bool(getattr(args, "allow_absolute_image_paths", False)),
+            split=getattr(args, "split", None),
+        )
+
+    @classmethod
+    def parse_columns(cls, spec: str | None) -> dict[str, str]:
+        """'question=Q,options=A+B+C,answer=Label' -> {'question': 'Q', 'options': 'A+B+C', ...}."""
+        out: dict[str, str] = {}
+        for part in filter(None, (p.strip() for p in (spec or "").split(","))):
+            key, sep, col = part.partition("=")
+            if not sep or key.strip() not in CANONICAL_FIELDS or not col.strip():
+                raise ValueError(
+                    f"--columns: {part!r} is not FIELD=COLUMN with FIELD one of {', '.join(CANONICAL_FIELDS)}"
+                )
+            out[key.strip()] = col.strip()
+        return out
+
+
+def add_arguments(p: Any) -> None:
+    """The importer flags shared by `cultengine bench` and `cultengine data ...`."""
+    p.add_argument(
+        "--cvqa-lang",
+        "--question-lang",
+        choices=("local", "en", "both"),
+        default="local",
+        help="bilingual benchmarks (CVQA, ALM-Bench, BLEnD short answer): ask the local-language "
+        "question, the English one, or both (the English-vs-local gap per country)",
+    )
+    p.add_argument(
+        "--mc-prompt",
+        choices=("parsed", "as-given"),
+        default="parsed",
+        help="prompts that list their own options (WorldCuisines, BLEnD): parse the options out, "
+        "or ask the prompt verbatim with its option labels as the choices",
+    )
+    p.add_argument(
+        "--columns",
+        metavar="FIELD=COL,...",
+        help="map any table's columns onto the canonical "
+        "fields, e.g. question=Q,options=Options,answer=Label,country=Country,image=img "
+        "(options=A+B+C+D joins option columns)",
+    )
+    p.add_argument("--split", metavar="NAME", help="dataset folders: read only this split (e.g. test)")
+
+
+# ------------------------------------------------------------------------------------- images
+
+
+class ImageRoot:
+    """A local folder where images named by URL are looked up (by file name, or a hash of the URL)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self._names: dict[str, Path] | None = None
+
+    def _index(self) -> dict[str, Path]:
+        if self._names is None:  # one walk, on first use
+            self._names = {}
+            for dirpath, _, files in os.walk(self.root):
+                for f in files:
+                    p = Path(dirpath, f)
+                    self._names.setdefault(f, p)
+                    self._names.setdefault(p.stem, p)
+        return self._names
+
+    def find(self, url: str) -> Path | None:
+        names = self._index()
+        name = unquote(Path(urlparse(url).path).name)
+        digests = [getattr(hashlib, h)(url.encode()).hexdigest() for h in ("sha1", "md5", "sha256")]
+        return next((names[k] for k in (name, *digests) if k and k in names), None)
+
+
+def is_url(v: Any) -> bool:
+    return isinstance(v, str) and re.match(r"^[a-z][a-z0-9+.-]*://", v.strip(), re.I) is not None
+
+
+def image(v: Any, base: Path, opts: ImportOptions) -> str | bytes:
+    """An image value (path, bytes, `{bytes, path}` struct, `data:` URI or URL) -> path or bytes."""
+    if isinstance(v, dict) and v.get("bytes") is None and is_url(v.get("path")):
+        v = v["path"]
+    if is_url(v) and not v.startswith("data:"):
+        if opts.image_root is None:
+            raise BadRow(f"missing image {v}: images named by URL need --image-root (nothing is downloaded)")
+        found = _image_root(Path(opts.image_root)).find(v.strip())
+        if found is None:
+            raise BadRow(f"missing image {v}: not found under --image-root {opts.image_root}")
+        return str(found)
+    return _image(v, base, False)
+
+
+@cache
+def _image_root(root: Path) -> ImageRoot:
+    return ImageRoot(root)
+
+
+def local_images(rec: dict, base: Path, opts: ImportOptions) -> dict:
+    """A canonical record with the images it names by URL replaced by the files under `--image-root`."""
+    for key in ("image", "images"):
+        v = rec.get(key)
+        if is_url(v) or (isinstance(v, list) and any(map(is_url, v))):
+            rec = {**rec, key: [image(x, base, opts) for x in (v if isinstance(v, list) else [v])]}
+    return rec
+
+
+def _images(rec: dict, base: Path, opts: ImportOptions, *keys: str) -> list[str | bytes]:
+    """The first non-blank image among the columns `keys`, or [] when the row has none."""
+    for k in keys:
+        v = rec.get(k)
+        if isinstance(v, dict) and v.get("bytes") is None and _blank(v.get("path")):
+            continue
+        if not _blank(v):
+            return [image(v, base, opts)]
+    return []
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def _list(v: Any, name: str) -> list[str]:
+    """A list column; a string holding a JSON or Python list is accepted, anything else is a bad row."""
+    if _blank(v):
+        return []
+    if isinstance(v, str):
+        try:
+            v = json.loads(v)
+        except ValueError:
+            try:
+                v = ast.literal_eval(v)
+            except (ValueError, SyntaxError):
+                raise BadRow(f"{name} is not a list: {v[:60]!r}") from None
+    if not isinstance(v, list | tuple):
+        raise BadRow(f"{name} is not a list ({type(v).__name__})")
+    return [_text(o) for o in v]
+
+
+def _label(v: Any, options: list[str]) -> int | None:
+    """A 0-based option index; -1 or blank = unlabelled; anything out of range is a bad row."""
+    if _blank(v):
+        return None
+    try:
+        i = int(v)
+    except (TypeError, ValueError):
+        raise BadRow(f"Label {v!r} is not an integer") from None
+    if i < 0:
+        return None
+    if i >= len(options):
+        raise BadRow(f"Label {i} out of range for {len(options)} options")
+    return i
+
+
+def _bilingual(row: Row, opts: ImportOptions, english: dict[str, Any], local: dict[str, Any]) -> Row:
+    """Fill the row from the local or English version; `both` keeps the English one for `split_languages`."""
+    chosen = english if opts.lang == "en" else local
+    for k, v in chosen.items():
+        setattr(row, k, v)
+    row.meta["prompt_lang"] = "en" if opts.lang == "en" else "local"
+    if opts.lang == "both":
+        row.meta["english"] = english
+    return row
+
+
+def split_languages(rows: list[Row]) -> list[Row]:
+    """`lang="both"`: each bilingual row becomes `<id>|local` and `<id>|en` (the gap per country)."""
+    out = []
+    for r in rows:
+        english = r.meta.pop("english", None)
+        if english is None:
+            out.append(r)
+            continue
+        r.meta["source_id"] = r.id
+        en = Row(**{**r.__dict__, "meta": {**r.meta, "prompt_lang": "en"}})
+        for k, v in english.items():
+            setattr(en, k, v)
+        r.id, en.id = f"{r.id}|local", f"{r.id}|en"
+        out += [r, en]
+    return out
+
+
+_NUMBERED = re.compile(r"^\s*\(?(\d{1,2}|[A-Z])[.):]\s+(.+?)\s*$")
+
+
+def numbered_options(prompt: str) -> tuple[str, list[str], list[str], str]:
+    """Prompt with one option per line ("1. x" / "A) x") -> (question, labels, options, instruction after)."""
+    lines = prompt.splitlines()
+    for start, line in enumerate(lines):
+        m = _NUMBERED.match(line)
+        if not m or m.group(1) not in ("1", "A"):
+            continue
+        labels, options, end = [], [], start
+        seq = [str(i) for i in range(1, 100)] if m.group(1) == "1" else list(LETTERS)
+        while (
+            end < len(lines)
+            and len(labels) < len(seq)
+            and (m := _NUMBERED.match(lines[end]))
+            and m.group(1) == seq[len(labels)]
+        ):
+            labels.append(m.group(1))
+            options.append(m.group(2))
+            end += 1
+        if len(options) >= 2:
+            return "\n".join(lines[:start]).strip(), labels, options, "\n".join(lines[end:]).strip()
+    return prompt, [], [], ""
+
+
+def _mc_from_prompt(prompt: str, opts: ImportOptions, answer_label: str | None) -> tuple[str, list[str], Any, dict]:
+    """(question, options, answer, meta) for a prompt that lists its own options."""
+    question, labels, options, instruction = numbered_options(prompt)
+    if not options:  # options inline: "Q? A. x B. y"
+        question, options = split_options(prompt)
+        labels, instruction = list(LETTERS[: len(options)]), ""
+    if not options:
+        raise BadRow("no numbered or lettered options found in the prompt")
+    answer = next((seq.index(answer_label) for seq in (labels, options) if answer_label in seq), None)
+    if answer_label is not None and answer is None:
+        raise BadRow(f"answer {answer_label!r} not among the prompt's options {labels}")
+    if opts.mc_prompt == "as-given":
+        return prompt, labels, answer, {"prompt_as_given": True, "option_texts": options}
+    return question, options, answer, {"instruction": instruction} if instruction else {}
+
+
+def _place_meta(rec: dict, keys: tuple[str, ...]) -> dict:
+    return {k: rec[k] for k in keys if k in rec and not _blank(rec[k]) and not isinstance(rec[k], bytes | dict)}
+
+
+# ------------------------------------------------------------------------------------- importers
+
+
+def _cvqa(rec: dict, base: Path, line: int, stem: str, opts: ImportOptions) -> Row:
+    country, lang = parse_subset(_text(rec.get("Subset")))
+    local = {"question": _text(rec.get("Question")), "options": _list(rec.get("Options"), "Options")}
+    english = {
+        "question": _text(rec.get("Translated Question")),
+        "options": _list(rec.get("Translated Options"), "Translated Options"),
+    }
+    if opts.lang != "local":  # the English version is asked: it must be complete
+        if not english["question"] or not english["options"]:
+            raise BadRow(f"--cvqa-lang {opts.lang}: no Translated Question / Translated Options")
+        if len(english["options"]) != len(local["options"]):
+            raise BadRow("Options and Translated Options differ in length")
+    row = Row(
+        id=_text(rec.get("ID")) or f"{stem}:{line}",
+        question="",
+        images=_images(rec, base, opts, "image"),
+        answer=_label(rec.get("Label"), local["options"]),
+        country=country,
+        language=lang,
+        category=_text(rec.get("Category")),
+        question_type="cvqa",
+        meta={
+            "format": "cvqa",
+            **_place_meta(
+                rec, ("Subset", "Translated Question", "Translated Options", "Image Type", "Image Source", "License")
+            ),
+        },
+    )
+    if not row.images:
+        raise BadRow("missing image")
+    return _bilingual(row, opts, english, local)
+
+
+ALM_TYPES = {
+    "MCQ": ("multiple choice", "mcq"),
+    "T/F": ("true false", "true/false", "t/f", "tf"),
+    "SVQA": ("short", "svqa"),
+    "LVQA": ("long", "lvqa"),
+}
+
+
+def alm_type(raw: str) -> str:
+    """ALM-Bench's `Question_Type` ("Multiple Choice Questions", "True False Question", "Short Questions",
+    "Long Questions", or the codes) -> MCQ | T/F | SVQA | LVQA."""
+    s = re.sub(r"[\s_-]+", " ", raw.casefold()).strip()
+    for code, keys in ALM_TYPES.items():
+        if any(s == k or s.startswith(k + " ") or (" " in k and k in s) for k in keys):
+            return code
+    raise BadRow(f"unknown Question_Type {raw!r} (expected MCQ, T/F, SVQA or LVQA)")
+
+
+def _alm_version(question: str, answer: str, qtype: str, en_answer: str) -> dict[str, Any]:
+    if qtype == "MCQ":
+        question, options = split_options(question)
+        if not options:
+            raise BadRow("multiple-choice question without lettered options in its text")
+        # answers look like "B", "B. text" or the option text; the English answer's letter is the fallback
+        for a in (answer, en_answer):
+            m = re.match(r"^\(?([A-H])[.):]?(\s|$)", a)
+            if m and LETTERS.index(m.group(1)) < len(options):
+                return {"question": question, "options": options, "answer": LETTERS.index(m.group(1))}
+            hit = next((i for i, o in enumerate(options) if o.casefold() == a.casefold()), None)
+            if hit is not None:
+                return {"question": question, "options": options, "answer": hit}
+        raise BadRow(f"answer {answer!r} not among options {options}")
+    if qtype == "T/F":
+        truth = {"true": 0, "yes": 0, "false": 1, "no": 1}
+        a = next(
+            (truth[x] for x in (en_answer.casefold().strip(" ."), answer.casefold().strip(" .")) if x in truth), None
+        )
+        if a is None:
+            raise BadRow(f"true/false answer {en_answer or answer!r} is neither True nor False")
+        return {"question": question, "options": ["True", "False"], "answer": a}
+    return {"question": question, "options": [], "answer": _answer(answer or None, [])}
+
+
+def _almbench(rec: dict, base: Path, line: int, stem: str, opts: ImportOptions) -> Row:
+    raw_type = _text(rec.get("Question_Type"))
+    qtype = alm_type(raw_type)
+    en_q, en_a = _text(rec.get("English_Question")), _text(rec.get("English_Answer"))
+    english = _alm_version(en_q, en_a, qtype, en_a)
+    local_q = _text(rec.get("Translated_Question"))
+    local = _alm_version(local_q, _text(rec.get("Translated_Answer")), qtype, en_a) if local_q else english
+    row = Row(
+        id=_text(rec.get("ID")) or f"{stem}:{line}",
+        question="",
+        images=_images(rec, base, opts, "image", "file_name", "Image_Url"),
+        country=_text(rec.get("Country")),
+        language=_text(rec.get("Language")),
+        category=_text(rec.get("Category")),
+        question_type=qtype,
+        meta={
+            "format": "almbench",
+            "Question_Type": raw_type,
+            "english_question": en_q,
+            **_place_meta(rec, ("Image_Url",)),
+        },
+    )
+    if not row.images:
+        raise BadRow("missing image")
+    return _bilingual(row, opts, english, local)
+
+
+def _worldcuisines(rec: dict, base: Path, line: int, stem: str, opts: ImportOptions) -> Row:
+    meta = {"format": "worldcuisines", **_place_meta(rec, ("prompt_id", "prompt_type", "food_id", "task", "image_url"))}
+    if opts.open_answers:
+        question, options, answer = _text(rec.get("open_ended_prompt")), [], _answer(rec.get("answer"), [])
+    else:
+        label = rec.get("multi_choice_answer")
+        question, options, answer, extra = _mc_from_prompt(
+            _text(rec.get("multi_choice_prompt")), opts, None if _blank(label) else _text(label)
+        )
+        meta.update(extra)
+        meta["answer_text"] = _text(rec.get("answer"))
+    row = Row(
+        id=_text(rec.get("qa_id")) or f"{stem}:{line}",
+        question=question,
+        options=options,
+        answer=answer,
+        images=_images(rec, base, opts, "image", "image_path", "image_url"),
+        language=_text(rec.get("lang")),
+        category=_text(rec.get("prompt_type")) or "food",
+        question_type="worldcuisines-" + ("open" if opts.open_answers else "mc"),
+        meta=meta,
+    )
+    if not row.images:
+        raise BadRow("missing image")
+    return row
+
+
+def _seavqa(rec: dict, base: Path, line: int, stem: str, opts: ImportOptions) -> Row:
+    options = []
+    for letter in "abcdefgh":
+        if _blank(rec.get(f"choice_{letter}")):
+            break
+        options.append(_text(rec[f"choice_{letter}"]))
+    raw = _text(rec.get("correct_answer"))
+    key = re.sub(r"^(choice|option)[_ ]?", "", raw.casefold()).strip(" .()")
+    answer = (
+        options.index(raw)
+        if raw in options
+        else "abcdefgh".index(key)
+        if len(key) == 1 and key in "abcdefgh"[: len(options)]
+        else _answer(raw or None, options)
+    )
+    row = Row(
+        id=_text(rec.get("id")) or _text(rec.get("ID")) or f"{stem}:{line}",
+        question=_text(rec.get("question")),
+        options=options,
+        answer=answer,
+        images=_images(rec, base, opts, "image", "image_path"),
+        country=_text(rec.get("country")),
+        category=_text(rec.get("category")),
+        language=_text(rec.get("language")) or "English",
+        question_type="seavqa",
+        meta={"format": "seavqa"},
+    )
+    if not row.images:
+        raise BadRow("missing image")
+    return row
+
+
+# BLEnD's 16 countries/regions (as the files spell them) -> (country in the table, local language)
+BLEND_PLACES = {
+    "Algeria": ("Algeria", "Arabic"),
+    "Assam": ("India", "Assamese"),
+    "Azerbaijan": ("Azerbaijan", "Azerbaijani"),
+    "China": ("China", "Chinese"),
+    "Ethiopia": ("Ethiopia", "Amharic"),
+    "Greece": ("Greece", "Greek"),
+    "Indonesia": ("Indonesia", "Indonesian"),
+    "Iran": ("Iran", "Persian"),
+    "Mexico": ("Mexico", "Spanish"),
+    "North_Korea": ("North Korea", "Korean"),
+    "Northern_Nigeria": ("Nigeria", "Hausa"),
+    "South_Korea": ("South Korea", "Korean"),
+    "Spain": ("Spain", "Spanish"),
+    "UK": ("United Kingdom", "English"),
+    "US": ("United States", "English"),
+    "West_Java": ("Indonesia", "Sundanese"),
+}
+_BLEND_MARKER = " Without any explanation"  # the instruction BLEnD appends to every MC prompt
+
+
+def _blend_place(name: str) -> tuple[str, str, str]:
+    """(country, local language, BLEnD's own region name) from a country column or a file name."""
+    name = re.sub(r"(_data|_questions|-\d{5}-of-\d{5})$", "", name.strip())
+    key = next((k for k in BLEND_PLACES if k.casefold() == name.replace(" ", "_").casefold()), None)
+    if key:
+        return (*BLEND_PLACES[key], key)
+    c = countries.lookup(name.replace("_", " "))
+    return (c.name if c else name.replace("_", " ")), "", name
+
+
+def _blend(rec: dict, base: Path, line: int, stem: str, opts: ImportOptions) -> Row:
+    if "annotations" in rec or "en_question" in rec:
+        return _blend_short(rec, line, stem, opts)
+    country, _, place = _blend_place(_text(rec.get("country")) or stem)
+    choices = rec.get("choices")
+    if isinstance(choices, str):
+        try:
+            choices = json.loads(choices)
+        except ValueError:
+            raise BadRow("choices is not a JSON object") from None
+    if not isinstance(choices, dict) or len(choices) < 2:
+        raise BadRow("choices is not an object of two or more lettered options")
+    letters = sorted(choices)
+    label = _text(rec.get("answer_idx"))
+    if label and label not in letters:
+        raise BadRow(f"answer_idx {label!r} not among choices {letters}")
+    prompt = _text(rec.get("prompt"))
+    meta = {"format": "blend", "blend_region": place, "ID": _text(rec.get("ID"))}
+    if not _blank(rec.get("choice_countries")):
+        cc = rec["choice_countries"]
+        meta["choice_countries"] = json.loads(cc) if isinstance(cc, str) else cc
+    if opts.mc_prompt == "as-given":
+        question, options = prompt, letters
+        meta.update(prompt_as_given=True, option_texts=[_text(choices[k]) for k in letters])
+    else:
+        question, options = prompt.split(_BLEND_MARKER, 1)[0].strip(), [_text(choices[k]) for k in letters]
+    return Row(
+        id=_text(rec.get("MCQID")) or f"{stem}:{line}",
+        question=question,
+        options=options,
+        answer=letters.index(label) if label else None,
+        country=country,
+        language="English",
+        category=_text(rec.get("Topic")) or _text(rec.get("topic")),
+        question_type="blend-mc",
+        meta=meta,
+    )
+
+
+def _blend_short(rec: dict, line: int, stem: str, opts: ImportOptions) -> Row:
+    country, local_lang, place = _blend_place(_text(rec.get("country")) or stem)
+    anns = rec.get("annotations")
+    if not _blank(anns) and not isinstance(anns, list):
+        raise BadRow("annotations is not a list")
+    anns = sorted(anns or [], key=lambda a: -int(a.get("count") or 0))  # most-voted answers first
+
+    def answers(key: str) -> list[str] | None:
+        out = list(dict.fromkeys(_text(x) for a in anns for x in (a.get(key) or []) if _text(x)))
+        return out or None
+
+    local = {"question": _text(rec.get("question")), "answer": answers("answers")}
+    english = {
+        "question": _text(rec.get("en_question")) or local["question"],
+        "answer": answers("en_answers") or local["answer"],
+    }
+    row = Row(
+        id=f"{place}:{_text(rec.get('ID')) or line}",
+        question="",
+        country=country,
+        language=local_lang or _text(rec.get("language")),
+        category=_text(rec.get("Topic")),
+        question_type="blend-short",
+        meta={
+            "format": "blend",
+            "blend_region": place,
+            "ID": _text(rec.get("ID")),
+            "annotation_counts": [int(a.get("count") or 0) for a in anns],
+        },
+    )
+    return _bilingual(row, opts, english, local)
+
+
+def _culturalvqa(rec: dict, base: Path, line: int, stem: str, opts: ImportOptions) -> Row:
+    answers = rec.get("answers")
+    if isinstance(answers, str):
+        answers = [answers]
+    row = Row(
+        id=_text(rec.get("u_id")) or _text(rec.get("id")) or f"{stem}:{line}",
+        question=_text(rec.get("question")),
+        images=_images(rec, base, opts, "image"),
+        answer=_answer(list(answers) if answers else None, []),
+        country=_text(rec.get("country")),
+        category=_text(rec.get("category")) or _text(rec.get("facet")),
+        question_type="culturalvqa",
+        language=_text(rec.get("language")) or "English",
+        meta={"format": "culturalvqa"},
+    )
+    if not row.images:
+        raise BadRow("missing image")
+    return row
+
+
+def _columns(rec: dict, base: Path, line: int, stem: str, opts: ImportOptions) -> Row:
+    """`--columns`: the file's columns renamed onto the canonical fields, then read as canonical."""
+    mapped: dict[str, Any] = {}
+    used: set[str] = set()
+    for key, spec in opts.columns.items():
+        cols = spec.split("+")
+        missing = [c for c in cols if c not in rec]
+        if missing:
+            raise BadRow(f"--columns {key}={spec}: no column {missing[0]!r} (columns: {', '.join(map(str, rec))})")
+        used.update(cols)
+        mapped[key] = [rec[c] for c in cols if not _blank(rec[c])] if len(cols) > 1 else rec[cols[0]]
+    if "options" in mapped and not isinstance(mapped["options"], list):
+        mapped["options"] = _list(mapped["options"], f"options column {opts.columns['options']!r}")
+    if "image" in mapped:
+        mapped["image"] = _images(mapped, base, opts, "image") or None
+    extra = {k: v for k, v in rec.items() if k not in used and k not in mapped and not isinstance(v, bytes | dict)}
+    return _canonical({**extra, **mapped}, base, line, stem)
+
+
+def record_id(rec: dict, opts: ImportOptions) -> str:
+    """The id a record names itself by, to report it when it cannot be mapped."""
+    keys = [opts.columns["id"]] if "id" in opts.columns else []
+    return next(
+        (_text(rec.get(k)) for k in (*keys, "MCQID", "qa_id", "u_id", "id", "ID", "index") if not _blank(rec.get(k))),
+        "",
+    )
+
+
+IMPORTERS = {
+    "cvqa": _cvqa,
+    "almbench": _almbench,
+    "worldcuisines": _worldcuisines,
+    "seavqa": _seavqa,
+    "blend": _blend,
+    "culturalvqa": _culturalvqa,
+    "columns": _columns,
+}
+
+
+def detect(cols: set[str]) -> str | None:
+    """The published format whose columns these are, else None."""
+    if {"Subset", "Options"} <= cols or {"ID", "Subset"} <= cols:
+        return "cvqa"
+    if cols & {"Question_Type", "English_Question", "Translated_Question"}:
+        return "almbench"
+    if cols & {"multi_choice_prompt", "open_ended_prompt"}:
+        return "worldcuisines"
+    if {"choice_a", "correct_answer"} <= cols:
+        return "seavqa"
+    if {"MCQID", "answer_idx"} <= cols or {"en_question", "annotations"} <= cols:
+        return "blend"
+    if "u_id" in cols:  # the public CulturalVQA file (image, question) also reads fine as canonical
+        return "culturalvqa"
+    return None
+
+
+# ------------------------------------------------------------------------------------- files and folders
+
+
+def json_records(data: Any) -> list:
+    """A JSON file's rows: a list, `{"rows": [...]}`, or an object keyed by id (BLEnD's annotations)."""
+    if isinstance(data, list):
+        return data
+    if isinstance(data, dict) and isinstance(data.get("rows"), list):
+        return data["rows"]
+    if isinstance(data, dict) and data and all(isinstance(v, dict) for v in data.values()):
+        return [{"ID": k, **v} for k, v in data.items()]
+    return []
+
+
+def arrow_records(path: Path) -> Iterator[dict]:
+    """Rows of an Arrow IPC file: the stream format `save_to_disk` writes, or the file format."""
+    import pyarrow as pa
+
+    with pa.memory_map(str(path)) as src:
+        try:
+            reader = pa.ipc.open_stream(src)
+        except pa.ArrowInvalid:
+            src.seek(0)
+            f = pa.ipc.open_file(src)
+            batches = (f.get_batch(i) for i in range(f.num_record_batches))
+        else:
+            batches = iter(reader)
+        for batch in batches:
+            yield from batch.to_pylist()
+
+
+def hub_cache() -> Path:
+    """The Hugging Face hub cache folder, as huggingface_hub resolves it (no network)."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return Path(os.environ[var]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "huggingface"
+    return Path(home).expanduser() / "hub"
+
+
+def hub_snapshot(repo_id: str) -> Path | None:
+    """`owner/name` -> its dataset snapshot in the local hub cache (refs/main's revision, else the newest)."""
+    repo = hub_cache() / ("datasets--" + repo_id.replace("/", "--"))
+    snaps = repo / "snapshots"
+    if not snaps.is_dir():
+        return None
+    ref = repo / "refs" / "main"
+    if ref.is_file() and (snaps / ref.read_text().strip()).is_dir():
+        return snaps / ref.read_text().strip()
+    revs = sorted((p for p in snaps.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    return revs[-1] if revs else None
+
+
+def _split_of(path: Path, root: Path) -> set[str]:
+    """Names a data file answers to as a split: its folder names and its shard prefix ("test-00000-of-...")."""
+    parts = set(path.relative_to(root).parts[:-1])
+    parts.add(re.split(r"[-.]", path.name, maxsplit=1)[0])
+    return parts
+
+
+def _folder_files(folder: Path, split: str | None) -> list[Path]:
+    if (folder / "dataset_dict.json").is_file():  # DatasetDict.save_to_disk
+        splits = json.loads((folder / "dataset_dict.json").read_text())["splits"]
+        chosen = [s for s in splits if split in (None, s)]
+        if not chosen:
+            raise FileNotFoundError(f"{folder}: no split {split!r} (splits: {', '.join(splits)})")
+        return [f for s in chosen for f in _folder_files(folder / s, None)]
+    if (folder / "state.json").is_file():  # Dataset.save_to_disk
+        state = json.loads((folder / "state.json").read_text())
+        return [folder / f["filename"] for f in state["_data_files"]]
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in DATA_SUFFIXES
+        and p.name not in _NOT_DATA
+        and not any(x.startswith(".") for x in p.relative_to(folder).parts)
+    )
+    if split is not None:
+        files = [p for p in files if split in _split_of(p, folder)]
+    if not files:
+        raise FileNotFoundError(
+            f"{folder}: no data files ({', '.join(DATA_SUFFIXES)})" + (f" for split {split!r}" if split else "")
+        )
+    return files
+
+
+def expand(paths: list[str | Path], split: str | None = None) -> list[Path]:
+    """`--data` values -> data files: files as given, folders (hub snapshots, parquet shards, save_to_disk)
+    expanded, and `owner/name` resolved offline from the local hub cache."""
+    out: list[Path] = []
+    for p in paths:
+        path = Path(p).expanduser()
+        if not path.exists() and (m := re.fullmatch(r"([\w.-]+/[\w.-]+)(/.+)?", str(p))):
+            snap = hub_snapshot(m.group(1))  # OWNER/NAME[/folder or file inside the snapshot]
+            path = snap / (m.group(2) or "/").lstrip("/") if snap else path
+            if not path.exists():
+                raise FileNotFoundError(
+                    f"benchmark not found: {p} is neither a path nor a dataset in the "
+                    f"hub cache {hub_cache()} (download it first; nothing is fetched)"
+                )
+        out += _folder_files(path, split) if path.is_dir() else [path]
+    return out
+
+
+def submissions(rows: list[Row], recs: list[dict]) -> dict[str, dict[str, int | None]]:
+    """CVQA leaderboard files for unlabelled CVQA rows: file name -> {ID: predicted option index}."""
+    by_id = {r["id"]: r for r in recs}
+    out: dict[str, dict[str, int | None]] = {}
+    for row in rows:
+        rec = by_id.get(row.id)
+        if row.meta.get("format") != "cvqa" or row.labeled or rec is None:
+            continue
+        lang = row.meta.get("prompt_lang", "local")
+        sid = row.meta.get("source_id", row.id)
+        out.setdefault(f"cvqa_submission_{lang}.json", {})[sid] = rec.get("pred_index")
+    return out

@@ -1,0 +1,657 @@
+"""The OpenAI-compatible HTTP layer of `cultengine serve` (FastAPI), on top of an `EngineLoop`.
+
+Endpoints: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/score`
+(per-choice log-likelihoods), `GET /health`, `GET /metrics` (Prometheus text).
+
+Limitation: the scheduler hands back finished sequences only, so `stream=true` sends the role chunk at
+once and each choice's whole text in one chunk when it finishes, then `[DONE]`; true per-token streaming
+needs the scheduler to report partial sequences. `logprobs` carry the sampled token's log-probability;
+`top_logprobs > 0` is refused (400) until the engine returns the top alternatives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import json
+import re
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict
+from starlette.concurrency import run_in_threadpool
+
+from ..engine import RequestError
+from ..outputs import Sample
+from ..sampling import SamplingParams
+from . import metrics
+from .loop import Admitted, EngineLoop
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What the HTTP layer enforces: the served name, auth, media access and request limits."""
+
+    model_name: str
+    api_key: str | None = None
+    allowed_local_media_path: Path | None = None  # resolved directory; None = no local files
+    max_request_bytes: int = 32 << 20
+    max_images_per_request: int = 8
+
+
+class APIError(Exception):
+    """An OpenAI-style error response."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+# ---------------------------------------------------------------------------------------------
+# Request bodies. Unknown fields are accepted and ignored, as OpenAI clients send many.
+# ---------------------------------------------------------------------------------------------
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None  # None = 1.0, the OpenAI default
+    top_p: float | None = None
+    top_k: int | None = None  # extension (vLLM's), -1 = off
+    seed: int | None = None
+    n: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None  # extension
+    ignore_eos: bool = False  # extension
+    skip_special_tokens: bool = True  # extension
+    stream: bool = False
+    stream_options: dict | None = None
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[dict]
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+    logprobs: int | None = None  # number of alternatives per token; only 0 is supported
+    echo: bool = False
+
+
+class ScoreRequest(BaseModel):
+    """`messages` (chat-templated, with the generation prompt) or `prompt` (+ `images`: URLs as in
+    `image_url`) is the context; each of `choices` is scored as its continuation."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    messages: list[dict] | None = None
+    prompt: str | None = None
+    images: list[str] | None = None
+    choices: list[str]
+
+
+# ---------------------------------------------------------------------------------------------
+# Media and messages
+# ---------------------------------------------------------------------------------------------
+_DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)", re.S)
+
+
+def load_image_url(url: str, config: ServeConfig) -> bytes:
+    """The bytes behind an `image_url`: a base64 `data:` URL, or a `file://` URL (or plain path) inside
+    `--allowed-local-media-path`. The engine never fetches anything, so http(s) URLs are refused."""
+    if not isinstance(url, str) or not url:
+        raise APIError(400, "an image URL must be a non-empty string", param="image_url")
+    if url.startswith("data:"):
+        m = _DATA_URL.fullmatch(url)
+        if m is None:
+            raise APIError(400, "malformed data URL: expected data:image/<type>;base64,<data>", param="image_url")
+        if m["mime"] and not m["mime"].startswith("image/"):
+            raise APIError(400, f"data URL of type {m['mime']!r} is not an image", param="image_url")
+        try:
+            return base64.b64decode(m["data"], validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise APIError(400, f"malformed data URL: invalid base64 ({e})", param="image_url") from e
+    if re.match(r"https?://", url, re.I):
+        raise APIError(
+            400,
+            "remote image URLs are not fetched by this server: send the image as a base64 "
+            "data: URL (or a file:// URL under --allowed-local-media-path)",
+            param="image_url",
+        )
+    if re.match(r"[a-z][a-z0-9+.-]*://", url, re.I) and not url.lower().startswith("file://"):
+        raise APIError(400, f"unsupported image URL scheme in {url[:40]!r}", param="image_url")
+    return _read_local(url[len("file://") :] if url.lower().startswith("file://") else url, config)
+
+
+def _read_local(path: str, config: ServeConfig) -> bytes:
+    root = config.allowed_local_media_path
+    if root is None:
+        raise APIError(
+            400,
+            "local image files are disabled; start the server with --allowed-local-media-path "
+            "DIR or send a base64 data: URL",
+            param="image_url",
+        )
+    resolved = (root / path).resolve()  # an absolute path replaces root; symlinks and '..' are resolved
+    if not resolved.is_relative_to(root):
+        raise APIError(
+            403, f"{path!r} is outside the allowed local media path", type_="permission_error", param="image_url"
+        )
+    if not resolved.is_file():
+        raise APIError(400, f"local image {path!r} not found under the allowed media path", param="image_url")
+    return resolved.read_bytes()
+
+
+def to_engine_messages(messages: list[dict], config: ServeConfig) -> list[dict]:
+    """OpenAI chat messages -> the engine's (text parts and images as bytes); counts the image limit."""
+    out, images = [], 0
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
+            raise APIError(400, f"messages[{i}] must be an object with a 'role'", param="messages")
+        content = msg.get("content")
+        if content is None or isinstance(content, str):
+            out.append({"role": msg["role"], "content": content})
+            continue
+        if not isinstance(content, list):
+            raise APIError(400, f"messages[{i}].content must be a string or a list of parts", param="messages")
+        parts = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                parts.append({"type": "text", "text": part["text"]})
+            elif kind == "image_url":
+                spec = part.get("image_url")
+                url = spec.get("url") if isinstance(spec, dict) else spec
+                images += 1
+                if images > config.max_images_per_request:
+                    raise APIError(
+                        400,
+                        f"more than {config.max_images_per_request} images in one request (--max-images-per-request)",
+                        param="messages",
+                    )
+                parts.append({"type": "image", "image": load_image_url(url, config)})
+            else:
+                raise APIError(
+                    400,
+                    f"messages[{i}]: unsupported content part {str(part)[:80]!r} (text and "
+                    "image_url parts are supported)",
+                    param="messages",
+                )
+        out.append({"role": msg["role"], "content": parts})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling parameters and responses
+# ---------------------------------------------------------------------------------------------
+# OpenAI (and vLLM) fields the engine does not implement, with the values that mean "off": any other
+# value is refused rather than silently ignored, since ignoring it would change the output.
+_UNSUPPORTED = {
+    "presence_penalty": (0,),
+    "frequency_penalty": (0,),
+    "repetition_penalty": (1,),
+    "min_p": (0,),
+    "logit_bias": ({},),
+    "best_of": (1,),
+    "use_beam_search": (False,),
+    "suffix": ("",),
+    "tools": ([],),
+    "functions": ([],),
+    "response_format": ({"type": "text"},),
+}
+
+
+def sampling_params(body: _Sampling, max_tokens: int | None) -> SamplingParams:
+    """The engine's parameters; `max_tokens=None` (up to the context's end) is validated as 1."""
+    for name, off in _UNSUPPORTED.items():
+        value = (body.model_extra or {}).get(name)
+        if value is not None and value not in off:
+            raise APIError(400, f"{name}={value!r} is not supported by this server", param=name)
+    if max_tokens is not None and max_tokens < 1:
+        raise APIError(400, f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens")
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens or 1,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=-1 if body.top_k is None else body.top_k,
+            seed=body.seed,
+            n=1 if body.n is None else body.n,
+            stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
+            stop_token_ids=list(body.stop_token_ids or []),
+            ignore_eos=body.ignore_eos,
+            skip_special_tokens=body.skip_special_tokens,
+        )
+    except ValueError as e:
+        raise APIError(400, str(e), param=str(e).split()[0]) from e
+
+
+def chat_logprobs(texts: list[str], sample: Sample) -> dict:
+    """OpenAI's chat `logprobs` (`texts`: each token's text); `bytes` is null for a token that is only
+    part of a UTF-8 character (its text alone decodes to U+FFFD)."""
+    content = [
+        {"token": t, "logprob": lp, "bytes": None if "\ufffd" in t else list(t.encode()), "top_logprobs": []}
+        for t, lp in zip(texts, sample.logprobs, strict=True)
+    ]
+    return {"content": content}
+
+
+def completion_logprobs(texts: list[str], sample: Sample) -> dict:
+    offsets, pos = [], 0
+    for t in texts:
+        offsets.append(pos)
+        pos += len(t)
+    return {"tokens": texts, "token_logprobs": sample.logprobs, "top_logprobs": None, "text_offset": offsets}
+
+
+def _usage(prompt_tokens: int, samples: list[Sample]) -> dict:
+    completion = sum(len(s.token_ids) for s in samples)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+def _sse(obj: dict | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# The application
+# ---------------------------------------------------------------------------------------------
+class _Guard:
+    """ASGI middleware (plain ASGI: it must not wrap streaming responses in a task group): the bearer
+    token on /v1/* (401), bodies over `max_bytes` (413), and a count of responses by path and status."""
+
+    def __init__(self, app, config: ServeConfig, counts: Counter):
+        self.app, self.max_bytes, self.counts = app, config.max_request_bytes, counts
+        self.expected = f"Bearer {config.api_key}".encode() if config.api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, headers = scope["path"], dict(scope["headers"])
+        if self.expected and path.startswith("/v1/"):
+            if not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+                error = APIError(
+                    401,
+                    "missing or wrong API key (send 'Authorization: Bearer <key>')",
+                    type_="authentication_error",
+                    code="invalid_api_key",
+                )
+                return await self._reply(path, error, send)
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._too_large(path, send)
+        received = 0
+        refused = False  # the 413 went out: the app reads a disconnect and its replies are dropped
+
+        async def limited_receive():
+            nonlocal received, refused
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes and not refused:
+                    refused = True
+                    await self._too_large(path, send)
+                if refused:
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def counting_send(message):
+            if refused:
+                return
+            if message["type"] == "http.response.start":
+                self.counts[(path, message["status"])] += 1
+            await send(message)
+
+        await self.app(scope, limited_receive, counting_send)
+
+    async def _too_large(self, path, send):
+        await self._reply(
+            path, APIError(413, f"request body larger than {self.max_bytes} bytes (--max-request-bytes)"), send
+        )
+
+    async def _reply(self, path, error: APIError, send):
+        self.counts[(path, error.status)] += 1
+        await error.response()({"type": "http"}, None, send)
+
+
+def build_app(loop: EngineLoop, config: ServeConfig) -> FastAPI:
+    """The FastAPI application serving `loop`'s engine under `config`."""
+    app = FastAPI(title="cultengine", docs_url=None, redoc_url=None)
+    http_counts: Counter = Counter()
+    app.add_middleware(_Guard, config=config, counts=http_counts)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        return APIError(400, f"{loc or 'body'}: {first.get('msg', 'invalid request')}", param=loc or None).response()
+
+    def check_model(name: str) -> None:
+        if name != config.model_name:
+            raise APIError(
+                404,
+                f"model {name!r} does not exist; this server serves {config.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+    async def admit(*submits: Callable[[], Future]) -> list[Admitted]:
+        """Prepare requests (in worker threads: images are decoded there) and queue them all before
+        waiting, so they join the same step; if one is refused, the others are aborted."""
+        futures, error = [], None
+        for submit in submits:
+            try:
+                futures.append(await run_in_threadpool(submit))
+            except (RequestError, APIError) as e:
+                error = e
+                break
+        admitted = []
+        for future in futures:
+            try:
+                admitted.append(await asyncio.wrap_future(future))
+            except RequestError as e:
+                error = error or e
+            except Exception as e:  # an engine failure, not the request's fault
+                error = error or APIError(500, f"{type(e).__name__}: {e}", type_="server_error")
+        if error is not None:
+            for a in admitted:
+                loop.abort(a.request_id)
+            raise error if isinstance(error, APIError) else APIError(400, str(error))
+        return admitted
+
+    async def results(request: Request, admitted: list[Admitted]) -> list:
+        """Every result of the admitted requests, in order; a client that goes away aborts them all."""
+        everything = asyncio.gather(*(asyncio.wrap_future(f) for a in admitted for f in a.results))
+        try:
+            while not (await asyncio.wait({everything}, timeout=0.25))[0]:
+                if await request.is_disconnected():
+                    raise APIError(499, "the client closed the request", code="client_closed_request")
+        except BaseException:  # gone, or this task was cancelled (a stream's connection closed)
+            everything.cancel()
+            for a in admitted:
+                loop.abort(a.request_id)
+            raise
+        try:
+            return everything.result()
+        except RuntimeError as e:  # the engine step failed (the server goes on)
+            raise APIError(500, str(e), type_="server_error") from e
+
+    @app.get("/health")
+    async def health():
+        if not loop.alive:
+            return JSONResponse({"status": "the engine loop has stopped"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics_endpoint():
+        histograms = {
+            "cultengine_time_to_first_token_seconds": (loop.ttft, "Request arrival to its first generated token."),
+            "cultengine_time_per_output_token_seconds": (loop.tpot, "Time per generated token after the first."),
+        }
+        return PlainTextResponse(
+            metrics.render(loop.stats(), dict(http_counts), histograms), media_type="text/plain; version=0.0.4"
+        )
+
+    model_card = {
+        "id": config.model_name,
+        "object": "model",
+        "created": int(time.time()),
+        "owned_by": "cultengine",
+        "max_model_len": loop.max_model_len,
+    }
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_card]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        check_model(name)
+        return model_card
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        check_model(body.model)
+        if body.top_logprobs:
+            raise APIError(
+                400,
+                "top_logprobs > 0 is not supported yet: the engine returns the sampled token's "
+                "log-probability only (logprobs=true with top_logprobs 0 works)",
+                param="top_logprobs",
+            )
+        max_tokens = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
+        params = sampling_params(body, max_tokens)
+
+        def submit():
+            return loop.generate({"messages": to_engine_messages(body.messages, config)}, params, max_tokens)
+
+        (admitted,) = await admit(submit)
+        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "created": now, "model": config.model_name}
+
+        def choice(k: int, s: Sample) -> dict:
+            lp = chat_logprobs(loop.token_texts(s.token_ids), s) if body.logprobs else None
+            return {
+                "index": k,
+                "message": {"role": "assistant", "content": s.text},
+                "logprobs": lp,
+                "finish_reason": s.finish_reason,
+            }
+
+        if not body.stream:
+            samples = await results(request, [admitted])
+            return {
+                **head,
+                "object": "chat.completion",
+                "choices": [choice(k, s) for k, s in enumerate(samples)],
+                "usage": _usage(admitted.prompt_tokens, samples),
+            }
+
+        async def events():
+            chunk = {**head, "object": "chat.completion.chunk"}
+            yield _sse(
+                {
+                    **chunk,
+                    "choices": [
+                        {
+                            "index": k,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                        for k in range(params.n)
+                    ],
+                }
+            )
+            try:
+                samples = await results(request, [admitted])
+            except APIError as e:
+                yield _sse(e.body())
+                return
+            for k, s in enumerate(samples):
+                lp = chat_logprobs(loop.token_texts(s.token_ids), s) if body.logprobs else None
+                yield _sse(
+                    {
+                        **chunk,
+                        "choices": [{"index": k, "delta": {"content": s.text}, "logprobs": lp, "finish_reason": None}],
+                    }
+                )
+                yield _sse(
+                    {
+                        **chunk,
+                        "choices": [{"index": k, "delta": {}, "logprobs": None, "finish_reason": s.finish_reason}],
+                    }
+                )
+            if (body.stream_options or {}).get("include_usage"):
+                yield _sse({**chunk, "choices": [], "usage": _usage(admitted.prompt_tokens, samples)})
+            yield _sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        check_model(body.model)
+        if body.logprobs:
+            raise APIError(
+                400,
+                "logprobs > 0 (top alternatives) is not supported yet: the engine returns the "
+                "sampled token's log-probability only (logprobs=0 works)",
+                param="logprobs",
+            )
+        if body.echo:
+            raise APIError(400, "echo is not supported", param="echo")
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not prompts:
+            raise APIError(400, "prompt must be a string or a non-empty list of strings", param="prompt")
+        params = sampling_params(body, body.max_tokens)
+        admitted = await admit(*(partial(loop.generate, {"prompt": p}, params, body.max_tokens) for p in prompts))
+        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "created": now, "model": config.model_name}
+        want_lp = body.logprobs is not None
+        prompt_tokens = sum(a.prompt_tokens for a in admitted)
+
+        def choice(k: int, s: Sample) -> dict:
+            return {
+                "index": k,
+                "text": s.text,
+                "logprobs": completion_logprobs(loop.token_texts(s.token_ids), s) if want_lp else None,
+                "finish_reason": s.finish_reason,
+            }
+
+        if not body.stream:
+            samples = await results(request, admitted)
+            return {
+                **head,
+                "object": "text_completion",
+                "choices": [choice(k, s) for k, s in enumerate(samples)],
+                "usage": _usage(prompt_tokens, samples),
+            }
+
+        async def events():
+            try:
+                samples = await results(request, admitted)
+            except APIError as e:
+                yield _sse(e.body())
+                return
+            for k, s in enumerate(samples):
+                yield _sse({**head, "object": "text_completion", "choices": [choice(k, s)]})
+            if (body.stream_options or {}).get("include_usage"):
+                yield _sse(
+                    {**head, "object": "text_completion", "choices": [], "usage": _usage(prompt_tokens, samples)}
+                )
+            yield _sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/score")
+    async def score(body: ScoreRequest, request: Request):
+        check_model(body.model)
+        if (body.messages is None) == (body.prompt is None):
+            raise APIError(400, "a score request needs exactly one of 'messages' or 'prompt'")
+        if body.messages is not None and body.images:
+            raise APIError(
+                400, "'images' goes with 'prompt'; put images into 'messages' as image_url parts", param="images"
+            )
+        if len(body.images or []) > config.max_images_per_request:
+            raise APIError(
+                400,
+                f"more than {config.max_images_per_request} images in one request (--max-images-per-request)",
+                param="images",
+            )
+
+        def submit():
+            if body.messages is not None:
+                req: dict[str, Any] = {"messages": to_engine_messages(body.messages, config)}
+            else:
+                req = {"prompt": body.prompt, "images": [load_image_url(u, config) for u in body.images or []]}
+            return loop.score({**req, "choices": body.choices})
+
+        (admitted,) = await admit(submit)
+        scores = await results(request, [admitted])
+        best = max(range(len(scores)), key=lambda j: scores[j].logprob)
+        return {
+            "id": f"score-{uuid.uuid4().hex}",
+            "object": "score",
+            "created": int(time.time()),
+            "model": config.model_name,
+            "best": best,
+            "choices": [
+                {
+                    "index": j,
+                    "text": c.text,
+                    "logprob": c.logprob,
+                    "num_tokens": c.num_tokens,
+                    "is_greedy": c.is_greedy,
+                    "token_logprobs": c.token_logprobs,
+                }
+                for j, c in enumerate(scores)
+            ],
+            "usage": {"prompt_tokens": admitted.prompt_tokens, "choice_tokens": sum(c.num_tokens for c in scores)},
+        }
+
+    return app
+
+
+class BackgroundServer:
+    """Serve `app` with uvicorn on a thread (tests, benchmarks): `with BackgroundServer(app) as url: ...`.
+
+    `port=0` takes a free port; `url` is `http://host:port`.
+    """
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+        )
+        self._thread = threading.Thread(target=self.server.run, name="cultengine-http", daemon=True)
+        self.host = host
+        self.url = ""
+
+    def __enter__(self) -> str:
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the HTTP server did not start")
+            time.sleep(0.01)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://{self.host}:{port}"
+        return self.url
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=30)
