@@ -7,8 +7,9 @@
 Both sides get the same requests (cultengine.profile's synthetic workload: random words, one noise
 image each), the same token ids and pixel values, greedy decoding and a fixed output length: ours
 with `ignore_eos`, transformers with `min_new_tokens = max_new_tokens` and no EOS (so neither stops
-early and neither suppresses a token). transformers runs `LlavaForConditionalGeneration.generate` in
-batches of `--hf-batch-size` requests, left-padded, longest prompts batched together.
+early and neither suppresses a token). transformers runs the checkpoint's model class
+(`AutoModelForImageTextToText`: LLaVA-1.5, Qwen-VL) `generate` in batches of `--hf-batch-size` requests,
+left-padded, longest prompts batched together.
 
 Our timing covers the whole `Engine.generate` call, including chat rendering, image preprocessing
 and tokenization; transformers gets its input ids and pixel values ready-made (not timed). Between
@@ -76,30 +77,44 @@ def reset_caches(engine, **sched_kw) -> None:
     assert not engine.scheduler.has_unfinished()
     engine.scheduler = _core.Scheduler(
         engine.tokenizer, num_blocks=engine.runner.num_blocks, block_size=engine.runner.block_size,
-        max_model_len=engine.max_model_len, eos_token_ids=list(engine.checkpoint.eos_token_ids), **sched_kw)
+        max_model_len=engine.max_model_len, eos_token_ids=list(engine.checkpoint.eos_token_ids),
+        position_rows=engine.family.position_rows, **sched_kw)
     engine.runner.encoder_cache.embeddings.clear()
 
 
-def prepared_inputs(engine, requests: list[dict]) -> list[tuple[list[int], torch.Tensor]]:
-    """Our token ids (image placeholders expanded) and pixel values of each request, for transformers."""
+def prepared_inputs(engine, requests: list[dict]) -> list[tuple[list[int], list]]:
+    """Our token ids (image placeholders expanded) and processed images (`ImageFeatures`, in prompt order)
+    of each request, for transformers."""
     out = []
     for p in engine._prepare(requests):
         if isinstance(p, Exception):
             raise p
-        pixels = torch.stack([p.image_pixels[h] for _, _, h in p.image_spans])
-        out.append((p.prompt_ids, pixels))
+        out.append((p.prompt_ids, [f for _, f in p.image_starts]))
     return out
+
+
+def image_kwargs(model, ids: torch.Tensor, images: list[list], device) -> dict:
+    """transformers' image arguments for a batch whose row i shows `images[i]`: one tile per image stacked
+    (LLaVA-1.5), or Qwen-VL's packed patches with their grids and which tokens are image tokens (its M-RoPE
+    positions come from them)."""
+    feats = [f for row in images for f in row]
+    if feats and "grid_thw" in feats[0].meta:
+        return {"pixel_values": torch.cat([f.pixels for f in feats]).to(device=device, dtype=model.dtype),
+                "image_grid_thw": torch.tensor([f.meta["grid_thw"] for f in feats], device=device),
+                "mm_token_type_ids": (ids == model.config.image_token_id).int()}
+    return {"pixel_values": torch.stack([f.pixels for f in feats]).to(device=device, dtype=model.dtype)}
 
 
 def hf_model(path: Path, device: str, dtype: torch.dtype, random_init: bool):
     import transformers
 
+    auto = transformers.AutoModelForImageTextToText
     if random_init:
         config = transformers.AutoConfig.from_pretrained(path)
         with torch.device(device):
-            model = transformers.LlavaForConditionalGeneration._from_config(config, dtype=dtype)
+            model = auto.from_config(config, dtype=dtype)
     else:
-        model = transformers.LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device)
+        model = auto.from_pretrained(path, dtype=dtype).to(device)
     return model.eval()
 
 
@@ -155,8 +170,8 @@ def run_hf(model, inputs, output_lens: list[int], batch_size: int, pad_id: int, 
         gen = GenerationConfig(max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
                                pad_token_id=pad_id, eos_token_id=None, bos_token_id=None)
         ids, mask = left_pad([inputs[i][0] for i in idx], pad_id, device)
-        pixels = torch.cat([inputs[i][1] for i in idx]).to(device=device, dtype=model.dtype)
-        out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, generation_config=gen)
+        images = image_kwargs(model, ids, [inputs[i][1] for i in idx], device)
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen, **images)
         new = out[:, ids.shape[1]:].tolist()
         for i, toks in zip(idx, new, strict=True):
             results[i] = toks[:output_lens[i]]

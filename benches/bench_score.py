@@ -55,9 +55,9 @@ def run_ours(engine, requests, args, prefix_caching: bool) -> np.ndarray:
 
 @torch.inference_mode()
 def run_lm_eval_style(model, questions, pad_id: int, device) -> np.ndarray:
-    """`questions`: (context ids, choice ids list, pixels [1, 3, S, S]) each; one forward per question."""
+    """`questions`: (context ids, choice ids list, the context's images) each; one forward per question."""
     results = []
-    for ctx, choices, pixels in questions:
+    for ctx, choices, images in questions:
         seqs = [ctx + c for c in choices]
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -66,8 +66,8 @@ def run_lm_eval_style(model, questions, pad_id: int, device) -> np.ndarray:
             ids[i, :len(s)] = torch.tensor(s)
             mask[i, :len(s)] = 1
         ids, mask = ids.to(device), mask.to(device)
-        px = pixels.to(device=device, dtype=model.dtype).expand(len(seqs), -1, -1, -1)
-        logits = model(input_ids=ids, attention_mask=mask, pixel_values=px).logits
+        logits = model(input_ids=ids, attention_mask=mask,
+                       **common.image_kwargs(model, ids, [images] * len(seqs), device)).logits
         row = []
         for i, c in enumerate(choices):
             lp = torch.log_softmax(logits[i, len(ctx) - 1:len(ctx) - 1 + len(c)].float(), dim=-1)
@@ -105,9 +105,9 @@ def main(argv=None) -> None:
         requests, _ = build_workload(engine, common.workload_args(args, choices=args.choices))
         contexts = common.prepared_inputs(engine, requests)
         questions = []
-        for (ctx, pixels), req in zip(contexts, requests, strict=True):
+        for (ctx, images), req in zip(contexts, requests, strict=True):
             choice_ids = engine.tokenizer.encode_batch(list(req["choices"]), add_special_tokens=False)
-            questions.append((ctx, [list(c) for c in choice_ids], pixels))
+            questions.append((ctx, [list(c) for c in choice_ids], images))
         pad_id = common.pad_token_id(engine)
         context_tokens = [len(q[0]) for q in questions]
 

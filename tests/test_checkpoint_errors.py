@@ -89,8 +89,8 @@ def test_malformed_json(tiny_llama, copy_of):
 
 def test_unsupported_architecture(tiny_llama, copy_of):
     d = copy_of(tiny_llama)
-    _edit_json(d / "config.json", architectures=["Qwen2VLForConditionalGeneration"])
-    with pytest.raises(CheckpointError, match="'Qwen2VLFor.*supported: LlavaForConditionalGeneration"):
+    _edit_json(d / "config.json", architectures=["MllamaForConditionalGeneration"])
+    with pytest.raises(CheckpointError, match="'MllamaFor.*supported: LlavaForConditionalGeneration"):
         family_for(load_checkpoint(d))
     _edit_json(d / "config.json", architectures=["LlavaForConditionalGeneration"],
                text_config={"model_type": "gemma"})

@@ -207,7 +207,7 @@ def test_bad_requests_fail_alone_and_the_engine_stays_usable(tiny_llama, tmp_pat
         ({"prompt": f"{IMAGE_TOKEN} hi", "images": [str(tmp_path / "missing.jpg")]}, "missing.jpg"),
         ({"prompt": f"{IMAGE_TOKEN} hi", "images": [truncated.getvalue()[:60]]}, "image"),
         ({"prompt": "word " * 200}, "max_model_len"),
-        ("not a dict", "dict"),
+        (123, "dict"),  # a string is a prompt (vLLM's simplest form); other non-dicts are refused
     ]
     outs = engine.generate([good] + [b for b, _ in bad] + [good], SamplingParams(max_tokens=4), use_tqdm=False)
     assert outs[0].error is None and outs[-1].error is None
@@ -215,7 +215,7 @@ def test_bad_requests_fail_alone_and_the_engine_stays_usable(tiny_llama, tmp_pat
     for out, (_, needle) in zip(outs[1:-1], bad, strict=True):
         assert out.error and needle in out.error, out.error
         assert out.samples == []
-    scores = engine.score([{**good, "choices": []}, {**good, "choices": ["x"]}, "not a dict",
+    scores = engine.score([{**good, "choices": []}, {**good, "choices": ["x"]}, 123,
                            {**good, "choices": "x"}], use_tqdm=False)
     assert "choices" in scores[0].error and scores[1].error is None
     assert "dict" in scores[2].error and "choices" in scores[3].error

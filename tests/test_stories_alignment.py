@@ -65,7 +65,7 @@ def test_planted_relation_is_significant_and_unrelated_stories_are_not(tmp_path)
         r = random.Random(f"{n}{k}")
         return " ".join(VOCAB[min(len(VOCAB) - 1, max(0, round(centre + r.gauss(0, 1.5))))] for _ in range(30))
 
-    planted = stories.analyze([_run(tmp_path, "planted", near)], hofstede=culture, permutations=1999)
+    planted = stories.analyze([_run(tmp_path, "planted", near)], hofstede=culture, wvs=None, permutations=1999)
     (a,) = planted["models"]["m"]["alignment"]
     assert a["tau"] < -0.3 and a["p"] < 0.01 and a["pairs"] == 66 and a["permutations"] == 1999
     assert "Mantel" in a["test"]
@@ -80,7 +80,7 @@ def test_planted_relation_is_significant_and_unrelated_stories_are_not(tmp_path)
         r = random.Random(f"u{n}{k}")
         return " ".join(r.choice(VOCAB) for _ in range(30))
 
-    null = stories.analyze([_run(tmp_path, "null", unrelated)], hofstede=culture, permutations=1999)
+    null = stories.analyze([_run(tmp_path, "null", unrelated)], hofstede=culture, wvs=None, permutations=1999)
     assert null["models"]["m"]["alignment"][0]["p"] > 0.05
     anova = null["models"]["m"]["lexical"]["type_token_ratio"]["anova"]
     assert 0 <= anova["eta_squared"] <= 1 and anova["omega_squared"] <= anova["eta_squared"]

@@ -1,6 +1,7 @@
-"""Text-only families (`LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`) against transformers.
+"""Text-only families (`LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`)
+against transformers.
 
-Mistral attends over a 12-token window on every layer and Qwen2 on its second layer only
+Mistral attends over a 12-token window on every layer, Qwen2 and Qwen3 on their second layer only
 (`max_window_layers`); the prompts are 3-5x the window. Greedy tokens identical, per-token and choice
 log-likelihoods within 1e-4 (fp32), token ids equal to the tokenizer's chat template.
 """
@@ -17,7 +18,12 @@ from cultengine import Engine, SamplingParams
 from tiny_gemma import TEXT_ARCHS, TEXT_WINDOW, build_tiny_text
 
 ATOL = 1e-4
-WINDOWED_LAYERS = {"LlamaForCausalLM": (), "MistralForCausalLM": (0, 1), "Qwen2ForCausalLM": (1,)}
+WINDOWED_LAYERS = {
+    "LlamaForCausalLM": (),
+    "MistralForCausalLM": (0, 1),
+    "Qwen2ForCausalLM": (1,),
+    "Qwen3ForCausalLM": (1,),
+}
 CONVERSATIONS = [
     [{"role": "user", "content": "Tell me about the festival of lights and the food, señor. 日本の料理"}],
     [

@@ -9,7 +9,7 @@
   the processor's newlines around each image must be tokenized with the text, as it does).
 - `build_tiny_gemma3_text(out_dir)`: `Gemma3ForCausalLM` with the same decoder.
 - `build_tiny_text(out_dir, arch)`: `LlamaForCausalLM`, `MistralForCausalLM` (sliding window 12) or
-  `Qwen2ForCausalLM` (sliding window 12 on its second layer only, `max_window_layers` = 1).
+  `Qwen2ForCausalLM` / `Qwen3ForCausalLM` (sliding window 12 on the second layer only, `max_window_layers` = 1).
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def build_tiny_gemma3_text(out_dir: str | Path, seed: int = 0) -> Path:
     return out
 
 
-TEXT_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+TEXT_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 TEXT_WINDOW = 12
 
 
@@ -207,6 +207,17 @@ def build_tiny_text(out_dir: str | Path, arch: str, seed: int = 0) -> Path:
         model = t.Qwen2ForCausalLM(
             t.Qwen2Config(
                 **common, rope_theta=1e6, use_sliding_window=True, sliding_window=TEXT_WINDOW, max_window_layers=1
+            )
+        )
+    elif arch == "Qwen3ForCausalLM":
+        model = t.Qwen3ForCausalLM(
+            t.Qwen3Config(
+                **common,
+                head_dim=16,
+                rope_theta=1e6,
+                use_sliding_window=True,
+                sliding_window=TEXT_WINDOW,
+                max_window_layers=1,
             )
         )
     else:

@@ -70,14 +70,17 @@ class Engine:
                  enable_prefix_caching: bool = True, attention_backend: str | None = None,
                  max_model_len: int | None = None, encoder_cache_size: int = 256, random_init: bool = False,
                  profile: bool = False, cuda_graphs: bool = True, image_backend: str | None = None,
-                 max_num_image_tokens: int | None = None, threads: int | None = None):
+                 max_num_image_tokens: int | None = None, threads: int | None = None,
+                 image_options: dict | None = None):
         """`random_init` draws weights instead of reading them (profiling model shapes); `profile`
         synchronises the device around each phase to time it and records per-request latencies;
         `cuda_graphs` replays decode steps from CUDA graphs (CUDA with the Triton backend only);
         `image_backend` ("pil" | "torchvision") overrides the preprocessing path transformers would pick;
         `max_num_image_tokens` caps the image embeddings a step starts (each image's encoder runs whole
         in the step that first reaches it; many-tile images then spread over steps); `threads` sets torch's
-        CPU threads (default: the cores this process may run on, unless OMP_NUM_THREADS is set)."""
+        CPU threads (default: the cores this process may run on, unless OMP_NUM_THREADS is set);
+        `image_options` are defaults for the request keys the family reads from requests
+        (`family.image_options`, e.g. Qwen's `min_pixels`/`max_pixels`)."""
         _set_threads(threads)
         if str(model) == "demo":
             from .bench.demo_checkpoint import ensure
@@ -91,6 +94,11 @@ class Engine:
         self.checkpoint = load_checkpoint(model, dtype=dtype, device=self.device, random_init=random_init,
                                           architectures=SUPPORTED_ARCHITECTURES)
         self.family = family_for(self.checkpoint, image_backend)
+        unknown = set(image_options or {}) - set(self.family.image_options)
+        if unknown:
+            raise ValueError(f"image_options {sorted(unknown)} are not read by this model family (it reads: "
+                             f"{', '.join(self.family.image_options) or 'none'})")
+        self.image_options = dict(image_options or {})
         self.tokenizer = _core.Tokenizer.from_file(str(self.checkpoint.tokenizer_path))
         self.ops = Ops(resolve_backend(self.device, attention_backend))
         context = self.family.max_context
@@ -369,7 +377,7 @@ class Engine:
                 raise RequestError(f"'images' must be a list, got {type(images).__name__}")
         else:
             raise RequestError("a request needs 'prompt' (with images) or 'messages'")
-        options = {k: req[k] for k in self.family.image_options if k in req}
+        options = {**self.image_options, **{k: req[k] for k in self.family.image_options if k in req}}
         if "num_images" in self.family.image_options:  # OneVision tiles only a prompt's only image
             options["num_images"] = len(images)
         return text, list(images), special, options

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 BACKENDS = ("torch", "triton", "flash")
 # What a backend provides: these functions, with these names and signatures.
-PRIMITIVES = ("write_kv", "paged_attention", "vision_attention", "rms_norm", "rotary_embedding", "patch_embed")
+PRIMITIVES = ("write_kv", "paged_attention", "vision_attention", "varlen_vision_attention", "rms_norm",
+              "rotary_embedding", "patch_embed")
 
 
 @dataclass
@@ -173,6 +174,34 @@ def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return out.transpose(1, 2).to(q.dtype)
 
 
+def varlen_vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                            max_seqlen: int, scale: float) -> torch.Tensor:
+    """Non-causal attention over packed variable-length segments (the images, or windows, of a vision
+    encoder): `q [N, Hq, D]`, `k, v [N, Hkv, D]`; segment b is rows `cu_seqlens[b]:cu_seqlens[b+1]`
+    (int32 `[B+1]`, starting at 0) and attends only to itself. `max_seqlen` is the longest segment (a
+    host int, so no kernel reads the device to size its grid). Query head h reads KV head
+    `h // (Hq // Hkv)`. Computed in fp32, returned in q's dtype.
+    """
+    n, hq, d = q.shape
+    cu = cu_seqlens.long()
+    lens = cu[1:] - cu[:-1]
+    b = lens.numel()
+    seg = torch.repeat_interleave(torch.arange(b, device=q.device), lens, output_size=n)
+    row = torch.arange(n, device=q.device) - cu[:-1][seg]
+
+    def padded(x: torch.Tensor) -> torch.Tensor:  # [N, H, D] -> [B, H, max_seqlen, D], zero-padded
+        out = x.new_zeros((b, max_seqlen, x.shape[1], d), dtype=torch.float32)
+        out[seg, row] = x.float()
+        return out.transpose(1, 2)
+
+    keys = torch.arange(max_seqlen, device=q.device)[None, :] < lens[:, None]
+    # Segments of one length (one image) need no mask, and SDPA then avoids materialising the scores.
+    mask = None if bool(keys.all()) else keys[:, None, None, :]
+    out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=mask, scale=scale,
+                                         enable_gqa=hq != k.shape[1])
+    return out.transpose(1, 2)[seg, row].to(q.dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # Normalisation and position embedding
 # ---------------------------------------------------------------------------------------------
@@ -211,6 +240,19 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, 
         return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
 
     return rotate(q), rotate(k)
+
+
+def mrope_cos_sin(positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  freq_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rotary tables `[T, head_dim // 2]` for multimodal RoPE (Qwen2-VL's M-RoPE).
+
+    `positions [R, T]` holds R position streams (temporal, height, width); frequency j of token t turns
+    by the angle of stream `freq_rows[j]` (int64 `[head_dim // 2]`: contiguous `mrope_section` chunks
+    in Qwen2/2.5-VL, interleaved in Qwen3-VL). Rotating with these tables at positions `0..T-1` is then
+    ordinary rotate-half RoPE, so `rotary_embedding` (and its kernel) applies M-RoPE unchanged.
+    """
+    index = freq_rows[None, None, :].expand(1, positions.shape[1], -1)
+    return cos[positions].gather(0, index)[0], sin[positions].gather(0, index)[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """`cultengine profile`: throughput, latency and where the time goes, on a synthetic workload.
 
 `--model` takes a checkpoint directory or a shape preset (`llava-1.5-7b`, `llava-next-7b`, `pangea-7b`,
-`llava-onevision-7b`, `qwen2-7b`, `gemma-3-4b`, `gemma-3-12b`, `demo`) whose weights are drawn at load time,
-so real model sizes can be profiled without downloading anything.
+`llava-onevision-7b`, `qwen2-7b`, `qwen2.5-vl-7b`, `qwen2.5-vl-72b`, `gemma-3-4b`, `gemma-3-12b`, `demo`) whose
+weights are drawn at load time, so real model sizes can be profiled without downloading anything. `--dry-run`
+runs nothing: it plans memory (weight and KV-cache bytes) from the shapes.
 """
 
 from __future__ import annotations
@@ -86,6 +87,32 @@ PRESETS: dict[str, tuple[dict, dict]] = {
                                                 "num_key_value_heads": 8}, "vision_config": _SIGLIP_SO400M_896},
                     _GEMMA3_PREPROCESSOR),
 }
+# Qwen2.5-VL: its windowed tower (the same in 7B and 72B but for its output width), a Qwen2 decoder with M-RoPE;
+# the demo tokenizer's <image> is the placeholder, Qwen's processor defaults (4 to 16384 merged patches).
+_QWEN25_VL_TOWER = {"model_type": "qwen2_5_vl_vision", "depth": 32, "hidden_size": 1280, "intermediate_size": 3420,
+                    "num_heads": 16, "patch_size": 14, "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31],
+                    "hidden_act": "silu", "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3}
+_QWEN25_VL_TEXT = {"model_type": "qwen2_5_vl_text", "vocab_size": 152064, "max_position_embeddings": 128000,
+                   "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+                   "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}}
+_QWEN2_VL_PREPROCESSOR = {"image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 56 * 56,
+                          "max_pixels": 28 * 28 * 16384, "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2}
+
+
+def _qwen25_vl(text: dict, out_hidden_size: int) -> tuple[dict, dict]:
+    return ({"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+             "text_config": {**_QWEN25_VL_TEXT, **text},
+             "vision_config": {**_QWEN25_VL_TOWER, "out_hidden_size": out_hidden_size},
+             "video_token_id": _QWEN25_VL_TEXT["vocab_size"] - 1,
+             "tie_word_embeddings": False}, _QWEN2_VL_PREPROCESSOR)
+
+
+PRESETS.update({
+    "qwen2.5-vl-7b": _qwen25_vl({"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                                 "num_attention_heads": 28, "num_key_value_heads": 4}, 3584),
+    "qwen2.5-vl-72b": _qwen25_vl({"hidden_size": 8192, "intermediate_size": 29568, "num_hidden_layers": 80,
+                                  "num_attention_heads": 64, "num_key_value_heads": 8}, 8192),
+})
 
 
 def preset_checkpoint(name: str, out_dir: Path) -> Path:
@@ -103,11 +130,11 @@ def preset_checkpoint(name: str, out_dir: Path) -> Path:
     # The demo tokenizer's ids (its image token included) must stay inside the preset's vocabulary.
     text = config["text_config"]
     text["vocab_size"] = max(text["vocab_size"], demo_cfg["text_config"]["vocab_size"])
-    config["image_token_index"] = demo_cfg["image_token_index"]
+    config["image_token_index"] = config["image_token_id"] = demo_cfg["image_token_index"]  # both names in use
     if "mm_tokens_per_image" in config:  # Gemma 3: the demo's <image> opens an image; soft/end ids past its vocab
         demo_vocab = demo_cfg["text_config"]["vocab_size"]
         config.update(boi_token_index=demo_cfg["image_token_index"], image_token_index=demo_vocab,
-                      eoi_token_index=demo_vocab + 1)
+                      image_token_id=demo_vocab, eoi_token_index=demo_vocab + 1)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     (out_dir / "preprocessor_config.json").write_text(json.dumps(preprocessor))
     return out_dir
@@ -163,6 +190,42 @@ def _percentiles(values: list[float]) -> dict[str, float]:
         return {}
     arr = np.array(values) * 1000
     return {f"p{q}": float(np.percentile(arr, q)) for q in (50, 90, 99)}
+
+
+def memory_plan(model: str, dtype: str, max_model_len: int | None, gpu_memory_gib: float) -> dict:
+    """Weight and KV-cache bytes of a checkpoint or preset, from its shapes alone (the model is built on the
+    meta device: nothing is allocated or read), and whether one GPU of `gpu_memory_gib` holds them."""
+    from .checkpoint import load_checkpoint
+    from .models import family_for
+
+    ckpt = load_checkpoint(model, dtype=dtype, device="meta", random_init=True)
+    family = family_for(ckpt)
+    weights = []
+    draw = ckpt.tensor
+    ckpt.tensor = lambda name, shape=None: weights.append(draw(name, shape)) or weights[-1]  # count every weight
+    built = family.build_model(None, max_positions=1)
+    elem = torch.tensor([], dtype=ckpt.dtype).element_size()
+    context = min(max_model_len or family.max_context, family.max_context)
+    kv_per_token = 2 * built.num_layers * built.num_kv_heads * built.head_dim * elem
+    weight_bytes = sum(w.numel() for w in weights) * elem
+    need = weight_bytes + kv_per_token * context
+    return {"model": model, "architecture": ckpt.architecture, "dtype": str(ckpt.dtype).removeprefix("torch."),
+            "weight_gib": weight_bytes / 2**30, "kv_bytes_per_token": kv_per_token, "max_model_len": context,
+            "kv_gib_per_full_sequence": kv_per_token * context / 2**30, "gpu_memory_gib": gpu_memory_gib,
+            "fits_one_gpu": need <= gpu_memory_gib * 2**30,
+            "full_sequences_per_gpu": max(0, int((gpu_memory_gib * 2**30 - weight_bytes) // (kv_per_token * context)))}
+
+
+def format_memory_plan(p: dict) -> str:
+    verdict = ("fits one GPU" if p["fits_one_gpu"] else
+               "does NOT fit one GPU: it needs tensor parallelism (or a smaller dtype / max_model_len)")
+    return "\n".join([
+        f"cultengine profile --dry-run: {p['model']} ({p['architecture']}, {p['dtype']})",
+        f"  weights                 {p['weight_gib']:.2f} GiB",
+        f"  KV cache                {p['kv_bytes_per_token'] / 2**10:.0f} KiB per token, "
+        f"{p['kv_gib_per_full_sequence']:.2f} GiB per {p['max_model_len']}-token sequence",
+        f"  {'one ' + format(p['gpu_memory_gib'], '.0f') + ' GiB GPU':<22}  {verdict}; "
+        f"{p['full_sequences_per_gpu']} full-length sequences beside the weights"])
 
 
 def run_profile(args) -> dict:
@@ -274,10 +337,26 @@ def register(sub) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--dry-run", action="store_true",
+                   help="plan memory from the shapes only (weights, KV cache per token and per sequence)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context the --dry-run plan sizes the KV cache for")
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="one GPU's memory, for --dry-run")
     p.set_defaults(func=_main)
 
 
 def _main(args) -> int:
+    if args.dry_run:
+        tmp = Path(tempfile.mkdtemp(prefix="cultengine-preset-")) if args.model in PRESETS else None
+        try:
+            model = str(preset_checkpoint(args.model, tmp) if tmp else args.model)
+            plan = memory_plan(model, "bfloat16" if args.dtype == "auto" and tmp else args.dtype, args.max_model_len,
+                               args.gpu_memory_gib)
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+        print(json.dumps({**plan, "model": args.model}, indent=2) if args.json
+              else format_memory_plan({**plan, "model": args.model}))
+        return 0
     report = run_profile(args)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     sys.stdout.flush()

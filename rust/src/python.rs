@@ -136,6 +136,7 @@ pub struct StepPlan {
     prompt_lp_targets: Py<PyArray1<i64>>,
     image_chunks: Py<PyArray2<i64>>,
     image_hashes: Py<PyArray1<u64>>,
+    block_copies: Py<PyArray2<i64>>,
 }
 
 fn arr<T: numpy::Element>(py: Python<'_>, v: Vec<T>) -> Py<PyArray1<T>> {
@@ -172,6 +173,7 @@ impl StepPlan {
             prompt_lp_targets: arr(py, p.prompt_lp_targets),
             image_chunks: arr2(py, p.image_chunks, 3),
             image_hashes: arr(py, p.image_hashes),
+            block_copies: arr2(py, p.block_copies, 2),
         }
     }
 }
@@ -221,6 +223,19 @@ impl FinishedSequence {
 #[pyclass(module = "cultengine._core")]
 pub struct Scheduler {
     inner: scheduler::Scheduler,
+}
+
+fn spans(images: Vec<(usize, usize, u64, usize, bool)>) -> Vec<ImageSpan> {
+    images
+        .into_iter()
+        .map(|(start, len, hash, offset, atomic)| ImageSpan {
+            start,
+            len,
+            hash,
+            offset,
+            atomic,
+        })
+        .collect()
 }
 
 fn slice<'a, T: numpy::Element>(a: &'a PyReadonlyArray1<'_, T>, name: &str) -> PyResult<&'a [T]> {
@@ -306,24 +321,47 @@ impl Scheduler {
             skip_special_tokens,
             prompt_logprobs_from,
         };
-        let spans: Vec<ImageSpan> = images
-            .into_iter()
-            .map(|(start, len, hash, offset, atomic)| ImageSpan {
-                start,
-                len,
-                hash,
-                offset,
-                atomic,
-            })
-            .collect();
         self.inner
             .add_sequence(
                 seq_id,
                 prompt_ids,
-                &spans,
+                &spans(images),
                 positions,
                 position_delta,
                 params,
+            )
+            .map_err(value_err)
+    }
+
+    /// Scores every choice as a continuation of `context_ids`, computing the context once (see
+    /// `scheduler::Scheduler::add_scoring`); each choice finishes under its id in `choice_ids`.
+    #[pyo3(signature = (seq_id, context_ids, images, choices, choice_ids, positions = Vec::new(), position_delta = 0))]
+    #[allow(clippy::too_many_arguments)]
+    fn add_scoring(
+        &mut self,
+        seq_id: i64,
+        context_ids: Vec<u32>,
+        images: Vec<(usize, usize, u64, usize, bool)>,
+        choices: Vec<Vec<u32>>,
+        choice_ids: Vec<i64>,
+        positions: Vec<i64>,
+        position_delta: i64,
+    ) -> PyResult<()> {
+        if choices.len() != choice_ids.len() {
+            return Err(PyValueError::new_err(format!(
+                "{} choices but {} choice ids",
+                choices.len(),
+                choice_ids.len()
+            )));
+        }
+        self.inner
+            .add_scoring(
+                seq_id,
+                context_ids,
+                &spans(images),
+                positions,
+                position_delta,
+                choice_ids.into_iter().zip(choices).collect(),
             )
             .map_err(value_err)
     }

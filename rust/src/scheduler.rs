@@ -113,6 +113,7 @@ pub struct StepPlan {
     pub prompt_lp_targets: Vec<i64>,
     pub image_chunks: Vec<i64>, // [K, 3], row-major: (dst row, first embedding, length)
     pub image_hashes: Vec<u64>, // [K]: the content hash of each chunk's image
+    pub block_copies: Vec<i64>, // [C, 2], row-major: (src, dst) KV blocks to copy before this step runs
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -130,8 +131,9 @@ struct Seq {
     tokens: Vec<u32>, // prompt then output
     prompt_len: usize,
     images: Vec<ImageSpan>,
-    positions: Vec<i64>, // [position_rows, prompt_len] given with the prompt; empty: plain positions
-    position_delta: i64, // an output token at `pos` has position `pos + position_delta` in every row
+    positions: Vec<i64>, // [position_rows, positions_len] given with the prompt; empty: plain positions
+    positions_len: usize, // tokens `positions` covers; a later token at `pos` is at `pos + position_delta`
+    position_delta: i64,
     params: SamplingParams,
     lp_from: usize, // 0: no prompt logprobs
     blocks: Vec<u32>,
@@ -143,6 +145,17 @@ struct Seq {
     prompt_greedy: Vec<bool>,
     detok: Option<IncrementalDetokenizer>, // only with stop strings; otherwise decode once at the end
     num_cached_tokens: Option<usize>,      // prefix hit of the first admission
+    choices: Vec<Choice>,                  // a scoring context: the continuations that fork from it
+}
+
+/// A continuation scored after a shared context (`Scheduler::add_scoring`): its first token is scored
+/// by the context's last row, computed once for all choices; at the fork it becomes a sequence of its
+/// own that shares the context's KV blocks (the last, partial one copied when first written).
+struct Choice {
+    seq_id: Option<i64>, // None once aborted
+    tokens: Vec<u32>,
+    first_lp: f32,
+    first_greedy: bool,
 }
 
 impl Seq {
@@ -152,10 +165,20 @@ impl Seq {
 
     /// Position of token `pos` in position row `row`.
     fn position(&self, row: usize, pos: usize) -> i64 {
-        if pos < self.prompt_len && !self.positions.is_empty() {
-            self.positions[row * self.prompt_len + pos]
+        if pos < self.positions_len {
+            self.positions[row * self.positions_len + pos]
         } else {
             pos as i64 + self.position_delta
+        }
+    }
+
+    /// Tokens whose KV this sequence computes: all of them, except that a scored prompt skips its last
+    /// token (no later row reads its KV, and its logits score nothing).
+    fn target(&self) -> usize {
+        if self.params.max_tokens == 0 && self.lp_from > 0 {
+            self.prompt_len - 1
+        } else {
+            self.tokens.len()
         }
     }
 
@@ -165,7 +188,7 @@ impl Seq {
     /// an image whose embeddings would exceed the step's image budget (`images` holds the hashes
     /// already counted this step and what they cost).
     fn chunk_len(&self, start: usize, budget: usize, images: &mut ImageBudget) -> usize {
-        let mut end = (start + budget).min(self.tokens.len());
+        let mut end = (start + budget).min(self.target());
         for im in self
             .images
             .iter()
@@ -266,6 +289,7 @@ struct Scheduled {
     sampled: bool,
     lp_pos: usize, // first prompt position scored, and how many
     lp_count: usize,
+    fanout: usize, // a scoring context's last row: one logprob per choice after the prompt rows
 }
 
 pub struct Scheduler {
@@ -277,6 +301,8 @@ pub struct Scheduler {
     running: Vec<i64>,
     last: Vec<Scheduled>,
     pending: Vec<u32>, // blocks cached by the last plan, whose KV that plan writes
+    copies: Vec<i64>,  // (src, dst) block copies the next plan carries
+    context_of: FxHashMap<i64, i64>, // choice seq id -> its scoring context, until the fork
     stats: Stats,
 }
 
@@ -299,6 +325,8 @@ impl Scheduler {
             running: Vec::new(),
             last: Vec::new(),
             pending: Vec::new(),
+            copies: Vec::new(),
+            context_of: FxHashMap::default(),
             stats: Stats::default(),
         })
     }
@@ -330,10 +358,94 @@ impl Scheduler {
         position_delta: i64,
         params: SamplingParams,
     ) -> Result<(), String> {
-        let (n, bs) = (prompt.len(), self.cfg.block_size);
-        if self.seqs.contains_key(&seq_id) {
+        self.check_new_id(seq_id)?;
+        let seq = self.new_seq(seq_id, prompt, images, positions, position_delta, params)?;
+        self.seqs.insert(seq_id, seq);
+        self.waiting.push_back(seq_id);
+        Ok(())
+    }
+
+    /// Scores each of `choices` (seq id, tokens) as a continuation of `context`, computing the context
+    /// once: its last row scores every choice's first token, and each choice then computes only its
+    /// own tokens over the context's KV blocks (shared; the partial last block copied on first write).
+    /// Each choice finishes as its own sequence ("scored", prompt logprobs of its tokens); the context
+    /// (`seq_id`) is internal and never returned.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_scoring(
+        &mut self,
+        seq_id: i64,
+        context: Vec<u32>,
+        images: &[ImageSpan],
+        positions: Vec<i64>,
+        position_delta: i64,
+        choices: Vec<(i64, Vec<u32>)>,
+    ) -> Result<(), String> {
+        self.check_new_id(seq_id)?;
+        let mut ids: Vec<i64> = choices.iter().map(|c| c.0).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if choices.is_empty() || ids.len() != choices.len() || ids.contains(&seq_id) {
+            return Err(format!(
+                "sequence {seq_id}: scoring needs choices with distinct ids of their own"
+            ));
+        }
+        for &(id, ref tokens) in &choices {
+            self.check_new_id(id)?;
+            if tokens.is_empty() {
+                return Err(format!("sequence {id}: an empty choice"));
+            }
+        }
+        // The longest choice as a sequence of its own must fit (context length, KV blocks).
+        let longest = choices.iter().map(|c| c.1.len()).max().unwrap_or(0);
+        let mut probe = context.clone();
+        probe.resize(context.len() + longest, 0);
+        let probe_params = SamplingParams {
+            max_tokens: 0,
+            ..Default::default()
+        };
+        self.new_seq(seq_id, probe, images, vec![], 0, probe_params.clone())?;
+        let mut seq = self.new_seq(
+            seq_id,
+            context,
+            images,
+            positions,
+            position_delta,
+            probe_params,
+        )?;
+        for &(id, _) in &choices {
+            self.context_of.insert(id, seq_id);
+        }
+        seq.choices = choices
+            .into_iter()
+            .map(|(id, tokens)| Choice {
+                seq_id: Some(id),
+                tokens,
+                first_lp: 0.0,
+                first_greedy: false,
+            })
+            .collect();
+        self.seqs.insert(seq_id, seq);
+        self.waiting.push_back(seq_id);
+        Ok(())
+    }
+
+    fn check_new_id(&self, seq_id: i64) -> Result<(), String> {
+        if self.seqs.contains_key(&seq_id) || self.context_of.contains_key(&seq_id) {
             return Err(format!("sequence {seq_id} already exists"));
         }
+        Ok(())
+    }
+
+    fn new_seq(
+        &self,
+        seq_id: i64,
+        prompt: Vec<u32>,
+        images: &[ImageSpan],
+        positions: Vec<i64>,
+        position_delta: i64,
+        params: SamplingParams,
+    ) -> Result<Seq, String> {
+        let (n, bs) = (prompt.len(), self.cfg.block_size);
         if n == 0 {
             return Err(format!("sequence {seq_id}: the prompt is empty"));
         }
@@ -406,6 +518,7 @@ impl Scheduler {
             tokens: prompt,
             prompt_len: n,
             images: spans,
+            positions_len: if positions.is_empty() { 0 } else { n },
             positions,
             position_delta,
             lp_from,
@@ -418,16 +531,45 @@ impl Scheduler {
             prompt_greedy: vec![false; num_lp],
             detok,
             num_cached_tokens: None,
+            choices: Vec::new(),
             params,
         };
-        self.seqs.insert(seq_id, seq);
-        self.waiting.push_back(seq_id);
-        Ok(())
+        Ok(seq)
     }
 
-    /// Drops a sequence; returns it as finished with reason "abort" (None for an unknown id).
+    /// Drops a sequence; returns it as finished with reason "abort" (None for an unknown id). A choice
+    /// not yet forked is struck from its context, and a context left without choices is dropped too.
     pub fn abort(&mut self, seq_id: i64) -> Option<FinishedSequence> {
+        if let Some(ctx) = self.context_of.remove(&seq_id) {
+            let parent = self.seqs.get_mut(&ctx)?;
+            let choice = parent
+                .choices
+                .iter_mut()
+                .find(|c| c.seq_id == Some(seq_id))?;
+            choice.seq_id = None;
+            let mut prompt = parent.tokens.clone();
+            prompt.extend(&choice.tokens);
+            if parent.choices.iter().all(|c| c.seq_id.is_none()) {
+                self.abort(ctx);
+            }
+            return Some(FinishedSequence {
+                seq_id,
+                prompt_token_ids: prompt,
+                output_token_ids: Vec::new(),
+                output_logprobs: Vec::new(),
+                text: String::new(),
+                finish_reason: "abort",
+                prompt_logprobs: Vec::new(),
+                prompt_greedy: Vec::new(),
+                num_cached_tokens: 0,
+            });
+        }
         let seq = self.seqs.remove(&seq_id)?;
+        for c in &seq.choices {
+            if let Some(id) = c.seq_id {
+                self.context_of.remove(&id);
+            }
+        }
         self.waiting.retain(|&id| id != seq_id);
         self.running.retain(|&id| id != seq_id);
         self.bm.free(&seq.blocks);
@@ -497,36 +639,10 @@ impl Scheduler {
             let Some(&id) = self.waiting.front() else {
                 break;
             };
-            let seq = self.seqs.get_mut(&id).unwrap();
-            let hit = if self.bm.caching_enabled() {
-                // Always compute the last token, and every position whose logits score the prompt.
-                let mut max_hit = seq.tokens.len() - 1;
-                if seq.lp_from > 0 {
-                    max_hit = max_hit.min(seq.lp_from - 1);
-                }
-                seq.ensure_hashes(max_hit / bs, bs);
-                self.bm
-                    .lookup(&seq.hashes[..max_hit / bs], &seq.tokens, &seq.images)
-            } else {
-                Vec::new()
-            };
-            let start = hit.len() * bs;
-            let len = seq.chunk_len(start, budget, &mut images);
-            let need = (start + len).div_ceil(bs) - hit.len();
-            if len == 0 || !self.bm.can_take(&hit, need) {
+            let Some((start, len)) = self.admit(id, budget, &mut images) else {
                 break;
-            }
-            self.bm.take_hits(&hit);
-            let hit_blocks = hit.len();
-            seq.blocks = hit;
-            self.bm.allocate(need, &mut seq.blocks);
-            seq.num_computed = start;
-            seq.num_registered = hit_blocks;
-            seq.register_blocks(start + len, &mut self.bm, &mut self.pending);
-            seq.num_cached_tokens.get_or_insert(start);
-            self.stats.prefix_cache_queried_tokens += seq.tokens.len() as u64;
-            self.stats.prefix_cache_hit_tokens += start as u64;
-            width = width.max(seq.blocks.len());
+            };
+            width = width.max(self.seqs[&id].blocks.len());
             self.waiting.pop_front();
             self.running.push(id);
             chunks.push((id, start, len));
@@ -534,12 +650,99 @@ impl Scheduler {
         }
 
         if chunks.is_empty() {
+            // Nothing fits while forked choices wait holding context blocks: drop those (they recompute
+            // through the prefix cache) rather than stall.
+            if self.release_waiting_blocks() {
+                return self.schedule_inner();
+            }
             return None;
         }
         self.stats.steps += 1;
         let used = (self.bm.num_blocks() - self.bm.num_free()) as u64;
         self.stats.peak_used_blocks = self.stats.peak_used_blocks.max(used);
         Some(self.build_plan(&chunks, width))
+    }
+
+    /// Takes the blocks waiting sequence `id` needs to compute its next chunk: a forked choice already
+    /// holds its context's blocks (the partial last one is copied now if still shared), anything else
+    /// looks its prefix up in the cache. None (nothing taken) when the chunk does not fit.
+    fn admit(
+        &mut self,
+        id: i64,
+        budget: usize,
+        images: &mut ImageBudget,
+    ) -> Option<(usize, usize)> {
+        let bs = self.cfg.block_size;
+        let seq = self.seqs.get_mut(&id).unwrap();
+        if !seq.blocks.is_empty() {
+            let start = seq.num_computed;
+            let len = seq.chunk_len(start, budget, images);
+            let shared = !start.is_multiple_of(bs) && self.bm.ref_cnt(seq.blocks[start / bs]) > 1;
+            let need = (start + len).div_ceil(bs) - seq.blocks.len() + shared as usize;
+            if len == 0 || self.bm.num_free() < need {
+                return None;
+            }
+            if shared {
+                let old = seq.blocks[start / bs];
+                let mut fresh = Vec::with_capacity(1);
+                self.bm.allocate(1, &mut fresh);
+                seq.blocks[start / bs] = fresh[0];
+                self.bm.free(&[old]);
+                self.copies.extend([old as i64, fresh[0] as i64]);
+            }
+            self.bm.allocate(need - shared as usize, &mut seq.blocks);
+            seq.register_blocks(start + len, &mut self.bm, &mut self.pending);
+            self.stats.prefix_cache_queried_tokens += seq.prompt_len as u64;
+            self.stats.prefix_cache_hit_tokens += start as u64;
+            return Some((start, len));
+        }
+        let hit = if self.bm.caching_enabled() {
+            // Always compute the last token, and every position whose logits score the prompt.
+            let mut max_hit = seq.tokens.len() - 1;
+            if seq.lp_from > 0 {
+                max_hit = max_hit.min(seq.lp_from - 1);
+            }
+            seq.ensure_hashes(max_hit / bs, bs);
+            self.bm
+                .lookup(&seq.hashes[..max_hit / bs], &seq.tokens, &seq.images)
+        } else {
+            Vec::new()
+        };
+        let start = hit.len() * bs;
+        let len = seq.chunk_len(start, budget, images);
+        let need = (start + len).div_ceil(bs) - hit.len();
+        if len == 0 || !self.bm.can_take(&hit, need) {
+            return None;
+        }
+        self.bm.take_hits(&hit);
+        let hit_blocks = hit.len();
+        seq.blocks = hit;
+        self.bm.allocate(need, &mut seq.blocks);
+        seq.num_computed = start;
+        seq.num_registered = hit_blocks;
+        seq.register_blocks(start + len, &mut self.bm, &mut self.pending);
+        seq.num_cached_tokens.get_or_insert(start);
+        self.stats.prefix_cache_queried_tokens += seq.tokens.len() as u64;
+        self.stats.prefix_cache_hit_tokens += start as u64;
+        Some((start, len))
+    }
+
+    /// Frees the blocks of the waiting sequences that hold some (forked choices); whether any did.
+    fn release_waiting_blocks(&mut self) -> bool {
+        let victims: Vec<i64> = self
+            .waiting
+            .iter()
+            .copied()
+            .filter(|id| !self.seqs[id].blocks.is_empty())
+            .collect();
+        for &id in &victims {
+            let seq = self.seqs.get_mut(&id).unwrap();
+            self.bm.free(&seq.blocks);
+            seq.blocks.clear();
+            seq.num_computed = 0;
+            seq.num_registered = 0;
+        }
+        !victims.is_empty()
     }
 
     fn preempt(&mut self, id: i64) {
@@ -565,6 +768,7 @@ impl Scheduler {
             block_tables: vec![0; chunks.len() * width],
             block_table_width: width,
             seq_ids: Vec::with_capacity(chunks.len()),
+            block_copies: std::mem::take(&mut self.copies),
             ..Default::default()
         };
         p.query_start_loc.push(0);
@@ -613,6 +817,16 @@ impl Scheduler {
                     p.prompt_lp_targets.push(seq.tokens[pos + 1] as i64);
                 }
             }
+            // A scoring context's last row scores the first token of every choice.
+            let fanout = if end == seq.prompt_len {
+                seq.choices.len()
+            } else {
+                0
+            };
+            for c in &seq.choices[..fanout] {
+                p.prompt_lp_indices.push((row0 + len - 1) as i64);
+                p.prompt_lp_targets.push(c.tokens[0] as i64);
+            }
             for im in &seq.images {
                 let (lo, hi) = (start.max(im.start), end.min(im.end()));
                 if lo < hi {
@@ -634,6 +848,7 @@ impl Scheduler {
                 sampled,
                 lp_pos,
                 lp_count,
+                fanout,
             });
         }
         p
@@ -650,7 +865,7 @@ impl Scheduler {
     ) -> Result<Vec<FinishedSequence>, String> {
         let t0 = Instant::now();
         let s = self.last.iter().filter(|x| x.sampled).count();
-        let l: usize = self.last.iter().map(|x| x.lp_count).sum();
+        let l: usize = self.last.iter().map(|x| x.lp_count + x.fanout).sum();
         if sampled.len() != s
             || sampled_logprobs.len() != s
             || prompt_logprobs.len() != l
@@ -669,7 +884,7 @@ impl Scheduler {
         for sc in std::mem::take(&mut self.last) {
             let (s_row, l_row) = (si, li);
             si += sc.sampled as usize;
-            li += sc.lp_count;
+            li += sc.lp_count + sc.fanout;
             let Some(id) = sc.seq_id else { continue };
             let seq = self.seqs.get_mut(&id).unwrap();
             for k in 0..sc.lp_count {
@@ -677,8 +892,12 @@ impl Scheduler {
                 seq.prompt_lp[at] = prompt_logprobs[l_row + k];
                 seq.prompt_greedy[at] = prompt_greedy[l_row + k];
             }
+            for (k, c) in seq.choices[..sc.fanout].iter_mut().enumerate() {
+                c.first_lp = prompt_logprobs[l_row + sc.lp_count + k];
+                c.first_greedy = prompt_greedy[l_row + sc.lp_count + k];
+            }
             if seq.params.max_tokens == 0 {
-                if seq.num_computed >= seq.prompt_len {
+                if seq.num_computed >= seq.target() {
                     done.push((id, "scored"));
                 }
                 continue;
@@ -709,12 +928,68 @@ impl Scheduler {
             self.running.retain(|id| !done.iter().any(|d| d.0 == *id));
             for (id, reason) in done {
                 let seq = self.seqs.remove(&id).unwrap();
-                self.bm.free(&seq.blocks);
-                out.push(self.finish(id, seq, reason));
+                if seq.choices.is_empty() {
+                    self.bm.free(&seq.blocks);
+                    out.push(self.finish(id, seq, reason));
+                } else {
+                    self.fork(seq, &mut out);
+                }
             }
         }
         self.stats.schedule_ns += t0.elapsed().as_nanos() as u64;
         Ok(out)
+    }
+
+    /// A computed scoring context becomes its choices: each shares the context's blocks and goes to the
+    /// front of the queue with its first token already scored; a one-token choice is done at once.
+    fn fork(&mut self, ctx: Seq, out: &mut Vec<FinishedSequence>) {
+        let n = ctx.prompt_len;
+        let mut forked = Vec::new();
+        for c in &ctx.choices {
+            let Some(id) = c.seq_id else { continue };
+            self.context_of.remove(&id);
+            let m = c.tokens.len();
+            let mut tokens = ctx.tokens.clone();
+            tokens.extend(&c.tokens);
+            let (mut prompt_lp, mut prompt_greedy) = (vec![0.0; m], vec![false; m]);
+            prompt_lp[0] = c.first_lp;
+            prompt_greedy[0] = c.first_greedy;
+            let seq = Seq {
+                tokens,
+                prompt_len: n + m,
+                images: ctx.images.clone(),
+                positions: ctx.positions.clone(),
+                positions_len: ctx.positions_len,
+                position_delta: ctx.position_delta,
+                params: ctx.params.clone(),
+                lp_from: n,
+                blocks: if m > 1 {
+                    ctx.blocks.clone()
+                } else {
+                    Vec::new()
+                },
+                num_computed: n,
+                num_registered: ctx.num_registered,
+                hashes: ctx.hashes.clone(),
+                logprobs: Vec::new(),
+                prompt_lp,
+                prompt_greedy,
+                detok: None,
+                num_cached_tokens: ctx.num_cached_tokens,
+                choices: Vec::new(),
+            };
+            if m == 1 {
+                out.push(self.finish(id, seq, "scored"));
+                continue;
+            }
+            self.bm.take_hits(&seq.blocks);
+            self.seqs.insert(id, seq);
+            forked.push(id);
+        }
+        self.bm.free(&ctx.blocks);
+        for id in forked.into_iter().rev() {
+            self.waiting.push_front(id);
+        }
     }
 
     fn finish(&self, seq_id: i64, seq: Seq, reason: &'static str) -> FinishedSequence {

@@ -46,6 +46,12 @@ type Outputs = (Vec<i64>, Vec<f32>, Vec<f32>, Vec<bool>);
 
 impl FakeModel {
     fn step(&mut self, p: &StepPlan) -> Outputs {
+        for c in p.block_copies.chunks(2) {
+            let (src, dst) = (c[0] as usize * self.bs, c[1] as usize * self.bs);
+            for k in 0..self.bs {
+                self.kv[dst + k] = self.kv[src + k];
+            }
+        }
         let t = p.input_ids.len();
         let mut emb: Vec<Option<u64>> = p
             .input_ids
@@ -788,4 +794,168 @@ fn image_budget_spreads_images_over_steps() {
             .unwrap();
     }
     assert_eq!(per_step, vec![vec![100], vec![101], vec![102]]);
+}
+
+/// Scoring requests as (context, images, choices).
+type Scoring = (Vec<u32>, Vec<ImageSpan>, Vec<Vec<u32>>);
+
+fn random_scoring(seed: u64, n: usize) -> Vec<Scoring> {
+    let mut rng = Rng(seed);
+    let shared: Vec<u32> = (0..20).map(|_| 10 + rng.below(380) as u32).collect();
+    (0..n)
+        .map(|_| {
+            let mut ctx = shared[..rng.below(20)].to_vec();
+            let mut images = Vec::new();
+            if rng.below(2) == 0 {
+                let len = 2 + rng.below(9);
+                images.push(ImageSpan {
+                    start: ctx.len(),
+                    len,
+                    hash: 1 + rng.below(2) as u64,
+                    ..Default::default()
+                });
+                ctx.extend(std::iter::repeat_n(IMG, len));
+            }
+            ctx.extend((0..1 + rng.below(12)).map(|_| 10 + rng.below(380) as u32));
+            let choices = (0..1 + rng.below(5))
+                .map(|_| {
+                    (0..1 + rng.below(6))
+                        .map(|_| 10 + rng.below(380) as u32)
+                        .collect()
+                })
+                .collect();
+            (ctx, images, choices)
+        })
+        .collect()
+}
+
+/// Runs scoring requests either forked from their context (`add_scoring`) or as one sequence per
+/// choice; returns (choice id -> (prompt logprobs, greedy flags)), prefill tokens computed.
+fn run_scoring(
+    reqs: &[Scoring],
+    cfg: SchedulerConfig,
+    forked: bool,
+) -> (HashMap<i64, (Vec<f32>, Vec<bool>)>, u64) {
+    let (bs, nb) = (cfg.block_size, cfg.num_blocks);
+    let mut sched = Scheduler::new(tok(), cfg).unwrap();
+    let mut model = FakeModel {
+        kv: vec![None; nb * bs],
+        bs,
+    };
+    let mut next = 1000;
+    let mut expected = 0;
+    for (ctx, images, choices) in reqs {
+        let ids: Vec<i64> = (0..choices.len() as i64).map(|k| next + 1 + k).collect();
+        if forked {
+            let pairs = ids.iter().copied().zip(choices.iter().cloned()).collect();
+            sched
+                .add_scoring(next, ctx.clone(), images, vec![], 0, pairs)
+                .unwrap();
+        } else {
+            for (id, c) in ids.iter().zip(choices) {
+                let mut prompt = ctx.clone();
+                prompt.extend(c);
+                let p = SamplingParams {
+                    max_tokens: 0,
+                    prompt_logprobs_from: ctx.len() as i64,
+                    ..Default::default()
+                };
+                sched
+                    .add_sequence(*id, prompt, images, vec![], 0, p)
+                    .unwrap();
+            }
+        }
+        expected += choices.len();
+        next += 1 + choices.len() as i64;
+    }
+    let mut out = HashMap::new();
+    let mut steps = 0;
+    while sched.has_unfinished() {
+        let Some(plan) = sched.schedule() else {
+            panic!(
+                "stalled with unfinished sequences: {} waiting, {} running, {} free blocks of {nb}, forked {forked}",
+                sched.num_waiting(),
+                sched.num_running(),
+                sched.block_manager().num_free()
+            );
+        };
+        steps += 1;
+        assert!(steps < 100_000);
+        let (s, lp, plp, greedy) = model.step(&plan);
+        for f in sched.update(&s, &lp, &plp, &greedy).unwrap() {
+            assert_eq!(f.finish_reason, "scored");
+            assert!(out
+                .insert(f.seq_id, (f.prompt_logprobs, f.prompt_greedy))
+                .is_none());
+        }
+    }
+    assert_eq!(out.len(), expected, "every choice finishes once");
+    let bm = sched.block_manager();
+    assert_eq!(bm.num_free(), nb, "leaked blocks");
+    assert!((0..nb as u32).all(|b| bm.ref_cnt(b) == 0));
+    (out, sched.stats().prefill_tokens_computed)
+}
+
+#[test]
+fn forked_choices_score_as_their_own_sequences_do() {
+    for seed in 0..10u64 {
+        let reqs = random_scoring(seed, 12);
+        let (reference, plain_tokens) =
+            run_scoring(&reqs, config(4096, false, 4096, 256, 16), false);
+        let mut rng = Rng(seed + 7);
+        for caching in [false, true] {
+            for bs in [4, 16] {
+                let longest = reqs
+                    .iter()
+                    .map(|(c, _, ch)| c.len() + ch.iter().map(Vec::len).max().unwrap())
+                    .max()
+                    .unwrap();
+                // Tight: forked choices then hold context blocks others need (released, recomputed).
+                let blocks = longest.div_ceil(bs) + 1 + rng.below(6);
+                let cfg = config(blocks, caching, 8 + rng.below(60), 2 + rng.below(8), bs);
+                let (forked, _) = run_scoring(&reqs, cfg, true);
+                for (id, (lp, greedy)) in &reference {
+                    let (flp, fgreedy) = &forked[id];
+                    assert_eq!(flp, lp, "seed {seed} choice {id} caching {caching} bs {bs}");
+                    assert_eq!(fgreedy, greedy);
+                }
+            }
+        }
+        let (roomy, forked_tokens) = run_scoring(&reqs, config(4096, false, 4096, 256, 16), true);
+        assert_eq!(roomy.len(), reference.len());
+        // Context once plus each choice's own tokens but its last: fewer than one sequence per choice.
+        let ideal: usize = reqs
+            .iter()
+            .map(|(c, _, ch)| c.len() + ch.iter().map(|x| x.len() - 1).sum::<usize>())
+            .sum();
+        assert_eq!(forked_tokens as usize, ideal, "seed {seed}");
+        assert!(forked_tokens < plain_tokens, "seed {seed}");
+    }
+}
+
+#[test]
+fn aborting_choices_before_the_fork_drops_them_and_their_context() {
+    let mut sched = Scheduler::new(tok(), config(64, true, 64, 8, 4)).unwrap();
+    sched
+        .add_scoring(
+            0,
+            vec![11; 9],
+            &[],
+            vec![],
+            0,
+            vec![(1, vec![12, 13]), (2, vec![14])],
+        )
+        .unwrap();
+    assert!(sched
+        .add_scoring(5, vec![11; 3], &[], vec![], 0, vec![(1, vec![12])])
+        .unwrap_err()
+        .contains("already exists"));
+    assert_eq!(sched.abort(1).unwrap().finish_reason, "abort");
+    assert!(sched.has_unfinished());
+    assert_eq!(sched.abort(2).unwrap().finish_reason, "abort");
+    assert!(
+        !sched.has_unfinished(),
+        "the context goes with its last choice"
+    );
+    assert_eq!(sched.block_manager().num_free(), 64);
 }

@@ -9,9 +9,10 @@ from .cache import write_kv
 from .norm import rms_norm
 from .patch_embed import patch_embed
 from .rotary import rotary_embedding
+from .vision_varlen import varlen_vision_attention
 
 __all__ = ["bind", "paged_attention", "paged_decode_attention", "paged_prefill_attention", "vision_attention",
-           "write_kv", "rms_norm", "patch_embed", "rotary_embedding"]
+           "varlen_vision_attention", "write_kv", "rms_norm", "patch_embed", "rotary_embedding"]
 
 
 def bind(ops, use_flash_attn: bool = False) -> None:
@@ -27,3 +28,4 @@ def bind(ops, use_flash_attn: bool = False) -> None:
             return
         ops.paged_attention = flash.paged_attention
         ops.vision_attention = flash.vision_attention
+        ops.varlen_vision_attention = flash.varlen_vision_attention

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from flash_attn import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 
-from . import attention
+from . import attention, vision_varlen
 
 if TYPE_CHECKING:  # the kernels never import ops at run time: ops binds them, not the reverse
     from ..ops import AttentionMetadata
@@ -47,3 +47,11 @@ def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     if q.dtype not in _HALF:
         return attention.vision_attention(q, k, v, scale)
     return flash_attn_func(q, k, v, softmax_scale=scale)
+
+
+def varlen_vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                            max_seqlen: int, scale: float) -> torch.Tensor:
+    if q.dtype not in _HALF:
+        return vision_varlen.varlen_vision_attention(q, k, v, cu_seqlens, max_seqlen, scale)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale,
+                                  causal=False)

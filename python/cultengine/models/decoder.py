@@ -1,7 +1,8 @@
-"""Llama / Qwen2 / Mistral decoder over a packed batch with a paged KV cache.
+"""Llama / Qwen2 / Mistral / Qwen3 decoder over a packed batch with a paged KV cache.
 
-The three differ only in config: Qwen2 has q/k/v biases, Mistral may set head_dim explicitly,
-all use RMSNorm, rotate-half RoPE, grouped-query attention and a SwiGLU MLP.
+The four differ only in config: Qwen2 has q/k/v biases, Mistral may set head_dim explicitly, Qwen3
+RMS-normalises each query and key head before RoPE (`q_norm`, `k_norm`); all use RMSNorm, rotate-half
+RoPE (or Qwen2-VL's multimodal M-RoPE, `mrope_rows`), grouped-query attention and a SwiGLU MLP.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from ..errors import CheckpointError, config_float, config_int
 from ..ops import AttentionMetadata
 from .vision import activation
 
-TEXT_MODELS = ("llama", "qwen2", "mistral")
+TEXT_MODELS = ("llama", "qwen2", "mistral", "qwen3")
 # transformers' config defaults for the fields a Hub config.json may leave out (real checkpoints
 # often give only the fields that differ from these).
 _TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -31,6 +32,10 @@ _TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
     "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                     num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096 * 32,
                     rms_norm_eps=1e-6, rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=False),
+    "qwen3": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=32, head_dim=128, max_position_embeddings=32768,
+                  rms_norm_eps=1e-6, rope_theta=10000.0, attention_bias=False, hidden_act="silu",
+                  tie_word_embeddings=False),
 }
 # RoPE tables are [max_positions, head_dim / 2] fp32 cos and sin: refuse sizes that cannot be allocated.
 MAX_ROPE_POSITIONS = 1 << 24
@@ -56,6 +61,7 @@ class TextConfig:
     hidden_act: str
     sliding_window: int | None
     tie_word_embeddings: bool
+    qk_norm: bool = False  # Qwen3: RMSNorm over each query and key head (head_dim) before RoPE
     windowed_layers: tuple[int, ...] = ()  # the layers that attend over the last `sliding_window` keys only
 
     def window(self, layer: int) -> int | None:
@@ -80,7 +86,8 @@ class TextConfig:
         head_dim = config_int({"head_dim": c.get("head_dim") or hidden // heads}, "head_dim", where)
         max_pos = config_int(c, "max_position_embeddings", where)
         theta, scaling = _rope(c, where)
-        sliding = c.get("sliding_window") if (mt != "qwen2" or c.get("use_sliding_window")) else None
+        # Qwen configs carry a sliding_window that only `use_sliding_window` turns on.
+        sliding = c.get("sliding_window") if (mt not in ("qwen2", "qwen3") or c.get("use_sliding_window")) else None
         tie = c.get("tie_word_embeddings") if tie_word_embeddings is None else tie_word_embeddings
         num_layers = config_int(c, "num_hidden_layers", where)
         return cls(
@@ -93,15 +100,16 @@ class TextConfig:
             o_bias=False if mt == "qwen2" else bool(c.get("attention_bias", False)),
             mlp_bias=bool(c.get("mlp_bias", False)), hidden_act=c["hidden_act"],
             sliding_window=config_int(c, "sliding_window", where) if sliding is not None else None,
-            tie_word_embeddings=bool(tie), windowed_layers=_windowed_layers(c, mt, num_layers) if sliding else ())
+            tie_word_embeddings=bool(tie), qk_norm=mt == "qwen3",
+            windowed_layers=_windowed_layers(c, mt, num_layers) if sliding else ())
 
 
 def _windowed_layers(cfg: dict, model_type: str, num_layers: int) -> tuple[int, ...]:
-    # transformers 5 lists `layer_types`; before it, Qwen2 windowed the layers from `max_window_layers` on
-    # and Mistral every layer.
+    # transformers 5 lists `layer_types`; before it, Qwen2 and Qwen3 windowed the layers from
+    # `max_window_layers` on, and Mistral every layer.
     if cfg.get("layer_types"):
         return tuple(i for i, kind in enumerate(cfg["layer_types"]) if kind == "sliding_attention")
-    first = int(cfg.get("max_window_layers", 28)) if model_type == "qwen2" else 0  # Qwen2Config's default
+    first = int(cfg.get("max_window_layers", 28)) if model_type in ("qwen2", "qwen3") else 0  # their default
     return tuple(range(first, num_layers))
 
 
@@ -128,8 +136,11 @@ def tied_embeddings(config: dict) -> bool:
 
 
 class Decoder:
+    """The decoder stack. `mrope_rows` (one position stream per rotary frequency, `[head_dim // 2]`) makes
+    its RoPE multimodal: `forward` then takes `[3, T]` positions (Qwen2-VL and successors)."""
+
     def __init__(self, ckpt: Checkpoint, text: TextConfig, ops, prefix: str = "model.language_model.",
-                 max_positions: int | None = None):
+                 max_positions: int | None = None, mrope_rows: list[int] | None = None):
         c = text
         self.ops, self.cfg = ops, c
         h, hd, nq, nkv = c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads
@@ -164,13 +175,20 @@ class Decoder:
                                          w(lp + "mlp.up_proj.bias", (c.intermediate_size,))])
                               if mlp_b else None),
                 down=w(lp + "mlp.down_proj.weight", (h, c.intermediate_size)),
-                down_bias=w(lp + "mlp.down_proj.bias", (h,)) if mlp_b else None))
+                down_bias=w(lp + "mlp.down_proj.bias", (h,)) if mlp_b else None,
+                q_norm=w(lp + "self_attn.q_norm.weight", (hd,)) if c.qk_norm else None,
+                k_norm=w(lp + "self_attn.k_norm.weight", (hd,)) if c.qk_norm else None))
         # RoPE tables are built once, in fp32, for every position the model may see.
         positions = max_positions or c.max_position_embeddings
         if positions > MAX_ROPE_POSITIONS:
             raise CheckpointError(f"config.json: max_position_embeddings {positions} is too large to allocate "
                                   f"RoPE tables for (limit {MAX_ROPE_POSITIONS}); pass a smaller max_model_len")
         self.cos, self.sin = ops_module.rotary_cos_sin(hd, positions, c.rope_theta, ckpt.device, c.rope_scaling)
+        if mrope_rows is not None and len(mrope_rows) != hd // 2:
+            raise CheckpointError(f"config.json: mrope_section covers {len(mrope_rows)} rotary frequencies, "
+                                  f"but head_dim {hd} has {hd // 2}")
+        self.mrope_rows = (None if mrope_rows is None
+                           else torch.tensor(mrope_rows, dtype=torch.int64, device=ckpt.device))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -188,11 +206,26 @@ class Decoder:
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, self.embed_tokens)
 
+    def rotary_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(positions, cos, sin) for `ops.rotary_embedding`: the shared tables, or for M-RoPE each token's own
+        (its frequencies turned by their position streams) at positions 0..T-1."""
+        if self.mrope_rows is None:
+            return positions, self.cos, self.sin
+        cos, sin = ops_module.mrope_cos_sin(positions, self.cos, self.sin, self.mrope_rows)
+        return torch.arange(positions.shape[1], device=positions.device), cos, sin
+
     @torch.inference_mode()
     def forward(self, input_embeds: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
-        """Packed `[T, H]` embeddings -> final-normed hidden states `[T, H]`; writes this step's KV."""
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
+                deepstack: tuple[torch.Tensor, list[torch.Tensor]] | None = None) -> torch.Tensor:
+        """Packed `[T, H]` embeddings -> final-normed hidden states `[T, H]`; writes this step's KV.
+
+        `positions` is `[T]`, or `[3, T]` with M-RoPE. `deepstack = (rows, features)` adds `features[i]`
+        (`[len(rows), H]`) to the hidden states of `rows` after layer i (Qwen3-VL's DeepStack).
+        """
         ops, c, t = self.ops, self.cfg, input_embeds.shape[0]
+        rope_positions, cos, sin = self.rotary_tables(positions)
+        rows, extra = deepstack if deepstack is not None else (None, [])
         x, residual = input_embeds, None
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches, strict=True)):
             h, residual = ops.rms_norm(x, layer["input_norm"], c.rms_norm_eps, residual)
@@ -200,13 +233,18 @@ class Decoder:
             q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
             q = q.view(t, c.num_heads, c.head_dim)
             k = k.view(t, c.num_kv_heads, c.head_dim)
-            q, k = ops.rotary_embedding(q, k, positions, self.cos, self.sin)
+            if c.qk_norm:
+                q = ops.rms_norm(q, layer["q_norm"], c.rms_norm_eps)[0]
+                k = ops.rms_norm(k, layer["k_norm"], c.rms_norm_eps)[0]
+            q, k = ops.rotary_embedding(q, k, rope_positions, cos, sin)
             ops.write_kv(k, v.view(t, c.num_kv_heads, c.head_dim), k_cache, v_cache, meta.slot_mapping)
             a = ops.paged_attention(q, k_cache, v_cache, meta, self.scale, c.window(i))
             x = F.linear(a.reshape(t, self.q_size), layer["o"], layer["o_bias"])
             h, residual = ops.rms_norm(x, layer["post_norm"], c.rms_norm_eps, residual)
             gate, up = F.linear(h, layer["gate_up"], layer["gate_up_bias"]).chunk(2, dim=-1)
             x = F.linear(self.act(gate) * up, layer["down"], layer["down_bias"])
+            if i < len(extra):  # the layer's output is x + residual: adding to x adds to it
+                x = x.index_add(0, rows, extra[i].to(x.dtype))
         return ops.rms_norm(x, self.norm, c.rms_norm_eps, residual)[0]
 
     @torch.inference_mode()
