@@ -66,4 +66,5 @@ def test_gemma3_presets_are_real_sizes(tmp_path, name, shape):
     t = family.text
     assert (t.hidden_size, t.num_layers, t.num_heads, t.num_kv_heads) == shape
     assert t.layer_types.count("full_attention") == t.num_layers // 6 and t.sliding_window == 1024
+    assert t.tie_word_embeddings  # the lm_head is the embedding matrix (4.3B and 12.2B weights)
     assert (family.vision.image_size, family.mm_tokens, family.image_processor.size["height"]) == (896, 256, 896)

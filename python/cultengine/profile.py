@@ -51,7 +51,8 @@ _LLAVA_NEXT = {"architectures": ["LlavaNextForConditionalGeneration"], "vision_f
 _SIGLIP_SO400M_896 = {"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
                       "num_hidden_layers": 27, "num_attention_heads": 16, "image_size": 896, "patch_size": 14,
                       "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6}
-_GEMMA3 = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "mm_tokens_per_image": 256}
+_GEMMA3 = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "mm_tokens_per_image": 256,
+           "tie_word_embeddings": True}
 _GEMMA3_TEXT = {"model_type": "gemma3_text", "head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 1024,
                 "sliding_window_pattern": 6, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
                 "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "vocab_size": 262_208,
