@@ -7,9 +7,12 @@
 Each question is one image + one question (cultengine.profile's synthetic workload, a distinct noise
 image per question) and 4 choices of 1-4 words. Three ways to get the 4 log-likelihoods:
 
-  (a) cultengine `Engine.score`, prefix caching on: the context is computed once, the 4 choices reuse
-      its full KV blocks;
-  (b) cultengine with `enable_prefix_caching=False`: every choice recomputes its whole context (what
+  (a) cultengine `Engine.score`: the context is computed once, its last row scores every choice's first
+      token, and each choice forks over the context's KV blocks (the partial last block copied on
+      write), computing only its own tokens;
+  (p) the previous way, each choice its own sequence sharing the context's full KV blocks through the
+      prefix cache (the context's partial last block recomputed per choice);
+  (b) each choice its own sequence, prefix caching off: every choice recomputes its whole context (what
       vLLM does when asked for prompt logprobs, which turns the prefix cache off);
   (c) lm-evaluation-harness style with transformers: per question one right-padded forward over its
       4 (context + choice) sequences, the image's pixel values repeated 4 times, summing the
@@ -44,13 +47,26 @@ GOAL_VS_LM_EVAL = 3.0
 ATOL = 1e-3
 
 
-def run_ours(engine, requests, args, prefix_caching: bool) -> np.ndarray:
+def ideal_prefill_tokens(questions) -> int:
+    """Each context once, and each choice's tokens but its last."""
+    return sum(len(ctx) + sum(len(c) - 1 for c in choices) for ctx, choices, _ in questions)
+
+
+def run_ours(engine, requests, args, prefix_caching: bool, per_choice: bool = False) -> np.ndarray:
+    """Log-likelihoods `[questions, choices]`; `per_choice` scores each choice as a request of its own."""
     common.reset_caches(engine, **{**common.scheduler_kwargs(args), "enable_prefix_caching": prefix_caching})
-    outs = engine.score(requests, use_tqdm=False)
+    asked = [{**r, "choices": [c]} for r in requests for c in r["choices"]] if per_choice else requests
+    before = engine.stats()["prefill_tokens_computed"]
+    outs = engine.score(asked, use_tqdm=False)
+    PREFILL_TOKENS[(prefix_caching, per_choice)] = engine.stats()["prefill_tokens_computed"] - before
     errors = [o.error for o in outs if o.error]
     if errors:
         raise RuntimeError(f"{len(errors)} requests failed, first: {errors[0]}")
-    return np.array([[c.logprob for c in o.choices] for o in outs], dtype=np.float64)
+    lps = [c.logprob for o in outs for c in o.choices]
+    return np.array(lps, dtype=np.float64).reshape(len(requests), -1)
+
+
+PREFILL_TOKENS: dict[tuple[bool, bool], int] = {}  # (prefix caching, per choice) -> tokens computed, last run
 
 
 @torch.inference_mode()
@@ -112,9 +128,11 @@ def main(argv=None) -> None:
         context_tokens = [len(q[0]) for q in questions]
 
         systems = {
-            "a": ("cultengine score (prefix caching)", lambda: run_ours(engine, requests, args, True)),
-            "b": ("cultengine, no prefix caching (vLLM prompt-logprobs)",
-                  lambda: run_ours(engine, requests, args, False)),
+            "a": ("cultengine score (context once, choices forked)", lambda: run_ours(engine, requests, args, True)),
+            "p": ("cultengine, one sequence per choice over the prefix cache (previous)",
+                  lambda: run_ours(engine, requests, args, True, per_choice=True)),
+            "b": ("cultengine, one sequence per choice, no prefix caching (vLLM prompt-logprobs)",
+                  lambda: run_ours(engine, requests, args, False, per_choice=True)),
         }
         hf = None
 
@@ -126,7 +144,7 @@ def main(argv=None) -> None:
         def hf_run():
             return run_lm_eval_style(hf, questions, pad_id, args.device)
 
-        times = {k: [] for k in "abc"}
+        times = {k: [] for k in "apbc"}
         scores = {}
 
         def once(key, fn):
@@ -137,7 +155,7 @@ def main(argv=None) -> None:
         run_ours(engine, requests[:2], args, True)  # warm-up
         if cuda:  # one model on the device at a time
             for _ in range(args.repeats):
-                for key in "ab":
+                for key in "apb":
                     once(key, systems[key][1])
             del engine
             systems = {k: (v[0], None) for k, v in systems.items()}
@@ -149,29 +167,30 @@ def main(argv=None) -> None:
         else:  # interleaved, so a busy neighbour slows all three alike
             hf_setup()
             for _ in range(args.repeats):
-                for key in "ab":
+                for key in "apb":
                     once(key, systems[key][1])
                 once("c", hf_run)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    names = {"a": systems["a"][0], "b": systems["b"][0],
-             "c": "transformers, lm-eval style (1 padded forward / question)"}
+    names = {k: v[0] for k, v in systems.items()} | {"c": "transformers, lm-eval style (1 padded forward / question)"}
+    prefill = {"a": PREFILL_TOKENS[(True, False)], "p": PREFILL_TOKENS[(True, True)],
+               "b": PREFILL_TOKENS[(False, True)], "c": None}
     rows = []
-    for key in "abc":
+    for key in "apbc":
         wall = bench_common.median(times[key])
         rows.append({"key": key, "system": names[key], "seconds": wall, "q_s": args.num_questions / wall,
-                     "repeats_s": times[key]})
+                     "prefill_tokens": prefill[key], "repeats_s": times[key]})
     qps = {r["key"]: r["q_s"] for r in rows}
     for r in rows:
         r["vs_c"] = r["q_s"] / qps["c"]
-    ratios = {"a_over_c": qps["a"] / qps["c"], "a_over_b": qps["a"] / qps["b"]}
+    ratios = {"a_over_c": qps["a"] / qps["c"], "a_over_b": qps["a"] / qps["b"], "a_over_p": qps["a"] / qps["p"]}
 
     def compare(x, y):
         return {"same_argmax_fraction": float(np.mean(scores[x].argmax(1) == scores[y].argmax(1))),
                 "max_abs_diff": float(np.abs(scores[x] - scores[y]).max())}
 
-    checks = {"a_vs_b": compare("a", "b")}
+    checks = {"a_vs_b": compare("a", "b"), "a_vs_p": compare("a", "p")}
     if not random_init:
         checks["a_vs_c"] = compare("a", "c")
         checks["b_vs_c"] = compare("b", "c")
@@ -190,9 +209,11 @@ def main(argv=None) -> None:
         f"request preprocessing, transformers' inputs are ready-made.",
         f"**Goal: (a) >= {GOAL_VS_LM_EVAL:.0f}x the lm-eval-style baseline (c) "
         f"({'met' if ratios['a_over_c'] >= GOAL_VS_LM_EVAL else 'NOT met'}: {ratios['a_over_c']:.2f}x); "
-        f"(a) / (b) = {ratios['a_over_b']:.2f}x.**",
-        bench_common.table(rows, ["key", "system", "seconds", "q_s", "vs_c"],
-                           ["", "system", "wall s", "questions/s", "ratio vs (c)"]),
+        f"(a) / (b) = {ratios['a_over_b']:.2f}x, (a) / (p) = {ratios['a_over_p']:.2f}x.** Prefill tokens computed: "
+        f"(a) {prefill['a']}, (p) {prefill['p']}, (b) {prefill['b']}; the ideal, each context once and each "
+        f"choice's tokens but its last: {ideal_prefill_tokens(questions)}.",
+        bench_common.table(rows, ["key", "system", "seconds", "q_s", "prefill_tokens", "vs_c"],
+                           ["", "system", "wall s", "questions/s", "prefill tokens", "ratio vs (c)"]),
         "Agreement" + (f" (float32: same argmax and |Δ log-likelihood| <= {ATOL:g}: "
                        f"{'yes' if tolerance_ok else 'NO'})" if tolerance_ok is not None else "") + ":",
         bench_common.table(check_rows, ["pair", "same_argmax_fraction", "max_abs_diff"],

@@ -294,3 +294,51 @@ def test_engine_demo_and_threads(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="threads"):
         Engine("demo", threads=0)
     torch.set_num_threads(1)
+
+
+def test_choices_compute_only_their_own_tokens_and_score_alike_under_pressure(tiny_llama):
+    """Each choice forks from its context (computed once, its last row scoring every first choice token);
+    a choice computes only its tokens but the last. Tight memory (forked choices release their shared
+    blocks, preemption) and no prefix caching change no score."""
+    choices = ["Japan", " Peru and Chile", "Ghana", "a much longer answer about India"]
+    reqs = [{**r, "choices": choices} for r in REQUESTS[:3]]
+    engine = Engine(tiny_llama, dtype="float32", enable_prefix_caching=False)
+    want = engine.score(reqs, use_tqdm=False)
+    contexts = [len(engine._prepare([r])[0].prompt_ids) for r in reqs]
+    own = sum(len(engine.tokenizer.encode(c)) - 1 for c in choices) * len(reqs)
+    assert engine.stats()["prefill_tokens_computed"] == sum(contexts) + own
+    longest = max(contexts) + max(len(engine.tokenizer.encode(c)) for c in choices)
+    for kw in ({"block_size": 4, "num_blocks": -(-longest // 4) + 2, "max_model_len": longest},
+               {"block_size": 4, "max_num_batched_tokens": 8}):
+        got = Engine(tiny_llama, dtype="float32", **kw).score(reqs, use_tqdm=False)
+        for a, b in zip(got, want, strict=True):
+            assert a.error is None
+            np.testing.assert_allclose([c.logprob for c in a.choices], [c.logprob for c in b.choices], atol=1e-5)
+            assert [c.is_greedy for c in a.choices] == [c.is_greedy for c in b.choices]
+
+
+def test_top_logprobs_of_generated_and_prompt_tokens_match_a_transformers_forward(tiny_llama):
+    engine, ref = Engine(tiny_llama, dtype="float32"), Reference(tiny_llama)
+    req = REQUESTS[1]
+    out = engine.generate([req], SamplingParams(max_tokens=5, logprobs=3, prompt_logprobs=2, n=2, seed=0,
+                                                temperature=1.0), use_tqdm=False)[0]
+    ids, pixels = ref.encode(req)
+    for sample in out.samples:
+        lp = ref.logprobs(ids + sample.token_ids, pixels)
+        assert len(sample.top_logprobs) == len(sample.token_ids)
+        for step, (top, tok) in enumerate(zip(sample.top_logprobs, sample.token_ids, strict=True)):
+            row = lp[len(ids) - 1 + step]
+            want = dict(zip(*[x.tolist() for x in row.topk(3)][::-1], strict=True))
+            assert tok in top and top[tok] == pytest.approx(float(row[tok]), abs=ATOL)
+            for t, v in want.items():
+                assert top[t] == pytest.approx(v, abs=ATOL)
+    lp = ref.logprobs(ids, pixels)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
+    for p in range(1, len(ids)):
+        assert out.prompt_logprobs[p] == pytest.approx(float(lp[p - 1, ids[p]]), abs=ATOL)
+        top = out.prompt_top_logprobs[p]
+        assert ids[p] in top and set(lp[p - 1].topk(2).indices.tolist()) <= set(top)
+    plain = engine.generate([req], SamplingParams(max_tokens=5), use_tqdm=False)[0]
+    assert plain.samples[0].top_logprobs is None and plain.prompt_logprobs is None
+    with pytest.raises(ValueError, match="logprobs"):
+        SamplingParams(logprobs=50)

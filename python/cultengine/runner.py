@@ -205,6 +205,10 @@ class ModelRunner:
 
         `synchronize` waits for the device around the vision encoder so its time can be measured.
         """
+        if len(plan.block_copies):  # a forked choice's copy of its context's last, shared block
+            src, dst = (self._tensor(np.ascontiguousarray(plan.block_copies[:, i])) for i in (0, 1))
+            for cache in (c for pair in self.kv_caches for c in pair):
+                cache.index_copy_(0, dst, cache.index_select(0, src))
         if self.decode_graphs is not None and self.decode_graphs.fits(plan):
             return self.decode_graphs.run(plan)
         image_rows = image_embeds = spans = None

@@ -692,8 +692,6 @@ impl Scheduler {
             }
             self.bm.allocate(need - shared as usize, &mut seq.blocks);
             seq.register_blocks(start + len, &mut self.bm, &mut self.pending);
-            self.stats.prefix_cache_queried_tokens += seq.prompt_len as u64;
-            self.stats.prefix_cache_hit_tokens += start as u64;
             return Some((start, len));
         }
         let hit = if self.bm.caching_enabled() {
@@ -949,6 +947,9 @@ impl Scheduler {
             let Some(id) = c.seq_id else { continue };
             self.context_of.remove(&id);
             let m = c.tokens.len();
+            // The choice reuses the context's KV as a prefix-cache hit would.
+            self.stats.prefix_cache_queried_tokens += (n + m) as u64;
+            self.stats.prefix_cache_hit_tokens += n as u64;
             let mut tokens = ctx.tokens.clone();
             tokens.extend(&c.tokens);
             let (mut prompt_lp, mut prompt_greedy) = (vec![0.0; m], vec![false; m]);

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from ..checkpoint import Checkpoint
+from ..errors import CheckpointError
 from ..image import ImageProcessor, content_hash
 from ..ops import AttentionMetadata
 
@@ -47,6 +48,24 @@ class ImageFeatures:
         h.update(np.asarray(self.embedding_runs, dtype=np.int64).tobytes())
         h.update(repr(sorted(self.meta.items())).encode())
         return int.from_bytes(h.digest(), "little")
+
+
+def marker_token_ids(tokenizer, checkpoint: Checkpoint, markers: dict[str, str], named: bool = True) -> list[int]:
+    """Ids of the special tokens a family's prompts put around images: each `attribute: default` of `markers`
+    is the token the tokenizer's settings name by that attribute (tokenizer_config.json, top level or in
+    `extra_special_tokens`; only when `named`, as the family's processor reads them) or else the default.
+    A token missing from the tokenizer is a CheckpointError."""
+    config = checkpoint.tokenizer_config
+    extra = config.get("extra_special_tokens")
+    names = {**config, **(extra if isinstance(extra, dict) else {})} if named else {}
+    ids = []
+    for attr, default in markers.items():
+        text = names.get(attr) if isinstance(names.get(attr), str) else default
+        i = tokenizer.token_to_id(text)
+        if i is None:
+            raise CheckpointError(f"{checkpoint.tokenizer_path}: the image marker token {text!r} is missing")
+        ids.append(i)
+    return ids
 
 
 class Model(Protocol):
