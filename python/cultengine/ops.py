@@ -117,13 +117,16 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
     b = seqs.numel()
     max_q, max_kv = int(q_lens.max()), int(seq_lens.max())
 
-    # Gather the keys/values of each sequence into a padded [B, Hkv, max_kv, D] batch.
+    # Gather the keys/values of each sequence into a padded [B, Hkv, keys, D] batch, from the first block any
+    # query's window reaches (all of them without a window).
+    first_blk = 0 if window is None else max(int((seq_lens - q_lens).min()) - window + 1, 0) // block_size
     n_blk = -(-max_kv // block_size)
-    blocks = meta.block_tables[seqs, :n_blk].long().flatten()
+    first_key, keys = first_blk * block_size, max_kv - first_blk * block_size
+    blocks = meta.block_tables[seqs, first_blk:n_blk].long().flatten()
 
     def gather(cache: torch.Tensor) -> torch.Tensor:
         kv = cache.view(num_blocks, block_size * hkv * d).index_select(0, blocks)
-        return kv.view(b, n_blk * block_size, hkv, d)[:, :max_kv].transpose(1, 2).float()
+        return kv.view(b, (n_blk - first_blk) * block_size, hkv, d)[:, :keys].transpose(1, 2).float()
 
     k, v = gather(k_cache), gather(v_cache)
 
@@ -139,7 +142,7 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
 
     # Query i of a sequence sits at absolute position ctx + i, ctx = seq_len - q_len.
     q_pos = (seq_lens - q_lens)[:, None] + torch.arange(max_q, device=q.device)[None, :]
-    k_pos = torch.arange(max_kv, device=q.device)
+    k_pos = first_key + torch.arange(keys, device=q.device)
     k_pos, q_pos = k_pos[None, None, :], q_pos[:, :, None]
     visible = k_pos <= q_pos
     if meta.image_spans is not None and meta.image_spans.numel():
