@@ -76,3 +76,20 @@ def test_tiling_presets_have_real_shapes(tmp_path, name, arch, hidden, tiles, to
     ckpt.tensor = lambda key, shape=None: weights.append(draw(key, shape)) or weights[-1]
     family.build_model(None, max_positions=1)
     assert sum(w.numel() for w in weights) / 1e9 == pytest.approx(billions, abs=0.01)
+
+
+@pytest.mark.parametrize(
+    "name,shape,billions", [("gemma-3-4b", (2560, 34, 8, 4), 4.30), ("gemma-3-12b", (3840, 48, 16, 8), 12.19)]
+)
+def test_gemma3_presets_are_real_sizes(tmp_path, name, shape, billions):
+    ckpt = load_checkpoint(preset_checkpoint(name, tmp_path / "p"), device="meta", random_init=True)
+    family = family_for(ckpt)
+    t = family.text
+    assert (t.hidden_size, t.num_layers, t.num_heads, t.num_kv_heads) == shape
+    assert t.layer_types.count("full_attention") == t.num_layers // 6 and t.sliding_window == 1024
+    assert t.tie_word_embeddings  # the lm_head is the embedding matrix (4.3B and 12.2B weights)
+    assert (family.vision.image_size, family.mm_tokens, family.image_processor.size["height"]) == (896, 256, 896)
+    weights, draw = [], ckpt.tensor
+    ckpt.tensor = lambda key, shape=None: weights.append(draw(key, shape)) or weights[-1]
+    family.build_model(None, max_positions=1)
+    assert sum(w.numel() for w in weights) / 1e9 == pytest.approx(billions, abs=0.01)

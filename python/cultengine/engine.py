@@ -110,7 +110,8 @@ class Engine:
         rows = self.family.position_rows
         self.runner = ModelRunner(self.model, self.device, self.checkpoint.dtype, block_size, num_blocks,
                                   kv_cache_memory, max_num_seqs, self.max_model_len, encoder_cache_size,
-                                  cuda_graphs=graphs, position_rows=rows)
+                                  cuda_graphs=graphs, position_rows=rows,
+                                  bidirectional_images=self.family.bidirectional_images)
         self.scheduler = _core.Scheduler(
             self.tokenizer, num_blocks=self.runner.num_blocks, block_size=block_size,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
@@ -305,8 +306,9 @@ class Engine:
             if not isinstance(p, Exception):
                 by_special[p[2]].append(i)
         for flag, idx in by_special.items():
-            for i, ids in zip(idx, self._encode_texts([parsed[i][0] for i in idx], flag, idx, prepared),
-                              strict=True):
+            texts = [self.family.expand_text(parsed[i][0], [images[_image_key(src, parsed[i][3])][0]
+                                                            for src in parsed[i][1]]) for i in idx]
+            for i, ids in zip(idx, self._encode_texts(texts, flag, idx, prepared), strict=True):
                 if ids is None:
                     continue
                 try:

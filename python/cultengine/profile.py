@@ -2,8 +2,9 @@
 
 `--model` takes a checkpoint directory or a shape preset (`llava-1.5-7b`, `llava-next-7b`, `pangea-7b`,
 `llava-onevision-7b`, `qwen2-7b`, `qwen2.5-vl-7b`, `qwen2.5-vl-72b`, `smolvlm2-2.2b`, `internvl3-8b`,
-`demo`) whose weights are drawn at load time, so real model sizes can be profiled without downloading
-anything. `--dry-run` runs nothing: it plans memory (weight and KV-cache bytes) from the shapes.
+`gemma-3-4b`, `gemma-3-12b`, `demo`) whose weights are drawn at load time, so real model sizes can be profiled
+without downloading anything. `--dry-run` runs nothing: it plans memory (weight and KV-cache bytes) from the
+shapes.
 """
 
 from __future__ import annotations
@@ -49,6 +50,18 @@ _LLAVA = {"architectures": ["LlavaForConditionalGeneration"], "vision_feature_la
 _LLAVA_NEXT = {"architectures": ["LlavaNextForConditionalGeneration"], "vision_feature_layer": -2,
                "vision_feature_select_strategy": "default",
                "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]}
+_SIGLIP_SO400M_896 = {"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
+                      "num_hidden_layers": 27, "num_attention_heads": 16, "image_size": 896, "patch_size": 14,
+                      "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6}
+_GEMMA3 = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "mm_tokens_per_image": 256,
+           "tie_word_embeddings": True}
+_GEMMA3_TEXT = {"model_type": "gemma3_text", "head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 1024,
+                "sliding_window_pattern": 6, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
+                "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "vocab_size": 262_208,
+                "max_position_embeddings": 131_072, "rms_norm_eps": 1e-6}
+_GEMMA3_PREPROCESSOR = {"image_processor_type": "Gemma3ImageProcessor", "size": {"height": 896, "width": 896},
+                        "resample": 2, "do_resize": True, "do_rescale": True, "do_normalize": True,
+                        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
 # SmolVLM2-2.2B-Instruct: SigLIP-so400m/14 on 384-px tiles, scale_factor 3 (81 tokens a tile), SmolLM2-1.7B.
 _SMOLVLM2_2B = {"architectures": ["SmolVLMForConditionalGeneration"], "scale_factor": 3,
                 "text_config": {"model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192,
@@ -110,6 +123,15 @@ PRESETS: dict[str, tuple] = {
                             "resample": 3, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}),
     "smolvlm2-2.2b": (_SMOLVLM2_2B, _SMOLVLM2_PREPROCESSOR, _IDEFICS3_TOKENS),
     "internvl3-8b": (_INTERNVL3_8B, _INTERNVL3_PREPROCESSOR, _INTERNVL_TOKENS),
+    # gemma-3-4b-it / gemma-3-12b-it: SigLIP-so400m/14-896 pooled to 256 tokens; 5 sliding layers per full one
+    "gemma-3-4b": ({**_GEMMA3, "text_config": {**_GEMMA3_TEXT, "hidden_size": 2560, "intermediate_size": 10240,
+                                               "num_hidden_layers": 34, "num_attention_heads": 8,
+                                               "num_key_value_heads": 4}, "vision_config": _SIGLIP_SO400M_896},
+                   _GEMMA3_PREPROCESSOR),
+    "gemma-3-12b": ({**_GEMMA3, "text_config": {**_GEMMA3_TEXT, "hidden_size": 3840, "intermediate_size": 15360,
+                                                "num_hidden_layers": 48, "num_attention_heads": 16,
+                                                "num_key_value_heads": 8}, "vision_config": _SIGLIP_SO400M_896},
+                    _GEMMA3_PREPROCESSOR),
 }
 # Qwen2.5-VL: its windowed tower (the same in 7B and 72B but for its output width), a Qwen2 decoder with M-RoPE;
 # the demo tokenizer's <image> is the placeholder, Qwen's processor defaults (4 to 16384 merged patches).
@@ -157,6 +179,10 @@ def preset_checkpoint(name: str, out_dir: Path) -> Path:
     config["image_token_index"] = config["image_token_id"] = demo_cfg["image_token_index"]  # both names in use
     if family_tokens:
         config["image_token_id"] = _add_family_tokens(out_dir, family_tokens[0])
+    if "mm_tokens_per_image" in config:  # Gemma 3: the demo's <image> opens an image; soft/end ids past its vocab
+        demo_vocab = demo_cfg["text_config"]["vocab_size"]
+        config.update(boi_token_index=demo_cfg["image_token_index"], image_token_index=demo_vocab,
+                      image_token_id=demo_vocab, eoi_token_index=demo_vocab + 1)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     (out_dir / "preprocessor_config.json").write_text(json.dumps(preprocessor))
     return out_dir

@@ -22,6 +22,12 @@ FAMILIES: dict[str, str] = {
     "Idefics3ForConditionalGeneration": "idefics3.Idefics3",
     "SmolVLMForConditionalGeneration": "idefics3.SmolVLM",
     "InternVLForConditionalGeneration": "internvl.InternVL",
+    "Gemma3ForConditionalGeneration": "gemma3.Gemma3",
+    "Gemma3ForCausalLM": "gemma3.Gemma3Text",
+    "LlamaForCausalLM": "text.TextOnly",
+    "MistralForCausalLM": "text.TextOnly",
+    "Qwen2ForCausalLM": "text.TextOnly",
+    "Qwen3ForCausalLM": "text.TextOnly",
 }
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 

@@ -94,6 +94,8 @@ class Family:
 
     position_rows: ClassVar[int] = 1  # 3 for M-RoPE
     atomic_images: ClassVar[bool] = False  # image runs never split across prefill chunks
+    # Each embedding run's tokens attend to the whole run in prefill (Gemma 3); needs atomic runs.
+    bidirectional_images: ClassVar[bool] = False
     image_options: ClassVar[tuple[str, ...]] = ()  # request keys passed to process_image (e.g. max_pixels)
 
     def __init__(self, checkpoint: Checkpoint, image_backend: str | None = None):
@@ -113,6 +115,12 @@ class Family:
 
     def process_image(self, image: Image.Image, options: dict[str, Any]) -> ImageFeatures:
         raise NotImplementedError
+
+    def expand_text(self, text: str, images: list[ImageFeatures]) -> str:
+        """The prompt text before tokenization, given its images in order: where a processor puts text around
+        each placeholder (Gemma 3's newlines), it goes here so that it tokenizes with its neighbours as the
+        processor's does; the placeholder itself stays, and `token_ids` replaces it after tokenization."""
+        return text
 
     def dummy_image(self) -> Image.Image:
         """An image the warm-up request can use (a kernel's first launch compiles it)."""

@@ -66,8 +66,7 @@ class Llava(Family):
 
     @property
     def max_context(self) -> int:
-        # Up to a sliding window (Mistral), windowed attention equals full attention: cap there, exactly.
-        return min(self.text.max_position_embeddings, self.text.sliding_window or 1 << 62)
+        return self.text.max_position_embeddings
 
     def process_image(self, image: Image.Image, options: dict[str, Any]) -> ImageFeatures:
         n = self.tokens_per_tile
