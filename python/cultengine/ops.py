@@ -13,6 +13,7 @@ offset `s % block_size`.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -284,14 +285,23 @@ def patch_embed(pixels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 # Dispatch
 # ---------------------------------------------------------------------------------------------
 class Ops:
-    """The primitives of one backend, bound once per engine so the hot path does no lookups."""
+    """The primitives of one backend, bound once per engine so the hot path does no lookups: the torch
+    references here, replaced by `kernels.bind` on the Triton and flash backends (same signatures)."""
 
     PRIMITIVES = PRIMITIVES
+    write_kv: Callable[..., None]
+    paged_attention: Callable[..., torch.Tensor]
+    vision_attention: Callable[..., torch.Tensor]
+    varlen_vision_attention: Callable[..., torch.Tensor]
+    rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    rotary_embedding: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    patch_embed: Callable[..., torch.Tensor]
 
     def __init__(self, backend: str):
         self.backend = backend
-        for name in PRIMITIVES:
-            setattr(self, name, globals()[name])
+        self.write_kv, self.paged_attention, self.rms_norm = write_kv, paged_attention, rms_norm
+        self.vision_attention, self.varlen_vision_attention = vision_attention, varlen_vision_attention
+        self.rotary_embedding, self.patch_embed = rotary_embedding, patch_embed
         if backend in ("triton", "flash"):
             from . import kernels
 
