@@ -221,13 +221,14 @@ def main(argv=None) -> None:
     bench_common.add_run_args(parser, "requests of 4 tokens")
     args = parser.parse_args(argv)
     cuda = bench_common.setup_run(args, "bench_generate")
+    if args.workload == "stories":  # 42 nationalities x 2 temperatures about one image
+        args.num_requests = args.num_requests or 84
+        args.prompts_per_image, args.output_len = args.num_requests, args.output_len or "200"
     args.num_requests = args.num_requests or (1000 if cuda else 64)
     args.prompt_len = args.prompt_len or ("16:64" if cuda else "16")
     if args.workload == "benchmark":
         args.prompts_per_image, args.output_len = 4, args.output_len or "4:64"
-    if args.workload == "stories":
-        args.num_requests = args.num_requests or 84
-        args.prompts_per_image, args.output_len = args.num_requests, args.output_len or "200"
+
     args.output_len = str(args.output_len or (64 if cuda else 32))
     if args.quick:
         args.num_requests, args.output_len, args.repeats = 8, "4", 1
