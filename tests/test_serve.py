@@ -169,6 +169,21 @@ def test_chat_with_image_n_seed_logprobs_match_engine_generate(client, reference
     assert [c.message.content for c in again.choices] == [c.message.content for c in resp.choices]
 
 
+def test_top_logprobs_match_engine_generate(client, reference):
+    resp = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Tell me a story."}],
+                                          max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    (ref,) = reference.generate([{"messages": [{"role": "user", "content": "Tell me a story."}]}],
+                                SamplingParams(max_tokens=6, temperature=0, logprobs=3), use_tqdm=False)
+    content = resp.choices[0].logprobs.content
+    assert len(content) == len(ref.token_ids)
+    for tok, top in zip(content, ref.samples[0].top_logprobs, strict=True):
+        want = sorted(top.values(), reverse=True)[:3]
+        assert [t.logprob for t in tok.top_logprobs] == pytest.approx(want, abs=1e-4)
+    comp = client.completions.create(model=MODEL, prompt="Tell me", max_tokens=4, temperature=0, logprobs=2)
+    # text -> log-prob, as OpenAI's completions give it (two ids of one text collapse into one entry)
+    assert all(1 <= len(d) <= 2 for d in comp.choices[0].logprobs.top_logprobs)
+
+
 def test_completions_prompt_list_stop_and_logprobs_match_engine_generate(client, reference):
     prompts = ["The quick brown fox", "Un café au lait"]
     resp = client.completions.create(
@@ -438,8 +453,8 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", _chat(presence_penalty=0.5), 400, "presence_penalty=0.5 is not supported"),
     ("/v1/chat/completions", _chat(response_format={"type": "json_object"}), 400, "response_format"),
     ("/v1/chat/completions", _chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
-    ("/v1/chat/completions", _chat(logprobs=True, top_logprobs=2), 400, "top_logprobs > 0 is not supported"),
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 3}, 400, "not supported"),
+    ("/v1/chat/completions", _chat(top_logprobs=2), 400, "top_logprobs needs logprobs=true"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 30}, 400, "logprobs must be in"),
     (
         "/v1/chat/completions",
         _chat(messages=image_message("data:image/png;base64,@@@not-base64", "x")),

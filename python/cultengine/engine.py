@@ -168,7 +168,7 @@ class Engine:
                                            prompt_logprobs_from=1 if prompt_lps else -1)
                         owners[seq_id] = (i, k)
                         if sp.logprobs is not None:
-                            self._top_k[seq_id], self._top[seq_id] = sp.logprobs, []
+                            self._want_top_logprobs(seq_id, sp.logprobs)
                         if prompt_lps:
                             self._prompt_top_k[seq_id], self._prompt_top[seq_id] = sp.prompt_logprobs, {}
                 except Exception as e:  # noqa: BLE001 - whatever one request raises is that request's error
@@ -181,13 +181,9 @@ class Engine:
                     self._abort_request(owners, i)
                     outputs[i].error, outputs[i].samples = outputs[i].error or error, []
                     return
-                top = self._top.pop(seq.seq_id, None)
-                if top is not None:  # each position's top-k, and the token sampled there
-                    for d, t, lp in zip(top, seq.output_token_ids, seq.output_logprobs, strict=True):
-                        d.setdefault(int(t), float(lp))
                 outputs[i].samples[k] = Sample(text=seq.text, token_ids=list(seq.output_token_ids),
-                                               finish_reason=seq.finish_reason,
-                                               logprobs=list(seq.output_logprobs), top_logprobs=top)
+                                               finish_reason=seq.finish_reason, logprobs=list(seq.output_logprobs),
+                                               top_logprobs=self._take_top_logprobs(seq))
                 outputs[i].num_cached_tokens = max(outputs[i].num_cached_tokens, seq.num_cached_tokens)
                 if seq.seq_id in self._prompt_top:
                     at = self._prompt_top.pop(seq.seq_id)
@@ -562,6 +558,19 @@ class Engine:
         finished = self.scheduler.update(tokens, token_lps, prompt_lps, greedy)
         self._tick("update", t)
         return finished, plan.sample_seq_ids, non_finite
+
+    def _want_top_logprobs(self, seq_id: int, k: int) -> None:
+        """Gather the k most likely tokens at each position sequence `seq_id` generates."""
+        self._top_k[seq_id], self._top[seq_id] = k, []
+
+    def _take_top_logprobs(self, seq) -> list[dict[int, float]] | None:
+        """A finished sequence's gathered top-k per position, each with the token sampled there."""
+        self._top_k.pop(seq.seq_id, None)
+        top = self._top.pop(seq.seq_id, None)
+        if top is not None:
+            for d, t, lp in zip(top, seq.output_token_ids, seq.output_logprobs, strict=True):
+                d.setdefault(int(t), float(lp))
+        return top
 
     def _gather_top_logprobs(self, plan, logits: torch.Tensor) -> None:
         """The k most likely tokens of the logits rows whose sequences asked for them (opt-in: a loop over

@@ -5,8 +5,8 @@ Endpoints: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`
 
 Limitation: the scheduler hands back finished sequences only, so `stream=true` sends the role chunk at
 once and each choice's whole text in one chunk when it finishes, then `[DONE]`; true per-token streaming
-needs the scheduler to report partial sequences. `logprobs` carry the sampled token's log-probability;
-`top_logprobs > 0` is refused (400) until the engine returns the top alternatives.
+needs the scheduler to report partial sequences. `logprobs` carry the sampled token's log-probability and
+the `top_logprobs` (chat) / `logprobs` (completions) most likely tokens at each position (at most 20).
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
-    logprobs: int | None = None  # number of alternatives per token; only 0 is supported
+    logprobs: int | None = None  # alternatives per token (0..20)
     echo: bool = False
 
 
@@ -232,8 +232,9 @@ _UNSUPPORTED = {
 }
 
 
-def sampling_params(body: _Sampling, max_tokens: int | None) -> SamplingParams:
-    """The engine's parameters; `max_tokens=None` (up to the context's end) is validated as 1."""
+def sampling_params(body: _Sampling, max_tokens: int | None, top_logprobs: int | None = None) -> SamplingParams:
+    """The engine's parameters; `max_tokens=None` (up to the context's end) is validated as 1;
+    `top_logprobs`: alternatives per generated token (None: none gathered)."""
     for name, off in _UNSUPPORTED.items():
         value = (body.model_extra or {}).get(name)
         if value is not None and value not in off:
@@ -252,27 +253,41 @@ def sampling_params(body: _Sampling, max_tokens: int | None) -> SamplingParams:
             stop_token_ids=list(body.stop_token_ids or []),
             ignore_eos=body.ignore_eos,
             skip_special_tokens=body.skip_special_tokens,
+            logprobs=top_logprobs,
         )
     except ValueError as e:
         raise APIError(400, str(e), param=str(e).split()[0]) from e
 
 
-def chat_logprobs(texts: list[str], sample: Sample) -> dict:
-    """OpenAI's chat `logprobs` (`texts`: each token's text); `bytes` is null for a token that is only
-    part of a UTF-8 character (its text alone decodes to U+FFFD)."""
-    content = [
-        {"token": t, "logprob": lp, "bytes": None if "\ufffd" in t else list(t.encode()), "top_logprobs": []}
-        for t, lp in zip(texts, sample.logprobs, strict=True)
-    ]
+def _token(text: str, logprob: float) -> dict:
+    # `bytes` is null for a token that is only part of a UTF-8 character (alone it decodes to U+FFFD).
+    return {"token": text, "logprob": logprob, "bytes": None if "\ufffd" in text else list(text.encode())}
+
+
+def _alternatives(sample: Sample, k: int, token_texts) -> list[list[tuple[str, float]]]:
+    """Each position's k most likely tokens as (text, log-prob), most likely first."""
+    out = []
+    for top in sample.top_logprobs or [{} for _ in sample.token_ids]:
+        best = sorted(top.items(), key=lambda kv: -kv[1])[:k]
+        out.append(list(zip(token_texts([t for t, _ in best]), [lp for _, lp in best], strict=True)))
+    return out
+
+
+def chat_logprobs(texts: list[str], sample: Sample, k: int, token_texts) -> dict:
+    """OpenAI's chat `logprobs` (`texts`: each token's text), with `k` alternatives per token."""
+    alts = _alternatives(sample, k, token_texts)
+    content = [{**_token(t, lp), "top_logprobs": [_token(a, alp) for a, alp in alt]}
+               for t, lp, alt in zip(texts, sample.logprobs, alts, strict=True)]
     return {"content": content}
 
 
-def completion_logprobs(texts: list[str], sample: Sample) -> dict:
+def completion_logprobs(texts: list[str], sample: Sample, k: int, token_texts) -> dict:
     offsets, pos = [], 0
     for t in texts:
         offsets.append(pos)
         pos += len(t)
-    return {"tokens": texts, "token_logprobs": sample.logprobs, "top_logprobs": None, "text_offset": offsets}
+    top = [dict(alt) for alt in _alternatives(sample, k, token_texts)] if k else None
+    return {"tokens": texts, "token_logprobs": sample.logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
 def _usage(prompt_tokens: int, samples: list[Sample]) -> dict:
@@ -447,15 +462,11 @@ def build_app(loop: EngineLoop, config: ServeConfig) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
-        if body.top_logprobs:
-            raise APIError(
-                400,
-                "top_logprobs > 0 is not supported yet: the engine returns the sampled token's "
-                "log-probability only (logprobs=true with top_logprobs 0 works)",
-                param="top_logprobs",
-            )
+        if body.top_logprobs and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        k = body.top_logprobs or 0
         max_tokens = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
-        params = sampling_params(body, max_tokens)
+        params = sampling_params(body, max_tokens, k if body.logprobs else None)
 
         def submit():
             return loop.generate({"messages": to_engine_messages(body.messages, config)}, params, max_tokens)
@@ -464,10 +475,10 @@ def build_app(loop: EngineLoop, config: ServeConfig) -> FastAPI:
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": now, "model": config.model_name}
 
-        def choice(k: int, s: Sample) -> dict:
-            lp = chat_logprobs(loop.token_texts(s.token_ids), s) if body.logprobs else None
+        def choice(i: int, s: Sample) -> dict:
+            lp = chat_logprobs(loop.token_texts(s.token_ids), s, k, loop.token_texts) if body.logprobs else None
             return {
-                "index": k,
+                "index": i,
                 "message": {"role": "assistant", "content": s.text},
                 "logprobs": lp,
                 "finish_reason": s.finish_reason,
@@ -503,18 +514,18 @@ def build_app(loop: EngineLoop, config: ServeConfig) -> FastAPI:
             except APIError as e:
                 yield _sse(e.body())
                 return
-            for k, s in enumerate(samples):
-                lp = chat_logprobs(loop.token_texts(s.token_ids), s) if body.logprobs else None
+            for i, s in enumerate(samples):
+                lp = chat_logprobs(loop.token_texts(s.token_ids), s, k, loop.token_texts) if body.logprobs else None
                 yield _sse(
                     {
                         **chunk,
-                        "choices": [{"index": k, "delta": {"content": s.text}, "logprobs": lp, "finish_reason": None}],
+                        "choices": [{"index": i, "delta": {"content": s.text}, "logprobs": lp, "finish_reason": None}],
                     }
                 )
                 yield _sse(
                     {
                         **chunk,
-                        "choices": [{"index": k, "delta": {}, "logprobs": None, "finish_reason": s.finish_reason}],
+                        "choices": [{"index": i, "delta": {}, "logprobs": None, "finish_reason": s.finish_reason}],
                     }
                 )
             if (body.stream_options or {}).get("include_usage"):
@@ -526,19 +537,12 @@ def build_app(loop: EngineLoop, config: ServeConfig) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
-        if body.logprobs:
-            raise APIError(
-                400,
-                "logprobs > 0 (top alternatives) is not supported yet: the engine returns the "
-                "sampled token's log-probability only (logprobs=0 works)",
-                param="logprobs",
-            )
         if body.echo:
             raise APIError(400, "echo is not supported", param="echo")
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
             raise APIError(400, "prompt must be a string or a non-empty list of strings", param="prompt")
-        params = sampling_params(body, body.max_tokens)
+        params = sampling_params(body, body.max_tokens, body.logprobs)
         admitted = await admit(*(partial(loop.generate, {"prompt": p}, params, body.max_tokens) for p in prompts))
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": now, "model": config.model_name}
@@ -549,7 +553,8 @@ def build_app(loop: EngineLoop, config: ServeConfig) -> FastAPI:
             return {
                 "index": k,
                 "text": s.text,
-                "logprobs": completion_logprobs(loop.token_texts(s.token_ids), s) if want_lp else None,
+                "logprobs": completion_logprobs(loop.token_texts(s.token_ids), s, body.logprobs or 0, loop.token_texts)
+                if want_lp else None,
                 "finish_reason": s.finish_reason,
             }
 

@@ -185,7 +185,7 @@ class EngineLoop:
                 max_tokens = job.max_tokens or max(1, self.engine.max_model_len - len(prep.prompt_ids))
                 for seed in sp.sample_seeds():
                     job.seq_ids.append(
-                        eng._add(
+                        seq_id := eng._add(
                             prep,
                             max_tokens=max_tokens,
                             temperature=sp.temperature,
@@ -198,6 +198,8 @@ class EngineLoop:
                             skip_special_tokens=sp.skip_special_tokens,
                         )
                     )
+                    if sp.logprobs is not None:
+                        eng._want_top_logprobs(seq_id, sp.logprobs)
             else:
                 # As Engine.score: each choice tokenized on its own; the context computed once, the
                 # choices forked from it.
@@ -249,6 +251,7 @@ class EngineLoop:
                     token_ids=list(seq.output_token_ids),
                     finish_reason=seq.finish_reason,
                     logprobs=list(seq.output_logprobs),
+                    top_logprobs=self.engine._take_top_logprobs(seq),
                 )
             else:
                 lps = list(seq.prompt_logprobs)
@@ -287,6 +290,8 @@ class EngineLoop:
         for seq_id in job.seq_ids:
             self.engine.scheduler.abort(seq_id)
             self.engine._release(seq_id)
+            self.engine._top_k.pop(seq_id, None)
+            self.engine._top.pop(seq_id, None)
             self._owner.pop(seq_id, None)
 
     def _fail_all(self, error: Exception) -> None:
