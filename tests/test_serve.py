@@ -217,12 +217,14 @@ def test_streaming_chat_and_completions(client):
     whole = client.chat.completions.create(**kwargs)
     chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
     assert [c.delta.role for c in chunks[0].choices] == ["assistant", "assistant"]
-    texts, finish = ["", ""], [None, None]
+    texts, finish, pieces = ["", ""], [None, None], [0, 0]
     for chunk in chunks[1:-1]:
         (c,) = chunk.choices
         texts[c.index] += c.delta.content or ""
+        pieces[c.index] += bool(c.delta.content)
         finish[c.index] = c.finish_reason or finish[c.index]
     assert texts == [c.message.content for c in whole.choices]
+    assert max(pieces) > 1, pieces  # the text arrives as it is generated, not at the end
     assert finish == [c.finish_reason for c in whole.choices]
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == whole.usage.total_tokens
 

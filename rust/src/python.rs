@@ -284,7 +284,7 @@ impl Scheduler {
     #[pyo3(signature = (seq_id, prompt_ids, images, max_tokens, temperature = 0.0, top_p = 1.0, top_k = -1,
                         seed = 0, stop = Vec::new(), stop_token_ids = Vec::new(), ignore_eos = false,
                         skip_special_tokens = true, prompt_logprobs_from = -1, positions = Vec::new(),
-                        position_delta = 0))]
+                        position_delta = 0, stream = false))]
     #[allow(clippy::too_many_arguments)]
     fn add_sequence(
         &mut self,
@@ -303,6 +303,7 @@ impl Scheduler {
         prompt_logprobs_from: i64,
         positions: Vec<i64>,
         position_delta: i64,
+        stream: bool,
     ) -> PyResult<()> {
         let max_tokens = usize::try_from(max_tokens).map_err(|_| {
             PyValueError::new_err(format!(
@@ -320,6 +321,7 @@ impl Scheduler {
             ignore_eos,
             skip_special_tokens,
             prompt_logprobs_from,
+            stream,
         };
         self.inner
             .add_sequence(
@@ -369,6 +371,11 @@ impl Scheduler {
     /// Returns the aborted sequence as finished with reason "abort", or None for an unknown id.
     fn abort(&mut self, seq_id: i64) -> Option<FinishedSequence> {
         self.inner.abort(seq_id).map(Into::into)
+    }
+
+    /// (seq id, text) released for streaming sequences since the last call.
+    fn take_deltas(&mut self) -> Vec<(i64, String)> {
+        self.inner.take_deltas()
     }
 
     fn has_unfinished(&self) -> bool {

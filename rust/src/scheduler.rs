@@ -56,6 +56,7 @@ pub struct SamplingParams {
     pub stop_token_ids: Vec<u32>,
     pub ignore_eos: bool,
     pub skip_special_tokens: bool,
+    pub stream: bool, // report the text each step adds (`Scheduler::take_deltas`)
     pub prompt_logprobs_from: i64, // k >= 1: log P(prompt[i] | prompt[:i]) for i >= k
 }
 
@@ -71,6 +72,7 @@ impl Default for SamplingParams {
             stop_token_ids: Vec::new(),
             ignore_eos: false,
             skip_special_tokens: true,
+            stream: false,
             prompt_logprobs_from: -1,
         }
     }
@@ -302,6 +304,7 @@ pub struct Scheduler {
     last: Vec<Scheduled>,
     pending: Vec<u32>, // blocks cached by the last plan, whose KV that plan writes
     copies: Vec<i64>,  // (src, dst) block copies the next plan carries
+    deltas: Vec<(i64, String)>, // text released for streaming sequences since the last take_deltas
     context_of: FxHashMap<i64, i64>, // choice seq id -> its scoring context, until the fork
     stats: Stats,
 }
@@ -326,6 +329,7 @@ impl Scheduler {
             last: Vec::new(),
             pending: Vec::new(),
             copies: Vec::new(),
+            deltas: Vec::new(),
             context_of: FxHashMap::default(),
             stats: Stats::default(),
         })
@@ -343,6 +347,12 @@ impl Scheduler {
     pub fn has_unfinished(&self) -> bool {
         !self.seqs.is_empty()
     }
+    /// The text each streaming sequence (`SamplingParams::stream`) gained since the last call, in
+    /// order; a finished sequence's rest is in its `FinishedSequence::text`.
+    pub fn take_deltas(&mut self) -> Vec<(i64, String)> {
+        std::mem::take(&mut self.deltas)
+    }
+
     pub fn stats(&self) -> &Stats {
         &self.stats
     }
@@ -507,7 +517,7 @@ impl Scheduler {
         } else {
             0
         };
-        let detok = (!params.stop.is_empty()).then(|| {
+        let detok = (!params.stop.is_empty() || params.stream).then(|| {
             IncrementalDetokenizer::new(
                 self.tok.clone(),
                 params.skip_special_tokens,
@@ -909,7 +919,10 @@ impl Scheduler {
             seq.logprobs.push(sampled_logprobs[s_row]);
             let stop_tok = is_stop_token(&self.cfg.eos_token_ids, &seq.params, tok);
             // A stop token is not part of the text, so it is not detokenized.
-            let stop_str = !stop_tok && seq.detok.as_mut().is_some_and(|d| d.push(tok).1);
+            let (released, stop_str) = match seq.detok.as_mut() {
+                Some(d) if !stop_tok => d.push(tok),
+                _ => (String::new(), false),
+            };
             let reason = if stop_tok || stop_str {
                 Some("stop")
             } else if seq.num_output() >= seq.params.max_tokens {
@@ -919,6 +932,8 @@ impl Scheduler {
             };
             if let Some(r) = reason {
                 done.push((id, r));
+            } else if seq.params.stream && !released.is_empty() {
+                self.deltas.push((id, released));
             }
         }
         let mut out = Vec::with_capacity(done.len());

@@ -957,3 +957,48 @@ fn aborting_choices_before_the_fork_drops_them_and_their_context() {
     );
     assert_eq!(sched.block_manager().num_free(), 64);
 }
+
+#[test]
+fn streaming_sequences_report_their_text_as_it_grows() {
+    let mut sched = Scheduler::new(tok(), config(64, false, 64, 8, 4)).unwrap();
+    let mut model = FakeModel {
+        kv: vec![None; 64 * 4],
+        bs: 4,
+    };
+    let p = SamplingParams {
+        max_tokens: 12,
+        ignore_eos: true,
+        stream: true,
+        ..Default::default()
+    };
+    sched
+        .add_sequence(0, vec![30, 31, 32], &[], vec![], 0, p.clone())
+        .unwrap();
+    sched
+        .add_sequence(
+            1,
+            vec![30, 31, 32],
+            &[],
+            vec![],
+            0,
+            SamplingParams { stream: false, ..p },
+        )
+        .unwrap();
+    let (mut streamed, mut finished) = (String::new(), HashMap::new());
+    while let Some(plan) = sched.schedule() {
+        let (s, lp, plp, greedy) = model.step(&plan);
+        for f in sched.update(&s, &lp, &plp, &greedy).unwrap() {
+            finished.insert(f.seq_id, f);
+        }
+        for (id, delta) in sched.take_deltas() {
+            assert_eq!(id, 0, "only the streaming sequence reports text");
+            streamed.push_str(&delta);
+        }
+    }
+    let text = &finished[&0].text;
+    assert!(
+        !streamed.is_empty() && text.starts_with(&streamed),
+        "{streamed:?} / {text:?}"
+    );
+    assert_eq!(text, &finished[&1].text, "streaming changes no text");
+}

@@ -3,10 +3,11 @@
 Endpoints: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/score`
 (per-choice log-likelihoods), `GET /health`, `GET /metrics` (Prometheus text).
 
-Limitation: the scheduler hands back finished sequences only, so `stream=true` sends the role chunk at
-once and each choice's whole text in one chunk when it finishes, then `[DONE]`; true per-token streaming
-needs the scheduler to report partial sequences. `logprobs` carry the sampled token's log-probability and
-the `top_logprobs` (chat) / `logprobs` (completions) most likely tokens at each position (at most 20).
+`stream=true` sends the role chunk at once, then each choice's text as the engine's steps release it (the
+scheduler's incremental detokenizer holds back what may begin a stop string), then the finish reason and
+`[DONE]`; a choice's log-probabilities come with its last chunk. `logprobs` carry the sampled token's
+log-probability and the `top_logprobs` (chat) / `logprobs` (completions) most likely tokens at each
+position (at most 20).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import base64
 import binascii
 import hmac
 import json
+import queue
 import re
 import threading
 import time
@@ -426,6 +428,45 @@ def build_app(loop: EngineLoop, config: ServeConfig) -> FastAPI:
         except RuntimeError as e:  # the engine step failed (the server goes on)
             raise APIError(500, str(e), type_="server_error") from e
 
+    async def streamed(request: Request, admitted: list[Admitted]):
+        """Yields ("text", request index, sample index, text) as the admitted requests' samples grow, then
+        ("done", samples) once all are finished; a client that goes away aborts them all."""
+        everything = asyncio.gather(*(asyncio.wrap_future(f) for a in admitted for f in a.results))
+        checked = time.monotonic()
+
+        def drained():
+            for i, a in enumerate(admitted):
+                while True:
+                    try:
+                        k, text = a.stream.get_nowait()
+                    except queue.Empty:
+                        break
+                    yield "text", i, k, text
+
+        try:
+            while True:
+                for item in drained():
+                    yield item
+                if everything.done():
+                    break
+                await asyncio.wait({everything}, timeout=0.02)
+                if time.monotonic() - checked > 0.25:
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
+                        raise APIError(499, "the client closed the request", code="client_closed_request")
+        except BaseException:  # gone, or this task was cancelled (the connection closed)
+            everything.cancel()
+            for a in admitted:
+                loop.abort(a.request_id)
+            raise
+        try:
+            samples = everything.result()
+        except RuntimeError as e:  # the engine step failed (the server goes on)
+            raise APIError(500, str(e), type_="server_error") from e
+        for item in drained():
+            yield item
+        yield "done", samples
+
     @app.get("/health")
     async def health():
         if not loop.alive:
@@ -469,7 +510,8 @@ def build_app(loop: EngineLoop, config: ServeConfig) -> FastAPI:
         params = sampling_params(body, max_tokens, k if body.logprobs else None)
 
         def submit():
-            return loop.generate({"messages": to_engine_messages(body.messages, config)}, params, max_tokens)
+            return loop.generate({"messages": to_engine_messages(body.messages, config)}, params, max_tokens,
+                                 stream=bool(body.stream))
 
         (admitted,) = await admit(submit)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -509,19 +551,27 @@ def build_app(loop: EngineLoop, config: ServeConfig) -> FastAPI:
                     ],
                 }
             )
+            sent = [""] * params.n
+
+            def delta(i: int, text: str, lp=None) -> str:
+                sent[i] += text
+                return _sse({**chunk, "choices": [{"index": i, "delta": {"content": text}, "logprobs": lp,
+                                                   "finish_reason": None}]})
+
             try:
-                samples = await results(request, [admitted])
+                async for item in streamed(request, [admitted]):
+                    if item[0] == "text":
+                        yield delta(item[2], item[3])
+                    else:
+                        samples = item[1]
             except APIError as e:
                 yield _sse(e.body())
                 return
             for i, s in enumerate(samples):
+                # What the steps held back (a possible stop string's start), and the log-probs, at the end.
                 lp = chat_logprobs(loop.token_texts(s.token_ids), s, k, loop.token_texts) if body.logprobs else None
-                yield _sse(
-                    {
-                        **chunk,
-                        "choices": [{"index": i, "delta": {"content": s.text}, "logprobs": lp, "finish_reason": None}],
-                    }
-                )
+                if s.text[len(sent[i]):] or lp:
+                    yield delta(i, s.text[len(sent[i]):], lp)
                 yield _sse(
                     {
                         **chunk,
@@ -543,7 +593,9 @@ def build_app(loop: EngineLoop, config: ServeConfig) -> FastAPI:
         if not prompts:
             raise APIError(400, "prompt must be a string or a non-empty list of strings", param="prompt")
         params = sampling_params(body, body.max_tokens, body.logprobs)
-        admitted = await admit(*(partial(loop.generate, {"prompt": p}, params, body.max_tokens) for p in prompts))
+        submits = (partial(loop.generate, {"prompt": p}, params, body.max_tokens, stream=bool(body.stream))
+                   for p in prompts)
+        admitted = await admit(*submits)
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": now, "model": config.model_name}
         want_lp = body.logprobs is not None
@@ -568,13 +620,25 @@ def build_app(loop: EngineLoop, config: ServeConfig) -> FastAPI:
             }
 
         async def events():
+            sent: dict[int, str] = {}
+
+            def piece(index: int, text: str, finish_reason=None, logprobs=None) -> str:
+                sent[index] = sent.get(index, "") + text
+                return _sse({**head, "object": "text_completion", "choices": [
+                    {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]})
+
             try:
-                samples = await results(request, admitted)
+                async for item in streamed(request, admitted):
+                    if item[0] == "text":
+                        yield piece(item[1] * params.n + item[2], item[3])
+                    else:
+                        samples = item[1]
             except APIError as e:
                 yield _sse(e.body())
                 return
-            for k, s in enumerate(samples):
-                yield _sse({**head, "object": "text_completion", "choices": [choice(k, s)]})
+            for index, s in enumerate(samples):
+                full = choice(index, s)
+                yield piece(index, s.text[len(sent.get(index, "")):], s.finish_reason, full["logprobs"])
             if (body.stream_options or {}).get("include_usage"):
                 yield _sse(
                     {**head, "object": "text_completion", "choices": [], "usage": _usage(prompt_tokens, samples)}

@@ -36,6 +36,7 @@ class Admitted:
     request_id: int
     prompt_tokens: int
     results: list[Future]
+    stream: queue.SimpleQueue | None = None  # generate(stream=True): (sample index, text) as it grows
 
 
 @dataclass
@@ -51,6 +52,7 @@ class _Job:
     arrived: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
     longest_output: int = 0
+    stream: queue.SimpleQueue | None = None
 
 
 class EngineLoop:
@@ -88,15 +90,19 @@ class EngineLoop:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
-    def generate(self, request: dict, params: SamplingParams, max_tokens: int | None = None) -> Future:
+    def generate(self, request: dict, params: SamplingParams, max_tokens: int | None = None,
+                 stream: bool = False) -> Future:
         """Admit one generation request (`params.n` samples); the future gives `Admitted`.
 
         `max_tokens=None` lets each sample run to the end of the context (`params.max_tokens` is
-        ignored then). A request the engine cannot prepare raises `RequestError` here.
+        ignored then); `stream` puts each sample's new text on `Admitted.stream` as the steps release it
+        (the rest of a sample's text, held back for a possible stop string, comes with its result). A
+        request the engine cannot prepare raises `RequestError` here.
         """
         arrived = time.perf_counter()
         prep = self._prepare_one(request)
-        job = _Job(self._new_request_id(), prep, Future(), params=params, max_tokens=max_tokens, arrived=arrived)
+        job = _Job(self._new_request_id(), prep, Future(), params=params, max_tokens=max_tokens, arrived=arrived,
+                   stream=queue.SimpleQueue() if stream else None)
         job.results = [Future() for _ in range(params.n)]
         self._inbox.put(lambda: self._admit(job))
         return job.admitted
@@ -196,6 +202,7 @@ class EngineLoop:
                             stop_token_ids=list(sp.stop_token_ids),
                             ignore_eos=sp.ignore_eos,
                             skip_special_tokens=sp.skip_special_tokens,
+                            stream=job.stream is not None,
                         )
                     )
                     if sp.logprobs is not None:
@@ -217,7 +224,7 @@ class EngineLoop:
             self._owner[seq_id] = (job, k)
         self.counters["requests_admitted"] += 1
         self.counters["prompt_tokens"] += len(prep.prompt_ids)
-        job.admitted.set_result(Admitted(job.request_id, len(prep.prompt_ids), job.results))
+        job.admitted.set_result(Admitted(job.request_id, len(prep.prompt_ids), job.results, job.stream))
 
     def _step(self) -> None:
         try:
@@ -233,6 +240,10 @@ class EngineLoop:
                 for f in owner[0].results:
                     if not f.done():
                         f.set_exception(RuntimeError(NON_FINITE_LOGITS))
+        for seq_id, text in self.engine.scheduler.take_deltas():
+            owner = self._owner.get(seq_id)
+            if owner is not None and owner[0].stream is not None:
+                owner[0].stream.put((owner[1], text))
         now = time.perf_counter()
         for seq_id in sampled_seq_ids.tolist():
             owner = self._owner.get(seq_id)
