@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+
+from ..console import add_quiet, add_threads, positive_int, print_outputs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("values", help="cultural value sensitivity (WVS-style), with and without images")
+    p = sub.add_parser(
+        "values",
+        help="cultural value sensitivity (WVS-style), with and without images",
+        description="Ask survey items with a country cue, text-only and with each of the country's images; score "
+        "the options' log-likelihoods and compare the model's answer distribution with the humans' (Jensen-Shannon "
+        "similarity). Writes results.jsonl (one line per scored prompt, resumable), summary.json, report.md/html.",
+    )
     _engine_args(p)
     p.add_argument("--items", required=True, help="survey items: id, question, options, topic")
     p.add_argument(
@@ -22,38 +31,55 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=_values)
 
-    p = sub.add_parser("stories", help="story generation with nationality perturbation")
+    p = sub.add_parser(
+        "stories",
+        help="story generation with nationality perturbation",
+        description="Generate stories for concepts x images x nationalities x temperatures x samples, the prompt "
+        "differing only in the nationality cue. Writes results.jsonl (one line per story, flushed every --batch "
+        "stories, resumable), config.json, summary.json; analyse with `cultengine analyze stories`.",
+    )
     _engine_args(p)
     p.add_argument("--concepts", required=True, help="comma-separated, or a file with one a line")
     p.add_argument("--images", required=True, nargs="+", help="image files or directories")
     p.add_argument("--nationalities", help="comma-separated demonyms or a file (default: the 42 shipped)")
-    p.add_argument("--temperatures", default="0.3,0.7")
-    p.add_argument("--samples", type=int, default=1)
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperatures", default="0.3,0.7", help="comma-separated sampling temperatures")
+    p.add_argument("--samples", type=positive_int, default=1, help="stories per prompt and temperature")
+    p.add_argument("--max-tokens", type=positive_int, default=256, help="longest story, in tokens")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: keep this much probability mass")
+    p.add_argument("--seed", type=int, default=0, help="base seed (a request's seed depends on its image, concept "
+                   "and temperature, not on the nationality)")
+    p.add_argument("--batch", type=positive_int, default=64, metavar="N",
+                   help="stories per engine call; each call's stories are flushed to results.jsonl when it ends, "
+                   "so a kill loses at most N")
     p.set_defaults(func=_stories)
 
-    p = sub.add_parser("ground", help="CulturalGround: template -> refine -> relevance-filter VQA rows")
+    p = sub.add_parser(
+        "ground",
+        help="CulturalGround: template -> refine -> relevance-filter VQA rows",
+        description="Build culturally grounded VQA rows from entity records: template questions, reworded by the "
+        "model (rewordings that leak the answer are dropped), kept when the model finds the image relevant. "
+        "Writes ground.jsonl (every row with its provenance, resumable), ground.parquet (kept rows), summary.json.",
+    )
     _engine_args(p)
     p.add_argument("--input", required=True, help="entity records: id, entity, country, properties, image")
-    p.add_argument("--languages", default="en")
+    p.add_argument("--languages", default="en", help="comma-separated template languages")
     p.add_argument("--templates", help="templates JSON (default: the shipped ground_templates.json)")
     p.add_argument("--threshold", type=float, default=0.5, help="keep rows with P(yes) >= this")
-    p.add_argument("--chunk-size", type=int, default=1000)
+    p.add_argument("--chunk-size", type=positive_int, default=1000,
+                   help="records per engine call; each chunk's rows are flushed when it ends")
     p.set_defaults(func=_ground)
 
     p = sub.add_parser("analyze", help="analyse a study's run directory")
     asub = p.add_subparsers(dest="study", required=True)
     a = asub.add_parser("stories", help="lexical, vocabulary, cultural-alignment and CLIP analysis")
-    a.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    a.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories of `cultengine stories`")
     a.add_argument("--hofstede", help="Hofstede 6-D CSV (ctr,country,Demonym,pdi,...); default: the packaged "
                    "copy of Hofstede's published scores")
     a.add_argument("--wvs", help="WVS means CSV (ctr,country,Demonym,Q1..Q250); default: the packaged copy of "
                    "the World Values Survey means")
     a.add_argument("--wvs-raw", action="store_true", help="do not z-score the WVS columns")
     a.add_argument("--clip", help="CLIPModel checkpoint directory for CLIPScore and retrieval")
-    a.add_argument("--device", default="cpu")
+    a.add_argument("--device", default="cpu", help="where the CLIP model runs")
     a.add_argument("--out", help="output directory (default: the first RUN_DIR)")
     a.add_argument("--top-k", type=int, default=10, help="distinctive terms per nationality")
     a.add_argument("--permutations", type=int, default=9999, help="Mantel test permutations (default 9999)")
@@ -64,16 +90,19 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="demo",
                    help="checkpoint directory (default 'demo': the built-in demo checkpoint, random weights)")
     p.add_argument("--out", required=True, help="run directory (re-running resumes)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's) | float32 | bfloat16 | float16")
+    p.add_argument("--max-num-seqs", type=positive_int, default=256, help="sequences the engine runs at once")
+    add_threads(p)
+    add_quiet(p)
 
 
 def _engine(args):
     from .. import Engine
     from ..bench.demo_checkpoint import resolve
 
-    return Engine(resolve(args.model), device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs)
+    return Engine(resolve(args.model), device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+                  threads=args.threads)
 
 
 def _print(summary: dict) -> None:
@@ -91,6 +120,11 @@ def _print(summary: dict) -> None:
     )
 
 
+def _outputs(out: str, *names: str) -> None:
+    """The closing lines: where each output of the run directory is."""
+    print_outputs(*(Path(out) / name for name in names))
+
+
 def _values(args) -> int:
     from . import values
 
@@ -104,8 +138,10 @@ def _values(args) -> int:
         choice_format=args.choices,
         model_name=args.model,
         data_files=[f for f in (args.items, args.human, args.images) if f],
+        quiet=args.quiet,
     )
     _print(summary)
+    _outputs(args.out, "results.jsonl", "summary.json", "report.html", "report.md")
     return 0
 
 
@@ -124,8 +160,11 @@ def _stories(args) -> int:
         top_p=args.top_p,
         seed=args.seed,
         model_name=args.model,
+        batch_size=args.batch,
+        quiet=args.quiet,
     )
     _print(summary)
+    _outputs(args.out, "results.jsonl", "summary.json")
     return 0
 
 
@@ -141,8 +180,10 @@ def _ground(args) -> int:
         threshold=args.threshold,
         chunk_size=args.chunk_size,
         model_name=args.model,
+        quiet=args.quiet,
     )
     _print(summary)
+    _outputs(args.out, "ground.jsonl", "ground.parquet", "summary.json")
     return 0
 
 
