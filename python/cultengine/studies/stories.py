@@ -146,6 +146,7 @@ def run(
                             **base,
                         )
                     )
+            recs = [r for r in recs if r["id"] not in log.done]  # a sample an interrupted write kept
             log.write(recs)
             progress.update(len(recs))
     after = engine.stats()
