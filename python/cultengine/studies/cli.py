@@ -141,7 +141,7 @@ def _values(args) -> int:
         quiet=args.quiet,
     )
     _print(summary)
-    _outputs(args.out, "results.jsonl", "summary.json", "report.html", "report.md")
+    _outputs(args.out, "results.jsonl", "summary.json", "report.html")
     return 0
 
 
