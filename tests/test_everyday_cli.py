@@ -21,8 +21,10 @@ COMMAND_LINES = [
     [],
     ["--help"],
     ["--version"],
-    *([cmd, "--help"] for cmd in ("bench", "data", "values", "stories", "ground", "analyze", "profile", "compare",
-                                  "serve")),
+    *(
+        [cmd, "--help"]
+        for cmd in ("bench", "data", "values", "stories", "ground", "analyze", "profile", "compare", "serve")
+    ),
     ["data", "convert", "--help"],
     ["analyze", "stories", "--help"],
     ["bench", "--batch", "0"],  # argument errors
@@ -37,8 +39,14 @@ def _env() -> dict[str, str]:
 
 
 def _cultengine(*argv: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cultengine.cli", *argv], capture_output=True, text=True,
-                          env=_env(), timeout=300, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "cultengine.cli", *argv],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+        **kwargs,
+    )
 
 
 def test_help_version_and_argument_errors_import_nothing_heavy():

@@ -30,8 +30,13 @@ def _with_terminal_stderr(argv: list[str]) -> tuple[int, str, str]:
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
     try:
-        p = subprocess.run([sys.executable, "-m", "cultengine.cli", *argv], stdout=subprocess.PIPE, stderr=slave,
-                           env=_env(), timeout=300)
+        p = subprocess.run(
+            [sys.executable, "-m", "cultengine.cli", *argv],
+            stdout=subprocess.PIPE,
+            stderr=slave,
+            env=_env(),
+            timeout=300,
+        )
     finally:
         os.close(slave)
     err = b""
@@ -68,15 +73,41 @@ def test_quiet_hides_the_progress(bench_file, tmp_path):
 
 
 def test_no_progress_when_stderr_is_not_a_terminal(bench_file, tmp_path):
-    p = subprocess.run([sys.executable, "-m", "cultengine.cli", "data", "convert", str(bench_file), "-o",
-                        str(tmp_path / "o.jsonl")], capture_output=True, text=True, env=_env(), timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "cultengine.cli", "data", "convert", str(bench_file), "-o", str(tmp_path / "o.jsonl")],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
     assert p.returncode == 0 and p.stderr == ""
 
 
 def _stories_argv(model: Path, images: Path, out: Path) -> list[str]:
-    return ["stories", "--model", str(model), "--out", str(out), "--device", "cpu", "--images", str(images),
-            "--concepts", "a river,a market", "--nationalities", "Kenyan,Peruvian,Thai,Polish",
-            "--temperatures", "0.7", "--samples", "2", "--max-tokens", "48", "--batch", "4", "--quiet"]
+    return [
+        "stories",
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--images",
+        str(images),
+        "--concepts",
+        "a river,a market",
+        "--nationalities",
+        "Kenyan,Peruvian,Thai,Polish",
+        "--temperatures",
+        "0.7",
+        "--samples",
+        "2",
+        "--max-tokens",
+        "48",
+        "--batch",
+        "4",
+        "--quiet",
+    ]
 
 
 def _lines(path: Path) -> list[dict]:
@@ -114,8 +145,13 @@ def test_a_killed_stories_run_keeps_its_finished_batches_and_resumes(tiny_llama,
     prompts = {r["id"].rsplit("|s", 1)[0] for r in kept}
     done = 2 * sum(all(f"{p}|s{k}" in {r["id"] for r in kept} for k in range(2)) for p in prompts)
 
-    resumed = subprocess.run([sys.executable, "-m", "cultengine.cli", *_stories_argv(tiny_llama, images, out)],
-                             capture_output=True, text=True, env=_env(), timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "cultengine.cli", *_stories_argv(tiny_llama, images, out)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming: {done}/{total} stories already done, {total - done} to run" in resumed.stderr
     final = _lines(results)
@@ -123,6 +159,11 @@ def test_a_killed_stories_run_keeps_its_finished_batches_and_resumes(tiny_llama,
     assert f"results: {results.resolve()}" in resumed.stdout
     assert f"summary: {(out / 'summary.json').resolve()}" in resumed.stdout
 
-    again = subprocess.run([sys.executable, "-m", "cultengine.cli", *_stories_argv(tiny_llama, images, out)],
-                           capture_output=True, text=True, env=_env(), timeout=300)
+    again = subprocess.run(
+        [sys.executable, "-m", "cultengine.cli", *_stories_argv(tiny_llama, images, out)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
     assert again.returncode == 0 and f"nothing to do ({total}/{total} stories done)" in again.stderr

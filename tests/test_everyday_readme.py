@@ -31,10 +31,15 @@ def test_readme_cpu_example_runs_verbatim(script, tmp_path):
         (bin_dir / name).chmod(0o755)
     work = tmp_path / "work"
     work.mkdir()
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(Path(cultengine.__file__).resolve().parents[1])}
-    p = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=work, env=env, capture_output=True,
-                       text=True, timeout=600)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(Path(cultengine.__file__).resolve().parents[1]),
+    }
+    p = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], cwd=work, env=env, capture_output=True, text=True, timeout=600
+    )
     assert p.returncode == 0, p.stderr
     printed = [Path(m) for m in re.findall(r"^\w+: (/.+)$", p.stdout, re.M)]
     assert printed, p.stdout

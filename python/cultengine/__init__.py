@@ -14,8 +14,15 @@ __all__ = ["Engine", "RequestError", "SamplingParams", "GenerationOutput", "Samp
 __version__ = "0.1.0"
 
 # Loaded on first use, so that `cultengine --help` and the command line's argument errors do not import torch.
-_HOMES = {"Engine": "engine", "RequestError": "engine", "SamplingParams": "sampling", "GenerationOutput": "outputs",
-          "Sample": "outputs", "ScoreOutput": "outputs", "ChoiceScore": "outputs"}
+_HOMES = {
+    "Engine": "engine",
+    "RequestError": "engine",
+    "SamplingParams": "sampling",
+    "GenerationOutput": "outputs",
+    "Sample": "outputs",
+    "ScoreOutput": "outputs",
+    "ChoiceScore": "outputs",
+}
 
 
 def __getattr__(name: str):

@@ -26,24 +26,44 @@ def positive_int(text: str) -> int:
 
 
 def add_quiet(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-q", "--quiet", action="store_true",
-                   help="no progress bar (it is shown only when stderr is a terminal)")
+    p.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bar (it is shown only when stderr is a terminal)"
+    )
 
 
 def add_threads(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=positive_int, metavar="N",
-                   help="CPU threads for torch (default: $OMP_NUM_THREADS if set, else the cores this process may "
-                   "use); on a shared machine give each concurrent run its share of the cores")
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        metavar="N",
+        help="CPU threads for torch (default: $OMP_NUM_THREADS if set, else the cores this process may "
+        "use); on a shared machine give each concurrent run its share of the cores",
+    )
 
 
-def bar(total: int, *, initial: int = 0, unit: str = "sample", desc: str | None = None, quiet: bool = False,
-        iterable: Iterable | None = None) -> Any:
+def bar(
+    total: int,
+    *,
+    initial: int = 0,
+    unit: str = "sample",
+    desc: str | None = None,
+    quiet: bool = False,
+    iterable: Iterable | None = None,
+) -> Any:
     """A tqdm bar on stderr (done/total, rate, ETA), over `iterable` if given; hidden with `quiet` or when
     stderr is not a terminal."""
     from tqdm import tqdm
 
-    return tqdm(iterable, total=total, initial=initial, unit=unit, desc=desc, file=sys.stderr, dynamic_ncols=True,
-                disable=True if quiet else None)  # None: tqdm shows it on a terminal only
+    return tqdm(
+        iterable,
+        total=total,
+        initial=initial,
+        unit=unit,
+        desc=desc,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        disable=True if quiet else None,
+    )  # None: tqdm shows it on a terminal only
 
 
 def note(message: str) -> None:
