@@ -146,3 +146,70 @@ def test_profile_of_a_7b_preset_on_a_cpu_is_refused_at_once(monkeypatch, capsys)
 def test_profile_dry_run_of_a_preset_still_works_on_a_cpu(capsys):
     assert cli.main(["profile", "--model", "llava-1.5-7b", "--device", "cpu", "--dry-run", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["weight_gib"] > 10
+
+
+class _Built(Exception):
+    """Raised by the stand-in Engine once the command has built it."""
+
+
+@pytest.fixture
+def engine_kwargs(monkeypatch) -> dict:
+    """The keyword arguments the command builds its Engine with (the command stops there)."""
+    seen: dict = {}
+
+    def build(model, **kwargs):
+        seen.update(kwargs, model=str(model))
+        raise _Built
+
+    monkeypatch.setattr(cultengine, "Engine", build)
+    from cultengine.bench import run
+
+    monkeypatch.setattr(
+        run, "_default_engine", lambda model, device, dtype, threads=None: build(model, threads=threads)
+    )
+    return seen
+
+
+def _study_inputs(tmp_path: Path) -> dict[str, Path]:
+    from PIL import Image
+
+    (tmp_path / "items.jsonl").write_text(json.dumps({"id": "q1", "question": "Q?", "options": ["a", "b"]}) + "\n")
+    (tmp_path / "human.csv").write_text("item_id,country,distribution\nq1,Peru,0.5|0.5\n")
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "entities.jsonl").write_text(json.dumps({"entity": "E", "country": "Peru"}) + "\n")
+    return {name: tmp_path / name for name in ("items.jsonl", "human.csv", "a.png", "entities.jsonl")}
+
+
+@pytest.mark.parametrize("command", ["values", "stories", "ground", "profile", "bench"])
+def test_threads_reach_the_engine(command, engine_kwargs, tmp_path):
+    f = _study_inputs(tmp_path)
+    out = str(tmp_path / "out")
+    argv = {
+        "values": ["values", "--out", out, "--items", str(f["items.jsonl"]), "--human", str(f["human.csv"])],
+        "stories": ["stories", "--out", out, "--concepts", "rain", "--images", str(f["a.png"])],
+        "ground": ["ground", "--out", out, "--input", str(f["entities.jsonl"])],
+        "profile": ["profile", "--device", "cpu"],
+        "bench": ["bench", "--device", "cpu", "--limit", "2", "--output-dir", out],
+    }[command]
+    assert cli.main([*argv, "--threads", "3"]) == 2  # the stand-in engine stops the command
+    assert engine_kwargs["threads"] == 3
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["stories", "--concepts", "rain", "--images", "missing.png"], "--images: missing.png: no such image file"),
+        (["ground", "--input", "missing.jsonl"], "--input missing.jsonl: no such file"),
+        (["values", "--items", "missing.jsonl", "--human", "h.csv"], "missing.jsonl"),
+    ],
+)
+def test_study_inputs_are_checked_before_the_model_loads(argv, message, engine_kwargs, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([*argv, "--out", "out"]) == 2
+    assert message in capsys.readouterr().err and engine_kwargs == {}
+
+
+def test_bad_temperatures_are_an_argument_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["stories", "--out", "o", "--concepts", "c", "--images", "i", "--temperatures", "0.3,hot"])
+    assert e.value.code == 2 and "expected comma-separated numbers" in capsys.readouterr().err

@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concepts", required=True, help="comma-separated, or a file with one a line")
     p.add_argument("--images", required=True, nargs="+", help="image files or directories")
     p.add_argument("--nationalities", help="comma-separated demonyms or a file (default: the 42 shipped)")
-    p.add_argument("--temperatures", default="0.3,0.7", help="comma-separated sampling temperatures")
+    p.add_argument("--temperatures", type=_floats, default="0.3,0.7", help="comma-separated sampling temperatures")
     p.add_argument("--samples", type=positive_int, default=1, help="stories per prompt and temperature")
     p.add_argument("--max-tokens", type=positive_int, default=256, help="longest story, in tokens")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: keep this much probability mass")
@@ -84,6 +84,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--top-k", type=int, default=10, help="distinctive terms per nationality")
     a.add_argument("--permutations", type=int, default=9999, help="Mantel test permutations (default 9999)")
     a.set_defaults(func=_analyze_stories)
+
+
+def _floats(text: str) -> list[float]:
+    """argparse type: comma-separated non-negative numbers."""
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers >= 0, got {text!r}")
+    return values
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -129,11 +140,12 @@ def _values(args) -> int:
     from . import values
 
     items = values.load_items(args.items)
+    human, images = values.load_human(args.human, items), values.load_images(args.images)  # before the model
     summary = values.run(
         _engine(args),
         items,
-        values.load_human(args.human, items),
-        values.load_images(args.images),
+        human,
+        images,
         args.out,
         choice_format=args.choices,
         model_name=args.model,
@@ -148,12 +160,20 @@ def _values(args) -> int:
 def _stories(args) -> int:
     from . import stories
 
+    # the inputs are read and checked before the model loads
+    concepts, images = stories.load_list(args.concepts), stories.image_list(args.images)
+    nationalities = stories.parse_nationalities(args.nationalities)
+    if missing := [i for i in images if not Path(i).is_file()]:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(f"--images: {missing[0]}: no such image file{more}")
+    if not concepts or not images or not nationalities:
+        raise ValueError("--concepts, --images and --nationalities must each name at least one")
     summary = stories.run(
         _engine(args),
-        stories.load_list(args.concepts),
-        stories.image_list(args.images),
-        stories.parse_nationalities(args.nationalities),
-        [float(t) for t in args.temperatures.split(",")],
+        concepts,
+        images,
+        nationalities,
+        args.temperatures,
         args.samples,
         args.out,
         max_tokens=args.max_tokens,
@@ -171,12 +191,15 @@ def _stories(args) -> int:
 def _ground(args) -> int:
     from . import ground
 
+    templates = ground.load_templates(args.templates)  # the inputs are checked before the model loads
+    if not Path(args.input).is_file():
+        raise ValueError(f"--input {args.input}: no such file")
     summary = ground.run(
         _engine(args),
         args.input,
         args.out,
         [s.strip() for s in args.languages.split(",")],
-        ground.load_templates(args.templates),
+        templates,
         threshold=args.threshold,
         chunk_size=args.chunk_size,
         model_name=args.model,

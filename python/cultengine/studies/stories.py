@@ -148,6 +148,7 @@ def run(
                     )
             recs = [r for r in recs if r["id"] not in log.done]  # a sample an interrupted write kept
             log.write(recs)
+            progress.set_postfix_str(f"{generated / (time.perf_counter() - start):,.0f} tok/s", refresh=False)
             progress.update(len(recs))
     after = engine.stats()
     delta = {
