@@ -167,3 +167,31 @@ def test_a_killed_stories_run_keeps_its_finished_batches_and_resumes(tiny_llama,
         timeout=300,
     )
     assert again.returncode == 0 and f"nothing to do ({total}/{total} stories done)" in again.stderr
+
+
+def test_values_shows_progress_and_a_rerun_has_nothing_to_do(tmp_path):
+    (tmp_path / "items.jsonl").write_text(
+        json.dumps({"id": "q1", "question": "Is family important?", "options": ["Yes", "No"], "topic": "t"}) + "\n"
+    )
+    (tmp_path / "human.csv").write_text("item_id,country,distribution\nq1,Japan,0.8|0.2\nq1,Peru,0.9|0.1\n")
+    argv = ["values", "--out", str(tmp_path / "run"), "--items", str(tmp_path / "items.jsonl"), "--human",
+            str(tmp_path / "human.csv")]  # fmt: skip
+    code, stdout, stderr = _with_terminal_stderr(argv)
+    assert code == 0
+    assert "values: 100%" in stderr and "2/2" in stderr and "prompt/s" in stderr
+    for name in ("results.jsonl", "summary.json", "report.html"):
+        assert f"{Path(name).stem}: {(tmp_path / 'run' / name).resolve()}" in stdout
+    code, _, stderr = _with_terminal_stderr([*argv, "--quiet"])
+    assert code == 0 and stderr.strip() == "nothing to do (2/2 prompts done)"
+
+
+def test_bench_rerun_says_how_much_was_done(tmp_path):
+    argv = [sys.executable, "-m", "cultengine.cli", "bench", "--device", "cpu", "--output-dir", str(tmp_path / "run")]
+    first = subprocess.run([*argv, "--limit", "2"], capture_output=True, text=True, env=_env(), timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert "nothing to do" not in first.stderr and "resuming" not in first.stderr
+    more = subprocess.run([*argv, "--limit", "3"], capture_output=True, text=True, env=_env(), timeout=300)
+    assert more.returncode == 0 and "resuming: 2/3 samples already done, 1 to run" in more.stderr
+    again = subprocess.run([*argv, "--limit", "3"], capture_output=True, text=True, env=_env(), timeout=300)
+    assert again.returncode == 0 and "nothing to do (3/3 samples done)" in again.stderr
+    assert f"report: {(tmp_path / 'run' / 'report.html').resolve()}" in again.stdout

@@ -2,9 +2,9 @@
 
 `--model` takes a checkpoint directory or a shape preset (`llava-1.5-7b`, `llava-next-7b`, `pangea-7b`,
 `llava-onevision-7b`, `qwen2-7b`, `qwen2.5-vl-7b`, `qwen2.5-vl-72b`, `demo`) whose weights are drawn at
-load time, so real model sizes can be profiled without downloading anything (on CUDA: a 7B preset on a CPU
-is refused unless `--allow-cpu`). `--dry-run` runs nothing: it plans memory (weight and KV-cache bytes) from
-the shapes.
+load time, so real model sizes can be profiled without downloading anything. Presets have billions of
+parameters and need CUDA: on a CPU they are refused unless `--allow-cpu`. `--dry-run` runs nothing: it plans
+memory (weight and KV-cache bytes) from the shapes, on any machine.
 """
 
 from __future__ import annotations
@@ -212,15 +212,15 @@ def format_memory_plan(p: dict) -> str:
 
 
 def _device(args) -> str:
-    """--device, else cuda when there is one; a multi-billion-parameter preset on a CPU is refused (it would
-    draw tens of GiB of weights and run for a very long time) unless --allow-cpu."""
+    """--device, else cuda when there is one; a shape preset on a CPU is refused (it would draw many GiB of
+    weights and run for a very long time) unless --allow-cpu."""
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu" and args.model in PRESETS and not getattr(args, "allow_cpu", False):
-        raise ValueError(f"profile --model {args.model}: a preset of a real (7B or larger) model's shapes needs CUDA; "
-                         "on a CPU it would take many GiB and a very long time. Use --dry-run to plan its memory, "
-                         "--model demo (or a small checkpoint) on a CPU, or --allow-cpu to run it anyway")
+    if device.split(":")[0] == "cpu" and args.model in PRESETS and not getattr(args, "allow_cpu", False):
+        raise ValueError(f"profile --model {args.model}: a preset of a real model's shapes (billions of parameters) "
+                         "needs CUDA; on a CPU it takes many GiB and a very long time. Use --dry-run to plan its "
+                         "memory, --model demo (or a small checkpoint) on a CPU, or --allow-cpu to run it anyway")
     return device
 
 
@@ -322,7 +322,7 @@ def register(sub) -> None:
     p.add_argument("--model", default="demo",
                    help=f"checkpoint directory, 'demo', or a shape preset with random weights: {', '.join(PRESETS)}")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available, else cpu)")
-    p.add_argument("--allow-cpu", action="store_true", help="run a 7B-or-larger shape preset on a CPU anyway")
+    p.add_argument("--allow-cpu", action="store_true", help="run a shape preset (billions of parameters) on a CPU")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--backend", default=None, help="torch | triton | flash (default: triton on CUDA, torch on CPU)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly (CUDA)")
