@@ -3,15 +3,11 @@ most the batch in flight, say how much a resumed run had done, and end with wher
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import pty
 import signal
-import struct
 import subprocess
 import sys
-import termios
 import time
 from pathlib import Path
 
@@ -19,6 +15,7 @@ import pytest
 from PIL import Image
 
 import cultengine
+from terminal import run_with_terminal_stderr
 
 
 def _env() -> dict[str, str]:
@@ -26,27 +23,8 @@ def _env() -> dict[str, str]:
 
 
 def _with_terminal_stderr(argv: list[str]) -> tuple[int, str, str]:
-    """Run `cultengine argv` with stderr on a pseudo-terminal (120 columns); (exit code, stdout, stderr)."""
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-    try:
-        p = subprocess.run(
-            [sys.executable, "-m", "cultengine.cli", *argv],
-            stdout=subprocess.PIPE,
-            stderr=slave,
-            env=_env(),
-            timeout=300,
-        )
-    finally:
-        os.close(slave)
-    err = b""
-    try:
-        while chunk := os.read(master, 1 << 16):
-            err += chunk
-    except OSError:  # the terminal's other side is closed: all is read
-        pass
-    os.close(master)
-    return p.returncode, p.stdout.decode(), err.decode(errors="replace")
+    """`cultengine argv` with stderr on a pseudo-terminal: (exit code, stdout, stderr)."""
+    return run_with_terminal_stderr([sys.executable, "-m", "cultengine.cli", *argv], env=_env(), timeout=300)
 
 
 @pytest.fixture

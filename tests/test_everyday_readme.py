@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 import cultengine
+from terminal import run_with_terminal_stderr
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"^```bash cpu\n(.*?)^```$", README.read_text(encoding="utf-8"), re.S | re.M)
@@ -37,11 +37,12 @@ def test_readme_cpu_example_runs_verbatim(script, tmp_path):
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": str(Path(cultengine.__file__).resolve().parents[1]),
     }
-    p = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", script], cwd=work, env=env, capture_output=True, text=True, timeout=600
+    code, stdout, stderr = run_with_terminal_stderr(
+        ["bash", "-euo", "pipefail", "-c", script], cwd=work, env=env, timeout=600
     )
-    assert p.returncode == 0, p.stderr
-    printed = [Path(m) for m in re.findall(r"^\w+: (/.+)$", p.stdout, re.M)]
-    assert printed, p.stdout
+    assert code == 0, stderr
+    assert "100%" in stderr  # the progress bar, at its end
+    printed = [Path(m) for m in re.findall(r"^\w+: (/.+)$", stdout, re.M)]
+    assert printed, stdout
     assert all(path.is_file() and path.is_relative_to(work.resolve()) for path in printed)
     assert "summary.json" in {path.name for path in printed}

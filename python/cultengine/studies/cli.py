@@ -232,5 +232,5 @@ def _analyze_stories(args) -> int:
                 f"lacking data: {', '.join(a['lacking']) or '-'}"
             )
     print(f"CLIP: {result['clip']}")
-    print(f"report: {args.out or args.run_dirs[0]}/analysis.{{md,html,json}}")
+    print_outputs(*(Path(args.out or args.run_dirs[0]) / f"analysis.{ext}" for ext in ("html", "md", "json")))
     return 0
