@@ -30,6 +30,8 @@ COMMAND_LINES = [
     ["bench", "--batch", "0"],  # argument errors
     ["stories", "--out", "x"],
     ["profile", "--num-requests", "many"],
+    ["profile", "--output-len", "exp:0"],
+    ["stories", "--out", "o", "--concepts", "c", "--images", "i", "--temperatures", "0.3,hot"],
     ["no-such-command"],
 ]
 

@@ -9,6 +9,7 @@ memory (weight and KV-cache bytes) from the shapes, on any machine.
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import resource
@@ -125,6 +126,18 @@ def _lengths(spec: str, n: int, rng: random.Random) -> list[int]:
         lo, hi = (int(x) for x in spec.split(":"))
         return [rng.randint(lo, hi) for _ in range(n)]
     return [int(spec)] * n
+
+
+def _length_spec(text: str) -> str:
+    """argparse type: a `_lengths` spec, checked before anything loads."""
+    try:
+        lengths = _lengths(text, 2, random.Random(0))
+        ok = min(lengths) >= 1 and (not text.startswith("exp:") or float(text[4:]) > 0)
+    except (ValueError, ZeroDivisionError):
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"expected N, LO:HI or exp:MEAN (positive numbers), got {text!r}")
+    return text
 
 
 def build_workload(engine, args) -> tuple[list[dict], list[int]]:
@@ -328,8 +341,9 @@ def register(sub) -> None:
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly (CUDA)")
     p.add_argument("--num-requests", type=positive_int, default=64, help="requests in the workload")
     p.add_argument("--images-per-request", type=int, default=1, help="noise images in each request")
-    p.add_argument("--prompt-len", default="32", help="words per prompt: N, LO:HI (uniform) or exp:MEAN")
-    p.add_argument("--output-len", default="32", help="tokens per output: N, LO:HI or exp:MEAN")
+    p.add_argument("--prompt-len", type=_length_spec, default="32",
+                   help="words per prompt: N, LO:HI (uniform) or exp:MEAN")
+    p.add_argument("--output-len", type=_length_spec, default="32", help="tokens per output: N, LO:HI or exp:MEAN")
     p.add_argument("--prompts-per-image", type=positive_int, default=1,
                    help="consecutive requests asking about the same image(s), as benchmarks do")
     p.add_argument("--shared-fraction", type=float, default=0.5,

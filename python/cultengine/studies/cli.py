@@ -48,9 +48,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: keep this much probability mass")
     p.add_argument("--seed", type=int, default=0, help="base seed (a request's seed depends on its image, concept "
                    "and temperature, not on the nationality)")
-    p.add_argument("--batch", type=positive_int, default=64, metavar="N",
+    p.add_argument("--batch", type=positive_int, metavar="N",
                    help="stories per engine call; each call's stories are flushed to results.jsonl when it ends, "
-                   "so a kill loses at most N")
+                   "so a kill loses at most N (default: 64 on a CPU, where larger calls gain little; --max-num-seqs "
+                   "on CUDA, where the engine runs that many at once)")
     p.set_defaults(func=_stories)
 
     p = sub.add_parser(
@@ -180,7 +181,7 @@ def _stories(args) -> int:
         top_p=args.top_p,
         seed=args.seed,
         model_name=args.model,
-        batch_size=args.batch,
+        batch_size=args.batch or (args.max_num_seqs if args.device.startswith("cuda") else 64),
         quiet=args.quiet,
     )
     _print(summary)
