@@ -16,7 +16,7 @@ import sys
 EXIT_ERROR = 2
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.HelpFormatter):
     """Every option's default after its help (unless the help names it, or there is none); descriptions and
     epilogs written on several lines keep their lines, one-line ones are wrapped."""
 
