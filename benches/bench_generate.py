@@ -213,17 +213,22 @@ def main(argv=None) -> None:
                         help="fraction of requests sharing one image and a prompt prefix")
     parser.add_argument("--prompts-per-image", type=int, default=1,
                         help="consecutive requests asking about the same image")
-    parser.add_argument("--workload", choices=("uniform", "benchmark"), default="uniform",
+    parser.add_argument("--workload", choices=("uniform", "benchmark", "stories"), default="uniform",
                         help="uniform: fixed output length, one image per request (the defaults); benchmark: "
-                             "4 questions per image and answers of 4 to 64 tokens, as on cultural benchmarks")
+                             "4 questions per image and answers of 4 to 64 tokens, as on cultural benchmarks; "
+                             "stories: one image x 42 nationalities x 2 temperatures (84 prompts), 200-token stories")
     parser.add_argument("--hf-batch-size", type=int, default=16)
     bench_common.add_run_args(parser, "requests of 4 tokens")
     args = parser.parse_args(argv)
     cuda = bench_common.setup_run(args, "bench_generate")
+    if args.workload == "stories":  # 42 nationalities x 2 temperatures about one image
+        args.num_requests = args.num_requests or 84
+        args.prompts_per_image, args.output_len = args.num_requests, args.output_len or "200"
     args.num_requests = args.num_requests or (1000 if cuda else 64)
     args.prompt_len = args.prompt_len or ("16:64" if cuda else "16")
     if args.workload == "benchmark":
         args.prompts_per_image, args.output_len = 4, args.output_len or "4:64"
+
     args.output_len = str(args.output_len or (64 if cuda else 32))
     if args.quick:
         args.num_requests, args.output_len, args.repeats = 8, "4", 1
@@ -246,7 +251,11 @@ def main(argv=None) -> None:
             run_ours(engine, requests[:4], [2] * 4, args)
 
         def ours_run():
-            return run_ours(engine, requests, output_lens, args)
+            out = run_ours(engine, requests, output_lens, args)
+            prefill["shared"] = engine.stats()["prefill_tokens_computed"]  # counted from the reset
+            return out
+
+        prefill: dict[str, int] = {}
 
         hf = None
 
@@ -259,6 +268,13 @@ def main(argv=None) -> None:
             return run_hf(hf, inputs, output_lens, args.hf_batch_size, pad_id, args.device)
 
         times = {"cultengine": [], "transformers": []}
+        # The prefill work that sharing saves: the same requests once with the prefix cache off.
+        kw = {**scheduler_kwargs(args), "enable_prefix_caching": False}
+        reset_caches(engine, **kw)
+        from cultengine import SamplingParams
+
+        engine.generate(requests, [SamplingParams(max_tokens=1) for _ in requests], use_tqdm=False)
+        prefill["no_sharing"] = engine.stats()["prefill_tokens_computed"]
         tokens = {}
         if cuda:  # one model on the device at a time: ours (with its KV cache) first, then transformers
             ours_warmup()
@@ -317,6 +333,9 @@ def main(argv=None) -> None:
                      f"({'met' if ratio >= GOAL_CPU else 'NOT met'}: {ratio:.2f}x).**")
     lines.append(bench_common.table(rows, ["system", "seconds", "out_tok_s", "req_s", "ratio"],
                                     ["system", "wall s", "output tok/s", "requests/s", "ratio vs transformers"]))
+    lines.append(f"Prefill tokens computed: {prefill['shared']} with prefix sharing, {prefill['no_sharing']} "
+                 f"without ({prefill['no_sharing'] / max(prefill['shared'], 1):.2f}x).")
+    workload["prefill_tokens"] = prefill
     if check:
         lines.append(f"Greedy agreement (float32): {100 * check['identical_fraction']:.1f} % of requests have "
                      f"identical token sequences; mean common prefix {100 * check['mean_common_prefix_fraction']:.1f}"

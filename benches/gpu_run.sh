@@ -2,7 +2,7 @@
 # Everything a GPU lease is for, in one command: the CUDA tests and the GPU benchmarks.
 #
 #   benches/gpu_run.sh OUT_DIR STEP...      STEP: env tests kernels generate bound bound-quick score profile
-#                                                 profile-families
+#                                                 families profile-families
 #
 # Runs from the repository root on a machine with torch, triton and transformers but no Rust: the
 # compiled core comes along as python/cultengine/_core.abi3.so (built elsewhere with `maturin develop
@@ -26,6 +26,8 @@ for step in "$@"; do
     case $step in
         env) run 60 bash -c 'nvidia-smi; python3 -c "import torch, triton, transformers, sys; print(sys.version, torch.__version__, triton.__version__, transformers.__version__)"' ;;
         tests) run 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_kernels.py ;;
+        families) run 240 python3 -m pytest -q -p no:cacheprovider -k "cuda or triton" tests/test_anyres_families.py \
+            tests/test_qwen_families.py tests/test_vision_varlen.py tests/test_idefics3.py tests/test_internvl.py ;;
         kernels) run 200 python3 benches/bench_kernels.py --sweep --out "$res" ;;
         generate) run 560 python3 benches/bench_generate.py --device cuda --preset llava-1.5-7b --workload benchmark \
             --hf-batch-size 32 --out "$res" ;;
@@ -34,7 +36,7 @@ for step in "$@"; do
         score) run 240 python3 benches/bench_score.py --device cuda --preset llava-1.5-7b --out "$res" ;;
         profile) run 150 python3 -m cultengine.cli profile --model llava-1.5-7b --num-requests 1000 \
             --prompts-per-image 4 --prompt-len 16:64 --output-len 4:64 --shared-fraction 0 ;;
-        profile-families) for m in llava-next-7b llava-onevision-7b; do
+        profile-families) for m in llava-next-7b llava-onevision-7b qwen2.5-vl-7b smolvlm2-2.2b internvl3-8b; do
             run 150 python3 -m cultengine.cli profile --model $m --num-requests 200 --prompts-per-image 4 \
                 --prompt-len 16:64 --output-len 4:64 --shared-fraction 0; done ;;
         *) log "unknown step $step" ;;

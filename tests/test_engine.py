@@ -237,18 +237,36 @@ def test_an_image_file_named_by_many_requests_is_preprocessed_once(tiny_llama, t
     assert len(calls) == 2  # the shared file once, the missing one once
 
 
-def test_sliding_window_caps_the_context_where_attention_stays_exact(tiny_mistral, tmp_path):
+def test_sliding_window_attention_is_exact_beyond_the_window(tiny_mistral, tmp_path):
+    """Mistral with a 24-token window and prompts 2-4x as long: greedy tokens and log-probabilities are
+    transformers' (whose eager mask is the window), in one pass, in chunks that cross the window's edge,
+    and from a prefix cache whose blocks lie outside the window."""
     import json
     import shutil
 
     path = Path(shutil.copytree(tiny_mistral, tmp_path / "windowed"))
     config = json.loads((path / "config.json").read_text())
-    config["text_config"]["sliding_window"] = 40
+    config["text_config"]["sliding_window"] = 24
     (path / "config.json").write_text(json.dumps(config))
+    ref = Reference(path)
+    assert ref.model.config.text_config.sliding_window == 24
+    reqs = [{"prompt": "The festival of lights and the food " * 6},
+            {"prompt": f"{IMAGE_TOKEN}\nWhich country is this dish from? " * 3, "images": [_image(40, 30, 1)] * 3}]
     engine = Engine(path, dtype="float32")
-    assert engine.max_model_len == 40
-    out = engine.generate([{"prompt": "word " * 60}], SamplingParams(max_tokens=2), use_tqdm=False)[0]
-    assert "max_model_len" in out.error
+    assert engine.max_model_len == config["text_config"]["max_position_embeddings"]  # no cap at the window
+    outs = engine.generate(reqs, SamplingParams(max_tokens=6), use_tqdm=False)
+    for req, out in zip(reqs, outs, strict=True):
+        ids, pixels = ref.encode(req)
+        assert out.error is None and out.prompt_token_ids == ids and len(ids) > 2 * 24
+        expected = ref.greedy(ids, pixels, 6)
+        assert out.token_ids == expected
+        lp = ref.logprobs(ids + expected, pixels)
+        want = lp[len(ids) - 1:-1].gather(1, torch.tensor(expected)[:, None]).squeeze(1)
+        np.testing.assert_allclose(out.logprobs, want.numpy(), atol=ATOL)
+    chunked = Engine(path, dtype="float32", max_num_batched_tokens=20, block_size=4)
+    assert [o.token_ids for o in chunked.generate(reqs * 2, SamplingParams(max_tokens=6), use_tqdm=False)] \
+        == [o.token_ids for o in outs] * 2
+    assert chunked.stats()["prefix_cache_hit_tokens"] > 24  # the repeats reuse blocks beyond the window
 
 
 def test_request_forms_match_the_list_of_dicts_form(tiny_llama):
@@ -297,3 +315,30 @@ def test_choices_compute_only_their_own_tokens_and_score_alike_under_pressure(ti
             assert a.error is None
             np.testing.assert_allclose([c.logprob for c in a.choices], [c.logprob for c in b.choices], atol=1e-5)
             assert [c.is_greedy for c in a.choices] == [c.is_greedy for c in b.choices]
+
+
+def test_top_logprobs_of_generated_and_prompt_tokens_match_a_transformers_forward(tiny_llama):
+    engine, ref = Engine(tiny_llama, dtype="float32"), Reference(tiny_llama)
+    req = REQUESTS[1]
+    out = engine.generate([req], SamplingParams(max_tokens=5, logprobs=3, prompt_logprobs=2, n=2, seed=0,
+                                                temperature=1.0), use_tqdm=False)[0]
+    ids, pixels = ref.encode(req)
+    for sample in out.samples:
+        lp = ref.logprobs(ids + sample.token_ids, pixels)
+        assert len(sample.top_logprobs) == len(sample.token_ids)
+        for step, (top, tok) in enumerate(zip(sample.top_logprobs, sample.token_ids, strict=True)):
+            row = lp[len(ids) - 1 + step]
+            want = dict(zip(*[x.tolist() for x in row.topk(3)][::-1], strict=True))
+            assert tok in top and top[tok] == pytest.approx(float(row[tok]), abs=ATOL)
+            for t, v in want.items():
+                assert top[t] == pytest.approx(v, abs=ATOL)
+    lp = ref.logprobs(ids, pixels)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
+    for p in range(1, len(ids)):
+        assert out.prompt_logprobs[p] == pytest.approx(float(lp[p - 1, ids[p]]), abs=ATOL)
+        top = out.prompt_top_logprobs[p]
+        assert ids[p] in top and set(lp[p - 1].topk(2).indices.tolist()) <= set(top)
+    plain = engine.generate([req], SamplingParams(max_tokens=5), use_tqdm=False)[0]
+    assert plain.samples[0].top_logprobs is None and plain.prompt_logprobs is None
+    with pytest.raises(ValueError, match="logprobs"):
+        SamplingParams(logprobs=50)

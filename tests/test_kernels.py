@@ -202,25 +202,26 @@ def test_rotary_embedding(dtype, d):
         assert_close(actual, expected)
 
 
-@pytest.mark.parametrize("shape,patch,dtype,clip", [
-    ((2, 3, 28, 42), 14, torch.float32, True),  # odd grid: 2 x 3 patches
-    ((1, 3, 30, 45), 14, torch.float16, True),  # ragged edge dropped as the strided conv does; fp32 pixels
-    ((1, 3, 64, 64), 16, torch.float32, True),  # 17 tokens
-    ((3, 3, 28, 28), 14, torch.float32, False),  # SigLIP: no class token, a biased projection
-    ((1, 3, 48, 32), 16, torch.float16, False),
+@pytest.mark.parametrize("shape,patch,dtype,cls,biased", [
+    ((2, 3, 28, 42), 14, torch.float32, True, False),  # CLIP, odd grid: 2 x 3 patches
+    ((1, 3, 30, 45), 14, torch.float16, True, False),  # ragged edge dropped as the strided conv does; fp32 pixels
+    ((1, 3, 64, 64), 16, torch.float32, True, False),  # 17 tokens
+    ((3, 3, 28, 28), 14, torch.float32, False, True),  # SigLIP: no class token, a biased projection
+    ((1, 3, 48, 32), 16, torch.float16, False, True),
+    ((2, 3, 28, 28), 7, torch.float32, True, True),  # InternViT: a class token and a biased projection
 ])
-def test_patch_embed(shape, patch, dtype, clip):
+def test_patch_embed(shape, patch, dtype, cls, biased):
     gen = torch.Generator().manual_seed(7)
     e = 48  # not a multiple of the 128-wide output tile
     pixels = randn(*shape, gen=gen)
     weight = (0.05 * randn(e, shape[1], patch, patch, gen=gen)).to(dtype)
-    tokens = clip + (shape[2] // patch) * (shape[3] // patch)
-    cls = randn(e, dtype=dtype, gen=gen) if clip else None
-    bias = None if clip else randn(e, dtype=dtype, gen=gen)
+    tokens = cls + (shape[2] // patch) * (shape[3] // patch)
+    class_embedding = randn(e, dtype=dtype, gen=gen) if cls else None
+    bias = randn(e, dtype=dtype, gen=gen) if biased else None
     pos = randn(tokens, e, dtype=dtype, gen=gen)
-    out = kernels.patch_embed(pixels, weight, bias, cls, pos)
+    out = kernels.patch_embed(pixels, weight, bias, class_embedding, pos)
     assert out.shape == (shape[0], tokens, e)
-    assert_close(out, ops.patch_embed(pixels, weight, bias, cls, pos))
+    assert_close(out, ops.patch_embed(pixels, weight, bias, class_embedding, pos))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -57,3 +57,39 @@ def test_family_presets_have_real_shapes(tmp_path, name, arch, hidden, tiles):
     # A 1000 x 700 photo: the best grid of tiles plus the base tile.
     feats = family.process_image(Image.new("RGB", (1000, 700)), {"num_images": 1})
     assert feats.pixels.shape[0] == tiles and len(feats.token_ids) == feats.num_embeddings > 2 * family.tokens_per_tile
+
+
+@pytest.mark.parametrize("name,arch,hidden,tiles,tokens_per_tile,billions", [
+    ("smolvlm2-2.2b", "SmolVLMForConditionalGeneration", 2048, 3 * 4 + 1, 81, 2.25),
+    ("internvl3-8b", "InternVLForConditionalGeneration", 3584, 3 * 2 + 1, 256, 7.94),
+])
+def test_tiling_presets_have_real_shapes(tmp_path, name, arch, hidden, tiles, tokens_per_tile, billions):
+    ckpt = load_checkpoint(preset_checkpoint(name, tmp_path / "p"), device="meta", random_init=True)
+    family = family_for(ckpt)
+    assert ckpt.architecture == arch and family.text.hidden_size == hidden
+    assert family.tokens_per_tile == tokens_per_tile
+    # A 1000 x 700 photo: its grid of tiles plus the global image / thumbnail, one embedding each a token.
+    feats = family.process_image(Image.new("RGB", (1000, 700)), {})
+    assert feats.pixels.shape[0] == tiles and feats.num_embeddings == tiles * tokens_per_tile
+    # Built on the meta device, the model holds the published parameter count.
+    weights, draw = [], ckpt.tensor
+    ckpt.tensor = lambda key, shape=None: weights.append(draw(key, shape)) or weights[-1]
+    family.build_model(None, max_positions=1)
+    assert sum(w.numel() for w in weights) / 1e9 == pytest.approx(billions, abs=0.01)
+
+
+@pytest.mark.parametrize(
+    "name,shape,billions", [("gemma-3-4b", (2560, 34, 8, 4), 4.30), ("gemma-3-12b", (3840, 48, 16, 8), 12.19)]
+)
+def test_gemma3_presets_are_real_sizes(tmp_path, name, shape, billions):
+    ckpt = load_checkpoint(preset_checkpoint(name, tmp_path / "p"), device="meta", random_init=True)
+    family = family_for(ckpt)
+    t = family.text
+    assert (t.hidden_size, t.num_layers, t.num_heads, t.num_kv_heads) == shape
+    assert t.layer_types.count("full_attention") == t.num_layers // 6 and t.sliding_window == 1024
+    assert t.tie_word_embeddings  # the lm_head is the embedding matrix (4.3B and 12.2B weights)
+    assert (family.vision.image_size, family.mm_tokens, family.image_processor.size["height"]) == (896, 256, 896)
+    weights, draw = [], ckpt.tensor
+    ckpt.tensor = lambda key, shape=None: weights.append(draw(key, shape)) or weights[-1]
+    family.build_model(None, max_positions=1)
+    assert sum(w.numel() for w in weights) / 1e9 == pytest.approx(billions, abs=0.01)

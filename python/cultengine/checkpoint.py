@@ -55,6 +55,12 @@ class Checkpoint:
     random_init: bool = False  # shape presets for profiling: weights drawn at load time, no files read
     _handles: dict = field(default_factory=dict, repr=False)
 
+    @property
+    def preprocessor_file(self) -> Path:
+        """The file `preprocessor_config` comes from (preprocessor_config.json, else processor_config.json)."""
+        pre = self.path / "preprocessor_config.json"
+        return pre if pre.is_file() else self.path / "processor_config.json"
+
     def has(self, name: str) -> bool:
         return name in self.weight_files
 

@@ -110,7 +110,8 @@ class Engine:
         rows = self.family.position_rows
         self.runner = ModelRunner(self.model, self.device, self.checkpoint.dtype, block_size, num_blocks,
                                   kv_cache_memory, max_num_seqs, self.max_model_len, encoder_cache_size,
-                                  cuda_graphs=graphs, position_rows=rows)
+                                  cuda_graphs=graphs, position_rows=rows,
+                                  bidirectional_images=self.family.bidirectional_images)
         self.scheduler = _core.Scheduler(
             self.tokenizer, num_blocks=self.runner.num_blocks, block_size=block_size,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
@@ -119,7 +120,13 @@ class Engine:
             max_num_image_tokens=max_num_image_tokens)
         self._next_seq_id = 0
         self._seq_images: dict[int, list[int]] = {}  # in-flight sequence -> image hashes it pins
-        self._contexts: dict[int, list[int]] = {}  # a scoring context in flight -> its choices' ids
+        self._contexts: dict[int, list[int]] = {}  # a scoring context not yet forked -> its choices' ids
+        self._context_of: dict[int, int] = {}  # such a choice -> its context
+        # SamplingParams(logprobs=k, prompt_logprobs=k): k per sequence, and what has been gathered so far
+        self._top_k: dict[int, int] = {}
+        self._top: dict[int, list[dict[int, float]]] = {}
+        self._prompt_top_k: dict[int, int] = {}
+        self._prompt_top: dict[int, dict[int, dict[int, float]]] = {}  # seq -> prompt position -> top-k
         self._counters = {"prompt_tokens": 0, "generated_tokens": 0, "run_seconds": 0.0}
         self.profile = profile
         self.phase_seconds: dict[str, float] = dict.fromkeys(
@@ -152,10 +159,18 @@ class Engine:
                 outputs[i].samples = [None] * sp.n
                 try:
                     for k, seed in enumerate(sp.sample_seeds()):
-                        owners[self._add(prep, max_tokens=sp.max_tokens, temperature=sp.temperature,
-                                         top_p=sp.top_p, top_k=sp.top_k, seed=seed, stop=list(sp.stop),
-                                         stop_token_ids=list(sp.stop_token_ids), ignore_eos=sp.ignore_eos,
-                                         skip_special_tokens=sp.skip_special_tokens)] = (i, k)
+                        # The prompt's log-probs are the same for every sample: the first one gathers them.
+                        prompt_lps = sp.prompt_logprobs is not None and k == 0
+                        seq_id = self._add(prep, max_tokens=sp.max_tokens, temperature=sp.temperature,
+                                           top_p=sp.top_p, top_k=sp.top_k, seed=seed, stop=list(sp.stop),
+                                           stop_token_ids=list(sp.stop_token_ids), ignore_eos=sp.ignore_eos,
+                                           skip_special_tokens=sp.skip_special_tokens,
+                                           prompt_logprobs_from=1 if prompt_lps else -1)
+                        owners[seq_id] = (i, k)
+                        if sp.logprobs is not None:
+                            self._top_k[seq_id], self._top[seq_id] = sp.logprobs, []
+                        if prompt_lps:
+                            self._prompt_top_k[seq_id], self._prompt_top[seq_id] = sp.prompt_logprobs, {}
                 except Exception as e:  # noqa: BLE001 - whatever one request raises is that request's error
                     self._abort_request(owners, i)
                     outputs[i].error, outputs[i].samples = _describe(e), []
@@ -166,10 +181,21 @@ class Engine:
                     self._abort_request(owners, i)
                     outputs[i].error, outputs[i].samples = outputs[i].error or error, []
                     return
+                top = self._top.pop(seq.seq_id, None)
+                if top is not None:  # each position's top-k, and the token sampled there
+                    for d, t, lp in zip(top, seq.output_token_ids, seq.output_logprobs, strict=True):
+                        d.setdefault(int(t), float(lp))
                 outputs[i].samples[k] = Sample(text=seq.text, token_ids=list(seq.output_token_ids),
                                                finish_reason=seq.finish_reason,
-                                               logprobs=list(seq.output_logprobs))
+                                               logprobs=list(seq.output_logprobs), top_logprobs=top)
                 outputs[i].num_cached_tokens = max(outputs[i].num_cached_tokens, seq.num_cached_tokens)
+                if seq.seq_id in self._prompt_top:
+                    at = self._prompt_top.pop(seq.seq_id)
+                    ids = seq.prompt_token_ids
+                    outputs[i].prompt_logprobs = [None, *map(float, seq.prompt_logprobs)]
+                    outputs[i].prompt_top_logprobs = [{}] + [
+                        {**at.get(p, {}), int(ids[p]): lp} for p, lp in zip(range(1, len(ids)),
+                                                                           outputs[i].prompt_logprobs[1:], strict=True)]
 
             self._run(len(owners), use_tqdm, on_finished)
         return outputs
@@ -280,8 +306,9 @@ class Engine:
             if not isinstance(p, Exception):
                 by_special[p[2]].append(i)
         for flag, idx in by_special.items():
-            for i, ids in zip(idx, self._encode_texts([parsed[i][0] for i in idx], flag, idx, prepared),
-                              strict=True):
+            texts = [self.family.expand_text(parsed[i][0], [images[_image_key(src, parsed[i][3])][0]
+                                                            for src in parsed[i][1]]) for i in idx]
+            for i, ids in zip(idx, self._encode_texts(texts, flag, idx, prepared), strict=True):
                 if ids is None:
                     continue
                 try:
@@ -411,6 +438,7 @@ class Engine:
         self._next_seq_id = ids[-1] + 1
         self._contexts[context_id] = ids
         for seq_id in ids:
+            self._context_of[seq_id] = context_id
             self.runner.pin_images(prep.images)
             self._seq_images[seq_id] = list(prep.images)
         self._counters["prompt_tokens"] += len(prep.prompt_ids) + sum(map(len, choices))
@@ -425,6 +453,8 @@ class Engine:
 
     def _release(self, seq_id: int) -> None:
         self.runner.unpin_images(self._seq_images.pop(seq_id, ()))
+        # A choice that finished (or was dropped) means its context has forked or is gone.
+        self._contexts.pop(self._context_of.pop(seq_id, None), None)
 
     @contextmanager
     def _call_guard(self):
@@ -437,7 +467,8 @@ class Engine:
                 self._release(seq_id)
             raise
         finally:
-            self._contexts.clear()
+            for gathered in (self._top_k, self._top, self._prompt_top_k, self._prompt_top):
+                gathered.clear()
 
     def _run(self, num_seqs: int, use_tqdm: bool, on_finished) -> None:
         start = time.perf_counter()
@@ -452,12 +483,11 @@ class Engine:
                     now = time.perf_counter() - start
                     new = sampled_ids[np.isnan(first_token[sampled_ids])]
                     first_token[new] = now
-                # A sequence whose logits went NaN or infinite stops here and reports it (a scoring
-                # context's choices with it).
-                for context in non_finite & self._contexts.keys():
-                    non_finite |= set(self._contexts.pop(context))
+                # A sequence whose logits went NaN or infinite stops here and reports it.
                 done = {seq.seq_id for seq in finished}
-                finished += [f for f in map(self.scheduler.abort, non_finite - done) if f is not None]
+                # Choices before their contexts: dropping a context first would drop its choices unreported.
+                stopped = sorted(non_finite - done, key=lambda s: s in self._contexts)
+                finished += [f for f in map(self.scheduler.abort, stopped) if f is not None]
                 for seq in finished:
                     if seq.seq_id not in self._seq_images:  # taken back with its request already
                         continue
@@ -524,10 +554,44 @@ class Engine:
         tokens, token_lps = host[:n].astype(np.int64), host[n:2 * n].astype(np.float32)
         prompt_lps, greedy = host[2 * n:2 * n + m].astype(np.float32), host[2 * n + m:2 * n + 2 * m] > 0.5
         non_finite = self._rows_to_seqs(plan, np.flatnonzero(host[2 * n + 2 * m:] < 0.5))
+        for context in non_finite & self._contexts.keys():  # a scoring context fails its choices
+            non_finite |= set(self._contexts[context])
+        if self._top_k or self._prompt_top_k:
+            self._gather_top_logprobs(plan, logits)
         t = self._tick("sampling", t)
         finished = self.scheduler.update(tokens, token_lps, prompt_lps, greedy)
         self._tick("update", t)
         return finished, plan.sample_seq_ids, non_finite
+
+    def _gather_top_logprobs(self, plan, logits: torch.Tensor) -> None:
+        """The k most likely tokens of the logits rows whose sequences asked for them (opt-in: a loop over
+        those rows only, one device-to-host copy)."""
+        wanted: list[tuple[int, int, int, int | None]] = []  # (logits row, k, sequence, prompt position)
+        for r, s in enumerate(plan.sample_seq_ids.tolist()):
+            if s in self._top_k:
+                wanted.append((r, self._top_k[s], s, None))
+        if self._prompt_top_k and len(plan.prompt_lp_indices):
+            num_sampled, qsl = len(plan.sample_indices), plan.query_start_loc
+            token_rows = plan.prompt_lp_indices
+            batch = np.searchsorted(qsl, token_rows, side="right") - 1
+            for j, (row, b) in enumerate(zip(token_rows.tolist(), batch.tolist(), strict=True)):
+                s = int(plan.seq_ids[b])
+                if s in self._prompt_top_k:
+                    # the row's token sits at position seq_len - q_len + offset; it scores the next one
+                    pos = int(plan.seq_lens[b]) - int(qsl[b + 1] - qsl[b]) + row - int(qsl[b])
+                    wanted.append((num_sampled + j, self._prompt_top_k[s], s, pos + 1))
+        width = max((k for _, k, _, _ in wanted), default=0)
+        found = ([[]] * len(wanted), [[]] * len(wanted))
+        if width:
+            rows = torch.tensor([r for r, _, _, _ in wanted], device=logits.device)
+            values, ids = torch.log_softmax(logits[rows], -1).topk(width, dim=-1)
+            found = (values.cpu().tolist(), ids.cpu().tolist())
+        for (_, k, s, pos), v, t in zip(wanted, *found, strict=True):
+            top = {int(a): float(b) for a, b in zip(t[:k], v[:k], strict=True)}
+            if pos is None:
+                self._top[s].append(top)
+            else:
+                self._prompt_top[s][pos] = top
 
     @staticmethod
     def _rows_to_seqs(plan, bad_rows: np.ndarray) -> set[int]:

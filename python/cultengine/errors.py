@@ -7,7 +7,18 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and the problem."""
 
 
+# Architectures published in a remote-code layout (their own modelling code, `auto_map`, `trust_remote_code`)
+# whose models cultengine runs in another layout: the error names the checkpoint to use instead.
+REMOTE_CODE_LAYOUTS: dict[str, str] = {
+    "InternVLChatModel": "InternVL's remote-code layout; use the transformers-native `-hf` checkpoint of the same "
+                         "model (e.g. OpenGVLab/InternVL3-8B-hf, architecture InternVLForConditionalGeneration)",
+}
+
+
 def unsupported_architecture(where: str, architecture: str, supported) -> CheckpointError:
+    if architecture in REMOTE_CODE_LAYOUTS:
+        return CheckpointError(f"{where}: architecture {architecture!r} is {REMOTE_CODE_LAYOUTS[architecture]}; "
+                               "cultengine never runs checkpoint code")
     return CheckpointError(f"{where}: architecture {architecture!r} is not supported "
                            f"(supported: {', '.join(supported)})")
 

@@ -13,6 +13,7 @@ offset `s % block_size`.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,10 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # int64 [T]: cache slot of each new token
     max_query_len: int
     max_seq_len: int
+    # Image runs whose tokens attend to each other both ways in prefill (Gemma 3): sequence b's runs are
+    # rows image_span_loc[b]:image_span_loc[b+1] of image_spans, each (first, end) absolute positions.
+    image_spans: torch.Tensor | None = None  # int32 [N, 2]
+    image_span_loc: torch.Tensor | None = None  # int32 [B+1]
 
 
 def resolve_backend(device: torch.device, requested: str | None = None) -> str:
@@ -70,18 +75,20 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_ca
 # Attention
 # ---------------------------------------------------------------------------------------------
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                    meta: AttentionMetadata, scale: float, window: int | None = None) -> torch.Tensor:
     """Causal attention of packed queries `[T, Hq, D]` over each sequence's paged KV.
 
-    Query row i of sequence b sits at absolute position `seq_lens[b] - q_len_b + i` and sees keys
-    0..that position. Grouped-query attention: query head h reads KV head `h // (Hq // Hkv)`.
-    Computed in fp32, returned in q's dtype.
+    Query row i of sequence b sits at absolute position `p = seq_lens[b] - q_len_b + i` and sees keys
+    0..p; a query inside one of the metadata's image spans also sees the rest of its span. With a
+    sliding `window`, only keys `k > p - window` are visible at all (transformers' sliding mask, ANDed
+    after the image overlay as Gemma 3 does). Grouped-query attention: query head h reads KV head
+    `h // (Hq // Hkv)`. Computed in fp32, returned in q's dtype.
     """
     qsl = meta.query_start_loc.long()
     q_lens = qsl[1:] - qsl[:-1]
     if meta.max_query_len == 1:  # decode: one group, no query padding at all
         everyone = torch.arange(q_lens.numel(), device=q.device)
-        return _attend(q, k_cache, v_cache, meta, scale, everyone, everyone)
+        return _attend(q, k_cache, v_cache, meta, scale, everyone, everyone, window)
     # Sequences attend in groups of similar query length (powers of two), so a decode row or a short
     # choice never pads to a long prefill chunk: padding stays under 2x whatever the mix.
     bucket = torch.log2(q_lens.float()).ceil().long()
@@ -89,7 +96,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     for b in bucket.unique().tolist():
         seqs = (bucket == b).nonzero().squeeze(1)
         rows = _rows_of(qsl, q_lens, seqs)
-        out[rows] = _attend(q, k_cache, v_cache, meta, scale, seqs, rows)
+        out[rows] = _attend(q, k_cache, v_cache, meta, scale, seqs, rows, window)
     return out
 
 
@@ -101,8 +108,8 @@ def _rows_of(qsl: torch.Tensor, q_lens: torch.Tensor, seqs: torch.Tensor) -> tor
 
 
 def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-            scale: float, seqs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Causal paged attention for the sequences `seqs`, whose packed query rows are `rows`."""
+            scale: float, seqs: torch.Tensor, rows: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Paged attention (see `paged_attention`) for the sequences `seqs`, whose packed query rows are `rows`."""
     _, hq, d = q.shape
     num_blocks, block_size, hkv, _ = k_cache.shape
     qsl = meta.query_start_loc.long()
@@ -111,13 +118,16 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
     b = seqs.numel()
     max_q, max_kv = int(q_lens.max()), int(seq_lens.max())
 
-    # Gather the keys/values of each sequence into a padded [B, Hkv, max_kv, D] batch.
+    # Gather the keys/values of each sequence into a padded [B, Hkv, keys, D] batch, from the first block any
+    # query's window reaches (all of them without a window).
+    first_blk = 0 if window is None else max(int((seq_lens - q_lens).min()) - window + 1, 0) // block_size
     n_blk = -(-max_kv // block_size)
-    blocks = meta.block_tables[seqs, :n_blk].long().flatten()
+    first_key, keys = first_blk * block_size, max_kv - first_blk * block_size
+    blocks = meta.block_tables[seqs, first_blk:n_blk].long().flatten()
 
     def gather(cache: torch.Tensor) -> torch.Tensor:
         kv = cache.view(num_blocks, block_size * hkv * d).index_select(0, blocks)
-        return kv.view(b, n_blk * block_size, hkv, d)[:, :max_kv].transpose(1, 2).float()
+        return kv.view(b, (n_blk - first_blk) * block_size, hkv, d)[:, :keys].transpose(1, 2).float()
 
     k, v = gather(k_cache), gather(v_cache)
 
@@ -133,10 +143,32 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
 
     # Query i of a sequence sits at absolute position ctx + i, ctx = seq_len - q_len.
     q_pos = (seq_lens - q_lens)[:, None] + torch.arange(max_q, device=q.device)[None, :]
-    k_pos = torch.arange(max_kv, device=q.device)
-    mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < seq_lens[:, None, None])
+    k_pos = first_key + torch.arange(keys, device=q.device)
+    k_pos, q_pos = k_pos[None, None, :], q_pos[:, :, None]
+    visible = k_pos <= q_pos
+    if meta.image_spans is not None and meta.image_spans.numel():
+        lo, hi = _span_of_each_query(meta, seqs, q_pos[:, :, 0])
+        visible |= (k_pos >= lo[:, :, None]) & (k_pos < hi[:, :, None])
+    if window is not None:
+        visible &= k_pos > q_pos - window
+    mask = visible & (k_pos < seq_lens[:, None, None])
     out = F.scaled_dot_product_attention(qp, k, v, attn_mask=mask[:, None], scale=scale, enable_gqa=hq != hkv)
     return out.transpose(1, 2)[seq_of_row, row_in_seq].to(q.dtype)
+
+
+def _span_of_each_query(meta: AttentionMetadata, seqs: torch.Tensor,
+                        q_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first, end) of the image span each query `q_pos [b, max_q]` of `seqs` lies in; (-1, -1) outside."""
+    loc = meta.image_span_loc.long()
+    span_seq = torch.repeat_interleave(torch.arange(loc.numel() - 1, device=loc.device), loc[1:] - loc[:-1])
+    local = torch.full((loc.numel() - 1,), -1, dtype=torch.long, device=loc.device)
+    local[seqs] = torch.arange(seqs.numel(), device=loc.device)
+    lo, hi = torch.full_like(q_pos, -1), torch.full_like(q_pos, -1)
+    for b, (first, end) in zip(local[span_seq].tolist(), meta.image_spans.long().tolist(), strict=True):
+        if b >= 0:
+            inside = (q_pos[b] >= first) & (q_pos[b] < end)
+            lo[b][inside], hi[b][inside] = first, end
+    return lo, hi
 
 
 def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -253,14 +285,23 @@ def patch_embed(pixels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 # Dispatch
 # ---------------------------------------------------------------------------------------------
 class Ops:
-    """The primitives of one backend, bound once per engine so the hot path does no lookups."""
+    """The primitives of one backend, bound once per engine so the hot path does no lookups: the torch
+    references here, replaced by `kernels.bind` on the Triton and flash backends (same signatures)."""
 
     PRIMITIVES = PRIMITIVES
+    write_kv: Callable[..., None]
+    paged_attention: Callable[..., torch.Tensor]
+    vision_attention: Callable[..., torch.Tensor]
+    varlen_vision_attention: Callable[..., torch.Tensor]
+    rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    rotary_embedding: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    patch_embed: Callable[..., torch.Tensor]
 
     def __init__(self, backend: str):
         self.backend = backend
-        for name in PRIMITIVES:
-            setattr(self, name, globals()[name])
+        self.write_kv, self.paged_attention, self.rms_norm = write_kv, paged_attention, rms_norm
+        self.vision_attention, self.varlen_vision_attention = vision_attention, varlen_vision_attention
+        self.rotary_embedding, self.patch_embed = rotary_embedding, patch_embed
         if backend in ("triton", "flash"):
             from . import kernels
 

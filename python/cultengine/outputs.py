@@ -13,6 +13,7 @@ class Sample:
     token_ids: list[int]
     finish_reason: str  # "stop" (EOS or a stop string) | "length"
     logprobs: list[float]  # log-probability of each generated token under the model
+    top_logprobs: list[dict[int, float]] | None = None  # SamplingParams(logprobs=k): k most likely per position
 
 
 @dataclass
@@ -24,6 +25,10 @@ class GenerationOutput:
     samples: list[Sample] = field(default_factory=list)
     error: str | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # SamplingParams(prompt_logprobs=k): each prompt token's log-prob (None for the first) and the k most
+    # likely tokens at its position ({} for the first)
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[dict[int, float]] | None = None
 
     # The first sample's fields, for the common n=1 case.
     @property

@@ -1,10 +1,11 @@
 """`cultengine profile`: throughput, latency and where the time goes, on a synthetic workload.
 
 `--model` takes a checkpoint directory or a shape preset (`llava-1.5-7b`, `llava-next-7b`, `pangea-7b`,
-`llava-onevision-7b`, `qwen2-7b`, `qwen2.5-vl-7b`, `qwen2.5-vl-72b`, `demo`) whose weights are drawn at
-load time, so real model sizes can be profiled without downloading anything. Presets have billions of
-parameters and need CUDA: on a CPU they are refused unless `--allow-cpu`. `--dry-run` runs nothing: it plans
-memory (weight and KV-cache bytes) from the shapes, on any machine.
+`llava-onevision-7b`, `qwen2-7b`, `qwen2.5-vl-7b`, `qwen2.5-vl-72b`, `smolvlm2-2.2b`, `internvl3-8b`,
+`gemma-3-4b`, `gemma-3-12b`, `demo`) whose weights are drawn at load time, so real model sizes can be profiled
+without downloading anything. Presets have billions of parameters and need CUDA: on a CPU they are refused
+unless `--allow-cpu`. `--dry-run` runs nothing: it plans memory (weight and KV-cache bytes) from the shapes,
+on any machine.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .console import add_quiet, add_threads, positive_int
@@ -49,8 +51,61 @@ _LLAVA = {"architectures": ["LlavaForConditionalGeneration"], "vision_feature_la
 _LLAVA_NEXT = {"architectures": ["LlavaNextForConditionalGeneration"], "vision_feature_layer": -2,
                "vision_feature_select_strategy": "default",
                "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]}
-# name -> (config.json fields over the demo's, preprocessor_config.json)
-PRESETS: dict[str, tuple[dict, dict]] = {
+_SIGLIP_SO400M_896 = {"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
+                      "num_hidden_layers": 27, "num_attention_heads": 16, "image_size": 896, "patch_size": 14,
+                      "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6}
+_GEMMA3 = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "mm_tokens_per_image": 256,
+           "tie_word_embeddings": True}
+_GEMMA3_TEXT = {"model_type": "gemma3_text", "head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 1024,
+                "sliding_window_pattern": 6, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
+                "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "vocab_size": 262_208,
+                "max_position_embeddings": 131_072, "rms_norm_eps": 1e-6}
+_GEMMA3_PREPROCESSOR = {"image_processor_type": "Gemma3ImageProcessor", "size": {"height": 896, "width": 896},
+                        "resample": 2, "do_resize": True, "do_rescale": True, "do_normalize": True,
+                        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+# SmolVLM2-2.2B-Instruct: SigLIP-so400m/14 on 384-px tiles, scale_factor 3 (81 tokens a tile), SmolLM2-1.7B.
+_SMOLVLM2_2B = {"architectures": ["SmolVLMForConditionalGeneration"], "scale_factor": 3,
+                "text_config": {"model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192,
+                                "num_hidden_layers": 24, "num_attention_heads": 32, "num_key_value_heads": 32,
+                                "vocab_size": 49280, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
+                                "rope_theta": 130000.0},
+                "vision_config": {**_SIGLIP_SO400M_384, "model_type": "smolvlm_vision", "num_hidden_layers": 27}}
+_SMOLVLM2_PREPROCESSOR = {"image_processor_type": "SmolVLMImageProcessor", "do_resize": True,
+                          "size": {"longest_edge": 1536}, "max_image_size": {"longest_edge": 384},
+                          "do_image_splitting": True, "resample": 1, "do_rescale": True, "do_normalize": True,
+                          "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+# InternVL3-8B-hf: InternViT-300M-448px (256 tokens a tile, up to 12 tiles + thumbnail) and Qwen2.5-7B.
+_INTERNVL3_8B = {"architectures": ["InternVLForConditionalGeneration"], "downsample_ratio": 0.5,
+                 "vision_feature_layer": -1, "vision_feature_select_strategy": "default", "tie_word_embeddings": False,
+                 "text_config": {**_QWEN2_7B, "vocab_size": 151674},
+                 "vision_config": {"model_type": "internvl_vision", "hidden_size": 1024, "intermediate_size": 4096,
+                                   "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 448,
+                                   "patch_size": 14, "hidden_act": "gelu", "norm_type": "layer_norm",
+                                   "layer_scale_init_value": 0.1, "use_mean_pooling": True}}
+_INTERNVL3_PREPROCESSOR = {"image_processor_type": "GotOcr2ImageProcessor", "size": {"height": 448, "width": 448},
+                           "min_patches": 1, "max_patches": 12, "resample": 3, "do_rescale": True,
+                           "do_normalize": True, "image_mean": [0.485, 0.456, 0.406],
+                           "image_std": [0.229, 0.224, 0.225]}
+
+
+@dataclass(frozen=True)
+class PresetTokens:
+    """What a family whose prompts carry image markers adds to the demo tokenizer: its special tokens, the
+    placeholder its chat template writes, and processor_config.json's fields."""
+
+    special: tuple[str, ...]
+    image_token: str
+    processor: dict
+
+
+_IDEFICS3_TOKENS = PresetTokens(("<fake_token_around_image>", "<global-img>", "<end_of_utterance>",
+                                 *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7))),
+                                "<image>", {"processor_class": "SmolVLMProcessor", "image_seq_len": 81})
+_INTERNVL_TOKENS = PresetTokens(("<img>", "</img>", "<IMG_CONTEXT>"), "<IMG_CONTEXT>",
+                                {"processor_class": "InternVLProcessor", "image_seq_length": 256})
+
+# name -> (config.json fields over the demo's, preprocessor_config.json[, the family's tokens])
+PRESETS: dict[str, tuple] = {
     "llava-1.5-7b": ({**_LLAVA, "text_config": _LLAMA2_7B, "vision_config": _CLIP_L14_336}, _CLIP_336_PREPROCESSOR),
     # a Qwen2-7B decoder behind CLIP-L/14-336 in the LLaVA-1.5 layout
     "qwen2-7b": ({**_LLAVA, "text_config": _QWEN2_7B, "vision_config": _CLIP_L14_336}, _CLIP_336_PREPROCESSOR),
@@ -67,6 +122,17 @@ PRESETS: dict[str, tuple[dict, dict]] = {
                            {"image_processor_type": "LlavaOnevisionImageProcessor", "size": {"height": 384,
                             "width": 384}, "do_resize": True, "do_rescale": True, "do_normalize": True,
                             "resample": 3, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}),
+    "smolvlm2-2.2b": (_SMOLVLM2_2B, _SMOLVLM2_PREPROCESSOR, _IDEFICS3_TOKENS),
+    "internvl3-8b": (_INTERNVL3_8B, _INTERNVL3_PREPROCESSOR, _INTERNVL_TOKENS),
+    # gemma-3-4b-it / gemma-3-12b-it: SigLIP-so400m/14-896 pooled to 256 tokens; 5 sliding layers per full one
+    "gemma-3-4b": ({**_GEMMA3, "text_config": {**_GEMMA3_TEXT, "hidden_size": 2560, "intermediate_size": 10240,
+                                               "num_hidden_layers": 34, "num_attention_heads": 8,
+                                               "num_key_value_heads": 4}, "vision_config": _SIGLIP_SO400M_896},
+                   _GEMMA3_PREPROCESSOR),
+    "gemma-3-12b": ({**_GEMMA3, "text_config": {**_GEMMA3_TEXT, "hidden_size": 3840, "intermediate_size": 15360,
+                                                "num_hidden_layers": 48, "num_attention_heads": 16,
+                                                "num_key_value_heads": 8}, "vision_config": _SIGLIP_SO400M_896},
+                    _GEMMA3_PREPROCESSOR),
 }
 # Qwen2.5-VL: its windowed tower (the same in 7B and 72B but for its output width), a Qwen2 decoder with M-RoPE;
 # the demo tokenizer's <image> is the placeholder, Qwen's processor defaults (4 to 16384 merged patches).
@@ -106,15 +172,36 @@ def preset_checkpoint(name: str, out_dir: Path) -> Path:
         if f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
             shutil.copy(f, out_dir / f.name)
     demo_cfg = json.loads((demo / "config.json").read_text())
-    fields, preprocessor = PRESETS[name]
+    fields, preprocessor, *family_tokens = PRESETS[name]
     config = {**demo_cfg, **fields, "text_config": {**fields["text_config"]}, "dtype": "bfloat16"}
     # The demo tokenizer's ids (its image token included) must stay inside the preset's vocabulary.
     text = config["text_config"]
     text["vocab_size"] = max(text["vocab_size"], demo_cfg["text_config"]["vocab_size"])
     config["image_token_index"] = config["image_token_id"] = demo_cfg["image_token_index"]  # both names in use
+    if family_tokens:
+        config["image_token_id"] = _add_family_tokens(out_dir, family_tokens[0])
+    if "mm_tokens_per_image" in config:  # Gemma 3: the demo's <image> opens an image; soft/end ids past its vocab
+        demo_vocab = demo_cfg["text_config"]["vocab_size"]
+        config.update(boi_token_index=demo_cfg["image_token_index"], image_token_index=demo_vocab,
+                      image_token_id=demo_vocab, eoi_token_index=demo_vocab + 1)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     (out_dir / "preprocessor_config.json").write_text(json.dumps(preprocessor))
     return out_dir
+
+
+def _add_family_tokens(out_dir: Path, tokens: PresetTokens) -> int:
+    """Add a family's marker tokens to the copied demo tokenizer, make its chat template write the family's
+    placeholder, write processor_config.json; returns the placeholder's id."""
+    from tokenizers import AddedToken, Tokenizer
+
+    tok = Tokenizer.from_file(str(out_dir / "tokenizer.json"))
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in tokens.special])
+    tok.save(str(out_dir / "tokenizer.json"))
+    tc = json.loads((out_dir / "tokenizer_config.json").read_text())
+    tc["chat_template"] = tc["chat_template"].replace("<image>", tokens.image_token)
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tc, indent=2))
+    (out_dir / "processor_config.json").write_text(json.dumps(tokens.processor))
+    return tok.token_to_id(tokens.image_token)
 
 
 def _lengths(spec: str, n: int, rng: random.Random) -> list[int]:

@@ -139,11 +139,13 @@ class ModelRunner:
     def __init__(self, model: Model, device: torch.device, dtype: torch.dtype, block_size: int,
                  num_blocks: int | None, kv_cache_memory: int | None, max_num_seqs: int,
                  max_model_len: int, encoder_cache_size: int = 256, cuda_graphs: bool = False,
-                 position_rows: int = 1):
+                 position_rows: int = 1, bidirectional_images: bool = False):
         """`cuda_graphs` captures decode steps (needs CUDA and a backend whose kernels never read the
-        device on the host: the Triton one); `position_rows` > 1 for M-RoPE models."""
+        device on the host: the Triton one); `position_rows` > 1 for M-RoPE models;
+        `bidirectional_images` passes each step's image runs to attention as bidirectional spans."""
         self.model = model
         self.position_rows = position_rows
+        self.bidirectional_images = bidirectional_images
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
@@ -209,7 +211,7 @@ class ModelRunner:
                 cache.index_copy_(0, dst, cache.index_select(0, src))
         if self.decode_graphs is not None and self.decode_graphs.fits(plan):
             return self.decode_graphs.run(plan)
-        image_rows = image_embeds = None
+        image_rows = image_embeds = spans = None
         chunks = plan.image_chunks  # (dst row, first embedding, length) of each run, and its image's hash
         if len(chunks):
             hashes = plan.image_hashes.tolist()
@@ -222,6 +224,8 @@ class ModelRunner:
             image_rows = self._tensor(dst)
             image_embeds = torch.cat([images[h][s:s + n] for h, s, n in zip(hashes, chunks[:, 1], chunks[:, 2],
                                                                             strict=True)])
+            if self.bidirectional_images:
+                spans = self._image_spans(plan)
         meta = AttentionMetadata(
             query_start_loc=self._tensor(plan.query_start_loc),
             seq_lens=self._tensor(plan.seq_lens),
@@ -229,10 +233,27 @@ class ModelRunner:
             slot_mapping=self._tensor(plan.slot_mapping),
             max_query_len=int(plan.max_query_len),
             max_seq_len=int(plan.max_seq_len),
+            image_spans=None if spans is None else self._tensor(spans[0]),
+            image_span_loc=None if spans is None else self._tensor(spans[1]),
         )
         positions = plan.positions if self.position_rows > 1 else plan.positions[0]
         return self.model.forward(self._tensor(plan.input_ids), self._tensor(positions), self.kv_caches, meta,
                                   image_rows, image_embeds)
+
+    @staticmethod
+    def _image_spans(plan) -> tuple[np.ndarray, np.ndarray]:
+        """(first, end) positions `[N, 2]` of each image run this step computes, by sequence, and where each
+        sequence's runs begin `[B+1]`. A query already sees the keys before it; the span adds the rest of its
+        run, which is always in the same step (atomic runs). A run a prefix-cache hit cut into keeps only its
+        uncached part here, and loses nothing: its cached part lies before every query."""
+        qsl, seq_lens = plan.query_start_loc.astype(np.int64), plan.seq_lens.astype(np.int64)
+        dst, n = plan.image_chunks[:, 0].astype(np.int64), plan.image_chunks[:, 2].astype(np.int64)
+        seq = np.searchsorted(qsl, dst, side="right") - 1
+        first = seq_lens[seq] - (qsl[seq + 1] - qsl[seq]) + (dst - qsl[seq])
+        order = np.argsort(seq, kind="stable")
+        spans = np.stack([first, first + n], axis=1)[order].astype(np.int32)
+        loc = np.concatenate([[0], np.cumsum(np.bincount(seq, minlength=len(seq_lens)))]).astype(np.int32)
+        return spans, loc
 
     def compute_logits(self, hidden: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
         """fp32 logits of the given rows of a step's hidden states."""

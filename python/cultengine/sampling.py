@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 INT32_MAX = 2**31 - 1  # the scheduler keeps token counts, top-k and token ids as 32-bit integers
+MAX_TOP_LOGPROBS = 20  # alternatives per position (OpenAI's limit)
 
 
 def _int(name: str, value, low: int, high: int = INT32_MAX) -> int:
@@ -72,6 +73,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    logprobs: int | None = None  # k: the k most likely tokens (id -> log-prob) at each generated position
+    prompt_logprobs: int | None = None  # k: each prompt token's log-prob and the k most likely there
 
     def __post_init__(self):
         self.max_tokens = _int("max_tokens", self.max_tokens, 1)
@@ -97,6 +100,9 @@ class SamplingParams:
         self.stop_token_ids = [_int("stop_token_ids[]", t, 0) for t in _list("stop_token_ids", self.stop_token_ids)]
         self.ignore_eos = _flag("ignore_eos", self.ignore_eos)
         self.skip_special_tokens = _flag("skip_special_tokens", self.skip_special_tokens)
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                setattr(self, name, _int(name, getattr(self, name), 0, MAX_TOP_LOGPROBS))
 
     def sample_seeds(self) -> list[int]:
         """One seed per sample: sample i of a seeded request is reproducible on its own."""

@@ -798,6 +798,8 @@ fn image_budget_spreads_images_over_steps() {
 
 /// Scoring requests as (context, images, choices).
 type Scoring = (Vec<u32>, Vec<ImageSpan>, Vec<Vec<u32>>);
+/// Each choice's prompt logprobs and greedy flags, by its sequence id.
+type ChoiceScores = HashMap<i64, (Vec<f32>, Vec<bool>)>;
 
 fn random_scoring(seed: u64, n: usize) -> Vec<Scoring> {
     let mut rng = Rng(seed);
@@ -831,11 +833,7 @@ fn random_scoring(seed: u64, n: usize) -> Vec<Scoring> {
 
 /// Runs scoring requests either forked from their context (`add_scoring`) or as one sequence per
 /// choice; returns (choice id -> (prompt logprobs, greedy flags)), prefill tokens computed.
-fn run_scoring(
-    reqs: &[Scoring],
-    cfg: SchedulerConfig,
-    forked: bool,
-) -> (HashMap<i64, (Vec<f32>, Vec<bool>)>, u64) {
+fn run_scoring(reqs: &[Scoring], cfg: SchedulerConfig, forked: bool) -> (ChoiceScores, u64) {
     let (bs, nb) = (cfg.block_size, cfg.num_blocks);
     let mut sched = Scheduler::new(tok(), cfg).unwrap();
     let mut model = FakeModel {

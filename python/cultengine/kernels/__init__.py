@@ -16,10 +16,10 @@ __all__ = ["bind", "paged_attention", "paged_decode_attention", "paged_prefill_a
 
 
 def bind(ops, use_flash_attn: bool = False) -> None:
-    """Swap the primitives of an `ops.Ops` instance (the names in its `PRIMITIVES`) for the kernels
-    (attention via flash-attn if asked)."""
-    for name in ops.PRIMITIVES:
-        setattr(ops, name, globals()[name])
+    """Swap the primitives of an `ops.Ops` instance for the kernels (attention via flash-attn if asked)."""
+    ops.write_kv, ops.paged_attention, ops.rms_norm = write_kv, paged_attention, rms_norm
+    ops.vision_attention, ops.varlen_vision_attention = vision_attention, varlen_vision_attention
+    ops.rotary_embedding, ops.patch_embed = rotary_embedding, patch_embed
     if use_flash_attn:
         try:
             from . import flash

@@ -46,8 +46,11 @@ def _softmax_tile(q, k, v, acc, m_i, l_i, qk_scale, mask, APPLY_MASK: tl.constex
     if APPLY_MASK:
         s = tl.where(mask, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    m_ref = m_new
+    if APPLY_MASK:  # a row that has seen no visible key yet (a window, a span) keeps acc = l = 0, not NaN
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(s - m_ref[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
     return acc, m_new, l_i
@@ -65,11 +68,11 @@ def _paged_offsets(block_table_row, offs_n, mask_n, offs_d, stride_kb, stride_ko
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, qsl_ptr, seq_lens_ptr, block_tables_ptr,
-                    qk_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ko, stride_kh,
-                    stride_bt,
+                    spans_ptr, span_loc_ptr, qk_scale, window,
+                    stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ko, stride_kh, stride_bt,
                     QUERIES_PER_KV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    HAS_SPANS: tl.constexpr, PRECISION: tl.constexpr):
     tile = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
@@ -80,6 +83,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, qsl_ptr, seq_lens_
         return
     seq_len = tl.load(seq_lens_ptr + seq)
     first_pos = seq_len - q_len + tile * BLOCK_M  # absolute position of the tile's first query
+    last_pos = tl.minimum(first_pos + BLOCK_M, seq_len) - 1  # and of its last real one
 
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -88,6 +92,19 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, qsl_ptr, seq_lens_
     q_rows = (q_start + offs_m)[:, None]
     q = tl.load(q_ptr + q_rows * stride_qt + head * stride_qh + offs_d[None, :], mask=mask_q, other=0.0)
     q_pos = first_pos - tile * BLOCK_M + offs_m
+
+    # Each query's image span (first, end), (-1, -1) outside one: it also sees the keys ahead in its span.
+    span_lo = tl.full([BLOCK_M], -1, dtype=tl.int32)
+    span_hi = tl.full([BLOCK_M], -1, dtype=tl.int32)
+    kv_end = tl.minimum(seq_len, first_pos + BLOCK_M)
+    if HAS_SPANS:
+        for i in range(tl.load(span_loc_ptr + seq), tl.load(span_loc_ptr + seq + 1)):
+            first = tl.load(spans_ptr + 2 * i)
+            end = tl.load(spans_ptr + 2 * i + 1)
+            inside = (q_pos >= first) & (q_pos < end)
+            span_lo = tl.where(inside, first, span_lo)
+            span_hi = tl.where(inside, end, span_hi)
+        kv_end = tl.maximum(kv_end, tl.max(span_hi, 0))
 
     kv_head = head // QUERIES_PER_KV
     k_base = k_cache_ptr + kv_head * stride_kh
@@ -98,30 +115,48 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, qsl_ptr, seq_lens_
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
-    # Keys before the tile's first query are visible to every row: no causal mask there.
-    full_end = (first_pos // BLOCK_N) * BLOCK_N
-    for start_n in range(0, full_end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_off = _paged_offsets(bt_row, offs_n, offs_n < full_end, offs_d, stride_kb, stride_ko, BLOCK_SIZE)
-        k = tl.load(k_base + kv_off, mask=mask_d[None, :], other=0.0)
-        v = tl.load(v_base + kv_off, mask=mask_d[None, :], other=0.0)
-        acc, m_i, l_i = _softmax_tile(q, k, v, acc, m_i, l_i, qk_scale, None, False, PRECISION)
+    # Key tiles: [kv_start, full_lo) masked (the window's edge), [full_lo, full_hi) visible to every row
+    # (before the first query, inside the last query's window), [full_hi, kv_end) masked (the diagonal,
+    # image spans, the sequence's end). A window narrower than the tile leaves no unmasked part.
+    kv_start = (tl.maximum(first_pos - window + 1, 0) // BLOCK_N) * BLOCK_N
+    full_lo = (tl.maximum(last_pos - window + 1, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    full_hi = (first_pos // BLOCK_N) * BLOCK_N
+    has_full = full_lo < full_hi
+    full_lo = tl.where(has_full, full_lo, kv_start)
+    full_hi = tl.where(has_full, full_hi, kv_start)
+    for start_n in range(kv_start, full_lo, BLOCK_N):
+        acc, m_i, l_i = _prefill_tile(q, k_base, v_base, bt_row, start_n, kv_end, q_pos, span_lo, span_hi, window,
+                                      acc, m_i, l_i, qk_scale, offs_d, mask_d, stride_kb, stride_ko,
+                                      BLOCK_SIZE, BLOCK_N, True, PRECISION)
+    for start_n in range(full_lo, full_hi, BLOCK_N):
+        acc, m_i, l_i = _prefill_tile(q, k_base, v_base, bt_row, start_n, kv_end, q_pos, span_lo, span_hi, window,
+                                      acc, m_i, l_i, qk_scale, offs_d, mask_d, stride_kb, stride_ko,
+                                      BLOCK_SIZE, BLOCK_N, False, PRECISION)
+    for start_n in range(full_hi, kv_end, BLOCK_N):
+        acc, m_i, l_i = _prefill_tile(q, k_base, v_base, bt_row, start_n, kv_end, q_pos, span_lo, span_hi, window,
+                                      acc, m_i, l_i, qk_scale, offs_d, mask_d, stride_kb, stride_ko,
+                                      BLOCK_SIZE, BLOCK_N, True, PRECISION)
 
-    # The diagonal: causal mask, and the end of the sequence.
-    kv_end = tl.minimum(seq_len, first_pos + BLOCK_M)
-    for start_n in range(full_end, kv_end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < kv_end
-        kv_off = _paged_offsets(bt_row, offs_n, mask_n, offs_d, stride_kb, stride_ko, BLOCK_SIZE)
-        mask_kv = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + kv_off, mask=mask_kv, other=0.0)
-        v = tl.load(v_base + kv_off, mask=mask_kv, other=0.0)
-        causal = (offs_n[None, :] <= q_pos[:, None]) & mask_n[None, :]
-        acc, m_i, l_i = _softmax_tile(q, k, v, acc, m_i, l_i, qk_scale, causal, True, PRECISION)
-
-    out = acc / l_i[:, None]
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # l = 0 only in idle rows past the sequence's end
     tl.store(out_ptr + q_rows * stride_ot + head * stride_oh + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=mask_q)
+
+
+@triton.jit
+def _prefill_tile(q, k_base, v_base, bt_row, start_n, kv_end, q_pos, span_lo, span_hi, window, acc, m_i, l_i,
+                  qk_scale, offs_d, mask_d, stride_kb, stride_ko, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                  MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """One key tile of the prefill kernel; `MASKED` applies causality, image spans, the window and the end."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < kv_end
+    kv_off = _paged_offsets(bt_row, offs_n, mask_n, offs_d, stride_kb, stride_ko, BLOCK_SIZE)
+    mask_kv = mask_n[:, None] & mask_d[None, :]
+    k = tl.load(k_base + kv_off, mask=mask_kv, other=0.0)
+    v = tl.load(v_base + kv_off, mask=mask_kv, other=0.0)
+    k_pos, rows = offs_n[None, :], q_pos[:, None]
+    visible = (k_pos <= rows) | ((k_pos >= span_lo[:, None]) & (k_pos < span_hi[:, None]))
+    visible = visible & (k_pos > rows - window) & mask_n[None, :]
+    return _softmax_tile(q, k, v, acc, m_i, l_i, qk_scale, visible, MASKED, PRECISION)
 
 
 def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
@@ -130,10 +165,16 @@ def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) 
     assert q.shape[1] % k_cache.shape[2] == 0, "query heads must be a multiple of KV heads"
 
 
+# "No window": wider than any context, small enough that `position - window` stays an int32.
+NO_WINDOW = 1 << 30
+
+
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            meta: AttentionMetadata, scale: float, block_m: int | None = None,
-                            block_n: int | None = None, num_warps: int = 8, num_stages: int = 2) -> torch.Tensor:
-    """Causal varlen attention of packed queries over the paged cache (any query lengths).
+                            meta: AttentionMetadata, scale: float, window: int | None = None,
+                            block_m: int | None = None, block_n: int | None = None, num_warps: int = 8,
+                            num_stages: int = 2) -> torch.Tensor:
+    """Causal varlen attention of packed queries over the paged cache (any query lengths), with the
+    metadata's image spans and an optional sliding `window` (semantics: `ops.paged_attention`).
 
     The tile and launch arguments exist for the tuning sweep in benches/bench_kernels.py."""
     _check_cache(q, k_cache, v_cache)
@@ -145,13 +186,16 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     block_m, block_n = block_m or default_m, block_n or default_n
     batch = meta.query_start_loc.numel() - 1
     grid = (triton.cdiv(meta.max_query_len, block_m), batch, hq)
+    has_spans = meta.image_spans is not None and meta.image_spans.numel() > 0
+    spans = meta.image_spans.contiguous() if has_spans else meta.seq_lens  # unread without spans
+    span_loc = meta.image_span_loc if has_spans else meta.seq_lens
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-        scale * LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        q, k_cache, v_cache, out, meta.query_start_loc, meta.seq_lens, meta.block_tables, spans, span_loc,
+        scale * LOG2E, window or NO_WINDOW, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
         QUERIES_PER_KV=hq // hkv, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype), num_warps=num_warps,
-        num_stages=num_stages)
+        BLOCK_M=block_m, BLOCK_N=block_n, HAS_SPANS=has_spans, PRECISION=_precision(q.dtype),
+        num_warps=num_warps, num_stages=num_stages)
     return out
 
 
@@ -160,7 +204,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr, qsl_ptr,
-                         seq_lens_ptr, block_tables_ptr, qk_scale, tiles_per_split,
+                         seq_lens_ptr, block_tables_ptr, qk_scale, tiles_per_split, window,
                          stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ko, stride_kh,
                          stride_bt, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
                          QUERIES_PER_KV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -188,8 +232,9 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr,
     m_i = tl.full([GROUP], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP], dtype=tl.float32)
 
-    # The one query sits at position seq_len - 1 and sees every key: only the end needs a mask.
-    kv_start = split * tiles_per_split * BLOCK_N
+    # The one query sits at position seq_len - 1 and sees every key of its window: the splits cut the
+    # window, and only the end needs a mask.
+    kv_start = tl.maximum(seq_len - window, 0) + split * tiles_per_split * BLOCK_N
     kv_end = tl.minimum(seq_len, kv_start + tiles_per_split * BLOCK_N)
     for start_n in range(kv_start, kv_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -247,7 +292,7 @@ _MAX_SPLITS = 64
 
 def decode_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device,
                       block_n: int = _DECODE_BLOCK_N) -> tuple[int, int]:
-    """(splits, key tiles per split) for a decode batch.
+    """(splits, key tiles per split) for a decode batch whose queries see at most `max_seq_len` keys.
 
     One split when batch x KV heads already fills the GPU twice over; otherwise as many splits as
     there are key tiles (up to 64). A split costs one fp32 partial row per head (1 KB at d = 128)
@@ -262,10 +307,12 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: t
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           meta: AttentionMetadata, scale: float, num_splits: int | None = None,
-                           block_n: int = _DECODE_BLOCK_N, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
-    """One query per sequence. The KV range is cut into `num_splits` pieces (default: see
-    `decode_num_splits`) whose partial results a second kernel merges by log-sum-exp.
+                           meta: AttentionMetadata, scale: float, window: int | None = None,
+                           num_splits: int | None = None, block_n: int = _DECODE_BLOCK_N, num_warps: int = 4,
+                           num_stages: int = 3) -> torch.Tensor:
+    """One query per sequence, over its last `window` keys (all keys without a window). The range is cut
+    into `num_splits` pieces (default: see `decode_num_splits`) whose partial results a second kernel
+    merges by log-sum-exp.
 
     Nothing here reads the device, so a CUDA graph can capture it: a graph captured with `max_seq_len`
     at the model's limit stays right for any shorter sequences (their trailing splits are empty).
@@ -275,10 +322,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     t, hq, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
     batch = meta.seq_lens.numel()
+    keys = min(meta.max_seq_len, window or NO_WINDOW)
     if num_splits is None:
-        num_splits, tiles_per_split = decode_num_splits(batch, hkv, meta.max_seq_len, q.device, block_n)
+        num_splits, tiles_per_split = decode_num_splits(batch, hkv, keys, q.device, block_n)
     else:
-        tiles = triton.cdiv(meta.max_seq_len, block_n)
+        tiles = triton.cdiv(keys, block_n)
         tiles_per_split = triton.cdiv(tiles, max(1, min(num_splits, tiles)))
         num_splits = triton.cdiv(tiles, tiles_per_split)
 
@@ -291,7 +339,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     # The split count is a run-time argument, so varying batch sizes do not compile new kernels.
     _decode_split_kernel[(batch, hkv, num_splits)](
         q, k_cache, v_cache, out, part_out, part_lse, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-        scale * LOG2E, tiles_per_split, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        scale * LOG2E, tiles_per_split, window or NO_WINDOW, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
         part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
         QUERIES_PER_KV=hq // hkv, GROUP=max(16, triton.next_power_of_2(hq // hkv)), HEAD_DIM=d,
@@ -306,11 +354,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                    meta: AttentionMetadata, scale: float, window: int | None = None) -> torch.Tensor:
     """`ops.paged_attention`: the decode kernel for decode-only steps, the prefill kernel otherwise."""
     if meta.max_query_len == 1:
-        return paged_decode_attention(q, k_cache, v_cache, meta, scale)
-    return paged_prefill_attention(q, k_cache, v_cache, meta, scale)
+        return paged_decode_attention(q, k_cache, v_cache, meta, scale, window)
+    return paged_prefill_attention(q, k_cache, v_cache, meta, scale, window)
 
 
 # ---------------------------------------------------------------------------------------------

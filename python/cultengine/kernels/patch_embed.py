@@ -2,7 +2,8 @@
 
 Output row r of image n is token t = r % tokens_per_image. With a class token (CLIP), t = 0 is the class
 token (its GEMM row is all zeros and the class embedding is added instead) and t >= 1 is patch t - 1 in
-row-major order; without one (SigLIP), t is patch t and the projection's bias is added. The GEMM
+row-major order; without one (SigLIP), t is patch t. A projection bias (SigLIP, InternViT) is added to
+the patch rows only. The GEMM
 reads the pixels straight from the image (no im2col copy): column k of the patch matrix is pixel
 (c, i, j) = (k // P², (k // P) % P, k % P) of the patch, the order of the conv weight reshaped [E, C*P*P].
 """
@@ -50,8 +51,9 @@ def _patch_embed_kernel(pix_ptr, w_ptr, bias_ptr, cls_ptr, pos_ptr, out_ptr, num
     mask = mask_r[:, None] & mask_c[None, :]
     pos = tl.load(pos_ptr + token[:, None] * stride_pos + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     acc += pos
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:  # the projection's bias: patch rows only (InternViT has a class token and a bias)
+        bias = tl.load(bias_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
+        acc += tl.where(is_patch[:, None], bias[None, :], 0.0)
     if HAS_CLS:
         cls = tl.load(cls_ptr + cols * stride_cls, mask=mask_c, other=0.0).to(tl.float32)
         acc += tl.where(token[:, None] == 0, cls[None, :], 0.0)

@@ -19,6 +19,15 @@ FAMILIES: dict[str, str] = {
     "Qwen2VLForConditionalGeneration": "qwen2_vl.Qwen2VL",
     "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl.Qwen2_5_VL",
     "Qwen3VLForConditionalGeneration": "qwen3_vl.Qwen3VL",
+    "Idefics3ForConditionalGeneration": "idefics3.Idefics3",
+    "SmolVLMForConditionalGeneration": "idefics3.SmolVLM",
+    "InternVLForConditionalGeneration": "internvl.InternVL",
+    "Gemma3ForConditionalGeneration": "gemma3.Gemma3",
+    "Gemma3ForCausalLM": "gemma3.Gemma3Text",
+    "LlamaForCausalLM": "text.TextOnly",
+    "MistralForCausalLM": "text.TextOnly",
+    "Qwen2ForCausalLM": "text.TextOnly",
+    "Qwen3ForCausalLM": "text.TextOnly",
 }
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 

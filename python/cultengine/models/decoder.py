@@ -59,9 +59,14 @@ class TextConfig:
     o_bias: bool
     mlp_bias: bool
     hidden_act: str
-    sliding_window: int | None  # the engine caps max_model_len here, where windowed attention is still exact
+    sliding_window: int | None
     tie_word_embeddings: bool
     qk_norm: bool = False  # Qwen3: RMSNorm over each query and key head (head_dim) before RoPE
+    windowed_layers: tuple[int, ...] = ()  # the layers that attend over the last `sliding_window` keys only
+
+    def window(self, layer: int) -> int | None:
+        """Layer `layer`'s sliding window, None where it attends over every key."""
+        return self.sliding_window if layer in self.windowed_layers else None
 
     @classmethod
     def parse(cls, cfg: dict, where: str, tie_word_embeddings: bool | None = None) -> TextConfig:
@@ -84,17 +89,28 @@ class TextConfig:
         # Qwen configs carry a sliding_window that only `use_sliding_window` turns on.
         sliding = c.get("sliding_window") if (mt not in ("qwen2", "qwen3") or c.get("use_sliding_window")) else None
         tie = c.get("tie_word_embeddings") if tie_word_embeddings is None else tie_word_embeddings
+        num_layers = config_int(c, "num_hidden_layers", where)
         return cls(
             model_type=mt, vocab_size=config_int(c, "vocab_size", where), hidden_size=hidden,
             intermediate_size=config_int(c, "intermediate_size", where),
-            num_layers=config_int(c, "num_hidden_layers", where), num_heads=heads, num_kv_heads=kv_heads,
+            num_layers=num_layers, num_heads=heads, num_kv_heads=kv_heads,
             head_dim=head_dim, rms_norm_eps=config_float(c, "rms_norm_eps", where), rope_theta=theta,
             rope_scaling=scaling, max_position_embeddings=max_pos,
             attention_bias=True if mt == "qwen2" else bool(c.get("attention_bias", False)),
             o_bias=False if mt == "qwen2" else bool(c.get("attention_bias", False)),
             mlp_bias=bool(c.get("mlp_bias", False)), hidden_act=c["hidden_act"],
             sliding_window=config_int(c, "sliding_window", where) if sliding is not None else None,
-            tie_word_embeddings=bool(tie), qk_norm=mt == "qwen3")
+            tie_word_embeddings=bool(tie), qk_norm=mt == "qwen3",
+            windowed_layers=_windowed_layers(c, mt, num_layers) if sliding else ())
+
+
+def _windowed_layers(cfg: dict, model_type: str, num_layers: int) -> tuple[int, ...]:
+    # transformers 5 lists `layer_types`; before it, Qwen2 and Qwen3 windowed the layers from
+    # `max_window_layers` on, and Mistral every layer.
+    if cfg.get("layer_types"):
+        return tuple(i for i, kind in enumerate(cfg["layer_types"]) if kind == "sliding_attention")
+    first = int(cfg.get("max_window_layers", 28)) if model_type in ("qwen2", "qwen3") else 0  # their default
+    return tuple(range(first, num_layers))
 
 
 def _rope(cfg: dict, where: str) -> tuple[float, dict | None]:
@@ -222,7 +238,7 @@ class Decoder:
                 k = ops.rms_norm(k, layer["k_norm"], c.rms_norm_eps)[0]
             q, k = ops.rotary_embedding(q, k, rope_positions, cos, sin)
             ops.write_kv(k, v.view(t, c.num_kv_heads, c.head_dim), k_cache, v_cache, meta.slot_mapping)
-            a = ops.paged_attention(q, k_cache, v_cache, meta, self.scale)
+            a = ops.paged_attention(q, k_cache, v_cache, meta, self.scale, c.window(i))
             x = F.linear(a.reshape(t, self.q_size), layer["o"], layer["o_bias"])
             h, residual = ops.rms_norm(x, layer["post_norm"], c.rms_norm_eps, residual)
             gate, up = F.linear(h, layer["gate_up"], layer["gate_up_bias"]).chunk(2, dim=-1)

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from ..checkpoint import Checkpoint
+from ..errors import CheckpointError
 from ..image import ImageProcessor, content_hash
 from ..ops import AttentionMetadata
 
@@ -49,6 +50,24 @@ class ImageFeatures:
         return int.from_bytes(h.digest(), "little")
 
 
+def marker_token_ids(tokenizer, checkpoint: Checkpoint, markers: dict[str, str], named: bool = True) -> list[int]:
+    """Ids of the special tokens a family's prompts put around images: each `attribute: default` of `markers`
+    is the token the tokenizer's settings name by that attribute (tokenizer_config.json, top level or in
+    `extra_special_tokens`; only when `named`, as the family's processor reads them) or else the default.
+    A token missing from the tokenizer is a CheckpointError."""
+    config = checkpoint.tokenizer_config
+    extra = config.get("extra_special_tokens")
+    names = {**config, **(extra if isinstance(extra, dict) else {})} if named else {}
+    ids = []
+    for attr, default in markers.items():
+        text = names.get(attr) if isinstance(names.get(attr), str) else default
+        i = tokenizer.token_to_id(text)
+        if i is None:
+            raise CheckpointError(f"{checkpoint.tokenizer_path}: the image marker token {text!r} is missing")
+        ids.append(i)
+    return ids
+
+
 class Model(Protocol):
     """What the runner drives: a packed forward over a paged KV cache, and a ragged image encoder."""
 
@@ -75,6 +94,8 @@ class Family:
 
     position_rows: ClassVar[int] = 1  # 3 for M-RoPE
     atomic_images: ClassVar[bool] = False  # image runs never split across prefill chunks
+    # Each embedding run's tokens attend to the whole run in prefill (Gemma 3); needs atomic runs.
+    bidirectional_images: ClassVar[bool] = False
     image_options: ClassVar[tuple[str, ...]] = ()  # request keys passed to process_image (e.g. max_pixels)
 
     def __init__(self, checkpoint: Checkpoint, image_backend: str | None = None):
@@ -94,6 +115,12 @@ class Family:
 
     def process_image(self, image: Image.Image, options: dict[str, Any]) -> ImageFeatures:
         raise NotImplementedError
+
+    def expand_text(self, text: str, images: list[ImageFeatures]) -> str:
+        """The prompt text before tokenization, given its images in order: where a processor puts text around
+        each placeholder (Gemma 3's newlines), it goes here so that it tokenizes with its neighbours as the
+        processor's does; the placeholder itself stays, and `token_ids` replaces it after tokenization."""
+        return text
 
     def dummy_image(self) -> Image.Image:
         """An image the warm-up request can use (a kernel's first launch compiles it)."""

@@ -66,8 +66,7 @@ class Llava(Family):
 
     @property
     def max_context(self) -> int:
-        # Up to a sliding window (Mistral), windowed attention equals full attention: cap there, exactly.
-        return min(self.text.max_position_embeddings, self.text.sliding_window or 1 << 62)
+        return self.text.max_position_embeddings
 
     def process_image(self, image: Image.Image, options: dict[str, Any]) -> ImageFeatures:
         n = self.tokens_per_tile
@@ -81,42 +80,21 @@ class Llava(Family):
         return LlavaModel(self, ops, max_positions)
 
 
-class LlavaModel:
-    """Vision tower -> selected hidden states -> projector; embeddings spliced into the decoder's input."""
+class SplicedDecoder:
+    """A decoder whose input embeddings take image embeddings at the rows the runner names (every VLM family's
+    device side bar its tower); families add `encode_images`."""
 
-    def __init__(self, family: Llava, ops, max_positions: int | None = None):
-        ckpt = family.checkpoint
-        self.family, self.ops = family, ops
-        self.vision = VisionTower(ckpt, family.vision, ops, family.feature_layers)
-        self.language_model = Decoder(ckpt, family.text, ops, max_positions=max_positions)
-        v, h = family.vision.hidden_size * len(family.feature_layers), family.text.hidden_size
-        p, bias = "model.multi_modal_projector.", family.projector_bias
-        self.proj1 = (ckpt.tensor(p + "linear_1.weight", (h, v)),
-                      ckpt.tensor(p + "linear_1.bias", (h,)) if bias else None)
-        self.proj2 = (ckpt.tensor(p + "linear_2.weight", (h, h)),
-                      ckpt.tensor(p + "linear_2.bias", (h,)) if bias else None)
-        self.proj_act = activation(family.projector_act)
-        self.drop_first = family.select_strategy == "default"
-        self.image_token_id = family.placeholder_id
-        self.vocab_size = family.text.vocab_size
-        self.hidden_size = h
-        self.num_layers = family.text.num_layers
-        self.num_kv_heads = family.text.num_kv_heads
-        self.head_dim = family.text.head_dim
+    def __init__(self, ckpt: Checkpoint, text: TextConfig, ops, image_token_id: int,
+                 prefix: str = "model.language_model.", max_positions: int | None = None):
+        self.ops = ops
+        self.language_model = Decoder(ckpt, text, ops, prefix=prefix, max_positions=max_positions)
+        self.image_token_id = image_token_id
+        self.vocab_size = text.vocab_size
+        self.hidden_size = text.hidden_size
+        self.num_layers = text.num_layers
+        self.num_kv_heads = text.num_kv_heads
+        self.head_dim = text.head_dim
         self.dtype = self.language_model.dtype
-
-    @torch.inference_mode()
-    def tile_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Preprocessed tiles `[N, 3, S, S]` -> projected features `[N, tokens_per_tile, H]`."""
-        states = self.vision.forward(pixels)
-        if self.drop_first:
-            states = [s[:, 1:] for s in states]
-        x = torch.cat(states, dim=-1) if len(states) > 1 else states[0]
-        return F.linear(self.proj_act(F.linear(x, *self.proj1)), *self.proj2)
-
-    def encode_images(self, images: list[ImageFeatures]) -> list[torch.Tensor]:
-        # Every image is one tile of the tower's size: one batched call.
-        return list(self.tile_features(torch.stack([im.pixels for im in images])))
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         # Placeholder ids may lie beyond the text vocabulary; their rows are overwritten anyway.
@@ -144,3 +122,34 @@ class LlavaModel:
 
     def allocate_kv_caches(self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None):
         return self.language_model.allocate_kv_caches(num_blocks, block_size, dtype)
+
+
+class LlavaModel(SplicedDecoder):
+    """Vision tower -> selected hidden states -> projector; embeddings spliced into the decoder's input."""
+
+    def __init__(self, family: Llava, ops, max_positions: int | None = None):
+        ckpt = family.checkpoint
+        super().__init__(ckpt, family.text, ops, family.placeholder_id, max_positions=max_positions)
+        self.family = family
+        self.vision = VisionTower(ckpt, family.vision, ops, family.feature_layers)
+        v, h = family.vision.hidden_size * len(family.feature_layers), family.text.hidden_size
+        p, bias = "model.multi_modal_projector.", family.projector_bias
+        self.proj1 = (ckpt.tensor(p + "linear_1.weight", (h, v)),
+                      ckpt.tensor(p + "linear_1.bias", (h,)) if bias else None)
+        self.proj2 = (ckpt.tensor(p + "linear_2.weight", (h, h)),
+                      ckpt.tensor(p + "linear_2.bias", (h,)) if bias else None)
+        self.proj_act = activation(family.projector_act)
+        self.drop_first = family.select_strategy == "default"
+
+    @torch.inference_mode()
+    def tile_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Preprocessed tiles `[N, 3, S, S]` -> projected features `[N, tokens_per_tile, H]`."""
+        states = self.vision.forward(pixels)
+        if self.drop_first:
+            states = [s[:, 1:] for s in states]
+        x = torch.cat(states, dim=-1) if len(states) > 1 else states[0]
+        return F.linear(self.proj_act(F.linear(x, *self.proj1)), *self.proj2)
+
+    def encode_images(self, images: list[ImageFeatures]) -> list[torch.Tensor]:
+        # Every image is one tile of the tower's size: one batched call.
+        return list(self.tile_features(torch.stack([im.pixels for im in images])))

@@ -1,6 +1,6 @@
 """The engine thread behind `cultengine serve`: one step loop, requests admitted between steps.
 
-`EngineLoop` is the only code of the server that touches the engine's internals (`_prepare`, `_add`,
+`EngineLoop` is the only code of the server that touches the engine's internals (`_prepare`, `_add`, `_add_scoring`,
 `_step`, `_release`, the scheduler, the tokenizer and `_Prepared`'s `prompt_ids`), so it is the one seam
 to move onto a public incremental engine API. Everything else talks to it through thread-safe calls that return
 `concurrent.futures.Future`s (awaitable from asyncio with `asyncio.wrap_future`).
@@ -12,7 +12,6 @@ overlaps the step loop.
 
 from __future__ import annotations
 
-import dataclasses
 import queue
 import threading
 import time
@@ -200,13 +199,13 @@ class EngineLoop:
                         )
                     )
             else:
-                # As Engine.score: each choice tokenized on its own, appended to the context's exact tokens.
+                # As Engine.score: each choice tokenized on its own; the context computed once, the
+                # choices forked from it.
                 choice_ids = eng.tokenizer.encode_batch(job.choices, add_special_tokens=False)
                 for text, ids in zip(job.choices, choice_ids, strict=True):
                     if not ids:
                         raise ValueError(f"choice {text!r} tokenizes to nothing")
-                    full = dataclasses.replace(prep, prompt_ids=prep.prompt_ids + list(ids))
-                    job.seq_ids.append(eng._add(full, max_tokens=0, prompt_logprobs_from=len(prep.prompt_ids)))
+                job.seq_ids.extend(eng._add_scoring(prep, [list(ids) for ids in choice_ids]))
         except Exception as e:  # ValueError: the scheduler refuses it (too long, ...)
             self._drop(job)
             job.admitted.set_exception(RequestError(str(e)) if isinstance(e, ValueError) else e)

@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "the options' log-likelihoods and compare the model's answer distribution with the humans' (Jensen-Shannon "
         "similarity). Writes results.jsonl (one line per scored prompt, resumable), summary.json, report.md/html.",
     )
-    _engine_args(p)
+    _engine_args(p, several_models=True)
     p.add_argument("--items", required=True, help="survey items: id, question, options, topic")
     p.add_argument(
         "--human", required=True, help="human answer distributions: item_id, country, distribution"
@@ -98,9 +98,17 @@ def _floats(text: str) -> list[float]:
     return values
 
 
-def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="demo",
-                   help="checkpoint directory (default 'demo': the built-in demo checkpoint, random weights)")
+def _engine_args(p: argparse.ArgumentParser, several_models: bool = False) -> None:
+    help = "checkpoint directory (default 'demo': the built-in demo checkpoint, random weights)"
+    if several_models:
+        p.add_argument(
+            "--model",
+            action="append",
+            help=help + "; repeat to compare models (e.g. an LLM and its VLM) in one report, each run in its own "
+            "subdirectory of --out",
+        )
+    else:
+        p.add_argument("--model", default="demo", help=help)
     p.add_argument("--out", required=True, help="run directory (re-running resumes)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's) | float32 | bfloat16 | float16")
@@ -109,11 +117,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     add_quiet(p)
 
 
-def _engine(args):
+def _engine(args, model: str | None = None):
     from .. import Engine
     from ..bench.demo_checkpoint import resolve
 
-    return Engine(resolve(args.model), device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+    return Engine(resolve(model or args.model), device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                   threads=args.threads)
 
 
@@ -141,20 +149,30 @@ def _values(args) -> int:
     from . import values
 
     items = values.load_items(args.items)
-    human, images = values.load_human(args.human, items), values.load_images(args.images)  # before the model
-    summary = values.run(
-        _engine(args),
-        items,
-        human,
-        images,
-        args.out,
-        choice_format=args.choices,
-        model_name=args.model,
-        data_files=[f for f in (args.items, args.human, args.images) if f],
-        quiet=args.quiet,
-    )
-    _print(summary)
-    _outputs(args.out, "results.jsonl", "summary.json", "report.html")
+    human, images = values.load_human(args.human, items), values.load_images(args.images)
+    models = args.model or ["demo"]
+    runs = []
+    for i, model in enumerate(models):
+        # One model: its run is --out itself; several: each in its own subdirectory, then compared.
+        out = Path(args.out) if len(models) == 1 else Path(args.out) / f"{i + 1:02d}-{Path(model).name}"
+        summary = values.run(
+            _engine(args, model),
+            items,
+            human,
+            images,
+            out,
+            choice_format=args.choices,
+            model_name=model,
+            data_files=[f for f in (args.items, args.human, args.images) if f],
+            quiet=args.quiet,
+        )
+        _print(summary)
+        _outputs(out, "results.jsonl", "summary.json", "report.html")
+        runs.append(out)
+    if len(runs) > 1:
+        from .. import compare
+
+        print(f"comparison: {compare.write(compare.compare(runs), args.out).resolve()}")
     return 0
 
 

@@ -44,6 +44,10 @@ def _names(paths: list[Path], models: list[str]) -> list[str]:
 def compare_values(run_dirs: list[Path]) -> dict[str, Any]:
     summaries = [json.loads((d / "summary.json").read_text(encoding="utf-8")) for d in run_dirs]
     records = [{r["id"]: r for r in read(d / "results.jsonl") if "js_similarity" in r} for d in run_dirs]
+    # A text-only model (an LLM beside its VLM) has no image prompts: every model is compared on the text ones.
+    text_only = any(s.get("images_skipped") for s in summaries)
+    if text_only:
+        records = [{i: r for i, r in recs.items() if r["condition"] == "text"} for recs in records]
     ref = run_dirs[0]
     for d, s, recs in zip(run_dirs[1:], summaries[1:], records[1:], strict=True):
         a, b = _hashes(summaries[0]), _hashes(s)
@@ -92,6 +96,7 @@ def compare_values(run_dirs: list[Path]) -> dict[str, Any]:
         "models": names,
         "runs": [str(d) for d in run_dirs],
         "demo": [n for n, s in zip(names, summaries, strict=True) if s.get("demo")],
+        "text_only": [n for n, s in zip(names, summaries, strict=True) if s.get("images_skipped")],
         "prompts": len(order),
         "table": table,
         "image_minus_text": {
@@ -123,6 +128,9 @@ def values_markdown(result: dict) -> tuple[list[str], list[str]]:
     names = result["models"]
     head = [f"# cultengine compare (values): {len(names)} models, {result['prompts']} prompts", ""]
     head += [f"> {n}: {DEMO_NOTE}" for n in result["demo"]] + ([""] if result["demo"] else [])
+    text_only = result.get("text_only") or []
+    head += [f"> {n}: text-only model: image conditions skipped" for n in text_only]
+    head += ["> every model is compared on the text-only prompts", ""] if text_only else []
     head += ["## Summary", ""]
     for n in names:
         head.append(

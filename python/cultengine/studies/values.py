@@ -12,6 +12,7 @@ and once with each of that country's images. Its answer distribution is the soft
 summed log-likelihoods (`Engine.score`); nothing is parsed from a sample. Metric: Jensen-Shannon
 similarity (1 - JS divergence, base 2) with the human distribution. Summary: mean similarity per topic and
 country for text and for each image category, and image-minus-text differences matched on (item, country).
+A text-only model (an LLM beside its VLM) runs the text condition only and says so.
 """
 
 from __future__ import annotations
@@ -117,8 +118,9 @@ def run(
     out_dir = Path(out_dir)
     log = ResultLog(out_dir / "results.jsonl")
     tasks, total = [], 0
+    with_images = takes_images(engine)
     for (item_id, country), dist in human.items():
-        conds = [("text", "", None)] + [("image", cat, img) for cat, img in images.get(country, [])]
+        conds = [("text", "", None)] + [("image", cat, img) for cat, img in images.get(country, []) if with_images]
         for cond, cat, img in conds:
             rid = f"{item_id}|{country}|{cond}" + (f"|{cat}|{img}" if img else "")
             total += 1
@@ -154,12 +156,23 @@ def run(
     summary = summarize(list(log.read()))
     summary["scored_this_run"] = len(tasks)
     summary["demo"] = provenance.is_demo(model_name) or provenance.is_demo(model_path)
+    if not with_images:
+        summary["images_skipped"] = TEXT_ONLY_NOTE
     if hasattr(engine, "stats"):
         summary["engine_stats"] = engine.stats()
     summary["run"] = provenance.collect(model=model_path, data=data_files, engine=engine)
     write_json(out_dir / "summary.json", summary)
     write_report(out_dir, summary)
     return summary
+
+
+TEXT_ONLY_NOTE = "text-only model: image conditions skipped"
+
+
+def takes_images(engine) -> bool:
+    """Whether the engine's model takes images (a text-only family has no image placeholder)."""
+    family = getattr(engine, "family", None)
+    return family is None or family.placeholder_id is not None
 
 
 def _mean(xs) -> float:
@@ -264,6 +277,7 @@ def write_report(out_dir: str | Path, summary: dict) -> None:
         f"{summary['num_records']} scored prompts ({summary['num_errors']} errors). Mean JS similarity "
         f"text-only {_est_text(summary.get('similarity_text'), summary['mean_similarity_text'])}, with images "
         f"{_est_text(summary.get('similarity_image'), summary['mean_similarity_image'])}."
+        + (f" {summary['images_skipped']}." if "images_skipped" in summary else "")
     )
     overall = summary.get("image_minus_text_overall", {})
     if overall.get("n"):
