@@ -533,7 +533,7 @@ def test_validate_report(cvqa_file, capsys):
 
 def test_bench_run_cvqa_both_languages_gap_and_submission(tmp_path, monkeypatch):
     from bench_helpers import FakeEngine, bench_args
-    from cultengine.bench.run import run
+    from cultengine.bench.run import RunError, run
 
     monkeypatch.setenv("CULTENGINE_CACHE", str(tmp_path / "cache"))
     rows = [
@@ -558,13 +558,14 @@ def test_bench_run_cvqa_both_languages_gap_and_submission(tmp_path, monkeypatch)
     assert set(json.loads((out / "cvqa_submission_local.json").read_text())) == {"q10", "q11"}
     assert "## English vs local language" in (out / "report.md").read_text()
     assert "English minus local language, by country" in (out / "report.html").read_text()
-    # the same file in the open-answer suite: every row is multiple choice, each skipped with the reason
+    # the same file in the open-answer suite: every row is multiple choice, so the suite is refused with the reason
     vqa = tmp_path / "vqa"
-    run(
-        bench_args(data=[str(tmp_path / "cvqa.parquet")], output_dir=str(vqa), suite="vqa"),
-        make_engine=lambda *a: FakeEngine(),
-    )
-    assert json.loads((vqa / "summary.json").read_text())["samples"]["skipped_rows"] == 9
+    with pytest.raises(RunError, match="--suite vqa does not fit .* the row is multiple choice"):
+        run(
+            bench_args(data=[str(tmp_path / "cvqa.parquet")], output_dir=str(vqa), suite="vqa"),
+            make_engine=lambda *a: pytest.fail("the model loaded for a suite that fits no row"),
+        )
+    assert not (vqa / "summary.json").exists()
 
 
 def test_csv_canonical_with_url_images_and_hub_subpath(tmp_path, monkeypatch):

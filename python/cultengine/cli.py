@@ -3,6 +3,9 @@
 Errors a user can fix (bad flags, missing or unreadable files, an unusable output folder, a bad
 checkpoint) print one line, `cultengine: error: ...`, and exit with status 2; `--debug` (anywhere on
 the command line) shows the traceback instead.
+
+Building the parser imports only argparse-level modules (every command's `register` too): `--help` and
+argument errors come before torch or any model is loaded; a command imports what it needs when it runs.
 """
 
 from __future__ import annotations
@@ -13,11 +16,43 @@ import sys
 EXIT_ERROR = 2
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's default after its help (unless the help names it, or there is none); descriptions and
+    epilogs written on several lines keep their lines, one-line ones are wrapped."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text.strip():
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
 class _Parser(argparse.ArgumentParser):
-    """Usage errors in one line (argparse prints the whole usage first)."""
+    """Usage errors in one line (argparse prints the whole usage first); the help shows defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["formatter_class"] = HelpFormatter
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def version() -> str:
+    """The installed distribution's version, else the package's own (a source tree on the path)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("cultengine")
+    except metadata.PackageNotFoundError:
+        from . import __version__
+
+        return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="High-throughput evaluation of vision-language models on cultural benchmarks.",
     )
     parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"cultengine {version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     bench_cli.register(sub)  # bench, data
     studies_cli.register(sub)  # values, stories, ground, analyze
     profile.register(sub)
@@ -50,7 +86,11 @@ def _one_line(e: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    parser = build_parser()
+    args = parser.parse_args([a for a in argv if a != "--debug"])
+    if args.command is None:  # `cultengine` alone: what it can do
+        parser.print_help()
+        return 0
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

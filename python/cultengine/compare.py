@@ -26,10 +26,11 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-from . import plots, provenance, stats
-from .bench import metrics
-from .bench.report import CHANCE_NOTE, MIN_CELL_N, gap_line
+from . import plots, provenance
 from .runlog import atomic_write, read, write_json
+
+# numpy and the bench modules (which load torch) are imported by the functions that use them, so that
+# `cultengine --help` does not load them.
 
 GROUPS = ("continent", "region", "category", "question_type")
 MATCH = ("suite", "circular")
@@ -142,6 +143,10 @@ def compare(run_dirs: list[str | Path]) -> dict[str, Any]:
 
 def compare_bench(run_dirs: list[Path]) -> dict[str, Any]:
     """The comparison of bench runs."""
+    from . import stats
+    from .bench import metrics
+    from .bench.report import MIN_CELL_N
+
     runs = [Run(d) for d in run_dirs]
     check_comparable(runs)
     names = _unique_names(runs)
@@ -209,6 +214,8 @@ def _index(order: list[str], ids: list[str]) -> list[int]:
 
 
 def _all_fail(recs: list[list[dict]], names: list[str], suite: str) -> list[dict]:
+    from .bench import metrics
+
     m = metrics.PRIMARY[suite]
     per_model = [metrics.grouped(rs, "country", suite) for rs in recs]
     out = []
@@ -252,6 +259,8 @@ def to_csv(result: dict) -> str:
 
 def markdown_parts(result: dict) -> tuple[list[str], list[str]]:
     """(summary lines, table lines) of the comparison report in markdown."""
+    from .bench.report import CHANCE_NOTE, gap_line
+
     m, models = result["metric"], result["models"]
     head = [f"# cultengine compare: {len(models)} models, {result['questions']} questions", ""]
     if result.get("left_out"):
@@ -342,6 +351,8 @@ def _pairwise_matrix(result: dict) -> list[str]:
 
 
 def figures(result: dict) -> list[str]:
+    from .bench.report import MIN_CELL_N
+
     m, models = result["metric"], result["models"]
     ranked = sorted(models, key=lambda n: -(result["table"][n]["overall|all"].get(m) or 0))
     figs = [

@@ -3,8 +3,9 @@
 `--model` takes a checkpoint directory or a shape preset (`llava-1.5-7b`, `llava-next-7b`, `pangea-7b`,
 `llava-onevision-7b`, `qwen2-7b`, `qwen2.5-vl-7b`, `qwen2.5-vl-72b`, `smolvlm2-2.2b`, `internvl3-8b`,
 `gemma-3-4b`, `gemma-3-12b`, `demo`) whose weights are drawn at load time, so real model sizes can be profiled
-without downloading anything. `--dry-run` runs nothing: it plans memory (weight and KV-cache bytes) from the
-shapes.
+without downloading anything. Presets have billions of parameters and need CUDA: on a CPU they are refused
+unless `--allow-cpu`. `--dry-run` runs nothing: it plans memory (weight and KV-cache bytes) from the shapes,
+on any machine.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
+from .console import add_quiet, add_threads, positive_int
+
+# numpy, torch and PIL are imported where they are used, so that `cultengine --help` loads none of them.
 
 # Shapes of public checkpoints (config.json fields); weights are random.
 _CLIP_L14_336 = {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
@@ -214,8 +215,23 @@ def _lengths(spec: str, n: int, rng: random.Random) -> list[int]:
     return [int(spec)] * n
 
 
+def _length_spec(text: str) -> str:
+    """argparse type: a `_lengths` spec, checked before anything loads."""
+    try:
+        lengths = _lengths(text, 2, random.Random(0))
+        ok = min(lengths) >= 1 and (not text.startswith("exp:") or float(text[4:]) > 0)
+    except (ValueError, ZeroDivisionError):
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"expected N, LO:HI or exp:MEAN (positive numbers), got {text!r}")
+    return text
+
+
 def build_workload(engine, args) -> tuple[list[dict], list[int]]:
     """Synthetic requests: random words and noise images; a fraction share one image and prefix."""
+    import numpy as np
+    from PIL import Image
+
     rng = random.Random(args.seed)
     vocab = [engine.tokenizer.id_to_token(i) for i in range(min(engine.tokenizer.vocab_size, 4000))]
     words = [w.strip("Ġ▁ ") for w in vocab if w and w.strip("Ġ▁ ").isalpha()] or ["word"]
@@ -249,6 +265,8 @@ def build_workload(engine, args) -> tuple[list[dict], list[int]]:
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
+    import numpy as np
+
     if not values:
         return {}
     arr = np.array(values) * 1000
@@ -258,6 +276,8 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 def memory_plan(model: str, dtype: str, max_model_len: int | None, gpu_memory_gib: float) -> dict:
     """Weight and KV-cache bytes of a checkpoint or preset, from its shapes alone (the model is built on the
     meta device: nothing is allocated or read), and whether one GPU of `gpu_memory_gib` holds them."""
+    import torch
+
     from .checkpoint import load_checkpoint
     from .models import family_for
 
@@ -291,9 +311,27 @@ def format_memory_plan(p: dict) -> str:
         f"{p['full_sequences_per_gpu']} full-length sequences beside the weights"])
 
 
+def _device(args) -> str:
+    """--device, else cuda when there is one; a shape preset on a CPU is refused (it would draw many GiB of
+    weights and run for a very long time) unless --allow-cpu."""
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.split(":")[0] == "cpu" and args.model in PRESETS and not getattr(args, "allow_cpu", False):
+        raise ValueError(f"profile --model {args.model}: a preset of a real model's shapes (billions of parameters) "
+                         "needs CUDA; on a CPU it takes many GiB and a very long time. Use --dry-run to plan its "
+                         "memory, --model demo (or a small checkpoint) on a CPU, or --allow-cpu to run it anyway")
+    return device
+
+
 def run_profile(args) -> dict:
+    import torch
+
     from . import Engine, SamplingParams
     from .bench import demo_checkpoint
+
+    device = _device(args)
+    show_bar = not getattr(args, "quiet", False) and sys.stderr.isatty()
 
     tmp = None
     model = args.model
@@ -303,8 +341,9 @@ def run_profile(args) -> dict:
     else:
         model = str(demo_checkpoint.resolve(model))
     try:
-        engine = Engine(model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-                        max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.backend,
+        engine = Engine(model, device=device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+                        threads=getattr(args, "threads", None), max_num_batched_tokens=args.max_num_batched_tokens,
+                        attention_backend=args.backend,
                         random_init=tmp is not None, profile=True, cuda_graphs=not args.no_cuda_graphs)
         requests, output_lens = build_workload(engine, args)
         if engine.device.type == "cuda":
@@ -312,11 +351,11 @@ def run_profile(args) -> dict:
         before = engine.stats()
         start = time.perf_counter()
         if args.choices:
-            outs = engine.score(requests, use_tqdm=not args.json)
+            outs = engine.score(requests, use_tqdm=show_bar)
         else:
             params = [SamplingParams(max_tokens=n, temperature=args.temperature, seed=i, ignore_eos=True)
                       for i, n in enumerate(output_lens)]
-            outs = engine.generate(requests, params, use_tqdm=not args.json)
+            outs = engine.generate(requests, params, use_tqdm=show_bar)
         wall = time.perf_counter() - start
         after = engine.stats()
     finally:
@@ -379,26 +418,30 @@ def format_report(r: dict) -> str:
 
 def register(sub) -> None:
     p = sub.add_parser("profile", help="throughput, latency and time breakdown on a synthetic workload",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__)
     p.add_argument("--model", default="demo",
                    help=f"checkpoint directory, 'demo', or a shape preset with random weights: {', '.join(PRESETS)}")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available, else cpu)")
+    p.add_argument("--allow-cpu", action="store_true", help="run a shape preset (billions of parameters) on a CPU")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--backend", default=None, help="torch | triton | flash (default: triton on CUDA, torch on CPU)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly (CUDA)")
-    p.add_argument("--num-requests", type=int, default=64)
-    p.add_argument("--images-per-request", type=int, default=1)
-    p.add_argument("--prompt-len", default="32", help="words per prompt: N, LO:HI (uniform) or exp:MEAN")
-    p.add_argument("--output-len", default="32", help="tokens per output: N, LO:HI or exp:MEAN")
-    p.add_argument("--prompts-per-image", type=int, default=1,
+    p.add_argument("--num-requests", type=positive_int, default=64, help="requests in the workload")
+    p.add_argument("--images-per-request", type=int, default=1, help="noise images in each request")
+    p.add_argument("--prompt-len", type=_length_spec, default="32",
+                   help="words per prompt: N, LO:HI (uniform) or exp:MEAN")
+    p.add_argument("--output-len", type=_length_spec, default="32", help="tokens per output: N, LO:HI or exp:MEAN")
+    p.add_argument("--prompts-per-image", type=positive_int, default=1,
                    help="consecutive requests asking about the same image(s), as benchmarks do")
     p.add_argument("--shared-fraction", type=float, default=0.5,
                    help="fraction of requests sharing one image and a prompt prefix (prefix cache, encoder cache)")
     p.add_argument("--choices", type=int, default=0, help="score this many choices per request instead of generating")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--max-num-seqs", type=positive_int, default=256, help="sequences the engine runs at once")
+    p.add_argument("--max-num-batched-tokens", type=positive_int, default=8192, help="tokens per engine step")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic workload")
+    add_threads(p)
+    add_quiet(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--dry-run", action="store_true",
                    help="plan memory from the shapes only (weights, KV cache per token and per sequence)")

@@ -7,8 +7,16 @@ import random
 import re
 import sys
 from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from . import data, formats
+from ..console import add_quiet, add_threads, bar, positive_int
+
+if TYPE_CHECKING:  # the importers are loaded by the commands, so that --help loads neither them nor torch
+    from . import data
+
+FORMATS = ("auto", "canonical", "vlmeval", "cvqa", "almbench", "worldcuisines", "seavqa", "blend", "culturalvqa",
+           "columns")
 
 BENCH_EPILOG = """\
 With no arguments, runs the embedded default benchmark (flags drawn by code, capital/currency
@@ -28,21 +36,10 @@ paths leading out of it need --allow-absolute-image-paths, otherwise their rows 
 """
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
-
-
 def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="run a cultural benchmark and write a report",
                        description="Evaluate a vision-language model on cultural benchmark files.",
-                       epilog=BENCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=BENCH_EPILOG)
     p.add_argument("--model", metavar="PATH", action="append",
                    help="local checkpoint directory (Hugging Face layout); default: the built-in demo checkpoint "
                    "(random weights). Repeat it to run several models one after another into one parent folder "
@@ -56,7 +53,8 @@ def _bench_parser(sub) -> None:
     p.add_argument("--output-dir", metavar="DIR",
                    help="run directory (default: cultengine-runs/<model>-<data>-<suite>-<scoring>)")
     p.add_argument("--limit", type=positive_int, metavar="N", help="evaluate only the first N rows")
-    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="where the model runs (default: cuda when available, "
+                   "else cpu)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="weights and activations dtype (auto: the checkpoint's)")
     p.add_argument("--scoring", choices=("loglik", "generate"), default="loglik",
@@ -68,9 +66,11 @@ def _bench_parser(sub) -> None:
                    help="samples per engine call; results are flushed after each (default 128)")
     p.add_argument("--shard", metavar="I/N", help="run slice I of N (0-based); the last shard to finish "
                    "writes the summary")
-    p.add_argument("--format", choices=data.FORMATS, default="auto",
+    p.add_argument("--format", choices=FORMATS, default="auto",
                    help="importer for --data (auto: by extension and columns)")
-    formats.add_arguments(p)
+    _import_args(p)
+    add_threads(p)
+    add_quiet(p)
     p.add_argument("--template", metavar="FILE", help="Jinja template for the user turn text (variables: "
                    "question, hint, options, letters, country, language, category)")
     p.add_argument("--judge-model", metavar="DIR", help="vqa: judge each open answer with this checkpoint "
@@ -83,6 +83,33 @@ def _bench_parser(sub) -> None:
                    help="discard the results already in --output-dir and start afresh")
     _image_args(p)
     p.set_defaults(func=_bench)
+
+
+def _import_args(p: argparse.ArgumentParser) -> None:
+    """The importer flags shared by `cultengine bench` and `cultengine data ...`."""
+    p.add_argument(
+        "--cvqa-lang",
+        "--question-lang",
+        choices=("local", "en", "both"),
+        default="local",
+        help="bilingual benchmarks (CVQA, ALM-Bench, BLEnD short answer): ask the local-language "
+        "question, the English one, or both (the English-vs-local gap per country)",
+    )
+    p.add_argument(
+        "--mc-prompt",
+        choices=("parsed", "as-given"),
+        default="parsed",
+        help="prompts that list their own options (WorldCuisines, BLEnD): parse the options out, "
+        "or ask the prompt verbatim with its option labels as the choices",
+    )
+    p.add_argument(
+        "--columns",
+        metavar="FIELD=COL,...",
+        help="map any table's columns onto the canonical "
+        "fields, e.g. question=Q,options=Options,answer=Label,country=Country,image=img "
+        "(options=A+B+C+D joins option columns)",
+    )
+    p.add_argument("--split", metavar="NAME", help="dataset folders: read only this split (e.g. test)")
 
 
 def _image_args(p: argparse.ArgumentParser) -> None:
@@ -106,34 +133,43 @@ def _bench(args) -> int:
 
 
 def _data_parser(sub) -> None:
-    p = sub.add_parser("data", help="validate, convert or sample benchmark files")
+    p = sub.add_parser("data", help="validate, convert or sample benchmark files",
+                       description="Validate, convert or sample benchmark files (any format `cultengine bench` "
+                       "reads).")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    files_help = "benchmark files or folders (any format --data of `cultengine bench` reads)"
     v = dsub.add_parser("validate", help="load files, report bad rows and counts; exit 1 if any row is bad")
-    v.add_argument("files", nargs="+")
-    v.add_argument("--format", choices=data.FORMATS, default="auto")
-    formats.add_arguments(v)
+    v.add_argument("files", nargs="+", metavar="FILE", help=files_help)
+    v.add_argument("--format", choices=FORMATS, default="auto", help="importer (auto: by extension and columns)")
+    _import_args(v)
     _image_args(v)
     v.set_defaults(func=_validate)
     c = dsub.add_parser("convert", help="write files as canonical JSONL (images beside it) or parquet "
                         "(images embedded), chosen by the output's extension")
-    c.add_argument("files", nargs="+")
-    c.add_argument("-o", "--output", required=True)
-    c.add_argument("--format", choices=data.FORMATS, default="auto")
-    formats.add_arguments(c)
+    c.add_argument("files", nargs="+", metavar="FILE", help=files_help)
+    c.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="output file: OUT.jsonl (images copied to OUT_images/) or OUT.parquet (images embedded)")
+    c.add_argument("--format", choices=FORMATS, default="auto", help="importer (auto: by extension and columns)")
+    _import_args(c)
     _image_args(c)
+    add_quiet(c)
     c.set_defaults(func=_convert)
     s = dsub.add_parser("sample", help="write a random subset (canonical form)")
-    s.add_argument("files", nargs="+")
-    s.add_argument("-o", "--output", required=True)
+    s.add_argument("files", nargs="+", metavar="FILE", help=files_help)
+    s.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="output file: OUT.jsonl (images copied to OUT_images/) or OUT.parquet (images embedded)")
     s.add_argument("-n", type=positive_int, required=True, help="rows to keep")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--format", choices=data.FORMATS, default="auto")
-    formats.add_arguments(s)
+    s.add_argument("--seed", type=int, default=0, help="seed of the random draw")
+    s.add_argument("--format", choices=FORMATS, default="auto", help="importer (auto: by extension and columns)")
+    _import_args(s)
     _image_args(s)
+    add_quiet(s)
     s.set_defaults(func=_sample)
 
 
 def _load(args) -> data.Dataset:
+    from . import data, formats
+
     ds = data.load(args.files, args.format, opts=formats.ImportOptions.from_args(args))
     for s in ds.skipped:
         print(f"skipped {s}", file=sys.stderr)
@@ -172,18 +208,26 @@ def _reason_kind(reason: str) -> str:
     return re.sub(r"(…\s*)+", "… ", reason).strip()
 
 
+def _write(rows: list[data.Row], args) -> None:
+    """Write `rows` to --output with a progress bar (images are read and copied row by row)."""
+    from . import data
+
+    with bar(len(rows), unit="row", desc="writing", quiet=args.quiet, iterable=rows) as progress:
+        data.write(progress, args.output)
+
+
 def _convert(args) -> int:
     ds = _load(args)
-    data.write(ds.rows, args.output)
-    print(f"wrote {len(ds.rows)} rows to {args.output} ({len(ds.skipped)} skipped)")
+    _write(ds.rows, args)
+    print(f"wrote {len(ds.rows)} rows to {Path(args.output).resolve()} ({len(ds.skipped)} skipped)")
     return 0
 
 
 def _sample(args) -> int:
     ds = _load(args)
     rows = random.Random(args.seed).sample(ds.rows, min(args.n, len(ds.rows)))
-    data.write(rows, args.output)
-    print(f"wrote {len(rows)} of {len(ds.rows)} rows to {args.output}")
+    _write(rows, args)
+    print(f"wrote {len(rows)} of {len(ds.rows)} rows to {Path(args.output).resolve()}")
     return 0
 
 

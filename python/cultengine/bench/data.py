@@ -51,8 +51,6 @@ from . import countries
 if TYPE_CHECKING:
     from . import formats
 
-FORMATS = ("auto", "canonical", "vlmeval", "cvqa", "almbench", "worldcuisines", "seavqa", "blend", "culturalvqa",
-           "columns")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 GROUP_KEYS = ("country", "region", "continent", "category", "question_type", "language")
 KNOWN_FORMATS = ("canonical JSONL/JSON/parquet, VLMEvalKit TSV, CVQA/ALM-Bench/CulturalVQA parquet, "

@@ -82,7 +82,7 @@ class ImportOptions:
 
     @classmethod
     def from_args(cls, args: Any, open_answers: bool = False) -> ImportOptions:
-        """From the parsed `add_arguments` flags (absent flags keep their defaults)."""
+        """From the parsed importer flags of `cultengine bench`/`data` (absent flags keep their defaults)."""
         root = getattr(args, "image_root", None)
         try:
             columns = cls.parse_columns(getattr(args, "columns", None))
@@ -110,33 +110,6 @@ class ImportOptions:
                 )
             out[key.strip()] = col.strip()
         return out
-
-
-def add_arguments(p: Any) -> None:
-    """The importer flags shared by `cultengine bench` and `cultengine data ...`."""
-    p.add_argument(
-        "--cvqa-lang",
-        "--question-lang",
-        choices=("local", "en", "both"),
-        default="local",
-        help="bilingual benchmarks (CVQA, ALM-Bench, BLEnD short answer): ask the local-language "
-        "question, the English one, or both (the English-vs-local gap per country)",
-    )
-    p.add_argument(
-        "--mc-prompt",
-        choices=("parsed", "as-given"),
-        default="parsed",
-        help="prompts that list their own options (WorldCuisines, BLEnD): parse the options out, "
-        "or ask the prompt verbatim with its option labels as the choices",
-    )
-    p.add_argument(
-        "--columns",
-        metavar="FIELD=COL,...",
-        help="map any table's columns onto the canonical "
-        "fields, e.g. question=Q,options=Options,answer=Label,country=Country,image=img "
-        "(options=A+B+C+D joins option columns)",
-    )
-    p.add_argument("--split", metavar="NAME", help="dataset folders: read only this split (e.g. test)")
 
 
 # ------------------------------------------------------------------------------------- images

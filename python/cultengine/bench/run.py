@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import IO, Any
 
-from .. import provenance, runlog
+from .. import console, provenance, runlog
 from . import data, distributed, formats, judge, langgap, metrics, report, results
 from .suites import (
     LONG_MAX_TOKENS,
@@ -67,10 +67,10 @@ def _free_memory(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def _default_engine(model: str, device: str, dtype: str):
+def _default_engine(model: str, device: str, dtype: str, threads: int | None = None):
     from ..engine import Engine
 
-    return Engine(model, device=device, dtype=dtype, enable_prefix_caching=True)
+    return Engine(model, device=device, dtype=dtype, enable_prefix_caching=True, threads=threads)
 
 
 def _check_args(args) -> None:
@@ -219,15 +219,13 @@ def _engine_totals(run_dir: Path) -> dict[str, Any]:
 
 
 def _evaluate(engine, rows: list[data.Row], cfg: SuiteConfig, writer: runlog.ResultLog, batch: int,
-              done: int, total: int, stats_file: Path) -> None:
-    from tqdm import tqdm
-
+              done: int, total: int, stats_file: Path, quiet: bool = False) -> None:
     from ..sampling import SamplingParams
 
     session = uuid.uuid4().hex
     params = {False: SamplingParams(max_tokens=MAX_TOKENS[cfg.suite], temperature=0.0, stop=["\n"]),
               True: SamplingParams(max_tokens=LONG_MAX_TOKENS, temperature=0.0)}  # by long_answer(row)
-    bar = tqdm(total=total, initial=done, unit="sample", dynamic_ncols=True, file=sys.stderr)
+    bar = console.bar(total, initial=done, unit="sample", desc="bench", quiet=quiet)
     t_start = time.perf_counter()
     try:
         for start in range(0, len(rows), batch):
@@ -338,19 +336,22 @@ def _run_locked(args, make_engine, run_dir: Path, model: Path, data_paths: list[
         config[k] = getattr(args, k, None)
     config["judge_model"] = str(Path(judge_model).resolve()) if judge_model else None
     _check_config(run_dir, config)
-    if lead:
-        runlog.write_json(run_dir / "config.json", config)
-    if demo and lead:
-        _log(f"note: {report.CHANCE_NOTE}")
-
     ds = data.load(data_paths, args.format, opts=opts)
     rows = ds.rows[: args.limit] if args.limit else ds.rows
     skipped = list(ds.skipped)
     for r in list(rows):
         if why := usable(r, cfg):
             skipped.append(data.Skipped(ds.files[0], r.line, r.id, why))
-    bad = {s.id for s in skipped[len(ds.skipped):]}
+    unfit = skipped[len(ds.skipped):]
+    if rows and len(unfit) == len(rows):  # refused before the model loads
+        raise RunError(f"--suite {cfg.suite} does not fit this data: none of its {len(rows)} rows can run in it "
+                       f"({unfit[0].reason})")
+    bad = {s.id for s in unfit}
     rows = [r for r in rows if r.id not in bad]
+    if lead:
+        runlog.write_json(run_dir / "config.json", config)
+    if demo and lead:
+        _log(f"note: {report.CHANCE_NOTE}")
     if lead:
         for s in skipped[:20]:
             _log(f"skipped {s}")
@@ -365,14 +366,17 @@ def _run_locked(args, make_engine, run_dir: Path, model: Path, data_paths: list[
     if stored.dropped and lead:
         _log(f"dropped stored results: {stored.summary()} (they are recomputed or no longer in the data)")
     todo = [r for r in mine if r.id not in stored.records]
-    make_engine = make_engine or _default_engine
+    console.resume_note(len(mine) - len(todo), len(mine), "samples")
+    threads = getattr(args, "threads", None)
+    make_engine = make_engine or (lambda m, d, t: _default_engine(m, d, t, threads))
     engine_provenance = None
     if todo:
         engine = make_engine(str(model), device, args.dtype)
         writer = runlog.ResultLog(results.shard_file(run_dir, shard))
         try:
             done = len(mine) - len(todo)
-            _evaluate(engine, todo, cfg, writer, args.batch, done, len(mine), run_dir / STATS)
+            _evaluate(engine, todo, cfg, writer, args.batch, done, len(mine), run_dir / STATS,
+                      getattr(args, "quiet", False))
         finally:
             writer.close()
         engine_provenance = engine.provenance() if hasattr(engine, "provenance") else None

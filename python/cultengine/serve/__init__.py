@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from ..console import add_threads
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -27,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="the name clients send as 'model' (default: the checkpoint directory's name)",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument(
         "--api-key",
         default=os.environ.get("CULTENGINE_API_KEY"),
@@ -40,16 +42,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="directory whose files may be named by file:// image URLs (default: none)",
     )
     p.add_argument("--max-request-bytes", type=int, default=32 << 20, help="largest request body (default 32 MiB)")
-    p.add_argument("--max-images-per-request", type=int, default=8)
+    p.add_argument("--max-images-per-request", type=int, default=8, help="more images in one request are refused")
     g = p.add_argument_group("engine")
     g.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     g.add_argument("--backend", default=None, help="torch | triton | flash (default: triton on CUDA, torch on CPU)")
-    g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=256, help="sequences the engine runs at once")
+    g.add_argument("--max-num-batched-tokens", type=int, default=8192, help="tokens per engine step")
+    g.add_argument("--max-model-len", type=int, default=None, help="longest sequence (default: the model's context)")
     g.add_argument("--kv-cache-memory", type=int, default=None, help="bytes of KV cache (default: sized by the engine)")
-    g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--no-prefix-caching", action="store_true", help="recompute shared prompt prefixes")
+    add_threads(g)
     g.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly (CUDA)")
     p.set_defaults(func=_serve)
 
@@ -82,6 +85,7 @@ def _serve(args: argparse.Namespace) -> int:
         kv_cache_memory=args.kv_cache_memory,
         enable_prefix_caching=not args.no_prefix_caching,
         cuda_graphs=not args.no_cuda_graphs,
+        threads=args.threads,
     )
     config = ServeConfig(
         model_name=args.served_model_name or Path(args.model).resolve().name,

@@ -6,9 +6,17 @@ import argparse
 import json
 from pathlib import Path
 
+from ..console import add_quiet, add_threads, positive_int, print_outputs
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("values", help="cultural value sensitivity (WVS-style), with and without images")
+    p = sub.add_parser(
+        "values",
+        help="cultural value sensitivity (WVS-style), with and without images",
+        description="Ask survey items with a country cue, text-only and with each of the country's images; score "
+        "the options' log-likelihoods and compare the model's answer distribution with the humans' (Jensen-Shannon "
+        "similarity). Writes results.jsonl (one line per scored prompt, resumable), summary.json, report.md/html.",
+    )
     _engine_args(p, several_models=True)
     p.add_argument("--items", required=True, help="survey items: id, question, options, topic")
     p.add_argument(
@@ -23,42 +31,71 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=_values)
 
-    p = sub.add_parser("stories", help="story generation with nationality perturbation")
+    p = sub.add_parser(
+        "stories",
+        help="story generation with nationality perturbation",
+        description="Generate stories for concepts x images x nationalities x temperatures x samples, the prompt "
+        "differing only in the nationality cue. Writes results.jsonl (one line per story, flushed every --batch "
+        "stories, resumable), config.json, summary.json; analyse with `cultengine analyze stories`.",
+    )
     _engine_args(p)
     p.add_argument("--concepts", required=True, help="comma-separated, or a file with one a line")
     p.add_argument("--images", required=True, nargs="+", help="image files or directories")
     p.add_argument("--nationalities", help="comma-separated demonyms or a file (default: the 42 shipped)")
-    p.add_argument("--temperatures", default="0.3,0.7")
-    p.add_argument("--samples", type=int, default=1)
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperatures", type=_floats, default="0.3,0.7", help="comma-separated sampling temperatures")
+    p.add_argument("--samples", type=positive_int, default=1, help="stories per prompt and temperature")
+    p.add_argument("--max-tokens", type=positive_int, default=256, help="longest story, in tokens")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: keep this much probability mass")
+    p.add_argument("--seed", type=int, default=0, help="base seed (a request's seed depends on its image, concept "
+                   "and temperature, not on the nationality)")
+    p.add_argument("--batch", type=positive_int, metavar="N",
+                   help="stories per engine call; each call's stories are flushed to results.jsonl when it ends, "
+                   "so a kill loses at most N (default: 64 on a CPU, where larger calls gain little; --max-num-seqs "
+                   "on CUDA, where the engine runs that many at once)")
     p.set_defaults(func=_stories)
 
-    p = sub.add_parser("ground", help="CulturalGround: template -> refine -> relevance-filter VQA rows")
+    p = sub.add_parser(
+        "ground",
+        help="CulturalGround: template -> refine -> relevance-filter VQA rows",
+        description="Build culturally grounded VQA rows from entity records: template questions, reworded by the "
+        "model (rewordings that leak the answer are dropped), kept when the model finds the image relevant. "
+        "Writes ground.jsonl (every row with its provenance, resumable), ground.parquet (kept rows), summary.json.",
+    )
     _engine_args(p)
     p.add_argument("--input", required=True, help="entity records: id, entity, country, properties, image")
-    p.add_argument("--languages", default="en")
+    p.add_argument("--languages", default="en", help="comma-separated template languages")
     p.add_argument("--templates", help="templates JSON (default: the shipped ground_templates.json)")
     p.add_argument("--threshold", type=float, default=0.5, help="keep rows with P(yes) >= this")
-    p.add_argument("--chunk-size", type=int, default=1000)
+    p.add_argument("--chunk-size", type=positive_int, default=1000,
+                   help="records per engine call; each chunk's rows are flushed when it ends")
     p.set_defaults(func=_ground)
 
     p = sub.add_parser("analyze", help="analyse a study's run directory")
     asub = p.add_subparsers(dest="study", required=True)
     a = asub.add_parser("stories", help="lexical, vocabulary, cultural-alignment and CLIP analysis")
-    a.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    a.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories of `cultengine stories`")
     a.add_argument("--hofstede", help="Hofstede 6-D CSV (ctr,country,Demonym,pdi,...); default: the packaged "
                    "copy of Hofstede's published scores")
     a.add_argument("--wvs", help="WVS means CSV (ctr,country,Demonym,Q1..Q250); default: the packaged copy of "
                    "the World Values Survey means")
     a.add_argument("--wvs-raw", action="store_true", help="do not z-score the WVS columns")
     a.add_argument("--clip", help="CLIPModel checkpoint directory for CLIPScore and retrieval")
-    a.add_argument("--device", default="cpu")
+    a.add_argument("--device", default="cpu", help="where the CLIP model runs")
     a.add_argument("--out", help="output directory (default: the first RUN_DIR)")
     a.add_argument("--top-k", type=int, default=10, help="distinctive terms per nationality")
     a.add_argument("--permutations", type=int, default=9999, help="Mantel test permutations (default 9999)")
     a.set_defaults(func=_analyze_stories)
+
+
+def _floats(text: str) -> list[float]:
+    """argparse type: comma-separated non-negative numbers."""
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers >= 0, got {text!r}")
+    return values
 
 
 def _engine_args(p: argparse.ArgumentParser, several_models: bool = False) -> None:
@@ -73,16 +110,19 @@ def _engine_args(p: argparse.ArgumentParser, several_models: bool = False) -> No
     else:
         p.add_argument("--model", default="demo", help=help)
     p.add_argument("--out", required=True, help="run directory (re-running resumes)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's) | float32 | bfloat16 | float16")
+    p.add_argument("--max-num-seqs", type=positive_int, default=256, help="sequences the engine runs at once")
+    add_threads(p)
+    add_quiet(p)
 
 
 def _engine(args, model: str | None = None):
     from .. import Engine
     from ..bench.demo_checkpoint import resolve
 
-    return Engine(resolve(model or args.model), device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs)
+    return Engine(resolve(model or args.model), device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+                  threads=args.threads)
 
 
 def _print(summary: dict) -> None:
@@ -98,6 +138,11 @@ def _print(summary: dict) -> None:
             default=str,
         )
     )
+
+
+def _outputs(out: str, *names: str) -> None:
+    """The closing lines: where each output of the run directory is."""
+    print_outputs(*(Path(out) / name for name in names))
 
 
 def _values(args) -> int:
@@ -119,8 +164,10 @@ def _values(args) -> int:
             choice_format=args.choices,
             model_name=model,
             data_files=[f for f in (args.items, args.human, args.images) if f],
+            quiet=args.quiet,
         )
         _print(summary)
+        _outputs(out, "results.jsonl", "summary.json", "report.html")
         runs.append(out)
     if len(runs) > 1:
         from .. import compare
@@ -132,37 +179,53 @@ def _values(args) -> int:
 def _stories(args) -> int:
     from . import stories
 
+    # the inputs are read and checked before the model loads
+    concepts, images = stories.load_list(args.concepts), stories.image_list(args.images)
+    nationalities = stories.parse_nationalities(args.nationalities)
+    if missing := [i for i in images if not Path(i).is_file()]:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(f"--images: {missing[0]}: no such image file{more}")
+    if not concepts or not images or not nationalities:
+        raise ValueError("--concepts, --images and --nationalities must each name at least one")
     summary = stories.run(
         _engine(args),
-        stories.load_list(args.concepts),
-        stories.image_list(args.images),
-        stories.parse_nationalities(args.nationalities),
-        [float(t) for t in args.temperatures.split(",")],
+        concepts,
+        images,
+        nationalities,
+        args.temperatures,
         args.samples,
         args.out,
         max_tokens=args.max_tokens,
         top_p=args.top_p,
         seed=args.seed,
         model_name=args.model,
+        batch_size=args.batch or (args.max_num_seqs if args.device.startswith("cuda") else 64),
+        quiet=args.quiet,
     )
     _print(summary)
+    _outputs(args.out, "results.jsonl", "summary.json")
     return 0
 
 
 def _ground(args) -> int:
     from . import ground
 
+    templates = ground.load_templates(args.templates)  # the inputs are checked before the model loads
+    if not Path(args.input).is_file():
+        raise ValueError(f"--input {args.input}: no such file")
     summary = ground.run(
         _engine(args),
         args.input,
         args.out,
         [s.strip() for s in args.languages.split(",")],
-        ground.load_templates(args.templates),
+        templates,
         threshold=args.threshold,
         chunk_size=args.chunk_size,
         model_name=args.model,
+        quiet=args.quiet,
     )
     _print(summary)
+    _outputs(args.out, "ground.jsonl", "ground.parquet", "summary.json")
     return 0
 
 
@@ -188,5 +251,5 @@ def _analyze_stories(args) -> int:
                 f"lacking data: {', '.join(a['lacking']) or '-'}"
             )
     print(f"CLIP: {result['clip']}")
-    print(f"report: {args.out or args.run_dirs[0]}/analysis.{{md,html,json}}")
+    print_outputs(*(Path(args.out or args.run_dirs[0]) / f"analysis.{ext}" for ext in ("html", "md", "json")))
     return 0

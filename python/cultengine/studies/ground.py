@@ -27,6 +27,7 @@ from collections import Counter
 from importlib import resources
 from pathlib import Path
 
+from ..console import bar, resume_note
 from ..runlog import ResultLog, write_json
 from .io import chunks, iter_records
 from .stats import softmax
@@ -107,7 +108,10 @@ def run(
     chunk_size: int = 1000,
     max_tokens: int = 64,
     model_name: str = "",
+    quiet: bool = False,
 ) -> dict:
+    """Run the three stages over every row not yet decided in `out_dir/ground.jsonl` (flushed after every chunk
+    of `chunk_size` records, with a progress bar of rows on a terminal unless `quiet`), then summarise."""
     from ..sampling import SamplingParams
 
     templates = templates or load_templates()
@@ -128,7 +132,13 @@ def run(
     base = Path(input_path).parent
     refine = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=["\n"])
     new_rows = 0
-    with log:
+    # a first pass over the records (no model): how many rows there are, and how many an earlier run decided
+    total = done = 0
+    for n, rec in enumerate(iter_records(input_path), 1):
+        ids = [r["id"] for r in stage1(rec, n, templates, languages)]
+        total, done = total + len(ids), done + sum(i in log.done for i in ids)
+    resume_note(done, total, "rows")
+    with log, bar(total, initial=done, unit="row", desc="ground", quiet=quiet) as progress:
         for chunk in chunks(enumerate(iter_records(input_path), 1), chunk_size):
             rows = [
                 r for n, rec in chunk for r in stage1(rec, n, templates, languages) if r["id"] not in log.done
@@ -219,6 +229,7 @@ def run(
                     r["kept"] = True
             log.write(rows)
             new_rows += len(rows)
+            progress.update(len(rows))
     summary = summarize(log)
     summary["rows_this_run"] = new_rows
     write_json(out_dir / "summary.json", summary)

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import plots, provenance
+from ..console import bar, resume_note
 from ..runlog import ResultLog, read, write_json
 from ..stats import PERMUTATIONS, cluster_mean, mantel
 from . import report, stats
@@ -59,8 +60,12 @@ def run(
     seed: int = 0,
     template: str = TEMPLATE,
     model_name: str = "",
-    batch_size: int = 256,
+    batch_size: int = 64,
+    quiet: bool = False,
 ) -> dict:
+    """Generate every story not yet in `out_dir/results.jsonl`. Stories go to the engine `batch_size` at a time
+    (the samples of a prompt stay together) and are flushed when their call ends, so a kill loses at most one
+    call's stories; a progress bar shows on a terminal unless `quiet`."""
     from ..sampling import SamplingParams
 
     out_dir = Path(out_dir)
@@ -89,10 +94,13 @@ def run(
                     key = f"{Path(image).name}|{concept}|{n.demonym}|t{t}"
                     if not all(f"{key}|s{k}" in log.done for k in range(samples)):
                         tasks.append((key, image, concept, n.demonym, t))
+    total = len(images) * len(concepts) * len(temperatures) * len(nationalities) * samples
+    done = total - len(tasks) * samples
+    resume_note(done, total, "stories")
     before = engine.stats()
     start, generated = time.perf_counter(), 0
-    with log:
-        for batch in chunks(tasks, batch_size):
+    with log, bar(total, initial=done, unit="story", desc="stories", quiet=quiet) as progress:
+        for batch in chunks(tasks, max(1, batch_size // samples)):
             reqs = [
                 {
                     "messages": [
@@ -138,7 +146,10 @@ def run(
                             **base,
                         )
                     )
+            recs = [r for r in recs if r["id"] not in log.done]  # a sample an interrupted write kept
             log.write(recs)
+            progress.set_postfix_str(f"{generated / (time.perf_counter() - start):,.0f} tok/s", refresh=False)
+            progress.update(len(recs))
     after = engine.stats()
     delta = {
         k: after.get(k, 0) - before.get(k, 0)

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import plots, provenance
+from ..console import bar, resume_note
 from ..runlog import ResultLog, write_json
 from ..stats import cluster_mean
 from . import report
@@ -110,19 +111,23 @@ def run(
     model_name: str = "",
     model_path: str | Path | None = None,
     data_files: Sequence[str | Path] = (),
+    quiet: bool = False,
 ) -> dict:
-    """Score every (item, country, condition) not yet in `out_dir/results.jsonl`, then summarise."""
+    """Score every (item, country, condition) not yet in `out_dir/results.jsonl` (flushed after every batch of
+    `batch_size`, with a progress bar on a terminal unless `quiet`), then summarise."""
     out_dir = Path(out_dir)
     log = ResultLog(out_dir / "results.jsonl")
-    tasks = []
+    tasks, total = [], 0
     with_images = takes_images(engine)
     for (item_id, country), dist in human.items():
         conds = [("text", "", None)] + [("image", cat, img) for cat, img in images.get(country, []) if with_images]
         for cond, cat, img in conds:
             rid = f"{item_id}|{country}|{cond}" + (f"|{cat}|{img}" if img else "")
+            total += 1
             if rid not in log.done:
                 tasks.append((rid, items[item_id], country, cond, cat, img, dist))
-    with log:
+    resume_note(total - len(tasks), total, "prompts")
+    with log, bar(total, initial=total - len(tasks), unit="prompt", desc="values", quiet=quiet) as progress:
         for batch in chunks(tasks, batch_size):
             outs = engine.score(
                 [build_request(t[1], t[2], t[5], template, choice_format) for t in batch], use_tqdm=False
@@ -147,6 +152,7 @@ def run(
                     rec.update(distribution=p, js_similarity=js_similarity(p, dist))
                 recs.append(rec)
             log.write(recs)
+            progress.update(len(recs))
     summary = summarize(list(log.read()))
     summary["scored_this_run"] = len(tasks)
     summary["demo"] = provenance.is_demo(model_name) or provenance.is_demo(model_path)
