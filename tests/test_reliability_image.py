@@ -57,3 +57,19 @@ def test_decompression_bomb_warning_as_error_is_a_value_error():
 def test_unsupported_image_types_are_value_errors(src):
     with pytest.raises(ValueError, match="unsupported image"):
         load_image(src)
+
+
+def test_truncated_images_fail_even_when_another_library_allows_them(monkeypatch, tmp_path):
+    """lmms-eval sets PIL's global LOAD_TRUNCATED_IMAGES; the engine's images still decode strictly."""
+    import io
+
+    from PIL import Image, ImageFile
+
+    from cultengine.image import load_image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(buf, format="PNG")
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(ValueError, match="cannot read image"):
+        load_image(buf.getvalue()[:80])
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the other library's setting is left as it was

@@ -44,6 +44,7 @@ class StepPlan:
     prompt_lp_targets: npt.NDArray[np.int64]
     image_chunks: npt.NDArray[np.int64]  # [K, 3]: dst row, first embedding, length
     image_hashes: npt.NDArray[np.uint64]  # [K]
+    block_copies: npt.NDArray[np.int64]  # [C, 2]: (src, dst) KV blocks to copy before the step runs
 
 class FinishedSequence:
     seq_id: int
@@ -68,6 +69,7 @@ class Scheduler:
         enable_prefix_caching: bool = True,
         eos_token_ids: list[int] = ...,
         position_rows: int = 1,
+        max_num_image_tokens: int | None = None,
     ) -> None: ...
     def add_sequence(
         self,
@@ -86,7 +88,19 @@ class Scheduler:
         prompt_logprobs_from: int = -1,
         positions: list[int] = ...,
         position_delta: int = 0,
+        stream: bool = False,
     ) -> None: ...
+    def add_scoring(
+        self,
+        seq_id: int,
+        context_ids: list[int],
+        images: list[tuple[int, int, int, int, bool]],
+        choices: list[list[int]],
+        choice_ids: list[int],
+        positions: list[int] = ...,
+        position_delta: int = 0,
+    ) -> None: ...
+    def take_deltas(self) -> list[tuple[int, str]]: ...
     def abort(self, seq_id: int) -> FinishedSequence | None: ...
     def has_unfinished(self) -> bool: ...
     @property

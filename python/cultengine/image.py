@@ -18,6 +18,7 @@ import importlib.metadata
 import importlib.util
 import io
 import json
+import threading
 from collections.abc import Sequence
 from math import ceil
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -84,10 +85,28 @@ def load_image(src: ImageInput, max_pixels: int | None = None, max_aspect_ratio:
         raise ValueError(f"cannot read image {name}: {e}") from e
     check_image_size(img.size, name, max_pixels, max_aspect_ratio)
     try:
-        img.load()  # PIL decodes lazily: force it so a truncated file raises now, not mid-batch
+        _decode(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         raise ValueError(f"cannot read image {name}: {e}") from e
     return img
+
+
+_STRICT = threading.Lock()
+
+
+def _decode(img: Image.Image) -> None:
+    """Decode now (PIL decodes lazily) so a truncated file raises here, not mid-batch, even where another
+    library in the process (lmms-eval does) set PIL's global LOAD_TRUNCATED_IMAGES: then decoding is done
+    with it cleared, one image at a time, and the library's setting put back."""
+    if not ImageFile.LOAD_TRUNCATED_IMAGES:
+        img.load()
+        return
+    with _STRICT:
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        try:
+            img.load()
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = True
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
