@@ -251,3 +251,49 @@ class Decoder:
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """`[N, H]` hidden rows -> fp32 logits `[N, vocab]`."""
         return F.linear(hidden, self.lm_head).float()
+
+
+class SplicedDecoder:
+    """A decoder whose input embeddings take image embeddings at the rows the runner names: the device
+    side of every VLM family bar its tower (families add `encode_images`), and of text-only ones
+    (`image_token_id` None)."""
+
+    def __init__(self, language_model, text: TextConfig, image_token_id: int | None):
+        self.language_model = language_model
+        self.image_token_id = image_token_id
+        self.vocab_size = text.vocab_size
+        self.hidden_size = text.hidden_size
+        self.num_layers = text.num_layers
+        self.num_kv_heads = text.num_kv_heads
+        self.head_dim = text.head_dim
+        self.dtype = language_model.dtype
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # Placeholder ids may lie beyond the text vocabulary; their rows are overwritten anyway.
+        if self.image_token_id is not None and self.image_token_id >= self.vocab_size:
+            input_ids = input_ids.masked_fill(input_ids == self.image_token_id, 0)
+        return self.language_model.embed(input_ids)
+
+    def encode_images(self, images: list) -> list[torch.Tensor]:
+        raise ValueError("a text-only model encodes no images")
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
+                image_rows: torch.Tensor | None = None,
+                image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Packed step: `input_ids [T]` -> hidden `[T, H]`.
+
+        Rows `image_rows [R]` (int64 indices into T) take `image_embeds [R, H]` instead of their embedding.
+        """
+        x = self.embed(input_ids)
+        if image_rows is not None and image_rows.numel():
+            x = x.index_copy(0, image_rows, image_embeds.to(x.dtype))
+        return self.language_model.forward(x, positions, kv_caches, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`[N, H]` hidden rows -> fp32 logits `[N, vocab]`."""
+        return self.language_model.compute_logits(hidden)
+
+    def allocate_kv_caches(self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None):
+        return self.language_model.allocate_kv_caches(num_blocks, block_size, dtype)

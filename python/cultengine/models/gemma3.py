@@ -26,8 +26,9 @@ from ..checkpoint import Checkpoint
 from ..errors import CheckpointError, config_float, config_int
 from ..image import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, ImageProcessor
 from ..ops import AttentionMetadata
-from .decoder import MAX_ROPE_POSITIONS, _rope
+from .decoder import MAX_ROPE_POSITIONS, SplicedDecoder, _rope
 from .family import Family, ImageFeatures
+from .text import TextOnly
 from .vision import VisionConfig, VisionTower, activation
 
 # Gemma3TextConfig's defaults for fields a config.json may leave out (hub configs give only what differs).
@@ -398,11 +399,13 @@ class Gemma3(Family):
         return Gemma3Model(self, ops, max_positions)
 
 
-class Gemma3Model:
+class Gemma3Model(SplicedDecoder):
     """SigLIP tower -> average pool -> Gemma RMSNorm -> projection; embeddings spliced into Gemma's decoder."""
 
     def __init__(self, family: Gemma3, ops, max_positions: int | None = None):
         ckpt = family.checkpoint
+        super().__init__(GemmaDecoder(ckpt, family.text, ops, "model.language_model.", max_positions), family.text,
+                         family.image_token_id)
         self.family = family
         self.vision = VisionTower(ckpt, family.vision, ops, [-1], post_layernorm=True)
         e, h = family.vision.hidden_size, family.text.hidden_size
@@ -411,9 +414,6 @@ class Gemma3Model:
         self.projection = ckpt.tensor(p + "mm_input_projection_weight", (e, h))
         self.patches_per_side = family.vision.image_size // family.vision.patch_size
         self.pool = self.patches_per_side // family.tokens_per_side
-        self.decoder = GemmaDecoder(ckpt, family.text, ops, "model.language_model.", max_positions)
-        self.image_token_id = family.image_token_id
-        _model_shape(self, family.text, self.decoder)
 
     @torch.inference_mode()
     def encode_images(self, images: list[ImageFeatures]) -> list[torch.Tensor]:
@@ -426,64 +426,11 @@ class Gemma3Model:
         features = torch.matmul(normed, self.projection).type_as(x)
         return list(features.flatten(0, 1).split([im.num_embeddings for im in images]))
 
-    @torch.inference_mode()
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        kv_caches: list,
-        meta: AttentionMetadata,
-        image_rows: torch.Tensor | None = None,
-        image_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        if self.image_token_id is not None and self.image_token_id >= self.vocab_size:  # rows overwritten anyway
-            input_ids = input_ids.masked_fill(input_ids == self.image_token_id, 0)
-        x = self.decoder.embed(input_ids)
-        if image_rows is not None and image_rows.numel():
-            x = x.index_copy(0, image_rows, image_embeds.to(x.dtype))
-        return self.decoder.forward(x, positions, kv_caches, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.decoder.compute_logits(hidden)
-
-    def allocate_kv_caches(self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None):
-        return self.decoder.allocate_kv_caches(num_blocks, block_size, dtype)
-
-
-class Gemma3Text(Family):
+class Gemma3Text(TextOnly):
     """`Gemma3ForCausalLM`: Gemma 3's decoder alone (config.json is the text config), no images."""
 
-    def __init__(self, checkpoint: Checkpoint, image_backend: str | None = None):
-        super().__init__(checkpoint, image_backend)
-        self.text = GemmaTextConfig.parse(checkpoint.config, self.where)
+    config_class = GemmaTextConfig
 
-    @property
-    def max_context(self) -> int:
-        return self.text.max_position_embeddings
-
-    def process_image(self, image: Image.Image, options: dict[str, Any]) -> ImageFeatures:
-        raise ValueError("Gemma3ForCausalLM is a text-only model: it takes no images")
-
-    def build_model(self, ops, max_positions: int | None = None) -> Gemma3TextModel:
-        return Gemma3TextModel(self, ops, max_positions)
-
-
-class Gemma3TextModel(Gemma3Model):
-    """The decoder of `Gemma3ForCausalLM` (`model.*` weights)."""
-
-    def __init__(self, family: Gemma3Text, ops, max_positions: int | None = None):
-        self.decoder = GemmaDecoder(family.checkpoint, family.text, ops, "model.", max_positions)
-        self.image_token_id = None
-        _model_shape(self, family.text, self.decoder)
-
-    def encode_images(self, images: list[ImageFeatures]) -> list[torch.Tensor]:
-        raise ValueError("a text-only model encodes no images")
-
-
-def _model_shape(model, text: GemmaTextConfig, decoder: GemmaDecoder) -> None:
-    """The `Model` attributes the runner reads."""
-    model.vocab_size = text.vocab_size
-    model.num_layers = text.num_layers
-    model.num_kv_heads = text.num_kv_heads
-    model.head_dim = text.head_dim
-    model.dtype = decoder.dtype
+    def build_model(self, ops, max_positions: int | None = None) -> SplicedDecoder:
+        return SplicedDecoder(GemmaDecoder(self.checkpoint, self.text, ops, "model.", max_positions), self.text, None)

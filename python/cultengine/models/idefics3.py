@@ -22,9 +22,8 @@ from .. import _core
 from ..checkpoint import Checkpoint, _read_json
 from ..errors import CheckpointError, config_int
 from ..image import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, Array, ImageProcessor, resize, size_dict
-from .decoder import TextConfig, tied_embeddings
+from .decoder import Decoder, SplicedDecoder, TextConfig, tied_embeddings
 from .family import Family, ImageFeatures, marker_token_ids
-from .llava import SplicedDecoder
 from .vision import VisionConfig, VisionTower
 
 MAX_IMAGE_SIDE = 4096  # transformers' cap on a resized image's side
@@ -252,9 +251,9 @@ class Idefics3Model(SplicedDecoder):
 
     def __init__(self, family: Idefics3, ops, max_positions: int | None = None):
         ckpt = family.checkpoint
-        super().__init__(
-            ckpt, family.text, ops, family.placeholder_id, prefix="model.text_model.", max_positions=max_positions
-        )
+        super().__init__(Decoder(ckpt, family.text, ops, prefix="model.text_model.", max_positions=max_positions),
+                         family.text, family.placeholder_id)
+        self.ops = ops
         v = family.vision
         self.vision = VisionTower(ckpt, v, ops, [-1], prefix="model.vision_model.", post_layernorm=True)
         side = v.image_size // v.patch_size

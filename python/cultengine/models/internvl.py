@@ -22,9 +22,8 @@ from .. import _core
 from ..checkpoint import Checkpoint, _read_json
 from ..errors import CheckpointError, config_float, config_int
 from ..image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Array, ImageProcessor, resize, size_dict
-from .decoder import TextConfig
+from .decoder import Decoder, SplicedDecoder, TextConfig
 from .family import Family, ImageFeatures, marker_token_ids
-from .llava import SplicedDecoder
 from .vision import activation
 
 # InternVLVisionConfig's defaults (InternViT-300M at 448 px).
@@ -370,7 +369,9 @@ class InternVLModel(SplicedDecoder):
 
     def __init__(self, family: InternVL, ops, max_positions: int | None = None):
         ckpt = family.checkpoint
-        super().__init__(ckpt, family.text, ops, family.placeholder_id, max_positions=max_positions)
+        super().__init__(Decoder(ckpt, family.text, ops, max_positions=max_positions), family.text,
+                         family.placeholder_id)
+        self.ops = ops
         self.vision = InternViT(ckpt, family.vision, ops, family.feature_layer)
         self.scale = family.scale
         v, h, p = family.vision.hidden_size * self.scale**2, family.text.hidden_size, "model.multi_modal_projector."

@@ -14,8 +14,7 @@ from PIL import Image
 from ..checkpoint import Checkpoint
 from ..errors import CheckpointError
 from ..image import ImageProcessor, image_processor_for_checkpoint
-from ..ops import AttentionMetadata
-from .decoder import Decoder, TextConfig, tied_embeddings
+from .decoder import Decoder, SplicedDecoder, TextConfig, tied_embeddings
 from .family import Family, ImageFeatures
 from .vision import VisionConfig, VisionTower, activation
 
@@ -80,56 +79,14 @@ class Llava(Family):
         return LlavaModel(self, ops, max_positions)
 
 
-class SplicedDecoder:
-    """A decoder whose input embeddings take image embeddings at the rows the runner names (every VLM family's
-    device side bar its tower); families add `encode_images`."""
-
-    def __init__(self, ckpt: Checkpoint, text: TextConfig, ops, image_token_id: int,
-                 prefix: str = "model.language_model.", max_positions: int | None = None):
-        self.ops = ops
-        self.language_model = Decoder(ckpt, text, ops, prefix=prefix, max_positions=max_positions)
-        self.image_token_id = image_token_id
-        self.vocab_size = text.vocab_size
-        self.hidden_size = text.hidden_size
-        self.num_layers = text.num_layers
-        self.num_kv_heads = text.num_kv_heads
-        self.head_dim = text.head_dim
-        self.dtype = self.language_model.dtype
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        # Placeholder ids may lie beyond the text vocabulary; their rows are overwritten anyway.
-        if self.image_token_id >= self.vocab_size:
-            input_ids = input_ids.masked_fill(input_ids == self.image_token_id, 0)
-        return self.language_model.embed(input_ids)
-
-    @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
-                image_rows: torch.Tensor | None = None,
-                image_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Packed step: `input_ids [T]` -> hidden `[T, H]`.
-
-        Rows `image_rows [R]` (int64 indices into T) take `image_embeds [R, H]` instead of their embedding.
-        """
-        x = self.embed(input_ids)
-        if image_rows is not None and image_rows.numel():
-            x = x.index_copy(0, image_rows, image_embeds.to(x.dtype))
-        return self.language_model.forward(x, positions, kv_caches, meta)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """`[N, H]` hidden rows -> fp32 logits `[N, vocab]`."""
-        return self.language_model.compute_logits(hidden)
-
-    def allocate_kv_caches(self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None):
-        return self.language_model.allocate_kv_caches(num_blocks, block_size, dtype)
-
-
 class LlavaModel(SplicedDecoder):
     """Vision tower -> selected hidden states -> projector; embeddings spliced into the decoder's input."""
 
     def __init__(self, family: Llava, ops, max_positions: int | None = None):
         ckpt = family.checkpoint
-        super().__init__(ckpt, family.text, ops, family.placeholder_id, max_positions=max_positions)
+        super().__init__(Decoder(ckpt, family.text, ops, max_positions=max_positions), family.text,
+                         family.placeholder_id)
+        self.ops = ops
         self.family = family
         self.vision = VisionTower(ckpt, family.vision, ops, family.feature_layers)
         v, h = family.vision.hidden_size * len(family.feature_layers), family.text.hidden_size
