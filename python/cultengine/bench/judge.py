@@ -138,13 +138,18 @@ def run_judge(
     )
     if not pending:
         return 0
+    from ..console import bar
+
     engine = make_engine()
+    progress = bar(len(todo), initial=len(todo) - len(pending), desc="judging")
     try:
         for start in range(0, len(pending), batch):
             chunk = pending[start : start + batch]
             outs = engine.score([prompt.request(r, recs[r.id]["prediction"]) for r in chunk], use_tqdm=False)
             log.write({"id": r.id, "judge": judge_id, **verdict(o)} for r, o in zip(chunk, outs, strict=True))
+            progress.update(len(chunk))
     finally:
+        progress.close()
         log.close()
     return len(pending)
 
