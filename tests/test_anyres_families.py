@@ -12,35 +12,25 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from cultengine import Engine, SamplingParams
 from cultengine.checkpoint import load_checkpoint
 from cultengine.errors import CheckpointError
 from cultengine.models import family_for
+from family_parity import chat_inputs, extras, image, logprobs, user
 from tiny_checkpoints import ANYRES_FAMILIES, build_tiny_anyres, reference_anyres
 
 ATOL = 1e-4
 
 
-def _image(w: int, h: int, seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
-WIDE, TALL, SMALL, ODD = _image(90, 24, 1), _image(22, 70, 2), _image(20, 15, 3), _image(37, 53, 4)
-
-
-def _user(*items) -> list[dict]:
-    content = [{"type": "image", "image": x} if isinstance(x, Image.Image) else {"type": "text", "text": x}
-               for x in items]
-    return [{"role": "user", "content": content}]
+WIDE, TALL, SMALL, ODD = image(90, 24, 1), image(22, 70, 2), image(20, 15, 3), image(37, 53, 4)
 
 
 CONVERSATIONS = [
-    _user("Tell me about the festival of lights, señor."),
-    _user(WIDE, "Which country is this dish from? 日本"),
-    _user(TALL, "and", SMALL, ": compare the two flags."),
-    _user(ODD, "Where?"),
+    user("Tell me about the festival of lights, señor."),
+    user(WIDE, "Which country is this dish from? 日本"),
+    user(TALL, "and", SMALL, ": compare the two flags."),
+    user(ODD, "Where?"),
 ]
 
 
@@ -55,26 +45,12 @@ def pair(family_path):
     return Engine(family_path, dtype="float32"), model, processor
 
 
-def _inputs(processor, messages) -> dict:
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                         return_tensors="pt")
-
-
-def _extras(inputs: dict) -> dict:
-    return {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-
-
-@torch.no_grad()
-def _logprobs(model, ids: list[int], extras: dict) -> torch.Tensor:
-    return torch.log_softmax(model(input_ids=torch.tensor([ids]), **extras).logits[0].float(), dim=-1)
-
-
 def test_token_ids_greedy_tokens_and_logprobs_match_transformers(pair):
     engine, model, processor = pair
     outs = engine.generate([{"messages": m} for m in CONVERSATIONS], SamplingParams(max_tokens=8), use_tqdm=False)
     counts = set()
     for messages, out in zip(CONVERSATIONS, outs, strict=True):
-        inputs = _inputs(processor, messages)
+        inputs = chat_inputs(processor, messages)
         ids = inputs["input_ids"][0].tolist()
         assert out.error is None, out.error
         assert out.prompt_token_ids == ids
@@ -82,7 +58,7 @@ def test_token_ids_greedy_tokens_and_logprobs_match_transformers(pair):
         with torch.no_grad():
             want = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
         assert out.token_ids == want
-        lp = _logprobs(model, ids + want, _extras(inputs))
+        lp = logprobs(model, ids + want, extras(inputs))
         expected = lp[len(ids) - 1:-1].gather(1, torch.tensor(want)[:, None]).squeeze(1)
         np.testing.assert_allclose(out.logprobs, expected.numpy(), atol=ATOL)
     assert len(counts) == len(CONVERSATIONS)  # tile grids (and so token counts) differ per image
@@ -94,11 +70,11 @@ def test_choice_loglikelihoods_match_transformers(pair):
     scores = engine.score([{"messages": m, "choices": choices} for m in CONVERSATIONS[1:3]], use_tqdm=False)
     for messages, score in zip(CONVERSATIONS[1:3], scores, strict=True):
         assert score.error is None, score.error
-        inputs = _inputs(processor, messages)
+        inputs = chat_inputs(processor, messages)
         ctx = inputs["input_ids"][0].tolist()
         for choice, got in zip(choices, score.choices, strict=True):
             cont = processor.tokenizer(choice, add_special_tokens=False)["input_ids"]
-            lp = _logprobs(model, ctx + cont, _extras(inputs))[len(ctx) - 1:-1]
+            lp = logprobs(model, ctx + cont, extras(inputs))[len(ctx) - 1:-1]
             assert got.num_tokens == len(cont)
             assert got.logprob == pytest.approx(float(lp.gather(1, torch.tensor(cont)[:, None]).sum()), abs=ATOL)
 
@@ -148,11 +124,11 @@ def test_both_config_layouts_load_the_same(pair, family_path, tmp_path):
 def test_pil_path_matches_transformers_pil_processor(family_path):
     engine = Engine(family_path, dtype="float32", image_backend="pil")
     model, processor = reference_anyres(family_path, backend="pil")
-    inputs = _inputs(processor, CONVERSATIONS[1])
+    inputs = chat_inputs(processor, CONVERSATIONS[1])
     ids = inputs["input_ids"][0].tolist()
     out = engine.generate([{"messages": CONVERSATIONS[1]}], SamplingParams(max_tokens=5), use_tqdm=False)[0]
     assert engine.provenance()["image_backend"] == "pil" and out.prompt_token_ids == ids
-    lp = _logprobs(model, ids + out.token_ids, _extras(inputs))
+    lp = logprobs(model, ids + out.token_ids, extras(inputs))
     expected = lp[len(ids) - 1:-1].gather(1, torch.tensor(out.token_ids)[:, None]).squeeze(1)
     np.testing.assert_allclose(out.logprobs, expected.numpy(), atol=ATOL)
 

@@ -22,16 +22,13 @@ from cultengine import Engine, SamplingParams
 from cultengine.checkpoint import load_checkpoint
 from cultengine.errors import CheckpointError
 from cultengine.models import family_for
+from family_parity import image
 from tiny_gemma import GEMMA_WINDOW, MM_TOKENS, PAN_AND_SCAN, build_tiny_gemma3, build_tiny_gemma3_text
 
 ATOL = 1e-4
 
 
-def _image(w: int, h: int, seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
-WIDE, TALL, SQUARE = _image(90, 30, 1), _image(22, 70, 2), _image(40, 40, 3)
+WIDE, TALL, SQUARE = image(90, 30, 1), image(22, 70, 2), image(40, 40, 3)
 
 
 def _chat(*items, system: str | None = None) -> list[dict]:

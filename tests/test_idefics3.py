@@ -15,7 +15,7 @@ from cultengine import Engine, SamplingParams
 from cultengine.checkpoint import load_checkpoint
 from cultengine.errors import CheckpointError
 from cultengine.models import family_for
-from tiny_tiles import (
+from family_parity import (
     ATOL,
     CONVERSATIONS,
     ODD,
@@ -27,12 +27,11 @@ from tiny_tiles import (
     assert_cuda_matches_cpu,
     assert_generations_match,
     assert_serving_features_change_nothing,
-    build_tiny_tiles,
     chat_inputs,
     edited,
-    reference_tiles,
     to_transformers4_config,
 )
+from tiny_tiles import build_tiny_tiles, reference_tiles
 
 MAX_GRID = {"idefics3": (3, 3), "smolvlm": (2, 2)}
 

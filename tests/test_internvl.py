@@ -18,7 +18,7 @@ from cultengine import Engine, SamplingParams
 from cultengine.checkpoint import load_checkpoint
 from cultengine.errors import CheckpointError
 from cultengine.models import family_for
-from tiny_tiles import (
+from family_parity import (
     ATOL,
     CONVERSATIONS,
     ODD,
@@ -30,11 +30,10 @@ from tiny_tiles import (
     assert_cuda_matches_cpu,
     assert_generations_match,
     assert_serving_features_change_nothing,
-    build_tiny_tiles,
     edited,
-    reference_tiles,
     to_transformers4_config,
 )
+from tiny_tiles import build_tiny_tiles, reference_tiles
 
 
 @pytest.fixture(scope="module", params=["internvl", "internvl_qk", "internvl_qwen3"])

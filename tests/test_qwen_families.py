@@ -14,7 +14,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from cultengine import Engine, SamplingParams
 from cultengine.checkpoint import load_checkpoint
@@ -22,30 +21,20 @@ from cultengine.errors import CheckpointError
 from cultengine.models import family_for
 from cultengine.models.qwen2_5_vl import window_layout
 from cultengine.models.qwen2_vl import mrope_positions
+from family_parity import image, user
 from tiny_qwen import QWEN_FAMILIES, build_tiny_qwen, reference_qwen
 
 ATOL = 1e-4
 
 
-def _image(w: int, h: int, seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
-WIDE, TALL, LARGE, SMALL = _image(150, 40, 1), _image(40, 130, 2), _image(200, 160, 3), _image(10, 12, 4)
-
-
-def _user(*items) -> list[dict]:
-    content = [
-        {"type": "image", "image": x} if isinstance(x, Image.Image) else {"type": "text", "text": x} for x in items
-    ]
-    return [{"role": "user", "content": content}]
+WIDE, TALL, LARGE, SMALL = image(150, 40, 1), image(40, 130, 2), image(200, 160, 3), image(10, 12, 4)
 
 
 CONVERSATIONS = [
-    _user("Tell me about the festival of lights, señor."),
-    _user(WIDE, "Which country is this dish from? 日本"),
-    _user(TALL, "and", LARGE, ": compare the two flags."),
-    _user(SMALL, "Where?"),
+    user("Tell me about the festival of lights, señor."),
+    user(WIDE, "Which country is this dish from? 日本"),
+    user(TALL, "and", LARGE, ": compare the two flags."),
+    user(SMALL, "Where?"),
 ]
 
 
@@ -146,7 +135,7 @@ def test_choice_loglikelihoods_match_transformers(pair):
 def test_prefix_cache_chunked_prefill_image_budget_and_preemption_change_nothing(pair, family_path):
     engine, _, _ = pair
     # The second pair of requests shares the first's images (and WIDE's whole context).
-    reqs = [{"messages": m} for m in CONVERSATIONS] * 2 + [{"messages": _user(WIDE, "A different question?")}]
+    reqs = [{"messages": m} for m in CONVERSATIONS] * 2 + [{"messages": user(WIDE, "A different question?")}]
     params = SamplingParams(max_tokens=6, temperature=0.8, seed=3, ignore_eos=True)
     outs = engine.generate(reqs, params, use_tqdm=False)
     expected = [o.token_ids for o in outs]
@@ -230,7 +219,7 @@ def test_raw_prompts_and_a_video_request_get_a_clear_error(pair):
     assert scored.error and "video" in scored.error
     # The processors refuse aspect ratios over 200: that image's request fails alone.
     outs = engine.generate(
-        [{"messages": _user(_image(402, 2, 5), "?")}, {"messages": CONVERSATIONS[0]}],
+        [{"messages": user(image(402, 2, 5), "?")}, {"messages": CONVERSATIONS[0]}],
         SamplingParams(max_tokens=2),
         use_tqdm=False,
     )
