@@ -57,6 +57,30 @@ def _softmax_tile(q, k, v, acc, m_i, l_i, qk_scale, mask, APPLY_MASK: tl.constex
 
 
 @triton.jit
+def _attend_contiguous(q, k_base, v_base, stride_k, stride_v, seq_len, mask_d, qk_scale, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """Non-causal attention of a query tile over `seq_len` contiguous keys/values (the vision kernels): full
+    key tiles unmasked, then the ragged tail (577 = 24*24 + 1 tokens for CLIP at 336px). fp32 output."""
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    full_end = (seq_len // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = tl.load(k_base + offs_n[:, None] * stride_k, mask=mask_d[None, :], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_v, mask=mask_d[None, :], other=0.0)
+        acc, m_i, l_i = _softmax_tile(q, k, v, acc, m_i, l_i, qk_scale, None, False, PRECISION)
+    if full_end < seq_len:
+        offs_n = full_end + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < seq_len
+        mask_kv = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_k, mask=mask_kv, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_v, mask=mask_kv, other=0.0)
+        acc, m_i, l_i = _softmax_tile(q, k, v, acc, m_i, l_i, qk_scale, mask_n[None, :], True, PRECISION)
+    return acc / l_i[:, None]
+
+
+@triton.jit
 def _paged_offsets(block_table_row, offs_n, mask_n, offs_d, stride_kb, stride_ko, BLOCK_SIZE: tl.constexpr):
     """Element offsets `[BLOCK_N, BLOCK_D]` of logical keys `offs_n` in a paged cache (one KV head)."""
     blk = tl.load(block_table_row + offs_n // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
@@ -382,26 +406,10 @@ def _vision_kernel(q_ptr, k_ptr, v_ptr, out_ptr, qk_scale, seq_len, num_heads,
     k_base = k_ptr + n * stride_kn + h * stride_kh + offs_d[None, :]
     v_base = v_ptr + n * stride_vn + h * stride_vh + offs_d[None, :]
 
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    # Full tiles unmasked, then the ragged tail (577 = 24*24 + 1 tokens for CLIP at 336px).
-    full_end = (seq_len // BLOCK_N) * BLOCK_N
-    for start_n in range(0, full_end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(k_base + offs_n[:, None] * stride_ks, mask=mask_d[None, :], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vs, mask=mask_d[None, :], other=0.0)
-        acc, m_i, l_i = _softmax_tile(q, k, v, acc, m_i, l_i, qk_scale, None, False, PRECISION)
-    if full_end < seq_len:
-        offs_n = full_end + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < seq_len
-        mask_kv = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_ks, mask=mask_kv, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vs, mask=mask_kv, other=0.0)
-        acc, m_i, l_i = _softmax_tile(q, k, v, acc, m_i, l_i, qk_scale, mask_n[None, :], True, PRECISION)
-
+    out = _attend_contiguous(q, k_base, v_base, stride_ks, stride_vs, seq_len, mask_d, qk_scale, BLOCK_M, BLOCK_N,
+                             BLOCK_D, PRECISION)
     tl.store(out_ptr + n * stride_on + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
-             (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=mask_q)
+             out.to(out_ptr.dtype.element_ty), mask=mask_q)
 
 
 def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 Every image (or attention window) of a packed `[N, H, D]` batch is a segment given by cumulative
 offsets; a query tile reads only its own segment's keys. Same online-softmax tile update and fp32
-accumulation as the other attention kernels (`attention._softmax_tile`).
+accumulation as the other attention kernels (`attention._attend_contiguous`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import LOG2E, _attention_tiles, _precision, _softmax_tile
+from .attention import LOG2E, _attend_contiguous, _attention_tiles, _precision
 
 
 @triton.jit
@@ -56,27 +56,11 @@ def _varlen_kernel(
     k_base = k_ptr + start * stride_kt + kv_head * stride_kh + offs_d[None, :]
     v_base = v_ptr + start * stride_vt + kv_head * stride_vh + offs_d[None, :]
 
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    # Full key tiles unmasked, then the segment's ragged tail.
-    full_end = (seq_len // BLOCK_N) * BLOCK_N
-    for start_n in range(0, full_end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(k_base + offs_n[:, None] * stride_kt, mask=mask_d[None, :], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vt, mask=mask_d[None, :], other=0.0)
-        acc, m_i, l_i = _softmax_tile(q, k, v, acc, m_i, l_i, qk_scale, None, False, PRECISION)
-    if full_end < seq_len:
-        offs_n = full_end + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < seq_len
-        mask_kv = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_kt, mask=mask_kv, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vt, mask=mask_kv, other=0.0)
-        acc, m_i, l_i = _softmax_tile(q, k, v, acc, m_i, l_i, qk_scale, mask_n[None, :], True, PRECISION)
-
+    out = _attend_contiguous(q, k_base, v_base, stride_kt, stride_vt, seq_len, mask_d, qk_scale, BLOCK_M, BLOCK_N,
+                             BLOCK_D, PRECISION)
     tl.store(
         out_ptr + (start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
-        (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
+        out.to(out_ptr.dtype.element_ty),
         mask=mask_q,
     )
 
