@@ -47,6 +47,18 @@ CONVERSATIONS = [
 ]
 
 
+def reference(path, backend: str | None = None):
+    """transformers' model (fp32, eager attention, eval) and processor (its image processor on `backend`: "pil",
+    "torchvision", or transformers' default); the processor's video part, where it has one, stays on its default."""
+    import transformers as t
+
+    model = t.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    processor = t.AutoProcessor.from_pretrained(path)
+    if backend is not None:
+        processor.image_processor = t.AutoImageProcessor.from_pretrained(path, backend=backend)
+    return model, processor
+
+
 def chat_inputs(processor, messages) -> dict:
     return processor.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"

@@ -21,10 +21,11 @@ from family_parity import (
     assert_serving_features_change_nothing,
     edited,
     image,
+    reference,
     to_transformers4_config,
     user,
 )
-from tiny_checkpoints import ANYRES_FAMILIES, build_tiny_anyres, reference_anyres
+from tiny_checkpoints import ANYRES_FAMILIES, build_tiny_anyres
 
 ATOL = 1e-4
 
@@ -47,7 +48,7 @@ def family_path(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pair(family_path):
-    model, processor = reference_anyres(family_path)
+    model, processor = reference(family_path)
     return Engine(family_path, dtype="float32"), model, processor
 
 
@@ -74,7 +75,7 @@ def test_both_config_layouts_load_the_same(pair, family_path, tmp_path):
 
 def test_pil_path_matches_transformers_pil_processor(family_path):
     engine = Engine(family_path, dtype="float32", image_backend="pil")
-    model, processor = reference_anyres(family_path, backend="pil")
+    model, processor = reference(family_path, backend="pil")
     assert engine.provenance()["image_backend"] == "pil"
     assert_generations_match(engine, model, processor, CONVERSATIONS[1:2], max_tokens=5)
 

@@ -29,9 +29,10 @@ from family_parity import (
     assert_serving_features_change_nothing,
     chat_inputs,
     edited,
+    reference,
     to_transformers4_config,
 )
-from tiny_tiles import build_tiny_tiles, reference_tiles
+from tiny_tiles import build_tiny_tiles
 
 MAX_GRID = {"idefics3": (3, 3), "smolvlm": (2, 2)}
 
@@ -48,7 +49,7 @@ def family_path(family_name, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pair(family_path):
-    model, processor = reference_tiles(family_path)
+    model, processor = reference(family_path)
     return Engine(family_path, dtype="float32"), model, processor
 
 
@@ -60,7 +61,7 @@ def test_token_ids_greedy_tokens_and_logprobs_match_transformers(pair):
 @pytest.mark.parametrize("backend", ["torchvision", "pil"])
 def test_tiles_pixels_and_runs_match_the_processor(family_name, family_path, backend):
     family = family_for(load_checkpoint(family_path), backend)
-    _, processor = reference_tiles(family_path, backend)
+    _, processor = reference(family_path, backend)
     grids = {}
     for im in (WIDE, TALL, SMALL, ODD, SQUARE):
         feats = family.process_image(im, {})
@@ -83,7 +84,7 @@ def test_one_tile_without_image_splitting(family_path, tmp_path):
     path = edited(family_path, tmp_path / "nosplit", "processor_config.json", do_image_splitting=False)
     engine = Engine(path, dtype="float32")
     assert engine.family.process_image(WIDE, {}).pixels.shape[0] == 1
-    model, processor = reference_tiles(path)
+    model, processor = reference(path)
     assert_generations_match(engine, model, processor, CONVERSATIONS[2:3], max_tokens=5)
 
 
@@ -97,7 +98,7 @@ def test_prefix_cache_chunked_prefill_image_budget_and_preemption_change_nothing
 
 def test_pil_path_matches_transformers_pil_processor(family_path):
     engine = Engine(family_path, dtype="float32", image_backend="pil")
-    model, processor = reference_tiles(family_path, backend="pil")
+    model, processor = reference(family_path, backend="pil")
     assert engine.provenance()["image_backend"] == "pil"
     assert_generations_match(engine, model, processor, CONVERSATIONS[2:4], max_tokens=5)
 
@@ -151,7 +152,7 @@ def test_marker_token_names_follow_the_processor(family_name, family_path, tmp_p
             family_for(load_checkpoint(path))
         return
     engine = Engine(path, dtype="float32")
-    _, processor = reference_tiles(path)
+    _, processor = reference(path)
     ids = chat_inputs(processor, CONVERSATIONS[1])["input_ids"][0].tolist()
     assert processor.tokenizer.convert_tokens_to_ids("<global-pic>") in ids
     out = engine.generate([{"messages": CONVERSATIONS[1]}], SamplingParams(max_tokens=1), use_tqdm=False)[0]

@@ -31,9 +31,10 @@ from family_parity import (
     assert_generations_match,
     assert_serving_features_change_nothing,
     edited,
+    reference,
     to_transformers4_config,
 )
-from tiny_tiles import build_tiny_tiles, reference_tiles
+from tiny_tiles import build_tiny_tiles
 
 
 @pytest.fixture(scope="module", params=["internvl", "internvl_qk", "internvl_qwen3"])
@@ -43,7 +44,7 @@ def family_path(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pair(family_path):
-    model, processor = reference_tiles(family_path)
+    model, processor = reference(family_path)
     return Engine(family_path, dtype="float32"), model, processor
 
 
@@ -55,7 +56,7 @@ def test_token_ids_greedy_tokens_and_logprobs_match_transformers(pair):
 @pytest.mark.parametrize("backend", ["torchvision", "pil"])
 def test_tiles_and_pixels_match_the_processor(family_path, backend):
     family = family_for(load_checkpoint(family_path), backend)
-    _, processor = reference_tiles(family_path, backend)
+    _, processor = reference(family_path, backend)
     counts = {}
     for im in (WIDE, TALL, SMALL, ODD, SQUARE):
         feats = family.process_image(im, {})
@@ -79,7 +80,7 @@ def test_prefix_cache_chunked_prefill_image_budget_and_preemption_change_nothing
 
 def test_pil_path_matches_transformers_pil_processor(family_path):
     engine = Engine(family_path, dtype="float32", image_backend="pil")
-    model, processor = reference_tiles(family_path, backend="pil")
+    model, processor = reference(family_path, backend="pil")
     assert engine.provenance()["image_backend"] == "pil"
     assert_generations_match(engine, model, processor, CONVERSATIONS[2:4], max_tokens=5)
 

@@ -21,8 +21,8 @@ from cultengine.errors import CheckpointError
 from cultengine.models import family_for
 from cultengine.models.qwen2_5_vl import window_layout
 from cultengine.models.qwen2_vl import mrope_positions
-from family_parity import image, user
-from tiny_qwen import QWEN_FAMILIES, build_tiny_qwen, reference_qwen
+from family_parity import image, reference, user
+from tiny_qwen import QWEN_FAMILIES, build_tiny_qwen
 
 ATOL = 1e-4
 
@@ -45,7 +45,7 @@ def family_path(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pair(family_path):
-    model, processor = reference_qwen(family_path)
+    model, processor = reference(family_path)
     return Engine(family_path, dtype="float32"), model, processor
 
 
@@ -166,7 +166,7 @@ def test_prefix_cache_chunked_prefill_image_budget_and_preemption_change_nothing
 @pytest.mark.parametrize("backend", ["pil", "torchvision"])
 def test_both_image_paths_match_transformers_processors(family_path, backend):
     engine = Engine(family_path, dtype="float32", image_backend=backend)
-    model, processor = reference_qwen(family_path, backend=backend)
+    model, processor = reference(family_path, backend=backend)
     for img in (WIDE, TALL, LARGE, SMALL):
         want = processor.image_processor(images=[img], return_tensors="pt")
         feats = engine.family.process_image(img, {})

@@ -242,14 +242,3 @@ def build_tiny_anyres(out_dir: str | Path, family: str = "llava_next", seed: int
                             vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_2",
                             video_processor=t.LlavaOnevisionVideoProcessor())
     raise ValueError(f"unknown family {family!r}; choose one of {ANYRES_FAMILIES}")
-
-
-def reference_anyres(path: str | Path, backend: str | None = None):
-    """transformers' model (fp32, eval) and processor (`backend`: "pil" | "torchvision" | its default)."""
-    t = transformers
-    model = t.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32,
-                                                          attn_implementation="eager").eval()
-    processor = t.AutoProcessor.from_pretrained(path)
-    if backend is not None:  # the image processor only: OneVision's video processor has no PIL path
-        processor.image_processor = t.AutoImageProcessor.from_pretrained(path, backend=backend)
-    return model, processor

@@ -14,8 +14,6 @@ Public API (tests/ is on sys.path):
       qwen2_5_vl: window_size 56 (2x2 merged patches per window), full attention in block 1 only.
       qwen3_vl: a 4x4 learned position grid (interpolated per image), DeepStack after blocks 0 and 1.
   Weights are random with extra noise so biases and norms are non-trivial.
-- `reference_qwen(path, backend=None)`: transformers' model (fp32, eager, eval) and processor (`backend`:
-  "pil" | "torchvision" for its image processor).
 """
 
 from __future__ import annotations
@@ -180,13 +178,3 @@ def build_tiny_qwen(out_dir: str | Path, family: str = "qwen2_vl", seed: int = 0
     ).save_pretrained(out)
     fast.save_pretrained(out)
     return out
-
-
-def reference_qwen(path: str | Path, backend: str | None = None):
-    """transformers' model (fp32, eager attention, eval) and processor (image processor on `backend`)."""
-    t = transformers
-    model = t.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
-    processor = t.AutoProcessor.from_pretrained(path)
-    if backend is not None:
-        processor.image_processor = t.AutoImageProcessor.from_pretrained(path, backend=backend)
-    return model, processor

@@ -18,8 +18,6 @@ Public API (importable from any test: `from tiny_tiles import ...`):
     "internvl_qk" InternVL with RMSNorm, q/k norms, q/k/v biases, a final LayerNorm (no mean pooling), an
                  untied lm_head and vision_feature_layer -2.
     "internvl_qwen3" InternVL3.5's layout: InternVL3's tower before a Qwen3 decoder (per-head q/k norms).
-- `reference_tiles(path, backend=None)`: transformers' model (fp32, eager) and processor (`backend`: "pil",
-  "torchvision" or transformers' default).
 - Shared checks: test images `WIDE, TALL, SMALL, ODD, SQUARE`, `user(...)`, `CONVERSATIONS` (0, 1 and 2 images),
   `assert_generations_match`, `assert_choice_scores_match`, `assert_serving_features_change_nothing`,
   `to_transformers4_config`, `edited`, `assert_cuda_matches_cpu` (CUDA tests, skipped without a GPU).
@@ -234,13 +232,3 @@ def build_tiny_tiles(out_dir: str | Path, family: str = "idefics3", seed: int = 
     t.GenerationConfig(bos_token_id=0, eos_token_id=eos, pad_token_id=2).save_pretrained(out)
     processor.save_pretrained(out)
     return out
-
-
-def reference_tiles(path: str | Path, backend: str | None = None):
-    """transformers' model (fp32, eval, eager attention) and processor (its image processor on `backend`)."""
-    t = transformers
-    model = t.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
-    processor = t.AutoProcessor.from_pretrained(path)
-    if backend is not None:
-        processor.image_processor = t.AutoImageProcessor.from_pretrained(path, backend=backend)
-    return model, processor
