@@ -45,6 +45,8 @@ class StepPlan:
     image_chunks: npt.NDArray[np.int64]  # [K, 3]: dst row, first embedding, length
     image_hashes: npt.NDArray[np.uint64]  # [K]
     block_copies: npt.NDArray[np.int64]  # [C, 2]: (src, dst) KV blocks to copy before the step runs
+    prev_input_rows: npt.NDArray[np.int64]  # rows of input_ids whose token the previous plan samples
+    prev_sample_index: npt.NDArray[np.int64]  # which of the previous plan's sampled tokens each row takes
 
 class FinishedSequence:
     seq_id: int
@@ -107,6 +109,9 @@ class Scheduler:
     def num_waiting(self) -> int: ...
     @property
     def num_running(self) -> int: ...
+    @property
+    def num_in_flight(self) -> int: ...  # plans scheduled and not yet given back by update()
+    def cancel_in_flight(self) -> None: ...  # after a failed step: drop those plans, recompute their sequences
     def schedule(self) -> StepPlan | None: ...
     def update(
         self,

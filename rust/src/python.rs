@@ -137,6 +137,8 @@ pub struct StepPlan {
     image_chunks: Py<PyArray2<i64>>,
     image_hashes: Py<PyArray1<u64>>,
     block_copies: Py<PyArray2<i64>>,
+    prev_input_rows: Py<PyArray1<i64>>,
+    prev_sample_index: Py<PyArray1<i64>>,
 }
 
 fn arr<T: numpy::Element>(py: Python<'_>, v: Vec<T>) -> Py<PyArray1<T>> {
@@ -174,6 +176,8 @@ impl StepPlan {
             image_chunks: arr2(py, p.image_chunks, 3),
             image_hashes: arr(py, p.image_hashes),
             block_copies: arr2(py, p.block_copies, 2),
+            prev_input_rows: arr(py, p.prev_input_rows),
+            prev_sample_index: arr(py, p.prev_sample_index),
         }
     }
 }
@@ -390,6 +394,18 @@ impl Scheduler {
     #[getter]
     fn num_running(&self) -> usize {
         self.inner.num_running()
+    }
+
+    /// Plans scheduled and not yet given back by `update`.
+    #[getter]
+    fn num_in_flight(&self) -> usize {
+        self.inner.num_in_flight()
+    }
+
+    /// Drops the plans in flight after a failed step; their sequences recompute (see
+    /// `scheduler::Scheduler::cancel_in_flight`).
+    fn cancel_in_flight(&mut self) {
+        self.inner.cancel_in_flight()
     }
 
     fn schedule(&mut self, py: Python<'_>) -> Option<StepPlan> {

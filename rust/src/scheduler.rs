@@ -3,6 +3,14 @@
 //! One token budget per step: running sequences first (decodes and unfinished prefill chunks),
 //! then waiting ones FCFS, as in vLLM v1. `schedule()` allocates blocks and advances each
 //! sequence's computed-token count; `update()` takes the sampled tokens back.
+//!
+//! Overlapped scheduling: `schedule()` may be called again before `update()` returns the last
+//! plan's tokens. A sequence that samples in plan N then has a *pending* token: plan N+1 counts it
+//! (its KV slot is allocated, its decode row reads the id from plan N's sampled tokens on the
+//! device, see `StepPlan::prev_input_rows`), and `update(N)` fills it in. Plans are applied in order.
+//! A sequence that finishes in `update(N)` while plan N+1 is in flight has its N+1 row ignored; that
+//! row writes KV into blocks freed now, which is safe on one device stream: any plan that reuses them
+//! is built after this point, so it is launched, and runs, after plan N+1.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -116,6 +124,10 @@ pub struct StepPlan {
     pub image_chunks: Vec<i64>, // [K, 3], row-major: (dst row, first embedding, length)
     pub image_hashes: Vec<u64>, // [K]: the content hash of each chunk's image
     pub block_copies: Vec<i64>, // [C, 2], row-major: (src, dst) KV blocks to copy before this step runs
+    /// Rows of `input_ids` whose token the previous plan samples (a placeholder 0 here), and which of
+    /// that plan's sampled tokens (its sample order) each takes: filled on the device before the step.
+    pub prev_input_rows: Vec<i64>,
+    pub prev_sample_index: Vec<i64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -148,6 +160,8 @@ struct Seq {
     detok: Option<IncrementalDetokenizer>, // only with stop strings; otherwise decode once at the end
     num_cached_tokens: Option<usize>,      // prefix hit of the first admission
     choices: Vec<Choice>,                  // a scoring context: the continuations that fork from it
+    pending: usize, // tokens sampled by plans in flight, not yet given back by `update`
+    last_sample: Option<(u64, usize)>, // (plan, sample row) of the newest pending token
 }
 
 /// A continuation scored after a shared context (`Scheduler::add_scoring`): its first token is scored
@@ -174,14 +188,25 @@ impl Seq {
         }
     }
 
-    /// Tokens whose KV this sequence computes: all of them, except that a scored prompt skips its last
-    /// token (no later row reads its KV, and its logits score nothing).
+    /// Tokens whose KV this sequence computes: all of them, pending ones included, except that a scored
+    /// prompt skips its last token (no later row reads its KV, and its logits score nothing), and that a
+    /// sequence whose pending tokens complete `max_tokens` computes no more (its last token's KV is
+    /// never written).
     fn target(&self) -> usize {
+        let known = self.tokens.len();
         if self.params.max_tokens == 0 && self.lp_from > 0 {
             self.prompt_len - 1
+        } else if self.pending > 0 && self.num_output() + self.pending >= self.params.max_tokens {
+            known + self.pending - 1
         } else {
-            self.tokens.len()
+            known + self.pending
         }
+    }
+
+    /// Whether a step right after plan `last_plan` can compute this sequence: a pending token must
+    /// come from that very plan (its decode row reads the id from that plan's sampled tokens).
+    fn can_follow(&self, last_plan: u64) -> bool {
+        self.pending == 0 || self.last_sample.is_some_and(|(plan, _)| plan == last_plan)
     }
 
     /// Tokens to compute from `start` within `budget`: the chunk never ends inside an atomic image
@@ -239,7 +264,7 @@ impl Seq {
             return;
         }
         let bs = bm.block_size();
-        let full = end / bs;
+        let full = end.min(self.tokens.len()) / bs; // a pending token's id is not known yet
         self.ensure_hashes(full, bs);
         for i in self.num_registered..full {
             let parent = i.checked_sub(1).map(|j| self.blocks[j]);
@@ -285,10 +310,17 @@ impl ImageBudget {
     }
 }
 
-/// What `update` needs to know about a sequence scheduled in the last plan.
+/// A plan not yet given back by `update`.
+struct InFlight {
+    rows: Vec<Scheduled>,
+    cached: Vec<u32>, // blocks this plan offered to the prefix cache, whose KV it (or the one before) writes
+}
+
+/// What `update` needs to know about a sequence scheduled in a plan.
 struct Scheduled {
     seq_id: Option<i64>, // None once aborted
     sampled: bool,
+    end: usize,    // tokens computed once this plan has run
     lp_pos: usize, // first prompt position scored, and how many
     lp_count: usize,
     fanout: usize, // a scoring context's last row: one logprob per choice after the prompt rows
@@ -301,9 +333,10 @@ pub struct Scheduler {
     seqs: FxHashMap<i64, Seq>,
     waiting: VecDeque<i64>,
     running: Vec<i64>,
-    last: Vec<Scheduled>,
-    pending: Vec<u32>, // blocks cached by the last plan, whose KV that plan writes
-    copies: Vec<i64>,  // (src, dst) block copies the next plan carries
+    in_flight: VecDeque<InFlight>, // plans scheduled and not yet updated, oldest first
+    num_plans: u64,
+    pending: Vec<u32>,               // blocks cached by the plan being built
+    copies: Vec<i64>,                // (src, dst) block copies the next plan carries
     deltas: Vec<(i64, String)>, // text released for streaming sequences since the last take_deltas
     context_of: FxHashMap<i64, i64>, // choice seq id -> its scoring context, until the fork
     stats: Stats,
@@ -326,7 +359,8 @@ impl Scheduler {
             seqs: FxHashMap::default(),
             waiting: VecDeque::new(),
             running: Vec::new(),
-            last: Vec::new(),
+            in_flight: VecDeque::new(),
+            num_plans: 0,
             pending: Vec::new(),
             copies: Vec::new(),
             deltas: Vec::new(),
@@ -543,6 +577,8 @@ impl Scheduler {
             num_cached_tokens: None,
             choices: Vec::new(),
             params,
+            pending: 0,
+            last_sample: None,
         };
         Ok(seq)
     }
@@ -583,16 +619,53 @@ impl Scheduler {
         self.waiting.retain(|&id| id != seq_id);
         self.running.retain(|&id| id != seq_id);
         self.bm.free(&seq.blocks);
-        for sc in self.last.iter_mut().filter(|sc| sc.seq_id == Some(seq_id)) {
-            sc.seq_id = None;
-        }
-        // The outstanding plan may never run (aborts follow errors): cache nothing it was to write.
-        if !self.last.is_empty() {
-            for id in std::mem::take(&mut self.pending) {
+        self.forget_rows(seq_id);
+        // The outstanding plans may never run (aborts follow errors): cache nothing they were to write.
+        for plan in &mut self.in_flight {
+            for id in std::mem::take(&mut plan.cached) {
                 self.bm.uncache(id);
             }
         }
         Some(self.finish(seq_id, seq, "abort"))
+    }
+
+    /// The rows of a sequence gone (finished or aborted) in the plans in flight: `update` skips them.
+    fn forget_rows(&mut self, seq_id: i64) {
+        for plan in &mut self.in_flight {
+            for sc in plan.rows.iter_mut().filter(|sc| sc.seq_id == Some(seq_id)) {
+                sc.seq_id = None;
+            }
+        }
+    }
+
+    /// Plans scheduled and not yet given back by `update`.
+    pub fn num_in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Drops the plans in flight (their step failed, or will never be applied): what they cached is
+    /// uncached, and every sequence they computed is preempted, so it recomputes its KV and resamples
+    /// its pending tokens (seeded sampling gives the same ones).
+    pub fn cancel_in_flight(&mut self) {
+        let mut ids = Vec::new();
+        for plan in std::mem::take(&mut self.in_flight) {
+            for id in plan.cached {
+                self.bm.uncache(id);
+            }
+            ids.extend(plan.rows.iter().filter_map(|sc| sc.seq_id));
+        }
+        for id in self.running.clone().into_iter().rev() {
+            if ids.contains(&id) {
+                self.running.retain(|&r| r != id);
+                self.preempt(id);
+            }
+        }
+        for id in ids {
+            if let Some(seq) = self.seqs.get_mut(&id) {
+                seq.pending = 0;
+                seq.last_sample = None;
+            }
+        }
     }
 
     pub fn schedule(&mut self) -> Option<StepPlan> {
@@ -616,9 +689,14 @@ impl Scheduler {
             let id = self.running[i];
             let seq = &self.seqs[&id];
             let start = seq.num_computed;
-            let len = seq.chunk_len(start, budget, &mut images);
+            let len = if seq.can_follow(self.num_plans) {
+                seq.chunk_len(start, budget, &mut images)
+            } else {
+                0
+            };
             if len == 0 {
-                // An image that must be computed whole, or its encoder, does not fit this step.
+                // An image that must be computed whole, or its encoder, does not fit this step; or
+                // the sequence waits for its pending tokens.
                 i += 1;
                 continue;
             }
@@ -649,6 +727,10 @@ impl Scheduler {
             let Some(&id) = self.waiting.front() else {
                 break;
             };
+            // Preempted with a token pending: it recomputes once `update` has given that token.
+            if self.seqs[&id].pending > 0 {
+                break;
+            }
             let Some((start, len)) = self.admit(id, budget, &mut images) else {
                 break;
             };
@@ -765,11 +847,11 @@ impl Scheduler {
 
     fn build_plan(&mut self, chunks: &[(i64, usize, usize)], width: usize) -> StepPlan {
         let bs = self.cfg.block_size as i64;
-        let rows = self.cfg.position_rows;
+        let position_rows = self.cfg.position_rows;
         let total: usize = chunks.iter().map(|c| c.2).sum();
         let mut p = StepPlan {
             input_ids: Vec::with_capacity(total),
-            positions: vec![0; rows * total],
+            positions: vec![0; position_rows * total],
             slot_mapping: Vec::with_capacity(total),
             query_start_loc: Vec::with_capacity(chunks.len() + 1),
             seq_lens: Vec::with_capacity(chunks.len()),
@@ -780,17 +862,27 @@ impl Scheduler {
             ..Default::default()
         };
         p.query_start_loc.push(0);
-        self.last.clear();
+        let mut rows = Vec::with_capacity(chunks.len());
+        self.num_plans += 1;
         for (b, &(id, start, len)) in chunks.iter().enumerate() {
             let seq = self.seqs.get_mut(&id).unwrap();
             let row0 = p.input_ids.len();
             let end = start + len;
             for pos in start..end {
                 let row = p.input_ids.len();
-                for r in 0..rows {
+                for r in 0..position_rows {
                     p.positions[r * total + row] = seq.position(r, pos);
                 }
-                p.input_ids.push(seq.tokens[pos] as i64);
+                match seq.tokens.get(pos) {
+                    Some(&tok) => p.input_ids.push(tok as i64),
+                    None => {
+                        // Pending: only a decode row of the plan just before (see `can_follow`).
+                        let (_, sample_row) = seq.last_sample.expect("a pending token");
+                        p.prev_input_rows.push(row as i64);
+                        p.prev_sample_index.push(sample_row as i64);
+                        p.input_ids.push(0);
+                    }
+                }
                 p.slot_mapping
                     .push(seq.blocks[pos / bs as usize] as i64 * bs + pos as i64 % bs);
             }
@@ -803,16 +895,18 @@ impl Scheduler {
             p.max_query_len = p.max_query_len.max(len);
             p.max_seq_len = p.max_seq_len.max(end);
 
-            let sampled = end == seq.tokens.len() && seq.params.max_tokens > 0;
+            let sampled = end == seq.tokens.len() + seq.pending && seq.params.max_tokens > 0;
             if sampled {
                 let sp = &seq.params;
+                seq.last_sample = Some((self.num_plans, p.sample_indices.len()));
                 p.sample_indices.push((row0 + len - 1) as i64);
                 p.sample_seq_ids.push(id);
                 p.temperature.push(sp.temperature);
                 p.top_p.push(sp.top_p);
                 p.top_k.push(sp.top_k);
                 p.seed.push(sp.seed);
-                p.output_index.push(seq.num_output() as i64);
+                p.output_index.push((seq.num_output() + seq.pending) as i64);
+                seq.pending += 1;
             }
             // Row `pos` scores prompt token pos+1.
             let (mut lp_pos, mut lp_count) = (0, 0);
@@ -851,18 +945,23 @@ impl Scheduler {
                 self.stats.prefill_tokens_computed += len as u64;
             }
             seq.num_computed = end;
-            self.last.push(Scheduled {
+            rows.push(Scheduled {
                 seq_id: Some(id),
                 sampled,
+                end,
                 lp_pos,
                 lp_count,
                 fanout,
             });
         }
+        self.in_flight.push_back(InFlight {
+            rows,
+            cached: std::mem::take(&mut self.pending),
+        });
         p
     }
 
-    /// Applies the results of the last plan: `sampled`/`sampled_logprobs` per sample row,
+    /// Applies the results of the oldest plan in flight: `sampled`/`sampled_logprobs` per sample row,
     /// `prompt_logprobs`/`prompt_greedy` per prompt-logprob row. Returns the sequences that finished.
     pub fn update(
         &mut self,
@@ -872,8 +971,12 @@ impl Scheduler {
         prompt_greedy: &[bool],
     ) -> Result<Vec<FinishedSequence>, String> {
         let t0 = Instant::now();
-        let s = self.last.iter().filter(|x| x.sampled).count();
-        let l: usize = self.last.iter().map(|x| x.lp_count + x.fanout).sum();
+        let rows = self
+            .in_flight
+            .front()
+            .map_or(&[][..], |plan| &plan.rows[..]);
+        let s = rows.iter().filter(|x| x.sampled).count();
+        let l: usize = rows.iter().map(|x| x.lp_count + x.fanout).sum();
         if sampled.len() != s
             || sampled_logprobs.len() != s
             || prompt_logprobs.len() != l
@@ -889,7 +992,11 @@ impl Scheduler {
         }
         let (mut si, mut li) = (0, 0);
         let mut done: Vec<(i64, &'static str)> = Vec::new();
-        for sc in std::mem::take(&mut self.last) {
+        let rows = self
+            .in_flight
+            .pop_front()
+            .map_or_else(Vec::new, |plan| plan.rows);
+        for sc in rows {
             let (s_row, l_row) = (si, li);
             si += sc.sampled as usize;
             li += sc.lp_count + sc.fanout;
@@ -905,7 +1012,8 @@ impl Scheduler {
                 c.first_greedy = prompt_greedy[l_row + sc.lp_count + k];
             }
             if seq.params.max_tokens == 0 {
-                if seq.num_computed >= seq.target() {
+                // Not `num_computed`: a later plan in flight may have scheduled its next chunk.
+                if sc.end >= seq.target() {
                     done.push((id, "scored"));
                 }
                 continue;
@@ -916,6 +1024,7 @@ impl Scheduler {
             let tok = u32::try_from(sampled[s_row])
                 .map_err(|_| format!("sampled token {} is not a token id", sampled[s_row]))?;
             seq.tokens.push(tok);
+            seq.pending -= 1;
             seq.logprobs.push(sampled_logprobs[s_row]);
             let stop_tok = is_stop_token(&self.cfg.eos_token_ids, &seq.params, tok);
             // A stop token is not part of the text, so it is not detokenized.
@@ -938,8 +1047,14 @@ impl Scheduler {
         }
         let mut out = Vec::with_capacity(done.len());
         if !done.is_empty() {
+            // A sequence preempted with a token pending waits in the queue; a later plan may hold
+            // rows of one that finishes now.
             self.running.retain(|id| !done.iter().any(|d| d.0 == *id));
+            if done.iter().any(|d| self.seqs[&d.0].blocks.is_empty()) {
+                self.waiting.retain(|id| !done.iter().any(|d| d.0 == *id));
+            }
             for (id, reason) in done {
+                self.forget_rows(id);
                 let seq = self.seqs.remove(&id).unwrap();
                 if seq.choices.is_empty() {
                     self.bm.free(&seq.blocks);
@@ -993,6 +1108,8 @@ impl Scheduler {
                 detok: None,
                 num_cached_tokens: ctx.num_cached_tokens,
                 choices: Vec::new(),
+                pending: 0,
+                last_sample: None,
             };
             if m == 1 {
                 out.push(self.finish(id, seq, "scored"));

@@ -39,6 +39,7 @@ impl Rng {
 struct FakeModel {
     kv: Vec<Option<u64>>,
     bs: usize,
+    last_sampled: Vec<i64>, // what the last step sampled: rows of an overlapped plan read it
 }
 
 /// Sampled tokens/logprobs and prompt logprobs/greedy flags for one plan.
@@ -53,8 +54,16 @@ impl FakeModel {
             }
         }
         let t = p.input_ids.len();
-        let mut emb: Vec<Option<u64>> = p
-            .input_ids
+        let mut input_ids = p.input_ids.clone();
+        assert_eq!(p.prev_input_rows.len(), p.prev_sample_index.len());
+        for (&row, &k) in p.prev_input_rows.iter().zip(&p.prev_sample_index) {
+            assert_eq!(
+                input_ids[row as usize], 0,
+                "a deferred row holds a placeholder"
+            );
+            input_ids[row as usize] = self.last_sampled[k as usize];
+        }
+        let mut emb: Vec<Option<u64>> = input_ids
             .iter()
             .map(|&id| (id as u32 != IMG).then(|| mix(id as u64, 77)))
             .collect();
@@ -62,7 +71,7 @@ impl FakeModel {
         for (c, &hash) in p.image_chunks.chunks(3).zip(&p.image_hashes) {
             for k in 0..c[2] as usize {
                 let row = c[0] as usize + k;
-                assert_eq!(p.input_ids[row], IMG as i64);
+                assert_eq!(input_ids[row], IMG as i64);
                 assert!(emb[row].is_none(), "image row {row} given twice");
                 emb[row] = Some(mix(hash, (c[1] as u64) + k as u64));
             }
@@ -108,6 +117,7 @@ impl FakeModel {
             out.3
                 .push(mix(state[r as usize], 3) % VOCAB == target as u64);
         }
+        self.last_sampled = out.0.clone();
         out
     }
 }
@@ -174,17 +184,36 @@ fn run(
     cfg: SchedulerConfig,
     arrival_seed: u64,
 ) -> (HashMap<i64, FinishedSequence>, Scheduler) {
+    run_with(reqs, cfg, arrival_seed, Drive::default())
+}
+
+/// How `run_with` drives the scheduler.
+#[derive(Clone, Copy, Default)]
+struct Drive {
+    overlap: bool, // schedule (and run) step N+1 before update(N), as the engine does on a device
+    abort_every: usize, // abort one live sequence every that many steps (0: never)
+    cancel_every: usize, // drop the plans in flight every that many steps, as after a failed step
+}
+
+fn run_with(
+    reqs: &[Request],
+    cfg: SchedulerConfig,
+    arrival_seed: u64,
+    drive: Drive,
+) -> (HashMap<i64, FinishedSequence>, Scheduler) {
     let (bs, nb) = (cfg.block_size, cfg.num_blocks);
     let mut sched = Scheduler::new(tok(), cfg.clone()).unwrap();
     let mut model = FakeModel {
         kv: vec![None; nb * bs],
         bs,
+        last_sampled: Vec::new(),
     };
     let mut rng = Rng(arrival_seed);
     let mut next = 0;
     let mut done = HashMap::new();
     let mut steps = 0;
-    while next < reqs.len() || sched.has_unfinished() {
+    let mut in_flight: Option<Outputs> = None;
+    while next < reqs.len() || sched.has_unfinished() || in_flight.is_some() {
         // Requests arrive a few at a time while others run.
         for _ in 0..rng.below(4) {
             if let Some(r) = reqs.get(next) {
@@ -210,7 +239,30 @@ fn run(
                 next += 1;
             }
         }
+        if drive.abort_every > 0 && steps % drive.abort_every == drive.abort_every - 1 {
+            let live: Vec<i64> = (0..next as i64)
+                .filter(|id| !done.contains_key(id))
+                .collect();
+            if !live.is_empty() {
+                let f = sched.abort(live[rng.below(live.len())]).unwrap();
+                assert_eq!(f.finish_reason, "abort");
+                done.insert(f.seq_id, f);
+            }
+        }
+        if drive.cancel_every > 0 && steps % drive.cancel_every == drive.cancel_every - 1 {
+            sched.cancel_in_flight();
+            in_flight = None;
+            model.last_sampled.clear();
+            steps += 1;
+        }
         let Some(plan) = sched.schedule() else {
+            // Overlapped, the plan in flight may hold every sequence's last token.
+            if let Some((s, lp, plp, greedy)) = in_flight.take() {
+                for f in sched.update(&s, &lp, &plp, &greedy).unwrap() {
+                    assert!(done.insert(f.seq_id, f).is_none(), "finished twice");
+                }
+                continue;
+            }
             assert!(
                 !sched.has_unfinished() || next < reqs.len(),
                 "stalled with unfinished sequences"
@@ -219,6 +271,12 @@ fn run(
         };
         steps += 1;
         assert!(steps < 100_000);
+        if !drive.overlap {
+            assert!(
+                plan.prev_input_rows.is_empty(),
+                "the synchronous order defers nothing"
+            );
+        }
         assert!(plan.input_ids.len() <= cfg.max_num_batched_tokens);
         assert!(plan.seq_ids.len() <= cfg.max_num_seqs);
         assert_eq!(
@@ -245,16 +303,25 @@ fn run(
                 );
             }
         }
-        let (s, lp, plp, greedy) = model.step(&plan);
+        let outputs = model.step(&plan);
+        let (s, lp, plp, greedy) = if drive.overlap {
+            match in_flight.replace(outputs) {
+                Some(previous) => previous,
+                None => continue,
+            }
+        } else {
+            outputs
+        };
         for f in sched.update(&s, &lp, &plp, &greedy).unwrap() {
             let r = &reqs[f.seq_id as usize];
             assert!(f.output_token_ids.len() <= r.params.max_tokens);
             if r.params.max_tokens == 0 {
                 assert_eq!(f.finish_reason, "scored");
             }
-            done.insert(f.seq_id, f);
+            assert!(done.insert(f.seq_id, f).is_none(), "finished twice");
         }
     }
+    assert_eq!(sched.num_in_flight(), 0);
     assert_eq!(done.len(), reqs.len());
     let bm = sched.block_manager();
     assert_eq!(bm.num_free(), nb, "leaked blocks");
@@ -349,6 +416,7 @@ fn prefix_hit_is_reported_and_capped() {
     let mut model = FakeModel {
         kv: vec![None; 64 * 16],
         bs: 16,
+        last_sampled: Vec::new(),
     };
     let params = |lp| SamplingParams {
         max_tokens: 1,
@@ -390,6 +458,7 @@ fn chunked_prefill_shares_the_step_with_decodes() {
     let mut model = FakeModel {
         kv: vec![None; 256 * 16],
         bs: 16,
+        last_sampled: Vec::new(),
     };
     sched
         .add_sequence(
@@ -575,6 +644,7 @@ fn abort_releases_blocks_even_mid_step() {
     let mut model = FakeModel {
         kv: vec![None; 32 * 16],
         bs: 16,
+        last_sampled: Vec::new(),
     };
     for id in 0..3 {
         sched
@@ -647,6 +717,7 @@ fn identical_prompts_share_blocks_within_one_step() {
     let mut model = FakeModel {
         kv: vec![None; 64 * 16],
         bs: 16,
+        last_sampled: Vec::new(),
     };
     let prompt: Vec<u32> = (100..150).collect(); // 3 full blocks + 2 tokens
     for id in 0..3 {
@@ -839,6 +910,7 @@ fn run_scoring(reqs: &[Scoring], cfg: SchedulerConfig, forked: bool) -> (ChoiceS
     let mut model = FakeModel {
         kv: vec![None; nb * bs],
         bs,
+        last_sampled: Vec::new(),
     };
     let mut next = 1000;
     let mut expected = 0;
@@ -964,6 +1036,7 @@ fn streaming_sequences_report_their_text_as_it_grows() {
     let mut model = FakeModel {
         kv: vec![None; 64 * 4],
         bs: 4,
+        last_sampled: Vec::new(),
     };
     let p = SamplingParams {
         max_tokens: 12,
@@ -1001,4 +1074,133 @@ fn streaming_sequences_report_their_text_as_it_grows() {
         "{streamed:?} / {text:?}"
     );
     assert_eq!(text, &finished[&1].text, "streaming changes no text");
+}
+
+#[test]
+fn overlapped_scheduling_gives_the_synchronous_outputs() {
+    let overlap = Drive {
+        overlap: true,
+        ..Default::default()
+    };
+    for seed in 0..12u64 {
+        let reqs = random_requests(seed, 40);
+        let longest = reqs
+            .iter()
+            .map(|r| r.prompt.len() + r.params.max_tokens)
+            .max()
+            .unwrap();
+        let (reference, _) = run(&reqs, config(4096, false, 4096, 256, 16), seed);
+        let mut rng = Rng(seed + 200);
+        let mut preemptions = 0;
+        for caching in [false, true] {
+            for bs in [4, 16] {
+                // Tight memory (preemption, also of sequences with a token pending), small budgets.
+                let tight = longest.div_ceil(bs) + rng.below(4);
+                let budget = 8 + rng.below(100);
+                let mut cfg = config(tight, caching, budget, 2 + rng.below(8), bs);
+                cfg.max_num_image_tokens = [usize::MAX, 1, 20][rng.below(3)];
+                let (out, sched) = run_with(&reqs, cfg, seed + 1, overlap);
+                preemptions += sched.stats().num_preemptions;
+                for (id, f) in &reference {
+                    assert_eq!(
+                        key(&out[id]),
+                        key(f),
+                        "seed {seed} seq {id} caching {caching} bs {bs}"
+                    );
+                }
+            }
+        }
+        let (roomy, _) = run_with(&reqs, config(4096, true, 64, 16, 16), seed + 2, overlap);
+        for (id, f) in &reference {
+            assert_eq!(key(&roomy[id]), key(f), "seed {seed} seq {id}");
+        }
+        assert!(preemptions > 0 || seed > 0, "seed 0 is expected to preempt");
+    }
+}
+
+#[test]
+fn overlapped_aborts_and_cancelled_plans_leak_nothing_and_change_no_other_output() {
+    for seed in 0..8u64 {
+        let reqs = random_requests(seed, 30);
+        let longest = reqs
+            .iter()
+            .map(|r| r.prompt.len() + r.params.max_tokens)
+            .max()
+            .unwrap();
+        let (reference, _) = run(&reqs, config(4096, false, 4096, 256, 16), seed);
+        for (caching, cancel_every) in [(false, 0), (true, 0), (true, 9), (false, 17)] {
+            let drive = Drive {
+                overlap: true,
+                abort_every: 7,
+                cancel_every,
+            };
+            let cfg = config(longest.div_ceil(4) + 2, caching, 48, 6, 4);
+            // run_with checks that no block is leaked and every sequence finishes exactly once.
+            let (out, sched) = run_with(&reqs, cfg, seed + 3, drive);
+            let mut kept = 0;
+            for (id, f) in out.iter().filter(|(_, f)| f.finish_reason != "abort") {
+                assert_eq!(key(f), key(&reference[id]), "seed {seed} seq {id}");
+                kept += 1;
+            }
+            assert!(
+                kept > 0,
+                "seed {seed} cancel {cancel_every} caching {caching} aborted {}",
+                out.len() - kept
+            );
+            assert!(out.values().any(|f| f.finish_reason == "abort"));
+            assert_eq!(sched.num_in_flight(), 0);
+        }
+    }
+}
+
+#[test]
+fn a_pending_token_is_read_from_the_previous_plan_and_max_tokens_stops_one_step_ahead() {
+    let mut sched = Scheduler::new(tok(), config(32, true, 64, 8, 16)).unwrap();
+    let params = SamplingParams {
+        max_tokens: 2,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    sched
+        .add_sequence(0, vec![30; 5], &[], vec![], 0, params)
+        .unwrap();
+    let first = sched.schedule().unwrap(); // prefill, samples token 1
+    assert!(first.prev_input_rows.is_empty());
+    let second = sched.schedule().unwrap(); // decodes token 1 before update(first)
+    assert_eq!(second.prev_input_rows, vec![0]);
+    assert_eq!(second.prev_sample_index, vec![0]);
+    assert_eq!(second.input_ids, vec![0]);
+    assert_eq!(second.output_index, vec![1]);
+    assert_eq!(second.positions, vec![5]);
+    // Token 2 completes max_tokens: nothing more to compute, though neither plan is applied yet.
+    assert!(sched.schedule().is_none());
+    assert_eq!(sched.num_in_flight(), 2);
+    assert!(sched.update(&[41], &[-0.5], &[], &[]).unwrap().is_empty());
+    let f = sched.update(&[42], &[-0.25], &[], &[]).unwrap();
+    assert_eq!(f[0].output_token_ids, vec![41, 42]);
+    assert_eq!(f[0].finish_reason, "length");
+    assert_eq!(sched.block_manager().num_free(), 32);
+}
+
+#[test]
+fn a_sequence_stopped_by_eos_ignores_its_row_already_scheduled() {
+    let mut sched = Scheduler::new(tok(), config(8, false, 64, 8, 4)).unwrap();
+    sched
+        .add_sequence(0, vec![30; 4], &[], vec![], 0, SamplingParams::default())
+        .unwrap();
+    sched.schedule().unwrap();
+    let ahead = sched.schedule().unwrap(); // position 4 opens a second block
+    assert_eq!(ahead.prev_input_rows, vec![0]);
+    assert_eq!(sched.block_manager().num_free(), 6);
+    let f = sched.update(&[EOS as i64], &[-0.1], &[], &[]).unwrap();
+    assert_eq!(f[0].output_token_ids, vec![EOS]);
+    assert_eq!(f[0].finish_reason, "stop");
+    assert_eq!(
+        sched.block_manager().num_free(),
+        8,
+        "blocks return when it stops"
+    );
+    // The row scheduled ahead is skipped.
+    assert!(sched.update(&[9], &[-0.1], &[], &[]).unwrap().is_empty());
+    assert!(!sched.has_unfinished());
 }
