@@ -144,9 +144,9 @@ def test_an_image_that_does_not_fit_the_steps_budget_moves_whole_to_the_next_ste
     steps = []
     execute = engine.runner.execute
 
-    def spy(plan, synchronize=False):
+    def spy(plan, synchronize=False, **kwargs):
         steps.append((len(plan.input_ids), plan.image_chunks[:, 2].tolist()))
-        return execute(plan, synchronize)
+        return execute(plan, synchronize, **kwargs)
 
     engine.runner.execute = spy
     out = engine.generate([{"messages": CONVERSATIONS[2]}], SamplingParams(max_tokens=4), use_tqdm=False)[0]

@@ -63,9 +63,9 @@ def test_non_finite_logits_are_that_requests_error(engine, monkeypatch):
     plan_has = [None]
     real_execute = engine.runner.execute
 
-    def execute(plan, synchronize=False):
+    def execute(plan, synchronize=False, **kwargs):
         plan_has[0] = plan.input_ids == poisoned
-        return real_execute(plan, synchronize)
+        return real_execute(plan, synchronize, **kwargs)
 
     monkeypatch.setattr(engine.runner, "execute", execute)
     monkeypatch.setattr(engine.runner, "compute_logits", compute_logits)

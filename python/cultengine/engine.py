@@ -43,6 +43,18 @@ class _Prepared:
     image_starts: list[tuple[int, ImageFeatures]] = field(default_factory=list)  # where each image's tokens begin
 
 
+@dataclass
+class _Launched:
+    """A step whose device work is queued: its plan, its sampled ids on the device (the next plan's
+    deferred rows read them), its logits, and what the host needs back, being copied asynchronously."""
+
+    plan: _core.StepPlan
+    tokens: torch.Tensor
+    logits: torch.Tensor
+    results: torch.Tensor  # host tensor (pinned on CUDA): tokens, their logprobs, prompt logprobs, greedy, finite
+    ready: torch.cuda.Event | None  # recorded after the copy; None on the CPU, where the copy is done
+
+
 def _image_key(src, options: dict):
     """Identity of an image source within one call: a file is read once however often it is named."""
     key = ("path", os.fspath(src)) if isinstance(src, str | os.PathLike) else ("object", id(src))
@@ -71,7 +83,7 @@ class Engine:
                  max_model_len: int | None = None, encoder_cache_size: int = 256, random_init: bool = False,
                  profile: bool = False, cuda_graphs: bool = True, image_backend: str | None = None,
                  max_num_image_tokens: int | None = None, threads: int | None = None,
-                 image_options: dict | None = None):
+                 image_options: dict | None = None, overlap_scheduling: bool = True):
         """`random_init` draws weights instead of reading them (profiling model shapes); `profile`
         synchronises the device around each phase to time it and records per-request latencies;
         `cuda_graphs` replays decode steps from CUDA graphs (CUDA with the Triton backend only);
@@ -80,7 +92,9 @@ class Engine:
         in the step that first reaches it; many-tile images then spread over steps); `threads` sets torch's
         CPU threads (default: the cores this process may run on, unless OMP_NUM_THREADS is set);
         `image_options` are defaults for the request keys the family reads from requests
-        (`family.image_options`, e.g. Qwen's `min_pixels`/`max_pixels`)."""
+        (`family.image_options`, e.g. Qwen's `min_pixels`/`max_pixels`); `overlap_scheduling` schedules and
+        launches step N+1 before step N's tokens come back to the host, so the host's work hides behind the
+        device's (outputs identical to the synchronous loop, `overlap_scheduling=False`)."""
         _set_threads(threads)
         if str(model) == "demo":
             from .bench.demo_checkpoint import ensure
@@ -128,6 +142,8 @@ class Engine:
         self._prompt_top_k: dict[int, int] = {}
         self._prompt_top: dict[int, dict[int, dict[int, float]]] = {}  # seq -> prompt position -> top-k
         self._counters = {"prompt_tokens": 0, "generated_tokens": 0, "run_seconds": 0.0}
+        self.overlap_scheduling = overlap_scheduling
+        self._in_flight: _Launched | None = None  # overlapped: the step launched, its results not yet applied
         self.profile = profile
         self.phase_seconds: dict[str, float] = dict.fromkeys(
             ("scheduler", "vision_encoder", "prefill", "decode", "sampling", "update"), 0.0)
@@ -458,6 +474,7 @@ class Engine:
         try:
             yield
         except BaseException:
+            self._drop_in_flight()
             for seq_id in list(self._seq_images):
                 self.scheduler.abort(seq_id)
                 self._release(seq_id)
@@ -473,7 +490,7 @@ class Engine:
         # Profiling: time of each sequence's first sampled token, indexed by (dense) sequence id.
         first_token = np.full(self._next_seq_id + 1, np.nan) if self.profile else None
         try:
-            while self.scheduler.has_unfinished():
+            while self.scheduler.has_unfinished() or self._in_flight is not None:
                 finished, sampled_ids, non_finite = self._step()
                 if first_token is not None:
                     now = time.perf_counter() - start
@@ -521,12 +538,37 @@ class Engine:
 
     def _step(self) -> tuple[list, np.ndarray, set[int]]:
         """One scheduled step: returns the finished sequences, the ids that sampled a token, and the ids
-        whose logits were not finite."""
-        t = self._tick(None, 0.0)
-        plan = self.scheduler.schedule()
-        t = self._tick("scheduler", t)
+        whose logits were not finite. Overlapped (`overlap_scheduling`), it schedules and launches the next
+        step before it waits for the one launched last, and returns that one's results (nothing the first
+        time); a sequence that finished meanwhile has its row in the new step ignored by the scheduler."""
+        try:
+            t = self._tick(None, 0.0)
+            plan = self.scheduler.schedule()
+            t = self._tick("scheduler", t)
+            previous, self._in_flight = self._in_flight, None
+            if plan is None and previous is None:
+                raise RuntimeError("the scheduler holds unfinished sequences but scheduled nothing")
+            launched = None if plan is None else self._launch(plan, previous, t)
+            if not self.overlap_scheduling:
+                return self._complete(launched)
+            self._in_flight = launched
+            if previous is None:
+                return [], np.empty(0, dtype=np.int64), set()
+            return self._complete(previous)
+        except BaseException:
+            self._drop_in_flight()
+            raise
+
+    def _drop_in_flight(self) -> None:
+        """After a failed step: forget the launched one; the scheduler recomputes what it held."""
+        self._in_flight = None
+        self.scheduler.cancel_in_flight()
+
+    def _launch(self, plan, previous: _Launched | None, t: float) -> _Launched:
+        """Queue the plan's forward pass, logits, sampling and the copy of its results to the host."""
         vision_before = self.runner.vision_seconds
-        hidden = self.runner.execute(plan, synchronize=self.profile)
+        hidden = self.runner.execute(plan, synchronize=self.profile,
+                                     previous_tokens=None if previous is None else previous.tokens)
         logits = self.runner.compute_logits(hidden, np.concatenate([plan.sample_indices, plan.prompt_lp_indices]))
         t_forward = self._tick(None, t)
         if self.profile:
@@ -539,22 +581,35 @@ class Engine:
         tokens, token_lps = sample(logits[:num_sampled], plan.temperature, plan.top_p, plan.top_k, plan.seed,
                                    plan.output_index)
         scored = logits[num_sampled:]
-        targets = torch.from_numpy(plan.prompt_lp_targets).to(self.device)
+        targets = torch.from_numpy(plan.prompt_lp_targets).to(self.device, non_blocking=True)
         prompt_lps = torch.log_softmax(scored, dim=-1).gather(1, targets[:, None]).squeeze(1)
         greedy = scored.argmax(dim=-1) == targets
         finite = torch.isfinite(logits).all(dim=-1)
         # One device-to-host copy, so one wait, for all the scheduler needs back (ids are exact in fp64).
-        host = torch.cat([tokens.double(), token_lps.double(), prompt_lps.double(), greedy.double(),
-                          finite.double()]).cpu().numpy()
-        n, m = num_sampled, len(plan.prompt_lp_targets)
+        results = torch.cat([tokens.double(), token_lps.double(), prompt_lps.double(), greedy.double(),
+                             finite.double()])
+        ready = None
+        if results.is_cuda:  # queued now, so waiting for it later does not wait for the step launched after
+            results = torch.empty(results.shape, dtype=results.dtype, pin_memory=True).copy_(results, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        self._tick("sampling", t)
+        return _Launched(plan, tokens, logits, results, ready)
+
+    def _complete(self, launched: _Launched) -> tuple[list, np.ndarray, set[int]]:
+        """Wait for a launched step's results and apply them to the scheduler."""
+        t = self._tick(None, 0.0)
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        plan, host = launched.plan, launched.results.numpy()
+        n, m = len(plan.sample_indices), len(plan.prompt_lp_targets)
         tokens, token_lps = host[:n].astype(np.int64), host[n:2 * n].astype(np.float32)
         prompt_lps, greedy = host[2 * n:2 * n + m].astype(np.float32), host[2 * n + m:2 * n + 2 * m] > 0.5
         non_finite = self._rows_to_seqs(plan, np.flatnonzero(host[2 * n + 2 * m:] < 0.5))
         for context in non_finite & self._contexts.keys():  # a scoring context fails its choices
             non_finite |= set(self._contexts[context])
         if self._top_k or self._prompt_top_k:
-            self._gather_top_logprobs(plan, logits)
-        t = self._tick("sampling", t)
+            self._gather_top_logprobs(plan, launched.logits)
         finished = self.scheduler.update(tokens, token_lps, prompt_lps, greedy)
         self._tick("update", t)
         return finished, plan.sample_seq_ids, non_finite

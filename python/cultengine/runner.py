@@ -59,6 +59,16 @@ class EncoderCache:
         return found
 
 
+def fill_previous_tokens(input_ids: torch.Tensor, plan, previous_tokens: torch.Tensor | None) -> None:
+    """Overlapped scheduling: the rows of `input_ids` whose token the previous step sampled take it from that
+    step's tokens on the device (the plan holds a placeholder there), so no id makes a round trip to the host."""
+    if not len(plan.prev_input_rows):
+        return
+    rows, index = (torch.from_numpy(a).to(input_ids.device, non_blocking=True)
+                   for a in (plan.prev_input_rows, plan.prev_sample_index))
+    input_ids.index_copy_(0, rows, previous_tokens.index_select(0, index))
+
+
 class DecodeGraphs:
     """CUDA graphs of the decode-only step, one per batch size of a ladder (1, 2, 4, 8, 16, 32, ...).
 
@@ -117,13 +127,14 @@ class DecodeGraphs:
         return (plan.max_query_len == 1 and not len(plan.image_chunks) and len(plan.seq_lens) <= self.sizes[-1]
                 and plan.block_tables.shape[1] <= self.max_blocks)
 
-    def run(self, plan) -> torch.Tensor:
+    def run(self, plan, previous_tokens: torch.Tensor | None = None) -> torch.Tensor:
         b = len(plan.seq_lens)
         size = next(s for s in self.sizes if s >= b)
         width = plan.block_tables.shape[1]
         for buf, array in ((self.input_ids, plan.input_ids), (self.slot_mapping, plan.slot_mapping),
                            (self.seq_lens, plan.seq_lens)):
             buf[:b].copy_(torch.from_numpy(array), non_blocking=True)
+        fill_previous_tokens(self.input_ids, plan, previous_tokens)
         self.positions[:, :b].copy_(torch.from_numpy(plan.positions), non_blocking=True)
         self.block_tables[:b, :width].copy_(torch.from_numpy(plan.block_tables), non_blocking=True)
         self.slot_mapping[b:size].fill_(-1)
@@ -200,17 +211,19 @@ class ModelRunner:
         return torch.from_numpy(array).to(self.device, non_blocking=True)
 
     @torch.inference_mode()
-    def execute(self, plan, synchronize: bool = False) -> torch.Tensor:
+    def execute(self, plan, synchronize: bool = False, previous_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Run the plan's packed tokens through the model; returns hidden states `[T, H]`.
 
-        `synchronize` waits for the device around the vision encoder so its time can be measured.
+        `synchronize` waits for the device around the vision encoder so its time can be measured;
+        `previous_tokens` are the ids the previous step sampled, on the device (overlapped scheduling: the
+        plan's `prev_input_rows` take them).
         """
         if len(plan.block_copies):  # a forked choice's copy of its context's last, shared block
             src, dst = (self._tensor(np.ascontiguousarray(plan.block_copies[:, i])) for i in (0, 1))
             for cache in (c for pair in self.kv_caches for c in pair):
                 cache.index_copy_(0, dst, cache.index_select(0, src))
         if self.decode_graphs is not None and self.decode_graphs.fits(plan):
-            return self.decode_graphs.run(plan)
+            return self.decode_graphs.run(plan, previous_tokens)
         image_rows = image_embeds = spans = None
         chunks = plan.image_chunks  # (dst row, first embedding, length) of each run, and its image's hash
         if len(chunks):
@@ -237,8 +250,9 @@ class ModelRunner:
             image_span_loc=None if spans is None else self._tensor(spans[1]),
         )
         positions = plan.positions if self.position_rows > 1 else plan.positions[0]
-        return self.model.forward(self._tensor(plan.input_ids), self._tensor(positions), self.kv_caches, meta,
-                                  image_rows, image_embeds)
+        input_ids = self._tensor(plan.input_ids)
+        fill_previous_tokens(input_ids, plan, previous_tokens)
+        return self.model.forward(input_ids, self._tensor(positions), self.kv_caches, meta, image_rows, image_embeds)
 
     @staticmethod
     def _image_spans(plan) -> tuple[np.ndarray, np.ndarray]:
@@ -257,4 +271,4 @@ class ModelRunner:
 
     def compute_logits(self, hidden: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
         """fp32 logits of the given rows of a step's hidden states."""
-        return self.model.compute_logits(hidden[torch.from_numpy(rows).to(self.device)]).float()
+        return self.model.compute_logits(hidden[self._tensor(rows)]).float()

@@ -166,9 +166,9 @@ def sample(logits: torch.Tensor, temperature, top_p, top_k, seed, output_index) 
         picked = sampled[start:start + chunk]
 
         def rows_of(a: np.ndarray, picked=picked) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(a[picked])).to(logits.device)
+            return torch.from_numpy(np.ascontiguousarray(a[picked])).to(logits.device, non_blocking=True)
 
-        rows = torch.from_numpy(picked).to(logits.device)
+        rows = torch.from_numpy(picked).to(logits.device, non_blocking=True)
         scaled = logits[rows] / rows_of(temperature)[:, None]
         scaled = _truncate(scaled, top_p[picked], top_k[picked])
         gumbel = -torch.log(-torch.log(uniform_noise(rows_of(seed), rows_of(output_index), logits.shape[1])))
@@ -181,8 +181,8 @@ def _truncate(scaled: torch.Tensor, top_p: np.ndarray, top_k: np.ndarray) -> tor
     needs_k, needs_p = bool((top_k > 0).any()), bool((top_p < 1).any())
     if not (needs_k or needs_p):
         return scaled
-    top_k = torch.from_numpy(np.ascontiguousarray(top_k)).to(scaled.device)
-    top_p = torch.from_numpy(np.ascontiguousarray(top_p)).to(scaled.device)
+    top_k = torch.from_numpy(np.ascontiguousarray(top_k)).to(scaled.device, non_blocking=True)
+    top_p = torch.from_numpy(np.ascontiguousarray(top_p)).to(scaled.device, non_blocking=True)
     sorted_logits, order = scaled.sort(dim=-1, descending=True)
     rank = torch.arange(scaled.shape[1], device=scaled.device)[None, :]
     drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
