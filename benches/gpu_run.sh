@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything a GPU lease is for, in one command: the CUDA tests and the GPU benchmarks.
 #
-#   benches/gpu_run.sh OUT_DIR STEP...      STEP: env tests kernels generate bound bound-quick score profile
-#                                                 families profile-families
+#   benches/gpu_run.sh OUT_DIR STEP...      STEP: env tests kernels generate overlap bound bound-quick score
+#                                                 profile families profile-families
 #
 # Runs from the repository root on a machine with torch, triton and transformers but no Rust: the
 # compiled core comes along as python/cultengine/_core.abi3.so (built elsewhere with `maturin develop
@@ -31,6 +31,8 @@ for step in "$@"; do
         kernels) run 200 python3 benches/bench_kernels.py --sweep --out "$res" ;;
         generate) run 560 python3 benches/bench_generate.py --device cuda --preset llava-1.5-7b --workload benchmark \
             --hf-batch-size 32 --out "$res" ;;
+        overlap) run 420 python3 benches/bench_generate.py --device cuda --preset llava-1.5-7b --overlap-ab \
+            --num-requests 256 --repeats 3 --out "$res" ;;
         bound) run 300 python3 benches/bench_bound.py --trace --out "$res" ;;
         bound-quick) run 150 python3 benches/bench_bound.py --quick --out "$res" ;;
         score) run 240 python3 benches/bench_score.py --device cuda --preset llava-1.5-7b --out "$res" ;;

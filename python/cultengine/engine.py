@@ -549,7 +549,8 @@ class Engine:
             if plan is None and previous is None:
                 raise RuntimeError("the scheduler holds unfinished sequences but scheduled nothing")
             launched = None if plan is None else self._launch(plan, previous, t)
-            if not self.overlap_scheduling:
+            # Synchronous: apply this step now (a change of the setting waits until nothing is in flight).
+            if not (self.overlap_scheduling or previous is not None):
                 return self._complete(launched)
             self._in_flight = launched
             if previous is None:
