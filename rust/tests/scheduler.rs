@@ -903,8 +903,14 @@ fn random_scoring(seed: u64, n: usize) -> Vec<Scoring> {
 }
 
 /// Runs scoring requests either forked from their context (`add_scoring`) or as one sequence per
-/// choice; returns (choice id -> (prompt logprobs, greedy flags)), prefill tokens computed.
-fn run_scoring(reqs: &[Scoring], cfg: SchedulerConfig, forked: bool) -> (ChoiceScores, u64) {
+/// choice, each step's update applied at once or (`overlap`) after the next step is scheduled and run;
+/// returns (choice id -> (prompt logprobs, greedy flags)), prefill tokens computed.
+fn run_scoring(
+    reqs: &[Scoring],
+    cfg: SchedulerConfig,
+    forked: bool,
+    overlap: bool,
+) -> (ChoiceScores, u64) {
     let (bs, nb) = (cfg.block_size, cfg.num_blocks);
     let mut sched = Scheduler::new(tok(), cfg).unwrap();
     let mut model = FakeModel {
@@ -940,18 +946,26 @@ fn run_scoring(reqs: &[Scoring], cfg: SchedulerConfig, forked: bool) -> (ChoiceS
     }
     let mut out = HashMap::new();
     let mut steps = 0;
-    while sched.has_unfinished() {
-        let Some(plan) = sched.schedule() else {
-            panic!(
-                "stalled with unfinished sequences: {} waiting, {} running, {} free blocks of {nb}, forked {forked}",
-                sched.num_waiting(),
-                sched.num_running(),
-                sched.block_manager().num_free()
-            );
-        };
+    let mut in_flight: Option<Outputs> = None;
+    while sched.has_unfinished() || in_flight.is_some() {
+        let outputs = sched.schedule().map(|plan| model.step(&plan));
+        assert!(
+            outputs.is_some() || in_flight.is_some(),
+            "stalled with unfinished sequences: {} waiting, {} running, {} free blocks of {nb}, forked {forked}",
+            sched.num_waiting(),
+            sched.num_running(),
+            sched.block_manager().num_free()
+        );
         steps += 1;
         assert!(steps < 100_000);
-        let (s, lp, plp, greedy) = model.step(&plan);
+        let applied = if overlap {
+            std::mem::replace(&mut in_flight, outputs)
+        } else {
+            outputs
+        };
+        let Some((s, lp, plp, greedy)) = applied else {
+            continue;
+        };
         for f in sched.update(&s, &lp, &plp, &greedy).unwrap() {
             assert_eq!(f.finish_reason, "scored");
             assert!(out
@@ -971,7 +985,7 @@ fn forked_choices_score_as_their_own_sequences_do() {
     for seed in 0..10u64 {
         let reqs = random_scoring(seed, 12);
         let (reference, plain_tokens) =
-            run_scoring(&reqs, config(4096, false, 4096, 256, 16), false);
+            run_scoring(&reqs, config(4096, false, 4096, 256, 16), false, false);
         let mut rng = Rng(seed + 7);
         for caching in [false, true] {
             for bs in [4, 16] {
@@ -983,15 +997,21 @@ fn forked_choices_score_as_their_own_sequences_do() {
                 // Tight: forked choices then hold context blocks others need (released, recomputed).
                 let blocks = longest.div_ceil(bs) + 1 + rng.below(6);
                 let cfg = config(blocks, caching, 8 + rng.below(60), 2 + rng.below(8), bs);
-                let (forked, _) = run_scoring(&reqs, cfg, true);
-                for (id, (lp, greedy)) in &reference {
-                    let (flp, fgreedy) = &forked[id];
-                    assert_eq!(flp, lp, "seed {seed} choice {id} caching {caching} bs {bs}");
-                    assert_eq!(fgreedy, greedy);
+                for overlap in [false, true] {
+                    let (forked, _) = run_scoring(&reqs, cfg.clone(), true, overlap);
+                    for (id, (lp, greedy)) in &reference {
+                        let (flp, fgreedy) = &forked[id];
+                        assert_eq!(
+                            flp, lp,
+                            "seed {seed} choice {id} caching {caching} bs {bs} overlap {overlap}"
+                        );
+                        assert_eq!(fgreedy, greedy);
+                    }
                 }
             }
         }
-        let (roomy, forked_tokens) = run_scoring(&reqs, config(4096, false, 4096, 256, 16), true);
+        let (roomy, forked_tokens) =
+            run_scoring(&reqs, config(4096, false, 4096, 256, 16), true, false);
         assert_eq!(roomy.len(), reference.len());
         // Context once plus each choice's own tokens but its last: fewer than one sequence per choice.
         let ideal: usize = reqs
