@@ -100,3 +100,16 @@ def test_cuda_tiling_families_match_the_cpu_torch_path(family, tmp_path):
     for a, b in zip(fp32, bf16, strict=True):
         for ca, cb in zip(a.choices, b.choices, strict=True):
             assert abs(ca.logprob - cb.logprob) <= 0.05 * ca.num_tokens
+
+
+@pytest.mark.parametrize("cuda_graphs", [True, False])
+def test_cuda_overlapped_scheduling_matches_the_synchronous_loop(tiny_llama, cuda_graphs):
+    """Step N+1's decode rows read step N's tokens on the device (in the graphs' static buffers too)."""
+    params = [SamplingParams(max_tokens=1 + 2 * i, temperature=0.8 * (i % 2), seed=i, ignore_eos=True)
+              for i in range(11)]
+    runs = [_generate(tiny_llama, MANY, params, cuda_graphs=cuda_graphs, overlap_scheduling=on) for on in (True, False)]
+    assert (runs[0][0].runner.decode_graphs is not None) == cuda_graphs
+    for on, off in zip(runs[0][1], runs[1][1], strict=True):
+        assert on.token_ids == off.token_ids
+        np.testing.assert_allclose(on.logprobs, off.logprobs, atol=1e-5, rtol=0)
+    assert runs[0][0].scheduler.num_in_flight == 0
