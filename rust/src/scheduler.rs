@@ -334,6 +334,7 @@ pub struct Scheduler {
     waiting: VecDeque<i64>,
     running: Vec<i64>,
     in_flight: VecDeque<InFlight>, // plans scheduled and not yet updated, oldest first
+    spare_rows: Vec<Scheduled>, // an applied plan's rows, emptied: the next plan reuses the allocation
     num_plans: u64,
     pending: Vec<u32>,               // blocks cached by the plan being built
     copies: Vec<i64>,                // (src, dst) block copies the next plan carries
@@ -360,6 +361,7 @@ impl Scheduler {
             waiting: VecDeque::new(),
             running: Vec::new(),
             in_flight: VecDeque::new(),
+            spare_rows: Vec::new(),
             num_plans: 0,
             pending: Vec::new(),
             copies: Vec::new(),
@@ -862,7 +864,7 @@ impl Scheduler {
             ..Default::default()
         };
         p.query_start_loc.push(0);
-        let mut rows = Vec::with_capacity(chunks.len());
+        let mut rows = std::mem::take(&mut self.spare_rows);
         self.num_plans += 1;
         for (b, &(id, start, len)) in chunks.iter().enumerate() {
             let seq = self.seqs.get_mut(&id).unwrap();
@@ -992,11 +994,11 @@ impl Scheduler {
         }
         let (mut si, mut li) = (0, 0);
         let mut done: Vec<(i64, &'static str)> = Vec::new();
-        let rows = self
+        let mut rows = self
             .in_flight
             .pop_front()
             .map_or_else(Vec::new, |plan| plan.rows);
-        for sc in rows {
+        for sc in rows.drain(..) {
             let (s_row, l_row) = (si, li);
             si += sc.sampled as usize;
             li += sc.lp_count + sc.fanout;
@@ -1045,6 +1047,7 @@ impl Scheduler {
                 self.deltas.push((id, released));
             }
         }
+        self.spare_rows = rows;
         let mut out = Vec::with_capacity(done.len());
         if !done.is_empty() {
             // A sequence preempted with a token pending waits in the queue; a later plan may hold
