@@ -126,6 +126,7 @@ def run_steps(engine, batch: int, prompt_len: int, max_tokens: int, seed: int) -
     specials = set(engine.checkpoint.eos_token_ids) | {engine.family.placeholder_id}
     recorder = _PlanRecorder(engine.scheduler)
     engine.scheduler = recorder
+    overlap, engine.overlap_scheduling = engine.overlap_scheduling, False  # one timed step = one plan
     steps = []
     try:
         for _ in range(batch):
@@ -134,13 +135,14 @@ def run_steps(engine, batch: int, prompt_len: int, max_tokens: int, seed: int) -
         while engine.scheduler.has_unfinished():
             bench_common.sync(engine.device)
             t = time.perf_counter()
-            finished, _ = engine._step()
+            finished = engine._step()[0]
             bench_common.sync(engine.device)
             steps.append((len(recorder.plan.input_ids), int(recorder.plan.max_query_len), time.perf_counter() - t))
             for seq in finished:
                 engine._release(seq.seq_id)
     finally:
         engine.scheduler = recorder.inner
+        engine.overlap_scheduling = overlap
     return steps
 
 
