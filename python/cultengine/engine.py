@@ -542,8 +542,12 @@ class Engine:
         t = t_forward
 
         num_sampled = len(plan.sample_indices)
-        tokens, token_lps = sample(logits[:num_sampled], plan.temperature, plan.top_p, plan.top_k, plan.seed,
-                                   plan.output_index)
+        # A greedy decode step takes the argmax its CUDA graph computed: no sampling launches at all.
+        picked = None if (plan.temperature > 0).any() else self.runner.greedy_picks(plan.sample_indices)
+        if picked is None:
+            picked = sample(logits[:num_sampled], plan.temperature, plan.top_p, plan.top_k, plan.seed,
+                            plan.output_index)
+        tokens, token_lps = picked
         scored = logits[num_sampled:]
         targets = torch.from_numpy(plan.prompt_lp_targets).to(self.device)
         prompt_lps = torch.log_softmax(scored, dim=-1).gather(1, targets[:, None]).squeeze(1)

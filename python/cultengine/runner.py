@@ -89,6 +89,11 @@ class DecodeGraphs:
                                     dtype=torch.int32, device=device)
         self.tile_prefix_lens = torch.zeros(max_batch, dtype=torch.int32, device=device)
         self.hidden: dict[tuple[int, bool], torch.Tensor] = {}  # each graph's output rows, rewritten by its replay
+        # Every graph also computes its rows' logits and greedy picks, so a greedy step launches no sampling.
+        # One buffer for all graphs (they never run at once), allocated by the first, uncaptured, step.
+        self.logits: torch.Tensor | None = None  # fp32 [max_batch, vocab]
+        self.greedy = torch.zeros(max_batch, **i64)
+        self.greedy_logprobs = torch.zeros(max_batch, dtype=torch.float32, device=device)
         self.replay: dict[tuple[int, bool], Callable[[], object]] = {}  # by (size, cascade): graph.replay or eager
         self.replays = 0
         self._build(model, kv_caches, max_model_len, capture, (False, True) if cascade else (False,))
@@ -107,7 +112,14 @@ class DecodeGraphs:
             positions = self.positions[:, :size] if len(self.positions) > 1 else self.positions[0, :size]
 
             def step(key=(size, cascade), meta=meta, positions=positions):
-                self.hidden[key] = model.forward(self.input_ids[:key[0]], positions, kv_caches, meta)
+                hidden = self.hidden[key] = model.forward(self.input_ids[:key[0]], positions, kv_caches, meta)
+                logits = model.compute_logits(hidden).float()
+                if self.logits is None:
+                    self.logits = logits.new_empty((len(self.input_ids), logits.shape[1]))
+                self.logits[:key[0]].copy_(logits)
+                best = logits.argmax(dim=-1)
+                self.greedy[:key[0]].copy_(best)
+                self.greedy_logprobs[:key[0]].copy_(torch.log_softmax(logits, dim=-1).gather(1, best[:, None])[:, 0])
 
             if not capture:
                 self.replay[size, cascade] = step
@@ -167,6 +179,7 @@ class ModelRunner:
         self.cascade_width = cascade_tile_width(model.num_heads // model.num_kv_heads) if cascade else 0
         # Keys decode attention reads, summed over steps and sequences: as run, and without any grouping.
         self.decode_keys_read = self.decode_keys_plain = 0
+        self._graph_rows = 0  # rows of the last step when a decode graph ran it (its logits are computed)
         self.position_rows = position_rows
         self.bidirectional_images = bidirectional_images
         self.device = device
@@ -233,7 +246,9 @@ class ModelRunner:
             for cache in (c for pair in self.kv_caches for c in pair):
                 cache.index_copy_(0, dst, cache.index_select(0, src))
         shared = self._shared_prefixes(plan)
+        self._graph_rows = 0
         if self.decode_graphs is not None and self.decode_graphs.fits(plan):
+            self._graph_rows = len(plan.seq_lens)
             return self.decode_graphs.run(plan, shared)
         image_rows = image_embeds = spans = None
         chunks = plan.image_chunks  # (dst row, first embedding, length) of each run, and its image's hash
@@ -297,5 +312,17 @@ class ModelRunner:
         return spans, loc
 
     def compute_logits(self, hidden: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
-        """fp32 logits of the given rows of a step's hidden states."""
-        return self.model.compute_logits(hidden[torch.from_numpy(rows).to(self.device)]).float()
+        """fp32 logits of the given rows of a step's hidden states (a copy: the next step may overwrite a
+        decode graph's buffers while these are still read)."""
+        index = torch.from_numpy(rows).to(self.device)
+        if self._graph_rows:  # the graph computed them already
+            return self.decode_graphs.logits[index]
+        return self.model.compute_logits(hidden[index]).float()
+
+    def greedy_picks(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(argmax tokens, their log-probs) of these rows, copied, when the decode graph that ran the last step
+        computed them; else None (then sample the logits)."""
+        if not self._graph_rows:
+            return None
+        index = torch.from_numpy(rows).to(self.device)
+        return self.decode_graphs.greedy[index], self.decode_graphs.greedy_logprobs[index]
