@@ -71,7 +71,7 @@ class Engine:
                  max_model_len: int | None = None, encoder_cache_size: int = 256, random_init: bool = False,
                  profile: bool = False, cuda_graphs: bool = True, image_backend: str | None = None,
                  max_num_image_tokens: int | None = None, threads: int | None = None,
-                 image_options: dict | None = None, cascade_attention: bool = True):
+                 image_options: dict | None = None, cascade_attention: bool | None = None):
         """`random_init` draws weights instead of reading them (profiling model shapes); `profile`
         synchronises the device around each phase to time it and records per-request latencies;
         `cuda_graphs` replays decode steps from CUDA graphs (CUDA with the Triton backend only);
@@ -81,7 +81,9 @@ class Engine:
         CPU threads (default: the cores this process may run on, unless OMP_NUM_THREADS is set);
         `image_options` are defaults for the request keys the family reads from requests
         (`family.image_options`, e.g. Qwen's `min_pixels`/`max_pixels`); `cascade_attention` lets decode
-        steps read the KV blocks their sequences share (an image asked many ways) once per group."""
+        steps read the KV blocks their sequences share (an image asked many ways) once per group (default:
+        on the Triton backend, where decode is bound by reading the cache; the torch backend's reference
+        computes the same attention no faster on a CPU, measured in benches/bench_generate.py)."""
         _set_threads(threads)
         if str(model) == "demo":
             from .bench.demo_checkpoint import ensure
@@ -113,7 +115,8 @@ class Engine:
                                   kv_cache_memory, max_num_seqs, self.max_model_len, encoder_cache_size,
                                   cuda_graphs=graphs, position_rows=rows,
                                   bidirectional_images=self.family.bidirectional_images,
-                                  cascade=cascade_attention)
+                                  cascade=self.ops.backend == "triton" if cascade_attention is None
+                                  else cascade_attention)
         self.scheduler = _core.Scheduler(
             self.tokenizer, num_blocks=self.runner.num_blocks, block_size=block_size,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,

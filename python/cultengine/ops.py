@@ -230,9 +230,14 @@ def _cascade_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     rows = meta.query_start_loc[:-1].long()
     qd = q[rows].float()
     prefix, seq_lens = sp.prefix_lens.long(), meta.seq_lens.long()
-    keys = torch.arange(int(seq_lens.max()), device=q.device)
-    own = (keys[None] >= prefix[:, None]) & (keys[None] < seq_lens[:, None])
-    k, v = (_gather_keys(c, meta.block_tables, keys.numel()) for c in (k_cache, v_cache))
+    # Each sequence's own keys, from the block its shared prefix ends in: table columns shifted per row.
+    block_size = k_cache.shape[1]
+    first_col = prefix // block_size
+    cols = first_col[:, None] + torch.arange(int((-(-seq_lens // block_size) - first_col).max()), device=q.device)
+    tables = meta.block_tables.gather(1, cols.clamp(max=meta.block_tables.shape[1] - 1))
+    keys = first_col[:, None] * block_size + torch.arange(cols.shape[1] * block_size, device=q.device)
+    own = (keys >= prefix[:, None]) & (keys < seq_lens[:, None])
+    k, v = (_gather_keys(c, tables, keys.shape[1]) for c in (k_cache, v_cache))
     out, lse = _partial_attention(qd, k, v, own, scale)
     for tile in (sp.tile_prefix_lens > 0).nonzero().flatten().tolist():
         members = sp.tile_seqs[tile].long()
@@ -265,13 +270,14 @@ def _partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibl
     """One query per row `q [n, Hq, D]` over keys `k, v [n or 1, Hkv, keys, D]` where `visible [n or 1, keys]`:
     the softmax-weighted values `[n, Hq, D]` and the log-sum-exp of the scores `[n, Hq]` (-inf, with zero
     values, for a row that sees no key)."""
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    scores = (q[:, :, None, :] @ k.transpose(-1, -2))[:, :, 0] * scale
-    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    n, hq, d = q.shape
+    hkv = k.shape[1]
+    qg = q.view(n, hkv, hq // hkv, d)  # the query heads of each KV head as rows: no copy of the keys
+    scores = (qg @ k.transpose(-1, -2)) * scale  # [n, Hkv, group, keys]
+    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
     lse = torch.logsumexp(scores, -1)
     weights = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
-    return (weights[:, :, None, :] @ v)[:, :, 0], lse
+    return (weights @ v).view(n, hq, d), lse.view(n, hq)
 
 
 def _span_of_each_query(meta: AttentionMetadata, seqs: torch.Tensor,
