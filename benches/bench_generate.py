@@ -364,6 +364,7 @@ def main(argv=None) -> None:
     workload["decode_kv_bytes_per_token"] = {"cascade": per_token[True], "no_cascade": per_token[False]}
     same = tokens["cultengine, cascade"] == tokens["cultengine, no cascade"]
     lines.append(f"Outputs with and without cascade: {'identical' if same else 'DIFFERENT'}.")
+    workload["cascade_outputs_identical"] = same
     if check:
         lines.append(f"Greedy agreement (float32): {100 * check['identical_fraction']:.1f} % of requests have "
                      f"identical token sequences; mean common prefix {100 * check['mean_common_prefix_fraction']:.1f}"
