@@ -202,6 +202,72 @@ def test_rotary_embedding(dtype, d):
         assert_close(actual, expected)
 
 
+def unfused_rotary_write_kv(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping):
+    """The fused kernel switched off: the rotary kernel, then the KV-write kernel."""
+    q, k = kernels.rotary_embedding(q, k, positions, cos, sin)
+    kernels.write_kv(k, v, k_cache, v_cache, slot_mapping)
+    return q
+
+
+def rotary_step(t, hq, hkv, d, dtype, cache_dtype, gen, slots, mrope=False):
+    """Strided q/k/v views of one projection, rotary tables (shared, or M-RoPE per-token ones at 0..T-1) and
+    caches full of stale data, for `rotary_write_kv`'s arguments."""
+    qkv = randn(t, hq + 2 * hkv, d, dtype=dtype, gen=gen)
+    q, k, v = qkv.split([hq, hkv, hkv], dim=1)
+    cos, sin = ops.rotary_cos_sin(d, 64, 10000.0, torch.device(DEVICE))
+    positions = torch.randint(0, 64, (3, t) if mrope else (t,), generator=gen).to(DEVICE)
+    if mrope:  # Qwen2-VL's layout: contiguous sections of the frequencies follow the t/h/w streams
+        rows = torch.repeat_interleave(torch.arange(3), torch.tensor([d // 4, d // 8, d // 2 - d // 4 - d // 8]))
+        cos, sin = ops.mrope_cos_sin(positions, cos, sin, rows.to(DEVICE))
+        positions = torch.arange(t, device=DEVICE)
+    num_blocks = -(-max(slots) // BLOCK_SIZE) + 1
+    caches = [randn(num_blocks, BLOCK_SIZE, hkv, d, dtype=cache_dtype, gen=gen) for _ in range(2)]
+    return q, k, v, positions, cos, sin, caches, torch.tensor(slots, device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq,hkv,d", [(4, 2, 64), (6, 1, 80), (2, 2, 128)])  # GQA/MQA/MHA; 80: not a power of two
+@pytest.mark.parametrize("mrope", [False, True])
+def test_rotary_write_kv(dtype, hq, hkv, d, mrope):
+    """The fused kernel against the reference, slot -1 rows writing nothing; and bit for bit the unfused pair."""
+    gen = torch.Generator().manual_seed(8)
+    slots = [17, -1, 3, 40, -1, 0, 22]
+    q, k, v, positions, cos, sin, caches, slot_mapping = rotary_step(7, hq, hkv, d, dtype, dtype, gen, slots, mrope)
+    expected, unfused = [c.clone() for c in caches], [c.clone() for c in caches]
+    out = kernels.rotary_write_kv(q, k, v, positions, cos, sin, *caches, slot_mapping)
+    assert_close(out, ops.rotary_write_kv(q, k, v, positions, cos, sin, *expected, slot_mapping))
+    assert_close(caches[0], expected[0])
+    assert torch.equal(caches[1], expected[1])  # values are copied, not computed
+    assert torch.equal(out, unfused_rotary_write_kv(q, k, v, positions, cos, sin, *unfused, slot_mapping))
+    assert torch.equal(caches[0], unfused[0]) and torch.equal(caches[1], unfused[1])
+
+
+@pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, torch.float16), (torch.float16, torch.float32)])
+def test_rotary_write_kv_rounds_as_the_pair_does(dtype, cache_dtype):
+    """Rotated keys round to k's dtype, then to the cache's: the same bits as rotary_embedding then write_kv."""
+    gen = torch.Generator().manual_seed(9)
+    step = rotary_step(5, 4, 2, 64, dtype, cache_dtype, gen, [9, 2, -1, 30, 14])
+    q, k, v, positions, cos, sin, caches, slot_mapping = step
+    unfused = [c.clone() for c in caches]
+    out = kernels.rotary_write_kv(q, k, v, positions, cos, sin, *caches, slot_mapping)
+    assert torch.equal(out, unfused_rotary_write_kv(q, k, v, positions, cos, sin, *unfused, slot_mapping))
+    assert torch.equal(caches[0], unfused[0]) and torch.equal(caches[1], unfused[1])
+
+
+def test_rotary_write_kv_reference_is_the_pair():
+    """The reference composes the two references, and skips slot -1 rows as the write_kv kernel does."""
+    gen = torch.Generator().manual_seed(10)
+    step = rotary_step(4, 2, 1, 64, torch.float32, torch.float32, gen, [5, -1, 12, 1])
+    q, k, v, positions, cos, sin, caches, slot_mapping = step
+    expected = [c.clone() for c in caches]
+    out = ops.rotary_write_kv(q, k, v, positions, cos, sin, *caches, slot_mapping)
+    real = slot_mapping >= 0
+    q_rot, k_rot = ops.rotary_embedding(q, k, positions, cos, sin)
+    ops.write_kv(k_rot[real], v[real], *expected, slot_mapping[real])
+    assert torch.equal(out, q_rot)
+    assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
+
+
 @pytest.mark.parametrize("shape,patch,dtype,cls,biased", [
     ((2, 3, 28, 42), 14, torch.float32, True, False),  # CLIP, odd grid: 2 x 3 patches
     ((1, 3, 30, 45), 14, torch.float16, True, False),  # ragged edge dropped as the strided conv does; fp32 pixels
@@ -230,8 +296,7 @@ def test_patch_embed(shape, patch, dtype, cls, biased):
 def test_bind_replaces_every_primitive():
     bound = ops.Ops("torch")
     kernels.bind(bound)
-    for name in ("write_kv", "paged_attention", "vision_attention", "rms_norm", "rotary_embedding",
-                 "patch_embed"):
+    for name in ops.PRIMITIVES:
         assert getattr(bound, name) is getattr(kernels, name)
 
 
@@ -297,3 +362,21 @@ def test_padded_decode_batches_match_the_torch_path(tiny_llama):
     for got, want in zip(outs, ref, strict=True):
         assert got.token_ids == want.token_ids
         torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs), atol=1e-4, rtol=0)
+
+
+def test_fused_rotary_write_kv_changes_no_output(tiny_llama):
+    """The engine with the fused rotary + KV-write kernel and with the two kernels it replaces: the same tokens
+    and bit-identical logprobs, over chunked prefill, mixed steps and decode."""
+    from cultengine import Engine, SamplingParams
+
+    reqs = [{"prompt": "A festival of lights"}, {"prompt": "Story about the harbour at night"}]
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    runs = []
+    for fused in (True, False):
+        engine = Engine(tiny_llama, device=DEVICE, dtype="float32", attention_backend="triton",
+                        max_num_batched_tokens=16)
+        if not fused:
+            engine.ops.rotary_write_kv = unfused_rotary_write_kv
+        runs.append(engine.generate(reqs, params, use_tqdm=False))
+    for on, off in zip(*runs, strict=True):
+        assert on.token_ids == off.token_ids and on.logprobs == off.logprobs
