@@ -322,6 +322,7 @@ def test_bench_dry_run_writes_tables(tmp_path):
     bench.main(["--dry-run", "--out", str(tmp_path)])
     (md,), (js,) = tmp_path.glob("kernels-*.md"), tmp_path.glob("kernels-*.json")
     assert "Prefill attention" in md.read_text() and '"decode"' in js.read_text()
+    assert "Rotary + KV write" in md.read_text() and '"rotary_write_kv"' in js.read_text()
 
 
 def test_engine_on_triton_kernels_matches_the_torch_path(tiny_llama):
