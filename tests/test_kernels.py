@@ -27,6 +27,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from cultengine import kernels, ops  # noqa: E402  (after TRITON_INTERPRET is set)
+from family_parity import assert_rotary_fusion_changes_nothing, unfused_rotary_write_kv  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -202,13 +203,6 @@ def test_rotary_embedding(dtype, d):
         assert_close(actual, expected)
 
 
-def unfused_rotary_write_kv(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping):
-    """The fused kernel switched off: the rotary kernel, then the KV-write kernel."""
-    q, k = kernels.rotary_embedding(q, k, positions, cos, sin)
-    kernels.write_kv(k, v, k_cache, v_cache, slot_mapping)
-    return q
-
-
 def rotary_step(t, hq, hkv, d, dtype, cache_dtype, gen, slots, mrope=False):
     """Strided q/k/v views of one projection, rotary tables (shared, or M-RoPE per-token ones at 0..T-1) and
     caches full of stale data, for `rotary_write_kv`'s arguments."""
@@ -366,18 +360,6 @@ def test_padded_decode_batches_match_the_torch_path(tiny_llama):
 
 
 def test_fused_rotary_write_kv_changes_no_output(tiny_llama):
-    """The engine with the fused rotary + KV-write kernel and with the two kernels it replaces: the same tokens
-    and bit-identical logprobs, over chunked prefill, mixed steps and decode."""
-    from cultengine import Engine, SamplingParams
-
+    """Fusion on and off: the same outputs bit for bit, over chunked prefill, mixed steps and decode."""
     reqs = [{"prompt": "A festival of lights"}, {"prompt": "Story about the harbour at night"}]
-    params = SamplingParams(max_tokens=5, ignore_eos=True)
-    runs = []
-    for fused in (True, False):
-        engine = Engine(tiny_llama, device=DEVICE, dtype="float32", attention_backend="triton",
-                        max_num_batched_tokens=16)
-        if not fused:
-            engine.ops.rotary_write_kv = unfused_rotary_write_kv
-        runs.append(engine.generate(reqs, params, use_tqdm=False))
-    for on, off in zip(*runs, strict=True):
-        assert on.token_ids == off.token_ids and on.logprobs == off.logprobs
+    assert_rotary_fusion_changes_nothing(tiny_llama, reqs, max_num_batched_tokens=16)
