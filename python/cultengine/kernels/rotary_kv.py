@@ -70,9 +70,10 @@ def _rotary_write_kv_kernel(
         dst = _slot_offset(slot, stride_cb, stride_co, BLOCK_SIZE) + offs_h * stride_ch + offs_d
         k1, k2 = _rotated_halves(k_ptr + token * stride_kt + offs_h * stride_kh + offs_d, c, s, mask, HALF)
         # Rounded to k's dtype before the cache's, as rotary_embedding then write_kv round: the same bits.
-        k_dtype, cache_dtype = k_ptr.dtype.element_ty, k_cache_ptr.dtype.element_ty
-        tl.store(k_cache_ptr + dst, k1.to(k_dtype).to(cache_dtype), mask=mask)
-        tl.store(k_cache_ptr + dst + HALF, k2.to(k_dtype).to(cache_dtype), mask=mask)
+        k1 = k1.to(k_ptr.dtype.element_ty).to(k_cache_ptr.dtype.element_ty)
+        k2 = k2.to(k_ptr.dtype.element_ty).to(k_cache_ptr.dtype.element_ty)
+        tl.store(k_cache_ptr + dst, k1, mask=mask)
+        tl.store(k_cache_ptr + dst + HALF, k2, mask=mask)
         v_src = v_ptr + token * stride_vt + offs_h * stride_vh + offs_d
         tl.store(v_cache_ptr + dst, tl.load(v_src, mask=mask).to(v_cache_ptr.dtype.element_ty), mask=mask)
         tl.store(v_cache_ptr + dst + HALF, tl.load(v_src + HALF, mask=mask).to(v_cache_ptr.dtype.element_ty), mask=mask)
