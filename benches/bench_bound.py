@@ -134,7 +134,7 @@ def run_steps(engine, batch: int, prompt_len: int, max_tokens: int, seed: int) -
         while engine.scheduler.has_unfinished():
             bench_common.sync(engine.device)
             t = time.perf_counter()
-            finished, _ = engine._step()
+            finished = engine._step()[0]
             bench_common.sync(engine.device)
             steps.append((len(recorder.plan.input_ids), int(recorder.plan.max_query_len), time.perf_counter() - t))
             for seq in finished:

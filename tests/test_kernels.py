@@ -378,10 +378,12 @@ def test_engine_on_triton_kernels_matches_the_torch_path(tiny_llama):
         torch.testing.assert_close(torch.tensor(tri.logprobs), torch.tensor(ref.logprobs), atol=1e-4, rtol=0)
 
 
-def test_padded_decode_batches_match_the_torch_path(tiny_llama):
+def test_padded_decode_batches_match_the_torch_path(tiny_llama, monkeypatch):
     """The CUDA-graph decode path: static buffers, batches padded up the size ladder (5 -> 8, 3 -> 4),
-    padding rows writing no KV. On the CPU its steps run eagerly; on CUDA they replay captured graphs."""
+    padding rows writing no KV, greedy picks made inside the graph. On the CPU its steps run eagerly; on
+    CUDA they replay captured graphs."""
     from cultengine import Engine, SamplingParams
+    from cultengine import engine as engine_module
     from cultengine.runner import DecodeGraphs
 
     reqs = [{"prompt": f"Story {i} about the harbour"} for i in range(5)]
@@ -394,8 +396,11 @@ def test_padded_decode_batches_match_the_torch_path(tiny_llama):
         runner.decode_graphs = DecodeGraphs(engine.model, runner.kv_caches, 8, engine.max_model_len,
                                             runner.block_size, runner.device, capture=False)
     assert runner.decode_graphs.sizes == [1, 2, 4, 8]
+    sampled = []
+    monkeypatch.setattr(engine_module, "sample", lambda *a, real=engine_module.sample: sampled.append(a) or real(*a))
     outs = engine.generate(reqs, params, use_tqdm=False)
     assert runner.decode_graphs.replays >= 9  # every decode step: 10 tokens for the longest, the first is prefill
+    assert len(sampled) == 1  # the prefill step; each decode step took its graph's argmax
     for got, want in zip(outs, ref, strict=True):
         assert got.token_ids == want.token_ids
         torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs), atol=1e-4, rtol=0)

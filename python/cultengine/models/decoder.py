@@ -264,7 +264,7 @@ class SplicedDecoder:
         self.vocab_size = text.vocab_size
         self.hidden_size = text.hidden_size
         self.num_layers = text.num_layers
-        self.num_kv_heads = text.num_kv_heads
+        self.num_heads, self.num_kv_heads = text.num_heads, text.num_kv_heads
         self.head_dim = text.head_dim
         self.dtype = language_model.dtype
 
