@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from cultengine import kernels, ops  # noqa: E402  (after TRITON_INTERPRET is set)
+from family_parity import assert_rotary_fusion_changes_nothing, unfused_rotary_write_kv  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -202,6 +205,105 @@ def test_rotary_embedding(dtype, d):
         assert_close(actual, expected)
 
 
+def rotary_step(t, hq, hkv, d, dtype, cache_dtype, gen, slots, mrope=False):
+    """Strided q/k/v views of one projection, rotary tables (shared, or M-RoPE per-token ones at 0..T-1) and
+    caches full of stale data, for `rotary_write_kv`'s arguments."""
+    qkv = randn(t, hq + 2 * hkv, d, dtype=dtype, gen=gen)
+    q, k, v = qkv.split([hq, hkv, hkv], dim=1)
+    cos, sin = ops.rotary_cos_sin(d, 64, 10000.0, torch.device(DEVICE))
+    positions = torch.randint(0, 64, (3, t) if mrope else (t,), generator=gen).to(DEVICE)
+    if mrope:  # Qwen2-VL's layout: contiguous sections of the frequencies follow the t/h/w streams
+        rows = torch.repeat_interleave(torch.arange(3), torch.tensor([d // 4, d // 8, d // 2 - d // 4 - d // 8]))
+        cos, sin = ops.mrope_cos_sin(positions, cos, sin, rows.to(DEVICE))
+        positions = torch.arange(t, device=DEVICE)
+    num_blocks = -(-max(slots) // BLOCK_SIZE) + 1
+    caches = [randn(num_blocks, BLOCK_SIZE, hkv, d, dtype=cache_dtype, gen=gen) for _ in range(2)]
+    return q, k, v, positions, cos, sin, caches, torch.tensor(slots, device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq,hkv,d", [(4, 2, 64), (6, 1, 80), (2, 2, 128)])  # GQA/MQA/MHA; 80: not a power of two
+@pytest.mark.parametrize("mrope", [False, True])
+def test_rotary_write_kv(dtype, hq, hkv, d, mrope):
+    """The fused kernel against the reference, slot -1 rows writing nothing; and bit for bit the unfused pair."""
+    gen = torch.Generator().manual_seed(8)
+    slots = [17, -1, 3, 40, -1, 0, 22]
+    q, k, v, positions, cos, sin, caches, slot_mapping = rotary_step(7, hq, hkv, d, dtype, dtype, gen, slots, mrope)
+    expected, unfused = [c.clone() for c in caches], [c.clone() for c in caches]
+    out = kernels.rotary_write_kv(q, k, v, positions, cos, sin, *caches, slot_mapping)
+    assert_close(out, ops.rotary_write_kv(q, k, v, positions, cos, sin, *expected, slot_mapping))
+    assert_close(caches[0], expected[0])
+    assert torch.equal(caches[1], expected[1])  # values are copied, not computed
+    assert torch.equal(out, unfused_rotary_write_kv(q, k, v, positions, cos, sin, *unfused, slot_mapping))
+    assert torch.equal(caches[0], unfused[0]) and torch.equal(caches[1], unfused[1])
+
+
+@pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, torch.float16), (torch.float16, torch.float32)])
+def test_rotary_write_kv_rounds_as_the_pair_does(dtype, cache_dtype):
+    """Rotated keys round to k's dtype, then to the cache's: the same bits as rotary_embedding then write_kv."""
+    gen = torch.Generator().manual_seed(9)
+    step = rotary_step(5, 4, 2, 64, dtype, cache_dtype, gen, [9, 2, -1, 30, 14])
+    q, k, v, positions, cos, sin, caches, slot_mapping = step
+    unfused = [c.clone() for c in caches]
+    out = kernels.rotary_write_kv(q, k, v, positions, cos, sin, *caches, slot_mapping)
+    assert torch.equal(out, unfused_rotary_write_kv(q, k, v, positions, cos, sin, *unfused, slot_mapping))
+    assert torch.equal(caches[0], unfused[0]) and torch.equal(caches[1], unfused[1])
+
+
+def test_rotary_write_kv_reference_is_the_pair():
+    """The reference composes the two references, and skips slot -1 rows as the write_kv kernel does."""
+    gen = torch.Generator().manual_seed(10)
+    step = rotary_step(4, 2, 1, 64, torch.float32, torch.float32, gen, [5, -1, 12, 1])
+    q, k, v, positions, cos, sin, caches, slot_mapping = step
+    expected = [c.clone() for c in caches]
+    out = ops.rotary_write_kv(q, k, v, positions, cos, sin, *caches, slot_mapping)
+    real = slot_mapping >= 0
+    q_rot, k_rot = ops.rotary_embedding(q, k, positions, cos, sin)
+    ops.write_kv(k_rot[real], v[real], *expected, slot_mapping[real])
+    assert torch.equal(out, q_rot)
+    assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
+
+
+# Run without TRITON_INTERPRET (under it @triton.jit gives interpreted functions): Triton's real compiler,
+# for an H100's sm_90, on a machine without a GPU. Pointers are typed by name: caches, int64 positions and
+# slots, fp32 rotary tables, the rest the activations' dtype.
+COMPILE_FOR_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from cultengine.kernels.cache import _write_kv_kernel
+from cultengine.kernels.rotary import _rotary_kernel
+from cultengine.kernels.rotary_kv import _rotary_write_kv_kernel
+
+pointee = {"pos_ptr": "*i64", "slot_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32"}
+p2 = triton.next_power_of_2
+cases = (("bf16", "bf16", (32, 8, 128)), ("fp32", "fp16", (12, 12, 80)), ("fp16", "fp16", (6, 1, 64)))
+for x, cache, (hq, hkv, d) in cases:
+    rotary = dict(HALF=d // 2, BLOCK_QH=p2(hq), BLOCK_KH=p2(hkv), BLOCK_HALF=p2(d // 2))
+    for kernel, consts in (
+        (_rotary_write_kv_kernel, dict(NUM_Q_HEADS=hq, NUM_KV_HEADS=hkv, BLOCK_SIZE=16, **rotary)),
+        (_rotary_kernel, dict(NUM_Q_HEADS=hq, NUM_K_HEADS=hkv, **rotary)),
+        (_write_kv_kernel, dict(NUM_HEADS=hkv, HEAD_DIM=d, BLOCK_H=p2(hkv), BLOCK_D=p2(d), BLOCK_SIZE=16)),
+    ):
+        sig = {n: "constexpr" if n in consts else "i32" if n.startswith("stride") else
+               pointee.get(n, f"*{cache}" if "cache" in n else f"*{x}") for n in kernel.arg_names}
+        compiled = triton.compile(ASTSource(kernel, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": 4})
+        assert compiled.asm["cubin"], (kernel.__name__, x, cache, d)
+"""
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the tests above compile them")
+def test_rotary_and_cache_kernels_compile_for_a_gpu():
+    """The interpreter runs code the compiler rejects: the fused rotary + KV-write kernel and the two it
+    replaces compile to sm_90 cubins (bf16; fp32 keys into an fp16 cache at d=80; fp16 MQA) with no GPU."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(kernels.__file__).parents[2]), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
+                         timeout=180)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
 @pytest.mark.parametrize("shape,patch,dtype,cls,biased", [
     ((2, 3, 28, 42), 14, torch.float32, True, False),  # CLIP, odd grid: 2 x 3 patches
     ((1, 3, 30, 45), 14, torch.float16, True, False),  # ragged edge dropped as the strided conv does; fp32 pixels
@@ -230,8 +332,7 @@ def test_patch_embed(shape, patch, dtype, cls, biased):
 def test_bind_replaces_every_primitive():
     bound = ops.Ops("torch")
     kernels.bind(bound)
-    for name in ("write_kv", "paged_attention", "vision_attention", "rms_norm", "rotary_embedding",
-                 "patch_embed"):
+    for name in ops.PRIMITIVES:
         assert getattr(bound, name) is getattr(kernels, name)
 
 
@@ -257,6 +358,7 @@ def test_bench_dry_run_writes_tables(tmp_path):
     bench.main(["--dry-run", "--out", str(tmp_path)])
     (md,), (js,) = tmp_path.glob("kernels-*.md"), tmp_path.glob("kernels-*.json")
     assert "Prefill attention" in md.read_text() and '"decode"' in js.read_text()
+    assert "Rotary + KV write" in md.read_text() and '"rotary_write_kv"' in js.read_text()
 
 
 def test_engine_on_triton_kernels_matches_the_torch_path(tiny_llama):
@@ -302,3 +404,9 @@ def test_padded_decode_batches_match_the_torch_path(tiny_llama, monkeypatch):
     for got, want in zip(outs, ref, strict=True):
         assert got.token_ids == want.token_ids
         torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs), atol=1e-4, rtol=0)
+
+
+def test_fused_rotary_write_kv_changes_no_output(tiny_llama):
+    """Fusion on and off: the same outputs bit for bit, over chunked prefill, mixed steps and decode."""
+    reqs = [{"prompt": "A festival of lights"}, {"prompt": "Story about the harbour at night"}]
+    assert_rotary_fusion_changes_nothing(tiny_llama, reqs, max_num_batched_tokens=16)

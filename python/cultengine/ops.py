@@ -23,7 +23,7 @@ import torch.nn.functional as F
 BACKENDS = ("torch", "triton", "flash")
 # What a backend provides: these functions, with these names and signatures.
 PRIMITIVES = ("write_kv", "paged_attention", "vision_attention", "varlen_vision_attention", "rms_norm",
-              "rotary_embedding", "patch_embed")
+              "rotary_embedding", "patch_embed", "rotary_write_kv")
 
 
 @dataclass
@@ -370,6 +370,28 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, 
     return rotate(q), rotate(k)
 
 
+def rotary_write_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """`rotary_embedding` of q and k, then `write_kv` of the rotated k and v; returns the rotated q.
+
+    One primitive so a backend can fuse the pair (the Triton kernel stores the rotated keys straight into
+    the cache). Tokens whose slot is negative (the padding rows of a CUDA-graph batch) write nothing.
+    """
+    q, k = rotary_embedding(q, k, positions, cos, sin)
+    real = slot_mapping >= 0
+    write_kv(k[real], v[real], k_cache, v_cache, slot_mapping[real])
+    return q
+
+
 def mrope_cos_sin(positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   freq_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token rotary tables `[T, head_dim // 2]` for multimodal RoPE (Qwen2-VL's M-RoPE).
@@ -420,12 +442,14 @@ class Ops:
     rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     rotary_embedding: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     patch_embed: Callable[..., torch.Tensor]
+    rotary_write_kv: Callable[..., torch.Tensor]
 
     def __init__(self, backend: str):
         self.backend = backend
         self.write_kv, self.paged_attention, self.rms_norm = write_kv, paged_attention, rms_norm
         self.vision_attention, self.varlen_vision_attention = vision_attention, varlen_vision_attention
         self.rotary_embedding, self.patch_embed = rotary_embedding, patch_embed
+        self.rotary_write_kv = rotary_write_kv
         if backend in ("triton", "flash"):
             from . import kernels
 
