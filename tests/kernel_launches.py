@@ -127,7 +127,10 @@ def exercise() -> None:
         kernels.varlen_vision_attention(packed, packed, packed, torch.tensor([0, 12, 30], dtype=torch.int32), 18, 0.1)
         # Cache write, norm, rotary, patch embedding.
         kv = torch.randn(5, 2, 80, generator=gen).to(dtype)
-        kernels.write_kv(kv, kv, k_cache, v_cache, torch.tensor([1, -1, 7, 40, 3]))
+        slots = torch.tensor([1, -1, 7, 40, 3])
+        kernels.write_kv(kv, kv, k_cache, v_cache, slots)
+        half_caches = (k_cache.half(), v_cache.half())  # keys of another dtype than the cache's
+        kernels.write_kv(kv, kv, *half_caches, slots)
         h = torch.randn(3, 96, generator=gen).to(dtype)
         weight = torch.ones(96, dtype=dtype)
         kernels.rms_norm(h, weight, 1e-6)
@@ -135,6 +138,8 @@ def exercise() -> None:
         cos, sin = ops.rotary_cos_sin(80, 64, 10000.0, torch.device("cpu"))
         qk = torch.randn(5, 10, 80, generator=gen).to(dtype)
         kernels.rotary_embedding(qk[:, :8], qk[:, 8:], torch.arange(5), cos, sin)
+        for caches in ((k_cache, v_cache), half_caches):
+            kernels.rotary_write_kv(qk[:, :8], qk[:, 8:], kv, torch.arange(5), cos, sin, *caches, slots)
         pixels = torch.randn(1, 3, 28, 28, generator=gen).to(dtype)
         conv = torch.randn(32, 3, 14, 14, generator=gen).to(dtype)
         kernels.patch_embed(pixels, conv, None, torch.randn(32).to(dtype), torch.randn(5, 32).to(dtype))
