@@ -290,6 +290,7 @@ def main(argv=None) -> None:
             overlap_ab(engine, requests, output_lens, args, args.preset or "demo checkpoint")
             return
         inputs = prepared_inputs(engine, requests)
+        engine_kv_bytes_per_key = engine.runner.kv_bytes_per_key
         pad_id = pad_token_id(engine)
         prompt_tokens = [len(ids) for ids, _ in inputs]
         out_tokens = sum(output_lens)
@@ -297,12 +298,27 @@ def main(argv=None) -> None:
         def ours_warmup():
             run_ours(engine, requests[:4], [2] * 4, args)
 
-        def ours_run():
-            out = run_ours(engine, requests, output_lens, args)
+        from cultengine.ops import cascade_tile_width
+
+        runner = engine.runner
+        default_width = runner.cascade_width  # the engine's default: cascade on the Triton backend only
+        on_width = cascade_tile_width(engine.model.num_heads // engine.model.num_kv_heads)
+
+        def ours_run(cascade: bool):
+            runner.cascade_width = on_width if cascade else 0  # shared-prefix decode on, or every sequence alone
+            read_before = runner.decode_keys_read
+            try:
+                out = run_ours(engine, requests, output_lens, args)
+            finally:
+                runner.cascade_width = default_width
             prefill["shared"] = engine.stats()["prefill_tokens_computed"]  # counted from the reset
+            decode_keys[cascade] = runner.decode_keys_read - read_before
             return out
 
         prefill: dict[str, int] = {}
+        decode_keys: dict[bool, int] = {}
+        systems = [(f"cultengine, {'' if on else 'no '}cascade", lambda on=on: ours_run(on)) for on in (True, False)]
+        default_system = systems[0 if default_width else 1][0]
 
         hf = None
 
@@ -314,7 +330,7 @@ def main(argv=None) -> None:
         def hf_run():
             return run_hf(hf, inputs, output_lens, args.hf_batch_size, pad_id, args.device)
 
-        times = {"cultengine": [], "transformers": []}
+        times = {name: [] for name in (*dict(systems), "transformers")}
         # The prefill work that sharing saves: the same requests once with the prefix cache off.
         kw = {**scheduler_kwargs(args), "enable_prefix_caching": False}
         reset_caches(engine, **kw)
@@ -326,9 +342,10 @@ def main(argv=None) -> None:
         if cuda:  # one model on the device at a time: ours (with its KV cache) first, then transformers
             ours_warmup()
             for _ in range(args.repeats):
-                t, tokens["cultengine"] = bench_common.timed(ours_run, args.device)
-                times["cultengine"].append(t)
-                print(f"cultengine: {t:.2f} s", flush=True)
+                for name, fn in systems:
+                    t, tokens[name] = bench_common.timed(fn, args.device)
+                    times[name].append(t)
+                    print(f"{name}: {t:.2f} s", flush=True)
             del engine
             gc.collect()
             torch.cuda.empty_cache()
@@ -341,22 +358,23 @@ def main(argv=None) -> None:
             ours_warmup()
             hf_setup()
             for _ in range(args.repeats):
-                for name, fn in (("cultengine", ours_run), ("transformers", hf_run)):
+                for name, fn in (*systems, ("transformers", hf_run)):
                     t, tokens[name] = bench_common.timed(fn, args.device)
                     times[name].append(t)
                     print(f"{name}: {t:.2f} s", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
+    kv_bytes_per_key = engine_kv_bytes_per_key
     rows = []
-    for name in ("cultengine", "transformers"):
+    for name in times:
         wall = bench_common.median(times[name])
         rows.append({"system": name, "seconds": wall, "out_tok_s": out_tokens / wall,
                      "req_s": args.num_requests / wall, "repeats_s": times[name]})
-    ratio = rows[0]["out_tok_s"] / rows[1]["out_tok_s"]
     for r in rows:
-        r["ratio"] = r["out_tok_s"] / rows[1]["out_tok_s"]
-    check = agreement(tokens["cultengine"], tokens["transformers"]) if not random_init else None
+        r["ratio"] = r["out_tok_s"] / rows[-1]["out_tok_s"]
+    ratio = next(r["ratio"] for r in rows if r["system"] == default_system)
+    check = agreement(tokens[default_system], tokens["transformers"]) if not random_init else None
     env = bench_common.environment(args.device)
     model_name = args.preset or "demo checkpoint (cultengine.bench.demo_checkpoint)"
     workload = {"num_requests": args.num_requests, "images_per_request": 1, "prompt_len_words": args.prompt_len,
@@ -378,11 +396,22 @@ def main(argv=None) -> None:
     if not cuda:
         lines.append(f"**Goal on the CPU: >= {GOAL_CPU:.0f}x transformers' output tokens/s "
                      f"({'met' if ratio >= GOAL_CPU else 'NOT met'}: {ratio:.2f}x).**")
+    lines.append(f"`{default_system}` is the engine's default on this backend (shared-prefix decode attention is on "
+                 f"by default with the Triton kernels, off with the torch reference).")
     lines.append(bench_common.table(rows, ["system", "seconds", "out_tok_s", "req_s", "ratio"],
                                     ["system", "wall s", "output tok/s", "requests/s", "ratio vs transformers"]))
     lines.append(f"Prefill tokens computed: {prefill['shared']} with prefix sharing, {prefill['no_sharing']} "
                  f"without ({prefill['no_sharing'] / max(prefill['shared'], 1):.2f}x).")
     workload["prefill_tokens"] = prefill
+    # Decode attention's KV traffic (full-attention layers), per generated token.
+    per_token = {k: decode_keys[k] * kv_bytes_per_key / out_tokens for k in (True, False)}
+    lines.append(f"Decode KV bytes read per generated token: {per_token[True] / 2**20:.2f} MiB with shared-prefix "
+                 f"(cascade) attention, {per_token[False] / 2**20:.2f} MiB without "
+                 f"({per_token[False] / max(per_token[True], 1):.2f}x less).")
+    workload["decode_kv_bytes_per_token"] = {"cascade": per_token[True], "no_cascade": per_token[False]}
+    same = tokens["cultengine, cascade"] == tokens["cultengine, no cascade"]
+    lines.append(f"Outputs with and without cascade: {'identical' if same else 'DIFFERENT'}.")
+    workload["cascade_outputs_identical"] = same
     if check:
         lines.append(f"Greedy agreement (float32): {100 * check['identical_fraction']:.1f} % of requests have "
                      f"identical token sequences; mean common prefix {100 * check['mean_common_prefix_fraction']:.1f}"

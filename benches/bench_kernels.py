@@ -1,4 +1,5 @@
-"""Kernel benchmarks: prefill attention TFLOP/s, decode attention HBM GB/s, patch embedding images/s.
+"""Kernel benchmarks: prefill attention TFLOP/s, decode attention HBM GB/s, patch embedding images/s,
+fused rotary + KV write against the two kernels it replaces.
 
     python benches/bench_kernels.py [--sweep]  # on a CUDA GPU; writes benches/results/kernels-<gpu>.{md,json}
     python benches/bench_kernels.py --dry-run  # tiny shapes; on the CPU under TRITON_INTERPRET=1
@@ -9,6 +10,8 @@ flash backend and flash-attn (when installed) on contiguous tensors. FLOPs count
 Decode: Llama-3-8B shapes (32 query / 8 KV heads, dim 128), bytes = the K/V actually read + q + out,
 against the device's copy bandwidth (read + write of a 2 GiB buffer).
 Patch embedding: CLIP ViT-L/14 (1024 wide), against Conv2d + cat + add as transformers' CLIP runs it.
+Rotary + KV write: the decode heads above, q/k/v strided views of one projection, from one token (batch-1
+decode) to a prefill chunk; `rotary_write_kv` against `rotary_embedding` then `write_kv`.
 Every time is the median over replays of a CUDA graph of the call (triton's do_bench_cudagraph): the
 kernels' own time, not Python's launch overhead. `--sweep` adds the tile/launch variants.
 """
@@ -36,7 +39,8 @@ def full_config():
         decode_batches=[1, 4, 16, 64, 256], decode_contexts=[1024, 4096, 16384, 32768],
         decode_heads=(32, 8), decode_max_bytes=40e9, copy_bytes=2 << 30,
         patch_sizes=[224, 336], patch_batches=[1, 8, 32, 128, 256], embed_dim=1024, patch=14,
-        sweep_seq=4096, sweep_decode=[(1, 8192), (1, 32768), (64, 8192), (256, 4096)])
+        sweep_seq=4096, sweep_decode=[(1, 8192), (1, 32768), (64, 8192), (256, 4096)],
+        rotary_tokens=[1, 16, 64, 256, 2048, 8192])
 
 
 def dry_run_config():
@@ -45,7 +49,7 @@ def dry_run_config():
         dtype=torch.float32, prefill_tokens=256, prefill_heads=2, head_dim=64, prefill_seqs=[64, 128],
         decode_batches=[1, 2], decode_contexts=[64, 128], decode_heads=(4, 2), decode_max_bytes=1e9,
         copy_bytes=1 << 20, patch_sizes=[28], patch_batches=[1, 2], embed_dim=32, patch=14,
-        sweep_seq=64, sweep_decode=[(1, 64)])
+        sweep_seq=64, sweep_decode=[(1, 64)], rotary_tokens=[1, 5])
 
 
 def timer(dry_run: bool):
@@ -177,6 +181,30 @@ def bench_patch_embed(cfg, kernels, bench, device):
     return rows
 
 
+def rotary_write_kv_row(kernels, bench, device, t, hq, hkv, d, dtype, block_size=16):
+    qkv = torch.randn(t, hq + 2 * hkv, d, dtype=dtype, device=device)
+    q, k, v = qkv.split([hq, hkv, hkv], dim=1)  # strided views, as the decoder's fused projection gives them
+    cos, sin = (x.to(device) for x in torch.randn(2, 8192, d // 2).unbind(0))
+    positions = torch.randint(0, 8192, (t,), device=device)
+    num_blocks = -(-2 * t // block_size)
+    k_cache, v_cache = (torch.zeros(num_blocks, block_size, hkv, d, dtype=dtype, device=device) for _ in range(2))
+    slots = torch.randperm(num_blocks * block_size, device=device)[:t]
+
+    def separate():
+        q_rot, k_rot = kernels.rotary_embedding(q, k, positions, cos, sin)
+        kernels.write_kv(k_rot, v, k_cache, v_cache, slots)
+        return q_rot
+
+    fused = bench(lambda: kernels.rotary_write_kv(q, k, v, positions, cos, sin, k_cache, v_cache, slots))
+    unfused = bench(separate)
+    return {"tokens": t, "fused_us": fused * 1e3, "separate_us": unfused * 1e3, "speedup": unfused / fused}
+
+
+def bench_rotary_write_kv(cfg, kernels, bench, device):
+    (hq, hkv), d, dtype = cfg["decode_heads"], cfg["head_dim"], cfg["dtype"]
+    return [rotary_write_kv_row(kernels, bench, device, t, hq, hkv, d, dtype) for t in cfg["rotary_tokens"]]
+
+
 # Tile and launch variants tried by --sweep: (BLOCK_M, BLOCK_N, num_warps, num_stages) for prefill,
 # (BLOCK_N, num_warps, num_stages) for decode. The first of each list is the engine's default at d = 128.
 PREFILL_VARIANTS = [(128, 32, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 2), (64, 64, 4, 2),
@@ -258,6 +286,8 @@ def markdown(device_name: str, results: dict) -> str:
         table(results["decode"], ["batch", "context", "us", "gb_per_s"]),
         "## Patch embedding (images/s)",
         table(results["patch_embed"], ["image", "batch", "triton_img_per_s", "torch_conv_img_per_s"]),
+        "## Rotary + KV write: fused kernel vs rotary_embedding then write_kv (µs)",
+        table(results["rotary_write_kv"], ["tokens", "fused_us", "separate_us", "speedup"]),
     ]
     if "sweep" in results:
         sw = results["sweep"]
@@ -300,6 +330,7 @@ def main(argv=None) -> None:
     results["prefill"] = bench_prefill(cfg, ops, kernels, bench, device)
     results["decode"] = bench_decode(cfg, ops, kernels, bench, device)
     results["patch_embed"] = bench_patch_embed(cfg, kernels, bench, device)
+    results["rotary_write_kv"] = bench_rotary_write_kv(cfg, kernels, bench, device)
     if args.sweep:
         results["sweep"] = sweep(cfg, ops, kernels, bench, device)
 

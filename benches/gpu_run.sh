@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything a GPU lease is for, in one command: the CUDA tests and the GPU benchmarks.
 #
-#   benches/gpu_run.sh OUT_DIR STEP...      STEP: env tests kernels generate overlap bound bound-quick score
-#                                                 profile families profile-families
+#   benches/gpu_run.sh OUT_DIR STEP...      STEP: env tests kernels generate stories overlap bound bound-quick
+#                                                 score profile families profile-families
 #
 # Runs from the repository root on a machine with torch, triton and transformers but no Rust: the
 # compiled core comes along as python/cultengine/_core.abi3.so (built elsewhere with `maturin develop
@@ -25,7 +25,8 @@ run() {  # run LIMIT_SECONDS CMD...: one step, its output kept, the results tarr
 for step in "$@"; do
     case $step in
         env) run 60 bash -c 'nvidia-smi; python3 -c "import torch, triton, transformers, sys; print(sys.version, torch.__version__, triton.__version__, transformers.__version__)"' ;;
-        tests) run 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_kernels.py ;;
+        tests) run 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_kernels.py \
+            tests/test_cascade_attention.py ;;
         families) run 240 python3 -m pytest -q -p no:cacheprovider -k "cuda or triton" tests/test_anyres_families.py \
             tests/test_qwen_families.py tests/test_vision_varlen.py tests/test_idefics3.py tests/test_internvl.py ;;
         kernels) run 200 python3 benches/bench_kernels.py --sweep --out "$res" ;;
@@ -33,6 +34,8 @@ for step in "$@"; do
             --hf-batch-size 32 --out "$res" ;;
         overlap) run 420 python3 benches/bench_generate.py --device cuda --preset llava-1.5-7b --overlap-ab \
             --num-requests 256 --repeats 3 --out "$res" ;;
+        stories) run 400 python3 benches/bench_generate.py --device cuda --preset llava-1.5-7b --workload stories \
+            --repeats 1 --out "$res" ;;
         bound) run 300 python3 benches/bench_bound.py --trace --out "$res" ;;
         bound-quick) run 150 python3 benches/bench_bound.py --quick --out "$res" ;;
         score) run 240 python3 benches/bench_score.py --device cuda --preset llava-1.5-7b --out "$res" ;;

@@ -1,7 +1,8 @@
 """Checks every model family's tests share: chat inputs for transformers' processors, parity of greedy tokens,
 log-probabilities and choice scores with transformers, serving features that must change no output, the
-transformers-4 config layout, edited checkpoint files, CUDA against the CPU path. And the test images and
-conversations of the tiling families (0, 1 and 2 images of different sizes and aspect ratios)."""
+transformers-4 config layout, edited checkpoint files, CUDA against the CPU path, the fused rotary + KV-write
+kernel against the pair it replaces. And the test images and conversations of the tiling families (0, 1 and 2
+images of different sizes and aspect ratios)."""
 
 from __future__ import annotations
 
@@ -159,6 +160,34 @@ def assert_serving_features_change_nothing(engine, path, conversations) -> None:
     before = engine.stats()["prefix_cache_hit_tokens"]
     engine.score([{"messages": conversations[1], "choices": ["a", "b", "c", "d"]}], use_tqdm=False)
     assert engine.stats()["prefix_cache_hit_tokens"] - before >= 3 * 16
+
+
+def unfused_rotary_write_kv(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping):
+    """`ops.rotary_write_kv` with the fusion switched off: the rotary kernel, then the KV-write kernel."""
+    from cultengine import kernels  # not at import: test_kernels sets TRITON_INTERPRET before triton loads
+
+    q, k = kernels.rotary_embedding(q, k, positions, cos, sin)
+    kernels.write_kv(k, v, k_cache, v_cache, slot_mapping)
+    return q
+
+
+def assert_rotary_fusion_changes_nothing(path: Path, requests: list[dict], **engine_kw) -> None:
+    """The engine on the Triton kernels with the fused rotary + KV write and with the two kernels it replaces:
+    the same tokens and bit-identical log-probabilities (eager steps: a captured graph would keep the fused one)."""
+    from cultengine import Engine, SamplingParams
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    runs = []
+    for fused in (True, False):
+        engine = Engine(
+            path, device=device, dtype="float32", attention_backend="triton", cuda_graphs=False, **engine_kw
+        )
+        if not fused:
+            engine.ops.rotary_write_kv = unfused_rotary_write_kv
+        runs.append(engine.generate(requests, params, use_tqdm=False))
+    for on, off in zip(*runs, strict=True):
+        assert on.error is None and on.token_ids == off.token_ids and on.logprobs == off.logprobs
 
 
 def to_transformers4_config(src: Path, dst: Path) -> Path:

@@ -22,7 +22,7 @@ from cultengine import Engine, SamplingParams
 from cultengine.checkpoint import load_checkpoint
 from cultengine.errors import CheckpointError
 from cultengine.models import family_for
-from family_parity import image
+from family_parity import assert_rotary_fusion_changes_nothing, image
 from tiny_gemma import GEMMA_WINDOW, MM_TOKENS, PAN_AND_SCAN, build_tiny_gemma3, build_tiny_gemma3_text
 
 ATOL = 1e-4
@@ -186,6 +186,12 @@ def test_triton_kernels_give_the_torch_tokens(engine, gemma_path):
         triton.generate(req, params, use_tqdm=False)[0].token_ids
         == engine.generate(req, params, use_tqdm=False)[0].token_ids
     )
+
+
+def test_fused_rotary_write_kv_changes_no_output(gemma_path):
+    """Local (own rotary tables) and global layers, an image run, chunked prefill: fusion on and off agree."""
+    reqs = [{"messages": m} for m in CONVERSATIONS[:2]]
+    assert_rotary_fusion_changes_nothing(gemma_path, reqs, max_num_batched_tokens=24)
 
 
 def test_pil_path_matches_transformers_pil_processor(gemma_path, reference):

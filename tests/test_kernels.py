@@ -27,6 +27,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from cultengine import kernels, ops  # noqa: E402  (after TRITON_INTERPRET is set)
+from family_parity import assert_rotary_fusion_changes_nothing, unfused_rotary_write_kv  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -202,6 +203,65 @@ def test_rotary_embedding(dtype, d):
         assert_close(actual, expected)
 
 
+def rotary_step(t, hq, hkv, d, dtype, cache_dtype, gen, slots, mrope=False):
+    """Strided q/k/v views of one projection, rotary tables (shared, or M-RoPE per-token ones at 0..T-1) and
+    caches full of stale data, for `rotary_write_kv`'s arguments."""
+    qkv = randn(t, hq + 2 * hkv, d, dtype=dtype, gen=gen)
+    q, k, v = qkv.split([hq, hkv, hkv], dim=1)
+    cos, sin = ops.rotary_cos_sin(d, 64, 10000.0, torch.device(DEVICE))
+    positions = torch.randint(0, 64, (3, t) if mrope else (t,), generator=gen).to(DEVICE)
+    if mrope:  # Qwen2-VL's layout: contiguous sections of the frequencies follow the t/h/w streams
+        rows = torch.repeat_interleave(torch.arange(3), torch.tensor([d // 4, d // 8, d // 2 - d // 4 - d // 8]))
+        cos, sin = ops.mrope_cos_sin(positions, cos, sin, rows.to(DEVICE))
+        positions = torch.arange(t, device=DEVICE)
+    num_blocks = -(-max(slots) // BLOCK_SIZE) + 1
+    caches = [randn(num_blocks, BLOCK_SIZE, hkv, d, dtype=cache_dtype, gen=gen) for _ in range(2)]
+    return q, k, v, positions, cos, sin, caches, torch.tensor(slots, device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq,hkv,d", [(4, 2, 64), (6, 1, 80), (2, 2, 128)])  # GQA/MQA/MHA; 80: not a power of two
+@pytest.mark.parametrize("mrope", [False, True])
+def test_rotary_write_kv(dtype, hq, hkv, d, mrope):
+    """The fused kernel against the reference, slot -1 rows writing nothing; and bit for bit the unfused pair."""
+    gen = torch.Generator().manual_seed(8)
+    slots = [17, -1, 3, 40, -1, 0, 22]
+    q, k, v, positions, cos, sin, caches, slot_mapping = rotary_step(7, hq, hkv, d, dtype, dtype, gen, slots, mrope)
+    expected, unfused = [c.clone() for c in caches], [c.clone() for c in caches]
+    out = kernels.rotary_write_kv(q, k, v, positions, cos, sin, *caches, slot_mapping)
+    assert_close(out, ops.rotary_write_kv(q, k, v, positions, cos, sin, *expected, slot_mapping))
+    assert_close(caches[0], expected[0])
+    assert torch.equal(caches[1], expected[1])  # values are copied, not computed
+    assert torch.equal(out, unfused_rotary_write_kv(q, k, v, positions, cos, sin, *unfused, slot_mapping))
+    assert torch.equal(caches[0], unfused[0]) and torch.equal(caches[1], unfused[1])
+
+
+@pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, torch.float16), (torch.float16, torch.float32)])
+def test_rotary_write_kv_rounds_as_the_pair_does(dtype, cache_dtype):
+    """Rotated keys round to k's dtype, then to the cache's: the same bits as rotary_embedding then write_kv."""
+    gen = torch.Generator().manual_seed(9)
+    step = rotary_step(5, 4, 2, 64, dtype, cache_dtype, gen, [9, 2, -1, 30, 14])
+    q, k, v, positions, cos, sin, caches, slot_mapping = step
+    unfused = [c.clone() for c in caches]
+    out = kernels.rotary_write_kv(q, k, v, positions, cos, sin, *caches, slot_mapping)
+    assert torch.equal(out, unfused_rotary_write_kv(q, k, v, positions, cos, sin, *unfused, slot_mapping))
+    assert torch.equal(caches[0], unfused[0]) and torch.equal(caches[1], unfused[1])
+
+
+def test_rotary_write_kv_reference_is_the_pair():
+    """The reference composes the two references, and skips slot -1 rows as the write_kv kernel does."""
+    gen = torch.Generator().manual_seed(10)
+    step = rotary_step(4, 2, 1, 64, torch.float32, torch.float32, gen, [5, -1, 12, 1])
+    q, k, v, positions, cos, sin, caches, slot_mapping = step
+    expected = [c.clone() for c in caches]
+    out = ops.rotary_write_kv(q, k, v, positions, cos, sin, *caches, slot_mapping)
+    real = slot_mapping >= 0
+    q_rot, k_rot = ops.rotary_embedding(q, k, positions, cos, sin)
+    ops.write_kv(k_rot[real], v[real], *expected, slot_mapping[real])
+    assert torch.equal(out, q_rot)
+    assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
+
+
 @pytest.mark.parametrize("shape,patch,dtype,cls,biased", [
     ((2, 3, 28, 42), 14, torch.float32, True, False),  # CLIP, odd grid: 2 x 3 patches
     ((1, 3, 30, 45), 14, torch.float16, True, False),  # ragged edge dropped as the strided conv does; fp32 pixels
@@ -230,8 +290,7 @@ def test_patch_embed(shape, patch, dtype, cls, biased):
 def test_bind_replaces_every_primitive():
     bound = ops.Ops("torch")
     kernels.bind(bound)
-    for name in ("write_kv", "paged_attention", "vision_attention", "rms_norm", "rotary_embedding",
-                 "patch_embed"):
+    for name in ops.PRIMITIVES:
         assert getattr(bound, name) is getattr(kernels, name)
 
 
@@ -257,6 +316,7 @@ def test_bench_dry_run_writes_tables(tmp_path):
     bench.main(["--dry-run", "--out", str(tmp_path)])
     (md,), (js,) = tmp_path.glob("kernels-*.md"), tmp_path.glob("kernels-*.json")
     assert "Prefill attention" in md.read_text() and '"decode"' in js.read_text()
+    assert "Rotary + KV write" in md.read_text() and '"rotary_write_kv"' in js.read_text()
 
 
 def test_engine_on_triton_kernels_matches_the_torch_path(tiny_llama):
@@ -276,10 +336,12 @@ def test_engine_on_triton_kernels_matches_the_torch_path(tiny_llama):
         torch.testing.assert_close(torch.tensor(tri.logprobs), torch.tensor(ref.logprobs), atol=1e-4, rtol=0)
 
 
-def test_padded_decode_batches_match_the_torch_path(tiny_llama):
+def test_padded_decode_batches_match_the_torch_path(tiny_llama, monkeypatch):
     """The CUDA-graph decode path: static buffers, batches padded up the size ladder (5 -> 8, 3 -> 4),
-    padding rows writing no KV. On the CPU its steps run eagerly; on CUDA they replay captured graphs."""
+    padding rows writing no KV, greedy picks made inside the graph. On the CPU its steps run eagerly; on
+    CUDA they replay captured graphs."""
     from cultengine import Engine, SamplingParams
+    from cultengine import engine as engine_module
     from cultengine.runner import DecodeGraphs
 
     reqs = [{"prompt": f"Story {i} about the harbour"} for i in range(5)]
@@ -292,8 +354,17 @@ def test_padded_decode_batches_match_the_torch_path(tiny_llama):
         runner.decode_graphs = DecodeGraphs(engine.model, runner.kv_caches, 8, engine.max_model_len,
                                             runner.block_size, runner.device, capture=False)
     assert runner.decode_graphs.sizes == [1, 2, 4, 8]
+    sampled = []
+    monkeypatch.setattr(engine_module, "sample", lambda *a, real=engine_module.sample: sampled.append(a) or real(*a))
     outs = engine.generate(reqs, params, use_tqdm=False)
     assert runner.decode_graphs.replays >= 9  # every decode step: 10 tokens for the longest, the first is prefill
+    assert len(sampled) == 1  # the prefill step; each decode step took its graph's argmax
     for got, want in zip(outs, ref, strict=True):
         assert got.token_ids == want.token_ids
         torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs), atol=1e-4, rtol=0)
+
+
+def test_fused_rotary_write_kv_changes_no_output(tiny_llama):
+    """Fusion on and off: the same outputs bit for bit, over chunked prefill, mixed steps and decode."""
+    reqs = [{"prompt": "A festival of lights"}, {"prompt": "Story about the harbour at night"}]
+    assert_rotary_fusion_changes_nothing(tiny_llama, reqs, max_num_batched_tokens=16)

@@ -21,7 +21,7 @@ from cultengine.errors import CheckpointError
 from cultengine.models import family_for
 from cultengine.models.qwen2_5_vl import window_layout
 from cultengine.models.qwen2_vl import mrope_positions
-from family_parity import image, reference, user
+from family_parity import assert_rotary_fusion_changes_nothing, image, reference, user
 from tiny_qwen import QWEN_FAMILIES, build_tiny_qwen
 
 ATOL = 1e-4
@@ -236,6 +236,11 @@ def test_window_attention_splits_the_test_images(family_path):
         _, windows = window_layout([grid], v.merge_size, v.window_size // (v.merge_size * v.patch_size))
         assert len(windows) > 1 and sum(windows) == grid[1] * grid[2]
     assert 0 < len(v.fullatt_block_indexes) < v.depth
+
+
+def test_fused_rotary_write_kv_changes_no_output(family_path):
+    """M-RoPE's per-token tables, images of two grids in one prompt: fusion on and off agree bit for bit."""
+    assert_rotary_fusion_changes_nothing(family_path, [{"messages": m} for m in CONVERSATIONS[1:3]])
 
 
 def test_triton_backend_gives_the_torch_tokens(pair, family_path):

@@ -83,7 +83,8 @@ class Engine:
                  max_model_len: int | None = None, encoder_cache_size: int = 256, random_init: bool = False,
                  profile: bool = False, cuda_graphs: bool = True, image_backend: str | None = None,
                  max_num_image_tokens: int | None = None, threads: int | None = None,
-                 image_options: dict | None = None, overlap_scheduling: bool = True):
+                 image_options: dict | None = None, cascade_attention: bool | None = None,
+                 overlap_scheduling: bool = True):
         """`random_init` draws weights instead of reading them (profiling model shapes); `profile`
         synchronises the device around each phase to time it and records per-request latencies;
         `cuda_graphs` replays decode steps from CUDA graphs (CUDA with the Triton backend only);
@@ -92,9 +93,13 @@ class Engine:
         in the step that first reaches it; many-tile images then spread over steps); `threads` sets torch's
         CPU threads (default: the cores this process may run on, unless OMP_NUM_THREADS is set);
         `image_options` are defaults for the request keys the family reads from requests
-        (`family.image_options`, e.g. Qwen's `min_pixels`/`max_pixels`); `overlap_scheduling` schedules and
-        launches step N+1 before step N's tokens come back to the host, so the host's work hides behind the
-        device's (outputs identical to the synchronous loop, `overlap_scheduling=False`)."""
+        (`family.image_options`, e.g. Qwen's `min_pixels`/`max_pixels`); `cascade_attention` lets decode
+        steps read the KV blocks their sequences share (an image asked many ways) once per group (default:
+        on the Triton backend, where decode is bound by reading the cache; the torch backend's reference
+        computes the same attention no faster on a CPU, measured in benches/bench_generate.py);
+        `overlap_scheduling` schedules and launches step N+1 before step N's tokens come back to the host, so
+        the host's work hides behind the device's (outputs identical to the synchronous loop,
+        `overlap_scheduling=False`)."""
         _set_threads(threads)
         if str(model) == "demo":
             from .bench.demo_checkpoint import ensure
@@ -125,7 +130,9 @@ class Engine:
         self.runner = ModelRunner(self.model, self.device, self.checkpoint.dtype, block_size, num_blocks,
                                   kv_cache_memory, max_num_seqs, self.max_model_len, encoder_cache_size,
                                   cuda_graphs=graphs, position_rows=rows,
-                                  bidirectional_images=self.family.bidirectional_images)
+                                  bidirectional_images=self.family.bidirectional_images,
+                                  cascade=self.ops.backend == "triton" if cascade_attention is None
+                                  else cascade_attention)
         self.scheduler = _core.Scheduler(
             self.tokenizer, num_blocks=self.runner.num_blocks, block_size=block_size,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
@@ -277,9 +284,13 @@ class Engine:
                 "dtype": str(self.checkpoint.dtype).removeprefix("torch.")}
 
     def stats(self) -> dict:
-        """Cumulative counters: scheduler (prefix cache, preemptions, CPU time), encoder cache, tokens."""
-        return {**self.scheduler.stats(), **self._counters, "images_encoded": self.runner.images_encoded,
-                "num_blocks": self.runner.num_blocks, "block_size": self.runner.block_size}
+        """Cumulative counters: scheduler (prefix cache, preemptions, CPU time), encoder cache, tokens, and
+        the keys decode attention read (`decode_kv_keys_read`; `decode_kv_keys_plain` without shared-prefix
+        groups: per full-attention layer, `kv_bytes_per_key` bytes each over all layers)."""
+        r = self.runner
+        return {**self.scheduler.stats(), **self._counters, "images_encoded": r.images_encoded,
+                "num_blocks": r.num_blocks, "block_size": r.block_size, "decode_kv_keys_read": r.decode_keys_read,
+                "decode_kv_keys_plain": r.decode_keys_plain, "kv_bytes_per_key": r.kv_bytes_per_key}
 
     def _warm_up(self) -> None:
         """Compile the kernels now (a Triton kernel's first launch takes seconds), not inside the first
@@ -579,8 +590,12 @@ class Engine:
         t = t_forward
 
         num_sampled = len(plan.sample_indices)
-        tokens, token_lps = sample(logits[:num_sampled], plan.temperature, plan.top_p, plan.top_k, plan.seed,
-                                   plan.output_index)
+        # A greedy decode step takes the argmax its CUDA graph computed: no sampling launches at all.
+        picked = None if (plan.temperature > 0).any() else self.runner.greedy_picks(plan.sample_indices)
+        if picked is None:
+            picked = sample(logits[:num_sampled], plan.temperature, plan.top_p, plan.top_k, plan.seed,
+                            plan.output_index)
+        tokens, token_lps = picked
         scored = logits[num_sampled:]
         targets = torch.from_numpy(plan.prompt_lp_targets).to(self.device, non_blocking=True)
         prompt_lps = torch.log_softmax(scored, dim=-1).gather(1, targets[:, None]).squeeze(1)

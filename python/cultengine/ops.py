@@ -16,13 +16,14 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 BACKENDS = ("torch", "triton", "flash")
 # What a backend provides: these functions, with these names and signatures.
 PRIMITIVES = ("write_kv", "paged_attention", "vision_attention", "varlen_vision_attention", "rms_norm",
-              "rotary_embedding", "patch_embed")
+              "rotary_embedding", "patch_embed", "rotary_write_kv")
 
 
 @dataclass
@@ -43,6 +44,68 @@ class AttentionMetadata:
     # rows image_span_loc[b]:image_span_loc[b+1] of image_spans, each (first, end) absolute positions.
     image_spans: torch.Tensor | None = None  # int32 [N, 2]
     image_span_loc: torch.Tensor | None = None  # int32 [B+1]
+    # Decode only: sequences that share leading KV blocks read them once per group (cascade attention).
+    shared_prefixes: SharedPrefixes | None = None
+
+
+@dataclass
+class SharedPrefixes:
+    """Decode sequences grouped by the KV blocks they share at the start of their block tables.
+
+    Keys `0..prefix_lens[b]-1` of sequence b are read once for its whole group, by tiles of up to
+    `tile_seqs.shape[1]` member sequences; the rest of its keys it reads alone, and the two partial
+    results merge by log-sum-exp. A tile's shared keys live in the blocks of its first member's table.
+    """
+
+    prefix_lens: torch.Tensor  # int32 [B]: 0 for a sequence read alone
+    tile_seqs: torch.Tensor  # int32 [W, S]: member sequences of each tile, -1 past its members
+    tile_prefix_lens: torch.Tensor  # int32 [W]: keys the tile's members share (0: an empty tile)
+
+
+def cascade_tile_width(queries_per_kv: int) -> int:
+    """Member sequences per shared-prefix tile: 64 query rows (a query head group padded to a power of 2)."""
+    return max(1, 64 // (1 << (queries_per_kv - 1).bit_length()))
+
+
+def group_shared_prefixes(block_tables: np.ndarray, seq_lens: np.ndarray, block_size: int, tile_width: int,
+                          min_saving: float = 0.25) -> tuple[np.ndarray, np.ndarray, np.ndarray, int] | None:
+    """Host side of cascade decode: `(prefix_lens [B], tile_seqs [W, tile_width], tile_prefix_lens [W],
+    keys read)` for a decode step, or None when grouping would save under `min_saving` of the key reads.
+
+    Sequences are grouped by their first block; a group shares the leading blocks every member's table
+    has in common with its first member's, up to one key before its shortest member's end (that last
+    key is each sequence's own new token). Vectorised over the batch: no loop per sequence.
+    """
+    b, width = block_tables.shape
+    seq_lens = seq_lens.astype(np.int64)
+    if b < 2 or width == 0:
+        return None
+    order = np.argsort(block_tables[:, 0], kind="stable")
+    tables, lens = block_tables[order], seq_lens[order]
+    starts = np.flatnonzero(np.r_[True, tables[1:, 0] != tables[:-1, 0]])
+    sizes = np.diff(np.r_[starts, b])
+    leader = np.repeat(starts, sizes)
+    used = -(-lens // block_size)  # blocks each table really holds (the rest is padding)
+    same = np.logical_and.accumulate(tables == tables[leader], axis=1).sum(axis=1)
+    common = np.minimum.reduceat(np.minimum(same, used), starts)
+    shared = np.minimum(common * block_size, np.minimum.reduceat(lens, starts) - 1)
+    shared[sizes < 2] = 0  # a group of one is the plain path
+    saved = int(((sizes - np.ceil(sizes / tile_width)) * shared).sum())
+    plain = int(seq_lens.sum())
+    if saved <= 0 or saved < min_saving * plain:
+        return None
+    prefix_sorted = np.repeat(shared, sizes)
+    prefix_lens = np.empty(b, dtype=np.int32)
+    prefix_lens[order] = prefix_sorted
+    # Tiles: consecutive members of one group, at most tile_width each.
+    grouped = np.flatnonzero(prefix_sorted > 0)
+    rank = grouped - leader[grouped]  # place in its group: a new tile every tile_width members
+    tile_of = np.cumsum(rank % tile_width == 0) - 1
+    tiles = int(tile_of[-1]) + 1
+    tile_seqs = np.full((tiles, tile_width), -1, dtype=np.int32)
+    tile_seqs[tile_of, rank % tile_width] = order[grouped]
+    tile_prefix_lens = prefix_sorted[grouped][np.r_[0, np.flatnonzero(np.diff(tile_of)) + 1]].astype(np.int32)
+    return prefix_lens, tile_seqs, tile_prefix_lens, plain - saved
 
 
 def resolve_backend(device: torch.device, requested: str | None = None) -> str:
@@ -87,6 +150,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     qsl = meta.query_start_loc.long()
     q_lens = qsl[1:] - qsl[:-1]
     if meta.max_query_len == 1:  # decode: one group, no query padding at all
+        if meta.shared_prefixes is not None and window is None:
+            return _cascade_decode(q, k_cache, v_cache, meta, scale)
         everyone = torch.arange(q_lens.numel(), device=q.device)
         return _attend(q, k_cache, v_cache, meta, scale, everyone, everyone, window)
     # Sequences attend in groups of similar query length (powers of two), so a decode row or a short
@@ -154,6 +219,65 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
     mask = visible & (k_pos < seq_lens[:, None, None])
     out = F.scaled_dot_product_attention(qp, k, v, attn_mask=mask[:, None], scale=scale, enable_gqa=hq != hkv)
     return out.transpose(1, 2)[seq_of_row, row_in_seq].to(q.dtype)
+
+
+def _cascade_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                    scale: float) -> torch.Tensor:
+    """Decode attention as the cascade computes it: each tile of a group attends once to its shared keys,
+    each sequence alone to the rest of its keys, and the two partial softmaxes merge by log-sum-exp.
+    Equal to the plain decode (`_attend`) up to rounding."""
+    sp = meta.shared_prefixes
+    rows = meta.query_start_loc[:-1].long()
+    qd = q[rows].float()
+    prefix, seq_lens = sp.prefix_lens.long(), meta.seq_lens.long()
+    # Each sequence's own keys, from the block its shared prefix ends in: table columns shifted per row.
+    block_size = k_cache.shape[1]
+    first_col = prefix // block_size
+    cols = first_col[:, None] + torch.arange(int((-(-seq_lens // block_size) - first_col).max()), device=q.device)
+    tables = meta.block_tables.gather(1, cols.clamp(max=meta.block_tables.shape[1] - 1))
+    keys = first_col[:, None] * block_size + torch.arange(cols.shape[1] * block_size, device=q.device)
+    own = (keys >= prefix[:, None]) & (keys < seq_lens[:, None])
+    k, v = (_gather_keys(c, tables, keys.shape[1]) for c in (k_cache, v_cache))
+    out, lse = _partial_attention(qd, k, v, own, scale)
+    for tile in (sp.tile_prefix_lens > 0).nonzero().flatten().tolist():
+        members = sp.tile_seqs[tile].long()
+        members = members[members >= 0]
+        n = int(sp.tile_prefix_lens[tile])
+        table = meta.block_tables[members[:1]]  # the shared keys, gathered once for the tile
+        k, v = (_gather_keys(c, table, n) for c in (k_cache, v_cache))
+        shared_out, shared_lse = _partial_attention(qd[members], k, v, torch.ones(1, n, dtype=torch.bool,
+                                                                                  device=q.device), scale)
+        top = torch.maximum(lse[members], shared_lse)
+        w_own, w_shared = torch.exp(lse[members] - top), torch.exp(shared_lse - top)
+        out[members] = (out[members] * w_own[..., None] + shared_out * w_shared[..., None]) / (w_own + w_shared)[
+            ..., None]
+        lse[members] = top + torch.log(w_own + w_shared)
+    result = torch.empty_like(q)
+    result[rows] = out.to(q.dtype)
+    return result
+
+
+def _gather_keys(cache: torch.Tensor, tables: torch.Tensor, keys: int) -> torch.Tensor:
+    """The first `keys` keys (or values) of each block-table row: `[rows, Hkv, keys, D]` in fp32."""
+    _, block_size, hkv, d = cache.shape
+    n_blk = -(-keys // block_size)
+    kv = cache.index_select(0, tables[:, :n_blk].long().flatten())
+    return kv.view(len(tables), n_blk * block_size, hkv, d)[:, :keys].transpose(1, 2).float()
+
+
+def _partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query per row `q [n, Hq, D]` over keys `k, v [n or 1, Hkv, keys, D]` where `visible [n or 1, keys]`:
+    the softmax-weighted values `[n, Hq, D]` and the log-sum-exp of the scores `[n, Hq]` (-inf, with zero
+    values, for a row that sees no key)."""
+    n, hq, d = q.shape
+    hkv = k.shape[1]
+    qg = q.view(n, hkv, hq // hkv, d)  # the query heads of each KV head as rows: no copy of the keys
+    scores = (qg @ k.transpose(-1, -2)) * scale  # [n, Hkv, group, keys]
+    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    weights = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
+    return (weights @ v).view(n, hq, d), lse.view(n, hq)
 
 
 def _span_of_each_query(meta: AttentionMetadata, seqs: torch.Tensor,
@@ -246,6 +370,28 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, 
     return rotate(q), rotate(k)
 
 
+def rotary_write_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """`rotary_embedding` of q and k, then `write_kv` of the rotated k and v; returns the rotated q.
+
+    One primitive so a backend can fuse the pair (the Triton kernel stores the rotated keys straight into
+    the cache). Tokens whose slot is negative (the padding rows of a CUDA-graph batch) write nothing.
+    """
+    q, k = rotary_embedding(q, k, positions, cos, sin)
+    real = slot_mapping >= 0
+    write_kv(k[real], v[real], k_cache, v_cache, slot_mapping[real])
+    return q
+
+
 def mrope_cos_sin(positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   freq_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token rotary tables `[T, head_dim // 2]` for multimodal RoPE (Qwen2-VL's M-RoPE).
@@ -296,12 +442,14 @@ class Ops:
     rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     rotary_embedding: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     patch_embed: Callable[..., torch.Tensor]
+    rotary_write_kv: Callable[..., torch.Tensor]
 
     def __init__(self, backend: str):
         self.backend = backend
         self.write_kv, self.paged_attention, self.rms_norm = write_kv, paged_attention, rms_norm
         self.vision_attention, self.varlen_vision_attention = vision_attention, varlen_vision_attention
         self.rotary_embedding, self.patch_embed = rotary_embedding, patch_embed
+        self.rotary_write_kv = rotary_write_kv
         if backend in ("triton", "flash"):
             from . import kernels
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .models.family import ImageFeatures, Model
-from .ops import AttentionMetadata
+from .ops import AttentionMetadata, SharedPrefixes, cascade_tile_width, group_shared_prefixes
 
 GiB = 1 << 30
 
@@ -80,8 +80,9 @@ class DecodeGraphs:
     """
 
     def __init__(self, model: Model, kv_caches, max_batch: int, max_model_len: int, block_size: int,
-                 device: torch.device, position_rows: int = 1, capture: bool = True):
-        """`capture=False` runs the same padded static-buffer steps eagerly (how CPU tests check them)."""
+                 device: torch.device, position_rows: int = 1, capture: bool = True, cascade: bool = True):
+        """`capture=False` runs the same padded static-buffer steps eagerly (how CPU tests check them);
+        `cascade` also captures each size with shared-prefix attention (see `ops.SharedPrefixes`)."""
         self.sizes = sorted({s for s in (1, 2, 4, 8) if s < max_batch} | set(range(16, max_batch + 1, 16))
                             | {max_batch})
         self.max_blocks = -(-max_model_len // block_size)
@@ -92,26 +93,46 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(max_batch, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(max_batch, self.max_blocks, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
-        self.hidden: dict[int, torch.Tensor] = {}  # each size's output rows, rewritten by its replay
-        self.replay: dict[int, Callable[[], object]] = {}  # graph.replay, or the eager step
+        # Shared-prefix groups: a step has at most one tile per sequence; tiles past the step's are empty.
+        self.prefix_lens = torch.zeros(max_batch, dtype=torch.int32, device=device)
+        self.tile_seqs = torch.full((max_batch, cascade_tile_width(model.num_heads // model.num_kv_heads)), -1,
+                                    dtype=torch.int32, device=device)
+        self.tile_prefix_lens = torch.zeros(max_batch, dtype=torch.int32, device=device)
+        self.hidden: dict[tuple[int, bool], torch.Tensor] = {}  # each graph's output rows, rewritten by its replay
+        # Every graph also computes its rows' logits and greedy picks, so a greedy step launches no sampling.
+        # One buffer for all graphs (they never run at once), allocated by the first, uncaptured, step.
+        self.logits: torch.Tensor | None = None  # fp32 [max_batch, vocab]
+        self.greedy = torch.zeros(max_batch, **i64)
+        self.greedy_logprobs = torch.zeros(max_batch, dtype=torch.float32, device=device)
+        self.replay: dict[tuple[int, bool], Callable[[], object]] = {}  # by (size, cascade): graph.replay or eager
         self.replays = 0
-        self._build(model, kv_caches, max_model_len, capture)
+        self._build(model, kv_caches, max_model_len, capture, (False, True) if cascade else (False,))
 
     @torch.inference_mode()
-    def _build(self, model, kv_caches, max_model_len: int, capture: bool) -> None:
+    def _build(self, model, kv_caches, max_model_len: int, capture: bool, variants: tuple[bool, ...]) -> None:
         pool = None
-        for size in reversed(self.sizes):  # largest first: the smaller graphs fit in its memory pool
+        # Largest first: the smaller graphs fit in its memory pool.
+        for size, cascade in ((s, c) for s in reversed(self.sizes) for c in variants):
+            shared = (SharedPrefixes(self.prefix_lens[:size], self.tile_seqs[:size], self.tile_prefix_lens[:size])
+                      if cascade else None)
             meta = AttentionMetadata(self.query_start_loc[:size + 1], self.seq_lens[:size],
                                      self.block_tables[:size], self.slot_mapping[:size], max_query_len=1,
-                                     max_seq_len=max_model_len)
+                                     max_seq_len=max_model_len, shared_prefixes=shared)
 
             positions = self.positions[:, :size] if len(self.positions) > 1 else self.positions[0, :size]
 
-            def step(size=size, meta=meta, positions=positions):
-                self.hidden[size] = model.forward(self.input_ids[:size], positions, kv_caches, meta)
+            def step(key=(size, cascade), meta=meta, positions=positions):
+                hidden = self.hidden[key] = model.forward(self.input_ids[:key[0]], positions, kv_caches, meta)
+                logits = model.compute_logits(hidden).float()
+                if self.logits is None:
+                    self.logits = logits.new_empty((len(self.input_ids), logits.shape[1]))
+                self.logits[:key[0]].copy_(logits)
+                best = logits.argmax(dim=-1)
+                self.greedy[:key[0]].copy_(best)
+                self.greedy_logprobs[:key[0]].copy_(torch.log_softmax(logits, dim=-1).gather(1, best[:, None])[:, 0])
 
             if not capture:
-                self.replay[size] = step
+                self.replay[size, cascade] = step
                 continue
             step()  # compiles and loads every kernel outside the capture
             torch.cuda.synchronize()
@@ -119,7 +140,7 @@ class DecodeGraphs:
             with torch.cuda.graph(graph, pool=pool):
                 step()
             pool = graph.pool()
-            self.replay[size] = graph.replay
+            self.replay[size, cascade] = graph.replay
         if capture:
             torch.cuda.synchronize()
 
@@ -127,7 +148,10 @@ class DecodeGraphs:
         return (plan.max_query_len == 1 and not len(plan.image_chunks) and len(plan.seq_lens) <= self.sizes[-1]
                 and plan.block_tables.shape[1] <= self.max_blocks)
 
-    def run(self, plan, previous_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    def run(self, plan, shared: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
+            previous_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Replay the graph of the plan's batch size; `shared` is its shared-prefix grouping, if any;
+        `previous_tokens` feed the plan's `prev_input_rows` (see `fill_previous_tokens`)."""
         b = len(plan.seq_lens)
         size = next(s for s in self.sizes if s >= b)
         width = plan.block_tables.shape[1]
@@ -139,9 +163,18 @@ class DecodeGraphs:
         self.block_tables[:b, :width].copy_(torch.from_numpy(plan.block_tables), non_blocking=True)
         self.slot_mapping[b:size].fill_(-1)
         self.seq_lens[b:size].fill_(1)
-        self.replay[size]()
+        key = (size, shared is not None and (size, True) in self.replay)
+        if key[1]:
+            prefix_lens, tile_seqs, tile_prefix_lens = shared
+            tiles = len(tile_prefix_lens)
+            self.prefix_lens[:b].copy_(torch.from_numpy(prefix_lens), non_blocking=True)
+            self.prefix_lens[b:size].fill_(0)
+            self.tile_seqs[:tiles].copy_(torch.from_numpy(tile_seqs), non_blocking=True)
+            self.tile_prefix_lens[:tiles].copy_(torch.from_numpy(tile_prefix_lens), non_blocking=True)
+            self.tile_prefix_lens[tiles:size].fill_(0)
+        self.replay[key]()
         self.replays += 1
-        return self.hidden[size][:b]
+        return self.hidden[key][:b]
 
 
 class ModelRunner:
@@ -150,11 +183,16 @@ class ModelRunner:
     def __init__(self, model: Model, device: torch.device, dtype: torch.dtype, block_size: int,
                  num_blocks: int | None, kv_cache_memory: int | None, max_num_seqs: int,
                  max_model_len: int, encoder_cache_size: int = 256, cuda_graphs: bool = False,
-                 position_rows: int = 1, bidirectional_images: bool = False):
+                 position_rows: int = 1, bidirectional_images: bool = False, cascade: bool = True):
         """`cuda_graphs` captures decode steps (needs CUDA and a backend whose kernels never read the
         device on the host: the Triton one); `position_rows` > 1 for M-RoPE models;
-        `bidirectional_images` passes each step's image runs to attention as bidirectional spans."""
+        `bidirectional_images` passes each step's image runs to attention as bidirectional spans;
+        `cascade` lets decode steps whose sequences share leading KV blocks read them once per group."""
         self.model = model
+        self.cascade_width = cascade_tile_width(model.num_heads // model.num_kv_heads) if cascade else 0
+        # Keys decode attention reads, summed over steps and sequences: as run, and without any grouping.
+        self.decode_keys_read = self.decode_keys_plain = 0
+        self._graph_rows = 0  # rows of the last step when a decode graph ran it (its logits are computed)
         self.position_rows = position_rows
         self.bidirectional_images = bidirectional_images
         self.device = device
@@ -165,7 +203,7 @@ class ModelRunner:
         self.encoder_cache = EncoderCache(encoder_cache_size)
         self.vision_seconds = 0.0  # measured only when execute() is asked to synchronise
         self.decode_graphs = (DecodeGraphs(model, self.kv_caches, min(max_num_seqs, 512), max_model_len, block_size,
-                                           device, position_rows) if cuda_graphs else None)
+                                           device, position_rows, cascade=cascade) if cuda_graphs else None)
 
     # Images in flight: their processed inputs stay until every sequence that uses them is done.
     def pin_images(self, images: dict[int, ImageFeatures]) -> None:
@@ -222,8 +260,11 @@ class ModelRunner:
             src, dst = (self._tensor(np.ascontiguousarray(plan.block_copies[:, i])) for i in (0, 1))
             for cache in (c for pair in self.kv_caches for c in pair):
                 cache.index_copy_(0, dst, cache.index_select(0, src))
+        shared = self._shared_prefixes(plan)
+        self._graph_rows = 0
         if self.decode_graphs is not None and self.decode_graphs.fits(plan):
-            return self.decode_graphs.run(plan, previous_tokens)
+            self._graph_rows = len(plan.seq_lens)
+            return self.decode_graphs.run(plan, shared, previous_tokens)
         image_rows = image_embeds = spans = None
         chunks = plan.image_chunks  # (dst row, first embedding, length) of each run, and its image's hash
         if len(chunks):
@@ -248,11 +289,28 @@ class ModelRunner:
             max_seq_len=int(plan.max_seq_len),
             image_spans=None if spans is None else self._tensor(spans[0]),
             image_span_loc=None if spans is None else self._tensor(spans[1]),
+            shared_prefixes=None if shared is None else SharedPrefixes(*map(self._tensor, shared)),
         )
         positions = plan.positions if self.position_rows > 1 else plan.positions[0]
         input_ids = self._tensor(plan.input_ids)
         fill_previous_tokens(input_ids, plan, previous_tokens)
         return self.model.forward(input_ids, self._tensor(positions), self.kv_caches, meta, image_rows, image_embeds)
+
+    def _shared_prefixes(self, plan) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """A decode step's shared-prefix grouping, when it pays (`ops.group_shared_prefixes`); counts the keys."""
+        if plan.max_query_len != 1:
+            return None
+        plain = int(plan.seq_lens.sum())
+        grouped = (group_shared_prefixes(plan.block_tables, plan.seq_lens, self.block_size, self.cascade_width)
+                   if self.cascade_width else None)
+        self.decode_keys_plain += plain
+        self.decode_keys_read += plain if grouped is None else grouped[3]
+        return None if grouped is None else grouped[:3]
+
+    @property
+    def kv_bytes_per_key(self) -> int:
+        """Bytes of keys and values one cached token holds over all layers."""
+        return self._bytes_per_block() // self.block_size
 
     @staticmethod
     def _image_spans(plan) -> tuple[np.ndarray, np.ndarray]:
@@ -270,5 +328,17 @@ class ModelRunner:
         return spans, loc
 
     def compute_logits(self, hidden: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
-        """fp32 logits of the given rows of a step's hidden states."""
-        return self.model.compute_logits(hidden[self._tensor(rows)]).float()
+        """fp32 logits of the given rows of a step's hidden states (a copy: the next step may overwrite a
+        decode graph's buffers while these are still read)."""
+        index = self._tensor(rows)
+        if self._graph_rows:  # the graph computed them already
+            return self.decode_graphs.logits[index]
+        return self.model.compute_logits(hidden[index]).float()
+
+    def greedy_picks(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(argmax tokens, their log-probs) of these rows, copied, when the decode graph that ran the last step
+        computed them; else None (then sample the logits)."""
+        if not self._graph_rows:
+            return None
+        index = self._tensor(rows)
+        return self.decode_graphs.greedy[index], self.decode_graphs.greedy_logprobs[index]

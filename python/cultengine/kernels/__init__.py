@@ -9,10 +9,12 @@ from .cache import write_kv
 from .norm import rms_norm
 from .patch_embed import patch_embed
 from .rotary import rotary_embedding
+from .rotary_kv import rotary_write_kv
 from .vision_varlen import varlen_vision_attention
 
 __all__ = ["bind", "paged_attention", "paged_decode_attention", "paged_prefill_attention", "vision_attention",
-           "varlen_vision_attention", "write_kv", "rms_norm", "patch_embed", "rotary_embedding"]
+           "varlen_vision_attention", "write_kv", "rms_norm", "patch_embed", "rotary_embedding",
+           "rotary_write_kv"]
 
 
 def bind(ops, use_flash_attn: bool = False) -> None:
@@ -20,6 +22,7 @@ def bind(ops, use_flash_attn: bool = False) -> None:
     ops.write_kv, ops.paged_attention, ops.rms_norm = write_kv, paged_attention, rms_norm
     ops.vision_attention, ops.varlen_vision_attention = vision_attention, varlen_vision_attention
     ops.rotary_embedding, ops.patch_embed = rotary_embedding, patch_embed
+    ops.rotary_write_kv = rotary_write_kv
     if use_flash_attn:
         try:
             from . import flash

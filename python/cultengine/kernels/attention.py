@@ -228,12 +228,12 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr, qsl_ptr,
-                         seq_lens_ptr, block_tables_ptr, qk_scale, tiles_per_split, window,
+                         seq_lens_ptr, block_tables_ptr, prefix_lens_ptr, qk_scale, tiles_per_split, window,
                          stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ko, stride_kh,
                          stride_bt, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
                          QUERIES_PER_KV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                         SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+                         SPLIT: tl.constexpr, HAS_PREFIX: tl.constexpr, PRECISION: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -257,8 +257,11 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr,
     l_i = tl.zeros([GROUP], dtype=tl.float32)
 
     # The one query sits at position seq_len - 1 and sees every key of its window: the splits cut the
-    # window, and only the end needs a mask.
-    kv_start = tl.maximum(seq_len - window, 0) + split * tiles_per_split * BLOCK_N
+    # window, and only the end needs a mask. Keys a cascade group shares are read by the prefix kernel.
+    first_key = tl.maximum(seq_len - window, 0)
+    if HAS_PREFIX:
+        first_key = tl.maximum(first_key, tl.load(prefix_lens_ptr + seq))
+    kv_start = first_key + split * tiles_per_split * BLOCK_N
     kv_end = tl.minimum(seq_len, kv_start + tiles_per_split * BLOCK_N)
     for start_n in range(kv_start, kv_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -283,14 +286,16 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr,
 
 
 @triton.jit
-def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, qsl_ptr, out_ptr, num_splits, stride_pb, stride_ph,
-                          stride_ps, stride_lb, stride_lh, stride_ot, stride_oh, HEAD_DIM: tl.constexpr,
-                          BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, qsl_ptr, prefix_lens_ptr, out_ptr, num_splits, stride_pb,
+                          stride_ph, stride_ps, stride_lb, stride_lh, stride_ot, stride_oh, HEAD_DIM: tl.constexpr,
+                          BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, HAS_PREFIX: tl.constexpr):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     mask_s = offs_s < num_splits
+    if HAS_PREFIX:  # slot num_splits holds the shared-prefix part of a sequence in a cascade group
+        mask_s |= (offs_s == num_splits) & ((offs_s * 0 + tl.load(prefix_lens_ptr + seq)) > 0)
     lse = tl.load(part_lse_ptr + seq * stride_lb + head * stride_lh + offs_s, mask=mask_s,
                   other=float("-inf"))
     w = tl.exp2(lse - tl.max(lse, 0))  # split 0 is never empty, so the max is finite
@@ -301,6 +306,54 @@ def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, qsl_ptr, out_ptr, num_spli
     row = tl.load(qsl_ptr + seq)
     tl.store(out_ptr + row * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
              mask=offs_d < HEAD_DIM)
+
+
+@triton.jit
+def _cascade_prefix_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_ptr, qsl_ptr, block_tables_ptr,
+                           tile_seqs_ptr, tile_prefix_lens_ptr, slot, qk_scale, stride_qt, stride_qh, stride_kb,
+                           stride_ko, stride_kh, stride_bt, stride_ts, stride_pb, stride_ph, stride_ps, stride_lb,
+                           stride_lh, QUERIES_PER_KV: tl.constexpr, HEADS_P2: tl.constexpr, TILE_SEQS: tl.constexpr,
+                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                           BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """The keys a tile of sequences shares, read once for all its queries: rows are (member, query head
+    of this KV head); each row's partial result goes to its sequence's extra split `slot`."""
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    prefix_len = tl.load(tile_prefix_lens_ptr + tile)  # 0: a padding tile, whose loop runs no key
+
+    offs_r = tl.arange(0, TILE_SEQS * HEADS_P2)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    seq = tl.load(tile_seqs_ptr + tile * stride_ts + offs_r // HEADS_P2)
+    heads = kv_head * QUERIES_PER_KV + offs_r % HEADS_P2
+    # (The tile's length joins the mask as a vector: the interpreter refuses a scalar in a mask.)
+    valid = (seq >= 0) & ((offs_r % HEADS_P2) < QUERIES_PER_KV) & ((offs_r * 0 + prefix_len) > 0)
+    row = tl.load(qsl_ptr + seq, mask=valid, other=0)
+    mask_q = valid[:, None] & mask_d[None, :]
+    q = tl.load(q_ptr + row[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=mask_q,
+                other=0.0)
+
+    leader = tl.load(tile_seqs_ptr + tile * stride_ts)
+    bt_row = block_tables_ptr + leader * stride_bt
+    k_base = k_cache_ptr + kv_head * stride_kh
+    v_base = v_cache_ptr + kv_head * stride_kh
+    acc = tl.zeros([TILE_SEQS * HEADS_P2, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([TILE_SEQS * HEADS_P2], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([TILE_SEQS * HEADS_P2], dtype=tl.float32)
+    for start_n in range(0, prefix_len, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < prefix_len
+        kv_off = _paged_offsets(bt_row, offs_n, mask_n, offs_d, stride_kb, stride_ko, BLOCK_SIZE)
+        mask_kv = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_base + kv_off, mask=mask_kv, other=0.0)
+        v = tl.load(v_base + kv_off, mask=mask_kv, other=0.0)
+        acc, m_i, l_i = _softmax_tile(q, k, v, acc, m_i, l_i, qk_scale, mask_n[None, :], True, PRECISION)
+
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    seq_safe = tl.where(valid, seq, 0)
+    part = part_out_ptr + seq_safe[:, None] * stride_pb + heads[:, None] * stride_ph + slot * stride_ps
+    tl.store(part + offs_d[None, :], acc / l_safe[:, None], mask=mask_q)
+    tl.store(part_lse_ptr + seq_safe * stride_lb + heads * stride_lh + slot, m_i + tl.log2(l_safe), mask=valid)
 
 
 @functools.lru_cache
@@ -356,24 +409,39 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
     out = torch.empty_like(q)
     block_d = triton.next_power_of_2(d)
+    shared = meta.shared_prefixes if window is None else None  # a sliding window reads its own keys alone
+    slots = num_splits + (shared is not None)  # the shared part merges as one more split
     part_out = part_lse = out  # unused by the kernel when there is one split
-    if num_splits > 1:
-        part_out = torch.empty((batch, hq, num_splits, d), dtype=torch.float32, device=q.device)
-        part_lse = torch.empty((batch, hq, num_splits), dtype=torch.float32, device=q.device)
+    if slots > 1:
+        part_out = torch.empty((batch, hq, slots, d), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((batch, hq, slots), dtype=torch.float32, device=q.device)
+    prefix_lens = meta.seq_lens if shared is None else shared.prefix_lens  # unread without a cascade
+    qpk = hq // hkv
     # The split count is a run-time argument, so varying batch sizes do not compile new kernels.
     _decode_split_kernel[(batch, hkv, num_splits)](
         q, k_cache, v_cache, out, part_out, part_lse, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-        scale * LOG2E, tiles_per_split, window or NO_WINDOW, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
+        prefix_lens, scale * LOG2E, tiles_per_split, window or NO_WINDOW, q.stride(0), q.stride(1), out.stride(0),
+        out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
         part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
-        QUERIES_PER_KV=hq // hkv, GROUP=max(16, triton.next_power_of_2(hq // hkv)), HEAD_DIM=d,
-        BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n, SPLIT=num_splits > 1,
+        QUERIES_PER_KV=qpk, GROUP=max(16, triton.next_power_of_2(qpk)), HEAD_DIM=d,
+        BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n, SPLIT=slots > 1, HAS_PREFIX=shared is not None,
         PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
-    if num_splits > 1:
+    if shared is not None:
+        tiles, tile_seqs = shared.tile_seqs.shape
+        _cascade_prefix_kernel[(tiles, hkv)](
+            q, k_cache, v_cache, part_out, part_lse, meta.query_start_loc, meta.block_tables, shared.tile_seqs,
+            shared.tile_prefix_lens, num_splits, scale * LOG2E, q.stride(0), q.stride(1), k_cache.stride(0),
+            k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0), shared.tile_seqs.stride(0),
+            part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
+            QUERIES_PER_KV=qpk, HEADS_P2=triton.next_power_of_2(qpk), TILE_SEQS=tile_seqs, HEAD_DIM=d,
+            BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n, PRECISION=_precision(q.dtype),
+            num_warps=num_warps, num_stages=num_stages)
+    if slots > 1:
         _decode_reduce_kernel[(batch, hq)](
-            part_out, part_lse, meta.query_start_loc, out, num_splits, part_out.stride(0), part_out.stride(1),
-            part_out.stride(2), part_lse.stride(0), part_lse.stride(1), out.stride(0), out.stride(1),
-            HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4)
+            part_out, part_lse, meta.query_start_loc, prefix_lens, out, num_splits, part_out.stride(0),
+            part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1), out.stride(0),
+            out.stride(1), HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(slots),
+            HAS_PREFIX=shared is not None, num_warps=4)
     return out
 
 

@@ -8,6 +8,12 @@ import triton.language as tl
 
 
 @triton.jit
+def _slot_offset(slot, stride_cb, stride_co, BLOCK_SIZE: tl.constexpr):
+    """Element offset of cache slot `slot` (int64): block `slot // BLOCK_SIZE`, row `slot % BLOCK_SIZE`."""
+    return (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_co
+
+
+@triton.jit
 def _write_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_kt, stride_kh,
                      stride_vt, stride_vh, stride_cb, stride_co, stride_ch,
                      NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -19,7 +25,7 @@ def _write_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, str
     offs_h = tl.arange(0, BLOCK_H)[:, None]
     offs_d = tl.arange(0, BLOCK_D)[None, :]
     mask = (offs_h < NUM_HEADS) & (offs_d < HEAD_DIM)
-    dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_co + offs_h * stride_ch + offs_d
+    dst = _slot_offset(slot, stride_cb, stride_co, BLOCK_SIZE) + offs_h * stride_ch + offs_d
     k = tl.load(key_ptr + token * stride_kt + offs_h * stride_kh + offs_d, mask=mask)
     v = tl.load(value_ptr + token * stride_vt + offs_h * stride_vh + offs_d, mask=mask)
     tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)

@@ -31,6 +31,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         return attention.paged_attention(q, k_cache, v_cache, meta, scale, window)
     if meta.image_spans is not None and meta.image_spans.numel():
         return attention.paged_attention(q, k_cache, v_cache, meta, scale, window)
+    if meta.shared_prefixes is not None and meta.max_query_len == 1 and not window:  # cascade: the Triton kernel
+        return attention.paged_attention(q, k_cache, v_cache, meta, scale, window)
     window_size = (window - 1, 0) if window else (-1, -1)
     if meta.max_query_len == 1:  # decode-only: one row per sequence, in sequence order
         out = flash_attn_with_kvcache(q.unsqueeze(1), k_cache, v_cache, cache_seqlens=meta.seq_lens,

@@ -8,18 +8,34 @@ import triton.language as tl
 
 
 @triton.jit
+def _cos_sin(pos_ptr, cos_ptr, sin_ptr, token, stride_cos, stride_sin, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """The fp32 `cos, sin` rows `[1, BLOCK_HALF]` of the token's position (zero past HALF)."""
+    pos = tl.load(pos_ptr + token)
+    offs_d = tl.arange(0, BLOCK_HALF)[None, :]
+    c = tl.load(cos_ptr + pos * stride_cos + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)
+    s = tl.load(sin_ptr + pos * stride_sin + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)
+    return c, s
+
+
+@triton.jit
+def _rotated_halves(src, c, s, mask, HALF: tl.constexpr):
+    """Both halves (fp32) of the rotated head rows whose first halves `src` points at."""
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    return x1 * c - x2 * s, x2 * c + x1 * s
+
+
+@triton.jit
 def _rotate_heads(x_ptr, out_ptr, token, c, s, stride_xt, stride_xh, stride_ot, stride_oh,
                   NUM_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
                   BLOCK_HALF: tl.constexpr):
     offs_h = tl.arange(0, BLOCK_H)[:, None]
     offs_d = tl.arange(0, BLOCK_HALF)[None, :]
     mask = (offs_h < NUM_HEADS) & (offs_d < HALF)
-    src = x_ptr + token * stride_xt + offs_h * stride_xh + offs_d
-    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    y1, y2 = _rotated_halves(x_ptr + token * stride_xt + offs_h * stride_xh + offs_d, c, s, mask, HALF)
     dst = out_ptr + token * stride_ot + offs_h * stride_oh + offs_d
-    tl.store(dst, (x1 * c - x2 * s).to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(dst + HALF, (x2 * c + x1 * s).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst, y1.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, y2.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -29,10 +45,7 @@ def _rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cos_ptr, sin_ptr
                    HALF: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr,
                    BLOCK_HALF: tl.constexpr):
     token = tl.program_id(0)
-    pos = tl.load(pos_ptr + token)
-    offs_d = tl.arange(0, BLOCK_HALF)[None, :]
-    c = tl.load(cos_ptr + pos * stride_cos + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)
-    s = tl.load(sin_ptr + pos * stride_sin + offs_d, mask=offs_d < HALF, other=0.0).to(tl.float32)
+    c, s = _cos_sin(pos_ptr, cos_ptr, sin_ptr, token, stride_cos, stride_sin, HALF, BLOCK_HALF)
     _rotate_heads(q_ptr, q_out_ptr, token, c, s, stride_qt, stride_qh, stride_qot, stride_qoh,
                   NUM_Q_HEADS, HALF, BLOCK_QH, BLOCK_HALF)
     _rotate_heads(k_ptr, k_out_ptr, token, c, s, stride_kt, stride_kh, stride_kot, stride_koh,

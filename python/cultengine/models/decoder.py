@@ -207,7 +207,7 @@ class Decoder:
         return F.embedding(input_ids, self.embed_tokens)
 
     def rotary_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(positions, cos, sin) for `ops.rotary_embedding`: the shared tables, or for M-RoPE each token's own
+        """(positions, cos, sin) for `ops.rotary_write_kv`: the shared tables, or for M-RoPE each token's own
         (its frequencies turned by their position streams) at positions 0..T-1."""
         if self.mrope_rows is None:
             return positions, self.cos, self.sin
@@ -233,11 +233,11 @@ class Decoder:
             q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
             q = q.view(t, c.num_heads, c.head_dim)
             k = k.view(t, c.num_kv_heads, c.head_dim)
+            v = v.view(t, c.num_kv_heads, c.head_dim)
             if c.qk_norm:
                 q = ops.rms_norm(q, layer["q_norm"], c.rms_norm_eps)[0]
                 k = ops.rms_norm(k, layer["k_norm"], c.rms_norm_eps)[0]
-            q, k = ops.rotary_embedding(q, k, rope_positions, cos, sin)
-            ops.write_kv(k, v.view(t, c.num_kv_heads, c.head_dim), k_cache, v_cache, meta.slot_mapping)
+            q = ops.rotary_write_kv(q, k, v, rope_positions, cos, sin, k_cache, v_cache, meta.slot_mapping)
             a = ops.paged_attention(q, k_cache, v_cache, meta, self.scale, c.window(i))
             x = F.linear(a.reshape(t, self.q_size), layer["o"], layer["o_bias"])
             h, residual = ops.rms_norm(x, layer["post_norm"], c.rms_norm_eps, residual)
@@ -264,7 +264,7 @@ class SplicedDecoder:
         self.vocab_size = text.vocab_size
         self.hidden_size = text.hidden_size
         self.num_layers = text.num_layers
-        self.num_kv_heads = text.num_kv_heads
+        self.num_heads, self.num_kv_heads = text.num_heads, text.num_kv_heads
         self.head_dim = text.head_dim
         self.dtype = language_model.dtype
 

@@ -72,6 +72,7 @@ class Model(Protocol):
     """What the runner drives: a packed forward over a paged KV cache, and a ragged image encoder."""
 
     num_layers: int
+    num_heads: int
     num_kv_heads: int
     head_dim: int
     dtype: torch.dtype

@@ -503,7 +503,7 @@ class Qwen2VLModel:
         self.image_token_id, self.vocab_size = family.placeholder_id, family.text.vocab_size
         self.hidden_size = family.text.hidden_size
         self.num_layers = family.text.num_layers
-        self.num_kv_heads = family.text.num_kv_heads
+        self.num_heads, self.num_kv_heads = family.text.num_heads, family.text.num_kv_heads
         self.head_dim = family.text.head_dim
         self.dtype = self.language_model.dtype
 

@@ -1,0 +1,1 @@
+../python/cultengine/kernels/rotary_kv.py

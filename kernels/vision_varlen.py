@@ -1,0 +1,1 @@
+../python/cultengine/kernels/vision_varlen.py
