@@ -35,17 +35,34 @@ import bench_common  # noqa: E402
 
 
 def full_config() -> dict:
-    return dict(batches=[1, 8, 32], context=1024, prefill_lens=[512, 2048], steps=32, copy_bytes=2 << 30,
-                matmul=8192, matmul_dtype=torch.bfloat16, reps=20)
+    return dict(
+        batches=[1, 8, 32],
+        context=1024,
+        prefill_lens=[512, 2048],
+        steps=32,
+        copy_bytes=2 << 30,
+        matmul=8192,
+        matmul_dtype=torch.bfloat16,
+        reps=20,
+    )
 
 
 def dry_run_config() -> dict:
-    return dict(batches=[1, 2], context=64, prefill_lens=[64], steps=4, copy_bytes=16 << 20, matmul=256,
-                matmul_dtype=torch.float32, reps=3)
+    return dict(
+        batches=[1, 2],
+        context=64,
+        prefill_lens=[64],
+        steps=4,
+        copy_bytes=16 << 20,
+        matmul=256,
+        matmul_dtype=torch.float32,
+        reps=3,
+    )
 
 
 def device_timer(device: torch.device):
     """Median seconds of a callable, after a warm-up call: CUDA events on the GPU, a wall clock otherwise."""
+
     def run(fn, reps: int) -> float:
         fn()
         bench_common.sync(device)
@@ -63,6 +80,7 @@ def device_timer(device: torch.device):
                 fn()
                 times.append(time.perf_counter() - t)
         return bench_common.median(times)
+
     return run
 
 
@@ -79,21 +97,27 @@ def matmul_peak(device, n: int, dtype: torch.dtype, reps: int) -> float:
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     seconds = device_timer(device)(lambda: a @ b, reps)
-    return 2 * n ** 3 / seconds
+    return 2 * n**3 / seconds
 
 
 def model_arithmetic(engine) -> dict:
     """Bytes and FLOP coefficients of the engine's decoder."""
     lm = engine.model.language_model
     c = lm.cfg
-    layer_bytes = sum(t.numel() * t.element_size() for layer in lm.layers for t in layer.values()
-                      if isinstance(t, torch.Tensor))
+    layer_bytes = sum(
+        t.numel() * t.element_size() for layer in lm.layers for t in layer.values() if isinstance(t, torch.Tensor)
+    )
     matmul_params = sum(layer[k].numel() for layer in lm.layers for k in ("qkv", "o", "gate_up", "down"))
     head = lm.lm_head.numel() * lm.lm_head.element_size() + lm.norm.numel() * lm.norm.element_size()
     kv_elem = engine.runner.kv_caches[0][0].element_size()
-    return {"weight_bytes": layer_bytes + head, "matmul_params": matmul_params,
-            "lm_head_params": lm.lm_head.numel(), "num_layers": c.num_layers, "q_width": c.num_heads * c.head_dim,
-            "kv_bytes_per_token": 2 * c.num_layers * c.num_kv_heads * c.head_dim * kv_elem}
+    return {
+        "weight_bytes": layer_bytes + head,
+        "matmul_params": matmul_params,
+        "lm_head_params": lm.lm_head.numel(),
+        "num_layers": c.num_layers,
+        "q_width": c.num_heads * c.head_dim,
+        "kv_bytes_per_token": 2 * c.num_layers * c.num_kv_heads * c.head_dim * kv_elem,
+    }
 
 
 def prefill_flops(arith: dict, p: int) -> float:
@@ -180,13 +204,16 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="decode steps timed per batch size")
     parser.add_argument("--quick", action="store_true", help="fewer decode steps, one prefill length")
     parser.add_argument("--trace", action="store_true", help="print torch.profiler's kernel table of batch-1 decode")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="CPU, demo checkpoint, tiny sizes: checks the arithmetic")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="CPU, demo checkpoint, tiny sizes: checks the arithmetic"
+    )
     parser.add_argument("--out", type=Path, help="results folder (default benches/results; a temp dir for --dry-run)")
     args = parser.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
-        sys.exit("bench_bound: no CUDA device found; this benchmark compares GPU step times with the GPU's memory "
-                 "bandwidth and matmul peak (use --dry-run to check the script on the CPU with the demo checkpoint)")
+        sys.exit(
+            "bench_bound: no CUDA device found; this benchmark compares GPU step times with the GPU's memory "
+            "bandwidth and matmul peak (use --dry-run to check the script on the CPU with the demo checkpoint)"
+        )
     cfg = dry_run_config() if args.dry_run else full_config()
     if args.quick:
         cfg.update(steps=min(cfg["steps"], 8), prefill_lens=cfg["prefill_lens"][:1])
@@ -211,9 +238,16 @@ def main(argv=None) -> None:
         else:
             model, name, random_init = preset_checkpoint(args.preset, tmp / args.preset), args.preset, True
         longest = max([cfg["context"] + cfg["steps"] + 8] + [p + 8 for p in cfg["prefill_lens"]])
-        engine = Engine(str(model), device=str(device), dtype=dtype, random_init=random_init,
-                        attention_backend=args.backend, max_num_seqs=max(cfg["batches"]),
-                        max_num_batched_tokens=max([max(cfg["prefill_lens"]), 8192]), max_model_len=longest)
+        engine = Engine(
+            str(model),
+            device=str(device),
+            dtype=dtype,
+            random_init=random_init,
+            attention_backend=args.backend,
+            max_num_seqs=max(cfg["batches"]),
+            max_num_batched_tokens=max([max(cfg["prefill_lens"]), 8192]),
+            max_model_len=longest,
+        )
         arith = model_arithmetic(engine)
         run_steps(engine, 2, 16, 3, seed=1)  # warm-up (kernels compiled, caches allocated)
 
@@ -223,8 +257,14 @@ def main(argv=None) -> None:
             ctx = cfg["context"] + cfg["steps"] // 2  # mean KV length over the timed steps
             nbytes = arith["weight_bytes"] + b * ctx * arith["kv_bytes_per_token"]
             bound = nbytes / copy_bw
-            row = {"batch": b, "context": ctx, "bound_ms": bound * 1e3, "weight_gb": arith["weight_bytes"] / 1e9,
-                   "kv_gb": b * ctx * arith["kv_bytes_per_token"] / 1e9, "eager_ms": None}
+            row = {
+                "batch": b,
+                "context": ctx,
+                "bound_ms": bound * 1e3,
+                "weight_gb": arith["weight_bytes"] / 1e9,
+                "kv_gb": b * ctx * arith["kv_bytes_per_token"] / 1e9,
+                "eager_ms": None,
+            }
             # With CUDA graphs, then (same engine, graphs set aside) eagerly: what the graphs save.
             for key, use_graphs in (("step_ms", True), ("eager_ms", False)):
                 if not use_graphs and graphs is None:
@@ -237,8 +277,10 @@ def main(argv=None) -> None:
             seconds = row["step_ms"] / 1e3
             row.update(of_bound=bound / seconds, gb_s=nbytes / seconds / 1e9, tok_s=b / seconds)
             decode_rows.append(row)
-            print(f"decode batch {b}: {row['step_ms']:.2f} ms/step (eager {row['eager_ms']}), "
-                  f"bound {bound * 1e3:.2f} ms", flush=True)
+            print(
+                f"decode batch {b}: {row['step_ms']:.2f} ms/step (eager {row['eager_ms']}), bound {bound * 1e3:.2f} ms",
+                flush=True,
+            )
 
         phases = decode_phases(engine, cfg["context"], cfg["steps"])
         print("batch-1 decode step, ms per phase:", {k: round(v, 3) for k, v in phases.items()}, flush=True)
@@ -253,37 +295,70 @@ def main(argv=None) -> None:
                 times.append(sum(s[2] for s in steps if s[1] > 1))
             seconds = bench_common.median(times)
             flops = prefill_flops(arith, p)
-            prefill_rows.append({"tokens": p, "ms": seconds * 1e3, "bound_ms": flops / peak * 1e3,
-                                 "of_bound": flops / peak / seconds, "tflop_s": flops / seconds / 1e12,
-                                 "tok_s": p / seconds})
+            prefill_rows.append(
+                {
+                    "tokens": p,
+                    "ms": seconds * 1e3,
+                    "bound_ms": flops / peak * 1e3,
+                    "of_bound": flops / peak / seconds,
+                    "tflop_s": flops / seconds / 1e12,
+                    "tok_s": p / seconds,
+                }
+            )
             print(f"prefill {p}: {seconds * 1e3:.1f} ms, bound {flops / peak * 1e3:.1f} ms", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
     env = bench_common.environment(device)
-    md = "\n\n".join([
-        f"# Step time vs hardware bound: {name} ({env['device']}{', dry run' if args.dry_run else ''})",
-        f"{dtype}, backend {engine.ops.backend}{', decode from CUDA graphs' if graphs else ''}. "
-        "A step is the engine's whole step (schedule, forward, logits, sampling, update). "
-        f"Measured copy bandwidth {copy_bw / 1e9:,.0f} GB/s (read + write), "
-        f"matmul peak {peak / 1e12:,.1f} TFLOP/s ({str(cfg['matmul_dtype']).removeprefix('torch.')}, "
-        f"{cfg['matmul']}^3). Decoder weights {arith['weight_bytes'] / 1e9:.2f} GB, KV "
-        f"{arith['kv_bytes_per_token'] / 1e3:.1f} kB per token.",
-        "## Decode step (bound = (weight bytes + KV bytes) / copy bandwidth)",
-        bench_common.table(decode_rows, ["batch", "context", "step_ms", "eager_ms", "bound_ms", "of_bound", "gb_s",
-                                         "tok_s"],
-                           ["batch", "KV length", "step ms", "step ms without CUDA graphs", "bound ms",
-                            "bound / measured", "achieved GB/s", "tokens/s"]),
-        "Where a batch-1 decode step's time goes (ms; the engine's profile mode, synchronised per phase): "
-        + ", ".join(f"{k} {v:.3f}" for k, v in phases.items()) + ".",
-        "## Prefill, one sequence (bound = FLOPs / matmul peak)",
-        bench_common.table(prefill_rows, ["tokens", "ms", "bound_ms", "of_bound", "tflop_s", "tok_s"],
-                           ["tokens", "ms", "bound ms", "bound / measured", "achieved TFLOP/s", "tokens/s"]),
-    ])
-    data = {"bench": "bound", "env": env, "model": name, "dtype": dtype, "dry_run": args.dry_run,
-            "config": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in cfg.items()},
-            "copy_bytes_per_s": copy_bw, "matmul_flop_s": peak, "arithmetic": arith,
-            "decode": decode_rows, "decode_phases_ms": phases, "prefill": prefill_rows}
+    md = "\n\n".join(
+        [
+            f"# Step time vs hardware bound: {name} ({env['device']}{', dry run' if args.dry_run else ''})",
+            f"{dtype}, backend {engine.ops.backend}{', decode from CUDA graphs' if graphs else ''}. "
+            "A step is the engine's whole step (schedule, forward, logits, sampling, update). "
+            f"Measured copy bandwidth {copy_bw / 1e9:,.0f} GB/s (read + write), "
+            f"matmul peak {peak / 1e12:,.1f} TFLOP/s ({str(cfg['matmul_dtype']).removeprefix('torch.')}, "
+            f"{cfg['matmul']}^3). Decoder weights {arith['weight_bytes'] / 1e9:.2f} GB, KV "
+            f"{arith['kv_bytes_per_token'] / 1e3:.1f} kB per token.",
+            "## Decode step (bound = (weight bytes + KV bytes) / copy bandwidth)",
+            bench_common.table(
+                decode_rows,
+                ["batch", "context", "step_ms", "eager_ms", "bound_ms", "of_bound", "gb_s", "tok_s"],
+                [
+                    "batch",
+                    "KV length",
+                    "step ms",
+                    "step ms without CUDA graphs",
+                    "bound ms",
+                    "bound / measured",
+                    "achieved GB/s",
+                    "tokens/s",
+                ],
+            ),
+            "Where a batch-1 decode step's time goes (ms; the engine's profile mode, synchronised per phase): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in phases.items())
+            + ".",
+            "## Prefill, one sequence (bound = FLOPs / matmul peak)",
+            bench_common.table(
+                prefill_rows,
+                ["tokens", "ms", "bound_ms", "of_bound", "tflop_s", "tok_s"],
+                ["tokens", "ms", "bound ms", "bound / measured", "achieved TFLOP/s", "tokens/s"],
+            ),
+        ]
+    )
+    data = {
+        "bench": "bound",
+        "env": env,
+        "model": name,
+        "dtype": dtype,
+        "dry_run": args.dry_run,
+        "config": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in cfg.items()},
+        "copy_bytes_per_s": copy_bw,
+        "matmul_flop_s": peak,
+        "arithmetic": arith,
+        "decode": decode_rows,
+        "decode_phases_ms": phases,
+        "prefill": prefill_rows,
+    }
     out = args.out or (Path(tempfile.mkdtemp(prefix="bench-bound-")) if args.dry_run else None)
     bench_common.write_results("bound", device, md, data, out)
 

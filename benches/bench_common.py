@@ -35,9 +35,14 @@ def environment(device: str | torch.device) -> dict:
     device = torch.device(device)
     import numpy
 
-    env = {"device": device_label(device), "torch": torch.__version__, "numpy": numpy.__version__,
-           "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
-           "torch_threads": torch.get_num_threads()}
+    env = {
+        "device": device_label(device),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+    }
     try:
         import transformers
 
@@ -91,8 +96,9 @@ def table(rows: list[dict], columns: list[str], headers: list[str] | None = None
     return "\n".join(lines)
 
 
-def write_results(bench: str, device: str | torch.device, markdown: str, data: dict,
-                  out_dir: Path | None = None) -> Path:
+def write_results(
+    bench: str, device: str | torch.device, markdown: str, data: dict, out_dir: Path | None = None
+) -> Path:
     """Write `<bench>-<device>.{md,json}`, print the markdown, return the path stem."""
     out_dir = out_dir or RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -55,23 +55,33 @@ def checkpoint_dir(preset: str | None, tmp: Path) -> Path:
 
 def workload_args(args, choices: int = 0) -> argparse.Namespace:
     """The namespace `cultengine.profile.build_workload` reads."""
-    return argparse.Namespace(seed=args.seed, prompt_len=args.prompt_len, output_len=str(args.output_len),
-                              num_requests=args.num_requests, images_per_request=1,
-                              prompts_per_image=getattr(args, "prompts_per_image", 1),
-                              shared_fraction=args.shared_fraction, choices=choices)
+    return argparse.Namespace(
+        seed=args.seed,
+        prompt_len=args.prompt_len,
+        output_len=str(args.output_len),
+        num_requests=args.num_requests,
+        images_per_request=1,
+        prompts_per_image=getattr(args, "prompts_per_image", 1),
+        shared_fraction=args.shared_fraction,
+        choices=choices,
+    )
 
 
 def scheduler_kwargs(args) -> dict:
-    return dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                enable_prefix_caching=getattr(args, "prefix_caching", True))
+    return dict(
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=getattr(args, "prefix_caching", True),
+    )
 
 
 def make_engine(path: Path, args, random_init: bool, **overrides):
     from cultengine import Engine
 
     kw = {**scheduler_kwargs(args), **overrides}
-    return Engine(str(path), device=args.device, dtype=args.dtype, random_init=random_init,
-                  max_model_len=args.max_model_len, **kw)
+    return Engine(
+        str(path), device=args.device, dtype=args.dtype, random_init=random_init, max_model_len=args.max_model_len, **kw
+    )
 
 
 def reset_caches(engine, **sched_kw) -> None:
@@ -81,9 +91,14 @@ def reset_caches(engine, **sched_kw) -> None:
 
     assert not engine.scheduler.has_unfinished()
     engine.scheduler = _core.Scheduler(
-        engine.tokenizer, num_blocks=engine.runner.num_blocks, block_size=engine.runner.block_size,
-        max_model_len=engine.max_model_len, eos_token_ids=list(engine.checkpoint.eos_token_ids),
-        position_rows=engine.family.position_rows, **sched_kw)
+        engine.tokenizer,
+        num_blocks=engine.runner.num_blocks,
+        block_size=engine.runner.block_size,
+        max_model_len=engine.max_model_len,
+        eos_token_ids=list(engine.checkpoint.eos_token_ids),
+        position_rows=engine.family.position_rows,
+        **sched_kw,
+    )
     engine.runner.encoder_cache.embeddings.clear()
 
 
@@ -104,9 +119,11 @@ def image_kwargs(model, ids: torch.Tensor, images: list[list], device) -> dict:
     positions come from them)."""
     feats = [f for row in images for f in row]
     if feats and "grid_thw" in feats[0].meta:
-        return {"pixel_values": torch.cat([f.pixels for f in feats]).to(device=device, dtype=model.dtype),
-                "image_grid_thw": torch.tensor([f.meta["grid_thw"] for f in feats], device=device),
-                "mm_token_type_ids": (ids == model.config.image_token_id).int()}
+        return {
+            "pixel_values": torch.cat([f.pixels for f in feats]).to(device=device, dtype=model.dtype),
+            "image_grid_thw": torch.tensor([f.meta["grid_thw"] for f in feats], device=device),
+            "mm_token_type_ids": (ids == model.config.image_token_id).int(),
+        }
     return {"pixel_values": torch.stack([f.pixels for f in feats]).to(device=device, dtype=model.dtype)}
 
 
@@ -136,15 +153,15 @@ def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s)
-        mask[i, width - len(s):] = 1
+        ids[i, width - len(s) :] = torch.tensor(s)
+        mask[i, width - len(s) :] = 1
     return ids.to(device), mask.to(device)
 
 
 def batches_by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Request indices, longest first, in batches: the least padding transformers can have."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def overlap_ab(engine, requests, output_lens: list[int], args, model_name: str) -> None:
@@ -160,8 +177,16 @@ def overlap_ab(engine, requests, output_lens: list[int], args, model_name: str) 
             print(f"overlap {'on' if on else 'off'}: {t:.2f} s", flush=True)
     engine.overlap_scheduling = True
     out_tokens = sum(output_lens)
-    rows = [{"overlap_scheduling": on, "seconds": bench_common.median(times[on]), "best_s": min(times[on]),
-             "out_tok_s": out_tokens / bench_common.median(times[on]), "repeats_s": times[on]} for on in (True, False)]
+    rows = [
+        {
+            "overlap_scheduling": on,
+            "seconds": bench_common.median(times[on]),
+            "best_s": min(times[on]),
+            "out_tok_s": out_tokens / bench_common.median(times[on]),
+            "repeats_s": times[on],
+        }
+        for on in (True, False)
+    ]
     speedup = rows[0]["out_tok_s"] / rows[1]["out_tok_s"]
     env = bench_common.environment(args.device)
     lines = [
@@ -169,18 +194,36 @@ def overlap_ab(engine, requests, output_lens: list[int], args, model_name: str) 
         f"Model: {model_name}, {args.dtype}. `Engine.generate` of {args.num_requests} requests (workload "
         f"`{args.workload}`, one image each, output lengths {args.output_len} tokens, {out_tokens} in all, greedy), "
         f"max_num_seqs {args.max_num_seqs}; median of {args.repeats} interleaved repeat(s) on one engine.",
-        bench_common.table(rows, ["overlap_scheduling", "seconds", "best_s", "out_tok_s"],
-                           ["overlap_scheduling", "median wall s", "best wall s", "output tok/s (median)"]),
+        bench_common.table(
+            rows,
+            ["overlap_scheduling", "seconds", "best_s", "out_tok_s"],
+            ["overlap_scheduling", "median wall s", "best wall s", "output tok/s (median)"],
+        ),
         f"Speed-up with overlap on: {speedup:.3f}x. Tokens identical on and off: "
         f"{'yes' if tokens[True] == tokens[False] else 'NO'}.",
     ]
     if torch.device(args.device).type == "cpu":
-        lines.append("On the CPU torch runs each op as it is issued, so the host cannot run ahead of the device and "
-                     "no gain is expected: overlap hides host work (scheduling, plan upload, `update`) behind a GPU's.")
-    data = {"bench": "generate-overlap", "env": env, "model": model_name, "quick": args.quick, "rows": rows,
-            "speedup": speedup, "tokens_identical": tokens[True] == tokens[False],
-            "workload": {"num_requests": args.num_requests, "output_len": args.output_len, "workload": args.workload,
-                         "prompt_len_words": args.prompt_len, "max_num_seqs": args.max_num_seqs, "seed": args.seed}}
+        lines.append(
+            "On the CPU torch runs each op as it is issued, so the host cannot run ahead of the device and "
+            "no gain is expected: overlap hides host work (scheduling, plan upload, `update`) behind a GPU's."
+        )
+    data = {
+        "bench": "generate-overlap",
+        "env": env,
+        "model": model_name,
+        "quick": args.quick,
+        "rows": rows,
+        "speedup": speedup,
+        "tokens_identical": tokens[True] == tokens[False],
+        "workload": {
+            "num_requests": args.num_requests,
+            "output_len": args.output_len,
+            "workload": args.workload,
+            "prompt_len_words": args.prompt_len,
+            "max_num_seqs": args.max_num_seqs,
+            "seed": args.seed,
+        },
+    }
     bench_common.write_results("generate-overlap", args.device, "\n\n".join(lines), data, args.out)
 
 
@@ -209,14 +252,20 @@ def run_hf(model, inputs, output_lens: list[int], batch_size: int, pad_id: int, 
     for idx in batches_by_length([len(ids) for ids, _ in inputs], batch_size):
         steps = max(output_lens[i] for i in idx)
         # No EOS at all: greedy for exactly `steps` tokens, as ignore_eos does on our side.
-        gen = GenerationConfig(max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                               pad_token_id=pad_id, eos_token_id=None, bos_token_id=None)
+        gen = GenerationConfig(
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            pad_token_id=pad_id,
+            eos_token_id=None,
+            bos_token_id=None,
+        )
         ids, mask = left_pad([inputs[i][0] for i in idx], pad_id, device)
         images = image_kwargs(model, ids, [inputs[i][1] for i in idx], device)
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen, **images)
-        new = out[:, ids.shape[1]:].tolist()
+        new = out[:, ids.shape[1] :].tolist()
         for i, toks in zip(idx, new, strict=True):
-            results[i] = toks[:output_lens[i]]
+            results[i] = toks[: output_lens[i]]
     return results
 
 
@@ -234,34 +283,49 @@ def agreement(ours: list[list[int]], theirs: list[list[int]]) -> dict:
             n += 1
         return n / max(len(a), 1)
 
-    return {"identical_fraction": float(np.mean(same)),
-            "mean_common_prefix_fraction": float(np.mean([prefix(a, b) for a, b in zip(ours, theirs, strict=True)])),
-            "lengths_ok": all(len(a) == len(b) for a, b in zip(ours, theirs, strict=True))}
+    return {
+        "identical_fraction": float(np.mean(same)),
+        "mean_common_prefix_fraction": float(np.mean([prefix(a, b) for a, b in zip(ours, theirs, strict=True)])),
+        "lengths_ok": all(len(a) == len(b) for a, b in zip(ours, theirs, strict=True)),
+    }
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--preset", default=None, help="shape preset with random weights (cultengine.profile.PRESETS); "
-                        "default: the demo checkpoint")
+    parser.add_argument(
+        "--preset",
+        default=None,
+        help="shape preset with random weights (cultengine.profile.PRESETS); default: the demo checkpoint",
+    )
     parser.add_argument("--dtype", default=None, help="default: float32 on the CPU, bfloat16 on CUDA")
     parser.add_argument("--num-requests", type=int, default=None, help="default: 64 on the CPU, 1000 on CUDA")
-    parser.add_argument("--prompt-len", default=None,
-                        help="words per prompt (profile syntax: N, LO:HI, exp:MEAN); default 16 on the CPU "
-                             "(~32 tokens), 16:64 on CUDA")
-    parser.add_argument("--output-len", default=None,
-                        help="tokens per output (N, LO:HI, exp:MEAN); default 32 CPU, 64 CUDA")
-    parser.add_argument("--shared-fraction", type=float, default=0.0,
-                        help="fraction of requests sharing one image and a prompt prefix")
-    parser.add_argument("--prompts-per-image", type=int, default=1,
-                        help="consecutive requests asking about the same image")
-    parser.add_argument("--workload", choices=("uniform", "benchmark", "stories"), default="uniform",
-                        help="uniform: fixed output length, one image per request (the defaults); benchmark: "
-                             "4 questions per image and answers of 4 to 64 tokens, as on cultural benchmarks; "
-                             "stories: one image x 42 nationalities x 2 temperatures (84 prompts), 200-token stories")
+    parser.add_argument(
+        "--prompt-len",
+        default=None,
+        help="words per prompt (profile syntax: N, LO:HI, exp:MEAN); default 16 on the CPU (~32 tokens), 16:64 on CUDA",
+    )
+    parser.add_argument(
+        "--output-len", default=None, help="tokens per output (N, LO:HI, exp:MEAN); default 32 CPU, 64 CUDA"
+    )
+    parser.add_argument(
+        "--shared-fraction", type=float, default=0.0, help="fraction of requests sharing one image and a prompt prefix"
+    )
+    parser.add_argument(
+        "--prompts-per-image", type=int, default=1, help="consecutive requests asking about the same image"
+    )
+    parser.add_argument(
+        "--workload",
+        choices=("uniform", "benchmark", "stories"),
+        default="uniform",
+        help="uniform: fixed output length, one image per request (the defaults); benchmark: "
+        "4 questions per image and answers of 4 to 64 tokens, as on cultural benchmarks; "
+        "stories: one image x 42 nationalities x 2 temperatures (84 prompts), 200-token stories",
+    )
     parser.add_argument("--hf-batch-size", type=int, default=16)
-    parser.add_argument("--overlap-ab", action="store_true",
-                        help="ours only, overlapped scheduling on vs off (no transformers run)")
+    parser.add_argument(
+        "--overlap-ab", action="store_true", help="ours only, overlapped scheduling on vs off (no transformers run)"
+    )
     bench_common.add_run_args(parser, "requests of 4 tokens")
     args = parser.parse_args(argv)
     cuda = bench_common.setup_run(args, "bench_generate")
@@ -369,20 +433,37 @@ def main(argv=None) -> None:
     rows = []
     for name in times:
         wall = bench_common.median(times[name])
-        rows.append({"system": name, "seconds": wall, "out_tok_s": out_tokens / wall,
-                     "req_s": args.num_requests / wall, "repeats_s": times[name]})
+        rows.append(
+            {
+                "system": name,
+                "seconds": wall,
+                "out_tok_s": out_tokens / wall,
+                "req_s": args.num_requests / wall,
+                "repeats_s": times[name],
+            }
+        )
     for r in rows:
         r["ratio"] = r["out_tok_s"] / rows[-1]["out_tok_s"]
     ratio = next(r["ratio"] for r in rows if r["system"] == default_system)
     check = agreement(tokens[default_system], tokens["transformers"]) if not random_init else None
     env = bench_common.environment(args.device)
     model_name = args.preset or "demo checkpoint (cultengine.bench.demo_checkpoint)"
-    workload = {"num_requests": args.num_requests, "images_per_request": 1, "prompt_len_words": args.prompt_len,
-                "prompt_tokens_mean": float(np.mean(prompt_tokens)), "prompt_tokens_max": max(prompt_tokens),
-                "output_len": args.output_len, "output_tokens": out_tokens, "workload": args.workload,
-                "prompts_per_image": args.prompts_per_image, "shared_fraction": args.shared_fraction,
-                "hf_batch_size": args.hf_batch_size, "max_num_seqs": args.max_num_seqs, "dtype": args.dtype,
-                "seed": args.seed}
+    workload = {
+        "num_requests": args.num_requests,
+        "images_per_request": 1,
+        "prompt_len_words": args.prompt_len,
+        "prompt_tokens_mean": float(np.mean(prompt_tokens)),
+        "prompt_tokens_max": max(prompt_tokens),
+        "output_len": args.output_len,
+        "output_tokens": out_tokens,
+        "workload": args.workload,
+        "prompts_per_image": args.prompts_per_image,
+        "shared_fraction": args.shared_fraction,
+        "hf_batch_size": args.hf_batch_size,
+        "max_num_seqs": args.max_num_seqs,
+        "dtype": args.dtype,
+        "seed": args.seed,
+    }
     lines = [
         f"# End-to-end generation: cultengine vs transformers ({env['device']})",
         f"Model: {model_name}, {args.dtype}{', random weights' if random_init else ''}. "
@@ -394,30 +475,55 @@ def main(argv=None) -> None:
         f"repeat(s); ours includes request preprocessing, transformers' inputs are ready-made.",
     ]
     if not cuda:
-        lines.append(f"**Goal on the CPU: >= {GOAL_CPU:.0f}x transformers' output tokens/s "
-                     f"({'met' if ratio >= GOAL_CPU else 'NOT met'}: {ratio:.2f}x).**")
-    lines.append(f"`{default_system}` is the engine's default on this backend (shared-prefix decode attention is on "
-                 f"by default with the Triton kernels, off with the torch reference).")
-    lines.append(bench_common.table(rows, ["system", "seconds", "out_tok_s", "req_s", "ratio"],
-                                    ["system", "wall s", "output tok/s", "requests/s", "ratio vs transformers"]))
-    lines.append(f"Prefill tokens computed: {prefill['shared']} with prefix sharing, {prefill['no_sharing']} "
-                 f"without ({prefill['no_sharing'] / max(prefill['shared'], 1):.2f}x).")
+        lines.append(
+            f"**Goal on the CPU: >= {GOAL_CPU:.0f}x transformers' output tokens/s "
+            f"({'met' if ratio >= GOAL_CPU else 'NOT met'}: {ratio:.2f}x).**"
+        )
+    lines.append(
+        f"`{default_system}` is the engine's default on this backend (shared-prefix decode attention is on "
+        f"by default with the Triton kernels, off with the torch reference)."
+    )
+    lines.append(
+        bench_common.table(
+            rows,
+            ["system", "seconds", "out_tok_s", "req_s", "ratio"],
+            ["system", "wall s", "output tok/s", "requests/s", "ratio vs transformers"],
+        )
+    )
+    lines.append(
+        f"Prefill tokens computed: {prefill['shared']} with prefix sharing, {prefill['no_sharing']} "
+        f"without ({prefill['no_sharing'] / max(prefill['shared'], 1):.2f}x)."
+    )
     workload["prefill_tokens"] = prefill
     # Decode attention's KV traffic (full-attention layers), per generated token.
     per_token = {k: decode_keys[k] * kv_bytes_per_key / out_tokens for k in (True, False)}
-    lines.append(f"Decode KV bytes read per generated token: {per_token[True] / 2**20:.2f} MiB with shared-prefix "
-                 f"(cascade) attention, {per_token[False] / 2**20:.2f} MiB without "
-                 f"({per_token[False] / max(per_token[True], 1):.2f}x less).")
+    lines.append(
+        f"Decode KV bytes read per generated token: {per_token[True] / 2**20:.2f} MiB with shared-prefix "
+        f"(cascade) attention, {per_token[False] / 2**20:.2f} MiB without "
+        f"({per_token[False] / max(per_token[True], 1):.2f}x less)."
+    )
     workload["decode_kv_bytes_per_token"] = {"cascade": per_token[True], "no_cascade": per_token[False]}
     same = tokens["cultengine, cascade"] == tokens["cultengine, no cascade"]
     lines.append(f"Outputs with and without cascade: {'identical' if same else 'DIFFERENT'}.")
     workload["cascade_outputs_identical"] = same
     if check:
-        lines.append(f"Greedy agreement (float32): {100 * check['identical_fraction']:.1f} % of requests have "
-                     f"identical token sequences; mean common prefix {100 * check['mean_common_prefix_fraction']:.1f}"
-                     f" % of the output.")
-    data = {"bench": "generate", "env": env, "model": model_name, "random_weights": random_init, "quick": args.quick,
-            "workload": workload, "rows": rows, "ratio": ratio, "goal_cpu": GOAL_CPU, "agreement": check}
+        lines.append(
+            f"Greedy agreement (float32): {100 * check['identical_fraction']:.1f} % of requests have "
+            f"identical token sequences; mean common prefix {100 * check['mean_common_prefix_fraction']:.1f}"
+            f" % of the output."
+        )
+    data = {
+        "bench": "generate",
+        "env": env,
+        "model": model_name,
+        "random_weights": random_init,
+        "quick": args.quick,
+        "workload": workload,
+        "rows": rows,
+        "ratio": ratio,
+        "goal_cpu": GOAL_CPU,
+        "agreement": check,
+    }
     name = "generate" if args.workload == "uniform" else f"generate-{args.workload}"
     bench_common.write_results(name, args.device, "\n\n".join(lines), data, args.out)
 

@@ -34,22 +34,47 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def full_config():
     return dict(
-        dtype=torch.bfloat16, prefill_tokens=16384, prefill_heads=16, head_dim=128,
+        dtype=torch.bfloat16,
+        prefill_tokens=16384,
+        prefill_heads=16,
+        head_dim=128,
         prefill_seqs=[512, 1024, 2048, 4096, 8192, 16384],
-        decode_batches=[1, 4, 16, 64, 256], decode_contexts=[1024, 4096, 16384, 32768],
-        decode_heads=(32, 8), decode_max_bytes=40e9, copy_bytes=2 << 30,
-        patch_sizes=[224, 336], patch_batches=[1, 8, 32, 128, 256], embed_dim=1024, patch=14,
-        sweep_seq=4096, sweep_decode=[(1, 8192), (1, 32768), (64, 8192), (256, 4096)],
-        rotary_tokens=[1, 16, 64, 256, 2048, 8192])
+        decode_batches=[1, 4, 16, 64, 256],
+        decode_contexts=[1024, 4096, 16384, 32768],
+        decode_heads=(32, 8),
+        decode_max_bytes=40e9,
+        copy_bytes=2 << 30,
+        patch_sizes=[224, 336],
+        patch_batches=[1, 8, 32, 128, 256],
+        embed_dim=1024,
+        patch=14,
+        sweep_seq=4096,
+        sweep_decode=[(1, 8192), (1, 32768), (64, 8192), (256, 4096)],
+        rotary_tokens=[1, 16, 64, 256, 2048, 8192],
+    )
 
 
 def dry_run_config():
     # fp32: the interpreter's bf16 dot is wrong, and only the plumbing is being checked here.
     return dict(
-        dtype=torch.float32, prefill_tokens=256, prefill_heads=2, head_dim=64, prefill_seqs=[64, 128],
-        decode_batches=[1, 2], decode_contexts=[64, 128], decode_heads=(4, 2), decode_max_bytes=1e9,
-        copy_bytes=1 << 20, patch_sizes=[28], patch_batches=[1, 2], embed_dim=32, patch=14,
-        sweep_seq=64, sweep_decode=[(1, 64)], rotary_tokens=[1, 5])
+        dtype=torch.float32,
+        prefill_tokens=256,
+        prefill_heads=2,
+        head_dim=64,
+        prefill_seqs=[64, 128],
+        decode_batches=[1, 2],
+        decode_contexts=[64, 128],
+        decode_heads=(4, 2),
+        decode_max_bytes=1e9,
+        copy_bytes=1 << 20,
+        patch_sizes=[28],
+        patch_batches=[1, 2],
+        embed_dim=32,
+        patch=14,
+        sweep_seq=64,
+        sweep_decode=[(1, 64)],
+        rotary_tokens=[1, 5],
+    )
 
 
 def timer(dry_run: bool):
@@ -57,11 +82,13 @@ def timer(dry_run: bool):
     the Python launch overhead a small decode call would otherwise be all about); a wall clock in the
     interpreter."""
     if dry_run:
+
         def wall(fn):
             fn()
             start = time.perf_counter()
             fn()
             return (time.perf_counter() - start) * 1e3
+
         return wall
     import triton.testing
 
@@ -69,6 +96,7 @@ def timer(dry_run: bool):
         # do_bench_cudagraph runs on a side stream: inputs made on the default stream must be ready.
         torch.cuda.synchronize()
         return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+
     return graph_median
 
 
@@ -104,9 +132,15 @@ def prefill_row(ops, kernels, bench, device, b, s, h, d, dtype, flash_attn_func)
     def tflops(fn):
         return 4 * b * h * s * s * d / 2 / (bench(fn) * 1e-3) / 1e12
 
-    row = {"seq_len": s, "batch": b, "heads": h, "head_dim": d,
-           "triton_paged": tflops(lambda: kernels.paged_attention(q, k_cache, v_cache, meta, d ** -0.5)),
-           "torch_sdpa_flash": tflops(lambda: sdpa_flash(qc, kc, vc)), "flash_attn": None}
+    row = {
+        "seq_len": s,
+        "batch": b,
+        "heads": h,
+        "head_dim": d,
+        "triton_paged": tflops(lambda: kernels.paged_attention(q, k_cache, v_cache, meta, d**-0.5)),
+        "torch_sdpa_flash": tflops(lambda: sdpa_flash(qc, kc, vc)),
+        "flash_attn": None,
+    }
     if flash_attn_func:
         row["flash_attn"] = tflops(lambda: flash_attn_func(qc, kc, vc, causal=True))
     return row
@@ -117,8 +151,21 @@ def bench_prefill(cfg, ops, kernels, bench, device):
         from flash_attn import flash_attn_func
     except ImportError:
         flash_attn_func = None
-    return [prefill_row(ops, kernels, bench, device, cfg["prefill_tokens"] // s, s, cfg["prefill_heads"],
-                        cfg["head_dim"], cfg["dtype"], flash_attn_func) for s in cfg["prefill_seqs"]]
+    return [
+        prefill_row(
+            ops,
+            kernels,
+            bench,
+            device,
+            cfg["prefill_tokens"] // s,
+            s,
+            cfg["prefill_heads"],
+            cfg["head_dim"],
+            cfg["dtype"],
+            flash_attn_func,
+        )
+        for s in cfg["prefill_seqs"]
+    ]
 
 
 def bench_copy_bandwidth(cfg, device) -> float:
@@ -138,10 +185,15 @@ def bench_copy_bandwidth(cfg, device) -> float:
 def decode_row(ops, kernels, bench, device, b, ctx, hq, hkv, d, dtype):
     k_cache, v_cache, tables = paged_cache(b, ctx, hkv, d, dtype, device)
     q = torch.randn(b, hq, d, dtype=dtype, device=device)
-    meta = ops.AttentionMetadata(torch.arange(b + 1, dtype=torch.int32, device=device),
-                                 torch.full((b,), ctx, dtype=torch.int32, device=device), tables,
-                                 torch.empty(0, dtype=torch.int64), 1, ctx)
-    ms = bench(lambda: kernels.paged_attention(q, k_cache, v_cache, meta, d ** -0.5))
+    meta = ops.AttentionMetadata(
+        torch.arange(b + 1, dtype=torch.int32, device=device),
+        torch.full((b,), ctx, dtype=torch.int32, device=device),
+        tables,
+        torch.empty(0, dtype=torch.int64),
+        1,
+        ctx,
+    )
+    ms = bench(lambda: kernels.paged_attention(q, k_cache, v_cache, meta, d**-0.5))
     # Bytes that must cross HBM: every key and value of the batch once, q in, out back, the block tables.
     total = 2 * b * ctx * hkv * d * k_cache.element_size() + 2 * q.nbytes + tables.nbytes
     return {"batch": b, "context": ctx, "us": ms * 1e3, "gb_per_s": total / (ms * 1e-3) / 1e9}
@@ -150,9 +202,12 @@ def decode_row(ops, kernels, bench, device, b, ctx, hq, hkv, d, dtype):
 def bench_decode(cfg, ops, kernels, bench, device):
     (hq, hkv), d, dtype = cfg["decode_heads"], cfg["head_dim"], cfg["dtype"]
     kv_bytes = lambda b, ctx: 2 * b * ctx * hkv * d * torch.finfo(dtype).bits // 8  # noqa: E731
-    return [decode_row(ops, kernels, bench, device, b, ctx, hq, hkv, d, dtype)
-            for b in cfg["decode_batches"] for ctx in cfg["decode_contexts"]
-            if kv_bytes(b, ctx) <= cfg["decode_max_bytes"]]
+    return [
+        decode_row(ops, kernels, bench, device, b, ctx, hq, hkv, d, dtype)
+        for b in cfg["decode_batches"]
+        for ctx in cfg["decode_contexts"]
+        if kv_bytes(b, ctx) <= cfg["decode_max_bytes"]
+    ]
 
 
 def conv_patch_embed(pixels, weight, cls, pos):
@@ -165,8 +220,7 @@ def patch_row(kernels, bench, device, b, size, weight, cls, pos):
     pixels = torch.randn(b, 3, size, size, dtype=weight.dtype, device=device)
     ours = bench(lambda: kernels.patch_embed(pixels, weight, None, cls, pos))
     ref = bench(lambda: conv_patch_embed(pixels, weight, cls, pos))
-    return {"image": size, "batch": b, "triton_img_per_s": b / (ours * 1e-3),
-            "torch_conv_img_per_s": b / (ref * 1e-3)}
+    return {"image": size, "batch": b, "triton_img_per_s": b / (ours * 1e-3), "torch_conv_img_per_s": b / (ref * 1e-3)}
 
 
 def bench_patch_embed(cfg, kernels, bench, device):
@@ -176,8 +230,7 @@ def bench_patch_embed(cfg, kernels, bench, device):
         weight = (0.02 * torch.randn(e, 3, p, p, device=device)).to(dtype)
         cls = torch.randn(e, dtype=dtype, device=device)
         pos = torch.randn(1 + (size // p) ** 2, e, dtype=dtype, device=device)
-        rows += [patch_row(kernels, bench, device, b, size, weight, cls, pos)
-                 for b in cfg["patch_batches"]]
+        rows += [patch_row(kernels, bench, device, b, size, weight, cls, pos) for b in cfg["patch_batches"]]
     return rows
 
 
@@ -207,10 +260,29 @@ def bench_rotary_write_kv(cfg, kernels, bench, device):
 
 # Tile and launch variants tried by --sweep: (BLOCK_M, BLOCK_N, num_warps, num_stages) for prefill,
 # (BLOCK_N, num_warps, num_stages) for decode. The first of each list is the engine's default at d = 128.
-PREFILL_VARIANTS = [(128, 32, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 2), (64, 64, 4, 2),
-                    (64, 64, 4, 3), (64, 32, 4, 2), (128, 128, 8, 2), (64, 128, 4, 2), (128, 64, 4, 3)]
-DECODE_VARIANTS = [(64, 8, 3), (64, 4, 3), (32, 4, 2), (32, 4, 3), (128, 8, 3), (128, 4, 2), (64, 8, 2), (64, 4, 4),
-                   (16, 4, 2)]
+PREFILL_VARIANTS = [
+    (128, 32, 8, 2),
+    (128, 64, 8, 2),
+    (128, 64, 8, 3),
+    (128, 32, 4, 2),
+    (64, 64, 4, 2),
+    (64, 64, 4, 3),
+    (64, 32, 4, 2),
+    (128, 128, 8, 2),
+    (64, 128, 4, 2),
+    (128, 64, 4, 3),
+]
+DECODE_VARIANTS = [
+    (64, 8, 3),
+    (64, 4, 3),
+    (32, 4, 2),
+    (32, 4, 3),
+    (128, 8, 3),
+    (128, 4, 2),
+    (64, 8, 2),
+    (64, 4, 4),
+    (16, 4, 2),
+]
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -240,27 +312,38 @@ def sweep(cfg, ops, kernels, bench, device) -> dict:
     q = torch.randn(b * s, h, d, dtype=dtype, device=device)
     k_cache, v_cache, tables = paged_cache(b, s, h, d, dtype, device)
     qsl = torch.arange(0, b * s + 1, s, dtype=torch.int32, device=device)
-    meta = ops.AttentionMetadata(qsl, torch.full((b,), s, dtype=torch.int32, device=device), tables,
-                                 torch.empty(0, dtype=torch.int64), s, s)
+    meta = ops.AttentionMetadata(
+        qsl, torch.full((b,), s, dtype=torch.int32, device=device), tables, torch.empty(0, dtype=torch.int64), s, s
+    )
     flops = 4 * b * h * s * s * d / 2
     prefill = time_variants(
-        PREFILL_VARIANTS, ("block_m", "block_n", "num_warps", "num_stages"),
-        lambda **kw: kernels.paged_prefill_attention(q, k_cache, v_cache, meta, d ** -0.5, **kw),
-        lambda ms: flops / (ms * 1e-3) / 1e12, bench)
+        PREFILL_VARIANTS,
+        ("block_m", "block_n", "num_warps", "num_stages"),
+        lambda **kw: kernels.paged_prefill_attention(q, k_cache, v_cache, meta, d**-0.5, **kw),
+        lambda ms: flops / (ms * 1e-3) / 1e12,
+        bench,
+    )
     decode = []
     hq, hkv = cfg["decode_heads"]
     for batch, ctx in cfg["sweep_decode"]:
         kc, vc, tab = paged_cache(batch, ctx, hkv, d, dtype, device)
         qd = torch.randn(batch, hq, d, dtype=dtype, device=device)
-        md = ops.AttentionMetadata(torch.arange(batch + 1, dtype=torch.int32, device=device),
-                                   torch.full((batch,), ctx, dtype=torch.int32, device=device), tab,
-                                   torch.empty(0, dtype=torch.int64), 1, ctx)
+        md = ops.AttentionMetadata(
+            torch.arange(batch + 1, dtype=torch.int32, device=device),
+            torch.full((batch,), ctx, dtype=torch.int32, device=device),
+            tab,
+            torch.empty(0, dtype=torch.int64),
+            1,
+            ctx,
+        )
         nbytes = 2 * batch * ctx * hkv * d * kc.element_size() + 2 * qd.nbytes + tab.nbytes
         rows = time_variants(
-            DECODE_VARIANTS, ("block_n", "num_warps", "num_stages"),
-            lambda kc=kc, vc=vc, qd=qd, md=md, **kw: kernels.paged_decode_attention(qd, kc, vc, md, d ** -0.5,
-                                                                                    **kw),
-            lambda ms, nbytes=nbytes: nbytes / (ms * 1e-3) / 1e9, bench)
+            DECODE_VARIANTS,
+            ("block_n", "num_warps", "num_stages"),
+            lambda kc=kc, vc=vc, qd=qd, md=md, **kw: kernels.paged_decode_attention(qd, kc, vc, md, d**-0.5, **kw),
+            lambda ms, nbytes=nbytes: nbytes / (ms * 1e-3) / 1e9,
+            bench,
+        )
         decode += [{"batch": batch, "context": ctx, **r} for r in rows]
     return {"prefill_seq": s, "prefill_batch": b, "prefill": prefill, "decode": decode}
 
@@ -280,8 +363,10 @@ def markdown(device_name: str, results: dict) -> str:
         f"# Kernel benchmarks: {device_name}",
         f"dtype {results['dtype']}; copy bandwidth {results['copy_gb_per_s']:.0f} GB/s",
         "## Prefill attention, causal (TFLOP/s)",
-        table(results["prefill"],
-              ["seq_len", "batch", "heads", "head_dim", "triton_paged", "torch_sdpa_flash", "flash_attn"]),
+        table(
+            results["prefill"],
+            ["seq_len", "batch", "heads", "head_dim", "triton_paged", "torch_sdpa_flash", "flash_attn"],
+        ),
         "## Decode attention (achieved GB/s; copy bandwidth above)",
         table(results["decode"], ["batch", "context", "us", "gb_per_s"]),
         "## Patch embedding (images/s)",
@@ -291,30 +376,33 @@ def markdown(device_name: str, results: dict) -> str:
     ]
     if "sweep" in results:
         sw = results["sweep"]
-        parts += [f"## Tile sweep: prefill, seq {sw['prefill_seq']} x batch {sw['prefill_batch']} (rate in TFLOP/s; "
-                  "rel_diff = relative L2 difference from the first variant's output)",
-                  table(sw["prefill"], ["block_m", "block_n", "num_warps", "num_stages", "rate", "rel_diff"]),
-                  "## Tile sweep: decode (rate in GB/s)",
-                  table(sw["decode"], ["batch", "context", "block_n", "num_warps", "num_stages", "rate",
-                                       "rel_diff"])]
+        parts += [
+            f"## Tile sweep: prefill, seq {sw['prefill_seq']} x batch {sw['prefill_batch']} (rate in TFLOP/s; "
+            "rel_diff = relative L2 difference from the first variant's output)",
+            table(sw["prefill"], ["block_m", "block_n", "num_warps", "num_stages", "rate", "rel_diff"]),
+            "## Tile sweep: decode (rate in GB/s)",
+            table(sw["decode"], ["batch", "context", "block_n", "num_warps", "num_stages", "rate", "rel_diff"]),
+        ]
     return "\n\n".join(parts) + "\n"
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dry-run", action="store_true",
-                        help="tiny shapes; runs on the CPU (Triton interpreter)")
-    parser.add_argument("--out", type=Path,
-                        help="results folder (default benches/results; a temp dir for --dry-run)")
-    parser.add_argument("--sweep", action="store_true", help="also time the tile/launch variants of the attention "
-                        "kernels (PREFILL_VARIANTS, DECODE_VARIANTS)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="tiny shapes; runs on the CPU (Triton interpreter)")
+    parser.add_argument("--out", type=Path, help="results folder (default benches/results; a temp dir for --dry-run)")
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="also time the tile/launch variants of the attention kernels (PREFILL_VARIANTS, DECODE_VARIANTS)",
+    )
     args = parser.parse_args(argv)
 
     has_cuda = torch.cuda.is_available()
     if not has_cuda and not args.dry_run:
-        sys.exit("bench_kernels: no CUDA device found; this benchmark needs an NVIDIA GPU "
-                 "(use --dry-run to check the script itself on the CPU)")
+        sys.exit(
+            "bench_kernels: no CUDA device found; this benchmark needs an NVIDIA GPU "
+            "(use --dry-run to check the script itself on the CPU)"
+        )
     if not has_cuda:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
     from cultengine import kernels, ops
@@ -324,8 +412,12 @@ def main(argv=None) -> None:
     cfg = dry_run_config() if args.dry_run else full_config()
     bench = timer(dry_run=not has_cuda)
 
-    results = {"device": device_name, "dtype": str(cfg["dtype"]).removeprefix("torch."),
-               "torch": torch.__version__, "dry_run": args.dry_run}
+    results = {
+        "device": device_name,
+        "dtype": str(cfg["dtype"]).removeprefix("torch."),
+        "torch": torch.__version__,
+        "dry_run": args.dry_run,
+    }
     results["copy_gb_per_s"] = bench_copy_bandwidth(cfg, device)
     results["prefill"] = bench_prefill(cfg, ops, kernels, bench, device)
     results["decode"] = bench_decode(cfg, ops, kernels, bench, device)

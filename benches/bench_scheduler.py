@@ -56,15 +56,22 @@ class _Harness:
         if impl == "rust":
             from cultengine import _core
 
-            self.sched = _core.Scheduler(tokenizer or _tokenizer(), num_blocks=num_blocks, block_size=BLOCK_SIZE,
-                                         max_num_seqs=num_seqs, max_num_batched_tokens=prefill_budget,
-                                         max_model_len=max_model_len, enable_prefix_caching=True,
-                                         eos_token_ids=[])
+            self.sched = _core.Scheduler(
+                tokenizer or _tokenizer(),
+                num_blocks=num_blocks,
+                block_size=BLOCK_SIZE,
+                max_num_seqs=num_seqs,
+                max_num_batched_tokens=prefill_budget,
+                max_model_len=max_model_len,
+                enable_prefix_caching=True,
+                eos_token_ids=[],
+            )
             for i, p in enumerate(prompts):
                 self.sched.add_sequence(i, p, [], max_tokens=max_tokens, ignore_eos=True)
         else:
-            self.sched = PyScheduler(num_blocks, BLOCK_SIZE, max_num_seqs=num_seqs,
-                                     max_num_batched_tokens=prefill_budget)
+            self.sched = PyScheduler(
+                num_blocks, BLOCK_SIZE, max_num_seqs=num_seqs, max_num_batched_tokens=prefill_budget
+            )
             for i, p in enumerate(prompts):
                 self.sched.add_sequence(i, p, max_tokens)
         # Fake sampled tokens, drawn up front so their cost is outside the timed steps.
@@ -114,15 +121,19 @@ def measure(impl: str, num_seqs: int, steps: int, repeats: int, tokenizer=None) 
         if impl == "rust":
             internal.append((h.sched.stats()["schedule_ns"] - before) / steps / 1e3)
         del h
-    return {"us_per_step": bench_common.median(wall), "cpu_us_per_step": bench_common.median(cpu),
-            "rust_internal_us_per_step": bench_common.median(internal) if internal else None,
-            "repeats_us": wall}
+    return {
+        "us_per_step": bench_common.median(wall),
+        "cpu_us_per_step": bench_common.median(cpu),
+        "rust_internal_us_per_step": bench_common.median(internal) if internal else None,
+        "repeats_us": wall,
+    }
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 512],
-                        help="numbers of running decode sequences")
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", default=[64, 256, 512], help="numbers of running decode sequences"
+    )
     parser.add_argument("--steps", type=int, default=200, help="timed steps per repeat (Rust)")
     parser.add_argument("--py-steps", type=int, default=30, help="timed steps per repeat (Python baseline)")
     parser.add_argument("--repeats", type=int, default=5)
@@ -137,13 +148,23 @@ def main(argv=None) -> None:
     for n in args.sizes:
         rust = measure("rust", n, args.steps, args.repeats, tokenizer=tok)
         py = measure("python", n, args.py_steps, args.repeats)
-        row = {"num_seqs": n, "rust_us": rust["us_per_step"], "rust_cpu_us": rust["cpu_us_per_step"],
-               "rust_internal_us": rust["rust_internal_us_per_step"], "python_us": py["us_per_step"],
-               "python_cpu_us": py["cpu_us_per_step"], "speedup": py["us_per_step"] / rust["us_per_step"],
-               "rust_repeats_us": rust["repeats_us"], "python_repeats_us": py["repeats_us"]}
+        row = {
+            "num_seqs": n,
+            "rust_us": rust["us_per_step"],
+            "rust_cpu_us": rust["cpu_us_per_step"],
+            "rust_internal_us": rust["rust_internal_us_per_step"],
+            "python_us": py["us_per_step"],
+            "python_cpu_us": py["cpu_us_per_step"],
+            "speedup": py["us_per_step"] / rust["us_per_step"],
+            "rust_repeats_us": rust["repeats_us"],
+            "python_repeats_us": py["repeats_us"],
+        }
         rows.append(row)
-        print(f"{n:4d} seqs: rust {row['rust_us']:.1f} us/step, python {row['python_us']:.1f} us/step, "
-              f"{row['speedup']:.1f}x", flush=True)
+        print(
+            f"{n:4d} seqs: rust {row['rust_us']:.1f} us/step, python {row['python_us']:.1f} us/step, "
+            f"{row['speedup']:.1f}x",
+            flush=True,
+        )
 
     at512 = next((r for r in rows if r["num_seqs"] == 512), None)
     goal = {"us_at_512": GOAL_US_AT_512, "speedup": GOAL_SPEEDUP}
@@ -152,22 +173,32 @@ def main(argv=None) -> None:
     goal["met_speedup"] = all(r["speedup"] >= GOAL_SPEEDUP for r in rows)
     device = "cpu"
     env = bench_common.environment(device)
-    md = "\n\n".join([
-        f"# Scheduler step time: Rust vs Python baseline ({env['device']})",
-        f"Steady-state decode: schedule() + update() per step, fake sampled tokens; prompts of 200-600 tokens, "
-        f"block size {BLOCK_SIZE}; median of {args.repeats} repeats of {args.steps} (Rust) / {args.py_steps} "
-        f"(Python) steps. `rust internal` is the scheduler's own clock (stats()['schedule_ns']), without the "
-        f"PyO3 array conversions.",
-        f"**Goal: <= {GOAL_US_AT_512:.0f} us per step at 512 sequences"
-        + (f" ({'met' if goal.get('met_us_at_512') else 'NOT met'})" if at512 else "")
-        + f", and >= {GOAL_SPEEDUP:.0f}x the Python baseline ({'met' if goal['met_speedup'] else 'NOT met'}).**",
-        bench_common.table(rows, ["num_seqs", "rust_us", "rust_cpu_us", "rust_internal_us", "python_us",
-                                  "python_cpu_us", "speedup"],
-                           ["running seqs", "Rust µs/step", "Rust CPU µs", "Rust internal µs", "Python µs/step",
-                            "Python CPU µs", "speedup (Python / Rust)"]),
-    ])
-    data = {"bench": "scheduler", "env": env, "quick": args.quick, "block_size": BLOCK_SIZE, "goal": goal,
-            "rows": rows}
+    md = "\n\n".join(
+        [
+            f"# Scheduler step time: Rust vs Python baseline ({env['device']})",
+            f"Steady-state decode: schedule() + update() per step, fake sampled tokens; prompts of 200-600 tokens, "
+            f"block size {BLOCK_SIZE}; median of {args.repeats} repeats of {args.steps} (Rust) / {args.py_steps} "
+            f"(Python) steps. `rust internal` is the scheduler's own clock (stats()['schedule_ns']), without the "
+            f"PyO3 array conversions.",
+            f"**Goal: <= {GOAL_US_AT_512:.0f} us per step at 512 sequences"
+            + (f" ({'met' if goal.get('met_us_at_512') else 'NOT met'})" if at512 else "")
+            + f", and >= {GOAL_SPEEDUP:.0f}x the Python baseline ({'met' if goal['met_speedup'] else 'NOT met'}).**",
+            bench_common.table(
+                rows,
+                ["num_seqs", "rust_us", "rust_cpu_us", "rust_internal_us", "python_us", "python_cpu_us", "speedup"],
+                [
+                    "running seqs",
+                    "Rust µs/step",
+                    "Rust CPU µs",
+                    "Rust internal µs",
+                    "Python µs/step",
+                    "Python CPU µs",
+                    "speedup (Python / Rust)",
+                ],
+            ),
+        ]
+    )
+    data = {"bench": "scheduler", "env": env, "quick": args.quick, "block_size": BLOCK_SIZE, "goal": goal, "rows": rows}
     bench_common.write_results("scheduler", device, md, data, args.out)
 
 
@@ -180,6 +211,7 @@ except ImportError:  # pragma: no cover
     pytest = None
 
 if pytest is not None:
+
     @pytest.mark.parametrize("num_seqs", [64, 256, 512])
     @pytest.mark.parametrize("impl", ["rust", "python"])
     def test_scheduler_step(benchmark, impl, num_seqs):

@@ -79,14 +79,15 @@ def run_lm_eval_style(model, questions, pad_id: int, device) -> np.ndarray:
         ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for i, s in enumerate(seqs):  # right padding, as lm-eval does for log-likelihoods
-            ids[i, :len(s)] = torch.tensor(s)
-            mask[i, :len(s)] = 1
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
         ids, mask = ids.to(device), mask.to(device)
-        logits = model(input_ids=ids, attention_mask=mask,
-                       **common.image_kwargs(model, ids, [images] * len(seqs), device)).logits
+        logits = model(
+            input_ids=ids, attention_mask=mask, **common.image_kwargs(model, ids, [images] * len(seqs), device)
+        ).logits
         row = []
         for i, c in enumerate(choices):
-            lp = torch.log_softmax(logits[i, len(ctx) - 1:len(ctx) - 1 + len(c)].float(), dim=-1)
+            lp = torch.log_softmax(logits[i, len(ctx) - 1 : len(ctx) - 1 + len(c)].float(), dim=-1)
             row.append(float(lp.gather(1, torch.tensor(c, device=device)[:, None]).sum()))
         results.append(row)
     return np.array(results, dtype=np.float64)
@@ -129,10 +130,14 @@ def main(argv=None) -> None:
 
         systems = {
             "a": ("cultengine score (context once, choices forked)", lambda: run_ours(engine, requests, args, True)),
-            "p": ("cultengine, one sequence per choice over the prefix cache (previous)",
-                  lambda: run_ours(engine, requests, args, True, per_choice=True)),
-            "b": ("cultengine, one sequence per choice, no prefix caching (vLLM prompt-logprobs)",
-                  lambda: run_ours(engine, requests, args, False, per_choice=True)),
+            "p": (
+                "cultengine, one sequence per choice over the prefix cache (previous)",
+                lambda: run_ours(engine, requests, args, True, per_choice=True),
+            ),
+            "b": (
+                "cultengine, one sequence per choice, no prefix caching (vLLM prompt-logprobs)",
+                lambda: run_ours(engine, requests, args, False, per_choice=True),
+            ),
         }
         hf = None
 
@@ -174,28 +179,45 @@ def main(argv=None) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     names = {k: v[0] for k, v in systems.items()} | {"c": "transformers, lm-eval style (1 padded forward / question)"}
-    prefill = {"a": PREFILL_TOKENS[(True, False)], "p": PREFILL_TOKENS[(True, True)],
-               "b": PREFILL_TOKENS[(False, True)], "c": None}
+    prefill = {
+        "a": PREFILL_TOKENS[(True, False)],
+        "p": PREFILL_TOKENS[(True, True)],
+        "b": PREFILL_TOKENS[(False, True)],
+        "c": None,
+    }
     rows = []
     for key in "apbc":
         wall = bench_common.median(times[key])
-        rows.append({"key": key, "system": names[key], "seconds": wall, "q_s": args.num_questions / wall,
-                     "prefill_tokens": prefill[key], "repeats_s": times[key]})
+        rows.append(
+            {
+                "key": key,
+                "system": names[key],
+                "seconds": wall,
+                "q_s": args.num_questions / wall,
+                "prefill_tokens": prefill[key],
+                "repeats_s": times[key],
+            }
+        )
     qps = {r["key"]: r["q_s"] for r in rows}
     for r in rows:
         r["vs_c"] = r["q_s"] / qps["c"]
     ratios = {"a_over_c": qps["a"] / qps["c"], "a_over_b": qps["a"] / qps["b"], "a_over_p": qps["a"] / qps["p"]}
 
     def compare(x, y):
-        return {"same_argmax_fraction": float(np.mean(scores[x].argmax(1) == scores[y].argmax(1))),
-                "max_abs_diff": float(np.abs(scores[x] - scores[y]).max())}
+        return {
+            "same_argmax_fraction": float(np.mean(scores[x].argmax(1) == scores[y].argmax(1))),
+            "max_abs_diff": float(np.abs(scores[x] - scores[y]).max()),
+        }
 
     checks = {"a_vs_b": compare("a", "b"), "a_vs_p": compare("a", "p")}
     if not random_init:
         checks["a_vs_c"] = compare("a", "c")
         checks["b_vs_c"] = compare("b", "c")
-    tolerance_ok = all(c["max_abs_diff"] <= ATOL and c["same_argmax_fraction"] == 1.0 for c in checks.values()) \
-        if args.dtype == "float32" else None
+    tolerance_ok = (
+        all(c["max_abs_diff"] <= ATOL and c["same_argmax_fraction"] == 1.0 for c in checks.values())
+        if args.dtype == "float32"
+        else None
+    )
 
     env = bench_common.environment(args.device)
     model_name = args.preset or "demo checkpoint (cultengine.bench.demo_checkpoint)"
@@ -212,19 +234,46 @@ def main(argv=None) -> None:
         f"(a) / (b) = {ratios['a_over_b']:.2f}x, (a) / (p) = {ratios['a_over_p']:.2f}x.** Prefill tokens computed: "
         f"(a) {prefill['a']}, (p) {prefill['p']}, (b) {prefill['b']}; the ideal, each context once and each "
         f"choice's tokens but its last: {ideal_prefill_tokens(questions)}.",
-        bench_common.table(rows, ["key", "system", "seconds", "q_s", "prefill_tokens", "vs_c"],
-                           ["", "system", "wall s", "questions/s", "prefill tokens", "ratio vs (c)"]),
-        "Agreement" + (f" (float32: same argmax and |Δ log-likelihood| <= {ATOL:g}: "
-                       f"{'yes' if tolerance_ok else 'NO'})" if tolerance_ok is not None else "") + ":",
-        bench_common.table(check_rows, ["pair", "same_argmax_fraction", "max_abs_diff"],
-                           ["pair", "same argmax (fraction of questions)", "max abs Δ log-likelihood"]),
+        bench_common.table(
+            rows,
+            ["key", "system", "seconds", "q_s", "prefill_tokens", "vs_c"],
+            ["", "system", "wall s", "questions/s", "prefill tokens", "ratio vs (c)"],
+        ),
+        "Agreement"
+        + (
+            f" (float32: same argmax and |Δ log-likelihood| <= {ATOL:g}: {'yes' if tolerance_ok else 'NO'})"
+            if tolerance_ok is not None
+            else ""
+        )
+        + ":",
+        bench_common.table(
+            check_rows,
+            ["pair", "same_argmax_fraction", "max_abs_diff"],
+            ["pair", "same argmax (fraction of questions)", "max abs Δ log-likelihood"],
+        ),
     ]
-    data = {"bench": "score", "env": env, "model": model_name, "random_weights": random_init, "quick": args.quick,
-            "workload": {"num_questions": args.num_questions, "choices": args.choices, "block_size": args.block_size,
-                         "prompt_len_words": args.prompt_len, "context_tokens_mean": float(np.mean(context_tokens)),
-                         "dtype": args.dtype, "seed": args.seed},
-            "rows": rows, "ratios": ratios, "goal_a_over_c": GOAL_VS_LM_EVAL, "checks": checks,
-            "tolerance": ATOL, "tolerance_ok": tolerance_ok}
+    data = {
+        "bench": "score",
+        "env": env,
+        "model": model_name,
+        "random_weights": random_init,
+        "quick": args.quick,
+        "workload": {
+            "num_questions": args.num_questions,
+            "choices": args.choices,
+            "block_size": args.block_size,
+            "prompt_len_words": args.prompt_len,
+            "context_tokens_mean": float(np.mean(context_tokens)),
+            "dtype": args.dtype,
+            "seed": args.seed,
+        },
+        "rows": rows,
+        "ratios": ratios,
+        "goal_a_over_c": GOAL_VS_LM_EVAL,
+        "checks": checks,
+        "tolerance": ATOL,
+        "tolerance_ok": tolerance_ok,
+    }
     bench_common.write_results(args.name, args.device, "\n\n".join(lines), data, args.out)
 
 

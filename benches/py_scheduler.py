@@ -49,7 +49,7 @@ class PyBlockManager:
         bs = self.block_size
         parent, hits = 0, []
         for i in range(len(seq.tokens) // bs):
-            parent = hash((parent, tuple(seq.tokens[i * bs:(i + 1) * bs])))
+            parent = hash((parent, tuple(seq.tokens[i * bs : (i + 1) * bs])))
             b = self.cached.get(parent)
             if b is None or (i + 1) * bs >= len(seq.tokens):
                 break
@@ -82,7 +82,7 @@ class PyBlockManager:
     def commit_full_blocks(self, seq: PySeq) -> None:
         bs, parent = self.block_size, 0
         for i in range(seq.num_computed // bs):
-            parent = hash((parent, tuple(seq.tokens[i * bs:(i + 1) * bs])))
+            parent = hash((parent, tuple(seq.tokens[i * bs : (i + 1) * bs])))
             b = seq.blocks[i]
             if self.block_hash[b] is None:
                 self.block_hash[b] = parent
@@ -97,8 +97,9 @@ class PyBlockManager:
 
 
 class PyScheduler:
-    def __init__(self, num_blocks: int, block_size: int = 16, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int = 8192):
+    def __init__(
+        self, num_blocks: int, block_size: int = 16, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192
+    ):
         self.bm = PyBlockManager(num_blocks, block_size)
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
@@ -155,13 +156,18 @@ class PyScheduler:
                 slots.append(seq.blocks[pos // bs] * bs + pos % bs)
             qsl.append(qsl[-1] + n)
             seq_lens.append(seq.num_computed + n)
-            tables[row, :len(seq.blocks)] = seq.blocks
+            tables[row, : len(seq.blocks)] = seq.blocks
             if seq.num_computed + n == len(seq.tokens):
                 sample_idx.append(qsl[-1] - 1)
-        return {"input_ids": np.array(input_ids, dtype=np.int64), "positions": np.array(positions, dtype=np.int64),
-                "slot_mapping": np.array(slots, dtype=np.int64), "query_start_loc": np.array(qsl, dtype=np.int32),
-                "seq_lens": np.array(seq_lens, dtype=np.int32), "block_tables": tables,
-                "sample_indices": np.array(sample_idx, dtype=np.int64)}
+        return {
+            "input_ids": np.array(input_ids, dtype=np.int64),
+            "positions": np.array(positions, dtype=np.int64),
+            "slot_mapping": np.array(slots, dtype=np.int64),
+            "query_start_loc": np.array(qsl, dtype=np.int32),
+            "seq_lens": np.array(seq_lens, dtype=np.int32),
+            "block_tables": tables,
+            "sample_indices": np.array(sample_idx, dtype=np.int64),
+        }
 
     def update(self, sampled: np.ndarray) -> list[int]:
         finished, k = [], 0

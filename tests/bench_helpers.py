@@ -55,14 +55,33 @@ class FakeEngine:
         return outs
 
     def stats(self):
-        return {"prefix_cache_hit_tokens": self.tokens // 2, "prefix_cache_queried_tokens": self.tokens,
-                "prefill_tokens_computed": self.tokens // 2, "prompt_tokens": self.tokens,
-                "generated_tokens": self.calls}
+        return {
+            "prefix_cache_hit_tokens": self.tokens // 2,
+            "prefix_cache_queried_tokens": self.tokens,
+            "prefill_tokens_computed": self.tokens // 2,
+            "prompt_tokens": self.tokens,
+            "generated_tokens": self.calls,
+        }
 
 
 def bench_args(**kw) -> argparse.Namespace:
-    base = dict(model=None, data=None, suite="mcq", output_dir=None, limit=None, device="cpu", dtype="auto",
-                scoring="loglik", circular=False, batch=64, shard=None, format="auto", template=None,
-                overwrite=False, image_root=None, allow_absolute_image_paths=False)
+    base = dict(
+        model=None,
+        data=None,
+        suite="mcq",
+        output_dir=None,
+        limit=None,
+        device="cpu",
+        dtype="auto",
+        scoring="loglik",
+        circular=False,
+        batch=64,
+        shard=None,
+        format="auto",
+        template=None,
+        overwrite=False,
+        image_root=None,
+        allow_absolute_image_paths=False,
+    )
     base.update(kw)
     return argparse.Namespace(**base)

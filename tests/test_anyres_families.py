@@ -69,8 +69,10 @@ def test_both_config_layouts_load_the_same(pair, family_path, tmp_path):
     engine = pair[0]
     old = to_transformers4_config(family_path, tmp_path / "v4")
     req, params = [{"messages": CONVERSATIONS[1]}], SamplingParams(max_tokens=5)
-    assert (Engine(old, dtype="float32").generate(req, params, use_tqdm=False)[0].token_ids
-            == engine.generate(req, params, use_tqdm=False)[0].token_ids)
+    assert (
+        Engine(old, dtype="float32").generate(req, params, use_tqdm=False)[0].token_ids
+        == engine.generate(req, params, use_tqdm=False)[0].token_ids
+    )
 
 
 def test_pil_path_matches_transformers_pil_processor(family_path):
@@ -85,17 +87,25 @@ def test_triton_backend_gives_the_torch_tokens(pair, family_path):
     req = [{"messages": CONVERSATIONS[3]}]
     triton = Engine(family_path, dtype="float32", attention_backend="triton")
     params = SamplingParams(max_tokens=4)
-    assert (triton.generate(req, params, use_tqdm=False)[0].token_ids
-            == engine.generate(req, params, use_tqdm=False)[0].token_ids)
+    assert (
+        triton.generate(req, params, use_tqdm=False)[0].token_ids
+        == engine.generate(req, params, use_tqdm=False)[0].token_ids
+    )
 
 
-@pytest.mark.parametrize("file,changes,needle", [
-    ("config.json", {"image_grid_pinpoints": [[28, 50]]}, "not multiples of the vision tower's 28-pixel tiles"),
-    ("config.json", {"image_grid_pinpoints": "big"}, "image_grid_pinpoints must be a list"),
-    ("processor_config.json", {"image_grid_pinpoints": [[56, 56]]}, "differ from config.json"),
-    ("processor_config.json", {"size": {"height": 30, "width": 30}, "crop_size": {"height": 30, "width": 30}},
-     "vision tower takes 28x28"),
-])
+@pytest.mark.parametrize(
+    "file,changes,needle",
+    [
+        ("config.json", {"image_grid_pinpoints": [[28, 50]]}, "not multiples of the vision tower's 28-pixel tiles"),
+        ("config.json", {"image_grid_pinpoints": "big"}, "image_grid_pinpoints must be a list"),
+        ("processor_config.json", {"image_grid_pinpoints": [[56, 56]]}, "differ from config.json"),
+        (
+            "processor_config.json",
+            {"size": {"height": 30, "width": 30}, "crop_size": {"height": 30, "width": 30}},
+            "vision tower takes 28x28",
+        ),
+    ],
+)
 def test_inconsistent_checkpoints_name_file_and_field(family_path, tmp_path, file, changes, needle):
     with pytest.raises(CheckpointError, match=needle) as err:
         family_for(load_checkpoint(edited(family_path, tmp_path / "bad", file, **changes)))
@@ -111,8 +121,10 @@ def test_missing_processor_file_is_a_checkpoint_error(family_path, tmp_path):
 
 def test_unsupported_architecture_lists_the_registry(family_path, tmp_path):
     d = edited(family_path, tmp_path / "bad", "config.json", architectures=["FancyVLMForConditionalGeneration"])
-    with pytest.raises(CheckpointError, match="'FancyVLM.*supported: LlavaForConditionalGeneration, "
-                                              "LlavaNextForConditionalGeneration, LlavaOnevision"):
+    with pytest.raises(
+        CheckpointError,
+        match="'FancyVLM.*supported: LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, LlavaOnevision",
+    ):
         family_for(load_checkpoint(d))
 
 
@@ -124,9 +136,26 @@ def test_bench_runs_on_the_family(family_path, tmp_path):
 
     out = tmp_path / "run"
     env = dict(os.environ, CULTENGINE_CACHE=str(tmp_path / "cache"))
-    p = subprocess.run([sys.executable, "-m", "cultengine.cli", "bench", "--device", "cpu", "--model",
-                        str(family_path), "--limit", "6", "--output-dir", str(out)], env=env, capture_output=True,
-                       text=True, timeout=600)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cultengine.cli",
+            "bench",
+            "--device",
+            "cpu",
+            "--model",
+            str(family_path),
+            "--limit",
+            "6",
+            "--output-dir",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["overall"]["n"] == 6 and len((out / "results.jsonl").read_text().splitlines()) == 6

@@ -2,9 +2,43 @@ import csv
 
 from cultengine.bench import countries
 
-TERRITORIES = {"ESH", "MYT", "REU", "SHN", "PRI", "ABW", "CUW", "CYM", "VGB", "VIR", "GLP", "MTQ", "GUF", "FLK",
-               "GRL", "BMU", "HKG", "MAC", "TWN", "PSE", "FRO", "IMN", "JEY", "GGY", "ALA", "GIB", "VAT", "XKX",
-               "NCL", "GUM", "MNP", "ASM", "COK", "PYF", "NIU"}
+TERRITORIES = {
+    "ESH",
+    "MYT",
+    "REU",
+    "SHN",
+    "PRI",
+    "ABW",
+    "CUW",
+    "CYM",
+    "VGB",
+    "VIR",
+    "GLP",
+    "MTQ",
+    "GUF",
+    "FLK",
+    "GRL",
+    "BMU",
+    "HKG",
+    "MAC",
+    "TWN",
+    "PSE",
+    "FRO",
+    "IMN",
+    "JEY",
+    "GGY",
+    "ALA",
+    "GIB",
+    "VAT",
+    "XKX",
+    "NCL",
+    "GUM",
+    "MNP",
+    "ASM",
+    "COK",
+    "PYF",
+    "NIU",
+}
 
 
 def test_table_covers_un_members():

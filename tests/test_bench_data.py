@@ -20,20 +20,37 @@ def canonical(tmp_path):
     (tmp_path / "img").mkdir()
     (tmp_path / "img" / "a.png").write_bytes(png_bytes())
     (tmp_path / "img" / "bad.png").write_bytes(b"not an image")
-    write_jsonl(tmp_path / "b.jsonl", [
-        {"id": "ok1", "image": "img/a.png", "question": "Q?", "options": ["x", "y"], "answer": "B",
-         "country": "Japan", "category": "food", "extra": 7},
-        {"id": "ok2", "images": [{"bytes": base64.b64encode(png_bytes()).decode()}], "question": "Q2?",
-         "options": ["x", "y", "z"], "answer": 2, "country": "Kenya"},
-        {"id": "ok3", "question": "text only?", "options": ["x", "y"], "answer": "y"},
-        {"id": "missing", "image": "img/none.png", "question": "Q", "options": ["x", "y"], "answer": "A"},
-        {"id": "broken", "image": "img/bad.png", "question": "Q", "options": ["x", "y"], "answer": "A"},
-        {"id": "badans", "question": "Q", "options": ["x", "y"], "answer": "C"},
-        "{this is not json\n",
-        {"id": "ok1", "question": "dup", "options": ["x", "y"], "answer": 0},
-        {"id": "open", "question": "Capital of Japan?", "answer": ["Tokyo", "東京"]},
-        {"id": "unl", "question": "Q", "options": ["x", "y"]},
-    ])
+    write_jsonl(
+        tmp_path / "b.jsonl",
+        [
+            {
+                "id": "ok1",
+                "image": "img/a.png",
+                "question": "Q?",
+                "options": ["x", "y"],
+                "answer": "B",
+                "country": "Japan",
+                "category": "food",
+                "extra": 7,
+            },
+            {
+                "id": "ok2",
+                "images": [{"bytes": base64.b64encode(png_bytes()).decode()}],
+                "question": "Q2?",
+                "options": ["x", "y", "z"],
+                "answer": 2,
+                "country": "Kenya",
+            },
+            {"id": "ok3", "question": "text only?", "options": ["x", "y"], "answer": "y"},
+            {"id": "missing", "image": "img/none.png", "question": "Q", "options": ["x", "y"], "answer": "A"},
+            {"id": "broken", "image": "img/bad.png", "question": "Q", "options": ["x", "y"], "answer": "A"},
+            {"id": "badans", "question": "Q", "options": ["x", "y"], "answer": "C"},
+            "{this is not json\n",
+            {"id": "ok1", "question": "dup", "options": ["x", "y"], "answer": 0},
+            {"id": "open", "question": "Capital of Japan?", "answer": ["Tokyo", "東京"]},
+            {"id": "unl", "question": "Q", "options": ["x", "y"]},
+        ],
+    )
     return tmp_path / "b.jsonl"
 
 
@@ -68,8 +85,9 @@ def test_convert_roundtrip_jsonl_and_parquet(canonical, tmp_path):
         data.write(ds.rows, tmp_path / name)
         back = data.load([tmp_path / name])
         assert not back.skipped
-        assert [(r.id, r.options, r.answer, r.country, r.region) for r in back.rows] == \
-            [(r.id, r.options, r.answer, r.country, r.region) for r in ds.rows]
+        assert [(r.id, r.options, r.answer, r.country, r.region) for r in back.rows] == [
+            (r.id, r.options, r.answer, r.country, r.region) for r in ds.rows
+        ]
         assert back.rows[0].meta == {"extra": 7}
     assert main(["data", "sample", str(canonical), "-o", str(tmp_path / "s.jsonl"), "-n", "2"]) == 0
     assert len(data.load([tmp_path / "s.jsonl"]).rows) == 2
@@ -93,15 +111,40 @@ def test_vlmeval_tsv(tmp_path):
 
 def test_cvqa_parquet(tmp_path):
     img = png_bytes()
-    table = pa.Table.from_pylist([
-        {"ID": "1", "image": {"bytes": img, "path": None}, "Subset": "('Japanese', 'Japan')",
-         "Question": "これは何?", "Options": ["a", "b", "c", "d"], "Label": 2, "Category": "Food",
-         "Translated Question": "What is this?"},
-        {"ID": "2", "image": {"bytes": img, "path": None}, "Subset": "Mexico-Spanish", "Question": "¿Qué?",
-         "Options": ["a", "b", "c", "d"], "Label": -1, "Category": "Food", "Translated Question": "What?"},
-        {"ID": "3", "image": {"bytes": b"junk", "path": None}, "Subset": "Kenya-Swahili", "Question": "Nini?",
-         "Options": ["a", "b"], "Label": 0, "Category": "Food", "Translated Question": "What?"},
-    ])
+    table = pa.Table.from_pylist(
+        [
+            {
+                "ID": "1",
+                "image": {"bytes": img, "path": None},
+                "Subset": "('Japanese', 'Japan')",
+                "Question": "これは何?",
+                "Options": ["a", "b", "c", "d"],
+                "Label": 2,
+                "Category": "Food",
+                "Translated Question": "What is this?",
+            },
+            {
+                "ID": "2",
+                "image": {"bytes": img, "path": None},
+                "Subset": "Mexico-Spanish",
+                "Question": "¿Qué?",
+                "Options": ["a", "b", "c", "d"],
+                "Label": -1,
+                "Category": "Food",
+                "Translated Question": "What?",
+            },
+            {
+                "ID": "3",
+                "image": {"bytes": b"junk", "path": None},
+                "Subset": "Kenya-Swahili",
+                "Question": "Nini?",
+                "Options": ["a", "b"],
+                "Label": 0,
+                "Category": "Food",
+                "Translated Question": "What?",
+            },
+        ]
+    )
     pq.write_table(table, tmp_path / "cvqa.parquet")
     ds = data.load([tmp_path / "cvqa.parquet"])
     a, b = ds.rows
@@ -119,27 +162,58 @@ def test_parse_subset():
 
 def test_almbench_and_culturalvqa(tmp_path):
     (tmp_path / "i.png").write_bytes(png_bytes())
-    write_jsonl(tmp_path / "alm.jsonl", [
-        {"ID": "a1", "file_name": "i.png", "Language": "Urdu", "Country": "Pakistan", "Category": "Food",
-         "Question_Type": "Multiple Choice Questions",
-         "English_Question": "Which dish is shown? A. Biryani B. Sushi C. Pizza D. Tacos",
-         "English_Answer": "A. Biryani"},
-        {"ID": "a2", "file_name": "i.png", "Language": "Urdu", "Category": "Food",
-         "Question_Type": "True False Question", "English_Question": "Is this biryani?", "English_Answer": "True"},
-        {"ID": "a3", "file_name": "i.png", "Language": "Urdu", "Category": "Food",
-         "Question_Type": "Short Questions", "English_Question": "Name the dish.", "English_Answer": "Biryani"},
-    ])
+    write_jsonl(
+        tmp_path / "alm.jsonl",
+        [
+            {
+                "ID": "a1",
+                "file_name": "i.png",
+                "Language": "Urdu",
+                "Country": "Pakistan",
+                "Category": "Food",
+                "Question_Type": "Multiple Choice Questions",
+                "English_Question": "Which dish is shown? A. Biryani B. Sushi C. Pizza D. Tacos",
+                "English_Answer": "A. Biryani",
+            },
+            {
+                "ID": "a2",
+                "file_name": "i.png",
+                "Language": "Urdu",
+                "Category": "Food",
+                "Question_Type": "True False Question",
+                "English_Question": "Is this biryani?",
+                "English_Answer": "True",
+            },
+            {
+                "ID": "a3",
+                "file_name": "i.png",
+                "Language": "Urdu",
+                "Category": "Food",
+                "Question_Type": "Short Questions",
+                "English_Question": "Name the dish.",
+                "English_Answer": "Biryani",
+            },
+        ],
+    )
     ds = data.load([tmp_path / "alm.jsonl"])
     a1, a2, a3 = ds.rows
     assert a1.question == "Which dish is shown?" and a1.options == ["Biryani", "Sushi", "Pizza", "Tacos"]
     assert a1.answer == 0 and a1.region == "Southern Asia"
     assert a2.options == ["True", "False"] and a2.answer == 0
     assert a3.options == [] and a3.answer == ["Biryani"]
-    write_jsonl(tmp_path / "cv.jsonl", [
-        {"u_id": "c1", "image": "i.png", "question": "What is served?", "answers": ["injera", "bread"],
-         "country": "Ethiopia"},
-        {"u_id": "c2", "image": "i.png", "question": "What is this?", "country": "Brazil"},
-    ])
+    write_jsonl(
+        tmp_path / "cv.jsonl",
+        [
+            {
+                "u_id": "c1",
+                "image": "i.png",
+                "question": "What is served?",
+                "answers": ["injera", "bread"],
+                "country": "Ethiopia",
+            },
+            {"u_id": "c2", "image": "i.png", "question": "What is this?", "country": "Brazil"},
+        ],
+    )
     cv = data.load([tmp_path / "cv.jsonl"])
     assert cv.rows[0].answer == ["injera", "bread"] and cv.rows[0].region == "Eastern Africa"
     assert cv.rows[1].answer is None

@@ -17,10 +17,8 @@ def test_default_bench_is_deterministic_and_valid(tmp_path):
     assert digest(a.parent) == digest(b.parent)
     ds = data.load([a])
     assert not ds.skipped and 150 <= len(ds.rows) <= 300
-    assert {r.continent for r in ds.rows} == {"Africa", "Asia", "Europe", "North America", "South America",
-                                              "Oceania"}
-    assert {r.question_type for r in ds.rows} == {"image_recognition", "scene_understanding",
-                                                  "cultural_knowledge"}
+    assert {r.continent for r in ds.rows} == {"Africa", "Asia", "Europe", "North America", "South America", "Oceania"}
+    assert {r.question_type for r in ds.rows} == {"image_recognition", "scene_understanding", "cultural_knowledge"}
     assert all(r.region and r.category and r.answer is not None for r in ds.rows)
     assert any(not r.images for r in ds.rows) and any(r.images for r in ds.rows)
 

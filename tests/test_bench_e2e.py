@@ -43,8 +43,9 @@ def cache(tmp_path_factory):
 def straight(cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight") / "run"
     t = time.time()
-    p = subprocess.run(bench("--output-dir", str(out)), env=env(cache), capture_output=True, text=True,
-                       timeout=600, cwd=REPO)
+    p = subprocess.run(
+        bench("--output-dir", str(out)), env=env(cache), capture_output=True, text=True, timeout=600, cwd=REPO
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     return out, p, time.time() - t
 
@@ -84,11 +85,27 @@ def test_sigkill_then_resume(cache, straight, tmp_path):
 def test_torchrun_two_processes_merge(cache, tmp_path):
     single, multi = tmp_path / "single", tmp_path / "multi"
     args = ("--limit", "64", "--batch", "16")
-    p = subprocess.run(bench("--output-dir", str(single), *args), env=env(cache), cwd=REPO,
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        bench("--output-dir", str(single), *args), env=env(cache), cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert p.returncode == 0, p.stderr[-3000:]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           "-m", "cultengine.cli", "bench", "--device", "cpu", "--output-dir", str(multi), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        "-m",
+        "cultengine.cli",
+        "bench",
+        "--device",
+        "cpu",
+        "--output-dir",
+        str(multi),
+        *args,
+    ]
     p = subprocess.run(cmd, env=env(cache), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert sorted(ids(multi)) == sorted(ids(single))

@@ -5,15 +5,31 @@ from cultengine.bench import metrics, report
 
 
 def rec(i, correct, country="Japan", region="Eastern Asia", western=False, category="flags", norm=None):
-    return {"id": str(i), "correct": correct, "correct_norm": correct if norm is None else norm,
-            "western": western, "groups": {"country": country, "region": region, "continent": "Asia",
-                                           "category": category, "question_type": "t", "language": "en"}}
+    return {
+        "id": str(i),
+        "correct": correct,
+        "correct_norm": correct if norm is None else norm,
+        "western": western,
+        "groups": {
+            "country": country,
+            "region": region,
+            "continent": "Asia",
+            "category": category,
+            "question_type": "t",
+            "language": "en",
+        },
+    }
 
 
 def sample():
-    return [rec(0, True), rec(1, False), rec(2, True, norm=False),
-            rec(3, True, "France", "Western Europe", True, "geography"),
-            rec(4, True, "France", "Western Europe", True), {"id": "5", "error": "boom", "correct": None}]
+    return [
+        rec(0, True),
+        rec(1, False),
+        rec(2, True, norm=False),
+        rec(3, True, "France", "Western Europe", True, "geography"),
+        rec(4, True, "France", "Western Europe", True),
+        {"id": "5", "error": "boom", "correct": None},
+    ]
 
 
 def test_figures_and_stderr():
@@ -25,12 +41,26 @@ def test_figures_and_stderr():
 
 def test_summary_groups_gap_and_counts():
     s = metrics.summarize(sample(), [{"id": "x", "reason": "missing image"}], "mcq")
-    assert s["samples"] == {"evaluated": 5, "labeled": 5, "unlabeled": 0, "skipped": 2, "skipped_rows": 1,
-                            "engine_errors": 1}
+    assert s["samples"] == {
+        "evaluated": 5,
+        "labeled": 5,
+        "unlabeled": 0,
+        "skipped": 2,
+        "skipped_rows": 1,
+        "engine_errors": 1,
+    }
     wilson_2_of_2 = [0.34238, 1.0]  # Wilson 95 %: 2 / 2 -> (0.3424, 1)
-    assert s["by"]["country"]["France"] == {"n": 2, "acc": 1.0, "acc_stderr": 0.0, "acc_ci": wilson_2_of_2,
-                                            "acc_norm": 1.0, "acc_norm_stderr": 0.0, "acc_norm_ci": wilson_2_of_2,
-                                            "ci_method": "wilson", "clusters": 2}
+    assert s["by"]["country"]["France"] == {
+        "n": 2,
+        "acc": 1.0,
+        "acc_stderr": 0.0,
+        "acc_ci": wilson_2_of_2,
+        "acc_norm": 1.0,
+        "acc_norm_stderr": 0.0,
+        "acc_norm_ci": wilson_2_of_2,
+        "ci_method": "wilson",
+        "clusters": 2,
+    }
     assert s["by"]["region"]["Eastern Asia"]["n"] == 3
     gap = s["western_gap"]
     assert gap["metric"] == "acc" and math.isclose(gap["gap"], 1 - 2 / 3, abs_tol=1e-5)

@@ -44,8 +44,7 @@ def test_default_run_writes_run_directory(tmp_path, capsys):
     assert {"id", "prompt_hash", "prediction", "choice_scores", "correct", "timings", "groups"} <= set(r)
     s = json.loads((out / "summary.json").read_text())
     assert s["demo"] and s["samples"]["evaluated"] == 272 and s["samples"]["skipped"] == 0
-    assert set(s["by"]["continent"]) == {"Africa", "Asia", "Europe", "North America", "South America",
-                                         "Oceania"}
+    assert set(s["by"]["continent"]) == {"Africa", "Asia", "Europe", "North America", "South America", "Oceania"}
     assert s["western_gap"]["western"]["n"] > 0
     assert s["run"]["engine"]["prefix_cache_hit_rate"] == 0.5
     text = capsys.readouterr().out
@@ -98,7 +97,11 @@ def test_bad_rows_and_unlabeled_data(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text(
         json.dumps({"id": "a", "question": "Capital of Peru?", "options": ["Lima", "Quito"], "country": "Peru"})
-        + "\n" + json.dumps({"id": "b", "question": "No options"}) + "\n" + "{broken\n")
+        + "\n"
+        + json.dumps({"id": "b", "question": "No options"})
+        + "\n"
+        + "{broken\n"
+    )
     out = tmp_path / "u"
     run(bench_args(output_dir=str(out), data=[str(f)]), make_engine=Counting())
     s = json.loads((out / "summary.json").read_text())

@@ -30,11 +30,25 @@ def test_normalize_is_multilingual():
     assert normalize("القاهرة؟") == "القاهرة"
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("B", 1), ("(C)", 2), ("D.", 3), ("B) Peru", 1), ("The answer is C.", 2), ("Answer: **D**", 3),
-    ("I think it is Ghana", 2), ("A", 0), ("A flag of Japan", 0), ("E", None), ("A or B", None),
-    ("no idea", None), ("", None), ("Ｂ", 1),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("B", 1),
+        ("(C)", 2),
+        ("D.", 3),
+        ("B) Peru", 1),
+        ("The answer is C.", 2),
+        ("Answer: **D**", 3),
+        ("I think it is Ghana", 2),
+        ("A", 0),
+        ("A flag of Japan", 0),
+        ("E", None),
+        ("A or B", None),
+        ("no idea", None),
+        ("", None),
+        ("Ｂ", 1),
+    ],
+)
 def test_parse_letter(text, expected):
     assert parse_letter(text, OPTS) == expected
 
@@ -52,8 +66,10 @@ def test_requests_chat_messages_and_rotations():
 
 def test_template_override_and_prompt_hash():
     cfg = SuiteConfig("mcq", "loglik", template="Q: {{ question }} [{{ options|join('/') }}]")
-    assert build_requests(row(), cfg)[0]["messages"][0]["content"][1]["text"] == \
-        "Q: Which country's flag is this? [Japan/Peru/Ghana/India]"
+    assert (
+        build_requests(row(), cfg)[0]["messages"][0]["content"][1]["text"]
+        == "Q: Which country's flag is this? [Japan/Peru/Ghana/India]"
+    )
     assert prompt_hash(row(), cfg) != prompt_hash(row(), SuiteConfig())
     assert prompt_hash(row(), cfg) == prompt_hash(row(), cfg)
 
@@ -90,8 +106,12 @@ def test_generate_scoring_and_unlabeled():
 def test_vqa_exact_and_contains():
     cfg = SuiteConfig("vqa")
     r = row(options=[], answer=["Tokyo", "東京"])
-    assert score(r, cfg, [gen(" tokyo. ")]) == {"prediction": "tokyo.", "correct": True, "normalized": True,
-                                                "contains": True}
+    assert score(r, cfg, [gen(" tokyo. ")]) == {
+        "prediction": "tokyo.",
+        "correct": True,
+        "normalized": True,
+        "contains": True,
+    }
     res = score(r, cfg, [gen("It is 東京です")])
     assert res["correct"] is False and res["contains"] is True
 

@@ -13,13 +13,22 @@ IMG = Image.new("RGB", (8, 8), (10, 20, 30))
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Bonjour, ça va? 日本語"}],
-    [{"role": "system", "content": "You are helpful."},
-     {"role": "user", "content": [{"type": "image", "image": IMG},
-                                  {"type": "text", "text": "What festival is this?"}]},
-     {"role": "assistant", "content": "Diwali.", "tool_calls": None},
-     {"role": "user", "content": [{"type": "text", "text": "And these two?"},
-                                  {"type": "image", "image": b"\x89PNG..."},
-                                  {"type": "image", "path": "/tmp/b.jpg"}]}],
+    [
+        {"role": "system", "content": "You are helpful."},
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": IMG}, {"type": "text", "text": "What festival is this?"}],
+        },
+        {"role": "assistant", "content": "Diwali.", "tool_calls": None},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "And these two?"},
+                {"type": "image", "image": b"\x89PNG..."},
+                {"type": "image", "path": "/tmp/b.jpg"},
+            ],
+        },
+    ],
 ]
 
 # Exercises what the environment must provide: trim/lstrip blocks, loop controls, tojson (non-ASCII, no
@@ -53,8 +62,13 @@ def test_checkpoint_template_matches_transformers(conv, tiny_llama, hf_tokenizer
     expected = hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     text, images = render_checkpoint_chat(load_checkpoint(tiny_llama), messages)
     assert text == expected
-    assert images == [c.get("image", c.get("path")) for m in messages if isinstance(m["content"], list)
-                      for c in m["content"] if c["type"] == "image"]
+    assert images == [
+        c.get("image", c.get("path"))
+        for m in messages
+        if isinstance(m["content"], list)
+        for c in m["content"]
+        if c["type"] == "image"
+    ]
 
 
 @pytest.mark.parametrize("conv", range(len(CONVERSATIONS)))
@@ -62,8 +76,9 @@ def test_feature_template_matches_transformers(conv, tiny_llama, hf_tokenizer):
     messages = CONVERSATIONS[conv]
     ckpt = load_checkpoint(tiny_llama)
     for gen in (True, False):
-        expected = hf_tokenizer.apply_chat_template(messages, chat_template=FEATURE_TEMPLATE, tokenize=False,
-                                                    add_generation_prompt=gen)
+        expected = hf_tokenizer.apply_chat_template(
+            messages, chat_template=FEATURE_TEMPLATE, tokenize=False, add_generation_prompt=gen
+        )
         text, _ = render_chat(FEATURE_TEMPLATE, messages, ckpt.special_tokens, add_generation_prompt=gen)
         assert text == expected
 

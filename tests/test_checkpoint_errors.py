@@ -58,12 +58,17 @@ def test_metadata_of_a_good_checkpoint(tiny_llama, tiny_qwen2):
 def test_canonical_names():
     assert canonical_weight_name("language_model.model.norm.weight") == "model.language_model.norm.weight"
     assert canonical_weight_name("language_model.lm_head.weight") == "lm_head.weight"
-    assert canonical_weight_name("vision_tower.vision_model.pre_layrnorm.bias") == \
-        "model.vision_tower.pre_layrnorm.bias"
-    assert canonical_weight_name("model.vision_tower.vision_model.post_layernorm.bias") == \
-        "model.vision_tower.post_layernorm.bias"
-    assert canonical_weight_name("model.multi_modal_projector.linear_1.weight") == \
-        "model.multi_modal_projector.linear_1.weight"
+    assert (
+        canonical_weight_name("vision_tower.vision_model.pre_layrnorm.bias") == "model.vision_tower.pre_layrnorm.bias"
+    )
+    assert (
+        canonical_weight_name("model.vision_tower.vision_model.post_layernorm.bias")
+        == "model.vision_tower.post_layernorm.bias"
+    )
+    assert (
+        canonical_weight_name("model.multi_modal_projector.linear_1.weight")
+        == "model.multi_modal_projector.linear_1.weight"
+    )
 
 
 def test_dtypes(tiny_llama):
@@ -92,8 +97,7 @@ def test_unsupported_architecture(tiny_llama, copy_of):
     _edit_json(d / "config.json", architectures=["MllamaForConditionalGeneration"])
     with pytest.raises(CheckpointError, match="'MllamaFor.*supported: LlavaForConditionalGeneration"):
         family_for(load_checkpoint(d))
-    _edit_json(d / "config.json", architectures=["LlavaForConditionalGeneration"],
-               text_config={"model_type": "gemma"})
+    _edit_json(d / "config.json", architectures=["LlavaForConditionalGeneration"], text_config={"model_type": "gemma"})
     with pytest.raises(CheckpointError, match="text model_type 'gemma'.*llama, qwen2, mistral"):
         family_for(load_checkpoint(d))
 

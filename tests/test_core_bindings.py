@@ -23,8 +23,12 @@ def tok(tmp_path_factory):
     t = Tokenizer(models.BPE())
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     t.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=350, special_tokens=["<|endoftext|>", "<image>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=350,
+        special_tokens=["<|endoftext|>", "<image>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     t.train_from_iterator(CORPUS, trainer)
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     t.save(str(path))
@@ -89,8 +93,16 @@ def run_all(sched, vocab):
 
 def test_scheduler_end_to_end(tok):
     img = tok.token_to_id("<image>")
-    sched = _core.Scheduler(tok, num_blocks=64, block_size=16, max_num_seqs=4, max_num_batched_tokens=48,
-                            max_model_len=512, enable_prefix_caching=True, eos_token_ids=[0])
+    sched = _core.Scheduler(
+        tok,
+        num_blocks=64,
+        block_size=16,
+        max_num_seqs=4,
+        max_num_batched_tokens=48,
+        max_model_len=512,
+        enable_prefix_caching=True,
+        eos_token_ids=[0],
+    )
     prefix = tok.encode("Grüße aus München, schöne Straße. " * 3)
     ids, starts = tok.expand_placeholders(prefix + [img], img, [[img] * 20])
     span = (starts[0], 20, 2**64 - 5, 0, False)

@@ -21,8 +21,12 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 # Eleven requests whose answers end at different steps: decode batches of 11 down to 1 replay graphs
 # captured for 16, 8, 4, 2 and 1 sequences, so padding rows are exercised at every size.
-MANY = [{"prompt": f"{IMAGE_TOKEN}\nQuestion {i} about this picture.", "images": [_image(30 + i, 40, i)]}
-        if i % 2 else {"prompt": f"Question {i}: tell me a story about the sea."} for i in range(11)]
+MANY = [
+    {"prompt": f"{IMAGE_TOKEN}\nQuestion {i} about this picture.", "images": [_image(30 + i, 40, i)]}
+    if i % 2
+    else {"prompt": f"Question {i}: tell me a story about the sea."}
+    for i in range(11)
+]
 MANY_PARAMS = [SamplingParams(max_tokens=1 + 2 * i, ignore_eos=True) for i in range(11)]
 
 
@@ -42,7 +46,7 @@ def test_cuda_greedy_is_token_identical_to_transformers(tiny_llama):
         expected = ref.greedy(ids, pixels, 10)
         assert out.token_ids == expected
         lp = ref.logprobs(ids + expected, pixels)
-        want = lp[len(ids) - 1:-1].gather(1, torch.tensor(expected)[:, None]).squeeze(1)
+        want = lp[len(ids) - 1 : -1].gather(1, torch.tensor(expected)[:, None]).squeeze(1)
         np.testing.assert_allclose(out.logprobs, want.numpy(), atol=1e-4)
 
 
@@ -105,8 +109,9 @@ def test_cuda_tiling_families_match_the_cpu_torch_path(family, tmp_path):
 @pytest.mark.parametrize("cuda_graphs", [True, False])
 def test_cuda_overlapped_scheduling_matches_the_synchronous_loop(tiny_llama, cuda_graphs):
     """Step N+1's decode rows read step N's tokens on the device (in the graphs' static buffers too)."""
-    params = [SamplingParams(max_tokens=1 + 2 * i, temperature=0.8 * (i % 2), seed=i, ignore_eos=True)
-              for i in range(11)]
+    params = [
+        SamplingParams(max_tokens=1 + 2 * i, temperature=0.8 * (i % 2), seed=i, ignore_eos=True) for i in range(11)
+    ]
     runs = [_generate(tiny_llama, MANY, params, cuda_graphs=cuda_graphs, overlap_scheduling=on) for on in (True, False)]
     assert (runs[0][0].runner.decode_graphs is not None) == cuda_graphs
     for on, off in zip(runs[0][1], runs[1][1], strict=True):
@@ -119,10 +124,13 @@ def test_cuda_cascade_graphs_match_plain_decode(tiny_llama):
     """One image asked 24 ways (the stories workload in small): graphs with shared-prefix tiles, greedy
     picks inside the graph, against the plain eager decode."""
     image = _image(64, 48, 3)
-    reqs = [{"prompt": f"{IMAGE_TOKEN}\nTell a story about a person from country {i}.", "images": [image]}
-            for i in range(24)]
-    params = [SamplingParams(max_tokens=12, ignore_eos=True, temperature=0.0 if i % 2 else 0.8, seed=i)
-              for i in range(24)]
+    reqs = [
+        {"prompt": f"{IMAGE_TOKEN}\nTell a story about a person from country {i}.", "images": [image]}
+        for i in range(24)
+    ]
+    params = [
+        SamplingParams(max_tokens=12, ignore_eos=True, temperature=0.0 if i % 2 else 0.8, seed=i) for i in range(24)
+    ]
     cascade, outs = _generate(tiny_llama, reqs, params)
     assert cascade.runner.decode_graphs.replays > 0
     stats = cascade.stats()

@@ -30,8 +30,10 @@ def _image(w: int, h: int, seed: int) -> Image.Image:
 REQUESTS = [
     {"prompt": "Tell me about the festival of lights, señor."},
     {"prompt": f"{IMAGE_TOKEN}\nWhich country is this dish from? 日本", "images": [_image(40, 30, 1)]},
-    {"prompt": f"{IMAGE_TOKEN} and {IMAGE_TOKEN}: compare the two flags.", "images": [_image(33, 50, 2),
-                                                                                       _image(64, 64, 3)]},
+    {
+        "prompt": f"{IMAGE_TOKEN} and {IMAGE_TOKEN}: compare the two flags.",
+        "images": [_image(33, 50, 2), _image(64, 64, 3)],
+    },
     {"prompt": "Short one."},
 ]
 
@@ -73,9 +75,14 @@ class Reference:
     @torch.no_grad()
     def greedy(self, ids: list[int], pixels, max_new_tokens: int) -> list[int]:
         input_ids = torch.tensor([ids])
-        out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                  max_new_tokens=max_new_tokens, do_sample=False, **self._images(pixels))
-        return out[0, len(ids):].tolist()
+        out = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            **self._images(pixels),
+        )
+        return out[0, len(ids) :].tolist()
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -104,7 +111,7 @@ def test_greedy_generation_is_token_identical_to_transformers(pair):
         assert out.text == ref.tokenizer.decode(expected, skip_special_tokens=True)
         # Per-token logprobs against a forward over prompt + output.
         lp = ref.logprobs(ids + expected, pixels)
-        want = lp[len(ids) - 1:-1].gather(1, torch.tensor(expected)[:, None]).squeeze(1)
+        want = lp[len(ids) - 1 : -1].gather(1, torch.tensor(expected)[:, None]).squeeze(1)
         np.testing.assert_allclose(out.logprobs, want.numpy(), atol=ATOL)
 
 
@@ -125,8 +132,11 @@ def test_chat_messages_match_apply_chat_template(pair):
 def test_choice_loglikelihoods_match_transformers(pair):
     engine, ref = pair
     choices = ["Japan", " Peru", "Ghana and more", "インド"]
-    reqs = [{**REQUESTS[1], "choices": choices}, {**REQUESTS[0], "choices": choices[:2]},
-            {**REQUESTS[2], "choices": choices[2:]}]
+    reqs = [
+        {**REQUESTS[1], "choices": choices},
+        {**REQUESTS[0], "choices": choices[:2]},
+        {**REQUESTS[2], "choices": choices[2:]},
+    ]
     scores = engine.score(reqs, use_tqdm=False)
     for req, out in zip(reqs, scores, strict=True):
         assert out.error is None
@@ -134,10 +144,10 @@ def test_choice_loglikelihoods_match_transformers(pair):
         for choice, got in zip(req["choices"], out.choices, strict=True):
             cont = ref.tokenizer(choice, add_special_tokens=False)["input_ids"]
             lp = ref.logprobs(ctx + cont, pixels)
-            per_token = lp[len(ctx) - 1:-1].gather(1, torch.tensor(cont)[:, None]).squeeze(1)
+            per_token = lp[len(ctx) - 1 : -1].gather(1, torch.tensor(cont)[:, None]).squeeze(1)
             assert got.num_tokens == len(cont)
             assert got.logprob == pytest.approx(float(per_token.sum()), abs=ATOL)
-            greedy = bool((lp[len(ctx) - 1:-1].argmax(-1) == torch.tensor(cont)).all())
+            greedy = bool((lp[len(ctx) - 1 : -1].argmax(-1) == torch.tensor(cont)).all())
             assert got.is_greedy == greedy
 
 
@@ -178,8 +188,11 @@ def test_seeded_sampling_is_batch_invariant_and_n_samples(tiny_llama):
     engine = Engine(tiny_llama, dtype="float32")
     params = SamplingParams(max_tokens=8, temperature=1.0, seed=5, n=3, ignore_eos=True)
     alone = engine.generate([REQUESTS[1]], params, use_tqdm=False)[0]
-    mixed = engine.generate(REQUESTS, [SamplingParams(max_tokens=5), params, SamplingParams(max_tokens=9,
-                                       temperature=0.7, seed=1), SamplingParams()], use_tqdm=False)[1]
+    mixed = engine.generate(
+        REQUESTS,
+        [SamplingParams(max_tokens=5), params, SamplingParams(max_tokens=9, temperature=0.7, seed=1), SamplingParams()],
+        use_tqdm=False,
+    )[1]
     assert [s.token_ids for s in alone.samples] == [s.token_ids for s in mixed.samples]
     assert len({tuple(s.token_ids) for s in alone.samples}) > 1  # n samples differ
 
@@ -189,10 +202,9 @@ def test_stop_strings_cut_the_text(tiny_llama):
     full = engine.generate([REQUESTS[0]], SamplingParams(max_tokens=16, ignore_eos=True), use_tqdm=False)[0]
     assert len(full.text) > 4
     stop = full.text[2:4]
-    cut = engine.generate([REQUESTS[0]], SamplingParams(max_tokens=16, ignore_eos=True, stop=[stop]),
-                          use_tqdm=False)[0]
+    cut = engine.generate([REQUESTS[0]], SamplingParams(max_tokens=16, ignore_eos=True, stop=[stop]), use_tqdm=False)[0]
     assert cut.finish_reason == "stop"
-    assert cut.text == full.text[:full.text.index(stop)]
+    assert cut.text == full.text[: full.text.index(stop)]
     assert full.finish_reason == "length" and len(full.token_ids) == 16
 
 
@@ -215,8 +227,9 @@ def test_bad_requests_fail_alone_and_the_engine_stays_usable(tiny_llama, tmp_pat
     for out, (_, needle) in zip(outs[1:-1], bad, strict=True):
         assert out.error and needle in out.error, out.error
         assert out.samples == []
-    scores = engine.score([{**good, "choices": []}, {**good, "choices": ["x"]}, 123,
-                           {**good, "choices": "x"}], use_tqdm=False)
+    scores = engine.score(
+        [{**good, "choices": []}, {**good, "choices": ["x"]}, 123, {**good, "choices": "x"}], use_tqdm=False
+    )
     assert "choices" in scores[0].error and scores[1].error is None
     assert "dict" in scores[2].error and "choices" in scores[3].error
     assert engine.generate([good], SamplingParams(max_tokens=4), use_tqdm=False)[0].token_ids == outs[0].token_ids
@@ -250,8 +263,10 @@ def test_sliding_window_attention_is_exact_beyond_the_window(tiny_mistral, tmp_p
     (path / "config.json").write_text(json.dumps(config))
     ref = Reference(path)
     assert ref.model.config.text_config.sliding_window == 24
-    reqs = [{"prompt": "The festival of lights and the food " * 6},
-            {"prompt": f"{IMAGE_TOKEN}\nWhich country is this dish from? " * 3, "images": [_image(40, 30, 1)] * 3}]
+    reqs = [
+        {"prompt": "The festival of lights and the food " * 6},
+        {"prompt": f"{IMAGE_TOKEN}\nWhich country is this dish from? " * 3, "images": [_image(40, 30, 1)] * 3},
+    ]
     engine = Engine(path, dtype="float32")
     assert engine.max_model_len == config["text_config"]["max_position_embeddings"]  # no cap at the window
     outs = engine.generate(reqs, SamplingParams(max_tokens=6), use_tqdm=False)
@@ -261,11 +276,12 @@ def test_sliding_window_attention_is_exact_beyond_the_window(tiny_mistral, tmp_p
         expected = ref.greedy(ids, pixels, 6)
         assert out.token_ids == expected
         lp = ref.logprobs(ids + expected, pixels)
-        want = lp[len(ids) - 1:-1].gather(1, torch.tensor(expected)[:, None]).squeeze(1)
+        want = lp[len(ids) - 1 : -1].gather(1, torch.tensor(expected)[:, None]).squeeze(1)
         np.testing.assert_allclose(out.logprobs, want.numpy(), atol=ATOL)
     chunked = Engine(path, dtype="float32", max_num_batched_tokens=20, block_size=4)
-    assert [o.token_ids for o in chunked.generate(reqs * 2, SamplingParams(max_tokens=6), use_tqdm=False)] \
-        == [o.token_ids for o in outs] * 2
+    assert [o.token_ids for o in chunked.generate(reqs * 2, SamplingParams(max_tokens=6), use_tqdm=False)] == [
+        o.token_ids for o in outs
+    ] * 2
     assert chunked.stats()["prefix_cache_hit_tokens"] > 24  # the repeats reuse blocks beyond the window
 
 
@@ -308,8 +324,10 @@ def test_choices_compute_only_their_own_tokens_and_score_alike_under_pressure(ti
     own = sum(len(engine.tokenizer.encode(c)) - 1 for c in choices) * len(reqs)
     assert engine.stats()["prefill_tokens_computed"] == sum(contexts) + own
     longest = max(contexts) + max(len(engine.tokenizer.encode(c)) for c in choices)
-    for kw in ({"block_size": 4, "num_blocks": -(-longest // 4) + 2, "max_model_len": longest},
-               {"block_size": 4, "max_num_batched_tokens": 8}):
+    for kw in (
+        {"block_size": 4, "num_blocks": -(-longest // 4) + 2, "max_model_len": longest},
+        {"block_size": 4, "max_num_batched_tokens": 8},
+    ):
         got = Engine(tiny_llama, dtype="float32", **kw).score(reqs, use_tqdm=False)
         for a, b in zip(got, want, strict=True):
             assert a.error is None
@@ -320,8 +338,9 @@ def test_choices_compute_only_their_own_tokens_and_score_alike_under_pressure(ti
 def test_top_logprobs_of_generated_and_prompt_tokens_match_a_transformers_forward(tiny_llama):
     engine, ref = Engine(tiny_llama, dtype="float32"), Reference(tiny_llama)
     req = REQUESTS[1]
-    out = engine.generate([req], SamplingParams(max_tokens=5, logprobs=3, prompt_logprobs=2, n=2, seed=0,
-                                                temperature=1.0), use_tqdm=False)[0]
+    out = engine.generate(
+        [req], SamplingParams(max_tokens=5, logprobs=3, prompt_logprobs=2, n=2, seed=0, temperature=1.0), use_tqdm=False
+    )[0]
     ids, pixels = ref.encode(req)
     for sample in out.samples:
         lp = ref.logprobs(ids + sample.token_ids, pixels)

@@ -21,11 +21,14 @@ TOL = 1e-6
 
 CONFIGS = {
     "llava": {"size": {"shortest_edge": 28}, "crop_size": {"height": 28, "width": 28}, "resample": 3},
-    "bilinear-odd-crop": {"size": {"shortest_edge": 33}, "crop_size": {"height": 31, "width": 27},
-                          "resample": 2},
+    "bilinear-odd-crop": {"size": {"shortest_edge": 33}, "crop_size": {"height": 31, "width": 27}, "resample": 2},
     "crop-larger-than-resize": {"size": {"shortest_edge": 20}, "crop_size": {"height": 28, "width": 24}},
-    "fixed-size-no-crop": {"size": {"height": 30, "width": 26}, "do_center_crop": False,
-                           "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]},
+    "fixed-size-no-crop": {
+        "size": {"height": 30, "width": 26},
+        "do_center_crop": False,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+    },
 }
 
 
@@ -40,8 +43,15 @@ def _image(w, h, mode, seed):
     return Image.fromarray(arr[..., 0] if bands == 1 else arr, mode)
 
 
-IMAGES = [(37, 23, "RGB"), (23, 37, "RGBA"), (301, 199, "RGB"), (13, 9, "L"), (64, 64, "LA"), (29, 31, "P"),
-          (40, 17, "CMYK")]
+IMAGES = [
+    (37, 23, "RGB"),
+    (23, 37, "RGBA"),
+    (301, 199, "RGB"),
+    (13, 9, "L"),
+    (64, 64, "LA"),
+    (29, 31, "P"),
+    (40, 17, "CMYK"),
+]
 
 
 @pytest.fixture(scope="module")

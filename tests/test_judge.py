@@ -201,8 +201,12 @@ def test_language_gap_table_and_plot():
     for country, en, local in (("Japan", [1, 1, 1, 0], [1, 0, 0, 0]), ("Peru", [1, 0], [1, 1])):
         for lang, vals in (("en", en), ("local", local)):
             recs += [
-                {"id": f"{country}-{lang}-{i}", "correct": bool(v), "prompt_lang": lang,
-                 "groups": {"country": country, "language": "x"}}
+                {
+                    "id": f"{country}-{lang}-{i}",
+                    "correct": bool(v),
+                    "prompt_lang": lang,
+                    "groups": {"country": country, "language": "x"},
+                }
                 for i, v in enumerate(vals)
             ]
     g = langgap.language_gap(recs, "mcq", "acc")

@@ -66,16 +66,25 @@ def paged_batch(q_lens, seq_lens, hq, hkv, d, dtype, seed=0, shared_prefix_block
     k_cache = randn(num_blocks, BLOCK_SIZE, hkv, d, dtype=dtype, gen=gen)  # stale data everywhere else
     v_cache = randn(num_blocks, BLOCK_SIZE, hkv, d, dtype=dtype, gen=gen)
 
-    slots = [tables[i, p // BLOCK_SIZE].item() * BLOCK_SIZE + p % BLOCK_SIZE
-             for i, (ql, sl) in enumerate(zip(q_lens, seq_lens, strict=True)) for p in range(sl - ql, sl)]
+    slots = [
+        tables[i, p // BLOCK_SIZE].item() * BLOCK_SIZE + p % BLOCK_SIZE
+        for i, (ql, sl) in enumerate(zip(q_lens, seq_lens, strict=True))
+        for p in range(sl - ql, sl)
+    ]
     t = len(slots)
     slot_mapping = torch.tensor(slots, dtype=torch.int64, device=DEVICE)
     qkv = randn(t, hq + 2 * hkv, d, dtype=dtype, gen=gen)  # strided q/k/v views, as a fused projection gives
     q, k, v = qkv.split([hq, hkv, hkv], dim=1)
     kernels.write_kv(k, v, k_cache, v_cache, slot_mapping)
     qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
-    meta = ops.AttentionMetadata(qsl, torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
-                                 tables.to(DEVICE), slot_mapping, max(q_lens), max(seq_lens))
+    meta = ops.AttentionMetadata(
+        qsl,
+        torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+        tables.to(DEVICE),
+        slot_mapping,
+        max(q_lens),
+        max(seq_lens),
+    )
     return q, k_cache, v_cache, meta
 
 
@@ -111,27 +120,29 @@ def test_write_kv_skips_padding_slots():
 # ---------------------------------------------------------------------------------------------
 # Paged attention
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("hq,hkv,d,dtype", [
-    (4, 4, 64, torch.float32),
-    (8, 2, 128, torch.float32),
-    (8, 1, 96, torch.float16),
-    pytest.param(8, 2, 128, torch.bfloat16, marks=NEEDS_CUDA),
-])
+@pytest.mark.parametrize(
+    "hq,hkv,d,dtype",
+    [
+        (4, 4, 64, torch.float32),
+        (8, 2, 128, torch.float32),
+        (8, 1, 96, torch.float16),
+        pytest.param(8, 2, 128, torch.bfloat16, marks=NEEDS_CUDA),
+    ],
+)
 def test_prefill_ragged_batch(hq, hkv, d, dtype):
     # A fresh prompt spanning two query tiles and three key tiles, a chunk resuming mid-block (context 27),
     # a one-token prompt, and a decode row riding along in the same step (chunked prefill).
     q_lens, seq_lens = [150, 40, 1, 1], [150, 67, 1, 90]
     q, k_cache, v_cache, meta = paged_batch(q_lens, seq_lens, hq, hkv, d, dtype)
-    out = kernels.paged_attention(q, k_cache, v_cache, meta, d ** -0.5)
-    assert_close(out, ops.paged_attention(q, k_cache, v_cache, meta, d ** -0.5))
+    out = kernels.paged_attention(q, k_cache, v_cache, meta, d**-0.5)
+    assert_close(out, ops.paged_attention(q, k_cache, v_cache, meta, d**-0.5))
 
 
 def test_prefill_prefix_cache_hit():
     # Three sequences share their first 5 physical blocks (80 tokens) and compute only a suffix that
     # starts mid-block (positions 85.., 100.., 130..): queries begin mid-sequence, tables are shuffled.
     q_lens, seq_lens = [20, 70, 3], [105, 170, 133]
-    q, k_cache, v_cache, meta = paged_batch(q_lens, seq_lens, 4, 1, 64, torch.float32, seed=3,
-                                            shared_prefix_blocks=5)
+    q, k_cache, v_cache, meta = paged_batch(q_lens, seq_lens, 4, 1, 64, torch.float32, seed=3, shared_prefix_blocks=5)
     assert (meta.block_tables[:, :5] == meta.block_tables[0, :5]).all()
     out = kernels.paged_attention(q, k_cache, v_cache, meta, 0.125)
     assert_close(out, ops.paged_attention(q, k_cache, v_cache, meta, 0.125))
@@ -143,23 +154,23 @@ def test_decode_split_kv(hq, hkv, d, num_splits):
     # Lengths of 1 and 17 leave the later splits of the 300-token sequence's partition empty.
     seq_lens = [300, 1, 17, 128]
     q, k_cache, v_cache, meta = paged_batch([1] * 4, seq_lens, hq, hkv, d, torch.float32, seed=hq + d)
-    out = kernels.paged_decode_attention(q, k_cache, v_cache, meta, d ** -0.5, num_splits=num_splits)
-    assert_close(out, ops.paged_attention(q, k_cache, v_cache, meta, d ** -0.5))
+    out = kernels.paged_decode_attention(q, k_cache, v_cache, meta, d**-0.5, num_splits=num_splits)
+    assert_close(out, ops.paged_attention(q, k_cache, v_cache, meta, d**-0.5))
 
 
 def test_decode_split_for_a_longer_limit_than_the_batch():
     """As a CUDA graph runs it: splits sized for max_seq_len 1024 while the batch is far shorter."""
     q, k_cache, v_cache, meta = paged_batch([1] * 3, [70, 1, 33], 4, 2, 64, torch.float32, seed=9)
-    captured = ops.AttentionMetadata(meta.query_start_loc, meta.seq_lens, meta.block_tables, meta.slot_mapping,
-                                     max_query_len=1, max_seq_len=1024)
+    captured = ops.AttentionMetadata(
+        meta.query_start_loc, meta.seq_lens, meta.block_tables, meta.slot_mapping, max_query_len=1, max_seq_len=1024
+    )
     out = kernels.paged_decode_attention(q, k_cache, v_cache, captured, 0.125)
     assert_close(out, ops.paged_attention(q, k_cache, v_cache, meta, 0.125))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_dispatch(dtype):
-    q, k_cache, v_cache, meta = paged_batch([1, 1, 1], [70, 5, 200], 8, 1, 64, dtype, seed=5,
-                                            shared_prefix_blocks=1)
+    q, k_cache, v_cache, meta = paged_batch([1, 1, 1], [70, 5, 200], 8, 1, 64, dtype, seed=5, shared_prefix_blocks=1)
     out = kernels.paged_attention(q, k_cache, v_cache, meta, 0.125)  # max_query_len == 1: decode kernel
     assert_close(out, ops.paged_attention(q, k_cache, v_cache, meta, 0.125))
 
@@ -168,8 +179,8 @@ def test_decode_dispatch(dtype):
 def test_vision_attention(d, dtype):
     qkv = randn(2, 77, 3, 3, d, dtype=dtype, gen=torch.Generator().manual_seed(2))  # 77: a ragged key tile
     q, k, v = qkv.unbind(2)
-    out = kernels.vision_attention(q, k, v, d ** -0.5)
-    assert_close(out, ops.vision_attention(q, k, v, d ** -0.5))
+    out = kernels.vision_attention(q, k, v, d**-0.5)
+    assert_close(out, ops.vision_attention(q, k, v, d**-0.5))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,8 +209,11 @@ def test_rotary_embedding(dtype, d):
     qkv = randn(9, 8 + 2 * 2, d, dtype=dtype, gen=gen)
     q, k, _ = qkv.split([8, 2, 2], dim=1)
     positions = torch.randint(0, 512, (9,), generator=gen).to(DEVICE)
-    for actual, expected in zip(kernels.rotary_embedding(q, k, positions, cos, sin),
-                                ops.rotary_embedding(q, k, positions, cos, sin), strict=True):
+    for actual, expected in zip(
+        kernels.rotary_embedding(q, k, positions, cos, sin),
+        ops.rotary_embedding(q, k, positions, cos, sin),
+        strict=True,
+    ):
         assert_close(actual, expected)
 
 
@@ -262,14 +276,17 @@ def test_rotary_write_kv_reference_is_the_pair():
     assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
 
 
-@pytest.mark.parametrize("shape,patch,dtype,cls,biased", [
-    ((2, 3, 28, 42), 14, torch.float32, True, False),  # CLIP, odd grid: 2 x 3 patches
-    ((1, 3, 30, 45), 14, torch.float16, True, False),  # ragged edge dropped as the strided conv does; fp32 pixels
-    ((1, 3, 64, 64), 16, torch.float32, True, False),  # 17 tokens
-    ((3, 3, 28, 28), 14, torch.float32, False, True),  # SigLIP: no class token, a biased projection
-    ((1, 3, 48, 32), 16, torch.float16, False, True),
-    ((2, 3, 28, 28), 7, torch.float32, True, True),  # InternViT: a class token and a biased projection
-])
+@pytest.mark.parametrize(
+    "shape,patch,dtype,cls,biased",
+    [
+        ((2, 3, 28, 42), 14, torch.float32, True, False),  # CLIP, odd grid: 2 x 3 patches
+        ((1, 3, 30, 45), 14, torch.float16, True, False),  # ragged edge dropped as the strided conv does; fp32 pixels
+        ((1, 3, 64, 64), 16, torch.float32, True, False),  # 17 tokens
+        ((3, 3, 28, 28), 14, torch.float32, False, True),  # SigLIP: no class token, a biased projection
+        ((1, 3, 48, 32), 16, torch.float16, False, True),
+        ((2, 3, 28, 28), 7, torch.float32, True, True),  # InternViT: a class token and a biased projection
+    ],
+)
 def test_patch_embed(shape, patch, dtype, cls, biased):
     gen = torch.Generator().manual_seed(7)
     e = 48  # not a multiple of the 128-wide output tile
@@ -328,9 +345,12 @@ def test_engine_on_triton_kernels_matches_the_torch_path(tiny_llama):
     img = Image.new("RGB", (40, 30), (200, 30, 60))
     reqs = [{"prompt": "<image>\nWhich flag is this?", "images": [img]}, {"prompt": "A festival of lights"}]
     params = SamplingParams(max_tokens=6, ignore_eos=True)
-    runs = [Engine(tiny_llama, device=DEVICE, dtype="float32", attention_backend=backend,
-                   max_num_batched_tokens=32)  # small budget: chunked prefill + mixed steps
-            .generate(reqs, params, use_tqdm=False) for backend in ("torch", "triton")]
+    runs = [
+        Engine(
+            tiny_llama, device=DEVICE, dtype="float32", attention_backend=backend, max_num_batched_tokens=32
+        ).generate(reqs, params, use_tqdm=False)  # small budget: chunked prefill + mixed steps
+        for backend in ("torch", "triton")
+    ]
     for ref, tri in zip(*runs, strict=True):
         assert tri.token_ids == ref.token_ids
         torch.testing.assert_close(torch.tensor(tri.logprobs), torch.tensor(ref.logprobs), atol=1e-4, rtol=0)
@@ -346,13 +366,15 @@ def test_padded_decode_batches_match_the_torch_path(tiny_llama, monkeypatch):
 
     reqs = [{"prompt": f"Story {i} about the harbour"} for i in range(5)]
     params = [SamplingParams(max_tokens=2 + 2 * i, ignore_eos=True) for i in range(5)]
-    ref = Engine(tiny_llama, device=DEVICE, dtype="float32", attention_backend="torch").generate(reqs, params,
-                                                                                                 use_tqdm=False)
+    ref = Engine(tiny_llama, device=DEVICE, dtype="float32", attention_backend="torch").generate(
+        reqs, params, use_tqdm=False
+    )
     engine = Engine(tiny_llama, device=DEVICE, dtype="float32", attention_backend="triton", max_num_seqs=8)
     runner = engine.runner
     if runner.decode_graphs is None:
-        runner.decode_graphs = DecodeGraphs(engine.model, runner.kv_caches, 8, engine.max_model_len,
-                                            runner.block_size, runner.device, capture=False)
+        runner.decode_graphs = DecodeGraphs(
+            engine.model, runner.kv_caches, 8, engine.max_model_len, runner.block_size, runner.device, capture=False
+        )
     assert runner.decode_graphs.sizes == [1, 2, 4, 8]
     sampled = []
     monkeypatch.setattr(engine_module, "sample", lambda *a, real=engine_module.sample: sampled.append(a) or real(*a))

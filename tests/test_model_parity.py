@@ -18,11 +18,14 @@ BLOCK = 4
 
 PROMPTS = [  # (text with one <image> per image, image sizes (w, h, mode))
     ("<s>Answer with a single letter: A, B, C or D.", []),
-    ("<s><|im_start|>user\n<image>\nWhat is shown in this picture? café 🎉<|im_end|>\n"
-     "<|im_start|>assistant\n",
-     [(37, 23, "RGB")]),
-    ("<|im_start|>user\nCompare <image> and <image>: Привет, 祭り.<|im_end|>\n<|im_start|>assistant\n",
-     [(50, 31, "RGBA"), (29, 64, "L")]),
+    (
+        "<s><|im_start|>user\n<image>\nWhat is shown in this picture? café 🎉<|im_end|>\n<|im_start|>assistant\n",
+        [(37, 23, "RGB")],
+    ),
+    (
+        "<|im_start|>user\nCompare <image> and <image>: Привет, 祭り.<|im_end|>\n<|im_start|>assistant\n",
+        [(50, 31, "RGBA"), (29, 64, "L")],
+    ),
 ]
 
 
@@ -70,10 +73,14 @@ def _meta(chunks, block_size=BLOCK, max_blocks=16):
             positions.append(p)
             slots.append((b * max_blocks + p // block_size) * block_size + p % block_size)
     tables = torch.arange(len(chunks) * max_blocks, dtype=torch.int32).view(len(chunks), max_blocks)
-    meta = AttentionMetadata(query_start_loc=torch.tensor(qsl, dtype=torch.int32),
-                             seq_lens=torch.tensor(seq_lens, dtype=torch.int32), block_tables=tables,
-                             slot_mapping=torch.tensor(slots, dtype=torch.int64),
-                             max_query_len=max(n for _, n in chunks), max_seq_len=max(seq_lens))
+    meta = AttentionMetadata(
+        query_start_loc=torch.tensor(qsl, dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        block_tables=tables,
+        slot_mapping=torch.tensor(slots, dtype=torch.int64),
+        max_query_len=max(n for _, n in chunks),
+        max_seq_len=max(seq_lens),
+    )
     return meta, torch.tensor(positions, dtype=torch.int64)
 
 
@@ -84,7 +91,7 @@ def _image_rows(spans, embeds, row0, lo, hi):
         a, b = max(start, lo), min(start + length, hi)
         if a < b:
             dst.append(torch.arange(a, b) - lo + row0)
-            src.append(emb[a - start:b - start])
+            src.append(emb[a - start : b - start])
     return dst, src
 
 
@@ -125,7 +132,7 @@ def test_packed_batch_matches_transformers(setup):
     row = 0
     for ids, pixels, _ in prompts:
         theirs = _reference(ref, ids, pixels)
-        diff = (ours[row:row + len(ids)] - theirs).abs().max().item()
+        diff = (ours[row : row + len(ids)] - theirs).abs().max().item()
         assert diff < TOL, f"prompt of {len(ids)} tokens: max log-softmax diff {diff}"
         row += len(ids)
 

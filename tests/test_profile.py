@@ -19,8 +19,19 @@ def _profile(capsys, *argv) -> dict:
 
 
 def test_generation_report_counts_what_ran(tiny_llama, capsys):
-    r = _profile(capsys, "--model", str(tiny_llama), "--num-requests", "8", "--prompts-per-image", "4",
-                 "--output-len", "3", "--shared-fraction", "0")
+    r = _profile(
+        capsys,
+        "--model",
+        str(tiny_llama),
+        "--num-requests",
+        "8",
+        "--prompts-per-image",
+        "4",
+        "--output-len",
+        "3",
+        "--shared-fraction",
+        "0",
+    )
     assert r["output_tokens_per_s"] * r["wall_seconds"] == pytest.approx(8 * 3)
     assert r["requests_per_s"] * r["wall_seconds"] == pytest.approx(8)
     assert r["images_encoded"] == 2  # 8 requests, 4 per image: each image encoded once
@@ -31,8 +42,7 @@ def test_generation_report_counts_what_ran(tiny_llama, capsys):
 
 
 def test_scoring_report(tiny_llama, capsys):
-    r = _profile(capsys, "--model", str(tiny_llama), "--num-requests", "4", "--choices", "4",
-                 "--shared-fraction", "0")
+    r = _profile(capsys, "--model", str(tiny_llama), "--num-requests", "4", "--choices", "4", "--shared-fraction", "0")
     assert r["output_tokens_per_s"] == 0 and r["images_encoded"] == 4
     assert r["prefix_cache_hit_rate"] > 0  # choices 2-4 of a question reuse its context
 
@@ -45,11 +55,14 @@ def test_shape_presets_are_real_sizes_in_bfloat16(tmp_path):
     assert (family.vision.image_size, family.vision.patch_size) == (336, 14)
 
 
-@pytest.mark.parametrize("name,arch,hidden,tiles", [
-    ("llava-next-7b", "LlavaNextForConditionalGeneration", 4096, 5),
-    ("pangea-7b", "LlavaNextForConditionalGeneration", 3584, 5),
-    ("llava-onevision-7b", "LlavaOnevisionForConditionalGeneration", 3584, 7),
-])
+@pytest.mark.parametrize(
+    "name,arch,hidden,tiles",
+    [
+        ("llava-next-7b", "LlavaNextForConditionalGeneration", 4096, 5),
+        ("pangea-7b", "LlavaNextForConditionalGeneration", 3584, 5),
+        ("llava-onevision-7b", "LlavaOnevisionForConditionalGeneration", 3584, 7),
+    ],
+)
 def test_family_presets_have_real_shapes(tmp_path, name, arch, hidden, tiles):
     ckpt = load_checkpoint(preset_checkpoint(name, tmp_path / "p"), device="meta", random_init=True)
     family = family_for(ckpt)
@@ -59,10 +72,13 @@ def test_family_presets_have_real_shapes(tmp_path, name, arch, hidden, tiles):
     assert feats.pixels.shape[0] == tiles and len(feats.token_ids) == feats.num_embeddings > 2 * family.tokens_per_tile
 
 
-@pytest.mark.parametrize("name,arch,hidden,tiles,tokens_per_tile,billions", [
-    ("smolvlm2-2.2b", "SmolVLMForConditionalGeneration", 2048, 3 * 4 + 1, 81, 2.25),
-    ("internvl3-8b", "InternVLForConditionalGeneration", 3584, 3 * 2 + 1, 256, 7.94),
-])
+@pytest.mark.parametrize(
+    "name,arch,hidden,tiles,tokens_per_tile,billions",
+    [
+        ("smolvlm2-2.2b", "SmolVLMForConditionalGeneration", 2048, 3 * 4 + 1, 81, 2.25),
+        ("internvl3-8b", "InternVLForConditionalGeneration", 3584, 3 * 2 + 1, 256, 7.94),
+    ],
+)
 def test_tiling_presets_have_real_shapes(tmp_path, name, arch, hidden, tiles, tokens_per_tile, billions):
     ckpt = load_checkpoint(preset_checkpoint(name, tmp_path / "p"), device="meta", random_init=True)
     family = family_for(ckpt)

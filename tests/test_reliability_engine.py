@@ -30,8 +30,7 @@ def test_lone_surrogates_fail_their_own_request(engine):
     outs = engine.generate([GOOD, {"prompt": "bad \ud800 text"}, GOOD], params, use_tqdm=False)
     assert outs[0].error is None and outs[0].token_ids == outs[2].token_ids
     assert "tokenized" in outs[1].error
-    scores = engine.score([{**GOOD, "choices": ["ok", "bad \udfff"]}, {**GOOD, "choices": ["a", "b"]}],
-                          use_tqdm=False)
+    scores = engine.score([{**GOOD, "choices": ["ok", "bad \udfff"]}, {**GOOD, "choices": ["a", "b"]}], use_tqdm=False)
     assert "cannot be tokenized" in scores[0].error and scores[1].error is None
 
 
@@ -69,12 +68,12 @@ def test_non_finite_logits_are_that_requests_error(engine, monkeypatch):
 
     monkeypatch.setattr(engine.runner, "execute", execute)
     monkeypatch.setattr(engine.runner, "compute_logits", compute_logits)
-    outs = engine.generate([{"prompt": "festival"}, {"prompt": "Short one."}], SamplingParams(max_tokens=3),
-                           use_tqdm=False)
+    outs = engine.generate(
+        [{"prompt": "festival"}, {"prompt": "Short one."}], SamplingParams(max_tokens=3), use_tqdm=False
+    )
     assert "NaN or infinite logits" in outs[0].error and outs[0].samples == []
     assert outs[1].error is None and len(outs[1].token_ids) == 3
-    scores = engine.score([{"prompt": "festival", "choices": ["a", "b"]}, {**GOOD, "choices": ["a"]}],
-                          use_tqdm=False)
+    scores = engine.score([{"prompt": "festival", "choices": ["a", "b"]}, {**GOOD, "choices": ["a"]}], use_tqdm=False)
     assert "NaN or infinite" in scores[0].error and scores[1].error is None
     monkeypatch.undo()
     assert not engine.scheduler.has_unfinished()
@@ -86,12 +85,15 @@ def _edit_config(path, **text):
     (path / "config.json").write_text(json.dumps(cfg))
 
 
-@pytest.mark.parametrize("field,value,needle", [
-    ("num_attention_heads", 0, "num_attention_heads must be an integer >= 1"),
-    ("hidden_size", -4, "hidden_size must be an integer >= 1"),
-    ("num_key_value_heads", 3, "not a multiple of num_key_value_heads 3"),
-    ("rms_norm_eps", "tiny", "rms_norm_eps must be a number"),
-])
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        ("num_attention_heads", 0, "num_attention_heads must be an integer >= 1"),
+        ("hidden_size", -4, "hidden_size must be an integer >= 1"),
+        ("num_key_value_heads", 3, "not a multiple of num_key_value_heads 3"),
+        ("rms_norm_eps", "tiny", "rms_norm_eps must be a number"),
+    ],
+)
 def test_impossible_config_values_name_the_field(tiny_llama, tmp_path, field, value, needle):
     d = shutil.copytree(tiny_llama, tmp_path / "c")
     _edit_config(d, **{field: value})

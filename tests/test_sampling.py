@@ -7,8 +7,13 @@ from cultengine.sampling import SamplingParams, sample, uniform_noise
 
 
 def _cols(n, temperature=1.0, top_p=1.0, top_k=-1, seed=7, index=0):
-    return (torch.full((n,), temperature), torch.full((n,), top_p), torch.full((n,), top_k, dtype=torch.int32),
-            torch.full((n,), seed, dtype=torch.int64), torch.full((n,), index, dtype=torch.int64))
+    return (
+        torch.full((n,), temperature),
+        torch.full((n,), top_p),
+        torch.full((n,), top_k, dtype=torch.int32),
+        torch.full((n,), seed, dtype=torch.int64),
+        torch.full((n,), index, dtype=torch.int64),
+    )
 
 
 def test_greedy_picks_argmax_and_reports_raw_logprob():
@@ -24,7 +29,7 @@ def test_seeded_row_is_independent_of_the_rest_of_the_batch():
     logits = torch.randn(6, 50, generator=gen)
     t, p, k, s, i = _cols(6, temperature=0.9)
     s = torch.arange(6, dtype=torch.int64) * 1000 + 3
-    alone = [sample(logits[r:r + 1], t[:1], p[:1], k[:1], s[r:r + 1], i[:1])[0].item() for r in range(6)]
+    alone = [sample(logits[r : r + 1], t[:1], p[:1], k[:1], s[r : r + 1], i[:1])[0].item() for r in range(6)]
     batched = sample(logits, t, p, k, s, i)[0].tolist()
     assert batched == alone
     # Shuffled batch order, same per-row answers.
@@ -83,5 +88,5 @@ def test_large_vocabulary_is_sampled_in_row_chunks_with_the_same_result():
     t, p, k, _, i = _cols(10, temperature=0.7)
     seeds = torch.arange(10, dtype=torch.int64) + 100
     batched = sample(logits, t, p, k, seeds, i)[0]
-    alone = torch.cat([sample(logits[r:r + 1], t[:1], p[:1], k[:1], seeds[r:r + 1], i[:1])[0] for r in range(10)])
+    alone = torch.cat([sample(logits[r : r + 1], t[:1], p[:1], k[:1], seeds[r : r + 1], i[:1])[0] for r in range(10)])
     assert torch.equal(batched, alone)

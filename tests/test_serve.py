@@ -170,10 +170,19 @@ def test_chat_with_image_n_seed_logprobs_match_engine_generate(client, reference
 
 
 def test_top_logprobs_match_engine_generate(client, reference):
-    resp = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Tell me a story."}],
-                                          max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
-    (ref,) = reference.generate([{"messages": [{"role": "user", "content": "Tell me a story."}]}],
-                                SamplingParams(max_tokens=6, temperature=0, logprobs=3), use_tqdm=False)
+    resp = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Tell me a story."}],
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    (ref,) = reference.generate(
+        [{"messages": [{"role": "user", "content": "Tell me a story."}]}],
+        SamplingParams(max_tokens=6, temperature=0, logprobs=3),
+        use_tqdm=False,
+    )
     content = resp.choices[0].logprobs.content
     assert len(content) == len(ref.token_ids)
     for tok, top in zip(content, ref.samples[0].top_logprobs, strict=True):

@@ -220,6 +220,4 @@ def test_clip_towers_match_transformers(images, tmp_path):
         pix = torch.stack(ours.processor.preprocess([images / "market.png", images / "temple.png"]))
         want = ref.get_image_features(pixel_values=pix)
         want = torch.nn.functional.normalize(getattr(want, "pooler_output", want), dim=-1).numpy()
-    np.testing.assert_allclose(
-        ours.encode_images([images / "market.png", images / "temple.png"]), want, atol=1e-5
-    )
+    np.testing.assert_allclose(ours.encode_images([images / "market.png", images / "temple.png"]), want, atol=1e-5)

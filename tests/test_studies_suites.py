@@ -42,9 +42,7 @@ class ScriptedEngine:
         params = params if isinstance(params, list) else [params] * len(requests)
         self.generated += len(requests)
         return [
-            GenerationOutput(
-                i, [1, 2, 3], [Sample(self.gen_fn(r, k), [7] * 5, "stop", [0.0] * 5) for k in range(p.n)]
-            )
+            GenerationOutput(i, [1, 2, 3], [Sample(self.gen_fn(r, k), [7] * 5, "stop", [0.0] * 5) for k in range(p.n)])
             for i, (r, p) in enumerate(zip(requests, params, strict=False))
         ]
 
@@ -174,10 +172,7 @@ def test_stories_run_resume_and_analysis(tmp_path):
     assert {r["nationality"] for r in recs} == {"Japanese", "German", "Dutch", "Nigerian"}
     eng2 = ScriptedEngine(gen_fn=_story)
     assert (
-        stories.run(eng2, ["rain", "a festival"], imgs, nats, [0.3, 0.7], 2, tmp_path / "run")[
-            "requests_this_run"
-        ]
-        == 0
+        stories.run(eng2, ["rain", "a festival"], imgs, nats, [0.3, 0.7], 2, tmp_path / "run")["requests_this_run"] == 0
         and eng2.generated == 0
     )
 
@@ -256,9 +251,7 @@ def test_ground_stages_drops_and_resume(tmp_path):
     def gen(req, k):
         q = _text(req).split("Question: ")[1]
         origin = "country" in q.lower() or "país" in q
-        return (
-            "Where is this rice dish from? It is from JAPAN!" if "sushi" in q and origin else f"Please: {q}"
-        )
+        return "Where is this rice dish from? It is from JAPAN!" if "sushi" in q and origin else f"Please: {q}"
 
     def score(req):
         return [0.0, 0.0] if "haggis" in _text(req) else [0.0, -2.0]  # P(yes) = 0.5 or 0.881

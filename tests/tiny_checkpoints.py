@@ -65,10 +65,16 @@ CORPUS = [
 
 _PREPROCESSOR = {
     "image_processor_type": "CLIPImageProcessor",
-    "do_resize": True, "size": {"shortest_edge": 28}, "resample": 3,
-    "do_center_crop": True, "crop_size": {"height": 28, "width": 28},
-    "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "do_resize": True,
+    "size": {"shortest_edge": 28},
+    "resample": 3,
+    "do_center_crop": True,
+    "crop_size": {"height": 28, "width": 28},
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
     "do_convert_rgb": True,
 }
 
@@ -80,8 +86,12 @@ def _train_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=420,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(CORPUS, trainer)
     return tok
 
@@ -91,35 +101,54 @@ def _configs(backbone: str, vocab: int, image_token_id: int):
     CLIPVisionConfig, LlamaConfig, LlavaConfig = t.CLIPVisionConfig, t.LlamaConfig, t.LlavaConfig
     MistralConfig, Qwen2Config = t.MistralConfig, t.Qwen2Config
 
-    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  bos_token_id=0, eos_token_id=1, pad_token_id=2)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                              num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32)
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+        projection_dim=32,
+    )
     if backbone == "llama":
         text = LlamaConfig(**common, tie_word_embeddings=True)
-        extra = dict(vision_feature_layer=-2, vision_feature_select_strategy="default",
-                     tie_word_embeddings=True)
+        extra = dict(vision_feature_layer=-2, vision_feature_select_strategy="default", tie_word_embeddings=True)
     elif backbone == "qwen2":
         text = Qwen2Config(**common, tie_word_embeddings=False, rope_theta=1e6)
-        extra = dict(vision_feature_layer=[-3, -1], vision_feature_select_strategy="full",
-                     multimodal_projector_bias=False)
+        extra = dict(
+            vision_feature_layer=[-3, -1], vision_feature_select_strategy="full", multimodal_projector_bias=False
+        )
     elif backbone == "mistral":
         text = MistralConfig(**common, head_dim=24, tie_word_embeddings=False, sliding_window=None)
         extra = dict(vision_feature_layer=-1, vision_feature_select_strategy="default")
     else:
         raise ValueError(f"unknown backbone {backbone!r}; choose one of {BACKBONES}")
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_id,
-                       projector_hidden_act="gelu", **extra)
+    return LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=image_token_id, projector_hidden_act="gelu", **extra
+    )
 
 
 def _new_layout(name: str) -> str:
-    for old, new in (("language_model.lm_head.", "lm_head."),
-                     ("language_model.model.", "model.language_model."),
-                     ("vision_tower.", "model.vision_tower.vision_model."),
-                     ("multi_modal_projector.", "model.multi_modal_projector.")):
+    for old, new in (
+        ("language_model.lm_head.", "lm_head."),
+        ("language_model.model.", "model.language_model."),
+        ("vision_tower.", "model.vision_tower.vision_model."),
+        ("multi_modal_projector.", "model.multi_modal_projector."),
+    ):
         if name.startswith(old):
-            return new + name[len(old):]
+            return new + name[len(old) :]
     return name
 
 
@@ -129,8 +158,10 @@ def _reshard_new_layout(out: Path) -> None:
     tensors = {_new_layout(k): v for k, v in load_file(out / "model.safetensors").items()}
     (out / "model.safetensors").unlink()
     names = sorted(tensors)
-    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
-              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    shards = {
+        "model-00001-of-00002.safetensors": names[: len(names) // 2],
+        "model-00002-of-00002.safetensors": names[len(names) // 2 :],
+    }
     weight_map = {}
     for fname, keys in shards.items():
         save_file({k: tensors[k].contiguous() for k in keys}, out / fname, metadata={"format": "pt"})
@@ -154,11 +185,13 @@ def build_tiny_llava(out_dir: str | Path, backbone: str = "llama", seed: int = 0
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.08)
     model.save_pretrained(out, safe_serialization=True)
-    t.GenerationConfig(bos_token_id=0, eos_token_id=[1, tok.token_to_id("<|im_end|>")],
-                     pad_token_id=2).save_pretrained(out)
+    t.GenerationConfig(bos_token_id=0, eos_token_id=[1, tok.token_to_id("<|im_end|>")], pad_token_id=2).save_pretrained(
+        out
+    )
 
-    fast = t.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                     pad_token="<pad>", chat_template=CHAT_TEMPLATE)
+    fast = t.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", chat_template=CHAT_TEMPLATE
+    )
     fast.save_pretrained(out)
     (out / "preprocessor_config.json").write_text(json.dumps(_PREPROCESSOR, indent=2))
 
@@ -174,8 +207,9 @@ def build_tiny_llava(out_dir: str | Path, backbone: str = "llama", seed: int = 0
 
 def reference_model(path: str | Path):
     """transformers' LLaVA on the checkpoint, fp32, eval mode (the parity oracle)."""
-    return transformers.LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32,
-                                                         attn_implementation="eager").eval()
+    return transformers.LlavaForConditionalGeneration.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,12 +228,15 @@ def _save_family(out: Path, model, tok, processor_cls, image_processor, seed: in
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.08)
     model.save_pretrained(out, safe_serialization=True)
-    t.GenerationConfig(bos_token_id=0, eos_token_id=[1, tok.token_to_id("<|im_end|>")],
-                       pad_token_id=2).save_pretrained(out)
-    fast = t.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                     chat_template=CHAT_TEMPLATE)
-    processor_cls(image_processor=image_processor, tokenizer=fast, chat_template=CHAT_TEMPLATE,
-                  **processor_kwargs).save_pretrained(out)
+    t.GenerationConfig(bos_token_id=0, eos_token_id=[1, tok.token_to_id("<|im_end|>")], pad_token_id=2).save_pretrained(
+        out
+    )
+    fast = t.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", chat_template=CHAT_TEMPLATE
+    )
+    processor_cls(
+        image_processor=image_processor, tokenizer=fast, chat_template=CHAT_TEMPLATE, **processor_kwargs
+    ).save_pretrained(out)
     fast.save_pretrained(out)
     return out
 
@@ -213,32 +250,75 @@ def build_tiny_anyres(out_dir: str | Path, family: str = "llava_next", seed: int
     tok = _train_tokenizer()
     image_token_id = tok.token_to_id(IMAGE_TOKEN)
     vocab = (tok.get_vocab_size() + 31) // 32 * 32
-    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=512, bos_token_id=0, eos_token_id=1, pad_token_id=2)
-    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=28,
-                  patch_size=14)
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+    )
+    vision = dict(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14
+    )
     torch.manual_seed(seed)
     if family in ("llava_next", "llava_next_mistral"):
-        text = (t.LlamaConfig(**common) if family == "llava_next"
-                else t.MistralConfig(**common, head_dim=24, sliding_window=None))
-        config = t.LlavaNextConfig(vision_config=t.CLIPVisionConfig(**vision, projection_dim=32), text_config=text,
-                                   image_token_index=image_token_id, image_grid_pinpoints=NEXT_PINPOINTS,
-                                   vision_feature_select_strategy="default", vision_feature_layer=-2)
+        text = (
+            t.LlamaConfig(**common)
+            if family == "llava_next"
+            else t.MistralConfig(**common, head_dim=24, sliding_window=None)
+        )
+        config = t.LlavaNextConfig(
+            vision_config=t.CLIPVisionConfig(**vision, projection_dim=32),
+            text_config=text,
+            image_token_index=image_token_id,
+            image_grid_pinpoints=NEXT_PINPOINTS,
+            vision_feature_select_strategy="default",
+            vision_feature_layer=-2,
+        )
         model = t.LlavaNextForConditionalGeneration(config).eval()
-        processor = t.LlavaNextImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
-                                              image_grid_pinpoints=NEXT_PINPOINTS)
-        return _save_family(out, model, tok, t.LlavaNextProcessor, processor, seed, patch_size=14,
-                            vision_feature_select_strategy="default", num_additional_image_tokens=1)
+        processor = t.LlavaNextImageProcessor(
+            size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}, image_grid_pinpoints=NEXT_PINPOINTS
+        )
+        return _save_family(
+            out,
+            model,
+            tok,
+            t.LlavaNextProcessor,
+            processor,
+            seed,
+            patch_size=14,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+        )
     if family == "llava_onevision":
-        config = t.LlavaOnevisionConfig(vision_config=t.SiglipVisionConfig(**vision),
-                                        text_config=t.Qwen2Config(**common, rope_theta=1e6),
-                                        image_token_index=image_token_id, image_grid_pinpoints=ONEVISION_PINPOINTS,
-                                        vision_aspect_ratio="anyres_max_2", vision_feature_select_strategy="full",
-                                        vision_feature_layer=-1)
+        config = t.LlavaOnevisionConfig(
+            vision_config=t.SiglipVisionConfig(**vision),
+            text_config=t.Qwen2Config(**common, rope_theta=1e6),
+            image_token_index=image_token_id,
+            image_grid_pinpoints=ONEVISION_PINPOINTS,
+            vision_aspect_ratio="anyres_max_2",
+            vision_feature_select_strategy="full",
+            vision_feature_layer=-1,
+        )
         model = t.LlavaOnevisionForConditionalGeneration(config).eval()
-        processor = t.LlavaOnevisionImageProcessor(size={"height": 28, "width": 28},
-                                                   image_grid_pinpoints=ONEVISION_PINPOINTS)
-        return _save_family(out, model, tok, t.LlavaOnevisionProcessor, processor, seed, num_image_tokens=4,
-                            vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_2",
-                            video_processor=t.LlavaOnevisionVideoProcessor())
+        processor = t.LlavaOnevisionImageProcessor(
+            size={"height": 28, "width": 28}, image_grid_pinpoints=ONEVISION_PINPOINTS
+        )
+        return _save_family(
+            out,
+            model,
+            tok,
+            t.LlavaOnevisionProcessor,
+            processor,
+            seed,
+            num_image_tokens=4,
+            vision_feature_select_strategy="full",
+            vision_aspect_ratio="anyres_max_2",
+            video_processor=t.LlavaOnevisionVideoProcessor(),
+        )
     raise ValueError(f"unknown family {family!r}; choose one of {ANYRES_FAMILIES}")

@@ -132,8 +132,9 @@ class _GenerationTag(jinja2.ext.Extension):
 def compile_template(template: str) -> jinja2.Template:
     env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols])
     env.filters.update({"tojson": _tojson, _DEADLINE_FILTER: _bounded_iter})
-    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, dict=_TemplateDict(),
-                       namespace=_TemplateNamespace)
+    env.globals.update(
+        raise_exception=_raise_exception, strftime_now=_strftime_now, dict=_TemplateDict(), namespace=_TemplateNamespace
+    )
     tree = env.parse(template)
     for loop in tree.find_all(jinja2.nodes.For):
         loop.iter = jinja2.nodes.Filter(loop.iter, _DEADLINE_FILTER, [], [], None, None, lineno=loop.lineno)
@@ -177,17 +178,26 @@ def extract_images(messages: list[dict]) -> list[Any]:
     return images
 
 
-def render_chat(template: str | None, messages: list[dict], special_tokens: dict[str, str] | None = None,
-                add_generation_prompt: bool = True, *, template_name: str = "the chat template",
-                time_limit: float | None = None, **kwargs: Any) -> tuple[str, list[Any]]:
+def render_chat(
+    template: str | None,
+    messages: list[dict],
+    special_tokens: dict[str, str] | None = None,
+    add_generation_prompt: bool = True,
+    *,
+    template_name: str = "the chat template",
+    time_limit: float | None = None,
+    **kwargs: Any,
+) -> tuple[str, list[Any]]:
     """Render one conversation; returns (prompt text, image sources in order).
 
     Any failure of the template (its own errors, a sandbox refusal, a render running past `time_limit`
     seconds, default `RENDER_TIME_LIMIT_S`) is a `ChatTemplateError` naming `template_name`.
     """
     if not template:
-        raise ChatTemplateError("this checkpoint has no chat template (no chat_template.jinja and no "
-                                "'chat_template' in tokenizer_config.json); pass a plain prompt instead")
+        raise ChatTemplateError(
+            "this checkpoint has no chat template (no chat_template.jinja and no "
+            "'chat_template' in tokenizer_config.json); pass a plain prompt instead"
+        )
     if not isinstance(messages, list) or not messages:
         raise ChatTemplateError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     chat = []
@@ -204,11 +214,14 @@ def render_chat(template: str | None, messages: list[dict], special_tokens: dict
     limit = RENDER_TIME_LIMIT_S if time_limit is None else time_limit
     token = _deadline.set(time.monotonic() + limit)
     try:
-        text = compile_template(template).render(messages=chat, tools=None, documents=None,
-                                                 add_generation_prompt=add_generation_prompt, **variables)
+        text = compile_template(template).render(
+            messages=chat, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **variables
+        )
     except _OutOfTime:
-        raise ChatTemplateError(f"{template_name} did not finish rendering within {limit:g} s (it loops too long; "
-                                "the limit is cultengine.chat.RENDER_TIME_LIMIT_S)") from None
+        raise ChatTemplateError(
+            f"{template_name} did not finish rendering within {limit:g} s (it loops too long; "
+            "the limit is cultengine.chat.RENDER_TIME_LIMIT_S)"
+        ) from None
     except jinja2.exceptions.TemplateError as e:
         raise ChatTemplateError(f"error in {template_name}: {e}") from e
     except Exception as e:  # the template is untrusted code: whatever it raises is its own request's error
@@ -220,5 +233,10 @@ def render_chat(template: str | None, messages: list[dict], special_tokens: dict
 
 def render_checkpoint_chat(checkpoint, messages: list[dict], **kwargs: Any) -> tuple[str, list[Any]]:
     """`render_chat` with a loaded `Checkpoint`'s template and special tokens."""
-    return render_chat(checkpoint.chat_template, messages, checkpoint.special_tokens,
-                       template_name=f"the chat template of {checkpoint.path}", **kwargs)
+    return render_chat(
+        checkpoint.chat_template,
+        messages,
+        checkpoint.special_tokens,
+        template_name=f"the chat template of {checkpoint.path}",
+        **kwargs,
+    )

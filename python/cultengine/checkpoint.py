@@ -18,8 +18,13 @@ import torch
 
 from .errors import CheckpointError, unsupported_architecture
 
-_DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
-           "float16": torch.float16, "half": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
 
 # Old (transformers 4) file layout -> canonical names; applied in order, first match wins.
 _RENAMES = (
@@ -76,12 +81,15 @@ class Checkpoint:
             handle = self._handles[file] = _safe_open(file)
         t = handle.get_tensor(key)
         if shape is not None and tuple(t.shape) != tuple(shape):
-            raise CheckpointError(f"{file.name}: tensor {key!r} has shape {tuple(t.shape)}, "
-                                  f"expected {tuple(shape)} from config.json")
+            raise CheckpointError(
+                f"{file.name}: tensor {key!r} has shape {tuple(t.shape)}, expected {tuple(shape)} from config.json"
+            )
         t = t.to(device=self.device, dtype=self.dtype)
         if t.is_floating_point() and not torch.isfinite(t).all():
-            raise CheckpointError(f"{file.name}: tensor {key!r} holds NaN or infinite values (a corrupt or "
-                                  "badly converted checkpoint; in float16, a weight beyond its range)")
+            raise CheckpointError(
+                f"{file.name}: tensor {key!r} holds NaN or infinite values (a corrupt or "
+                "badly converted checkpoint; in float16, a weight beyond its range)"
+            )
         return t
 
     def close(self) -> None:
@@ -156,7 +164,8 @@ def _index_weights(path: Path) -> dict[str, tuple[Path, str]]:
         if pickles:
             raise CheckpointError(
                 f"{path}: only pickle weights found ({', '.join(pickles)}); cultengine loads safetensors "
-                "only and never unpickles checkpoint files. Convert them to *.safetensors first.")
+                "only and never unpickles checkpoint files. Convert them to *.safetensors first."
+            )
         raise CheckpointError(f"{path}: no *.safetensors weight files found")
     out: dict[str, tuple[Path, str]] = {}
     for f in files:
@@ -186,8 +195,13 @@ def _resolve_dtype(dtype: str | torch.dtype, config: dict) -> torch.dtype:
         name = str(dtype).removeprefix("torch.")
     elif dtype == "auto":
         text = config.get("text_config") or {}
-        name = (config.get("dtype") or config.get("torch_dtype") or text.get("dtype")
-                or text.get("torch_dtype") or "float32")
+        name = (
+            config.get("dtype")
+            or config.get("torch_dtype")
+            or text.get("dtype")
+            or text.get("torch_dtype")
+            or "float32"
+        )
     else:
         name = dtype
     if name not in _DTYPES:
@@ -195,9 +209,13 @@ def _resolve_dtype(dtype: str | torch.dtype, config: dict) -> torch.dtype:
     return _DTYPES[name]
 
 
-def load_checkpoint(path: str | Path, dtype: str | torch.dtype = "auto",
-                    device: str | torch.device = "cpu", random_init: bool = False,
-                    architectures: tuple[str, ...] | None = None) -> Checkpoint:
+def load_checkpoint(
+    path: str | Path,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+    random_init: bool = False,
+    architectures: tuple[str, ...] | None = None,
+) -> Checkpoint:
     """Parse a local checkpoint directory; weights are indexed now and read by `Checkpoint.tensor`.
 
     `random_init` needs only config and tokenizer files: weights are drawn instead of read (profiling
@@ -206,8 +224,9 @@ def load_checkpoint(path: str | Path, dtype: str | torch.dtype = "auto",
     """
     path = Path(path).expanduser()
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint directory not found: {path} (pass a local directory, "
-                              "e.g. one downloaded with `hf download`)")
+        raise CheckpointError(
+            f"checkpoint directory not found: {path} (pass a local directory, e.g. one downloaded with `hf download`)"
+        )
     config = _read_json(path / "config.json")
     archs = config.get("architectures") or []
     arch = archs[0] if archs and isinstance(archs[0], str) else str(config.get("model_type", "<none>"))
@@ -218,11 +237,16 @@ def load_checkpoint(path: str | Path, dtype: str | torch.dtype = "auto",
 
     tok_file = path / "tokenizer.json"
     if not tok_file.is_file():
-        raise CheckpointError(f"{path}: tokenizer.json not found (cultengine needs a fast tokenizer file; "
-                              "convert with transformers' PreTrainedTokenizerFast.save_pretrained)")
+        raise CheckpointError(
+            f"{path}: tokenizer.json not found (cultengine needs a fast tokenizer file; "
+            "convert with transformers' PreTrainedTokenizerFast.save_pretrained)"
+        )
     tok_cfg = _read_json(path / "tokenizer_config.json", required=False) or {}
-    special = {k: s for k in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
-                              "mask_token") if (s := _token_str(tok_cfg.get(k))) is not None}
+    special = {
+        k: s
+        for k in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+        if (s := _token_str(tok_cfg.get(k))) is not None
+    }
     template = None
     if (path / "chat_template.jinja").is_file():
         template = (path / "chat_template.jinja").read_text(encoding="utf-8")
@@ -240,8 +264,18 @@ def load_checkpoint(path: str | Path, dtype: str | torch.dtype = "auto",
     bos = gen.get("bos_token_id", text_cfg.get("bos_token_id"))
 
     return Checkpoint(
-        path=path, config=config, architecture=arch, dtype=_resolve_dtype(dtype, config), device=torch.device(device),
-        eos_token_ids=eos_ids, bos_token_id=bos, tokenizer_path=tok_file, tokenizer_config=tok_cfg,
-        special_tokens=special, chat_template=template,
+        path=path,
+        config=config,
+        architecture=arch,
+        dtype=_resolve_dtype(dtype, config),
+        device=torch.device(device),
+        eos_token_ids=eos_ids,
+        bos_token_id=bos,
+        tokenizer_path=tok_file,
+        tokenizer_config=tok_cfg,
+        special_tokens=special,
+        chat_template=template,
         preprocessor_config=_image_processor_config(path),
-        weight_files=weights, random_init=random_init)
+        weight_files=weights,
+        random_init=random_init,
+    )

@@ -76,15 +76,30 @@ class Engine:
     A bad request gets `.error` on its output and never stops the others.
     """
 
-    def __init__(self, model: str | os.PathLike, device: str = "cpu", dtype: str = "auto",
-                 max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, block_size: int = 16,
-                 num_blocks: int | None = None, kv_cache_memory: int | None = None,
-                 enable_prefix_caching: bool = True, attention_backend: str | None = None,
-                 max_model_len: int | None = None, encoder_cache_size: int = 256, random_init: bool = False,
-                 profile: bool = False, cuda_graphs: bool = True, image_backend: str | None = None,
-                 max_num_image_tokens: int | None = None, threads: int | None = None,
-                 image_options: dict | None = None, cascade_attention: bool | None = None,
-                 overlap_scheduling: bool = True):
+    def __init__(
+        self,
+        model: str | os.PathLike,
+        device: str = "cpu",
+        dtype: str = "auto",
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 8192,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        kv_cache_memory: int | None = None,
+        enable_prefix_caching: bool = True,
+        attention_backend: str | None = None,
+        max_model_len: int | None = None,
+        encoder_cache_size: int = 256,
+        random_init: bool = False,
+        profile: bool = False,
+        cuda_graphs: bool = True,
+        image_backend: str | None = None,
+        max_num_image_tokens: int | None = None,
+        threads: int | None = None,
+        image_options: dict | None = None,
+        cascade_attention: bool | None = None,
+        overlap_scheduling: bool = True,
+    ):
         """`random_init` draws weights instead of reading them (profiling model shapes); `profile`
         synchronises the device around each phase to time it and records per-request latencies;
         `cuda_graphs` replays decode steps from CUDA graphs (CUDA with the Triton backend only);
@@ -110,13 +125,16 @@ class Engine:
             raise RuntimeError("device='cuda' was asked for but torch sees no CUDA device")
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)  # Triton launches and graph capture use the current device
-        self.checkpoint = load_checkpoint(model, dtype=dtype, device=self.device, random_init=random_init,
-                                          architectures=SUPPORTED_ARCHITECTURES)
+        self.checkpoint = load_checkpoint(
+            model, dtype=dtype, device=self.device, random_init=random_init, architectures=SUPPORTED_ARCHITECTURES
+        )
         self.family = family_for(self.checkpoint, image_backend)
         unknown = set(image_options or {}) - set(self.family.image_options)
         if unknown:
-            raise ValueError(f"image_options {sorted(unknown)} are not read by this model family (it reads: "
-                             f"{', '.join(self.family.image_options) or 'none'})")
+            raise ValueError(
+                f"image_options {sorted(unknown)} are not read by this model family (it reads: "
+                f"{', '.join(self.family.image_options) or 'none'})"
+            )
         self.image_options = dict(image_options or {})
         self.tokenizer = _core.Tokenizer.from_file(str(self.checkpoint.tokenizer_path))
         self.ops = Ops(resolve_backend(self.device, attention_backend))
@@ -127,18 +145,33 @@ class Engine:
         self.image_token = None if placeholder is None else self.tokenizer.id_to_token(placeholder)
         graphs = cuda_graphs and self.device.type == "cuda" and self.ops.backend == "triton"
         rows = self.family.position_rows
-        self.runner = ModelRunner(self.model, self.device, self.checkpoint.dtype, block_size, num_blocks,
-                                  kv_cache_memory, max_num_seqs, self.max_model_len, encoder_cache_size,
-                                  cuda_graphs=graphs, position_rows=rows,
-                                  bidirectional_images=self.family.bidirectional_images,
-                                  cascade=self.ops.backend == "triton" if cascade_attention is None
-                                  else cascade_attention)
+        self.runner = ModelRunner(
+            self.model,
+            self.device,
+            self.checkpoint.dtype,
+            block_size,
+            num_blocks,
+            kv_cache_memory,
+            max_num_seqs,
+            self.max_model_len,
+            encoder_cache_size,
+            cuda_graphs=graphs,
+            position_rows=rows,
+            bidirectional_images=self.family.bidirectional_images,
+            cascade=self.ops.backend == "triton" if cascade_attention is None else cascade_attention,
+        )
         self.scheduler = _core.Scheduler(
-            self.tokenizer, num_blocks=self.runner.num_blocks, block_size=block_size,
-            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-            max_model_len=self.max_model_len, enable_prefix_caching=enable_prefix_caching,
-            eos_token_ids=list(self.checkpoint.eos_token_ids), position_rows=rows,
-            max_num_image_tokens=max_num_image_tokens)
+            self.tokenizer,
+            num_blocks=self.runner.num_blocks,
+            block_size=block_size,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            enable_prefix_caching=enable_prefix_caching,
+            eos_token_ids=list(self.checkpoint.eos_token_ids),
+            position_rows=rows,
+            max_num_image_tokens=max_num_image_tokens,
+        )
         self._next_seq_id = 0
         self._seq_images: dict[int, list[int]] = {}  # in-flight sequence -> image hashes it pins
         self._contexts: dict[int, list[int]] = {}  # a scoring context not yet forked -> its choices' ids
@@ -153,7 +186,8 @@ class Engine:
         self._in_flight: _Launched | None = None  # overlapped: the step launched, its results not yet applied
         self.profile = profile
         self.phase_seconds: dict[str, float] = dict.fromkeys(
-            ("scheduler", "vision_encoder", "prefill", "decode", "sampling", "update"), 0.0)
+            ("scheduler", "vision_encoder", "prefill", "decode", "sampling", "update"), 0.0
+        )
         self.latencies: dict[str, list[float]] = {"ttft": [], "tpot": []}
         if self.ops.backend != "torch":
             self._warm_up()
@@ -161,9 +195,12 @@ class Engine:
     # -------------------------------------------------------------------------------------------
     # Public API
     # -------------------------------------------------------------------------------------------
-    def generate(self, requests: Request | list[Request],
-                 params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[GenerationOutput]:
+    def generate(
+        self,
+        requests: Request | list[Request],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[GenerationOutput]:
         """Generate for every request (one SamplingParams for all, or one per request); returns one
         `GenerationOutput` per request, in order. A bad request gets `.error`, the others run."""
         requests = _as_list(requests)
@@ -171,8 +208,10 @@ class Engine:
         if len(params_list) != len(requests):
             raise ValueError(f"{len(params_list)} SamplingParams for {len(requests)} requests")
         prepared = self._prepare(requests)
-        outputs = [GenerationOutput(index=i, prompt_token_ids=p.prompt_ids if isinstance(p, _Prepared) else [])
-                   for i, p in enumerate(prepared)]
+        outputs = [
+            GenerationOutput(index=i, prompt_token_ids=p.prompt_ids if isinstance(p, _Prepared) else [])
+            for i, p in enumerate(prepared)
+        ]
         owners: dict[int, tuple[int, int]] = {}
         with self._call_guard():
             for i, (prep, sp) in enumerate(zip(prepared, params_list, strict=True)):
@@ -184,11 +223,19 @@ class Engine:
                     for k, seed in enumerate(sp.sample_seeds()):
                         # The prompt's log-probs are the same for every sample: the first one gathers them.
                         prompt_lps = sp.prompt_logprobs is not None and k == 0
-                        seq_id = self._add(prep, max_tokens=sp.max_tokens, temperature=sp.temperature,
-                                           top_p=sp.top_p, top_k=sp.top_k, seed=seed, stop=list(sp.stop),
-                                           stop_token_ids=list(sp.stop_token_ids), ignore_eos=sp.ignore_eos,
-                                           skip_special_tokens=sp.skip_special_tokens,
-                                           prompt_logprobs_from=1 if prompt_lps else -1)
+                        seq_id = self._add(
+                            prep,
+                            max_tokens=sp.max_tokens,
+                            temperature=sp.temperature,
+                            top_p=sp.top_p,
+                            top_k=sp.top_k,
+                            seed=seed,
+                            stop=list(sp.stop),
+                            stop_token_ids=list(sp.stop_token_ids),
+                            ignore_eos=sp.ignore_eos,
+                            skip_special_tokens=sp.skip_special_tokens,
+                            prompt_logprobs_from=1 if prompt_lps else -1,
+                        )
                         owners[seq_id] = (i, k)
                         if sp.logprobs is not None:
                             self._want_top_logprobs(seq_id, sp.logprobs)
@@ -204,17 +251,22 @@ class Engine:
                     self._abort_request(owners, i)
                     outputs[i].error, outputs[i].samples = outputs[i].error or error, []
                     return
-                outputs[i].samples[k] = Sample(text=seq.text, token_ids=list(seq.output_token_ids),
-                                               finish_reason=seq.finish_reason, logprobs=list(seq.output_logprobs),
-                                               top_logprobs=self._take_top_logprobs(seq))
+                outputs[i].samples[k] = Sample(
+                    text=seq.text,
+                    token_ids=list(seq.output_token_ids),
+                    finish_reason=seq.finish_reason,
+                    logprobs=list(seq.output_logprobs),
+                    top_logprobs=self._take_top_logprobs(seq),
+                )
                 outputs[i].num_cached_tokens = max(outputs[i].num_cached_tokens, seq.num_cached_tokens)
                 if seq.seq_id in self._prompt_top:
                     at = self._prompt_top.pop(seq.seq_id)
                     ids = seq.prompt_token_ids
                     outputs[i].prompt_logprobs = [None, *map(float, seq.prompt_logprobs)]
                     outputs[i].prompt_top_logprobs = [{}] + [
-                        {**at.get(p, {}), int(ids[p]): lp} for p, lp in zip(range(1, len(ids)),
-                                                                           outputs[i].prompt_logprobs[1:], strict=True)]
+                        {**at.get(p, {}), int(ids[p]): lp}
+                        for p, lp in zip(range(1, len(ids)), outputs[i].prompt_logprobs[1:], strict=True)
+                    ]
 
             self._run(len(owners), use_tqdm, on_finished)
         return outputs
@@ -266,9 +318,13 @@ class Engine:
                     outputs[i].error, outputs[i].choices = outputs[i].error or error, []
                     return
                 lps = list(seq.prompt_logprobs)
-                outputs[i].choices[j] = ChoiceScore(text=requests[i]["choices"][j], logprob=float(sum(lps)),
-                                                    num_tokens=len(lps), is_greedy=all(seq.prompt_greedy),
-                                                    token_logprobs=lps)
+                outputs[i].choices[j] = ChoiceScore(
+                    text=requests[i]["choices"][j],
+                    logprob=float(sum(lps)),
+                    num_tokens=len(lps),
+                    is_greedy=all(seq.prompt_greedy),
+                    token_logprobs=lps,
+                )
 
             self._run(len(owners), use_tqdm, on_finished)
         return outputs
@@ -278,30 +334,46 @@ class Engine:
         from .provenance import library_versions
 
         proc = self.family.image_processor
-        images = proc.provenance() if proc else {"image_processor": None, "image_backend": None,
-                                                 "versions": library_versions()}
-        return {**images, "checkpoint": str(self.checkpoint.path), "architecture": self.checkpoint.architecture,
-                "dtype": str(self.checkpoint.dtype).removeprefix("torch.")}
+        images = (
+            proc.provenance()
+            if proc
+            else {"image_processor": None, "image_backend": None, "versions": library_versions()}
+        )
+        return {
+            **images,
+            "checkpoint": str(self.checkpoint.path),
+            "architecture": self.checkpoint.architecture,
+            "dtype": str(self.checkpoint.dtype).removeprefix("torch."),
+        }
 
     def stats(self) -> dict:
         """Cumulative counters: scheduler (prefix cache, preemptions, CPU time), encoder cache, tokens, and
         the keys decode attention read (`decode_kv_keys_read`; `decode_kv_keys_plain` without shared-prefix
         groups: per full-attention layer, `kv_bytes_per_key` bytes each over all layers)."""
         r = self.runner
-        return {**self.scheduler.stats(), **self._counters, "images_encoded": r.images_encoded,
-                "num_blocks": r.num_blocks, "block_size": r.block_size, "decode_kv_keys_read": r.decode_keys_read,
-                "decode_kv_keys_plain": r.decode_keys_plain, "kv_bytes_per_key": r.kv_bytes_per_key}
+        return {
+            **self.scheduler.stats(),
+            **self._counters,
+            "images_encoded": r.images_encoded,
+            "num_blocks": r.num_blocks,
+            "block_size": r.block_size,
+            "decode_kv_keys_read": r.decode_keys_read,
+            "decode_kv_keys_plain": r.decode_keys_plain,
+            "kv_bytes_per_key": r.kv_bytes_per_key,
+        }
 
     def _warm_up(self) -> None:
         """Compile the kernels now (a Triton kernel's first launch takes seconds), not inside the first
         request: one request of two tokens (with an image where the family has them), after which the
         counters and timers start from zero."""
-        req = ({"prompt": "Hello"} if self.image_token is None
-               else {"prompt": f"{self.image_token}\n", "images": [self.family.dummy_image()]})
+        req = (
+            {"prompt": "Hello"}
+            if self.image_token is None
+            else {"prompt": f"{self.image_token}\n", "images": [self.family.dummy_image()]}
+        )
         out = self.generate([req], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)[0]
         if out.error:
-            warnings.warn(f"kernel warm-up request failed ({out.error}); kernels compile on first use",
-                          stacklevel=3)
+            warnings.warn(f"kernel warm-up request failed ({out.error}); kernels compile on first use", stacklevel=3)
         self._counters = dict.fromkeys(self._counters, 0)
         self.phase_seconds = dict.fromkeys(self.phase_seconds, 0.0)
         self.latencies = {"ttft": [], "tpot": []}
@@ -323,14 +395,19 @@ class Engine:
         by_special: dict[bool, list[int]] = {True: [], False: []}
         for i, p in enumerate(parsed):
             if not isinstance(p, Exception):
-                p = next((images[k] for k in (_image_key(src, p[3]) for src in p[1])
-                          if isinstance(images[k], Exception)), p)
+                p = next(
+                    (images[k] for k in (_image_key(src, p[3]) for src in p[1]) if isinstance(images[k], Exception)), p
+                )
             prepared.append(p if isinstance(p, Exception) else None)
             if not isinstance(p, Exception):
                 by_special[p[2]].append(i)
         for flag, idx in by_special.items():
-            texts = [self.family.expand_text(parsed[i][0], [images[_image_key(src, parsed[i][3])][0]
-                                                            for src in parsed[i][1]]) for i in idx]
+            texts = [
+                self.family.expand_text(
+                    parsed[i][0], [images[_image_key(src, parsed[i][3])][0] for src in parsed[i][1]]
+                )
+                for i in idx
+            ]
             for i, ids in zip(idx, self._encode_texts(texts, flag, idx, prepared), strict=True):
                 if ids is None:
                     continue
@@ -375,8 +452,9 @@ class Engine:
         if self.family.placeholder_id is None:
             raise RequestError("this model takes no images")
         try:
-            expanded, starts = self.tokenizer.expand_placeholders(ids, self.family.placeholder_id,
-                                                                  [f.token_ids for f, _ in imgs])
+            expanded, starts = self.tokenizer.expand_placeholders(
+                ids, self.family.placeholder_id, [f.token_ids for f, _ in imgs]
+            )
         except ValueError as e:
             raise RequestError(f"{e} (image placeholder token {self.image_token!r})") from e
         spans, atomic = [], self.family.atomic_images
@@ -385,8 +463,12 @@ class Engine:
             for offset, n in feats.embedding_runs:
                 spans.append((start + offset, n, h, first, atomic))
                 first += n
-        return _Prepared(prompt_ids=list(expanded), image_spans=spans, images={h: f for f, h in imgs},
-                         image_starts=[(start, f) for start, (f, _) in zip(starts, imgs, strict=True)])
+        return _Prepared(
+            prompt_ids=list(expanded),
+            image_spans=spans,
+            images={h: f for f, h in imgs},
+            image_starts=[(start, f) for start, (f, _) in zip(starts, imgs, strict=True)],
+        )
 
     def _preprocess(self, sources: list[tuple]) -> dict:
         """(features, content hash), or the error, of each distinct image: decoded once, in threads."""
@@ -437,11 +519,21 @@ class Engine:
     def _add(self, prep: _Prepared, max_tokens: int, prompt_logprobs_from: int = -1, **sampling) -> int:
         seq_id = self._next_seq_id
         positions = self.family.positions(prep.prompt_ids, prep.image_starts)
-        rows, delta = (np.ascontiguousarray(positions[0], dtype=np.int64).ravel().tolist(), int(positions[1])) \
-            if positions is not None else ([], 0)
-        self.scheduler.add_sequence(seq_id, prep.prompt_ids, prep.image_spans, max_tokens=max_tokens,
-                                    prompt_logprobs_from=prompt_logprobs_from, positions=rows,
-                                    position_delta=delta, **sampling)
+        rows, delta = (
+            (np.ascontiguousarray(positions[0], dtype=np.int64).ravel().tolist(), int(positions[1]))
+            if positions is not None
+            else ([], 0)
+        )
+        self.scheduler.add_sequence(
+            seq_id,
+            prep.prompt_ids,
+            prep.image_spans,
+            max_tokens=max_tokens,
+            prompt_logprobs_from=prompt_logprobs_from,
+            positions=rows,
+            position_delta=delta,
+            **sampling,
+        )
         self._next_seq_id += 1
         self.runner.pin_images(prep.images)
         self._seq_images[seq_id] = list(prep.images)
@@ -454,10 +546,14 @@ class Engine:
         context_id = self._next_seq_id
         ids = list(range(context_id + 1, context_id + 1 + len(choices)))
         positions = self.family.positions(prep.prompt_ids, prep.image_starts)
-        rows, delta = (np.ascontiguousarray(positions[0], dtype=np.int64).ravel().tolist(), int(positions[1])) \
-            if positions is not None else ([], 0)
-        self.scheduler.add_scoring(context_id, prep.prompt_ids, prep.image_spans, choices, ids, positions=rows,
-                                   position_delta=delta)
+        rows, delta = (
+            (np.ascontiguousarray(positions[0], dtype=np.int64).ravel().tolist(), int(positions[1]))
+            if positions is not None
+            else ([], 0)
+        )
+        self.scheduler.add_scoring(
+            context_id, prep.prompt_ids, prep.image_spans, choices, ids, positions=rows, position_delta=delta
+        )
         self._next_seq_id = ids[-1] + 1
         self._contexts[context_id] = ids
         for seq_id in ids:
@@ -579,8 +675,9 @@ class Engine:
     def _launch(self, plan, previous: _Launched | None, t: float) -> _Launched:
         """Queue the plan's forward pass, logits, sampling and the copy of its results to the host."""
         vision_before = self.runner.vision_seconds
-        hidden = self.runner.execute(plan, synchronize=self.profile,
-                                     previous_tokens=None if previous is None else previous.tokens)
+        hidden = self.runner.execute(
+            plan, synchronize=self.profile, previous_tokens=None if previous is None else previous.tokens
+        )
         logits = self.runner.compute_logits(hidden, np.concatenate([plan.sample_indices, plan.prompt_lp_indices]))
         t_forward = self._tick(None, t)
         if self.profile:
@@ -593,8 +690,9 @@ class Engine:
         # A greedy decode step takes the argmax its CUDA graph computed: no sampling launches at all.
         picked = None if (plan.temperature > 0).any() else self.runner.greedy_picks(plan.sample_indices)
         if picked is None:
-            picked = sample(logits[:num_sampled], plan.temperature, plan.top_p, plan.top_k, plan.seed,
-                            plan.output_index)
+            picked = sample(
+                logits[:num_sampled], plan.temperature, plan.top_p, plan.top_k, plan.seed, plan.output_index
+            )
         tokens, token_lps = picked
         scored = logits[num_sampled:]
         targets = torch.from_numpy(plan.prompt_lp_targets).to(self.device, non_blocking=True)
@@ -602,8 +700,9 @@ class Engine:
         greedy = scored.argmax(dim=-1) == targets
         finite = torch.isfinite(logits).all(dim=-1)
         # One device-to-host copy, so one wait, for all the scheduler needs back (ids are exact in fp64).
-        results = torch.cat([tokens.double(), token_lps.double(), prompt_lps.double(), greedy.double(),
-                             finite.double()])
+        results = torch.cat(
+            [tokens.double(), token_lps.double(), prompt_lps.double(), greedy.double(), finite.double()]
+        )
         ready = None
         if results.is_cuda:  # queued now, so waiting for it later does not wait for the step launched after
             results = torch.empty(results.shape, dtype=results.dtype, pin_memory=True).copy_(results, non_blocking=True)
@@ -619,9 +718,9 @@ class Engine:
             launched.ready.synchronize()
         plan, host = launched.plan, launched.results.numpy()
         n, m = len(plan.sample_indices), len(plan.prompt_lp_targets)
-        tokens, token_lps = host[:n].astype(np.int64), host[n:2 * n].astype(np.float32)
-        prompt_lps, greedy = host[2 * n:2 * n + m].astype(np.float32), host[2 * n + m:2 * n + 2 * m] > 0.5
-        non_finite = self._rows_to_seqs(plan, np.flatnonzero(host[2 * n + 2 * m:] < 0.5))
+        tokens, token_lps = host[:n].astype(np.int64), host[n : 2 * n].astype(np.float32)
+        prompt_lps, greedy = host[2 * n : 2 * n + m].astype(np.float32), host[2 * n + m : 2 * n + 2 * m] > 0.5
+        non_finite = self._rows_to_seqs(plan, np.flatnonzero(host[2 * n + 2 * m :] < 0.5))
         for context in non_finite & self._contexts.keys():  # a scoring context fails its choices
             non_finite |= set(self._contexts[context])
         if self._top_k or self._prompt_top_k:
@@ -683,8 +782,10 @@ class Engine:
         return {int(x) for x in plan.seq_ids[batch]}
 
 
-NON_FINITE_LOGITS = ("the model produced NaN or infinite logits (in float16 or bfloat16, activations beyond the "
-               "dtype's range; try dtype='float32')")
+NON_FINITE_LOGITS = (
+    "the model produced NaN or infinite logits (in float16 or bfloat16, activations beyond the "
+    "dtype's range; try dtype='float32')"
+)
 
 
 def _as_list(requests) -> list:

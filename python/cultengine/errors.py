@@ -11,16 +11,19 @@ class CheckpointError(ValueError):
 # whose models cultengine runs in another layout: the error names the checkpoint to use instead.
 REMOTE_CODE_LAYOUTS: dict[str, str] = {
     "InternVLChatModel": "InternVL's remote-code layout; use the transformers-native `-hf` checkpoint of the same "
-                         "model (e.g. OpenGVLab/InternVL3-8B-hf, architecture InternVLForConditionalGeneration)",
+    "model (e.g. OpenGVLab/InternVL3-8B-hf, architecture InternVLForConditionalGeneration)",
 }
 
 
 def unsupported_architecture(where: str, architecture: str, supported) -> CheckpointError:
     if architecture in REMOTE_CODE_LAYOUTS:
-        return CheckpointError(f"{where}: architecture {architecture!r} is {REMOTE_CODE_LAYOUTS[architecture]}; "
-                               "cultengine never runs checkpoint code")
-    return CheckpointError(f"{where}: architecture {architecture!r} is not supported "
-                           f"(supported: {', '.join(supported)})")
+        return CheckpointError(
+            f"{where}: architecture {architecture!r} is {REMOTE_CODE_LAYOUTS[architecture]}; "
+            "cultengine never runs checkpoint code"
+        )
+    return CheckpointError(
+        f"{where}: architecture {architecture!r} is not supported (supported: {', '.join(supported)})"
+    )
 
 
 def config_int(cfg: dict, key: str, where: str, minimum: int = 1) -> int:
@@ -34,8 +37,12 @@ def config_int(cfg: dict, key: str, where: str, minimum: int = 1) -> int:
 def config_float(cfg: dict, key: str, where: str, positive: bool = True) -> float:
     """`cfg[key]` as a finite float (> 0 when `positive`), or a CheckpointError naming the field."""
     value = cfg.get(key)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != value or value in (float("inf"),
-                                                                                                  float("-inf")):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or value != value
+        or value in (float("inf"), float("-inf"))
+    ):
         raise CheckpointError(f"{where}: {key} must be a number, got {value!r}")
     if positive and value <= 0:
         raise CheckpointError(f"{where}: {key} must be > 0, got {value!r}")

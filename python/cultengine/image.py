@@ -41,8 +41,9 @@ MAX_IMAGE_PIXELS = 64_000_000  # width x height; 8000x8000, above any phone came
 MAX_ASPECT_RATIO = 200.0  # longer side / shorter side, as Qwen2-VL's processor allows
 
 
-def check_image_size(size: tuple[int, int], name: str, max_pixels: int | None = None,
-                     max_aspect_ratio: float | None = None) -> None:
+def check_image_size(
+    size: tuple[int, int], name: str, max_pixels: int | None = None, max_aspect_ratio: float | None = None
+) -> None:
     """Refuse an image of `size` (width, height) beyond the pixel or aspect-ratio limit."""
     max_pixels = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     max_aspect_ratio = MAX_ASPECT_RATIO if max_aspect_ratio is None else max_aspect_ratio
@@ -50,11 +51,15 @@ def check_image_size(size: tuple[int, int], name: str, max_pixels: int | None = 
     if w < 1 or h < 1:
         raise ValueError(f"image {name} has no pixels ({w}x{h})")
     if w * h > max_pixels:
-        raise ValueError(f"image {name} is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} "
-                         "(cultengine.image.MAX_IMAGE_PIXELS)")
+        raise ValueError(
+            f"image {name} is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} "
+            "(cultengine.image.MAX_IMAGE_PIXELS)"
+        )
     if max(w, h) / min(w, h) > max_aspect_ratio:
-        raise ValueError(f"image {name} is {w}x{h}, an aspect ratio over the limit of {max_aspect_ratio:g}:1 "
-                         "(cultengine.image.MAX_ASPECT_RATIO)")
+        raise ValueError(
+            f"image {name} is {w}x{h}, an aspect ratio over the limit of {max_aspect_ratio:g}:1 "
+            "(cultengine.image.MAX_ASPECT_RATIO)"
+        )
 
 
 def load_image(src: ImageInput, max_pixels: int | None = None, max_aspect_ratio: float | None = None) -> Image.Image:
@@ -75,8 +80,7 @@ def load_image(src: ImageInput, max_pixels: int | None = None, max_aspect_ratio:
             raise ValueError(f"image file not found: {p}")
         name, fp = str(p), p
     else:
-        raise ValueError(f"unsupported image {src!r:.80} of type {type(src).__name__} "
-                         "(use a path, bytes or PIL.Image)")
+        raise ValueError(f"unsupported image {src!r:.80} of type {type(src).__name__} (use a path, bytes or PIL.Image)")
     try:
         img = Image.open(fp)  # reads the header only
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # the warning, under -W error
@@ -572,8 +576,9 @@ PROCESSORS: dict[str, type[ImageProcessor]] = {
 }
 
 
-def image_processor_for_checkpoint(preprocessor_config: dict, image_size: int,
-                                   backend: str | None = None) -> ImageProcessor:
+def image_processor_for_checkpoint(
+    preprocessor_config: dict, image_size: int, backend: str | None = None
+) -> ImageProcessor:
     """The processor named by a checkpoint's `image_processor_type` (CLIP when it names none); without a
     preprocessor_config.json, one that makes inputs of the tower's `image_size`."""
     kind = str(preprocessor_config.get("image_processor_type") or "CLIPImageProcessor")

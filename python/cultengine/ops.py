@@ -22,8 +22,16 @@ import torch.nn.functional as F
 
 BACKENDS = ("torch", "triton", "flash")
 # What a backend provides: these functions, with these names and signatures.
-PRIMITIVES = ("write_kv", "paged_attention", "vision_attention", "varlen_vision_attention", "rms_norm",
-              "rotary_embedding", "patch_embed", "rotary_write_kv")
+PRIMITIVES = (
+    "write_kv",
+    "paged_attention",
+    "vision_attention",
+    "varlen_vision_attention",
+    "rms_norm",
+    "rotary_embedding",
+    "patch_embed",
+    "rotary_write_kv",
+)
 
 
 @dataclass
@@ -67,8 +75,9 @@ def cascade_tile_width(queries_per_kv: int) -> int:
     return max(1, 64 // (1 << (queries_per_kv - 1).bit_length()))
 
 
-def group_shared_prefixes(block_tables: np.ndarray, seq_lens: np.ndarray, block_size: int, tile_width: int,
-                          min_saving: float = 0.25) -> tuple[np.ndarray, np.ndarray, np.ndarray, int] | None:
+def group_shared_prefixes(
+    block_tables: np.ndarray, seq_lens: np.ndarray, block_size: int, tile_width: int, min_saving: float = 0.25
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int] | None:
     """Host side of cascade decode: `(prefix_lens [B], tile_seqs [W, tile_width], tile_prefix_lens [W],
     keys read)` for a decode step, or None when grouping would save under `min_saving` of the key reads.
 
@@ -126,8 +135,9 @@ def resolve_backend(device: torch.device, requested: str | None = None) -> str:
 # ---------------------------------------------------------------------------------------------
 # KV cache
 # ---------------------------------------------------------------------------------------------
-def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+def write_kv(
+    key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     """Store the step's keys/values `[T, Hkv, D]` into their cache slots (in place)."""
     num_blocks, block_size, hkv, d = k_cache.shape
     k_cache.view(num_blocks * block_size, hkv, d).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
@@ -137,8 +147,14 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_ca
 # ---------------------------------------------------------------------------------------------
 # Attention
 # ---------------------------------------------------------------------------------------------
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float, window: int | None = None) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    window: int | None = None,
+) -> torch.Tensor:
     """Causal attention of packed queries `[T, Hq, D]` over each sequence's paged KV.
 
     Query row i of sequence b sits at absolute position `p = seq_lens[b] - q_len_b + i` and sees keys
@@ -172,8 +188,16 @@ def _rows_of(qsl: torch.Tensor, q_lens: torch.Tensor, seqs: torch.Tensor) -> tor
     return first + torch.arange(int(lens.sum()), device=qsl.device)
 
 
-def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-            scale: float, seqs: torch.Tensor, rows: torch.Tensor, window: int | None) -> torch.Tensor:
+def _attend(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    seqs: torch.Tensor,
+    rows: torch.Tensor,
+    window: int | None,
+) -> torch.Tensor:
     """Paged attention (see `paged_attention`) for the sequences `seqs`, whose packed query rows are `rows`."""
     _, hq, d = q.shape
     num_blocks, block_size, hkv, _ = k_cache.shape
@@ -221,8 +245,9 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
     return out.transpose(1, 2)[seq_of_row, row_in_seq].to(q.dtype)
 
 
-def _cascade_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                    scale: float) -> torch.Tensor:
+def _cascade_decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
     """Decode attention as the cascade computes it: each tile of a group attends once to its shared keys,
     each sequence alone to the rest of its keys, and the two partial softmaxes merge by log-sum-exp.
     Equal to the plain decode (`_attend`) up to rounding."""
@@ -245,12 +270,14 @@ def _cascade_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         n = int(sp.tile_prefix_lens[tile])
         table = meta.block_tables[members[:1]]  # the shared keys, gathered once for the tile
         k, v = (_gather_keys(c, table, n) for c in (k_cache, v_cache))
-        shared_out, shared_lse = _partial_attention(qd[members], k, v, torch.ones(1, n, dtype=torch.bool,
-                                                                                  device=q.device), scale)
+        shared_out, shared_lse = _partial_attention(
+            qd[members], k, v, torch.ones(1, n, dtype=torch.bool, device=q.device), scale
+        )
         top = torch.maximum(lse[members], shared_lse)
         w_own, w_shared = torch.exp(lse[members] - top), torch.exp(shared_lse - top)
         out[members] = (out[members] * w_own[..., None] + shared_out * w_shared[..., None]) / (w_own + w_shared)[
-            ..., None]
+            ..., None
+        ]
         lse[members] = top + torch.log(w_own + w_shared)
     result = torch.empty_like(q)
     result[rows] = out.to(q.dtype)
@@ -265,8 +292,9 @@ def _gather_keys(cache: torch.Tensor, tables: torch.Tensor, keys: int) -> torch.
     return kv.view(len(tables), n_blk * block_size, hkv, d)[:, :keys].transpose(1, 2).float()
 
 
-def _partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,
-                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _partial_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One query per row `q [n, Hq, D]` over keys `k, v [n or 1, Hkv, keys, D]` where `visible [n or 1, keys]`:
     the softmax-weighted values `[n, Hq, D]` and the log-sum-exp of the scores `[n, Hq]` (-inf, with zero
     values, for a row that sees no key)."""
@@ -280,8 +308,9 @@ def _partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visibl
     return (weights @ v).view(n, hq, d), lse.view(n, hq)
 
 
-def _span_of_each_query(meta: AttentionMetadata, seqs: torch.Tensor,
-                        q_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _span_of_each_query(
+    meta: AttentionMetadata, seqs: torch.Tensor, q_pos: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(first, end) of the image span each query `q_pos [b, max_q]` of `seqs` lies in; (-1, -1) outside."""
     loc = meta.image_span_loc.long()
     span_seq = torch.repeat_interleave(torch.arange(loc.numel() - 1, device=loc.device), loc[1:] - loc[:-1])
@@ -297,13 +326,15 @@ def _span_of_each_query(meta: AttentionMetadata, seqs: torch.Tensor,
 
 def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Non-causal attention for the vision encoder: `[N, S, H, D]` in, `[N, S, H, D]` out (fp32 math)."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2).float(), k.transpose(1, 2).float(),
-                                         v.transpose(1, 2).float(), scale=scale)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2).float(), k.transpose(1, 2).float(), v.transpose(1, 2).float(), scale=scale
+    )
     return out.transpose(1, 2).to(q.dtype)
 
 
-def varlen_vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                            max_seqlen: int, scale: float) -> torch.Tensor:
+def varlen_vision_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float
+) -> torch.Tensor:
     """Non-causal attention over packed variable-length segments (the images, or windows, of a vision
     encoder): `q [N, Hq, D]`, `k, v [N, Hkv, D]`; segment b is rows `cu_seqlens[b]:cu_seqlens[b+1]`
     (int32 `[B+1]`, starting at 0) and attends only to itself. `max_seqlen` is the longest segment (a
@@ -325,16 +356,18 @@ def varlen_vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     keys = torch.arange(max_seqlen, device=q.device)[None, :] < lens[:, None]
     # Segments of one length (one image) need no mask, and SDPA then avoids materialising the scores.
     mask = None if bool(keys.all()) else keys[:, None, None, :]
-    out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=mask, scale=scale,
-                                         enable_gqa=hq != k.shape[1])
+    out = F.scaled_dot_product_attention(
+        padded(q), padded(k), padded(v), attn_mask=mask, scale=scale, enable_gqa=hq != k.shape[1]
+    )
     return out.transpose(1, 2)[seg, row].to(q.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
 # Normalisation and position embedding
 # ---------------------------------------------------------------------------------------------
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`residual + x` (when a residual is given) then RMSNorm, as Llama/Qwen2 do it.
 
     Returns `(normed, new_residual)`; with no residual, `new_residual` is `x` itself.
@@ -346,8 +379,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return weight * normed.to(x.dtype), x
 
 
-def rotary_cos_sin(head_dim: int, max_positions: int, theta: float, device: torch.device,
-                   scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_cos_sin(
+    head_dim: int, max_positions: int, theta: float, device: torch.device, scaling: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 `cos, sin` tables `[max_positions, head_dim // 2]` for rotate-half (NeoX-style) RoPE."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
     if scaling and scaling.get("rope_type", scaling.get("type")) == "linear":
@@ -356,8 +390,9 @@ def rotary_cos_sin(head_dim: int, max_positions: int, theta: float, device: torc
     return freqs.cos(), freqs.sin()
 
 
-def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
-                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_embedding(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate `q [T, Hq, D]` and `k [T, Hkv, D]` by their positions (rotate-half convention)."""
 
     def rotate(x: torch.Tensor) -> torch.Tensor:
@@ -392,8 +427,9 @@ def rotary_write_kv(
     return q
 
 
-def mrope_cos_sin(positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  freq_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mrope_cos_sin(
+    positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, freq_rows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token rotary tables `[T, head_dim // 2]` for multimodal RoPE (Qwen2-VL's M-RoPE).
 
     `positions [R, T]` holds R position streams (temporal, height, width); frequency j of token t turns
@@ -408,8 +444,13 @@ def mrope_cos_sin(positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 # ---------------------------------------------------------------------------------------------
 # Vision
 # ---------------------------------------------------------------------------------------------
-def patch_embed(pixels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                class_embedding: torch.Tensor | None, position_embedding: torch.Tensor) -> torch.Tensor:
+def patch_embed(
+    pixels: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    class_embedding: torch.Tensor | None,
+    position_embedding: torch.Tensor,
+) -> torch.Tensor:
     """ViT patch embedding: `[N, C, H, W]` pixels to `[N, (1 +) H/P * W/P, E]`.
 
     Patchify + project (what the Conv2d with stride = kernel = P computes, written as a matmul: cuDNN
@@ -419,7 +460,7 @@ def patch_embed(pixels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     e, c, patch, _ = weight.shape
     n, _, h, w = pixels.shape
     gh, gw = h // patch, w // patch  # a ragged edge is dropped, as the strided convolution does
-    x = pixels[:, :, :gh * patch, :gw * patch].reshape(n, c, gh, patch, gw, patch)
+    x = pixels[:, :, : gh * patch, : gw * patch].reshape(n, c, gh, patch, gw, patch)
     x = x.permute(0, 2, 4, 1, 3, 5).reshape(n, gh * gw, c * patch * patch)
     x = F.linear(x.to(weight.dtype), weight.reshape(e, c * patch * patch), bias)
     if class_embedding is not None:

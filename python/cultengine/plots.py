@@ -63,10 +63,12 @@ def markdown_html(md: str) -> str:
     return "\n".join(out)
 
 
-PAGE_STYLE = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
-              "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;"
-              "font-size:13px;text-align:left}figure{margin:1.5em 0;overflow-x:auto}"
-              ".note{background:#fff3cd;border:1px solid #e0c36c;padding:.6em 1em;font-weight:bold}")
+PAGE_STYLE = (
+    "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+    "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;"
+    "font-size:13px;text-align:left}figure{margin:1.5em 0;overflow-x:auto}"
+    ".note{background:#fff3cd;border:1px solid #e0c36c;padding:.6em 1em;font-weight:bold}"
+)
 
 
 def html_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
@@ -106,17 +108,27 @@ def text_width(s, size: float = 11) -> float:
 
 def _svg(width: float, height: float, title: str) -> str:
     width = max(width, text_width(title, 12) + 8)
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
-            f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="sans-serif" font-size="11" role="img" '
-            f'aria-label="{esc(title)}"><text x="4" y="16" font-weight="bold" font-size="12">{esc(title)}</text>')
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
+        f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="sans-serif" font-size="11" role="img" '
+        f'aria-label="{esc(title)}"><text x="4" y="16" font-weight="bold" font-size="12">{esc(title)}</text>'
+    )
 
 
 SPARSE = "#bbb"  # bars and cells with too few samples to colour by value
 
 
-def bar_chart(labels: Sequence[str], values: Sequence, title: str, counts: Sequence[int] | None = None,
-              percent: bool = False, intervals: Sequence[Sequence] | None = None, reference: float | None = None,
-              reference_label: str = "chance", min_n: int = 0) -> str:
+def bar_chart(
+    labels: Sequence[str],
+    values: Sequence,
+    title: str,
+    counts: Sequence[int] | None = None,
+    percent: bool = False,
+    intervals: Sequence[Sequence] | None = None,
+    reference: float | None = None,
+    reference_label: str = "chance",
+    min_n: int = 0,
+) -> str:
     """Horizontal bars from 0 (negative ones to the left), one row per label; value, interval and n at the
     right. `intervals` draws each (low, high) as a whisker; `reference` a dashed vertical line (chance);
     bars with n < `min_n` are grey."""
@@ -128,8 +140,9 @@ def bar_chart(labels: Sequence[str], values: Sequence, title: str, counts: Seque
     lo, hi = _range(vals + extra + [0.0], percent)
     row, plot_w = 22, 360
     left = max(60.0, max(text_width(x) for x in labels) + 10)
-    notes = [_bar_note(vals[i], ivs[i] if ivs else None, counts[i] if counts else None, percent)
-             for i in range(len(vals))]
+    notes = [
+        _bar_note(vals[i], ivs[i] if ivs else None, counts[i] if counts else None, percent) for i in range(len(vals))
+    ]
     scale = plot_w / ((hi - lo) or 1.0)
     x0 = left - lo * scale
     top = 44 if reference is not None else 28
@@ -140,23 +153,29 @@ def bar_chart(labels: Sequence[str], values: Sequence, title: str, counts: Seque
         w = 0.0 if math.isnan(v) else v * scale
         sparse = counts is not None and counts[i] < min_n
         fill = SPARSE if sparse else f"rgb{BLUE if v >= 0 else RED}"
-        out.append(f'<text x="{left - 6:.1f}" y="{y + 13}" text-anchor="end">{esc(label)}</text>'
-                   f'<rect x="{left:.1f}" y="{y}" width="{plot_w}" height="{row - 4}" fill="#f3f3f3"/>'
-                   f'<rect x="{min(x0, x0 + w):.1f}" y="{y}" width="{abs(w):.1f}" height="{row - 4}" fill="{fill}"/>')
+        out.append(
+            f'<text x="{left - 6:.1f}" y="{y + 13}" text-anchor="end">{esc(label)}</text>'
+            f'<rect x="{left:.1f}" y="{y}" width="{plot_w}" height="{row - 4}" fill="#f3f3f3"/>'
+            f'<rect x="{min(x0, x0 + w):.1f}" y="{y}" width="{abs(w):.1f}" height="{row - 4}" fill="{fill}"/>'
+        )
         if ivs and not math.isnan(ivs[i][0]):
             a, b = (left + (x - lo) * scale for x in ivs[i])
             ym = y + (row - 4) / 2
-            out.append(f'<path d="M{a:.1f} {ym - 4:.1f}v8M{a:.1f} {ym:.1f}H{b:.1f}M{b:.1f} {ym - 4:.1f}v8" '
-                       f'stroke="#222" stroke-width="1.2" fill="none"/>')
+            out.append(
+                f'<path d="M{a:.1f} {ym - 4:.1f}v8M{a:.1f} {ym:.1f}H{b:.1f}M{b:.1f} {ym - 4:.1f}v8" '
+                f'stroke="#222" stroke-width="1.2" fill="none"/>'
+            )
         out.append(f'<text x="{left + plot_w + 6:.1f}" y="{y + 13}">{esc(notes[i])}</text>')
     out.append(f'<line x1="{x0:.1f}" y1="{top - 4}" x2="{x0:.1f}" y2="{h - 6}" stroke="#333"/>')
     if reference is not None:
         xr = left + (reference - lo) * scale
         label = f"{reference_label} {_text(reference, percent)}"
         anchor = "end" if xr + text_width(label) > left + plot_w else "start"
-        out.append(f'<line x1="{xr:.1f}" y1="{top - 6}" x2="{xr:.1f}" y2="{h - 6}" stroke="#c0392b" '
-                   f'stroke-dasharray="4 3"/><text x="{xr:.1f}" y="{top - 10}" fill="#c0392b" '
-                   f'text-anchor="{anchor}">{esc(label)}</text>')
+        out.append(
+            f'<line x1="{xr:.1f}" y1="{top - 6}" x2="{xr:.1f}" y2="{h - 6}" stroke="#c0392b" '
+            f'stroke-dasharray="4 3"/><text x="{xr:.1f}" y="{top - 10}" fill="#c0392b" '
+            f'text-anchor="{anchor}">{esc(label)}</text>'
+        )
     out.append("</svg>")
     return "".join(out)
 
@@ -168,8 +187,15 @@ def _bar_note(v: float, interval, n, percent: bool) -> str:
     return text + (f" n={n}" if n is not None else "")
 
 
-def heatmap(row_labels: Sequence[str], col_labels: Sequence[str], values, title: str,
-            counts=None, percent: bool = False, min_n: int = 0) -> str:
+def heatmap(
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    values,
+    title: str,
+    counts=None,
+    percent: bool = False,
+    min_n: int = 0,
+) -> str:
     """A rows x cols matrix as coloured cells, each value (and n) in its tooltip; `percent` cells are
     wide enough to also show the value and n. Cells with n < `min_n` are grey, not coloured by value."""
     if not row_labels or not col_labels:
@@ -186,8 +212,9 @@ def heatmap(row_labels: Sequence[str], col_labels: Sequence[str], values, title:
     width = left + cw * len(col_labels) + max(10.0, 0.5 * longest_col - cw / 2 + 10)
     out = [_svg(width, top + ch * len(row_labels) + 10, title)]
     for j, c in enumerate(col_labels):
-        out.append(f'<text transform="translate({left + j * cw + cw / 2 + 3:.0f},{top - 4:.0f}) rotate(-60)">'
-                   f"{esc(c)}</text>")
+        out.append(
+            f'<text transform="translate({left + j * cw + cw / 2 + 3:.0f},{top - 4:.0f}) rotate(-60)">{esc(c)}</text>'
+        )
     for i, r in enumerate(row_labels):
         y = top + i * ch
         out.append(f'<text x="{left - 4:.1f}" y="{y + ch / 2 + 4:.0f}" text-anchor="end">{esc(r)}</text>')
@@ -197,14 +224,20 @@ def heatmap(row_labels: Sequence[str], col_labels: Sequence[str], values, title:
             sparse = n is not None and n < min_n and not math.isnan(v)
             fill = SPARSE if sparse else _color(v, lo, hi)
             tip = f"{esc(r)} / {esc(col_labels[j])}: {_text(v, percent)}" + ("" if n is None else f" (n={n})")
-            out.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{cw - 1}" height="{ch - 1}" fill="{fill}">'
-                       f"<title>{tip}{' too few samples' if sparse else ''}</title></rect>")
+            out.append(
+                f'<rect x="{x:.1f}" y="{y:.1f}" width="{cw - 1}" height="{ch - 1}" fill="{fill}">'
+                f"<title>{tip}{' too few samples' if sparse else ''}</title></rect>"
+            )
             if percent and not math.isnan(v):
                 color = "#fff" if v > 0.6 and not sparse else "#000"
-                out.append(f'<text x="{x + cw / 2:.1f}" y="{y + 13:.1f}" text-anchor="middle" fill="{color}">'
-                           f"{100 * v:.1f}</text>")
+                out.append(
+                    f'<text x="{x + cw / 2:.1f}" y="{y + 13:.1f}" text-anchor="middle" fill="{color}">'
+                    f"{100 * v:.1f}</text>"
+                )
                 if n is not None:
-                    out.append(f'<text x="{x + cw / 2:.1f}" y="{y + 25:.1f}" text-anchor="middle" font-size="9" '
-                               f'fill="{color}">n={n}</text>')
+                    out.append(
+                        f'<text x="{x + cw / 2:.1f}" y="{y + 25:.1f}" text-anchor="middle" font-size="9" '
+                        f'fill="{color}">n={n}</text>'
+                    )
     out.append("</svg>")
     return "".join(out)

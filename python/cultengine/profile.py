@@ -26,66 +26,190 @@ from .console import add_quiet, add_threads, positive_int
 # numpy, torch and PIL are imported where they are used, so that `cultengine --help` loads none of them.
 
 # Shapes of public checkpoints (config.json fields); weights are random.
-_CLIP_L14_336 = {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
-                 "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336, "patch_size": 14,
-                 "hidden_act": "quick_gelu", "projection_dim": 768}
-_SIGLIP_SO400M_384 = {"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
-                      "num_hidden_layers": 26, "num_attention_heads": 16, "image_size": 384, "patch_size": 14,
-                      "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6}
-_LLAMA2_7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-              "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064,
-              "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}
-_MISTRAL_7B = {"model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-               "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32064,
-               "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 1000000.0,
-               "sliding_window": None}
-_QWEN2_7B = {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-             "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
-             "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0}
-_CLIP_336_PREPROCESSOR = {"crop_size": {"height": 336, "width": 336}, "size": {"shortest_edge": 336},
-                          "do_center_crop": True, "do_resize": True, "do_rescale": True, "do_normalize": True,
-                          "resample": 3, "image_mean": [0.48145466, 0.4578275, 0.40821073],
-                          "image_std": [0.26862954, 0.26130258, 0.27577711]}
-_LLAVA = {"architectures": ["LlavaForConditionalGeneration"], "vision_feature_layer": -2,
-          "vision_feature_select_strategy": "default"}
-_LLAVA_NEXT = {"architectures": ["LlavaNextForConditionalGeneration"], "vision_feature_layer": -2,
-               "vision_feature_select_strategy": "default",
-               "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]}
-_SIGLIP_SO400M_896 = {"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
-                      "num_hidden_layers": 27, "num_attention_heads": 16, "image_size": 896, "patch_size": 14,
-                      "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6}
-_GEMMA3 = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "mm_tokens_per_image": 256,
-           "tie_word_embeddings": True}
-_GEMMA3_TEXT = {"model_type": "gemma3_text", "head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 1024,
-                "sliding_window_pattern": 6, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
-                "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "vocab_size": 262_208,
-                "max_position_embeddings": 131_072, "rms_norm_eps": 1e-6}
-_GEMMA3_PREPROCESSOR = {"image_processor_type": "Gemma3ImageProcessor", "size": {"height": 896, "width": 896},
-                        "resample": 2, "do_resize": True, "do_rescale": True, "do_normalize": True,
-                        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+_CLIP_L14_336 = {
+    "model_type": "clip_vision_model",
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "image_size": 336,
+    "patch_size": 14,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+}
+_SIGLIP_SO400M_384 = {
+    "model_type": "siglip_vision_model",
+    "hidden_size": 1152,
+    "intermediate_size": 4304,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 16,
+    "image_size": 384,
+    "patch_size": 14,
+    "hidden_act": "gelu_pytorch_tanh",
+    "layer_norm_eps": 1e-6,
+}
+_LLAMA2_7B = {
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "vocab_size": 32064,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+}
+_MISTRAL_7B = {
+    "model_type": "mistral",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 32064,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 1000000.0,
+    "sliding_window": None,
+}
+_QWEN2_7B = {
+    "model_type": "qwen2",
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "vocab_size": 152064,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+}
+_CLIP_336_PREPROCESSOR = {
+    "crop_size": {"height": 336, "width": 336},
+    "size": {"shortest_edge": 336},
+    "do_center_crop": True,
+    "do_resize": True,
+    "do_rescale": True,
+    "do_normalize": True,
+    "resample": 3,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+}
+_LLAVA = {
+    "architectures": ["LlavaForConditionalGeneration"],
+    "vision_feature_layer": -2,
+    "vision_feature_select_strategy": "default",
+}
+_LLAVA_NEXT = {
+    "architectures": ["LlavaNextForConditionalGeneration"],
+    "vision_feature_layer": -2,
+    "vision_feature_select_strategy": "default",
+    "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+}
+_SIGLIP_SO400M_896 = {
+    "model_type": "siglip_vision_model",
+    "hidden_size": 1152,
+    "intermediate_size": 4304,
+    "num_hidden_layers": 27,
+    "num_attention_heads": 16,
+    "image_size": 896,
+    "patch_size": 14,
+    "hidden_act": "gelu_pytorch_tanh",
+    "layer_norm_eps": 1e-6,
+}
+_GEMMA3 = {
+    "architectures": ["Gemma3ForConditionalGeneration"],
+    "model_type": "gemma3",
+    "mm_tokens_per_image": 256,
+    "tie_word_embeddings": True,
+}
+_GEMMA3_TEXT = {
+    "model_type": "gemma3_text",
+    "head_dim": 256,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 1024,
+    "sliding_window_pattern": 6,
+    "rope_theta": 1_000_000.0,
+    "rope_local_base_freq": 10_000.0,
+    "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+    "vocab_size": 262_208,
+    "max_position_embeddings": 131_072,
+    "rms_norm_eps": 1e-6,
+}
+_GEMMA3_PREPROCESSOR = {
+    "image_processor_type": "Gemma3ImageProcessor",
+    "size": {"height": 896, "width": 896},
+    "resample": 2,
+    "do_resize": True,
+    "do_rescale": True,
+    "do_normalize": True,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+}
 # SmolVLM2-2.2B-Instruct: SigLIP-so400m/14 on 384-px tiles, scale_factor 3 (81 tokens a tile), SmolLM2-1.7B.
-_SMOLVLM2_2B = {"architectures": ["SmolVLMForConditionalGeneration"], "scale_factor": 3,
-                "text_config": {"model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192,
-                                "num_hidden_layers": 24, "num_attention_heads": 32, "num_key_value_heads": 32,
-                                "vocab_size": 49280, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
-                                "rope_theta": 130000.0},
-                "vision_config": {**_SIGLIP_SO400M_384, "model_type": "smolvlm_vision", "num_hidden_layers": 27}}
-_SMOLVLM2_PREPROCESSOR = {"image_processor_type": "SmolVLMImageProcessor", "do_resize": True,
-                          "size": {"longest_edge": 1536}, "max_image_size": {"longest_edge": 384},
-                          "do_image_splitting": True, "resample": 1, "do_rescale": True, "do_normalize": True,
-                          "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+_SMOLVLM2_2B = {
+    "architectures": ["SmolVLMForConditionalGeneration"],
+    "scale_factor": 3,
+    "text_config": {
+        "model_type": "llama",
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": 49280,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 130000.0,
+    },
+    "vision_config": {**_SIGLIP_SO400M_384, "model_type": "smolvlm_vision", "num_hidden_layers": 27},
+}
+_SMOLVLM2_PREPROCESSOR = {
+    "image_processor_type": "SmolVLMImageProcessor",
+    "do_resize": True,
+    "size": {"longest_edge": 1536},
+    "max_image_size": {"longest_edge": 384},
+    "do_image_splitting": True,
+    "resample": 1,
+    "do_rescale": True,
+    "do_normalize": True,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+}
 # InternVL3-8B-hf: InternViT-300M-448px (256 tokens a tile, up to 12 tiles + thumbnail) and Qwen2.5-7B.
-_INTERNVL3_8B = {"architectures": ["InternVLForConditionalGeneration"], "downsample_ratio": 0.5,
-                 "vision_feature_layer": -1, "vision_feature_select_strategy": "default", "tie_word_embeddings": False,
-                 "text_config": {**_QWEN2_7B, "vocab_size": 151674},
-                 "vision_config": {"model_type": "internvl_vision", "hidden_size": 1024, "intermediate_size": 4096,
-                                   "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 448,
-                                   "patch_size": 14, "hidden_act": "gelu", "norm_type": "layer_norm",
-                                   "layer_scale_init_value": 0.1, "use_mean_pooling": True}}
-_INTERNVL3_PREPROCESSOR = {"image_processor_type": "GotOcr2ImageProcessor", "size": {"height": 448, "width": 448},
-                           "min_patches": 1, "max_patches": 12, "resample": 3, "do_rescale": True,
-                           "do_normalize": True, "image_mean": [0.485, 0.456, 0.406],
-                           "image_std": [0.229, 0.224, 0.225]}
+_INTERNVL3_8B = {
+    "architectures": ["InternVLForConditionalGeneration"],
+    "downsample_ratio": 0.5,
+    "vision_feature_layer": -1,
+    "vision_feature_select_strategy": "default",
+    "tie_word_embeddings": False,
+    "text_config": {**_QWEN2_7B, "vocab_size": 151674},
+    "vision_config": {
+        "model_type": "internvl_vision",
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "image_size": 448,
+        "patch_size": 14,
+        "hidden_act": "gelu",
+        "norm_type": "layer_norm",
+        "layer_scale_init_value": 0.1,
+        "use_mean_pooling": True,
+    },
+}
+_INTERNVL3_PREPROCESSOR = {
+    "image_processor_type": "GotOcr2ImageProcessor",
+    "size": {"height": 448, "width": 448},
+    "min_patches": 1,
+    "max_patches": 12,
+    "resample": 3,
+    "do_rescale": True,
+    "do_normalize": True,
+    "image_mean": [0.485, 0.456, 0.406],
+    "image_std": [0.229, 0.224, 0.225],
+}
 
 
 @dataclass(frozen=True)
@@ -98,11 +222,21 @@ class PresetTokens:
     processor: dict
 
 
-_IDEFICS3_TOKENS = PresetTokens(("<fake_token_around_image>", "<global-img>", "<end_of_utterance>",
-                                 *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7))),
-                                "<image>", {"processor_class": "SmolVLMProcessor", "image_seq_len": 81})
-_INTERNVL_TOKENS = PresetTokens(("<img>", "</img>", "<IMG_CONTEXT>"), "<IMG_CONTEXT>",
-                                {"processor_class": "InternVLProcessor", "image_seq_length": 256})
+_IDEFICS3_TOKENS = PresetTokens(
+    (
+        "<fake_token_around_image>",
+        "<global-img>",
+        "<end_of_utterance>",
+        *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)),
+    ),
+    "<image>",
+    {"processor_class": "SmolVLMProcessor", "image_seq_len": 81},
+)
+_INTERNVL_TOKENS = PresetTokens(
+    ("<img>", "</img>", "<IMG_CONTEXT>"),
+    "<IMG_CONTEXT>",
+    {"processor_class": "InternVLProcessor", "image_seq_length": 256},
+)
 
 # name -> (config.json fields over the demo's, preprocessor_config.json[, the family's tokens])
 PRESETS: dict[str, tuple] = {
@@ -110,56 +244,142 @@ PRESETS: dict[str, tuple] = {
     # a Qwen2-7B decoder behind CLIP-L/14-336 in the LLaVA-1.5 layout
     "qwen2-7b": ({**_LLAVA, "text_config": _QWEN2_7B, "vision_config": _CLIP_L14_336}, _CLIP_336_PREPROCESSOR),
     # llava-v1.6-mistral-7b: up to 4 tiles of 336 + the base tile (5 tiles)
-    "llava-next-7b": ({**_LLAVA_NEXT, "text_config": _MISTRAL_7B, "vision_config": _CLIP_L14_336},
-                      {**_CLIP_336_PREPROCESSOR, "image_processor_type": "LlavaNextImageProcessor"}),
+    "llava-next-7b": (
+        {**_LLAVA_NEXT, "text_config": _MISTRAL_7B, "vision_config": _CLIP_L14_336},
+        {**_CLIP_336_PREPROCESSOR, "image_processor_type": "LlavaNextImageProcessor"},
+    ),
     # Pangea-7B-hf: LLaVA-NeXT with a Qwen2-7B decoder (CLIP-L/14-336 tower, as LLaVA-NeXT)
-    "pangea-7b": ({**_LLAVA_NEXT, "text_config": _QWEN2_7B, "vision_config": _CLIP_L14_336},
-                  {**_CLIP_336_PREPROCESSOR, "image_processor_type": "LlavaNextImageProcessor"}),
+    "pangea-7b": (
+        {**_LLAVA_NEXT, "text_config": _QWEN2_7B, "vision_config": _CLIP_L14_336},
+        {**_CLIP_336_PREPROCESSOR, "image_processor_type": "LlavaNextImageProcessor"},
+    ),
     # llava-onevision-qwen2-7b-ov-hf: SigLIP-so400m/14-384 and Qwen2-7B, anyres_max_9
-    "llava-onevision-7b": ({"architectures": ["LlavaOnevisionForConditionalGeneration"], "vision_feature_layer": -1,
-                            "vision_feature_select_strategy": "full", "vision_aspect_ratio": "anyres_max_9",
-                            "text_config": _QWEN2_7B, "vision_config": _SIGLIP_SO400M_384},
-                           {"image_processor_type": "LlavaOnevisionImageProcessor", "size": {"height": 384,
-                            "width": 384}, "do_resize": True, "do_rescale": True, "do_normalize": True,
-                            "resample": 3, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}),
+    "llava-onevision-7b": (
+        {
+            "architectures": ["LlavaOnevisionForConditionalGeneration"],
+            "vision_feature_layer": -1,
+            "vision_feature_select_strategy": "full",
+            "vision_aspect_ratio": "anyres_max_9",
+            "text_config": _QWEN2_7B,
+            "vision_config": _SIGLIP_SO400M_384,
+        },
+        {
+            "image_processor_type": "LlavaOnevisionImageProcessor",
+            "size": {"height": 384, "width": 384},
+            "do_resize": True,
+            "do_rescale": True,
+            "do_normalize": True,
+            "resample": 3,
+            "image_mean": [0.5, 0.5, 0.5],
+            "image_std": [0.5, 0.5, 0.5],
+        },
+    ),
     "smolvlm2-2.2b": (_SMOLVLM2_2B, _SMOLVLM2_PREPROCESSOR, _IDEFICS3_TOKENS),
     "internvl3-8b": (_INTERNVL3_8B, _INTERNVL3_PREPROCESSOR, _INTERNVL_TOKENS),
     # gemma-3-4b-it / gemma-3-12b-it: SigLIP-so400m/14-896 pooled to 256 tokens; 5 sliding layers per full one
-    "gemma-3-4b": ({**_GEMMA3, "text_config": {**_GEMMA3_TEXT, "hidden_size": 2560, "intermediate_size": 10240,
-                                               "num_hidden_layers": 34, "num_attention_heads": 8,
-                                               "num_key_value_heads": 4}, "vision_config": _SIGLIP_SO400M_896},
-                   _GEMMA3_PREPROCESSOR),
-    "gemma-3-12b": ({**_GEMMA3, "text_config": {**_GEMMA3_TEXT, "hidden_size": 3840, "intermediate_size": 15360,
-                                                "num_hidden_layers": 48, "num_attention_heads": 16,
-                                                "num_key_value_heads": 8}, "vision_config": _SIGLIP_SO400M_896},
-                    _GEMMA3_PREPROCESSOR),
+    "gemma-3-4b": (
+        {
+            **_GEMMA3,
+            "text_config": {
+                **_GEMMA3_TEXT,
+                "hidden_size": 2560,
+                "intermediate_size": 10240,
+                "num_hidden_layers": 34,
+                "num_attention_heads": 8,
+                "num_key_value_heads": 4,
+            },
+            "vision_config": _SIGLIP_SO400M_896,
+        },
+        _GEMMA3_PREPROCESSOR,
+    ),
+    "gemma-3-12b": (
+        {
+            **_GEMMA3,
+            "text_config": {
+                **_GEMMA3_TEXT,
+                "hidden_size": 3840,
+                "intermediate_size": 15360,
+                "num_hidden_layers": 48,
+                "num_attention_heads": 16,
+                "num_key_value_heads": 8,
+            },
+            "vision_config": _SIGLIP_SO400M_896,
+        },
+        _GEMMA3_PREPROCESSOR,
+    ),
 }
 # Qwen2.5-VL: its windowed tower (the same in 7B and 72B but for its output width), a Qwen2 decoder with M-RoPE;
 # the demo tokenizer's <image> is the placeholder, Qwen's processor defaults (4 to 16384 merged patches).
-_QWEN25_VL_TOWER = {"model_type": "qwen2_5_vl_vision", "depth": 32, "hidden_size": 1280, "intermediate_size": 3420,
-                    "num_heads": 16, "patch_size": 14, "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31],
-                    "hidden_act": "silu", "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3}
-_QWEN25_VL_TEXT = {"model_type": "qwen2_5_vl_text", "vocab_size": 152064, "max_position_embeddings": 128000,
-                   "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
-                   "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}}
-_QWEN2_VL_PREPROCESSOR = {"image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 56 * 56,
-                          "max_pixels": 28 * 28 * 16384, "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2}
+_QWEN25_VL_TOWER = {
+    "model_type": "qwen2_5_vl_vision",
+    "depth": 32,
+    "hidden_size": 1280,
+    "intermediate_size": 3420,
+    "num_heads": 16,
+    "patch_size": 14,
+    "window_size": 112,
+    "fullatt_block_indexes": [7, 15, 23, 31],
+    "hidden_act": "silu",
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "in_channels": 3,
+}
+_QWEN25_VL_TEXT = {
+    "model_type": "qwen2_5_vl_text",
+    "vocab_size": 152064,
+    "max_position_embeddings": 128000,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+}
+_QWEN2_VL_PREPROCESSOR = {
+    "image_processor_type": "Qwen2VLImageProcessor",
+    "min_pixels": 56 * 56,
+    "max_pixels": 28 * 28 * 16384,
+    "patch_size": 14,
+    "merge_size": 2,
+    "temporal_patch_size": 2,
+}
 
 
 def _qwen25_vl(text: dict, out_hidden_size: int) -> tuple[dict, dict]:
-    return ({"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
-             "text_config": {**_QWEN25_VL_TEXT, **text},
-             "vision_config": {**_QWEN25_VL_TOWER, "out_hidden_size": out_hidden_size},
-             "video_token_id": _QWEN25_VL_TEXT["vocab_size"] - 1,
-             "tie_word_embeddings": False}, _QWEN2_VL_PREPROCESSOR)
+    return (
+        {
+            "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+            "model_type": "qwen2_5_vl",
+            "text_config": {**_QWEN25_VL_TEXT, **text},
+            "vision_config": {**_QWEN25_VL_TOWER, "out_hidden_size": out_hidden_size},
+            "video_token_id": _QWEN25_VL_TEXT["vocab_size"] - 1,
+            "tie_word_embeddings": False,
+        },
+        _QWEN2_VL_PREPROCESSOR,
+    )
 
 
-PRESETS.update({
-    "qwen2.5-vl-7b": _qwen25_vl({"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-                                 "num_attention_heads": 28, "num_key_value_heads": 4}, 3584),
-    "qwen2.5-vl-72b": _qwen25_vl({"hidden_size": 8192, "intermediate_size": 29568, "num_hidden_layers": 80,
-                                  "num_attention_heads": 64, "num_key_value_heads": 8}, 8192),
-})
+PRESETS.update(
+    {
+        "qwen2.5-vl-7b": _qwen25_vl(
+            {
+                "hidden_size": 3584,
+                "intermediate_size": 18944,
+                "num_hidden_layers": 28,
+                "num_attention_heads": 28,
+                "num_key_value_heads": 4,
+            },
+            3584,
+        ),
+        "qwen2.5-vl-72b": _qwen25_vl(
+            {
+                "hidden_size": 8192,
+                "intermediate_size": 29568,
+                "num_hidden_layers": 80,
+                "num_attention_heads": 64,
+                "num_key_value_heads": 8,
+            },
+            8192,
+        ),
+    }
+)
 
 
 def preset_checkpoint(name: str, out_dir: Path) -> Path:
@@ -182,8 +402,12 @@ def preset_checkpoint(name: str, out_dir: Path) -> Path:
         config["image_token_id"] = _add_family_tokens(out_dir, family_tokens[0])
     if "mm_tokens_per_image" in config:  # Gemma 3: the demo's <image> opens an image; soft/end ids past its vocab
         demo_vocab = demo_cfg["text_config"]["vocab_size"]
-        config.update(boi_token_index=demo_cfg["image_token_index"], image_token_index=demo_vocab,
-                      image_token_id=demo_vocab, eoi_token_index=demo_vocab + 1)
+        config.update(
+            boi_token_index=demo_cfg["image_token_index"],
+            image_token_index=demo_vocab,
+            image_token_id=demo_vocab,
+            eoi_token_index=demo_vocab + 1,
+        )
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     (out_dir / "preprocessor_config.json").write_text(json.dumps(preprocessor))
     return out_dir
@@ -292,23 +516,36 @@ def memory_plan(model: str, dtype: str, max_model_len: int | None, gpu_memory_gi
     kv_per_token = 2 * built.num_layers * built.num_kv_heads * built.head_dim * elem
     weight_bytes = sum(w.numel() for w in weights) * elem
     need = weight_bytes + kv_per_token * context
-    return {"model": model, "architecture": ckpt.architecture, "dtype": str(ckpt.dtype).removeprefix("torch."),
-            "weight_gib": weight_bytes / 2**30, "kv_bytes_per_token": kv_per_token, "max_model_len": context,
-            "kv_gib_per_full_sequence": kv_per_token * context / 2**30, "gpu_memory_gib": gpu_memory_gib,
-            "fits_one_gpu": need <= gpu_memory_gib * 2**30,
-            "full_sequences_per_gpu": max(0, int((gpu_memory_gib * 2**30 - weight_bytes) // (kv_per_token * context)))}
+    return {
+        "model": model,
+        "architecture": ckpt.architecture,
+        "dtype": str(ckpt.dtype).removeprefix("torch."),
+        "weight_gib": weight_bytes / 2**30,
+        "kv_bytes_per_token": kv_per_token,
+        "max_model_len": context,
+        "kv_gib_per_full_sequence": kv_per_token * context / 2**30,
+        "gpu_memory_gib": gpu_memory_gib,
+        "fits_one_gpu": need <= gpu_memory_gib * 2**30,
+        "full_sequences_per_gpu": max(0, int((gpu_memory_gib * 2**30 - weight_bytes) // (kv_per_token * context))),
+    }
 
 
 def format_memory_plan(p: dict) -> str:
-    verdict = ("fits one GPU" if p["fits_one_gpu"] else
-               "does NOT fit one GPU: it needs tensor parallelism (or a smaller dtype / max_model_len)")
-    return "\n".join([
-        f"cultengine profile --dry-run: {p['model']} ({p['architecture']}, {p['dtype']})",
-        f"  weights                 {p['weight_gib']:.2f} GiB",
-        f"  KV cache                {p['kv_bytes_per_token'] / 2**10:.0f} KiB per token, "
-        f"{p['kv_gib_per_full_sequence']:.2f} GiB per {p['max_model_len']}-token sequence",
-        f"  {'one ' + format(p['gpu_memory_gib'], '.0f') + ' GiB GPU':<22}  {verdict}; "
-        f"{p['full_sequences_per_gpu']} full-length sequences beside the weights"])
+    verdict = (
+        "fits one GPU"
+        if p["fits_one_gpu"]
+        else "does NOT fit one GPU: it needs tensor parallelism (or a smaller dtype / max_model_len)"
+    )
+    return "\n".join(
+        [
+            f"cultengine profile --dry-run: {p['model']} ({p['architecture']}, {p['dtype']})",
+            f"  weights                 {p['weight_gib']:.2f} GiB",
+            f"  KV cache                {p['kv_bytes_per_token'] / 2**10:.0f} KiB per token, "
+            f"{p['kv_gib_per_full_sequence']:.2f} GiB per {p['max_model_len']}-token sequence",
+            f"  {'one ' + format(p['gpu_memory_gib'], '.0f') + ' GiB GPU':<22}  {verdict}; "
+            f"{p['full_sequences_per_gpu']} full-length sequences beside the weights",
+        ]
+    )
 
 
 def _device(args) -> str:
@@ -318,9 +555,11 @@ def _device(args) -> str:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.split(":")[0] == "cpu" and args.model in PRESETS and not getattr(args, "allow_cpu", False):
-        raise ValueError(f"profile --model {args.model}: a preset of a real model's shapes (billions of parameters) "
-                         "needs CUDA; on a CPU it takes many GiB and a very long time. Use --dry-run to plan its "
-                         "memory, --model demo (or a small checkpoint) on a CPU, or --allow-cpu to run it anyway")
+        raise ValueError(
+            f"profile --model {args.model}: a preset of a real model's shapes (billions of parameters) "
+            "needs CUDA; on a CPU it takes many GiB and a very long time. Use --dry-run to plan its "
+            "memory, --model demo (or a small checkpoint) on a CPU, or --allow-cpu to run it anyway"
+        )
     return device
 
 
@@ -341,10 +580,18 @@ def run_profile(args) -> dict:
     else:
         model = str(demo_checkpoint.resolve(model))
     try:
-        engine = Engine(model, device=device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-                        threads=getattr(args, "threads", None), max_num_batched_tokens=args.max_num_batched_tokens,
-                        attention_backend=args.backend,
-                        random_init=tmp is not None, profile=True, cuda_graphs=not args.no_cuda_graphs)
+        engine = Engine(
+            model,
+            device=device,
+            dtype=args.dtype,
+            max_num_seqs=args.max_num_seqs,
+            threads=getattr(args, "threads", None),
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            attention_backend=args.backend,
+            random_init=tmp is not None,
+            profile=True,
+            cuda_graphs=not args.no_cuda_graphs,
+        )
         requests, output_lens = build_workload(engine, args)
         if engine.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(engine.device)
@@ -353,8 +600,10 @@ def run_profile(args) -> dict:
         if args.choices:
             outs = engine.score(requests, use_tqdm=show_bar)
         else:
-            params = [SamplingParams(max_tokens=n, temperature=args.temperature, seed=i, ignore_eos=True)
-                      for i, n in enumerate(output_lens)]
+            params = [
+                SamplingParams(max_tokens=n, temperature=args.temperature, seed=i, ignore_eos=True)
+                for i, n in enumerate(output_lens)
+            ]
             outs = engine.generate(requests, params, use_tqdm=show_bar)
         wall = time.perf_counter() - start
         after = engine.stats()
@@ -369,11 +618,23 @@ def run_profile(args) -> dict:
     out_tokens = delta["generated_tokens"]
     timings = engine.latencies
     report = {
-        "model": args.model, "device": str(engine.device), "dtype": str(engine.checkpoint.dtype).replace("torch.", ""),
-        "backend": engine.ops.backend, "cuda_graphs": engine.runner.decode_graphs is not None,
-        "workload": {k: getattr(args, k) for k in (
-            "num_requests", "images_per_request", "prompts_per_image", "prompt_len", "output_len", "shared_fraction",
-            "choices")},
+        "model": args.model,
+        "device": str(engine.device),
+        "dtype": str(engine.checkpoint.dtype).replace("torch.", ""),
+        "backend": engine.ops.backend,
+        "cuda_graphs": engine.runner.decode_graphs is not None,
+        "workload": {
+            k: getattr(args, k)
+            for k in (
+                "num_requests",
+                "images_per_request",
+                "prompts_per_image",
+                "prompt_len",
+                "output_len",
+                "shared_fraction",
+                "choices",
+            )
+        },
         "wall_seconds": wall,
         "requests_per_s": args.num_requests / wall,
         "input_tokens_per_s": delta["prompt_tokens"] / wall,
@@ -388,28 +649,41 @@ def run_profile(args) -> dict:
         "time_breakdown_s": {k: round(v, 4) for k, v in engine.phase_seconds.items()},
         "scheduler_us_per_step": delta["schedule_ns"] / max(delta["steps"], 1) / 1000,
         "steps": delta["steps"],
-        "peak_memory_gib": (torch.cuda.max_memory_allocated(engine.device) if engine.device.type == "cuda"
-                            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30,
+        "peak_memory_gib": (
+            torch.cuda.max_memory_allocated(engine.device)
+            if engine.device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        )
+        / 2**30,
     }
     return report
 
 
 def format_report(r: dict) -> str:
-    lines = [f"cultengine profile: {r['model']} on {r['device']} ({r['dtype']}, {r['backend']} backend"
-             f"{', CUDA graphs' if r['cuda_graphs'] else ''})",
-             f"workload: {r['workload']}", ""]
-    rows = [("wall time", f"{r['wall_seconds']:.2f} s"), ("requests/s", f"{r['requests_per_s']:.2f}"),
-            ("input tokens/s", f"{r['input_tokens_per_s']:.1f}"),
-            ("prefill tokens/s (computed)", f"{r['prefill_tokens_per_s']:.1f}"),
-            ("output tokens/s", f"{r['output_tokens_per_s']:.1f}"), ("images/s", f"{r['images_per_s']:.2f}")]
+    lines = [
+        f"cultengine profile: {r['model']} on {r['device']} ({r['dtype']}, {r['backend']} backend"
+        f"{', CUDA graphs' if r['cuda_graphs'] else ''})",
+        f"workload: {r['workload']}",
+        "",
+    ]
+    rows = [
+        ("wall time", f"{r['wall_seconds']:.2f} s"),
+        ("requests/s", f"{r['requests_per_s']:.2f}"),
+        ("input tokens/s", f"{r['input_tokens_per_s']:.1f}"),
+        ("prefill tokens/s (computed)", f"{r['prefill_tokens_per_s']:.1f}"),
+        ("output tokens/s", f"{r['output_tokens_per_s']:.1f}"),
+        ("images/s", f"{r['images_per_s']:.2f}"),
+    ]
     for name in ("ttft_ms", "tpot_ms"):
         if r[name]:
             rows.append((name.replace("_ms", " (ms) p50/p90/p99"), " / ".join(f"{v:.1f}" for v in r[name].values())))
-    rows += [("KV cache peak use", f"{100 * r['kv_cache_peak_use']:.1f} %"),
-             ("prefix-cache hit rate", f"{100 * r['prefix_cache_hit_rate']:.1f} %"),
-             ("images encoded", str(r["images_encoded"])),
-             ("scheduler CPU per step", f"{r['scheduler_us_per_step']:.1f} us over {r['steps']} steps"),
-             ("peak memory", f"{r['peak_memory_gib']:.2f} GiB")]
+    rows += [
+        ("KV cache peak use", f"{100 * r['kv_cache_peak_use']:.1f} %"),
+        ("prefix-cache hit rate", f"{100 * r['prefix_cache_hit_rate']:.1f} %"),
+        ("images encoded", str(r["images_encoded"])),
+        ("scheduler CPU per step", f"{r['scheduler_us_per_step']:.1f} us over {r['steps']} steps"),
+        ("peak memory", f"{r['peak_memory_gib']:.2f} GiB"),
+    ]
     total = sum(r["time_breakdown_s"].values()) or 1.0
     rows += [(f"time: {k}", f"{v:.3f} s ({100 * v / total:.0f} %)") for k, v in r["time_breakdown_s"].items()]
     width = max(len(k) for k, _ in rows)
@@ -417,10 +691,14 @@ def format_report(r: dict) -> str:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("profile", help="throughput, latency and time breakdown on a synthetic workload",
-                       description=__doc__)
-    p.add_argument("--model", default="demo",
-                   help=f"checkpoint directory, 'demo', or a shape preset with random weights: {', '.join(PRESETS)}")
+    p = sub.add_parser(
+        "profile", help="throughput, latency and time breakdown on a synthetic workload", description=__doc__
+    )
+    p.add_argument(
+        "--model",
+        default="demo",
+        help=f"checkpoint directory, 'demo', or a shape preset with random weights: {', '.join(PRESETS)}",
+    )
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--allow-cpu", action="store_true", help="run a shape preset (billions of parameters) on a CPU")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
@@ -428,13 +706,22 @@ def register(sub) -> None:
     p.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly (CUDA)")
     p.add_argument("--num-requests", type=positive_int, default=64, help="requests in the workload")
     p.add_argument("--images-per-request", type=int, default=1, help="noise images in each request")
-    p.add_argument("--prompt-len", type=_length_spec, default="32",
-                   help="words per prompt: N, LO:HI (uniform) or exp:MEAN")
+    p.add_argument(
+        "--prompt-len", type=_length_spec, default="32", help="words per prompt: N, LO:HI (uniform) or exp:MEAN"
+    )
     p.add_argument("--output-len", type=_length_spec, default="32", help="tokens per output: N, LO:HI or exp:MEAN")
-    p.add_argument("--prompts-per-image", type=positive_int, default=1,
-                   help="consecutive requests asking about the same image(s), as benchmarks do")
-    p.add_argument("--shared-fraction", type=float, default=0.5,
-                   help="fraction of requests sharing one image and a prompt prefix (prefix cache, encoder cache)")
+    p.add_argument(
+        "--prompts-per-image",
+        type=positive_int,
+        default=1,
+        help="consecutive requests asking about the same image(s), as benchmarks do",
+    )
+    p.add_argument(
+        "--shared-fraction",
+        type=float,
+        default=0.5,
+        help="fraction of requests sharing one image and a prompt prefix (prefix cache, encoder cache)",
+    )
     p.add_argument("--choices", type=int, default=0, help="score this many choices per request instead of generating")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
     p.add_argument("--max-num-seqs", type=positive_int, default=256, help="sequences the engine runs at once")
@@ -443,8 +730,11 @@ def register(sub) -> None:
     add_threads(p)
     add_quiet(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--dry-run", action="store_true",
-                   help="plan memory from the shapes only (weights, KV cache per token and per sequence)")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="plan memory from the shapes only (weights, KV cache per token and per sequence)",
+    )
     p.add_argument("--max-model-len", type=int, default=None, help="context the --dry-run plan sizes the KV cache for")
     p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="one GPU's memory, for --dry-run")
     p.set_defaults(func=_main)
@@ -455,13 +745,20 @@ def _main(args) -> int:
         tmp = Path(tempfile.mkdtemp(prefix="cultengine-preset-")) if args.model in PRESETS else None
         try:
             model = str(preset_checkpoint(args.model, tmp) if tmp else args.model)
-            plan = memory_plan(model, "bfloat16" if args.dtype == "auto" and tmp else args.dtype, args.max_model_len,
-                               args.gpu_memory_gib)
+            plan = memory_plan(
+                model,
+                "bfloat16" if args.dtype == "auto" and tmp else args.dtype,
+                args.max_model_len,
+                args.gpu_memory_gib,
+            )
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
-        print(json.dumps({**plan, "model": args.model}, indent=2) if args.json
-              else format_memory_plan({**plan, "model": args.model}))
+        print(
+            json.dumps({**plan, "model": args.model}, indent=2)
+            if args.json
+            else format_memory_plan({**plan, "model": args.model})
+        )
         return 0
     report = run_profile(args)
     print(json.dumps(report, indent=2) if args.json else format_report(report))

@@ -64,8 +64,10 @@ def fill_previous_tokens(input_ids: torch.Tensor, plan, previous_tokens: torch.T
     step's tokens on the device (the plan holds a placeholder there), so no id makes a round trip to the host."""
     if not len(plan.prev_input_rows):
         return
-    rows, index = (torch.from_numpy(a).to(input_ids.device, non_blocking=True)
-                   for a in (plan.prev_input_rows, plan.prev_sample_index))
+    rows, index = (
+        torch.from_numpy(a).to(input_ids.device, non_blocking=True)
+        for a in (plan.prev_input_rows, plan.prev_sample_index)
+    )
     input_ids.index_copy_(0, rows, previous_tokens.index_select(0, index))
 
 
@@ -79,12 +81,23 @@ class DecodeGraphs:
     kernel's split of the KV range covers any sequence (see kernels.attention.paged_decode_attention).
     """
 
-    def __init__(self, model: Model, kv_caches, max_batch: int, max_model_len: int, block_size: int,
-                 device: torch.device, position_rows: int = 1, capture: bool = True, cascade: bool = True):
+    def __init__(
+        self,
+        model: Model,
+        kv_caches,
+        max_batch: int,
+        max_model_len: int,
+        block_size: int,
+        device: torch.device,
+        position_rows: int = 1,
+        capture: bool = True,
+        cascade: bool = True,
+    ):
         """`capture=False` runs the same padded static-buffer steps eagerly (how CPU tests check them);
         `cascade` also captures each size with shared-prefix attention (see `ops.SharedPrefixes`)."""
-        self.sizes = sorted({s for s in (1, 2, 4, 8) if s < max_batch} | set(range(16, max_batch + 1, 16))
-                            | {max_batch})
+        self.sizes = sorted(
+            {s for s in (1, 2, 4, 8) if s < max_batch} | set(range(16, max_batch + 1, 16)) | {max_batch}
+        )
         self.max_blocks = -(-max_model_len // block_size)
         i64 = dict(dtype=torch.int64, device=device)
         self.input_ids = torch.zeros(max_batch, **i64)
@@ -95,8 +108,9 @@ class DecodeGraphs:
         self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
         # Shared-prefix groups: a step has at most one tile per sequence; tiles past the step's are empty.
         self.prefix_lens = torch.zeros(max_batch, dtype=torch.int32, device=device)
-        self.tile_seqs = torch.full((max_batch, cascade_tile_width(model.num_heads // model.num_kv_heads)), -1,
-                                    dtype=torch.int32, device=device)
+        self.tile_seqs = torch.full(
+            (max_batch, cascade_tile_width(model.num_heads // model.num_kv_heads)), -1, dtype=torch.int32, device=device
+        )
         self.tile_prefix_lens = torch.zeros(max_batch, dtype=torch.int32, device=device)
         self.hidden: dict[tuple[int, bool], torch.Tensor] = {}  # each graph's output rows, rewritten by its replay
         # Every graph also computes its rows' logits and greedy picks, so a greedy step launches no sampling.
@@ -113,23 +127,32 @@ class DecodeGraphs:
         pool = None
         # Largest first: the smaller graphs fit in its memory pool.
         for size, cascade in ((s, c) for s in reversed(self.sizes) for c in variants):
-            shared = (SharedPrefixes(self.prefix_lens[:size], self.tile_seqs[:size], self.tile_prefix_lens[:size])
-                      if cascade else None)
-            meta = AttentionMetadata(self.query_start_loc[:size + 1], self.seq_lens[:size],
-                                     self.block_tables[:size], self.slot_mapping[:size], max_query_len=1,
-                                     max_seq_len=max_model_len, shared_prefixes=shared)
+            shared = (
+                SharedPrefixes(self.prefix_lens[:size], self.tile_seqs[:size], self.tile_prefix_lens[:size])
+                if cascade
+                else None
+            )
+            meta = AttentionMetadata(
+                self.query_start_loc[: size + 1],
+                self.seq_lens[:size],
+                self.block_tables[:size],
+                self.slot_mapping[:size],
+                max_query_len=1,
+                max_seq_len=max_model_len,
+                shared_prefixes=shared,
+            )
 
             positions = self.positions[:, :size] if len(self.positions) > 1 else self.positions[0, :size]
 
             def step(key=(size, cascade), meta=meta, positions=positions):
-                hidden = self.hidden[key] = model.forward(self.input_ids[:key[0]], positions, kv_caches, meta)
+                hidden = self.hidden[key] = model.forward(self.input_ids[: key[0]], positions, kv_caches, meta)
                 logits = model.compute_logits(hidden).float()
                 if self.logits is None:
                     self.logits = logits.new_empty((len(self.input_ids), logits.shape[1]))
-                self.logits[:key[0]].copy_(logits)
+                self.logits[: key[0]].copy_(logits)
                 best = logits.argmax(dim=-1)
-                self.greedy[:key[0]].copy_(best)
-                self.greedy_logprobs[:key[0]].copy_(torch.log_softmax(logits, dim=-1).gather(1, best[:, None])[:, 0])
+                self.greedy[: key[0]].copy_(best)
+                self.greedy_logprobs[: key[0]].copy_(torch.log_softmax(logits, dim=-1).gather(1, best[:, None])[:, 0])
 
             if not capture:
                 self.replay[size, cascade] = step
@@ -145,18 +168,29 @@ class DecodeGraphs:
             torch.cuda.synchronize()
 
     def fits(self, plan) -> bool:
-        return (plan.max_query_len == 1 and not len(plan.image_chunks) and len(plan.seq_lens) <= self.sizes[-1]
-                and plan.block_tables.shape[1] <= self.max_blocks)
+        return (
+            plan.max_query_len == 1
+            and not len(plan.image_chunks)
+            and len(plan.seq_lens) <= self.sizes[-1]
+            and plan.block_tables.shape[1] <= self.max_blocks
+        )
 
-    def run(self, plan, shared: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
-            previous_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    def run(
+        self,
+        plan,
+        shared: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
+        previous_tokens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Replay the graph of the plan's batch size; `shared` is its shared-prefix grouping, if any;
         `previous_tokens` feed the plan's `prev_input_rows` (see `fill_previous_tokens`)."""
         b = len(plan.seq_lens)
         size = next(s for s in self.sizes if s >= b)
         width = plan.block_tables.shape[1]
-        for buf, array in ((self.input_ids, plan.input_ids), (self.slot_mapping, plan.slot_mapping),
-                           (self.seq_lens, plan.seq_lens)):
+        for buf, array in (
+            (self.input_ids, plan.input_ids),
+            (self.slot_mapping, plan.slot_mapping),
+            (self.seq_lens, plan.seq_lens),
+        ):
             buf[:b].copy_(torch.from_numpy(array), non_blocking=True)
         fill_previous_tokens(self.input_ids, plan, previous_tokens)
         self.positions[:, :b].copy_(torch.from_numpy(plan.positions), non_blocking=True)
@@ -180,10 +214,22 @@ class DecodeGraphs:
 class ModelRunner:
     """Owns the paged KV cache and the vision-encoder cache; runs step plans and computes their logits."""
 
-    def __init__(self, model: Model, device: torch.device, dtype: torch.dtype, block_size: int,
-                 num_blocks: int | None, kv_cache_memory: int | None, max_num_seqs: int,
-                 max_model_len: int, encoder_cache_size: int = 256, cuda_graphs: bool = False,
-                 position_rows: int = 1, bidirectional_images: bool = False, cascade: bool = True):
+    def __init__(
+        self,
+        model: Model,
+        device: torch.device,
+        dtype: torch.dtype,
+        block_size: int,
+        num_blocks: int | None,
+        kv_cache_memory: int | None,
+        max_num_seqs: int,
+        max_model_len: int,
+        encoder_cache_size: int = 256,
+        cuda_graphs: bool = False,
+        position_rows: int = 1,
+        bidirectional_images: bool = False,
+        cascade: bool = True,
+    ):
         """`cuda_graphs` captures decode steps (needs CUDA and a backend whose kernels never read the
         device on the host: the Triton one); `position_rows` > 1 for M-RoPE models;
         `bidirectional_images` passes each step's image runs to attention as bidirectional spans;
@@ -202,8 +248,20 @@ class ModelRunner:
         self.kv_caches = model.allocate_kv_caches(self.num_blocks, block_size, dtype)
         self.encoder_cache = EncoderCache(encoder_cache_size)
         self.vision_seconds = 0.0  # measured only when execute() is asked to synchronise
-        self.decode_graphs = (DecodeGraphs(model, self.kv_caches, min(max_num_seqs, 512), max_model_len, block_size,
-                                           device, position_rows, cascade=cascade) if cuda_graphs else None)
+        self.decode_graphs = (
+            DecodeGraphs(
+                model,
+                self.kv_caches,
+                min(max_num_seqs, 512),
+                max_model_len,
+                block_size,
+                device,
+                position_rows,
+                cascade=cascade,
+            )
+            if cuda_graphs
+            else None
+        )
 
     # Images in flight: their processed inputs stay until every sequence that uses them is done.
     def pin_images(self, images: dict[int, ImageFeatures]) -> None:
@@ -235,9 +293,11 @@ class ModelRunner:
         per_seq = -(-max_model_len // self.block_size)
         blocks = min(budget // self._bytes_per_block(), per_seq * max_num_seqs)
         if blocks < per_seq:
-            raise ValueError(f"KV-cache budget of {budget / GiB:.2f} GiB holds {blocks} blocks of "
-                             f"{self.block_size} tokens, fewer than one sequence of max_model_len "
-                             f"{max_model_len} needs ({per_seq}); raise kv_cache_memory or lower max_model_len")
+            raise ValueError(
+                f"KV-cache budget of {budget / GiB:.2f} GiB holds {blocks} blocks of "
+                f"{self.block_size} tokens, fewer than one sequence of max_model_len "
+                f"{max_model_len} needs ({per_seq}); raise kv_cache_memory or lower max_model_len"
+            )
         return int(blocks)
 
     def _sync_time(self, synchronize: bool) -> float:
@@ -276,8 +336,9 @@ class ModelRunner:
             # One index per image token: cheap (images per step), and the copy itself is one op.
             dst = np.concatenate([np.arange(d, d + n) for d, n in zip(chunks[:, 0], chunks[:, 2], strict=True)])
             image_rows = self._tensor(dst)
-            image_embeds = torch.cat([images[h][s:s + n] for h, s, n in zip(hashes, chunks[:, 1], chunks[:, 2],
-                                                                            strict=True)])
+            image_embeds = torch.cat(
+                [images[h][s : s + n] for h, s, n in zip(hashes, chunks[:, 1], chunks[:, 2], strict=True)]
+            )
             if self.bidirectional_images:
                 spans = self._image_spans(plan)
         meta = AttentionMetadata(
@@ -301,8 +362,11 @@ class ModelRunner:
         if plan.max_query_len != 1:
             return None
         plain = int(plan.seq_lens.sum())
-        grouped = (group_shared_prefixes(plan.block_tables, plan.seq_lens, self.block_size, self.cascade_width)
-                   if self.cascade_width else None)
+        grouped = (
+            group_shared_prefixes(plan.block_tables, plan.seq_lens, self.block_size, self.cascade_width)
+            if self.cascade_width
+            else None
+        )
         self.decode_keys_plain += plain
         self.decode_keys_read += plain if grouped is None else grouped[3]
         return None if grouped is None else grouped[:3]

@@ -163,7 +163,7 @@ def sample(logits: torch.Tensor, temperature, top_p, top_k, seed, output_index) 
     # Row chunks bound the int64 noise temporaries (~8M elements each) for large vocabularies.
     chunk = max(1, (1 << 23) // logits.shape[1])
     for start in range(0, len(sampled), chunk):
-        picked = sampled[start:start + chunk]
+        picked = sampled[start : start + chunk]
 
         def rows_of(a: np.ndarray, picked=picked) -> torch.Tensor:
             return torch.from_numpy(np.ascontiguousarray(a[picked])).to(logits.device, non_blocking=True)

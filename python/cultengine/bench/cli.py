@@ -15,8 +15,18 @@ from ..console import add_quiet, add_threads, bar, positive_int
 if TYPE_CHECKING:  # the importers are loaded by the commands, so that --help loads neither them nor torch
     from . import data
 
-FORMATS = ("auto", "canonical", "vlmeval", "cvqa", "almbench", "worldcuisines", "seavqa", "blend", "culturalvqa",
-           "columns")
+FORMATS = (
+    "auto",
+    "canonical",
+    "vlmeval",
+    "cvqa",
+    "almbench",
+    "worldcuisines",
+    "seavqa",
+    "blend",
+    "culturalvqa",
+    "columns",
+)
 
 BENCH_EPILOG = """\
 With no arguments, runs the embedded default benchmark (flags drawn by code, capital/currency
@@ -37,50 +47,103 @@ paths leading out of it need --allow-absolute-image-paths, otherwise their rows 
 
 
 def _bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="run a cultural benchmark and write a report",
-                       description="Evaluate a vision-language model on cultural benchmark files.",
-                       epilog=BENCH_EPILOG)
-    p.add_argument("--model", metavar="PATH", action="append",
-                   help="local checkpoint directory (Hugging Face layout); default: the built-in demo checkpoint "
-                   "(random weights). Repeat it to run several models one after another into one parent folder "
-                   "(--output-dir), finished by their comparison (as `cultengine compare`)")
-    p.add_argument("--data", metavar="PATH", nargs="+", help="benchmark files or folders: canonical JSONL/parquet, "
-                   "VLMEvalKit TSV, CVQA, ALM-Bench, WorldCuisines, SEA-VQA, BLEnD, CulturalVQA; Hugging Face "
-                   "dataset folders (parquet shards, save_to_disk) or OWNER/NAME from the local hub cache; "
-                   "default: the embedded benchmark")
-    p.add_argument("--suite", choices=("mcq", "vqa"), default="mcq",
-                   help="mcq: multiple choice; vqa: open answers scored by exact match / containment")
-    p.add_argument("--output-dir", metavar="DIR",
-                   help="run directory (default: cultengine-runs/<model>-<data>-<suite>-<scoring>)")
+    p = sub.add_parser(
+        "bench",
+        help="run a cultural benchmark and write a report",
+        description="Evaluate a vision-language model on cultural benchmark files.",
+        epilog=BENCH_EPILOG,
+    )
+    p.add_argument(
+        "--model",
+        metavar="PATH",
+        action="append",
+        help="local checkpoint directory (Hugging Face layout); default: the built-in demo checkpoint "
+        "(random weights). Repeat it to run several models one after another into one parent folder "
+        "(--output-dir), finished by their comparison (as `cultengine compare`)",
+    )
+    p.add_argument(
+        "--data",
+        metavar="PATH",
+        nargs="+",
+        help="benchmark files or folders: canonical JSONL/parquet, "
+        "VLMEvalKit TSV, CVQA, ALM-Bench, WorldCuisines, SEA-VQA, BLEnD, CulturalVQA; Hugging Face "
+        "dataset folders (parquet shards, save_to_disk) or OWNER/NAME from the local hub cache; "
+        "default: the embedded benchmark",
+    )
+    p.add_argument(
+        "--suite",
+        choices=("mcq", "vqa"),
+        default="mcq",
+        help="mcq: multiple choice; vqa: open answers scored by exact match / containment",
+    )
+    p.add_argument(
+        "--output-dir", metavar="DIR", help="run directory (default: cultengine-runs/<model>-<data>-<suite>-<scoring>)"
+    )
     p.add_argument("--limit", type=positive_int, metavar="N", help="evaluate only the first N rows")
-    p.add_argument("--device", choices=("cpu", "cuda"), help="where the model runs (default: cuda when available, "
-                   "else cpu)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="weights and activations dtype (auto: the checkpoint's)")
-    p.add_argument("--scoring", choices=("loglik", "generate"), default="loglik",
-                   help="mcq: score each option's log-likelihood (acc, acc_norm), or generate a letter "
-                        "and parse it")
-    p.add_argument("--circular", action="store_true",
-                   help="mcq: ask every rotation of the options; right only if all rotations are")
-    p.add_argument("--batch", type=positive_int, default=128, metavar="N",
-                   help="samples per engine call; results are flushed after each (default 128)")
-    p.add_argument("--shard", metavar="I/N", help="run slice I of N (0-based); the last shard to finish "
-                   "writes the summary")
-    p.add_argument("--format", choices=FORMATS, default="auto",
-                   help="importer for --data (auto: by extension and columns)")
+    p.add_argument(
+        "--device", choices=("cpu", "cuda"), help="where the model runs (default: cuda when available, else cpu)"
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="weights and activations dtype (auto: the checkpoint's)",
+    )
+    p.add_argument(
+        "--scoring",
+        choices=("loglik", "generate"),
+        default="loglik",
+        help="mcq: score each option's log-likelihood (acc, acc_norm), or generate a letter and parse it",
+    )
+    p.add_argument(
+        "--circular",
+        action="store_true",
+        help="mcq: ask every rotation of the options; right only if all rotations are",
+    )
+    p.add_argument(
+        "--batch",
+        type=positive_int,
+        default=128,
+        metavar="N",
+        help="samples per engine call; results are flushed after each (default 128)",
+    )
+    p.add_argument(
+        "--shard", metavar="I/N", help="run slice I of N (0-based); the last shard to finish writes the summary"
+    )
+    p.add_argument(
+        "--format", choices=FORMATS, default="auto", help="importer for --data (auto: by extension and columns)"
+    )
     _import_args(p)
     add_threads(p)
     add_quiet(p)
-    p.add_argument("--template", metavar="FILE", help="Jinja template for the user turn text (variables: "
-                   "question, hint, options, letters, country, language, category)")
-    p.add_argument("--judge-model", metavar="DIR", help="vqa: judge each open answer with this checkpoint "
-                   "(P(yes) of 'yes'/'no' by Engine.score), after the answers are generated")
-    p.add_argument("--judge-prompt", metavar="FILE", help="Jinja judging prompt (variables: question, answers, "
-                   "prediction, country, language); default: the package's bench/prompts/judge.jinja")
-    p.add_argument("--min-cell-n", type=int, default=10, metavar="N",
-                   help="report: groups and heatmap cells with fewer samples are greyed (default 10)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="discard the results already in --output-dir and start afresh")
+    p.add_argument(
+        "--template",
+        metavar="FILE",
+        help="Jinja template for the user turn text (variables: "
+        "question, hint, options, letters, country, language, category)",
+    )
+    p.add_argument(
+        "--judge-model",
+        metavar="DIR",
+        help="vqa: judge each open answer with this checkpoint "
+        "(P(yes) of 'yes'/'no' by Engine.score), after the answers are generated",
+    )
+    p.add_argument(
+        "--judge-prompt",
+        metavar="FILE",
+        help="Jinja judging prompt (variables: question, answers, "
+        "prediction, country, language); default: the package's bench/prompts/judge.jinja",
+    )
+    p.add_argument(
+        "--min-cell-n",
+        type=int,
+        default=10,
+        metavar="N",
+        help="report: groups and heatmap cells with fewer samples are greyed (default 10)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="discard the results already in --output-dir and start afresh"
+    )
     _image_args(p)
     p.set_defaults(func=_bench)
 
@@ -113,12 +176,18 @@ def _import_args(p: argparse.ArgumentParser) -> None:
 
 
 def _image_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--image-root", metavar="DIR",
-                   help="folder that relative image paths resolve under (default: each data file's folder), "
-                   "and where images named by URL are found (by the URL's file name or its sha1/md5/sha256 hex "
-                   "digest); nothing is downloaded")
-    p.add_argument("--allow-absolute-image-paths", action="store_true",
-                   help="trust the data's image paths: absolute ones, and relative ones leading out of the folder")
+    p.add_argument(
+        "--image-root",
+        metavar="DIR",
+        help="folder that relative image paths resolve under (default: each data file's folder), "
+        "and where images named by URL are found (by the URL's file name or its sha1/md5/sha256 hex "
+        "digest); nothing is downloaded",
+    )
+    p.add_argument(
+        "--allow-absolute-image-paths",
+        action="store_true",
+        help="trust the data's image paths: absolute ones, and relative ones leading out of the folder",
+    )
 
 
 def _bench(args) -> int:
@@ -133,9 +202,11 @@ def _bench(args) -> int:
 
 
 def _data_parser(sub) -> None:
-    p = sub.add_parser("data", help="validate, convert or sample benchmark files",
-                       description="Validate, convert or sample benchmark files (any format `cultengine bench` "
-                       "reads).")
+    p = sub.add_parser(
+        "data",
+        help="validate, convert or sample benchmark files",
+        description="Validate, convert or sample benchmark files (any format `cultengine bench` reads).",
+    )
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     files_help = "benchmark files or folders (any format --data of `cultengine bench` reads)"
     v = dsub.add_parser("validate", help="load files, report bad rows and counts; exit 1 if any row is bad")
@@ -144,11 +215,19 @@ def _data_parser(sub) -> None:
     _import_args(v)
     _image_args(v)
     v.set_defaults(func=_validate)
-    c = dsub.add_parser("convert", help="write files as canonical JSONL (images beside it) or parquet "
-                        "(images embedded), chosen by the output's extension")
+    c = dsub.add_parser(
+        "convert",
+        help="write files as canonical JSONL (images beside it) or parquet "
+        "(images embedded), chosen by the output's extension",
+    )
     c.add_argument("files", nargs="+", metavar="FILE", help=files_help)
-    c.add_argument("-o", "--output", required=True, metavar="OUT",
-                   help="output file: OUT.jsonl (images copied to OUT_images/) or OUT.parquet (images embedded)")
+    c.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="OUT",
+        help="output file: OUT.jsonl (images copied to OUT_images/) or OUT.parquet (images embedded)",
+    )
     c.add_argument("--format", choices=FORMATS, default="auto", help="importer (auto: by extension and columns)")
     _import_args(c)
     _image_args(c)
@@ -156,8 +235,13 @@ def _data_parser(sub) -> None:
     c.set_defaults(func=_convert)
     s = dsub.add_parser("sample", help="write a random subset (canonical form)")
     s.add_argument("files", nargs="+", metavar="FILE", help=files_help)
-    s.add_argument("-o", "--output", required=True, metavar="OUT",
-                   help="output file: OUT.jsonl (images copied to OUT_images/) or OUT.parquet (images embedded)")
+    s.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="OUT",
+        help="output file: OUT.jsonl (images copied to OUT_images/) or OUT.parquet (images embedded)",
+    )
     s.add_argument("-n", type=positive_int, required=True, help="rows to keep")
     s.add_argument("--seed", type=int, default=0, help="seed of the random draw")
     s.add_argument("--format", choices=FORMATS, default="auto", help="importer (auto: by extension and columns)")
@@ -184,8 +268,11 @@ def _validate(args) -> int:
     print(f"  multiple choice: {mcq}, open: {len(ds.rows) - mcq}, labeled: {labeled}")
     for key in ("country", "continent", "category", "question_type", "language"):
         counts = Counter(getattr(r, key) or "unknown" for r in ds.rows)
-        print(f"  {key}: " + ", ".join(f"{k} {n}" for k, n in counts.most_common(8))
-              + (f", ... ({len(counts)} values)" if len(counts) > 8 else ""))
+        print(
+            f"  {key}: "
+            + ", ".join(f"{k} {n}" for k, n in counts.most_common(8))
+            + (f", ... ({len(counts)} values)" if len(counts) > 8 else "")
+        )
     unknown = sorted({r.country for r in ds.rows if r.country and not r.region})
     if unknown:
         print(f"  countries not in the table (no region): {', '.join(unknown[:20])}")
@@ -197,8 +284,10 @@ def _validate(args) -> int:
     for cfg in (SuiteConfig("mcq"), SuiteConfig("vqa")):
         why = Counter(w for r in ds.rows if (w := usable(r, cfg)))
         if why:
-            print(f"  --suite {cfg.suite} would skip {sum(why.values())}: "
-                  + "; ".join(f"{k} ({n})" for k, n in why.most_common()))
+            print(
+                f"  --suite {cfg.suite} would skip {sum(why.values())}: "
+                + "; ".join(f"{k} ({n})" for k, n in why.most_common())
+            )
     return 1 if ds.skipped else 0
 
 

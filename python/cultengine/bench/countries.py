@@ -48,8 +48,15 @@ def _tables() -> tuple[dict[str, Country], dict[str, Country]]:
     demonyms: dict[str, Country] = {}
     with CSV_PATH.open(encoding="utf-8", newline="") as f:
         for rec in csv.DictReader(f):
-            c = Country(rec["iso3"], rec["iso2"], rec["name"], rec["un_region"], rec["region"],
-                        rec["continent"], rec["western"] == "1")
+            c = Country(
+                rec["iso3"],
+                rec["iso2"],
+                rec["name"],
+                rec["un_region"],
+                rec["region"],
+                rec["continent"],
+                rec["western"] == "1",
+            )
             for alias in [c.name, c.iso3, c.iso2, *filter(None, rec["aliases"].split("|"))]:
                 names[_key(alias)] = c
             for d in filter(None, rec["demonyms"].split("|")):

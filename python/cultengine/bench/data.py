@@ -53,8 +53,9 @@ if TYPE_CHECKING:
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 GROUP_KEYS = ("country", "region", "continent", "category", "question_type", "language")
-KNOWN_FORMATS = ("canonical JSONL/JSON/parquet, VLMEvalKit TSV, CVQA/ALM-Bench/CulturalVQA parquet, "
-                 "ALM-Bench/CulturalVQA JSONL")
+KNOWN_FORMATS = (
+    "canonical JSONL/JSON/parquet, VLMEvalKit TSV, CVQA/ALM-Bench/CulturalVQA parquet, ALM-Bench/CulturalVQA JSONL"
+)
 
 
 @dataclass
@@ -140,12 +141,16 @@ def _records(path: Path, fmt: str) -> Iterator[tuple[int, dict | Exception]]:
         try:
             data = json.loads(path.read_text(encoding="utf-8-sig"))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); expected a list of row "
-                             f"objects. Readable formats: {KNOWN_FORMATS}") from None
+            raise ValueError(
+                f"{path}: not valid JSON ({e.msg} at line {e.lineno}); expected a list of row "
+                f"objects. Readable formats: {KNOWN_FORMATS}"
+            ) from None
         rows = formats.json_records(data)
         if not rows:
-            raise ValueError(f"{path}: a .json benchmark file holds a list of row objects, {{\"rows\": [...]}} or "
-                             f"an object of row objects keyed by id; got {type(data).__name__}")
+            raise ValueError(
+                f'{path}: a .json benchmark file holds a list of row objects, {{"rows": [...]}} or '
+                f"an object of row objects keyed by id; got {type(data).__name__}"
+            )
         for i, rec in enumerate(rows, 1):
             yield i, rec if isinstance(rec, dict) else BadRow("row is not a JSON object")
     else:  # JSONL
@@ -244,8 +249,9 @@ def _options(raw: Any, column: str = "options") -> list[str]:
     """A list of option texts (numbers are written out); a string or anything else is a bad row."""
     if _blank(raw):
         return []
-    if not isinstance(raw, list | tuple) or any(isinstance(o, bool) or not isinstance(o, str | int | float)
-                                                for o in raw):
+    if not isinstance(raw, list | tuple) or any(
+        isinstance(o, bool) or not isinstance(o, str | int | float) for o in raw
+    ):
         raise BadRow(f"{column} must be a list of strings, got {raw!r:.60}")
     options = [_text(o) for o in raw]
     if "" in options:
@@ -257,8 +263,7 @@ def _canonical(rec: dict, base: Path, line: int, stem: str) -> Row:
     imgs = rec.get("images", rec.get("image"))
     imgs = [] if _blank(imgs) else imgs if isinstance(imgs, list) else [imgs]
     options = _options(rec.get("options"))
-    known = {"id", "image", "images", "question", "options", "answer", "answers", "hint",
-             *Row.__dataclass_fields__}
+    known = {"id", "image", "images", "question", "options", "answer", "answers", "hint", *Row.__dataclass_fields__}
     return Row(
         id=_text(rec.get("id")) or f"{stem}:{line}",
         question=_text(rec.get("question")),
@@ -266,8 +271,10 @@ def _canonical(rec: dict, base: Path, line: int, stem: str) -> Row:
         options=options,
         answer=_answer(rec.get("answer") if not _blank(rec.get("answer")) else rec.get("answers"), options),
         hint=_text(rec.get("hint")),
-        **{k: _text(rec.get(k)) for k in ("country", "region", "continent", "category", "question_type",
-                                           "language", "split")},
+        **{
+            k: _text(rec.get(k))
+            for k in ("country", "region", "continent", "category", "question_type", "language", "split")
+        },
         meta=_meta(rec, known),
     )
 
@@ -300,10 +307,16 @@ def _vlmeval(rec: dict, base: Path, line: int, stem: str, by_index: dict[str, st
             break
         options.append(_text(rec[letter]))
     return Row(
-        id=idx, question=_text(rec.get("question")), images=images, options=options,
-        answer=_answer(rec.get("answer"), options), hint=_text(rec.get("hint")),
-        country=_text(rec.get("country")), language=_text(rec.get("language")),
-        category=_text(rec.get("category")), question_type=_text(rec.get("l2-category")),
+        id=idx,
+        question=_text(rec.get("question")),
+        images=images,
+        options=options,
+        answer=_answer(rec.get("answer"), options),
+        hint=_text(rec.get("hint")),
+        country=_text(rec.get("country")),
+        language=_text(rec.get("language")),
+        category=_text(rec.get("category")),
+        question_type=_text(rec.get("l2-category")),
         split=_text(rec.get("split")),
     )
 
@@ -321,7 +334,7 @@ def parse_subset(subset: str) -> tuple[str, str]:
     for demonyms in (False, True):  # prefer a part that is a country's name over a demonym
         for i, p in enumerate(parts):
             if countries.lookup(p, demonyms=demonyms):
-                return p, "-".join(parts[:i] + parts[i + 1:])
+                return p, "-".join(parts[:i] + parts[i + 1 :])
     return "", s
 
 
@@ -348,8 +361,9 @@ def _confinement_root(base: Path) -> Path:
     return root
 
 
-def load_file(path: str | Path, fmt: str = "auto", verify_images: bool = True,
-              opts: formats.ImportOptions | None = None) -> Dataset:
+def load_file(
+    path: str | Path, fmt: str = "auto", verify_images: bool = True, opts: formats.ImportOptions | None = None
+) -> Dataset:
     """Rows of one benchmark file; a file with no readable row at all is a ValueError naming the formats.
     `opts`: a `formats.ImportOptions` (language, column map, image root, trust in outside image paths)."""
     from . import formats  # imports this module: loaded lazily
@@ -387,8 +401,10 @@ def load_file(path: str | Path, fmt: str = "auto", verify_images: bool = True,
                 raise BadRow("duplicate id")
             for im in row.images:  # checked before any image is opened
                 if isinstance(im, str) and not opts.allow_outside_images and not Path(im).is_relative_to(root):
-                    raise BadRow(f"image {im} is outside the dataset folder {root}: absolute paths and paths "
-                                 "leading out (.., symlinks) need --allow-absolute-image-paths (or --image-root)")
+                    raise BadRow(
+                        f"image {im} is outside the dataset folder {root}: absolute paths and paths "
+                        "leading out (.., symlinks) need --allow-absolute-image-paths (or --image-root)"
+                    )
             if verify_images:
                 for im in row.images:
                     check_image(im)
@@ -399,13 +415,15 @@ def load_file(path: str | Path, fmt: str = "auto", verify_images: bool = True,
             skipped.append(Skipped(str(path), line, rid, str(e)))
     if not rows:
         why = f"; {len(skipped)} unreadable rows, the first: {skipped[0]}" if skipped else " (the file is empty)"
-        raise ValueError(f"{path}: no benchmark rows could be read{why}. Readable formats: {KNOWN_FORMATS} "
-                         "(see --format)")
+        raise ValueError(
+            f"{path}: no benchmark rows could be read{why}. Readable formats: {KNOWN_FORMATS} (see --format)"
+        )
     return Dataset(rows, skipped, [str(path)])
 
 
-def load(paths: list[str | Path], fmt: str = "auto", verify_images: bool = True,
-         opts: formats.ImportOptions | None = None) -> Dataset:
+def load(
+    paths: list[str | Path], fmt: str = "auto", verify_images: bool = True, opts: formats.ImportOptions | None = None
+) -> Dataset:
     """Rows of every file of `paths` (folders and hub-cache dataset ids expanded by `formats.expand`; an id
     seen in an earlier file is skipped); see `load_file`."""
     from . import formats
@@ -437,8 +455,15 @@ def to_record(row: Row, image_names: list[str] | None = None) -> dict:
     # open answers go to `answers` so a parquet `answer` column keeps one type
     letter = LETTERS[row.answer] if isinstance(row.answer, int) else None
     answers = row.answer if isinstance(row.answer, list) else None
-    rec = {"id": row.id, "images": images, "question": row.question, "options": row.options,
-           "answer": letter, "answers": answers, "hint": row.hint or None}
+    rec = {
+        "id": row.id,
+        "images": images,
+        "question": row.question,
+        "options": row.options,
+        "answer": letter,
+        "answers": answers,
+        "hint": row.hint or None,
+    }
     rec.update({k: getattr(row, k) for k in (*GROUP_KEYS, "split") if getattr(row, k)})
     rec.update(row.meta)
     return {k: v for k, v in rec.items() if v not in (None, [], "")}
@@ -455,8 +480,7 @@ def write(rows: list[Row], out: str | Path) -> None:
         recs = []
         for r in rows:
             rec = to_record(r, ["-"] * len(r.images))
-            rec["images"] = [{"bytes": im if isinstance(im, bytes) else Path(im).read_bytes()}
-                             for im in r.images]
+            rec["images"] = [{"bytes": im if isinstance(im, bytes) else Path(im).read_bytes()} for im in r.images]
             rec["options"] = r.options
             rec["meta"] = json.dumps(r.meta, ensure_ascii=False) if r.meta else None
             for k in r.meta:

@@ -20,8 +20,14 @@ VERSION = 1
 NAME = f"demo-llava-v{VERSION}"
 SEED = 0
 IMAGE_SIZE, PATCH = 112, 16  # 7 x 7 = 49 image tokens
-TEXT = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=2048)
+TEXT = dict(
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=2048,
+)
 VISION = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4)
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
 CHAT_TEMPLATE = (
@@ -45,8 +51,12 @@ def _train_tokenizer(texts: list[str]):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=2048, special_tokens=SPECIAL, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=2048,
+        special_tokens=SPECIAL,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
 
@@ -119,41 +129,92 @@ def _write(out: Path) -> None:
     vocab = (tok.get_vocab_size() + 63) // 64 * 64  # padded like real checkpoints
     tok.save(str(out / "tokenizer.json"))
     config = {
-        "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
-        "image_token_index": ids["<image>"], "image_seq_length": (IMAGE_SIZE // PATCH) ** 2,
-        "projector_hidden_act": "gelu", "vision_feature_layer": -2,
-        "vision_feature_select_strategy": "default", "multimodal_projector_bias": True,
-        "tie_word_embeddings": False, "dtype": "float32", "cultengine_demo": True,
-        "text_config": {"model_type": "llama", "vocab_size": vocab, "rms_norm_eps": 1e-5,
-                        "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": False,
-                        "bos_token_id": None, "eos_token_id": ids["<|im_end|>"],
-                        "pad_token_id": ids["<|endoftext|>"], "dtype": "float32", **TEXT},
-        "vision_config": {"model_type": "clip_vision_model", "image_size": IMAGE_SIZE, "patch_size": PATCH,
-                          "num_channels": 3, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
-                          "projection_dim": VISION["hidden_size"], **VISION},
+        "architectures": ["LlavaForConditionalGeneration"],
+        "model_type": "llava",
+        "image_token_index": ids["<image>"],
+        "image_seq_length": (IMAGE_SIZE // PATCH) ** 2,
+        "projector_hidden_act": "gelu",
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
+        "multimodal_projector_bias": True,
+        "tie_word_embeddings": False,
+        "dtype": "float32",
+        "cultengine_demo": True,
+        "text_config": {
+            "model_type": "llama",
+            "vocab_size": vocab,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+            "hidden_act": "silu",
+            "tie_word_embeddings": False,
+            "bos_token_id": None,
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+            "dtype": "float32",
+            **TEXT,
+        },
+        "vision_config": {
+            "model_type": "clip_vision_model",
+            "image_size": IMAGE_SIZE,
+            "patch_size": PATCH,
+            "num_channels": 3,
+            "hidden_act": "quick_gelu",
+            "layer_norm_eps": 1e-5,
+            "projection_dim": VISION["hidden_size"],
+            **VISION,
+        },
     }
-    added = {str(ids[s]): {"content": s, "special": True, "lstrip": False, "rstrip": False,
-                           "normalized": False, "single_word": False} for s in SPECIAL}
+    added = {
+        str(ids[s]): {
+            "content": s,
+            "special": True,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "single_word": False,
+        }
+        for s in SPECIAL
+    }
     files = {
         "config.json": config,
         "tokenizer_config.json": {
-            "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": CHAT_TEMPLATE,
-            "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-            "unk_token": None, "model_max_length": TEXT["max_position_embeddings"],
-            "added_tokens_decoder": added, "extra_special_tokens": {"image_token": "<image>"},
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "chat_template": CHAT_TEMPLATE,
+            "bos_token": None,
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>",
+            "unk_token": None,
+            "model_max_length": TEXT["max_position_embeddings"],
+            "added_tokens_decoder": added,
+            "extra_special_tokens": {"image_token": "<image>"},
         },
-        "generation_config.json": {"eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
-                                   "pad_token_id": ids["<|endoftext|>"], "do_sample": False},
+        "generation_config.json": {
+            "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+            "pad_token_id": ids["<|endoftext|>"],
+            "do_sample": False,
+        },
         "preprocessor_config.json": {
-            "image_processor_type": "CLIPImageProcessor", "processor_class": "LlavaProcessor",
-            "do_resize": True, "size": {"shortest_edge": IMAGE_SIZE}, "resample": 3,
-            "do_center_crop": True, "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-            "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "do_convert_rgb": True,
+            "image_processor_type": "CLIPImageProcessor",
+            "processor_class": "LlavaProcessor",
+            "do_resize": True,
+            "size": {"shortest_edge": IMAGE_SIZE},
+            "resample": 3,
+            "do_center_crop": True,
+            "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": CLIP_MEAN,
+            "image_std": CLIP_STD,
+            "do_convert_rgb": True,
         },
-        "processor_config.json": {"processor_class": "LlavaProcessor", "patch_size": PATCH,
-                                  "vision_feature_select_strategy": "default", "image_token": "<image>",
-                                  "num_additional_image_tokens": 1},
+        "processor_config.json": {
+            "processor_class": "LlavaProcessor",
+            "patch_size": PATCH,
+            "vision_feature_select_strategy": "default",
+            "image_token": "<image>",
+            "num_additional_image_tokens": 1,
+        },
     }
     for name, data in files.items():
         (out / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

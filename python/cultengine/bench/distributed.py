@@ -28,7 +28,7 @@ def shard_slice(items: list, shard: tuple[int, int] | None) -> list:
     if not shard:
         return items
     i, n = shard
-    return items[len(items) * i // n: len(items) * (i + 1) // n]
+    return items[len(items) * i // n : len(items) * (i + 1) // n]
 
 
 @dataclass

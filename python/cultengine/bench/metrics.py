@@ -23,8 +23,12 @@ from .data import GROUP_KEYS
 # result field -> metric name, per suite
 METRICS = {
     "mcq": {"correct": "acc", "correct_norm": "acc_norm", "correct_vanilla": "acc_vanilla"},
-    "vqa": {"correct": "exact_match", "normalized": "normalized_match", "contains": "contains",
-            "judge_correct": "judge_acc"},
+    "vqa": {
+        "correct": "exact_match",
+        "normalized": "normalized_match",
+        "contains": "contains",
+        "judge_correct": "judge_acc",
+    },
 }
 PRIMARY = {"mcq": "acc", "vqa": "exact_match"}
 
@@ -96,10 +100,18 @@ def western_gap(records: list[dict], suite: str) -> dict[str, Any] | None:
     if w.get(m) is None or nw.get(m) is None:
         return {"metric": m, "western": w, "non_western": nw, "gap": None}
     both = [r for r in west + rest if r.get("correct") is not None]
-    est = stats.group_gap([bool(r["correct"]) for r in both], [r["western"] for r in both],
-                          [cluster_of(r) for r in both])
-    return {"metric": m, "western": w, "non_western": nw, "gap": round(est.value, 6),
-            "gap_ci": [round(est.low, 6), round(est.high, 6)], "gap_p": round(est.p, 6), "gap_method": est.method}
+    est = stats.group_gap(
+        [bool(r["correct"]) for r in both], [r["western"] for r in both], [cluster_of(r) for r in both]
+    )
+    return {
+        "metric": m,
+        "western": w,
+        "non_western": nw,
+        "gap": round(est.value, 6),
+        "gap_ci": [round(est.low, 6), round(est.high, 6)],
+        "gap_p": round(est.p, 6),
+        "gap_method": est.method,
+    }
 
 
 def summarize(records: list[dict], skipped: list[dict], suite: str) -> dict[str, Any]:
@@ -108,9 +120,14 @@ def summarize(records: list[dict], skipped: list[dict], suite: str) -> dict[str,
     ok = [r for r in records if not r.get("error")]
     unlabeled = [r for r in ok if r.get("correct") is None]
     out: dict[str, Any] = {
-        "samples": {"evaluated": len(ok), "labeled": len(ok) - len(unlabeled), "unlabeled": len(unlabeled),
-                    "skipped": len(skipped) + len(errors), "skipped_rows": len(skipped),
-                    "engine_errors": len(errors)},
+        "samples": {
+            "evaluated": len(ok),
+            "labeled": len(ok) - len(unlabeled),
+            "unlabeled": len(unlabeled),
+            "skipped": len(skipped) + len(errors),
+            "skipped_rows": len(skipped),
+            "engine_errors": len(errors),
+        },
         "primary_metric": PRIMARY[suite],
         "overall": figures(ok, suite),
         "by": {k: grouped(ok, k, suite) for k in GROUP_KEYS},
@@ -118,6 +135,8 @@ def summarize(records: list[dict], skipped: list[dict], suite: str) -> dict[str,
         "western_gap": western_gap(ok, suite),
     }
     if unlabeled and len(unlabeled) == len(ok):
-        out["note"] = ("the data carries no labels: predictions are written for submission "
-                       "(predictions.json) and no accuracy is claimed")
+        out["note"] = (
+            "the data carries no labels: predictions are written for submission "
+            "(predictions.json) and no accuracy is claimed"
+        )
     return out

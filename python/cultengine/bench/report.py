@@ -9,8 +9,10 @@ from __future__ import annotations
 from .. import plots, provenance
 from . import judge, langgap
 
-CHANCE_NOTE = ("This run used the demo checkpoint (random weights): its accuracy is chance level. "
-               "It demonstrates the pipeline and the engine's throughput, not a model's knowledge.")
+CHANCE_NOTE = (
+    "This run used the demo checkpoint (random weights): its accuracy is chance level. "
+    "It demonstrates the pipeline and the engine's throughput, not a model's knowledge."
+)
 GROUP_ORDER = ("continent", "region", "country", "category", "question_type", "language")
 MIN_CELL_N = 10  # groups and cells with fewer samples are greyed in plots and marked in tables
 
@@ -64,23 +66,40 @@ def _table_md(groups: dict[str, dict], metrics: list[str], min_n: int) -> str:
 
 
 def _bars(items: list[tuple[str, dict]], metric: str, title: str, chance: float | None, min_n: int) -> str:
-    return plots.bar_chart([k for k, _ in items], [v[metric] for _, v in items], title,
-                           counts=[v["n"] for _, v in items], percent=True,
-                           intervals=[v.get(f"{metric}_ci") or (None, None) for _, v in items],
-                           reference=chance, reference_label="chance", min_n=min_n)
+    return plots.bar_chart(
+        [k for k, _ in items],
+        [v[metric] for _, v in items],
+        title,
+        counts=[v["n"] for _, v in items],
+        percent=True,
+        intervals=[v.get(f"{metric}_ci") or (None, None) for _, v in items],
+        reference=chance,
+        reference_label="chance",
+        min_n=min_n,
+    )
 
 
 def _heatmap(table: dict[str, dict[str, dict]], metric: str, title: str, min_n: int) -> str:
     rows, cols = sorted(table), sorted({c for r in table.values() for c in r})
     cells = [[table[r].get(c, {}) for c in cols] for r in rows]
-    return plots.heatmap(rows, cols, [[x.get(metric) for x in row] for row in cells], title,
-                         counts=[[x.get("n", 0) for x in row] for row in cells], percent=True, min_n=min_n)
+    return plots.heatmap(
+        rows,
+        cols,
+        [[x.get(metric) for x in row] for row in cells],
+        title,
+        counts=[[x.get("n", 0) for x in row] for row in cells],
+        percent=True,
+        min_n=min_n,
+    )
 
 
 def _metric_names(summary: dict) -> list[str]:
     o = summary["overall"]
-    return [k for k in ("acc", "acc_norm", "acc_vanilla", "exact_match", "normalized_match", "contains", "judge_acc")
-            if k in o]
+    return [
+        k
+        for k in ("acc", "acc_norm", "acc_vanilla", "exact_match", "normalized_match", "contains", "judge_acc")
+        if k in o
+    ]
 
 
 def _headline(fig: dict, metric: str) -> str:
@@ -96,8 +115,10 @@ def gap_line(gap: dict) -> str:
     ci = gap.get("gap_ci")
     ci_text = f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else ""
     p = f", p = {plots.fmt(gap['gap_p'])}" if gap.get("gap_p") is not None else ""
-    return (f"Western minus non-Western ({gap['metric']}): {100 * gap['gap']:+.1f} points{ci_text}{p} "
-            f"(n = {gap['western']['n']} vs {gap['non_western']['n']})")
+    return (
+        f"Western minus non-Western ({gap['metric']}): {100 * gap['gap']:+.1f} points{ci_text}{p} "
+        f"(n = {gap['western']['n']} vs {gap['non_western']['n']})"
+    )
 
 
 def _header(summary: dict) -> list[str]:
@@ -114,12 +135,15 @@ def _summary(summary: dict) -> list[str]:
     m = summary["primary_metric"]
     s, cfg, run = summary["samples"], summary.get("config", {}), summary.get("run", {})
     sha = run.get("checkpoint", {}).get("sha256")
-    lines = ["## Summary", "",
-             f"- model: {cfg.get('model_name', '')}" + (f" (sha256 {sha[:16]})" if sha else ""),
-             f"- data: {', '.join(cfg.get('data', []))}",
-             f"- suite: {cfg.get('suite')}, scoring: {cfg.get('scoring')}, circular: {cfg.get('circular')}",
-             f"- samples evaluated: {s['evaluated']} (labeled {s['labeled']}), skipped: {s['skipped']} "
-             f"({s['skipped_rows']} bad rows, {s['engine_errors']} engine errors)"]
+    lines = [
+        "## Summary",
+        "",
+        f"- model: {cfg.get('model_name', '')}" + (f" (sha256 {sha[:16]})" if sha else ""),
+        f"- data: {', '.join(cfg.get('data', []))}",
+        f"- suite: {cfg.get('suite')}, scoring: {cfg.get('scoring')}, circular: {cfg.get('circular')}",
+        f"- samples evaluated: {s['evaluated']} (labeled {s['labeled']}), skipped: {s['skipped']} "
+        f"({s['skipped_rows']} bad rows, {s['engine_errors']} engine errors)",
+    ]
     secs = run.get("engine", {}).get("run_seconds")
     if secs is not None:
         lines.append(f"- engine time: {secs:.1f} s")
@@ -135,9 +159,13 @@ def _tables(summary: dict, min_n: int) -> list[str]:
     lines = ["## Overall", "", _table_md({"all": summary["overall"]}, names, min_n)]
     gap = summary.get("western_gap")
     if gap:
-        lines += ["## Western vs non-Western", "",
-                  _table_md({"Western": gap["western"], "non-Western": gap["non_western"]}, names, min_n),
-                  gap_line(gap) + ".", ""]
+        lines += [
+            "## Western vs non-Western",
+            "",
+            _table_md({"Western": gap["western"], "non-Western": gap["non_western"]}, names, min_n),
+            gap_line(gap) + ".",
+            "",
+        ]
     for key in GROUP_ORDER:
         groups = summary["by"].get(key, {})
         if len(groups) > 1 or (groups and "unknown" not in groups):
@@ -147,8 +175,11 @@ def _tables(summary: dict, min_n: int) -> list[str]:
 
 
 def _methods(min_n: int) -> list[str]:
-    return ["## Methods", ""] + [f"- {m}" for m in METHODS] + [
-        f"- Groups and heatmap cells with n < {min_n} are greyed in the plots and marked in the tables.", ""]
+    return (
+        ["## Methods", ""]
+        + [f"- {m}" for m in METHODS]
+        + [f"- Groups and heatmap cells with n < {min_n} are greyed in the plots and marked in the tables.", ""]
+    )
 
 
 def _run(summary: dict) -> list[str]:
@@ -158,8 +189,7 @@ def _run(summary: dict) -> list[str]:
 
 def markdown(summary: dict) -> str:
     min_n = min_cell_n(summary)
-    return "\n".join(_header(summary) + _summary(summary) + _tables(summary, min_n) + _methods(min_n)
-                     + _run(summary))
+    return "\n".join(_header(summary) + _summary(summary) + _tables(summary, min_n) + _methods(min_n) + _run(summary))
 
 
 def figures(summary: dict) -> list[str]:

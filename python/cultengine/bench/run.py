@@ -36,8 +36,20 @@ from .suites import (
 )
 
 # the judge is not part of it: judging can be added to (or redone for) a finished run of answers
-FINGERPRINT = ("model", "model_identity", "data", "format", "suite", "scoring", "circular", "template", "cvqa_lang",
-               "mc_prompt", "columns", "split")
+FINGERPRINT = (
+    "model",
+    "model_identity",
+    "data",
+    "format",
+    "suite",
+    "scoring",
+    "circular",
+    "template",
+    "cvqa_lang",
+    "mc_prompt",
+    "columns",
+    "split",
+)
 STATS = "engine_stats.jsonl"
 # What --overwrite removes: the files a run writes (nothing else in the directory is touched).
 RUN_FILES = ("config.json", "summary.json", "report.md", "report.html", "predictions.json", STATS)
@@ -148,8 +160,10 @@ def _open_run_dir(run_dir: Path, shard: tuple[int, int] | None) -> IO[str]:
         owner = lock.read().strip() or "unknown"
         lock.close()
         if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-            raise RunError(f"--output-dir {run_dir} is in use by process {owner} (another cultengine bench); "
-                           "wait for it to finish or use another --output-dir") from None
+            raise RunError(
+                f"--output-dir {run_dir} is in use by process {owner} (another cultengine bench); "
+                "wait for it to finish or use another --output-dir"
+            ) from None
         raise
     try:
         lock.seek(0)
@@ -183,21 +197,33 @@ def _check_config(run_dir: Path, config: dict) -> None:
         if "model" in diff:  # another checkpoint: that its files differ goes without saying
             diff = [k for k in diff if k != "model_identity"]
         what = ", ".join("model (its files changed)" if k == "model_identity" else k for k in diff)
-        raise RunError(f"{run_dir} holds a run with a different {what}; rerun with --overwrite to discard "
-                       "its results and start fresh, or use another --output-dir")
+        raise RunError(
+            f"{run_dir} holds a run with a different {what}; rerun with --overwrite to discard "
+            "its results and start fresh, or use another --output-dir"
+        )
     if old.get("data_sha256") != config.get("data_sha256"):
-        _log("note: the data files changed since this run directory was last used; results of changed rows "
-             "are recomputed")
+        _log(
+            "note: the data files changed since this run directory was last used; results of changed rows "
+            "are recomputed"
+        )
 
 
 def _record(row: data.Row, cfg: SuiteConfig, outs: list, batch_s: float, n: int) -> dict:
-    rec = {"id": row.id, "prompt_hash": prompt_hash(row, cfg), "input_hash": input_hash(row, cfg),
-           **score(row, cfg, outs)}
+    rec = {
+        "id": row.id,
+        "prompt_hash": prompt_hash(row, cfg),
+        "input_hash": input_hash(row, cfg),
+        **score(row, cfg, outs),
+    }
     if "prompt_lang" in row.meta:  # --cvqa-lang both: the English-vs-local gap needs it
         rec["prompt_lang"] = row.meta["prompt_lang"]
-    rec.update(groups=row.groups(), western=row.western, cluster=row.image_key()[:16] or row.id,
-               chance=metrics.chance(len(row.options), cfg.circular) if cfg.suite == "mcq" else None,
-               timings={"batch_s": round(batch_s, 4), "sample_s": round(batch_s / n, 5)})
+    rec.update(
+        groups=row.groups(),
+        western=row.western,
+        cluster=row.image_key()[:16] or row.id,
+        chance=metrics.chance(len(row.options), cfg.circular) if cfg.suite == "mcq" else None,
+        timings={"batch_s": round(batch_s, 4), "sample_s": round(batch_s / n, 5)},
+    )
     return rec
 
 
@@ -212,35 +238,61 @@ def _engine_totals(run_dir: Path) -> dict[str, Any]:
             if isinstance(v, int | float) and not isinstance(v, bool):
                 tot[k] = tot.get(k, 0) + v
     q, hit = tot.get("prefix_cache_queried_tokens", 0), tot.get("prefix_cache_hit_tokens", 0)
-    keep = ("prefill_tokens_computed", "prompt_tokens", "generated_tokens", "images_encoded",
-            "num_preemptions", "run_seconds")
-    return {"sessions": len(last), "prefix_cache_hit_rate": round(hit / q, 4) if q else None,
-            "prefill_tokens_saved": int(hit), **{k: tot[k] for k in keep if k in tot}}
+    keep = (
+        "prefill_tokens_computed",
+        "prompt_tokens",
+        "generated_tokens",
+        "images_encoded",
+        "num_preemptions",
+        "run_seconds",
+    )
+    return {
+        "sessions": len(last),
+        "prefix_cache_hit_rate": round(hit / q, 4) if q else None,
+        "prefill_tokens_saved": int(hit),
+        **{k: tot[k] for k in keep if k in tot},
+    }
 
 
-def _evaluate(engine, rows: list[data.Row], cfg: SuiteConfig, writer: runlog.ResultLog, batch: int,
-              done: int, total: int, stats_file: Path, quiet: bool = False) -> None:
+def _evaluate(
+    engine,
+    rows: list[data.Row],
+    cfg: SuiteConfig,
+    writer: runlog.ResultLog,
+    batch: int,
+    done: int,
+    total: int,
+    stats_file: Path,
+    quiet: bool = False,
+) -> None:
     from ..sampling import SamplingParams
 
     session = uuid.uuid4().hex
-    params = {False: SamplingParams(max_tokens=MAX_TOKENS[cfg.suite], temperature=0.0, stop=["\n"]),
-              True: SamplingParams(max_tokens=LONG_MAX_TOKENS, temperature=0.0)}  # by long_answer(row)
+    params = {
+        False: SamplingParams(max_tokens=MAX_TOKENS[cfg.suite], temperature=0.0, stop=["\n"]),
+        True: SamplingParams(max_tokens=LONG_MAX_TOKENS, temperature=0.0),
+    }  # by long_answer(row)
     bar = console.bar(total, initial=done, unit="sample", desc="bench", quiet=quiet)
     t_start = time.perf_counter()
     try:
         for start in range(0, len(rows), batch):
-            chunk = rows[start:start + batch]
+            chunk = rows[start : start + batch]
             reqs = [build_requests(r, cfg) for r in chunk]
             flat = [q for rs in reqs for q in rs]
             t0 = time.perf_counter()
-            outs = (engine.score(flat, use_tqdm=False) if cfg.scoring == "loglik"
-                    else engine.generate(flat, [params[long_answer(r, cfg.suite)]
-                                                for r, rs in zip(chunk, reqs, strict=True) for _ in rs],
-                                         use_tqdm=False))
+            outs = (
+                engine.score(flat, use_tqdm=False)
+                if cfg.scoring == "loglik"
+                else engine.generate(
+                    flat,
+                    [params[long_answer(r, cfg.suite)] for r, rs in zip(chunk, reqs, strict=True) for _ in rs],
+                    use_tqdm=False,
+                )
+            )
             dt = time.perf_counter() - t0
             recs, k = [], 0
             for row, rs in zip(chunk, reqs, strict=True):
-                recs.append(_record(row, cfg, outs[k:k + len(rs)], dt, len(chunk)))
+                recs.append(_record(row, cfg, outs[k : k + len(rs)], dt, len(chunk)))
                 k += len(rs)
             writer.write(recs)
             stats = engine.stats()
@@ -253,25 +305,36 @@ def _evaluate(engine, rows: list[data.Row], cfg: SuiteConfig, writer: runlog.Res
         bar.close()
 
 
-def _finalize(run_dir: Path, rows: list[data.Row], skipped: list[data.Skipped], cfg: SuiteConfig,
-              config: dict, demo: bool, expected: dict[str, str], dropped: dict[str, int],
-              extra: list[dict] = (), engine_provenance: dict | None = None) -> Path:
+def _finalize(
+    run_dir: Path,
+    rows: list[data.Row],
+    skipped: list[data.Skipped],
+    cfg: SuiteConfig,
+    config: dict,
+    demo: bool,
+    expected: dict[str, str],
+    dropped: dict[str, int],
+    extra: list[dict] = (),
+    engine_provenance: dict | None = None,
+) -> Path:
     recs = results.merge(run_dir, [r.id for r in rows], extra, expected)
     if judge.attach(run_dir, recs):  # the judge's verdicts join each sample's result line
-        runlog.atomic_write(run_dir / results.RESULTS, "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                                               for r in recs))
-    summary = {"config": config, "demo": demo,
-               **metrics.summarize(recs, [asdict(s) for s in skipped], cfg.suite)}
+        runlog.atomic_write(run_dir / results.RESULTS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+    summary = {"config": config, "demo": demo, **metrics.summarize(recs, [asdict(s) for s in skipped], cfg.suite)}
     summary["samples"]["missing_images"] = sum(s.reason.startswith("missing image") for s in skipped)
     if any("judge_correct" in r for r in recs):
         summary["primary_metric"] = "judge_acc"
         summary["judge"] = judge.agreement(recs)
-    summary["language_gap"] = langgap.language_gap([r for r in recs if not r.get("error")], cfg.suite,
-                                               summary["primary_metric"])
+    summary["language_gap"] = langgap.language_gap(
+        [r for r in recs if not r.get("error")], cfg.suite, summary["primary_metric"]
+    )
     for name, preds in formats.submissions(rows, recs).items():  # CVQA leaderboard files
         runlog.atomic_write(run_dir / name, json.dumps(preds, ensure_ascii=False, indent=1))
-    summary["run"] = {"engine": _engine_totals(run_dir), "stored_results_dropped": dict(dropped),
-                      **provenance.collect(config["model"], config["data"], engine_provenance)}
+    summary["run"] = {
+        "engine": _engine_totals(run_dir),
+        "stored_results_dropped": dict(dropped),
+        **provenance.collect(config["model"], config["data"], engine_provenance),
+    }
     if demo:
         summary["note_demo"] = report.CHANCE_NOTE
     if summary["samples"]["unlabeled"]:
@@ -309,26 +372,51 @@ def run(args, make_engine=None) -> int:
         return _run_locked(args, make_engine, run_dir, model, data_paths, demo, cfg, device, dist, shard, lead)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):  # what is written so far is kept (fsync'd)
-            raise RunError(f"cannot write to --output-dir {run_dir}: {e.strerror}; the results written so far "
-                           "are kept and a re-run resumes") from e
+            raise RunError(
+                f"cannot write to --output-dir {run_dir}: {e.strerror}; the results written so far "
+                "are kept and a re-run resumes"
+            ) from e
         raise
     finally:
         lock.close()
 
 
-def _run_locked(args, make_engine, run_dir: Path, model: Path, data_paths: list[str], demo: bool, cfg: SuiteConfig,
-                device: str, dist, shard: tuple[int, int] | None, lead: bool) -> int:
+def _run_locked(
+    args,
+    make_engine,
+    run_dir: Path,
+    model: Path,
+    data_paths: list[str],
+    demo: bool,
+    cfg: SuiteConfig,
+    device: str,
+    dist,
+    shard: tuple[int, int] | None,
+    lead: bool,
+) -> int:
     if args.overwrite and lead:
         _discard(run_dir)
     opts = formats.ImportOptions.from_args(args, cfg.suite == "vqa")
-    config = {"model": str(model.resolve()), "model_name": model.name, "model_identity": model_identity(model),
-              "data": [str(Path(p).resolve()) for p in data_paths],
-              "data_sha256": [_file_sha256(p) for p in formats.expand(data_paths, opts.split)], "format": args.format,
-              "suite": cfg.suite, "scoring": cfg.scoring, "circular": cfg.circular, "template": cfg.template,
-              "limit": args.limit, "device": device, "dtype": args.dtype, "batch": args.batch,
-              "shard": list(shard) if shard else None, "image_root": args.image_root,
-              "allow_absolute_image_paths": args.allow_absolute_image_paths,
-              "min_cell_n": getattr(args, "min_cell_n", 10)}
+    config = {
+        "model": str(model.resolve()),
+        "model_name": model.name,
+        "model_identity": model_identity(model),
+        "data": [str(Path(p).resolve()) for p in data_paths],
+        "data_sha256": [_file_sha256(p) for p in formats.expand(data_paths, opts.split)],
+        "format": args.format,
+        "suite": cfg.suite,
+        "scoring": cfg.scoring,
+        "circular": cfg.circular,
+        "template": cfg.template,
+        "limit": args.limit,
+        "device": device,
+        "dtype": args.dtype,
+        "batch": args.batch,
+        "shard": list(shard) if shard else None,
+        "image_root": args.image_root,
+        "allow_absolute_image_paths": args.allow_absolute_image_paths,
+        "min_cell_n": getattr(args, "min_cell_n", 10),
+    }
     judge_model = getattr(args, "judge_model", None)
     if judge_model and cfg.suite != "vqa":
         raise RunError("--judge-model judges open answers: use it with --suite vqa")
@@ -342,10 +430,12 @@ def _run_locked(args, make_engine, run_dir: Path, model: Path, data_paths: list[
     for r in list(rows):
         if why := usable(r, cfg):
             skipped.append(data.Skipped(ds.files[0], r.line, r.id, why))
-    unfit = skipped[len(ds.skipped):]
+    unfit = skipped[len(ds.skipped) :]
     if rows and len(unfit) == len(rows):  # refused before the model loads
-        raise RunError(f"--suite {cfg.suite} does not fit this data: none of its {len(rows)} rows can run in it "
-                       f"({unfit[0].reason})")
+        raise RunError(
+            f"--suite {cfg.suite} does not fit this data: none of its {len(rows)} rows can run in it "
+            f"({unfit[0].reason})"
+        )
     bad = {s.id for s in unfit}
     rows = [r for r in rows if r.id not in bad]
     if lead:
@@ -375,8 +465,9 @@ def _run_locked(args, make_engine, run_dir: Path, model: Path, data_paths: list[
         writer = runlog.ResultLog(results.shard_file(run_dir, shard))
         try:
             done = len(mine) - len(todo)
-            _evaluate(engine, todo, cfg, writer, args.batch, done, len(mine), run_dir / STATS,
-                      getattr(args, "quiet", False))
+            _evaluate(
+                engine, todo, cfg, writer, args.batch, done, len(mine), run_dir / STATS, getattr(args, "quiet", False)
+            )
         finally:
             writer.close()
         engine_provenance = engine.provenance() if hasattr(engine, "provenance") else None
@@ -386,8 +477,15 @@ def _run_locked(args, make_engine, run_dir: Path, model: Path, data_paths: list[
     def judge_all() -> None:
         if judge_model:
             prompt = judge.JudgePrompt.load(config["judge_prompt"])
-            judge.run_judge(run_dir, rows, results.read_valid(run_dir, expected).records, judge_model,
-                            lambda: make_engine(judge_model, device, args.dtype), prompt, args.batch)
+            judge.run_judge(
+                run_dir,
+                rows,
+                results.read_valid(run_dir, expected).records,
+                judge_model,
+                lambda: make_engine(judge_model, device, args.dtype),
+                prompt,
+                args.batch,
+            )
 
     if dist:
         mine_ids = {r.id for r in mine}
@@ -395,8 +493,18 @@ def _run_locked(args, make_engine, run_dir: Path, model: Path, data_paths: list[
         gathered = dist.gather(own)
         if lead:
             judge_all()
-            out = _finalize(run_dir, rows, skipped, cfg, config, demo, expected, stored.dropped,
-                            [x for g in gathered for x in g], engine_provenance)
+            out = _finalize(
+                run_dir,
+                rows,
+                skipped,
+                cfg,
+                config,
+                demo,
+                expected,
+                stored.dropped,
+                [x for g in gathered for x in g],
+                engine_provenance,
+            )
         dist.barrier()
         dist.close()
         if not lead:
@@ -405,19 +513,24 @@ def _run_locked(args, make_engine, run_dir: Path, model: Path, data_paths: list[
         have = results.read_valid(run_dir, expected).records
         missing = sum(r.id not in have for r in rows)
         if missing:
-            _log(f"shard {args.shard} done; {missing} of {len(rows)} samples still to run in other shards. "
-                 f"The summary is written by whichever shard (or unsharded run) finishes last.")
+            _log(
+                f"shard {args.shard} done; {missing} of {len(rows)} samples still to run in other shards. "
+                f"The summary is written by whichever shard (or unsharded run) finishes last."
+            )
             return 0
         judge_all()
-        out = _finalize(run_dir, rows, skipped, cfg, config, demo, expected, stored.dropped,
-                        engine_provenance=engine_provenance)
+        out = _finalize(
+            run_dir, rows, skipped, cfg, config, demo, expected, stored.dropped, engine_provenance=engine_provenance
+        )
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     m = summary["primary_metric"]
     overall = summary["overall"]
     if overall.get(m) is not None:
         lo, hi = overall.get(f"{m}_ci") or (overall[m], overall[m])
-        print(f"{m} = {100 * overall[m]:.1f}% (95% CI {100 * lo:.1f}-{100 * hi:.1f}) over {overall['n']} samples "
-              f"({summary['samples']['skipped']} skipped)")
+        print(
+            f"{m} = {100 * overall[m]:.1f}% (95% CI {100 * lo:.1f}-{100 * hi:.1f}) over {overall['n']} samples "
+            f"({summary['samples']['skipped']} skipped)"
+        )
     if demo:
         print(f"note: {report.CHANCE_NOTE}")
     print(f"report: {out.resolve()}")

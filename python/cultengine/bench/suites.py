@@ -44,7 +44,7 @@ TEMPLATES = {
     ("mcq", "loglik"): _LISTING + "Answer with the text of the correct option.",
     ("mcq", "generate"): _LISTING + "Answer with the option's letter from the given choices directly.",
     ("vqa", "generate"): "{% if hint %}Hint: {{ hint }}\n{% endif %}{{ question }}\n"
-                         "Answer the question using a single word or phrase.",
+    "Answer the question using a single word or phrase.",
 }
 MAX_TOKENS = {"mcq": 16, "vqa": 32}
 # long-answer questions (ALM-Bench's LVQA) are answered in sentences, up to 256 tokens, and judged
@@ -81,8 +81,15 @@ class SuiteConfig:
         if row.meta.get("prompt_as_given"):  # the benchmark's own prompt, options and instruction included
             return row.question
         tmpl = self._long if long_answer(row, self.suite) else self._tmpl
-        return tmpl.render(question=row.question, hint=row.hint, options=options, letters=LETTERS,
-                           country=row.country, language=row.language, category=row.category)
+        return tmpl.render(
+            question=row.question,
+            hint=row.hint,
+            options=options,
+            letters=LETTERS,
+            country=row.country,
+            language=row.language,
+            category=row.category,
+        )
 
 
 def usable(row: Row, cfg: SuiteConfig) -> str | None:
@@ -199,8 +206,13 @@ def _mcq_loglik(row: Row, outs: list, rots: list[int]) -> dict[str, Any]:
         preds_norm.append((max(range(n), key=norm.__getitem__) + r) % n)
         if r == 0:
             scores = [[round(c.logprob, 6), c.num_tokens] for c in out.choices]
-    return {"pred_index": preds[0], "pred_index_norm": preds_norm[0], "rotation_preds": preds,
-            "rotation_preds_norm": preds_norm, "choice_scores": scores}
+    return {
+        "pred_index": preds[0],
+        "pred_index_norm": preds_norm[0],
+        "rotation_preds": preds,
+        "rotation_preds_norm": preds_norm,
+        "choice_scores": scores,
+    }
 
 
 def _mcq_generate(row: Row, outs: list, rots: list[int]) -> dict[str, Any]:

@@ -12,9 +12,19 @@ from .rotary import rotary_embedding
 from .rotary_kv import rotary_write_kv
 from .vision_varlen import varlen_vision_attention
 
-__all__ = ["bind", "paged_attention", "paged_decode_attention", "paged_prefill_attention", "vision_attention",
-           "varlen_vision_attention", "write_kv", "rms_norm", "patch_embed", "rotary_embedding",
-           "rotary_write_kv"]
+__all__ = [
+    "bind",
+    "paged_attention",
+    "paged_decode_attention",
+    "paged_prefill_attention",
+    "vision_attention",
+    "varlen_vision_attention",
+    "write_kv",
+    "rms_norm",
+    "patch_embed",
+    "rotary_embedding",
+    "rotary_write_kv",
+]
 
 
 def bind(ops, use_flash_attn: bool = False) -> None:

@@ -39,8 +39,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
-def _softmax_tile(q, k, v, acc, m_i, l_i, qk_scale, mask, APPLY_MASK: tl.constexpr,
-                  PRECISION: tl.constexpr):
+def _softmax_tile(q, k, v, acc, m_i, l_i, qk_scale, mask, APPLY_MASK: tl.constexpr, PRECISION: tl.constexpr):
     """Fold one key/value tile into the running (acc, row max, row sum) of flash attention."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if APPLY_MASK:
@@ -57,8 +56,20 @@ def _softmax_tile(q, k, v, acc, m_i, l_i, qk_scale, mask, APPLY_MASK: tl.constex
 
 
 @triton.jit
-def _attend_contiguous(q, k_base, v_base, stride_k, stride_v, seq_len, mask_d, qk_scale, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+def _attend_contiguous(
+    q,
+    k_base,
+    v_base,
+    stride_k,
+    stride_v,
+    seq_len,
+    mask_d,
+    qk_scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """Non-causal attention of a query tile over `seq_len` contiguous keys/values (the vision kernels): full
     key tiles unmasked, then the ragged tail (577 = 24*24 + 1 tokens for CLIP at 336px). fp32 output."""
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -91,12 +102,35 @@ def _paged_offsets(block_table_row, offs_n, mask_n, offs_d, stride_kb, stride_ko
 # Prefill (and mixed prefill/decode) over the paged cache
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, qsl_ptr, seq_lens_ptr, block_tables_ptr,
-                    spans_ptr, span_loc_ptr, qk_scale, window,
-                    stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ko, stride_kh, stride_bt,
-                    QUERIES_PER_KV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    HAS_SPANS: tl.constexpr, PRECISION: tl.constexpr):
+def _prefill_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    qsl_ptr,
+    seq_lens_ptr,
+    block_tables_ptr,
+    spans_ptr,
+    span_loc_ptr,
+    qk_scale,
+    window,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kb,
+    stride_ko,
+    stride_kh,
+    stride_bt,
+    QUERIES_PER_KV: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_SPANS: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     tile = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
@@ -149,27 +183,112 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, qsl_ptr, seq_lens_
     full_lo = tl.where(has_full, full_lo, kv_start)
     full_hi = tl.where(has_full, full_hi, kv_start)
     for start_n in range(kv_start, full_lo, BLOCK_N):
-        acc, m_i, l_i = _prefill_tile(q, k_base, v_base, bt_row, start_n, kv_end, q_pos, span_lo, span_hi, window,
-                                      acc, m_i, l_i, qk_scale, offs_d, mask_d, stride_kb, stride_ko,
-                                      BLOCK_SIZE, BLOCK_N, True, PRECISION)
+        acc, m_i, l_i = _prefill_tile(
+            q,
+            k_base,
+            v_base,
+            bt_row,
+            start_n,
+            kv_end,
+            q_pos,
+            span_lo,
+            span_hi,
+            window,
+            acc,
+            m_i,
+            l_i,
+            qk_scale,
+            offs_d,
+            mask_d,
+            stride_kb,
+            stride_ko,
+            BLOCK_SIZE,
+            BLOCK_N,
+            True,
+            PRECISION,
+        )
     for start_n in range(full_lo, full_hi, BLOCK_N):
-        acc, m_i, l_i = _prefill_tile(q, k_base, v_base, bt_row, start_n, kv_end, q_pos, span_lo, span_hi, window,
-                                      acc, m_i, l_i, qk_scale, offs_d, mask_d, stride_kb, stride_ko,
-                                      BLOCK_SIZE, BLOCK_N, False, PRECISION)
+        acc, m_i, l_i = _prefill_tile(
+            q,
+            k_base,
+            v_base,
+            bt_row,
+            start_n,
+            kv_end,
+            q_pos,
+            span_lo,
+            span_hi,
+            window,
+            acc,
+            m_i,
+            l_i,
+            qk_scale,
+            offs_d,
+            mask_d,
+            stride_kb,
+            stride_ko,
+            BLOCK_SIZE,
+            BLOCK_N,
+            False,
+            PRECISION,
+        )
     for start_n in range(full_hi, kv_end, BLOCK_N):
-        acc, m_i, l_i = _prefill_tile(q, k_base, v_base, bt_row, start_n, kv_end, q_pos, span_lo, span_hi, window,
-                                      acc, m_i, l_i, qk_scale, offs_d, mask_d, stride_kb, stride_ko,
-                                      BLOCK_SIZE, BLOCK_N, True, PRECISION)
+        acc, m_i, l_i = _prefill_tile(
+            q,
+            k_base,
+            v_base,
+            bt_row,
+            start_n,
+            kv_end,
+            q_pos,
+            span_lo,
+            span_hi,
+            window,
+            acc,
+            m_i,
+            l_i,
+            qk_scale,
+            offs_d,
+            mask_d,
+            stride_kb,
+            stride_ko,
+            BLOCK_SIZE,
+            BLOCK_N,
+            True,
+            PRECISION,
+        )
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # l = 0 only in idle rows past the sequence's end
-    tl.store(out_ptr + q_rows * stride_ot + head * stride_oh + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=mask_q)
+    tl.store(
+        out_ptr + q_rows * stride_ot + head * stride_oh + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=mask_q
+    )
 
 
 @triton.jit
-def _prefill_tile(q, k_base, v_base, bt_row, start_n, kv_end, q_pos, span_lo, span_hi, window, acc, m_i, l_i,
-                  qk_scale, offs_d, mask_d, stride_kb, stride_ko, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                  MASKED: tl.constexpr, PRECISION: tl.constexpr):
+def _prefill_tile(
+    q,
+    k_base,
+    v_base,
+    bt_row,
+    start_n,
+    kv_end,
+    q_pos,
+    span_lo,
+    span_hi,
+    window,
+    acc,
+    m_i,
+    l_i,
+    qk_scale,
+    offs_d,
+    mask_d,
+    stride_kb,
+    stride_ko,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """One key tile of the prefill kernel; `MASKED` applies causality, image spans, the window and the end."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     mask_n = offs_n < kv_end
@@ -193,10 +312,18 @@ def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) 
 NO_WINDOW = 1 << 30
 
 
-def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            meta: AttentionMetadata, scale: float, window: int | None = None,
-                            block_m: int | None = None, block_n: int | None = None, num_warps: int = 8,
-                            num_stages: int = 2) -> torch.Tensor:
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    window: int | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int = 8,
+    num_stages: int = 2,
+) -> torch.Tensor:
     """Causal varlen attention of packed queries over the paged cache (any query lengths), with the
     metadata's image spans and an optional sliding `window` (semantics: `ops.paged_attention`).
 
@@ -214,12 +341,36 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     spans = meta.image_spans.contiguous() if has_spans else meta.seq_lens  # unread without spans
     span_loc = meta.image_span_loc if has_spans else meta.seq_lens
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, meta.query_start_loc, meta.seq_lens, meta.block_tables, spans, span_loc,
-        scale * LOG2E, window or NO_WINDOW, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
-        QUERIES_PER_KV=hq // hkv, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, HAS_SPANS=has_spans, PRECISION=_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages)
+        q,
+        k_cache,
+        v_cache,
+        out,
+        meta.query_start_loc,
+        meta.seq_lens,
+        meta.block_tables,
+        spans,
+        span_loc,
+        scale * LOG2E,
+        window or NO_WINDOW,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        meta.block_tables.stride(0),
+        QUERIES_PER_KV=hq // hkv,
+        HEAD_DIM=d,
+        BLOCK_D=block_d,
+        BLOCK_SIZE=block_size,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        HAS_SPANS=has_spans,
+        PRECISION=_precision(q.dtype),
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
     return out
 
 
@@ -227,13 +378,43 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 # Decode: flash decoding (split-KV) with all query heads of one KV head in one program
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr, qsl_ptr,
-                         seq_lens_ptr, block_tables_ptr, prefix_lens_ptr, qk_scale, tiles_per_split, window,
-                         stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ko, stride_kh,
-                         stride_bt, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
-                         QUERIES_PER_KV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                         SPLIT: tl.constexpr, HAS_PREFIX: tl.constexpr, PRECISION: tl.constexpr):
+def _decode_split_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    qsl_ptr,
+    seq_lens_ptr,
+    block_tables_ptr,
+    prefix_lens_ptr,
+    qk_scale,
+    tiles_per_split,
+    window,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kb,
+    stride_ko,
+    stride_kh,
+    stride_bt,
+    stride_pb,
+    stride_ph,
+    stride_ps,
+    stride_lb,
+    stride_lh,
+    QUERIES_PER_KV: tl.constexpr,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr,
+    HAS_PREFIX: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -246,8 +427,7 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr,
     mask_d = offs_d < HEAD_DIM
     mask_q = (offs_g < QUERIES_PER_KV)[:, None] & mask_d[None, :]
     heads = kv_head * QUERIES_PER_KV + offs_g
-    q = tl.load(q_ptr + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=mask_q,
-                other=0.0)
+    q = tl.load(q_ptr + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=mask_q, other=0.0)
 
     k_base = k_cache_ptr + kv_head * stride_kh
     v_base = v_cache_ptr + kv_head * stride_kh
@@ -273,22 +453,40 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr,
         acc, m_i, l_i = _softmax_tile(q, k, v, acc, m_i, l_i, qk_scale, mask_n[None, :], True, PRECISION)
 
     if not SPLIT:
-        tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-                 (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=mask_q)
+        tl.store(
+            out_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+            (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
+            mask=mask_q,
+        )
     else:
         # A split past a short sequence's end is empty: it stores 0 with log-sum-exp -inf (weight 0).
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         part = part_out_ptr + seq * stride_pb + heads[:, None] * stride_ph + split * stride_ps
         tl.store(part + offs_d[None, :], acc / l_safe[:, None], mask=mask_q)
         lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
-        tl.store(part_lse_ptr + seq * stride_lb + heads * stride_lh + split, lse,
-                 mask=offs_g < QUERIES_PER_KV)
+        tl.store(part_lse_ptr + seq * stride_lb + heads * stride_lh + split, lse, mask=offs_g < QUERIES_PER_KV)
 
 
 @triton.jit
-def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, qsl_ptr, prefix_lens_ptr, out_ptr, num_splits, stride_pb,
-                          stride_ph, stride_ps, stride_lb, stride_lh, stride_ot, stride_oh, HEAD_DIM: tl.constexpr,
-                          BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, HAS_PREFIX: tl.constexpr):
+def _decode_reduce_kernel(
+    part_out_ptr,
+    part_lse_ptr,
+    qsl_ptr,
+    prefix_lens_ptr,
+    out_ptr,
+    num_splits,
+    stride_pb,
+    stride_ph,
+    stride_ps,
+    stride_lb,
+    stride_lh,
+    stride_ot,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    HAS_PREFIX: tl.constexpr,
+):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
@@ -296,25 +494,55 @@ def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, qsl_ptr, prefix_lens_ptr, 
     mask_s = offs_s < num_splits
     if HAS_PREFIX:  # slot num_splits holds the shared-prefix part of a sequence in a cascade group
         mask_s |= (offs_s == num_splits) & ((offs_s * 0 + tl.load(prefix_lens_ptr + seq)) > 0)
-    lse = tl.load(part_lse_ptr + seq * stride_lb + head * stride_lh + offs_s, mask=mask_s,
-                  other=float("-inf"))
+    lse = tl.load(part_lse_ptr + seq * stride_lb + head * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
     w = tl.exp2(lse - tl.max(lse, 0))  # split 0 is never empty, so the max is finite
     w = w / tl.sum(w, 0)
-    part = tl.load(part_out_ptr + seq * stride_pb + head * stride_ph + offs_s[:, None] * stride_ps
-                   + offs_d[None, :], mask=mask_s[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    part = tl.load(
+        part_out_ptr + seq * stride_pb + head * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
+        mask=mask_s[:, None] & (offs_d < HEAD_DIM)[None, :],
+        other=0.0,
+    )
     out = tl.sum(part * w[:, None], 0)
     row = tl.load(qsl_ptr + seq)
-    tl.store(out_ptr + row * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
-             mask=offs_d < HEAD_DIM)
+    tl.store(
+        out_ptr + row * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM
+    )
 
 
 @triton.jit
-def _cascade_prefix_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_ptr, qsl_ptr, block_tables_ptr,
-                           tile_seqs_ptr, tile_prefix_lens_ptr, slot, qk_scale, stride_qt, stride_qh, stride_kb,
-                           stride_ko, stride_kh, stride_bt, stride_ts, stride_pb, stride_ph, stride_ps, stride_lb,
-                           stride_lh, QUERIES_PER_KV: tl.constexpr, HEADS_P2: tl.constexpr, TILE_SEQS: tl.constexpr,
-                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                           BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+def _cascade_prefix_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    qsl_ptr,
+    block_tables_ptr,
+    tile_seqs_ptr,
+    tile_prefix_lens_ptr,
+    slot,
+    qk_scale,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_ko,
+    stride_kh,
+    stride_bt,
+    stride_ts,
+    stride_pb,
+    stride_ph,
+    stride_ps,
+    stride_lb,
+    stride_lh,
+    QUERIES_PER_KV: tl.constexpr,
+    HEADS_P2: tl.constexpr,
+    TILE_SEQS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """The keys a tile of sequences shares, read once for all its queries: rows are (member, query head
     of this KV head); each row's partial result goes to its sequence's extra split `slot`."""
     tile = tl.program_id(0)
@@ -330,8 +558,7 @@ def _cascade_prefix_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_l
     valid = (seq >= 0) & ((offs_r % HEADS_P2) < QUERIES_PER_KV) & ((offs_r * 0 + prefix_len) > 0)
     row = tl.load(qsl_ptr + seq, mask=valid, other=0)
     mask_q = valid[:, None] & mask_d[None, :]
-    q = tl.load(q_ptr + row[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=mask_q,
-                other=0.0)
+    q = tl.load(q_ptr + row[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=mask_q, other=0.0)
 
     leader = tl.load(tile_seqs_ptr + tile * stride_ts)
     bt_row = block_tables_ptr + leader * stride_bt
@@ -367,8 +594,9 @@ _DECODE_BLOCK_N = 64
 _MAX_SPLITS = 64
 
 
-def decode_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device,
-                      block_n: int = _DECODE_BLOCK_N) -> tuple[int, int]:
+def decode_num_splits(
+    batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device, block_n: int = _DECODE_BLOCK_N
+) -> tuple[int, int]:
     """(splits, key tiles per split) for a decode batch whose queries see at most `max_seq_len` keys.
 
     One split when batch x KV heads already fills the GPU twice over; otherwise as many splits as
@@ -383,10 +611,18 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: t
     return triton.cdiv(tiles, tiles_per_split), tiles_per_split
 
 
-def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           meta: AttentionMetadata, scale: float, window: int | None = None,
-                           num_splits: int | None = None, block_n: int = _DECODE_BLOCK_N, num_warps: int = 4,
-                           num_stages: int = 3) -> torch.Tensor:
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    window: int | None = None,
+    num_splits: int | None = None,
+    block_n: int = _DECODE_BLOCK_N,
+    num_warps: int = 4,
+    num_stages: int = 3,
+) -> torch.Tensor:
     """One query per sequence, over its last `window` keys (all keys without a window). The range is cut
     into `num_splits` pieces (default: see `decode_num_splits`) whose partial results a second kernel
     merges by log-sum-exp.
@@ -419,34 +655,113 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     qpk = hq // hkv
     # The split count is a run-time argument, so varying batch sizes do not compile new kernels.
     _decode_split_kernel[(batch, hkv, num_splits)](
-        q, k_cache, v_cache, out, part_out, part_lse, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-        prefix_lens, scale * LOG2E, tiles_per_split, window or NO_WINDOW, q.stride(0), q.stride(1), out.stride(0),
-        out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
-        part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
-        QUERIES_PER_KV=qpk, GROUP=max(16, triton.next_power_of_2(qpk)), HEAD_DIM=d,
-        BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n, SPLIT=slots > 1, HAS_PREFIX=shared is not None,
-        PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
+        q,
+        k_cache,
+        v_cache,
+        out,
+        part_out,
+        part_lse,
+        meta.query_start_loc,
+        meta.seq_lens,
+        meta.block_tables,
+        prefix_lens,
+        scale * LOG2E,
+        tiles_per_split,
+        window or NO_WINDOW,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        meta.block_tables.stride(0),
+        part_out.stride(0),
+        part_out.stride(1),
+        part_out.stride(2),
+        part_lse.stride(0),
+        part_lse.stride(1),
+        QUERIES_PER_KV=qpk,
+        GROUP=max(16, triton.next_power_of_2(qpk)),
+        HEAD_DIM=d,
+        BLOCK_D=block_d,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=block_n,
+        SPLIT=slots > 1,
+        HAS_PREFIX=shared is not None,
+        PRECISION=_precision(q.dtype),
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
     if shared is not None:
         tiles, tile_seqs = shared.tile_seqs.shape
         _cascade_prefix_kernel[(tiles, hkv)](
-            q, k_cache, v_cache, part_out, part_lse, meta.query_start_loc, meta.block_tables, shared.tile_seqs,
-            shared.tile_prefix_lens, num_splits, scale * LOG2E, q.stride(0), q.stride(1), k_cache.stride(0),
-            k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0), shared.tile_seqs.stride(0),
-            part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
-            QUERIES_PER_KV=qpk, HEADS_P2=triton.next_power_of_2(qpk), TILE_SEQS=tile_seqs, HEAD_DIM=d,
-            BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n, PRECISION=_precision(q.dtype),
-            num_warps=num_warps, num_stages=num_stages)
+            q,
+            k_cache,
+            v_cache,
+            part_out,
+            part_lse,
+            meta.query_start_loc,
+            meta.block_tables,
+            shared.tile_seqs,
+            shared.tile_prefix_lens,
+            num_splits,
+            scale * LOG2E,
+            q.stride(0),
+            q.stride(1),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            meta.block_tables.stride(0),
+            shared.tile_seqs.stride(0),
+            part_out.stride(0),
+            part_out.stride(1),
+            part_out.stride(2),
+            part_lse.stride(0),
+            part_lse.stride(1),
+            QUERIES_PER_KV=qpk,
+            HEADS_P2=triton.next_power_of_2(qpk),
+            TILE_SEQS=tile_seqs,
+            HEAD_DIM=d,
+            BLOCK_D=block_d,
+            BLOCK_SIZE=block_size,
+            BLOCK_N=block_n,
+            PRECISION=_precision(q.dtype),
+            num_warps=num_warps,
+            num_stages=num_stages,
+        )
     if slots > 1:
         _decode_reduce_kernel[(batch, hq)](
-            part_out, part_lse, meta.query_start_loc, prefix_lens, out, num_splits, part_out.stride(0),
-            part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1), out.stride(0),
-            out.stride(1), HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(slots),
-            HAS_PREFIX=shared is not None, num_warps=4)
+            part_out,
+            part_lse,
+            meta.query_start_loc,
+            prefix_lens,
+            out,
+            num_splits,
+            part_out.stride(0),
+            part_out.stride(1),
+            part_out.stride(2),
+            part_lse.stride(0),
+            part_lse.stride(1),
+            out.stride(0),
+            out.stride(1),
+            HEAD_DIM=d,
+            BLOCK_D=block_d,
+            BLOCK_S=triton.next_power_of_2(slots),
+            HAS_PREFIX=shared is not None,
+            num_warps=4,
+        )
     return out
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float, window: int | None = None) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    window: int | None = None,
+) -> torch.Tensor:
     """`ops.paged_attention`: the decode kernel for decode-only steps, the prefill kernel otherwise."""
     if meta.max_query_len == 1:
         return paged_decode_attention(q, k_cache, v_cache, meta, scale, window)
@@ -457,11 +772,32 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 # Vision encoder: fixed length, non-causal
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _vision_kernel(q_ptr, k_ptr, v_ptr, out_ptr, qk_scale, seq_len, num_heads,
-                   stride_qn, stride_qs, stride_qh, stride_kn, stride_ks, stride_kh,
-                   stride_vn, stride_vs, stride_vh, stride_on, stride_os, stride_oh,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+def _vision_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    qk_scale,
+    seq_len,
+    num_heads,
+    stride_qn,
+    stride_qs,
+    stride_qh,
+    stride_kn,
+    stride_ks,
+    stride_kh,
+    stride_vn,
+    stride_vs,
+    stride_vh,
+    stride_on,
+    stride_os,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     tile = tl.program_id(0)
     n = tl.program_id(1) // num_heads
     h = tl.program_id(1) % num_heads
@@ -469,15 +805,20 @@ def _vision_kernel(q_ptr, k_ptr, v_ptr, out_ptr, qk_scale, seq_len, num_heads,
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     mask_q = (offs_m < seq_len)[:, None] & mask_d[None, :]
-    q = tl.load(q_ptr + n * stride_qn + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
-                mask=mask_q, other=0.0)
+    q = tl.load(
+        q_ptr + n * stride_qn + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :], mask=mask_q, other=0.0
+    )
     k_base = k_ptr + n * stride_kn + h * stride_kh + offs_d[None, :]
     v_base = v_ptr + n * stride_vn + h * stride_vh + offs_d[None, :]
 
-    out = _attend_contiguous(q, k_base, v_base, stride_ks, stride_vs, seq_len, mask_d, qk_scale, BLOCK_M, BLOCK_N,
-                             BLOCK_D, PRECISION)
-    tl.store(out_ptr + n * stride_on + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=mask_q)
+    out = _attend_contiguous(
+        q, k_base, v_base, stride_ks, stride_vs, seq_len, mask_d, qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION
+    )
+    tl.store(
+        out_ptr + n * stride_on + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=mask_q,
+    )
 
 
 def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -488,8 +829,31 @@ def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     block_d = triton.next_power_of_2(d)
     block_m, block_n = _attention_tiles(block_d)
     _vision_kernel[(triton.cdiv(s, block_m), n * h)](
-        q, k, v, out, scale * LOG2E, s, h, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-        k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype),
-        num_warps=8, num_stages=2)
+        q,
+        k,
+        v,
+        out,
+        scale * LOG2E,
+        s,
+        h,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        HEAD_DIM=d,
+        BLOCK_D=block_d,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        PRECISION=_precision(q.dtype),
+        num_warps=8,
+        num_stages=2,
+    )
     return out

@@ -23,11 +23,20 @@ if TYPE_CHECKING:  # the kernels never import ops at run time: ops binds them, n
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float, window: int | None = None) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    window: int | None = None,
+) -> torch.Tensor:
     if k_cache.shape[1] % 256 or q.dtype not in _HALF:
-        warnings.warn("flash-attn needs fp16/bf16 and KV blocks of a multiple of 256 tokens; "
-                      "using the Triton attention kernels instead", stacklevel=2)
+        warnings.warn(
+            "flash-attn needs fp16/bf16 and KV blocks of a multiple of 256 tokens; "
+            "using the Triton attention kernels instead",
+            stacklevel=2,
+        )
         return attention.paged_attention(q, k_cache, v_cache, meta, scale, window)
     if meta.image_spans is not None and meta.image_spans.numel():
         return attention.paged_attention(q, k_cache, v_cache, meta, scale, window)
@@ -35,14 +44,31 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         return attention.paged_attention(q, k_cache, v_cache, meta, scale, window)
     window_size = (window - 1, 0) if window else (-1, -1)
     if meta.max_query_len == 1:  # decode-only: one row per sequence, in sequence order
-        out = flash_attn_with_kvcache(q.unsqueeze(1), k_cache, v_cache, cache_seqlens=meta.seq_lens,
-                                      block_table=meta.block_tables, softmax_scale=scale, causal=True,
-                                      window_size=window_size)
+        out = flash_attn_with_kvcache(
+            q.unsqueeze(1),
+            k_cache,
+            v_cache,
+            cache_seqlens=meta.seq_lens,
+            block_table=meta.block_tables,
+            softmax_scale=scale,
+            causal=True,
+            window_size=window_size,
+        )
         return out.squeeze(1)
     cu_seqlens_k = F.pad(meta.seq_lens.cumsum(0, dtype=torch.int32), (1, 0))
-    return flash_attn_varlen_func(q, k_cache, v_cache, meta.query_start_loc, cu_seqlens_k, meta.max_query_len,
-                                  meta.max_seq_len, softmax_scale=scale, causal=True,
-                                  block_table=meta.block_tables, window_size=window_size)
+    return flash_attn_varlen_func(
+        q,
+        k_cache,
+        v_cache,
+        meta.query_start_loc,
+        cu_seqlens_k,
+        meta.max_query_len,
+        meta.max_seq_len,
+        softmax_scale=scale,
+        causal=True,
+        block_table=meta.block_tables,
+        window_size=window_size,
+    )
 
 
 def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -51,9 +77,11 @@ def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return flash_attn_func(q, k, v, softmax_scale=scale)
 
 
-def varlen_vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                            max_seqlen: int, scale: float) -> torch.Tensor:
+def varlen_vision_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float
+) -> torch.Tensor:
     if q.dtype not in _HALF:
         return vision_varlen.varlen_vision_attention(q, k, v, cu_seqlens, max_seqlen, scale)
-    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale,
-                                  causal=False)
+    return flash_attn_varlen_func(
+        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale, causal=False
+    )

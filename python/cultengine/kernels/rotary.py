@@ -26,9 +26,21 @@ def _rotated_halves(src, c, s, mask, HALF: tl.constexpr):
 
 
 @triton.jit
-def _rotate_heads(x_ptr, out_ptr, token, c, s, stride_xt, stride_xh, stride_ot, stride_oh,
-                  NUM_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-                  BLOCK_HALF: tl.constexpr):
+def _rotate_heads(
+    x_ptr,
+    out_ptr,
+    token,
+    c,
+    s,
+    stride_xt,
+    stride_xh,
+    stride_ot,
+    stride_oh,
+    NUM_HEADS: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
     offs_h = tl.arange(0, BLOCK_H)[:, None]
     offs_d = tl.arange(0, BLOCK_HALF)[None, :]
     mask = (offs_h < NUM_HEADS) & (offs_d < HALF)
@@ -39,21 +51,68 @@ def _rotate_heads(x_ptr, out_ptr, token, c, s, stride_xt, stride_xh, stride_ot, 
 
 
 @triton.jit
-def _rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cos_ptr, sin_ptr,
-                   stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_qoh, stride_kot, stride_koh,
-                   stride_cos, stride_sin, NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr,
-                   HALF: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr,
-                   BLOCK_HALF: tl.constexpr):
+def _rotary_kernel(
+    q_ptr,
+    k_ptr,
+    q_out_ptr,
+    k_out_ptr,
+    pos_ptr,
+    cos_ptr,
+    sin_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_qot,
+    stride_qoh,
+    stride_kot,
+    stride_koh,
+    stride_cos,
+    stride_sin,
+    NUM_Q_HEADS: tl.constexpr,
+    NUM_K_HEADS: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_QH: tl.constexpr,
+    BLOCK_KH: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
     token = tl.program_id(0)
     c, s = _cos_sin(pos_ptr, cos_ptr, sin_ptr, token, stride_cos, stride_sin, HALF, BLOCK_HALF)
-    _rotate_heads(q_ptr, q_out_ptr, token, c, s, stride_qt, stride_qh, stride_qot, stride_qoh,
-                  NUM_Q_HEADS, HALF, BLOCK_QH, BLOCK_HALF)
-    _rotate_heads(k_ptr, k_out_ptr, token, c, s, stride_kt, stride_kh, stride_kot, stride_koh,
-                  NUM_K_HEADS, HALF, BLOCK_KH, BLOCK_HALF)
+    _rotate_heads(
+        q_ptr,
+        q_out_ptr,
+        token,
+        c,
+        s,
+        stride_qt,
+        stride_qh,
+        stride_qot,
+        stride_qoh,
+        NUM_Q_HEADS,
+        HALF,
+        BLOCK_QH,
+        BLOCK_HALF,
+    )
+    _rotate_heads(
+        k_ptr,
+        k_out_ptr,
+        token,
+        c,
+        s,
+        stride_kt,
+        stride_kh,
+        stride_kot,
+        stride_koh,
+        NUM_K_HEADS,
+        HALF,
+        BLOCK_KH,
+        BLOCK_HALF,
+    )
 
 
-def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
-                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_embedding(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`ops.rotary_embedding`: new rotated `q [T, Hq, D]`, `k [T, Hkv, D]` (inputs may be strided views)."""
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and cos.stride(-1) == 1 and sin.stride(-1) == 1
     t, hq, d = q.shape
@@ -62,8 +121,29 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, 
     k_out = torch.empty((t, hk, d), dtype=k.dtype, device=k.device)
     if t:
         _rotary_kernel[(t,)](
-            q, k, q_out, k_out, positions, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), cos.stride(0), sin.stride(0),
-            NUM_Q_HEADS=hq, NUM_K_HEADS=hk, HALF=d // 2, BLOCK_QH=triton.next_power_of_2(hq),
-            BLOCK_KH=triton.next_power_of_2(hk), BLOCK_HALF=triton.next_power_of_2(d // 2), num_warps=4)
+            q,
+            k,
+            q_out,
+            k_out,
+            positions,
+            cos,
+            sin,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            q_out.stride(0),
+            q_out.stride(1),
+            k_out.stride(0),
+            k_out.stride(1),
+            cos.stride(0),
+            sin.stride(0),
+            NUM_Q_HEADS=hq,
+            NUM_K_HEADS=hk,
+            HALF=d // 2,
+            BLOCK_QH=triton.next_power_of_2(hq),
+            BLOCK_KH=triton.next_power_of_2(hk),
+            BLOCK_HALF=triton.next_power_of_2(d // 2),
+            num_warps=4,
+        )
     return q_out, k_out

@@ -56,8 +56,9 @@ def _varlen_kernel(
     k_base = k_ptr + start * stride_kt + kv_head * stride_kh + offs_d[None, :]
     v_base = v_ptr + start * stride_vt + kv_head * stride_vh + offs_d[None, :]
 
-    out = _attend_contiguous(q, k_base, v_base, stride_kt, stride_vt, seq_len, mask_d, qk_scale, BLOCK_M, BLOCK_N,
-                             BLOCK_D, PRECISION)
+    out = _attend_contiguous(
+        q, k_base, v_base, stride_kt, stride_vt, seq_len, mask_d, qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION
+    )
     tl.store(
         out_ptr + (start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
         out.to(out_ptr.dtype.element_ty),

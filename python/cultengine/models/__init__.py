@@ -38,8 +38,9 @@ def family_for(checkpoint: Checkpoint, image_backend: str | None = None) -> Fami
     """The family of `checkpoint`'s architecture, its config parsed (CheckpointError if unsupported or bad)."""
     entry = FAMILIES.get(checkpoint.architecture)
     if entry is None:
-        raise unsupported_architecture(str(checkpoint.path / "config.json"), checkpoint.architecture,
-                                       SUPPORTED_ARCHITECTURES)
+        raise unsupported_architecture(
+            str(checkpoint.path / "config.json"), checkpoint.architecture, SUPPORTED_ARCHITECTURES
+        )
     module, cls = entry.rsplit(".", 1)
     return getattr(importlib.import_module(f".{module}", __package__), cls)(checkpoint, image_backend)
 

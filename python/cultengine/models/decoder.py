@@ -23,19 +23,60 @@ TEXT_MODELS = ("llama", "qwen2", "mistral", "qwen3")
 # transformers' config defaults for the fields a Hub config.json may leave out (real checkpoints
 # often give only the fields that differ from these).
 _TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
-    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                  num_attention_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=10000.0,
-                  attention_bias=False, mlp_bias=False, hidden_act="silu", tie_word_embeddings=False),
-    "qwen2": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
-                  num_attention_heads=32, max_position_embeddings=32768, rms_norm_eps=1e-6,
-                  rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=False),
-    "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096 * 32,
-                    rms_norm_eps=1e-6, rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=False),
-    "qwen3": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
-                  num_attention_heads=32, num_key_value_heads=32, head_dim=128, max_position_embeddings=32768,
-                  rms_norm_eps=1e-6, rope_theta=10000.0, attention_bias=False, hidden_act="silu",
-                  tie_word_embeddings=False),
+    "llama": dict(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        attention_bias=False,
+        mlp_bias=False,
+        hidden_act="silu",
+        tie_word_embeddings=False,
+    ),
+    "qwen2": dict(
+        vocab_size=151936,
+        hidden_size=4096,
+        intermediate_size=22016,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        hidden_act="silu",
+        tie_word_embeddings=False,
+    ),
+    "mistral": dict(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=4096 * 32,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        hidden_act="silu",
+        tie_word_embeddings=False,
+    ),
+    "qwen3": dict(
+        vocab_size=151936,
+        hidden_size=4096,
+        intermediate_size=22016,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        head_dim=128,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        attention_bias=False,
+        hidden_act="silu",
+        tie_word_embeddings=False,
+    ),
 }
 # RoPE tables are [max_positions, head_dim / 2] fp32 cos and sin: refuse sizes that cannot be allocated.
 MAX_ROPE_POSITIONS = 1 << 24
@@ -73,15 +114,18 @@ class TextConfig:
         """A decoder's config (a VLM's `text_config`), transformers 4 or 5 layout, every field checked."""
         mt = cfg.get("model_type", "llama")
         if mt not in TEXT_MODELS:
-            raise CheckpointError(f"{where}: text model_type {mt!r} is not supported "
-                                  f"(supported: {', '.join(TEXT_MODELS)})")
+            raise CheckpointError(
+                f"{where}: text model_type {mt!r} is not supported (supported: {', '.join(TEXT_MODELS)})"
+            )
         c = {**_TEXT_DEFAULTS[mt], **{k: v for k, v in cfg.items() if v is not None}}
         heads = config_int(c, "num_attention_heads", where)
-        kv_heads = config_int({**c, "num_key_value_heads": c.get("num_key_value_heads") or heads},
-                              "num_key_value_heads", where)
+        kv_heads = config_int(
+            {**c, "num_key_value_heads": c.get("num_key_value_heads") or heads}, "num_key_value_heads", where
+        )
         if heads % kv_heads:
-            raise CheckpointError(f"{where}: num_attention_heads {heads} is not a multiple of "
-                                  f"num_key_value_heads {kv_heads}")
+            raise CheckpointError(
+                f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+            )
         hidden = config_int(c, "hidden_size", where)
         head_dim = config_int({"head_dim": c.get("head_dim") or hidden // heads}, "head_dim", where)
         max_pos = config_int(c, "max_position_embeddings", where)
@@ -91,17 +135,27 @@ class TextConfig:
         tie = c.get("tie_word_embeddings") if tie_word_embeddings is None else tie_word_embeddings
         num_layers = config_int(c, "num_hidden_layers", where)
         return cls(
-            model_type=mt, vocab_size=config_int(c, "vocab_size", where), hidden_size=hidden,
+            model_type=mt,
+            vocab_size=config_int(c, "vocab_size", where),
+            hidden_size=hidden,
             intermediate_size=config_int(c, "intermediate_size", where),
-            num_layers=num_layers, num_heads=heads, num_kv_heads=kv_heads,
-            head_dim=head_dim, rms_norm_eps=config_float(c, "rms_norm_eps", where), rope_theta=theta,
-            rope_scaling=scaling, max_position_embeddings=max_pos,
+            num_layers=num_layers,
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=config_float(c, "rms_norm_eps", where),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=max_pos,
             attention_bias=True if mt == "qwen2" else bool(c.get("attention_bias", False)),
             o_bias=False if mt == "qwen2" else bool(c.get("attention_bias", False)),
-            mlp_bias=bool(c.get("mlp_bias", False)), hidden_act=c["hidden_act"],
+            mlp_bias=bool(c.get("mlp_bias", False)),
+            hidden_act=c["hidden_act"],
             sliding_window=config_int(c, "sliding_window", where) if sliding is not None else None,
-            tie_word_embeddings=bool(tie), qk_norm=mt == "qwen3",
-            windowed_layers=_windowed_layers(c, mt, num_layers) if sliding else ())
+            tie_word_embeddings=bool(tie),
+            qk_norm=mt == "qwen3",
+            windowed_layers=_windowed_layers(c, mt, num_layers) if sliding else (),
+        )
 
 
 def _windowed_layers(cfg: dict, model_type: str, num_layers: int) -> tuple[int, ...]:
@@ -139,12 +193,19 @@ class Decoder:
     """The decoder stack. `mrope_rows` (one position stream per rotary frequency, `[head_dim // 2]`) makes
     its RoPE multimodal: `forward` then takes `[3, T]` positions (Qwen2-VL and successors)."""
 
-    def __init__(self, ckpt: Checkpoint, text: TextConfig, ops, prefix: str = "model.language_model.",
-                 max_positions: int | None = None, mrope_rows: list[int] | None = None):
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        text: TextConfig,
+        ops,
+        prefix: str = "model.language_model.",
+        max_positions: int | None = None,
+        mrope_rows: list[int] | None = None,
+    ):
         c = text
         self.ops, self.cfg = ops, c
         h, hd, nq, nkv = c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads
-        self.q_size, self.kv_size, self.scale = nq * hd, nkv * hd, hd ** -0.5
+        self.q_size, self.kv_size, self.scale = nq * hd, nkv * hd, hd**-0.5
         w = ckpt.tensor
         self.embed_tokens = w(prefix + "embed_tokens.weight", (c.vocab_size, h))
         if c.tie_word_embeddings:
@@ -156,39 +217,66 @@ class Decoder:
         self.layers = []
         for i in range(c.num_layers):
             lp = f"{prefix}layers.{i}."
-            qkv = [w(f"{lp}self_attn.{n}_proj.weight", (o, h))
-                   for n, o in (("q", self.q_size), ("k", self.kv_size), ("v", self.kv_size))]
-            qkv_b = ([w(f"{lp}self_attn.{n}_proj.bias", (o,))
-                      for n, o in (("q", self.q_size), ("k", self.kv_size), ("v", self.kv_size))]
-                     if c.attention_bias else None)
+            qkv = [
+                w(f"{lp}self_attn.{n}_proj.weight", (o, h))
+                for n, o in (("q", self.q_size), ("k", self.kv_size), ("v", self.kv_size))
+            ]
+            qkv_b = (
+                [
+                    w(f"{lp}self_attn.{n}_proj.bias", (o,))
+                    for n, o in (("q", self.q_size), ("k", self.kv_size), ("v", self.kv_size))
+                ]
+                if c.attention_bias
+                else None
+            )
             mlp_b = c.mlp_bias
-            self.layers.append(dict(
-                input_norm=w(lp + "input_layernorm.weight", (h,)),
-                post_norm=w(lp + "post_attention_layernorm.weight", (h,)),
-                # q/k/v and gate/up fused: one matmul each instead of three and two.
-                qkv=torch.cat(qkv), qkv_bias=torch.cat(qkv_b) if qkv_b else None,
-                o=w(lp + "self_attn.o_proj.weight", (h, self.q_size)),
-                o_bias=w(lp + "self_attn.o_proj.bias", (h,)) if c.o_bias else None,
-                gate_up=torch.cat([w(lp + "mlp.gate_proj.weight", (c.intermediate_size, h)),
-                                   w(lp + "mlp.up_proj.weight", (c.intermediate_size, h))]),
-                gate_up_bias=(torch.cat([w(lp + "mlp.gate_proj.bias", (c.intermediate_size,)),
-                                         w(lp + "mlp.up_proj.bias", (c.intermediate_size,))])
-                              if mlp_b else None),
-                down=w(lp + "mlp.down_proj.weight", (h, c.intermediate_size)),
-                down_bias=w(lp + "mlp.down_proj.bias", (h,)) if mlp_b else None,
-                q_norm=w(lp + "self_attn.q_norm.weight", (hd,)) if c.qk_norm else None,
-                k_norm=w(lp + "self_attn.k_norm.weight", (hd,)) if c.qk_norm else None))
+            self.layers.append(
+                dict(
+                    input_norm=w(lp + "input_layernorm.weight", (h,)),
+                    post_norm=w(lp + "post_attention_layernorm.weight", (h,)),
+                    # q/k/v and gate/up fused: one matmul each instead of three and two.
+                    qkv=torch.cat(qkv),
+                    qkv_bias=torch.cat(qkv_b) if qkv_b else None,
+                    o=w(lp + "self_attn.o_proj.weight", (h, self.q_size)),
+                    o_bias=w(lp + "self_attn.o_proj.bias", (h,)) if c.o_bias else None,
+                    gate_up=torch.cat(
+                        [
+                            w(lp + "mlp.gate_proj.weight", (c.intermediate_size, h)),
+                            w(lp + "mlp.up_proj.weight", (c.intermediate_size, h)),
+                        ]
+                    ),
+                    gate_up_bias=(
+                        torch.cat(
+                            [
+                                w(lp + "mlp.gate_proj.bias", (c.intermediate_size,)),
+                                w(lp + "mlp.up_proj.bias", (c.intermediate_size,)),
+                            ]
+                        )
+                        if mlp_b
+                        else None
+                    ),
+                    down=w(lp + "mlp.down_proj.weight", (h, c.intermediate_size)),
+                    down_bias=w(lp + "mlp.down_proj.bias", (h,)) if mlp_b else None,
+                    q_norm=w(lp + "self_attn.q_norm.weight", (hd,)) if c.qk_norm else None,
+                    k_norm=w(lp + "self_attn.k_norm.weight", (hd,)) if c.qk_norm else None,
+                )
+            )
         # RoPE tables are built once, in fp32, for every position the model may see.
         positions = max_positions or c.max_position_embeddings
         if positions > MAX_ROPE_POSITIONS:
-            raise CheckpointError(f"config.json: max_position_embeddings {positions} is too large to allocate "
-                                  f"RoPE tables for (limit {MAX_ROPE_POSITIONS}); pass a smaller max_model_len")
+            raise CheckpointError(
+                f"config.json: max_position_embeddings {positions} is too large to allocate "
+                f"RoPE tables for (limit {MAX_ROPE_POSITIONS}); pass a smaller max_model_len"
+            )
         self.cos, self.sin = ops_module.rotary_cos_sin(hd, positions, c.rope_theta, ckpt.device, c.rope_scaling)
         if mrope_rows is not None and len(mrope_rows) != hd // 2:
-            raise CheckpointError(f"config.json: mrope_section covers {len(mrope_rows)} rotary frequencies, "
-                                  f"but head_dim {hd} has {hd // 2}")
-        self.mrope_rows = (None if mrope_rows is None
-                           else torch.tensor(mrope_rows, dtype=torch.int64, device=ckpt.device))
+            raise CheckpointError(
+                f"config.json: mrope_section covers {len(mrope_rows)} rotary frequencies, "
+                f"but head_dim {hd} has {hd // 2}"
+            )
+        self.mrope_rows = (
+            None if mrope_rows is None else torch.tensor(mrope_rows, dtype=torch.int64, device=ckpt.device)
+        )
 
     @property
     def dtype(self) -> torch.dtype:
@@ -197,8 +285,9 @@ class Decoder:
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, int, int, int]:
         return (num_blocks, block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
 
-    def allocate_kv_caches(self, num_blocks: int, block_size: int,
-                           dtype: torch.dtype | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def allocate_kv_caches(
+        self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         shape = self.kv_cache_shape(num_blocks, block_size)
         kw = dict(dtype=dtype or self.dtype, device=self.embed_tokens.device)
         return [(torch.zeros(shape, **kw), torch.zeros(shape, **kw)) for _ in self.layers]
@@ -215,9 +304,14 @@ class Decoder:
         return torch.arange(positions.shape[1], device=positions.device), cos, sin
 
     @torch.inference_mode()
-    def forward(self, input_embeds: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
-                deepstack: tuple[torch.Tensor, list[torch.Tensor]] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_embeds: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+        deepstack: tuple[torch.Tensor, list[torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
         """Packed `[T, H]` embeddings -> final-normed hidden states `[T, H]`; writes this step's KV.
 
         `positions` is `[T]`, or `[3, T]` with M-RoPE. `deepstack = (rows, features)` adds `features[i]`
@@ -278,10 +372,15 @@ class SplicedDecoder:
         raise ValueError("a text-only model encodes no images")
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
-                image_rows: torch.Tensor | None = None,
-                image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+        image_rows: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Packed step: `input_ids [T]` -> hidden `[T, H]`.
 
         Rows `image_rows [R]` (int64 indices into T) take `image_embeds [R, H]` instead of their embedding.

@@ -77,15 +77,23 @@ class Model(Protocol):
     head_dim: int
     dtype: torch.dtype
 
-    def allocate_kv_caches(self, num_blocks: int, block_size: int,
-                           dtype: torch.dtype | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]: ...
+    def allocate_kv_caches(
+        self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]: ...
 
     def encode_images(self, images: list[ImageFeatures]) -> list[torch.Tensor]:
         """Each image's embeddings `[num_embeddings, hidden]`, in the order of its embedding runs."""
         ...
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list, meta: AttentionMetadata,
-                image_rows: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None) -> torch.Tensor: ...
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list,
+        meta: AttentionMetadata,
+        image_rows: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
 

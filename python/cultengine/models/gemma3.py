@@ -404,8 +404,11 @@ class Gemma3Model(SplicedDecoder):
 
     def __init__(self, family: Gemma3, ops, max_positions: int | None = None):
         ckpt = family.checkpoint
-        super().__init__(GemmaDecoder(ckpt, family.text, ops, "model.language_model.", max_positions), family.text,
-                         family.image_token_id)
+        super().__init__(
+            GemmaDecoder(ckpt, family.text, ops, "model.language_model.", max_positions),
+            family.text,
+            family.image_token_id,
+        )
         self.family = family
         self.vision = VisionTower(ckpt, family.vision, ops, [-1], post_layernorm=True)
         e, h = family.vision.hidden_size, family.text.hidden_size

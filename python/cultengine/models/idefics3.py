@@ -251,8 +251,11 @@ class Idefics3Model(SplicedDecoder):
 
     def __init__(self, family: Idefics3, ops, max_positions: int | None = None):
         ckpt = family.checkpoint
-        super().__init__(Decoder(ckpt, family.text, ops, prefix="model.text_model.", max_positions=max_positions),
-                         family.text, family.placeholder_id)
+        super().__init__(
+            Decoder(ckpt, family.text, ops, prefix="model.text_model.", max_positions=max_positions),
+            family.text,
+            family.placeholder_id,
+        )
         self.ops = ops
         v = family.vision
         self.vision = VisionTower(ckpt, v, ops, [-1], prefix="model.vision_model.", post_layernorm=True)

@@ -369,8 +369,9 @@ class InternVLModel(SplicedDecoder):
 
     def __init__(self, family: InternVL, ops, max_positions: int | None = None):
         ckpt = family.checkpoint
-        super().__init__(Decoder(ckpt, family.text, ops, max_positions=max_positions), family.text,
-                         family.placeholder_id)
+        super().__init__(
+            Decoder(ckpt, family.text, ops, max_positions=max_positions), family.text, family.placeholder_id
+        )
         self.ops = ops
         self.vision = InternViT(ckpt, family.vision, ops, family.feature_layer)
         self.scale = family.scale

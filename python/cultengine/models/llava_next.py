@@ -68,48 +68,65 @@ class LlavaNext(Llava):
         pre = checkpoint.path / "preprocessor_config.json"
         proc_pinpoints = checkpoint.preprocessor_config.get("image_grid_pinpoints")
         if proc_pinpoints is not None and self._pinpoints(proc_pinpoints, str(pre)) != self.pinpoints:
-            raise CheckpointError(f"{pre}: image_grid_pinpoints differ from config.json's (the processor would "
-                                  "tile images differently from how the model lays their features out)")
+            raise CheckpointError(
+                f"{pre}: image_grid_pinpoints differ from config.json's (the processor would "
+                "tile images differently from how the model lays their features out)"
+            )
         self.patches_per_side = tile // self.vision.patch_size
-        if self.tokens_per_tile != self.patches_per_side ** 2:
-            raise CheckpointError(f"{self.where}: vision_feature_select_strategy {self.select_strategy!r} leaves "
-                                  f"{self.tokens_per_tile} features per tile, not the {self.patches_per_side}^2 "
-                                  "grid any-resolution tiling lays out")
+        if self.tokens_per_tile != self.patches_per_side**2:
+            raise CheckpointError(
+                f"{self.where}: vision_feature_select_strategy {self.select_strategy!r} leaves "
+                f"{self.tokens_per_tile} features per tile, not the {self.patches_per_side}^2 "
+                "grid any-resolution tiling lays out"
+            )
         proc = self.image_processor
         size = proc.size or {}
         # The processor's tile side and the size of the base tile, as transformers' LLaVA-NeXT processor.
         self.tile_side = (proc.crop_size or {}).get("height") or size.get("height") or size.get("shortest_edge")
-        self.base_size = ((size["height"], size["width"]) if "height" in size
-                          else (size.get("shortest_edge"), size.get("shortest_edge")))
+        self.base_size = (
+            (size["height"], size["width"])
+            if "height" in size
+            else (size.get("shortest_edge"), size.get("shortest_edge"))
+        )
         out = self._tile_output_size()
         if out != (tile, tile):
-            raise CheckpointError(f"{pre}: a {self.tile_side}-pixel tile (crop_size/size) becomes {out[0]}x{out[1]} "
-                                  f"pixels, but the vision tower takes {tile}x{tile}")
+            raise CheckpointError(
+                f"{pre}: a {self.tile_side}-pixel tile (crop_size/size) becomes {out[0]}x{out[1]} "
+                f"pixels, but the vision tower takes {tile}x{tile}"
+            )
 
     def _image_processor(self) -> ImageProcessor:
         # Tiling depends on the processor's sizes and pinpoints: without its file, refuse rather than guess.
         if not self.checkpoint.preprocessor_config:
-            raise CheckpointError(f"{self.checkpoint.path}: preprocessor_config.json (or processor_config.json with "
-                                  "an 'image_processor') not found; this family's image tiling needs it")
+            raise CheckpointError(
+                f"{self.checkpoint.path}: preprocessor_config.json (or processor_config.json with "
+                "an 'image_processor') not found; this family's image tiling needs it"
+            )
         try:
-            return self.processor_class.for_config(self.checkpoint.preprocessor_config, self.vision.image_size,
-                                                   self.image_backend)
+            return self.processor_class.for_config(
+                self.checkpoint.preprocessor_config, self.vision.image_size, self.image_backend
+            )
         except ValueError as e:
             raise CheckpointError(f"{self.checkpoint.path / 'preprocessor_config.json'}: {e}") from e
 
     def _pinpoints(self, raw: Any, where: str) -> list[list[int]]:
         pinpoints = self.default_pinpoints if raw is None else raw
         tile = self.vision.image_size
-        ok = isinstance(pinpoints, list) and pinpoints and all(
-            isinstance(p, list | tuple) and len(p) == 2 and all(isinstance(v, int) and v > 0 for v in p)
-            for p in pinpoints)
+        ok = (
+            isinstance(pinpoints, list)
+            and pinpoints
+            and all(
+                isinstance(p, list | tuple) and len(p) == 2 and all(isinstance(v, int) and v > 0 for v in p)
+                for p in pinpoints
+            )
+        )
         if not ok:
-            raise CheckpointError(f"{where}: image_grid_pinpoints must be a list of [height, width] pairs, "
-                                  f"got {raw!r}")
+            raise CheckpointError(f"{where}: image_grid_pinpoints must be a list of [height, width] pairs, got {raw!r}")
         bad = [list(p) for p in pinpoints if p[0] % tile or p[1] % tile]
         if bad:
-            raise CheckpointError(f"{where}: image_grid_pinpoints {bad} are not multiples of the vision tower's "
-                                  f"{tile}-pixel tiles")
+            raise CheckpointError(
+                f"{where}: image_grid_pinpoints {bad} are not multiples of the vision tower's {tile}-pixel tiles"
+            )
         return [list(p) for p in pinpoints]
 
     def _tile_output_size(self) -> tuple[int, int]:
@@ -133,7 +150,9 @@ class LlavaNext(Llava):
         hw, proc, side = tuple(x.shape[-2:]), self.image_processor, self.tile_side
         target = best_resolution(hw, self.pinpoints)
         padded = pad_centered(resize(x, fit_size(hw, target), proc.resample), target)
-        grid = [padded[:, i:i + side, j:j + side] for i in range(0, target[0], side) for j in range(0, target[1], side)]
+        grid = [
+            padded[:, i : i + side, j : j + side] for i in range(0, target[0], side) for j in range(0, target[1], side)
+        ]
         base = resize(x, self.base_size, proc.resample)
         rows, cols = target[0] // self.vision.image_size, target[1] // self.vision.image_size
         p = self.patches_per_side
@@ -162,7 +181,7 @@ class LlavaNextModel(LlavaModel):
         out, first = [], 0
         for im in images:
             n = im.pixels.shape[0]
-            out.append(self.pack(features[first:first + n], im.meta))
+            out.append(self.pack(features[first : first + n], im.meta))
             first += n
         return out
 

@@ -19,19 +19,37 @@ from ..image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageProcessor, pad_to_sq
 from .llava_next import LlavaNext, LlavaNextModel
 
 ONEVISION_PINPOINTS = [[h, w] for h in range(384, 2305, 384) for w in range(384, 2305, 384)]
-_ONEVISION_DEFAULTS = dict(image_token_index=151646, projector_hidden_act="gelu", vision_feature_select_strategy="full",
-                           vision_feature_layer=-1, multimodal_projector_bias=True)
-_SIGLIP_SO400M_384 = dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
-                          num_hidden_layers=26, num_attention_heads=16, patch_size=14, image_size=384)
+_ONEVISION_DEFAULTS = dict(
+    image_token_index=151646,
+    projector_hidden_act="gelu",
+    vision_feature_select_strategy="full",
+    vision_feature_layer=-1,
+    multimodal_projector_bias=True,
+)
+_SIGLIP_SO400M_384 = dict(
+    model_type="siglip_vision_model",
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_hidden_layers=26,
+    num_attention_heads=16,
+    patch_size=14,
+    image_size=384,
+)
 
 
 class OnevisionImageProcessor(ImageProcessor):
     """transformers' `LlavaOnevisionImageProcessor` per tile: exact resize to 384, no crop, CLIP mean and std."""
 
     DEFAULTS: ClassVar[dict[str, Any]] = {
-        "do_convert_rgb": True, "do_resize": True, "size": {"height": 384, "width": 384}, "resample": 3,
-        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": OPENAI_CLIP_MEAN, "image_std": OPENAI_CLIP_STD,
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "size": {"height": 384, "width": 384},
+        "resample": 3,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": OPENAI_CLIP_MEAN,
+        "image_std": OPENAI_CLIP_STD,
     }
 
     @classmethod
@@ -64,7 +82,7 @@ class LlavaOnevision(LlavaNext):
         tiles, meta = super()._tiles(x, options)
         top, bottom, left, right = meta["crop"]
         h, w, p = bottom - top, right - left, self.patches_per_side
-        ratio = math.sqrt(h * w / (self.max_tiles * p ** 2))
+        ratio = math.sqrt(h * w / (self.max_tiles * p**2))
         if ratio > 1.1:
             meta["shrink"] = (int(h // ratio), int(w // ratio))
         return tiles, meta

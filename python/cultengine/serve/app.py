@@ -278,8 +278,10 @@ def _alternatives(sample: Sample, k: int, token_texts) -> list[list[tuple[str, f
 def chat_logprobs(texts: list[str], sample: Sample, k: int, token_texts) -> dict:
     """OpenAI's chat `logprobs` (`texts`: each token's text), with `k` alternatives per token."""
     alts = _alternatives(sample, k, token_texts)
-    content = [{**_token(t, lp), "top_logprobs": [_token(a, alp) for a, alp in alt]}
-               for t, lp, alt in zip(texts, sample.logprobs, alts, strict=True)]
+    content = [
+        {**_token(t, lp), "top_logprobs": [_token(a, alp) for a, alp in alt]}
+        for t, lp, alt in zip(texts, sample.logprobs, alts, strict=True)
+    ]
     return {"content": content}
 
 
@@ -510,8 +512,9 @@ def build_app(loop: EngineLoop, config: ServeConfig) -> FastAPI:
         params = sampling_params(body, max_tokens, k if body.logprobs else None)
 
         def submit():
-            return loop.generate({"messages": to_engine_messages(body.messages, config)}, params, max_tokens,
-                                 stream=bool(body.stream))
+            return loop.generate(
+                {"messages": to_engine_messages(body.messages, config)}, params, max_tokens, stream=bool(body.stream)
+            )
 
         (admitted,) = await admit(submit)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -555,8 +558,12 @@ def build_app(loop: EngineLoop, config: ServeConfig) -> FastAPI:
 
             def delta(i: int, text: str, lp=None) -> str:
                 sent[i] += text
-                return _sse({**chunk, "choices": [{"index": i, "delta": {"content": text}, "logprobs": lp,
-                                                   "finish_reason": None}]})
+                return _sse(
+                    {
+                        **chunk,
+                        "choices": [{"index": i, "delta": {"content": text}, "logprobs": lp, "finish_reason": None}],
+                    }
+                )
 
             try:
                 async for item in streamed(request, [admitted]):
@@ -570,8 +577,8 @@ def build_app(loop: EngineLoop, config: ServeConfig) -> FastAPI:
             for i, s in enumerate(samples):
                 # What the steps held back (a possible stop string's start), and the log-probs, at the end.
                 lp = chat_logprobs(loop.token_texts(s.token_ids), s, k, loop.token_texts) if body.logprobs else None
-                if s.text[len(sent[i]):] or lp:
-                    yield delta(i, s.text[len(sent[i]):], lp)
+                if s.text[len(sent[i]) :] or lp:
+                    yield delta(i, s.text[len(sent[i]) :], lp)
                 yield _sse(
                     {
                         **chunk,
@@ -593,8 +600,9 @@ def build_app(loop: EngineLoop, config: ServeConfig) -> FastAPI:
         if not prompts:
             raise APIError(400, "prompt must be a string or a non-empty list of strings", param="prompt")
         params = sampling_params(body, body.max_tokens, body.logprobs)
-        submits = (partial(loop.generate, {"prompt": p}, params, body.max_tokens, stream=bool(body.stream))
-                   for p in prompts)
+        submits = (
+            partial(loop.generate, {"prompt": p}, params, body.max_tokens, stream=bool(body.stream)) for p in prompts
+        )
         admitted = await admit(*submits)
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": now, "model": config.model_name}
@@ -606,7 +614,8 @@ def build_app(loop: EngineLoop, config: ServeConfig) -> FastAPI:
                 "index": k,
                 "text": s.text,
                 "logprobs": completion_logprobs(loop.token_texts(s.token_ids), s, body.logprobs or 0, loop.token_texts)
-                if want_lp else None,
+                if want_lp
+                else None,
                 "finish_reason": s.finish_reason,
             }
 
@@ -624,8 +633,15 @@ def build_app(loop: EngineLoop, config: ServeConfig) -> FastAPI:
 
             def piece(index: int, text: str, finish_reason=None, logprobs=None) -> str:
                 sent[index] = sent.get(index, "") + text
-                return _sse({**head, "object": "text_completion", "choices": [
-                    {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]})
+                return _sse(
+                    {
+                        **head,
+                        "object": "text_completion",
+                        "choices": [
+                            {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+                        ],
+                    }
+                )
 
             try:
                 async for item in streamed(request, admitted):
@@ -638,7 +654,7 @@ def build_app(loop: EngineLoop, config: ServeConfig) -> FastAPI:
                 return
             for index, s in enumerate(samples):
                 full = choice(index, s)
-                yield piece(index, s.text[len(sent.get(index, "")):], s.finish_reason, full["logprobs"])
+                yield piece(index, s.text[len(sent.get(index, "")) :], s.finish_reason, full["logprobs"])
             if (body.stream_options or {}).get("include_usage"):
                 yield _sse(
                     {**head, "object": "text_completion", "choices": [], "usage": _usage(prompt_tokens, samples)}

@@ -90,8 +90,9 @@ class EngineLoop:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
-    def generate(self, request: dict, params: SamplingParams, max_tokens: int | None = None,
-                 stream: bool = False) -> Future:
+    def generate(
+        self, request: dict, params: SamplingParams, max_tokens: int | None = None, stream: bool = False
+    ) -> Future:
         """Admit one generation request (`params.n` samples); the future gives `Admitted`.
 
         `max_tokens=None` lets each sample run to the end of the context (`params.max_tokens` is
@@ -101,8 +102,15 @@ class EngineLoop:
         """
         arrived = time.perf_counter()
         prep = self._prepare_one(request)
-        job = _Job(self._new_request_id(), prep, Future(), params=params, max_tokens=max_tokens, arrived=arrived,
-                   stream=queue.SimpleQueue() if stream else None)
+        job = _Job(
+            self._new_request_id(),
+            prep,
+            Future(),
+            params=params,
+            max_tokens=max_tokens,
+            arrived=arrived,
+            stream=queue.SimpleQueue() if stream else None,
+        )
         job.results = [Future() for _ in range(params.n)]
         self._inbox.put(lambda: self._admit(job))
         return job.admitted

@@ -19,9 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     _engine_args(p, several_models=True)
     p.add_argument("--items", required=True, help="survey items: id, question, options, topic")
-    p.add_argument(
-        "--human", required=True, help="human answer distributions: item_id, country, distribution"
-    )
+    p.add_argument("--human", required=True, help="human answer distributions: item_id, country, distribution")
     p.add_argument("--images", help="culture-specific images: country, category, image")
     p.add_argument(
         "--choices",
@@ -46,12 +44,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=positive_int, default=1, help="stories per prompt and temperature")
     p.add_argument("--max-tokens", type=positive_int, default=256, help="longest story, in tokens")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: keep this much probability mass")
-    p.add_argument("--seed", type=int, default=0, help="base seed (a request's seed depends on its image, concept "
-                   "and temperature, not on the nationality)")
-    p.add_argument("--batch", type=positive_int, metavar="N",
-                   help="stories per engine call; each call's stories are flushed to results.jsonl when it ends, "
-                   "so a kill loses at most N (default: 64 on a CPU, where larger calls gain little; --max-num-seqs "
-                   "on CUDA, where the engine runs that many at once)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="base seed (a request's seed depends on its image, concept and temperature, not on the nationality)",
+    )
+    p.add_argument(
+        "--batch",
+        type=positive_int,
+        metavar="N",
+        help="stories per engine call; each call's stories are flushed to results.jsonl when it ends, "
+        "so a kill loses at most N (default: 64 on a CPU, where larger calls gain little; --max-num-seqs "
+        "on CUDA, where the engine runs that many at once)",
+    )
     p.set_defaults(func=_stories)
 
     p = sub.add_parser(
@@ -66,18 +72,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--languages", default="en", help="comma-separated template languages")
     p.add_argument("--templates", help="templates JSON (default: the shipped ground_templates.json)")
     p.add_argument("--threshold", type=float, default=0.5, help="keep rows with P(yes) >= this")
-    p.add_argument("--chunk-size", type=positive_int, default=1000,
-                   help="records per engine call; each chunk's rows are flushed when it ends")
+    p.add_argument(
+        "--chunk-size",
+        type=positive_int,
+        default=1000,
+        help="records per engine call; each chunk's rows are flushed when it ends",
+    )
     p.set_defaults(func=_ground)
 
     p = sub.add_parser("analyze", help="analyse a study's run directory")
     asub = p.add_subparsers(dest="study", required=True)
     a = asub.add_parser("stories", help="lexical, vocabulary, cultural-alignment and CLIP analysis")
     a.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories of `cultengine stories`")
-    a.add_argument("--hofstede", help="Hofstede 6-D CSV (ctr,country,Demonym,pdi,...); default: the packaged "
-                   "copy of Hofstede's published scores")
-    a.add_argument("--wvs", help="WVS means CSV (ctr,country,Demonym,Q1..Q250); default: the packaged copy of "
-                   "the World Values Survey means")
+    a.add_argument(
+        "--hofstede",
+        help="Hofstede 6-D CSV (ctr,country,Demonym,pdi,...); default: the packaged "
+        "copy of Hofstede's published scores",
+    )
+    a.add_argument(
+        "--wvs",
+        help="WVS means CSV (ctr,country,Demonym,Q1..Q250); default: the packaged copy of "
+        "the World Values Survey means",
+    )
     a.add_argument("--wvs-raw", action="store_true", help="do not z-score the WVS columns")
     a.add_argument("--clip", help="CLIPModel checkpoint directory for CLIPScore and retrieval")
     a.add_argument("--device", default="cpu", help="where the CLIP model runs")
@@ -121,8 +137,13 @@ def _engine(args, model: str | None = None):
     from .. import Engine
     from ..bench.demo_checkpoint import resolve
 
-    return Engine(resolve(model or args.model), device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-                  threads=args.threads)
+    return Engine(
+        resolve(model or args.model),
+        device=args.device,
+        dtype=args.dtype,
+        max_num_seqs=args.max_num_seqs,
+        threads=args.threads,
+    )
 
 
 def _print(summary: dict) -> None:
@@ -131,8 +152,7 @@ def _print(summary: dict) -> None:
             {
                 k: v
                 for k, v in summary.items()
-                if not isinstance(v, list | dict)
-                or k in ("dropped_per_stage", "drop_reasons", "delta_by_category")
+                if not isinstance(v, list | dict) or k in ("dropped_per_stage", "drop_reasons", "delta_by_category")
             },
             indent=2,
             default=str,

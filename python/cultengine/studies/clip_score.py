@@ -50,10 +50,12 @@ class ClipModel:
             raise CheckpointError(f"{path / 'config.json'}: architecture {w.architecture!r} is not a CLIPModel")
         self.device = torch.device(device)
         t = {**_TEXT_DEFAULTS, **{k: v for k, v in (cfg.get("text_config") or {}).items() if v is not None}}
-        vision = VisionConfig.parse({"model_type": "clip_vision_model", **(cfg.get("vision_config") or {})},
-                                    str(path / "config.json"))
-        self.vision_tower = VisionTower(w, vision, Ops(resolve_backend(self.device, None)), [-1],
-                                        prefix="vision_model.")
+        vision = VisionConfig.parse(
+            {"model_type": "clip_vision_model", **(cfg.get("vision_config") or {})}, str(path / "config.json")
+        )
+        self.vision_tower = VisionTower(
+            w, vision, Ops(resolve_backend(self.device, None)), [-1], prefix="vision_model."
+        )
         e = vision.hidden_size
         self.post_ln = (
             w.tensor("vision_model.post_layernorm.weight", (e,)),
@@ -117,8 +119,7 @@ class ClipModel:
         for layer in self.text_layers:
             h = F.layer_norm(x, (d,), *layer["layer_norm1"], self.text_eps)
             q, k, v = (
-                F.linear(h, *layer[f"self_attn.{m}_proj"]).view(n, L, self.num_heads, hd).transpose(1, 2)
-                for m in "qkv"
+                F.linear(h, *layer[f"self_attn.{m}_proj"]).view(n, L, self.num_heads, hd).transpose(1, 2) for m in "qkv"
             )
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(n, L, d)
             x = x + F.linear(a, *layer["self_attn.out_proj"])

@@ -140,9 +140,7 @@ def run(
     resume_note(done, total, "rows")
     with log, bar(total, initial=done, unit="row", desc="ground", quiet=quiet) as progress:
         for chunk in chunks(enumerate(iter_records(input_path), 1), chunk_size):
-            rows = [
-                r for n, rec in chunk for r in stage1(rec, n, templates, languages) if r["id"] not in log.done
-            ]
+            rows = [r for n, rec in chunk for r in stage1(rec, n, templates, languages) if r["id"] not in log.done]
             for r in rows:
                 if r["image"] and not Path(r["image"]).is_absolute():
                     r["image"] = str(base / r["image"])
@@ -213,9 +211,7 @@ def run(
                 else []
             )
             p_yes = {
-                r["record_id"]: (None, s.error)
-                if s.error
-                else (softmax([c.logprob for c in s.choices])[0], None)
+                r["record_id"]: (None, s.error) if s.error else (softmax([c.logprob for c in s.choices])[0], None)
                 for r, s in zip(firsts, scored, strict=True)
             }
             for r in live:

@@ -36,7 +36,7 @@ def iter_records(path: str | Path) -> Iterator[dict]:
             raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
         rows = data.get("rows") if isinstance(data, dict) else data
         if not isinstance(rows, list):
-            raise ValueError(f"{path}: a .json input holds a list of objects (or {{\"rows\": [...]}})")
+            raise ValueError(f'{path}: a .json input holds a list of objects (or {{"rows": [...]}})')
         yield from rows
     else:
         with path.open(encoding="utf-8-sig") as f:

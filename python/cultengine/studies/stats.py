@@ -130,9 +130,7 @@ def one_way_anova(groups: Sequence[Sequence[float]]) -> Anova:
     k = len(arrays)
     n = sum(len(a) for a in arrays)
     if k < 2 or n <= k:
-        raise ValueError(
-            f"ANOVA needs at least 2 groups and more values than groups (got {k} groups, {n} values)"
-        )
+        raise ValueError(f"ANOVA needs at least 2 groups and more values than groups (got {k} groups, {n} values)")
     grand = np.concatenate(arrays).mean()
     ss_between = float(sum(len(a) * (a.mean() - grand) ** 2 for a in arrays))
     ss_within = float(sum(((a - a.mean()) ** 2).sum() for a in arrays))
@@ -225,9 +223,7 @@ def lexical_features(text: str) -> dict[str, float]:
     }
 
 
-def tfidf(
-    documents: Sequence[Sequence[str]], stop_words: frozenset[str] = frozenset()
-) -> tuple[np.ndarray, list[str]]:
+def tfidf(documents: Sequence[Sequence[str]], stop_words: frozenset[str] = frozenset()) -> tuple[np.ndarray, list[str]]:
     """TF-IDF matrix [documents, vocabulary] of tokenised documents and its sorted vocabulary.
 
     tf = count / number of (kept) tokens in the document; idf = ln((1 + N) / (1 + df)) + 1; each row is

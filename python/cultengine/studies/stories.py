@@ -128,9 +128,7 @@ def run(
             outs = engine.generate(reqs, params, use_tqdm=False)
             recs = []
             for (key, image, concept, demonym, t), o in zip(batch, outs, strict=True):
-                base = dict(
-                    image=image, concept=concept, nationality=demonym, temperature=t, model=model_name
-                )
+                base = dict(image=image, concept=concept, nationality=demonym, temperature=t, model=model_name)
                 if o.error:
                     recs += [dict(id=f"{key}|s{k}", sample=k, error=o.error, **base) for k in range(samples)]
                     continue
@@ -197,9 +195,7 @@ def lexical(records: list[dict], nats: list[Nationality]) -> dict:
             anova = {"error": str(e)}
         out[k] = dict(
             anova=anova,
-            means={
-                n.demonym: float(np.mean(g)) if g else float("nan") for n, g in zip(nats, groups, strict=True)
-            },
+            means={n.demonym: float(np.mean(g)) if g else float("nan") for n, g in zip(nats, groups, strict=True)},
         )
     return out
 
@@ -263,9 +259,7 @@ def clip_metrics(clip, records: list[dict], nats: list[Nationality], ks=(1, 5, 1
                 per_nat.append(stats.recall_at_k(sim[:, cols], own, k))
         within[k] = float(np.nanmean(per_nat)) if per_nat else float("nan")
         across[k] = stats.recall_at_k(sim[q_img], across_pos, k)
-    by_nat = {
-        n.demonym: float(np.mean(scores[nat_of == n.demonym])) for n in nats if (nat_of == n.demonym).any()
-    }
+    by_nat = {n.demonym: float(np.mean(scores[nat_of == n.demonym])) for n in nats if (nat_of == n.demonym).any()}
     # stories of one image are not independent: intervals resample images
     by_nat_ci = {
         n.demonym: cluster_mean(scores[nat_of == n.demonym], img_of[nat_of == n.demonym]).as_dict()
@@ -379,8 +373,7 @@ def write_analysis_report(out_dir: Path, result: dict) -> None:
         h = ["feature", "F", "p", "df between", "df within", "eta^2", "omega^2"]
         sections.append(
             (
-                f"{model}: lexical adaptation (one-way ANOVA across nationalities, "
-                f"{m['num_stories']} stories)",
+                f"{model}: lexical adaptation (one-way ANOVA across nationalities, {m['num_stories']} stories)",
                 plots.md_table(h, lex_rows),
                 plots.html_table(h, lex_rows),
             )
@@ -407,9 +400,7 @@ def write_analysis_report(out_dir: Path, result: dict) -> None:
         ]
         h = ["culture table", "Kendall tau-b", "Mantel p", "permutations", "pairs", "countries", "lacking data"]
         labels = [f"{n} ({m['regions'][n]})" for n in nats]
-        heat = plots.heatmap(
-            labels, nats, m["similarity"], "story similarity (TF-IDF cosine), by region"
-        )
+        heat = plots.heatmap(labels, nats, m["similarity"], "story similarity (TF-IDF cosine), by region")
         sections.append(
             (
                 f"{model}: cultural alignment (story similarity vs cultural distance)",
@@ -422,9 +413,7 @@ def write_analysis_report(out_dir: Path, result: dict) -> None:
         if "clip" in m:
             c = m["clip"]
             ks = list(c["recall_within_nationality"])
-            rows = [
-                [f"R@{k}", c["recall_within_nationality"][k], c["recall_across_nationalities"][k]] for k in ks
-            ]
+            rows = [[f"R@{k}", c["recall_within_nationality"][k], c["recall_across_nationalities"][k]] for k in ks]
             h = ["", "within nationality", "across nationalities"]
             ci = c.get("clipscore_mean_ci", {})
             has_ci = "low" in ci and not np.isnan(ci["low"])

@@ -53,9 +53,7 @@ def load_items(path: str | Path) -> dict[str, Item]:
         opts = [str(o) for o in as_list(rec.get("options"))]
         if len(opts) < 2:
             raise ValueError(f"{path}: item {rec.get('id')!r} has fewer than two options")
-        items[str(rec["id"])] = Item(
-            str(rec["id"]), str(rec["question"]), opts, str(rec.get("topic") or "all")
-        )
+        items[str(rec["id"])] = Item(str(rec["id"]), str(rec["question"]), opts, str(rec.get("topic") or "all"))
     return items
 
 
@@ -212,8 +210,9 @@ def summarize(records: list[dict]) -> dict:
         "mean_similarity_text": _mean(list(text.values())),
         "mean_similarity_image": _mean([s for v in img.values() for s in v]),
         "similarity_text": _delta_estimate(list(text.values()), [item for item, _ in text]),
-        "similarity_image": _delta_estimate([s for v in img.values() for s in v],
-                                            [k[0] for k, v in img.items() for _ in v]),
+        "similarity_image": _delta_estimate(
+            [s for v in img.values() for s in v], [k[0] for k, v in img.items() for _ in v]
+        ),
         "text_by_topic_country": [
             dict(topic=t, country=c, similarity=_mean(v), **_interval(v, text_items[(t, c)]), n=len(v))
             for (t, c), v in sorted(text_tc.items())
@@ -264,8 +263,17 @@ def _group(cells: dict[tuple, dict[str, list]], index: int) -> dict[str, dict]:
 
 def write_report(out_dir: str | Path, summary: dict) -> None:
     rows = sorted(summary["image_minus_text"], key=lambda r: -r["delta"] if not math.isnan(r["delta"]) else 0)
-    headers = ["topic", "country", "image category", "text JS-sim", "image JS-sim", "image - text", "95% CI", "p",
-               "items"]
+    headers = [
+        "topic",
+        "country",
+        "image category",
+        "text JS-sim",
+        "image JS-sim",
+        "image - text",
+        "95% CI",
+        "p",
+        "items",
+    ]
     table = [
         [r["topic"], r["country"], r["category"], r["text"], r["image"], r["delta"], _ci_text(r), r.get("p"), r["n"]]
         for r in rows
@@ -315,14 +323,11 @@ def write_report(out_dir: str | Path, summary: dict) -> None:
             if not math.isnan(r["delta"]):
                 acc[(r["country"], r["topic"])].append(r["delta"])
         grid = [[_mean(acc.get((c, t), [])) for t in topics] for c in countries]
-        svgs += plots.heatmap(
-            countries, topics, grid, "image - text, country x topic (mean over categories)"
-        )
+        svgs += plots.heatmap(countries, topics, grid, "image - text, country x topic (mean over categories)")
     sections.append(
         (
             "Where images help and hurt",
-            "Image-minus-text JS similarity, best first. Plots: "
-            "report.html.\n\n" + plots.md_table(headers, table),
+            "Image-minus-text JS similarity, best first. Plots: report.html.\n\n" + plots.md_table(headers, table),
             svgs + plots.html_table(headers, table),
         )
     )

@@ -34,8 +34,12 @@ def _scene(flag: Flag, rng: random.Random) -> tuple[str, list[str], str]:
         orient, n = stripes
         other = "vertical" if orient == "horizontal" else "horizontal"
         answer = f"{NUMBERS[n]} {orient} stripes"
-        alts = [f"{NUMBERS[n]} {other} stripes", f"{NUMBERS[n + 1]} {orient} stripes",
-                "a cross on a plain field", "a single circle on a plain field"]
+        alts = [
+            f"{NUMBERS[n]} {other} stripes",
+            f"{NUMBERS[n + 1]} {orient} stripes",
+            "a cross on a plain field",
+            "a single circle on a plain field",
+        ]
         options, letter = _mcq(rng, answer, alts)
         return "How is this flag laid out?", options, letter
     shape = next(s for s in SHAPES if s in flag.shapes)  # the most telling one
@@ -53,20 +57,55 @@ def rows() -> list[dict]:
         base = {"country": c.name, "language": "English", "split": "test"}
         img = [f"images/{c.iso3.lower()}.png"]
         opts, ans = _mcq(rng, flag.country, names)
-        out.append({"id": f"flag-{c.iso3}", "images": img, "question": "Which country's flag is this?",
-                    "options": opts, "answer": ans, "category": "flags",
-                    "question_type": "image_recognition", **base})
+        out.append(
+            {
+                "id": f"flag-{c.iso3}",
+                "images": img,
+                "question": "Which country's flag is this?",
+                "options": opts,
+                "answer": ans,
+                "category": "flags",
+                "question_type": "image_recognition",
+                **base,
+            }
+        )
         q, opts, ans = _scene(flag, rng)
-        out.append({"id": f"shape-{c.iso3}", "images": img, "question": q, "options": opts,
-                    "answer": ans, "category": "symbols", "question_type": "scene_understanding", **base})
+        out.append(
+            {
+                "id": f"shape-{c.iso3}",
+                "images": img,
+                "question": q,
+                "options": opts,
+                "answer": ans,
+                "category": "symbols",
+                "question_type": "scene_understanding",
+                **base,
+            }
+        )
         opts, ans = _mcq(rng, flag.capital, [f.capital for f in FLAGS])
-        out.append({"id": f"capital-{c.iso3}", "question": f"What is the capital of {flag.country}?",
-                    "options": opts, "answer": ans, "category": "geography",
-                    "question_type": "cultural_knowledge", **base})
+        out.append(
+            {
+                "id": f"capital-{c.iso3}",
+                "question": f"What is the capital of {flag.country}?",
+                "options": opts,
+                "answer": ans,
+                "category": "geography",
+                "question_type": "cultural_knowledge",
+                **base,
+            }
+        )
         opts, ans = _mcq(rng, flag.currency, [f.currency for f in FLAGS])
-        out.append({"id": f"currency-{c.iso3}", "question": f"Which currency is used in {flag.country}?",
-                    "options": opts, "answer": ans, "category": "economy",
-                    "question_type": "cultural_knowledge", **base})
+        out.append(
+            {
+                "id": f"currency-{c.iso3}",
+                "question": f"Which currency is used in {flag.country}?",
+                "options": opts,
+                "answer": ans,
+                "category": "economy",
+                "question_type": "cultural_knowledge",
+                **base,
+            }
+        )
     return out
 
 
