@@ -378,6 +378,38 @@ def paged_prefill_attention(
 # Decode: flash decoding (split-KV) with all query heads of one KV head in one program
 # ---------------------------------------------------------------------------------------------
 @triton.jit
+def _attend_paged_keys(
+    q,
+    k_base,
+    v_base,
+    bt_row,
+    kv_start,
+    kv_end,
+    acc,
+    m_i,
+    l_i,
+    qk_scale,
+    offs_d,
+    mask_d,
+    stride_kb,
+    stride_ko,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Fold the paged keys `kv_start..kv_end-1` (one KV head) into the running softmax of the rows `q`."""
+    for start_n in range(kv_start, kv_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < kv_end
+        kv_off = _paged_offsets(bt_row, offs_n, mask_n, offs_d, stride_kb, stride_ko, BLOCK_SIZE)
+        mask_kv = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_base + kv_off, mask=mask_kv, other=0.0)
+        v = tl.load(v_base + kv_off, mask=mask_kv, other=0.0)
+        acc, m_i, l_i = _softmax_tile(q, k, v, acc, m_i, l_i, qk_scale, mask_n[None, :], True, PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr,
     k_cache_ptr,
@@ -443,14 +475,25 @@ def _decode_split_kernel(
         first_key = tl.maximum(first_key, tl.load(prefix_lens_ptr + seq))
     kv_start = first_key + split * tiles_per_split * BLOCK_N
     kv_end = tl.minimum(seq_len, kv_start + tiles_per_split * BLOCK_N)
-    for start_n in range(kv_start, kv_end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < kv_end
-        kv_off = _paged_offsets(bt_row, offs_n, mask_n, offs_d, stride_kb, stride_ko, BLOCK_SIZE)
-        mask_kv = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + kv_off, mask=mask_kv, other=0.0)
-        v = tl.load(v_base + kv_off, mask=mask_kv, other=0.0)
-        acc, m_i, l_i = _softmax_tile(q, k, v, acc, m_i, l_i, qk_scale, mask_n[None, :], True, PRECISION)
+    acc, m_i, l_i = _attend_paged_keys(
+        q,
+        k_base,
+        v_base,
+        bt_row,
+        kv_start,
+        kv_end,
+        acc,
+        m_i,
+        l_i,
+        qk_scale,
+        offs_d,
+        mask_d,
+        stride_kb,
+        stride_ko,
+        BLOCK_SIZE,
+        BLOCK_N,
+        PRECISION,
+    )
 
     if not SPLIT:
         tl.store(
@@ -567,14 +610,25 @@ def _cascade_prefix_kernel(
     acc = tl.zeros([TILE_SEQS * HEADS_P2, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([TILE_SEQS * HEADS_P2], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([TILE_SEQS * HEADS_P2], dtype=tl.float32)
-    for start_n in range(0, prefix_len, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < prefix_len
-        kv_off = _paged_offsets(bt_row, offs_n, mask_n, offs_d, stride_kb, stride_ko, BLOCK_SIZE)
-        mask_kv = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + kv_off, mask=mask_kv, other=0.0)
-        v = tl.load(v_base + kv_off, mask=mask_kv, other=0.0)
-        acc, m_i, l_i = _softmax_tile(q, k, v, acc, m_i, l_i, qk_scale, mask_n[None, :], True, PRECISION)
+    acc, m_i, l_i = _attend_paged_keys(
+        q,
+        k_base,
+        v_base,
+        bt_row,
+        0,
+        prefix_len,
+        acc,
+        m_i,
+        l_i,
+        qk_scale,
+        offs_d,
+        mask_d,
+        stride_kb,
+        stride_ko,
+        BLOCK_SIZE,
+        BLOCK_N,
+        PRECISION,
+    )
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     seq_safe = tl.where(valid, seq, 0)
