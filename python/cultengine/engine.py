@@ -226,15 +226,8 @@ class Engine:
                         seq_id = self._add(
                             prep,
                             max_tokens=sp.max_tokens,
-                            temperature=sp.temperature,
-                            top_p=sp.top_p,
-                            top_k=sp.top_k,
-                            seed=seed,
-                            stop=list(sp.stop),
-                            stop_token_ids=list(sp.stop_token_ids),
-                            ignore_eos=sp.ignore_eos,
-                            skip_special_tokens=sp.skip_special_tokens,
                             prompt_logprobs_from=1 if prompt_lps else -1,
+                            **sp.scheduler_kwargs(seed),
                         )
                         owners[seq_id] = (i, k)
                         if sp.logprobs is not None:
@@ -518,12 +511,7 @@ class Engine:
     # -------------------------------------------------------------------------------------------
     def _add(self, prep: _Prepared, max_tokens: int, prompt_logprobs_from: int = -1, **sampling) -> int:
         seq_id = self._next_seq_id
-        positions = self.family.positions(prep.prompt_ids, prep.image_starts)
-        rows, delta = (
-            (np.ascontiguousarray(positions[0], dtype=np.int64).ravel().tolist(), int(positions[1]))
-            if positions is not None
-            else ([], 0)
-        )
+        rows, delta = self._position_rows(prep)
         self.scheduler.add_sequence(
             seq_id,
             prep.prompt_ids,
@@ -540,17 +528,19 @@ class Engine:
         self._counters["prompt_tokens"] += len(prep.prompt_ids)
         return seq_id
 
+    def _position_rows(self, prep: _Prepared) -> tuple[list[int], int]:
+        """The family's explicit position rows (flattened) and decode delta, or none (plain positions)."""
+        positions = self.family.positions(prep.prompt_ids, prep.image_starts)
+        if positions is None:
+            return [], 0
+        return np.ascontiguousarray(positions[0], dtype=np.int64).ravel().tolist(), int(positions[1])
+
     def _add_scoring(self, prep: _Prepared, choices: list[list[int]]) -> list[int]:
         """Score `choices` after the context `prep`, computed once for all of them (the scheduler forks
         each choice from it); returns the choices' sequence ids."""
         context_id = self._next_seq_id
         ids = list(range(context_id + 1, context_id + 1 + len(choices)))
-        positions = self.family.positions(prep.prompt_ids, prep.image_starts)
-        rows, delta = (
-            (np.ascontiguousarray(positions[0], dtype=np.int64).ravel().tolist(), int(positions[1]))
-            if positions is not None
-            else ([], 0)
-        )
+        rows, delta = self._position_rows(prep)
         self.scheduler.add_scoring(
             context_id, prep.prompt_ids, prep.image_spans, choices, ids, positions=rows, position_delta=delta
         )

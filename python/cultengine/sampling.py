@@ -104,6 +104,19 @@ class SamplingParams:
             if getattr(self, name) is not None:
                 setattr(self, name, _int(name, getattr(self, name), 0, MAX_TOP_LOGPROBS))
 
+    def scheduler_kwargs(self, seed: int) -> dict:
+        """What the Rust scheduler takes of these parameters for one sample with `seed`."""
+        return dict(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=seed,
+            stop=list(self.stop),
+            stop_token_ids=list(self.stop_token_ids),
+            ignore_eos=self.ignore_eos,
+            skip_special_tokens=self.skip_special_tokens,
+        )
+
     def sample_seeds(self) -> list[int]:
         """One seed per sample: sample i of a seeded request is reproducible on its own."""
         base = self.seed if self.seed is not None else secrets.randbits(63)

@@ -200,17 +200,7 @@ class EngineLoop:
                 for seed in sp.sample_seeds():
                     job.seq_ids.append(
                         seq_id := eng._add(
-                            prep,
-                            max_tokens=max_tokens,
-                            temperature=sp.temperature,
-                            top_p=sp.top_p,
-                            top_k=sp.top_k,
-                            seed=seed,
-                            stop=list(sp.stop),
-                            stop_token_ids=list(sp.stop_token_ids),
-                            ignore_eos=sp.ignore_eos,
-                            skip_special_tokens=sp.skip_special_tokens,
-                            stream=job.stream is not None,
+                            prep, max_tokens=max_tokens, stream=job.stream is not None, **sp.scheduler_kwargs(seed)
                         )
                     )
                     if sp.logprobs is not None:
