@@ -9,11 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cultengine
+
 BENCHES = Path(__file__).resolve().parents[1] / "benches"
 
 
 def run_bench(script: str, *args: str, out: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(BENCHES.parent / "python"), "OMP_NUM_THREADS": "1"}
+    package = Path(cultengine.__file__).resolve().parents[1]  # the cultengine under test (installed or source)
+    env = {**os.environ, "PYTHONPATH": str(package), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, str(BENCHES / script), *args, "--out", str(out)],
         env=env,
