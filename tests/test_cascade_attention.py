@@ -266,3 +266,22 @@ def test_padded_graph_steps_with_cascade(tiny_llama):
     for got, want in zip(outs, ref, strict=True):
         assert got.token_ids == want.token_ids
         torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs), atol=1e-5, rtol=0)
+
+
+def test_results_say_which_decode_paths_ran(tiny_llama):
+    """The run section of every results file names the settings that chose the kernels and the loop."""
+    from cultengine import Engine, provenance
+
+    engine = Engine(tiny_llama, dtype="float32", cascade_attention=True, overlap_scheduling=False)
+    run = provenance.collect(engine=engine, argv=["test"])
+    assert run["engine_settings"] == {
+        "attention_backend": "torch",
+        "cuda_graphs": False,
+        "cascade_attention": True,
+        "overlap_scheduling": False,
+    }
+    assert (
+        "- engine settings: attention_backend torch, cuda_graphs False, cascade_attention True, "
+        "overlap_scheduling False" in provenance.markdown(run)
+    )
+    assert Engine(tiny_llama, dtype="float32").provenance()["settings"]["cascade_attention"] is False  # CPU default

@@ -323,7 +323,8 @@ class Engine:
         return outputs
 
     def provenance(self) -> dict:
-        """What produced this engine's numbers: image processor and path, library versions, checkpoint."""
+        """What produced this engine's numbers: image processor and path, library versions, checkpoint, and the
+        engine settings that chose the kernels and the loop."""
         from .provenance import library_versions
 
         proc = self.family.image_processor
@@ -337,6 +338,13 @@ class Engine:
             "checkpoint": str(self.checkpoint.path),
             "architecture": self.checkpoint.architecture,
             "dtype": str(self.checkpoint.dtype).removeprefix("torch."),
+            # How the numbers were computed: each setting leaves outputs unchanged, but they say what ran.
+            "settings": {
+                "attention_backend": self.ops.backend,
+                "cuda_graphs": self.runner.decode_graphs is not None,
+                "cascade_attention": self.runner.cascade_width > 0,
+                "overlap_scheduling": self.overlap_scheduling,
+            },
         }
 
     def stats(self) -> dict:

@@ -135,6 +135,8 @@ def collect(
         "image_processor": image.get("image_processor"),
         "image_backend": image.get("image_backend"),
     }
+    if image.get("settings"):
+        out["engine_settings"] = image["settings"]
     if model is not None:
         out["checkpoint"] = {
             "name": Path(str(model)).name,
@@ -165,6 +167,8 @@ def markdown(run: dict[str, Any]) -> list[str]:
         lines.append("- libraries: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in run["libraries"].items()))
     if "image_backend" in run:
         lines.append(f"- image preprocessing backend: {run['image_backend'] or 'not reported by this engine'}")
+    if run.get("engine_settings"):
+        lines.append("- engine settings: " + ", ".join(f"{k} {v}" for k, v in run["engine_settings"].items()))
     for k, v in run.get("engine", {}).items():
         lines.append(f"- engine {k}: {v}")
     return lines + [""]
