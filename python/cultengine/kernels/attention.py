@@ -91,13 +91,6 @@ def _attend_contiguous(
     return acc / l_i[:, None]
 
 
-@triton.jit
-def _paged_offsets(block_table_row, offs_n, mask_n, offs_d, stride_kb, stride_ko, BLOCK_SIZE: tl.constexpr):
-    """Element offsets `[BLOCK_N, BLOCK_D]` of logical keys `offs_n` in a paged cache (one KV head)."""
-    blk = tl.load(block_table_row + offs_n // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
-    return (blk * stride_kb + (offs_n % BLOCK_SIZE) * stride_ko)[:, None] + offs_d[None, :]
-
-
 # ---------------------------------------------------------------------------------------------
 # Prefill (and mixed prefill/decode) over the paged cache
 # ---------------------------------------------------------------------------------------------
@@ -182,81 +175,17 @@ def _prefill_kernel(
     has_full = full_lo < full_hi
     full_lo = tl.where(has_full, full_lo, kv_start)
     full_hi = tl.where(has_full, full_hi, kv_start)
-    for start_n in range(kv_start, full_lo, BLOCK_N):
-        acc, m_i, l_i = _prefill_tile(
-            q,
-            k_base,
-            v_base,
-            bt_row,
-            start_n,
-            kv_end,
-            q_pos,
-            span_lo,
-            span_hi,
-            window,
-            acc,
-            m_i,
-            l_i,
-            qk_scale,
-            offs_d,
-            mask_d,
-            stride_kb,
-            stride_ko,
-            BLOCK_SIZE,
-            BLOCK_N,
-            True,
-            PRECISION,
-        )
-    for start_n in range(full_lo, full_hi, BLOCK_N):
-        acc, m_i, l_i = _prefill_tile(
-            q,
-            k_base,
-            v_base,
-            bt_row,
-            start_n,
-            kv_end,
-            q_pos,
-            span_lo,
-            span_hi,
-            window,
-            acc,
-            m_i,
-            l_i,
-            qk_scale,
-            offs_d,
-            mask_d,
-            stride_kb,
-            stride_ko,
-            BLOCK_SIZE,
-            BLOCK_N,
-            False,
-            PRECISION,
-        )
-    for start_n in range(full_hi, kv_end, BLOCK_N):
-        acc, m_i, l_i = _prefill_tile(
-            q,
-            k_base,
-            v_base,
-            bt_row,
-            start_n,
-            kv_end,
-            q_pos,
-            span_lo,
-            span_hi,
-            window,
-            acc,
-            m_i,
-            l_i,
-            qk_scale,
-            offs_d,
-            mask_d,
-            stride_kb,
-            stride_ko,
-            BLOCK_SIZE,
-            BLOCK_N,
-            True,
-            PRECISION,
-        )
+    # fmt: off
+    acc, m_i, l_i = _prefill_keys(q, k_base, v_base, bt_row, kv_start, full_lo, kv_end, q_pos, span_lo, span_hi,
+                                  window, acc, m_i, l_i, qk_scale, offs_d, mask_d, stride_kb, stride_ko, BLOCK_SIZE,
+                                  BLOCK_N, True, PRECISION)
+    acc, m_i, l_i = _prefill_keys(q, k_base, v_base, bt_row, full_lo, full_hi, kv_end, q_pos, span_lo, span_hi,
+                                  window, acc, m_i, l_i, qk_scale, offs_d, mask_d, stride_kb, stride_ko, BLOCK_SIZE,
+                                  BLOCK_N, False, PRECISION)
+    acc, m_i, l_i = _prefill_keys(q, k_base, v_base, bt_row, full_hi, kv_end, kv_end, q_pos, span_lo, span_hi,
+                                  window, acc, m_i, l_i, qk_scale, offs_d, mask_d, stride_kb, stride_ko, BLOCK_SIZE,
+                                  BLOCK_N, True, PRECISION)
+    # fmt: on
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # l = 0 only in idle rows past the sequence's end
     tl.store(
@@ -265,41 +194,34 @@ def _prefill_kernel(
 
 
 @triton.jit
-def _prefill_tile(
-    q,
-    k_base,
-    v_base,
-    bt_row,
-    start_n,
-    kv_end,
-    q_pos,
-    span_lo,
-    span_hi,
-    window,
-    acc,
-    m_i,
-    l_i,
-    qk_scale,
-    offs_d,
-    mask_d,
-    stride_kb,
-    stride_ko,
-    BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """One key tile of the prefill kernel; `MASKED` applies causality, image spans, the window and the end."""
+def _prefill_keys(q, k_base, v_base, bt_row, first_n, last_n, kv_end, q_pos, span_lo, span_hi, window, acc, m_i,
+                  l_i, qk_scale, offs_d, mask_d, stride_kb, stride_ko, BLOCK_SIZE: tl.constexpr,
+                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    """The prefill kernel's key tiles `first_n..last_n`; `MASKED` applies causality, image spans, the window
+    and the end."""
+    for start_n in range(first_n, last_n, BLOCK_N):
+        offs_n, mask_n, k, v = _paged_tile(k_base, v_base, bt_row, start_n, kv_end, offs_d, mask_d, stride_kb,
+                                           stride_ko, BLOCK_SIZE, BLOCK_N)  # fmt: skip
+        k_pos, rows = offs_n[None, :], q_pos[:, None]
+        visible = (k_pos <= rows) | ((k_pos >= span_lo[:, None]) & (k_pos < span_hi[:, None]))
+        visible = visible & (k_pos > rows - window) & mask_n[None, :]
+        acc, m_i, l_i = _softmax_tile(q, k, v, acc, m_i, l_i, qk_scale, visible, MASKED, PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _paged_tile(k_base, v_base, bt_row, start_n, kv_end, offs_d, mask_d, stride_kb, stride_ko,
+                BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """One tile of paged keys and values from `start_n` (one KV head), zero past `kv_end`; with its key
+    indices and their mask."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     mask_n = offs_n < kv_end
-    kv_off = _paged_offsets(bt_row, offs_n, mask_n, offs_d, stride_kb, stride_ko, BLOCK_SIZE)
+    blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)  # physical block of each key
+    kv_off = (blk * stride_kb + (offs_n % BLOCK_SIZE) * stride_ko)[:, None] + offs_d[None, :]
     mask_kv = mask_n[:, None] & mask_d[None, :]
     k = tl.load(k_base + kv_off, mask=mask_kv, other=0.0)
     v = tl.load(v_base + kv_off, mask=mask_kv, other=0.0)
-    k_pos, rows = offs_n[None, :], q_pos[:, None]
-    visible = (k_pos <= rows) | ((k_pos >= span_lo[:, None]) & (k_pos < span_hi[:, None]))
-    visible = visible & (k_pos > rows - window) & mask_n[None, :]
-    return _softmax_tile(q, k, v, acc, m_i, l_i, qk_scale, visible, MASKED, PRECISION)
+    return offs_n, mask_n, k, v
 
 
 def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
@@ -399,12 +321,8 @@ def _attend_paged_keys(
 ):
     """Fold the paged keys `kv_start..kv_end-1` (one KV head) into the running softmax of the rows `q`."""
     for start_n in range(kv_start, kv_end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < kv_end
-        kv_off = _paged_offsets(bt_row, offs_n, mask_n, offs_d, stride_kb, stride_ko, BLOCK_SIZE)
-        mask_kv = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + kv_off, mask=mask_kv, other=0.0)
-        v = tl.load(v_base + kv_off, mask=mask_kv, other=0.0)
+        _, mask_n, k, v = _paged_tile(k_base, v_base, bt_row, start_n, kv_end, offs_d, mask_d, stride_kb,
+                                      stride_ko, BLOCK_SIZE, BLOCK_N)  # fmt: skip
         acc, m_i, l_i = _softmax_tile(q, k, v, acc, m_i, l_i, qk_scale, mask_n[None, :], True, PRECISION)
     return acc, m_i, l_i
 
