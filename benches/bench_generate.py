@@ -354,7 +354,7 @@ def main(argv=None) -> None:
             overlap_ab(engine, requests, output_lens, args, args.preset or "demo checkpoint")
             return
         inputs = prepared_inputs(engine, requests)
-        engine_kv_bytes_per_key = engine.runner.kv_bytes_per_key
+        kv_bytes_per_key = engine.runner.kv_bytes_per_key
         pad_id = pad_token_id(engine)
         prompt_tokens = [len(ids) for ids, _ in inputs]
         out_tokens = sum(output_lens)
@@ -429,7 +429,6 @@ def main(argv=None) -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    kv_bytes_per_key = engine_kv_bytes_per_key
     rows = []
     for name in times:
         wall = bench_common.median(times[name])

@@ -200,7 +200,7 @@ def _attend(
 ) -> torch.Tensor:
     """Paged attention (see `paged_attention`) for the sequences `seqs`, whose packed query rows are `rows`."""
     _, hq, d = q.shape
-    num_blocks, block_size, hkv, _ = k_cache.shape
+    _, block_size, hkv, _ = k_cache.shape
     qsl = meta.query_start_loc.long()
     q_lens = (qsl[1:] - qsl[:-1])[seqs]
     seq_lens = meta.seq_lens.long()[seqs]
@@ -210,15 +210,9 @@ def _attend(
     # Gather the keys/values of each sequence into a padded [B, Hkv, keys, D] batch, from the first block any
     # query's window reaches (all of them without a window).
     first_blk = 0 if window is None else max(int((seq_lens - q_lens).min()) - window + 1, 0) // block_size
-    n_blk = -(-max_kv // block_size)
     first_key, keys = first_blk * block_size, max_kv - first_blk * block_size
-    blocks = meta.block_tables[seqs, first_blk:n_blk].long().flatten()
-
-    def gather(cache: torch.Tensor) -> torch.Tensor:
-        kv = cache.view(num_blocks, block_size * hkv * d).index_select(0, blocks)
-        return kv.view(b, (n_blk - first_blk) * block_size, hkv, d)[:, :keys].transpose(1, 2).float()
-
-    k, v = gather(k_cache), gather(v_cache)
+    tables = meta.block_tables[seqs, first_blk:]
+    k, v = _gather_keys(k_cache, tables, keys), _gather_keys(v_cache, tables, keys)
 
     # Scatter the packed queries into a padded [B, Hq, max_q, D] batch.
     seq_of_row = torch.repeat_interleave(torch.arange(b, device=q.device), q_lens)
