@@ -187,6 +187,19 @@ fn run(
     run_with(reqs, cfg, arrival_seed, Drive::default())
 }
 
+/// The longest a request can grow, and every request's outputs with memory to spare (the reference).
+fn longest_and_reference(reqs: &[Request], seed: u64) -> (usize, HashMap<i64, FinishedSequence>) {
+    let longest = reqs
+        .iter()
+        .map(|r| r.prompt.len() + r.params.max_tokens)
+        .max()
+        .unwrap();
+    (
+        longest,
+        run(reqs, config(4096, false, 4096, 256, 16), seed).0,
+    )
+}
+
 /// How `run_with` drives the scheduler.
 #[derive(Clone, Copy, Default)]
 struct Drive {
@@ -365,12 +378,7 @@ fn key(f: &FinishedSequence) -> impl PartialEq + std::fmt::Debug + '_ {
 fn outputs_identical_under_memory_pressure_chunking_and_prefix_caching() {
     for seed in 0..12u64 {
         let reqs = random_requests(seed, 40);
-        let longest = reqs
-            .iter()
-            .map(|r| r.prompt.len() + r.params.max_tokens)
-            .max()
-            .unwrap();
-        let (reference, _) = run(&reqs, config(4096, false, 4096, 256, 16), seed);
+        let (longest, reference) = longest_and_reference(&reqs, seed);
         let mut rng = Rng(seed + 100);
         for caching in [false, true] {
             for bs in [4, 16] {
@@ -1104,12 +1112,7 @@ fn overlapped_scheduling_gives_the_synchronous_outputs() {
     };
     for seed in 0..12u64 {
         let reqs = random_requests(seed, 40);
-        let longest = reqs
-            .iter()
-            .map(|r| r.prompt.len() + r.params.max_tokens)
-            .max()
-            .unwrap();
-        let (reference, _) = run(&reqs, config(4096, false, 4096, 256, 16), seed);
+        let (longest, reference) = longest_and_reference(&reqs, seed);
         let mut rng = Rng(seed + 200);
         let mut preemptions = 0;
         for caching in [false, true] {
@@ -1142,12 +1145,7 @@ fn overlapped_scheduling_gives_the_synchronous_outputs() {
 fn overlapped_aborts_and_cancelled_plans_leak_nothing_and_change_no_other_output() {
     for seed in 0..8u64 {
         let reqs = random_requests(seed, 30);
-        let longest = reqs
-            .iter()
-            .map(|r| r.prompt.len() + r.params.max_tokens)
-            .max()
-            .unwrap();
-        let (reference, _) = run(&reqs, config(4096, false, 4096, 256, 16), seed);
+        let (longest, reference) = longest_and_reference(&reqs, seed);
         for (caching, cancel_every) in [(false, 0), (true, 0), (true, 9), (false, 17)] {
             let drive = Drive {
                 overlap: true,
