@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("torch", "triton", "flash")
-# What a backend provides: these functions, with these names and signatures.
+# What a backend provides: these functions, with these names and signatures. (`write_kv` is not among them:
+# the models write the cache through `rotary_write_kv`, whose reference composes it.)
 PRIMITIVES = (
-    "write_kv",
     "paged_attention",
     "vision_attention",
     "varlen_vision_attention",
@@ -470,7 +470,6 @@ class Ops:
     references here, replaced by `kernels.bind` on the Triton and flash backends (same signatures)."""
 
     PRIMITIVES = PRIMITIVES
-    write_kv: Callable[..., None]
     paged_attention: Callable[..., torch.Tensor]
     vision_attention: Callable[..., torch.Tensor]
     varlen_vision_attention: Callable[..., torch.Tensor]
@@ -481,7 +480,7 @@ class Ops:
 
     def __init__(self, backend: str):
         self.backend = backend
-        self.write_kv, self.paged_attention, self.rms_norm = write_kv, paged_attention, rms_norm
+        self.paged_attention, self.rms_norm = paged_attention, rms_norm
         self.vision_attention, self.varlen_vision_attention = vision_attention, varlen_vision_attention
         self.rotary_embedding, self.patch_embed = rotary_embedding, patch_embed
         self.rotary_write_kv = rotary_write_kv

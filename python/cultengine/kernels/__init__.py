@@ -29,7 +29,7 @@ __all__ = [
 
 def bind(ops, use_flash_attn: bool = False) -> None:
     """Swap the primitives of an `ops.Ops` instance for the kernels (attention via flash-attn if asked)."""
-    ops.write_kv, ops.paged_attention, ops.rms_norm = write_kv, paged_attention, rms_norm
+    ops.paged_attention, ops.rms_norm = paged_attention, rms_norm
     ops.vision_attention, ops.varlen_vision_attention = vision_attention, varlen_vision_attention
     ops.rotary_embedding, ops.patch_embed = rotary_embedding, patch_embed
     ops.rotary_write_kv = rotary_write_kv
