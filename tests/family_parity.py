@@ -60,9 +60,10 @@ def reference(path, backend: str | None = None):
     return model, processor
 
 
-def chat_inputs(processor, messages) -> dict:
+def chat_inputs(processor, messages, **template) -> dict:
+    """transformers' inputs for a chat; `template`: `chat_template=<name or text>` where not the default."""
     return processor.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", **template
     )
 
 

@@ -215,3 +215,79 @@ def test_bad_temperatures_are_an_argument_error(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["stories", "--out", "o", "--concepts", "c", "--images", "i", "--temperatures", "0.3,hot"])
     assert e.value.code == 2 and "expected comma-separated numbers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, prog, close",
+    [
+        (["bench", "--modle", "ckpt"], "cultengine bench", "--model"),
+        (["data", "validate", "x.csv", "--formt", "csv"], "cultengine data validate", "--format"),
+        (
+            ["stories", "--out", "o", "--concepts", "c", "--images", "i", "--temprature", "1"],
+            "cultengine stories",
+            "--temperatures",
+        ),
+        (["ground", "--out", "o", "--input", "i", "--zzzzzz", "1"], "cultengine ground", None),
+    ],
+)
+def test_an_unknown_flag_points_at_its_own_commands_help(argv, prog, close, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"{prog}: error: unrecognized arguments: {argv[-2]}") and f"(see {prog} --help)" in err
+    assert (f"did you mean {close}?" in err) if close else "did you mean" not in err
+
+
+@pytest.mark.parametrize("command", ["bench", "values"])
+def test_a_file_given_as_model_is_not_a_directory(command, engine_kwargs, tmp_path, capsys):
+    f = _study_inputs(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"\0" * 8)
+    argv = {
+        "values": [
+            "values",
+            "--out",
+            str(tmp_path / "o"),
+            "--items",
+            str(f["items.jsonl"]),
+            "--human",
+            str(f["human.csv"]),
+        ],
+        "bench": ["bench", "--output-dir", str(tmp_path / "o")],
+    }[command]
+    assert cli.main([*argv, "--model", str(weights)]) == 2
+    err = capsys.readouterr().err
+    assert f"--model {weights}: not a directory" in err and f"perhaps --model {tmp_path}" in err
+    assert engine_kwargs == {}
+
+
+def test_a_broken_pipe_is_not_an_error(tmp_path):
+    """`cultengine data validate FILE | head`: the reader leaving early ends the command quietly, status 0."""
+    f = tmp_path / "t.jsonl"
+    f.write_text("".join(json.dumps({"id": str(i), "question": "Q?", "answer": "x"}) + "\n" for i in range(50)))
+    p = subprocess.Popen(
+        [sys.executable, "-m", "cultengine.cli", "data", "validate", str(f)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_env(),
+    )
+    p.stdout.close()  # before the command writes anything: its first write meets a closed pipe
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=300) == 0 and err == ""
+
+
+def test_ctrl_c_is_one_line_saying_what_was_kept_and_how_to_resume(tmp_path, monkeypatch, capsys):
+    from cultengine.bench import run as bench_run
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_run, "_evaluate", interrupted)
+    out = tmp_path / "run"
+    assert cli.main(["bench", "--device", "cpu", "--limit", "4", "--output-dir", str(out), "--quiet"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"cultengine: interrupted; the results written so far are kept in {out.resolve()}; "
+        "run the same command again to resume"
+    )

@@ -403,7 +403,7 @@ def test_columns_map_any_table(tmp_path):
         "South America",
     )
     assert r.images == [str(tmp_path / "p.png")] and r.meta["extra"] == "kept"
-    assert ds.skipped[0].id == "k2" and "is not a list" in ds.skipped[0].reason
+    assert ds.skipped[0].id == "k2" and "must be a list of strings" in ds.skipped[0].reason
     joined = formats.ImportOptions.parse_columns("question=question,options=choice_a+choice_b,answer=ans")
     write_jsonl(
         tmp_path / "j.jsonl", [{"question": "Q?", "choice_a": "x", "choice_b": "y", "ans": "B"}, {"Nope": "Q2?"}]

@@ -185,7 +185,7 @@ def test_tiny_judge_on_fixed_answers(tmp_path, tiny_llama, monkeypatch):
     assert run(args, make_engine=make) == 0 and len(judges) == 1
     # another judging prompt never mixes its verdicts with these
     (tmp_path / "other.jinja").write_text(SHORT_PROMPT + " (yes/no)")
-    with pytest.raises(SystemExit, match="another judge model or prompt"):
+    with pytest.raises(ValueError, match="another judge model or prompt"):
         run(bench_args(**{**vars(args), "judge_prompt": str(tmp_path / "other.jinja")}), make_engine=make)
     with pytest.raises(RunError, match="use it with --suite vqa"):
         run(bench_args(**{**vars(args), "suite": "mcq"}), make_engine=make)

@@ -33,10 +33,10 @@ def test_symlink_resolving_outside_is_refused(ckpt, tmp_path):
     outside = tmp_path / "elsewhere.safetensors"
     (ckpt / "model.safetensors").rename(outside)
     (ckpt / "model.safetensors").symlink_to(outside)
-    with pytest.raises(CheckpointError, match="'model.safetensors' lies outside"):
+    with pytest.raises(CheckpointError, match="model.safetensors: a link to .* outside the checkpoint folder"):
         load_checkpoint(ckpt)
     _index(ckpt, "model.safetensors")
-    with pytest.raises(CheckpointError, match="shard 'model.safetensors' lies outside"):
+    with pytest.raises(CheckpointError, match="model.safetensors: a link to .* outside the checkpoint folder"):
         load_checkpoint(ckpt)
 
 

@@ -73,3 +73,33 @@ def test_truncated_images_fail_even_when_another_library_allows_them(monkeypatch
     with pytest.raises(ValueError, match="cannot read image"):
         load_image(buf.getvalue()[:80])
     assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the other library's setting is left as it was
+
+
+# ------------------------------------------------------------------------------------------------
+# Resizing, cropping and padding are bounded too: a small image cannot be blown up past the limit.
+def test_a_config_resizing_a_small_image_to_gigabytes_is_refused_before_allocating():
+    from cultengine.image import ClipImageProcessor
+
+    proc = ClipImageProcessor({"size": {"shortest_edge": 60000}, "crop_size": 224, "do_center_crop": False})
+    with pytest.raises(ValueError, match=r"would resize a 40x30 image to 80000x60000 = 4,800,000,000 pixels"):
+        proc(Image.new("RGB", (40, 30)))
+    crop = ClipImageProcessor({"size": {"shortest_edge": 30}, "do_center_crop": True, "crop_size": 70000})
+    with pytest.raises(ValueError, match="would pad \\(to crop\\)"):
+        crop(Image.new("RGB", (40, 30)))
+
+
+@pytest.mark.parametrize("config, request_min", [({"min_pixels": 10**9}, None), ({}, 2 * 10**8)])
+def test_qwen_min_pixels_from_the_config_or_a_request_are_bounded(config, request_min):
+    from cultengine.models.qwen2_vl import QwenImageProcessor
+
+    proc = QwenImageProcessor({**config, "max_pixels": max(10**10, config.get("min_pixels", 0))})
+    with pytest.raises(ValueError, match="over the limit of 16,777,216 .*min_pixels"):
+        proc.process(Image.new("RGB", (40, 30)), min_pixels=request_min)
+
+
+def test_padding_to_a_square_is_bounded(monkeypatch):
+    monkeypatch.setattr(image, "MAX_RESIZED_PIXELS", 100)
+    x = image.to_channels_first(Image.new("RGB", (20, 2)), "pil")
+    with pytest.raises(ValueError, match="would pad \\(to a square\\) a 20x2 image to 20x20"):
+        image.pad_to_square(x)
+    assert image.pad_to_square(image.to_channels_first(Image.new("RGB", (10, 2)), "pil")).shape == (3, 10, 10)

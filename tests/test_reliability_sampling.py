@@ -18,6 +18,8 @@ from cultengine.sampling import SamplingParams
         {"seed": 1.5},
         {"seed": "7"},
         {"seed": True},
+        {"seed": -1},
+        {"seed": 2**64},
         {"max_tokens": 2.5},
         {"max_tokens": 2.0},
         {"max_tokens": 0},
@@ -38,7 +40,7 @@ from cultengine.sampling import SamplingParams
         {"top_p": math.nan},
         {"top_p": 0},
         {"top_p": 1.5},
-        {"top_p": None},
+        {"top_p": "0.5"},
         {"n": 0},
         {"n": 1.5},
         {"n": True},
@@ -57,12 +59,12 @@ def test_good_sampling_params_are_normalised():
         temperature=1,
         top_p=np.float32(0.5),
         top_k=np.int32(5),
-        seed=np.int64(-3),
+        seed=np.uint64(2**64 - 3),
         n=2,
         stop="\n",
         stop_token_ids=(4, np.int64(7)),
     )
-    assert (p.max_tokens, p.top_k, p.seed, p.stop, p.stop_token_ids) == (8, 5, -3, ["\n"], [4, 7])
+    assert (p.max_tokens, p.top_k, p.seed, p.stop, p.stop_token_ids) == (8, 5, 2**64 - 3, ["\n"], [4, 7])
     assert type(p.max_tokens) is int and type(p.temperature) is float and type(p.stop_token_ids[1]) is int
     assert SamplingParams(stop=None, stop_token_ids=None).stop == []
     caller_stops = ["x"]

@@ -1,6 +1,7 @@
 """The HTML reports in a real headless browser (Debian's chromium): a laptop-size screenshot is taken, the page
 logs no console error and loads nothing from outside, and no SVG text (axis labels, values, titles) lies
-outside its SVG's box, measured by element bounds. A deliberately broken page proves the check can fail."""
+outside its SVG's box, measured by element bounds, and no two SVG texts overlap. A deliberately broken page
+proves the checks can fail."""
 
 import html
 import json
@@ -28,7 +29,7 @@ console.error = (...a) => { window.__errors.push(a.join(' ')); __err(...a); };
 </script>"""
 PROBE_TAIL = """<script>
 (() => {
-  const clipped = [];
+  const clipped = [], overlaps = [];
   for (const svg of document.querySelectorAll('svg')) {
     const s = svg.getBoundingClientRect();
     for (const t of svg.querySelectorAll('text')) {
@@ -36,10 +37,19 @@ PROBE_TAIL = """<script>
       if (r.left < s.left - 0.5 || r.right > s.right + 0.5 || r.top < s.top - 0.5 || r.bottom > s.bottom + 0.5)
         clipped.push(t.textContent);
     }
+    const boxes = [...svg.querySelectorAll('text')].map(t => [t.textContent, t.getBoundingClientRect()]);
+    for (let i = 0; i < boxes.length; i++)
+      for (let j = i + 1; j < boxes.length; j++) {
+        const [a, p] = boxes[i], [b, q] = boxes[j];
+        const w = Math.min(p.right, q.right) - Math.max(p.left, q.left);
+        const h = Math.min(p.bottom, q.bottom) - Math.max(p.top, q.top);
+        if (w > 1 && h > 1) overlaps.push(a + ' / ' + b);
+      }
   }
   const out = document.createElement('pre');
   out.id = 'probe';
-  out.textContent = JSON.stringify({errors: window.__errors, clipped, svgs: document.querySelectorAll('svg').length,
+  out.textContent = JSON.stringify({errors: window.__errors, clipped, overlaps,
+    svgs: document.querySelectorAll('svg').length,
     texts: document.querySelectorAll('svg text').length, resources: performance.getEntriesByType('resource').length,
     overflow: document.documentElement.scrollWidth > window.innerWidth});
   document.body.appendChild(out);
@@ -157,14 +167,31 @@ def test_study_report_in_a_browser(tmp_path):
     assert r["svgs"] == 2 and r["errors"] == [] and r["console"] == [] and r["clipped"] == []
 
 
-def test_the_probe_catches_clipping_and_console_errors(tmp_path):
+def test_stories_heatmap_of_42_nationalities_in_a_browser(tmp_path):
+    """The stories study's similarity heatmap at its real size: 42 nationalities, long region labels. Every
+    label readable (none clipped, none overlapping another) and a colour scale with its end values."""
+    nats = [f"Nationality{k:02d}{'-with-a-long-name' if k % 7 == 0 else ''}" for k in range(42)]
+    labels = [f"{n} (South-Eastern Asia)" for n in nats]
+    sim = [[1.0 if i == j else 0.2 + 0.5 * ((i * j) % 7) / 7 for j in range(42)] for i in range(42)]
+    heat = plots.heatmap(labels, nats, sim, "story similarity (TF-IDF cosine), by region")
+    assert "colour scale" in heat and "no value" in heat
+    study_report.write_report(tmp_path, "stories", "stories", [("Plots", "", heat)], notes=[])
+    r = inspect((tmp_path / "stories.html").read_text(), tmp_path, "stories")
+    assert r["errors"] == [] and r["clipped"] == [] and r["overlaps"] == [], r["overlaps"][:5]
+    assert not r["overflow"]
+
+
+def test_the_probe_catches_clipping_overlaps_and_console_errors(tmp_path):
     broken = (
         "<!doctype html><html><head><meta charset='utf-8'></head><body>"
         "<svg xmlns='http://www.w3.org/2000/svg' width='40' height='20'><text x='2' y='14'>"
-        "a label far too long for its plot</text></svg><script>console.error('boom')</script></body></html>"
+        "a label far too long for its plot</text></svg>"
+        "<svg xmlns='http://www.w3.org/2000/svg' width='200' height='40'><text x='2' y='14'>first</text>"
+        "<text x='8' y='16'>second</text></svg><script>console.error('boom')</script></body></html>"
     )
     r = inspect(broken, tmp_path, "broken")
     assert r["clipped"] == ["a label far too long for its plot"]
+    assert r["overlaps"] == ["first / second"]
     assert "boom" in r["errors"]
 
 

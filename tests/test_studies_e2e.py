@@ -54,6 +54,8 @@ def test_values_cli(demo, images, tmp_path):
         str(tmp_path / "human.csv"),
         "--images",
         str(tmp_path / "imgs.csv"),
+        "--allowed-local-media-path",  # the images lie beside, not under, the data file
+        str(images),
     ]
     assert main(args) == 0
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -138,6 +140,8 @@ def test_ground_cli(demo, images, tmp_path):
         "en,es",
         "--threshold",
         "0.0",
+        "--allowed-local-media-path",
+        str(images),
     ]
     assert main(args) == 0
     s = json.loads((tmp_path / "run" / "summary.json").read_text())

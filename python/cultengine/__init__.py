@@ -7,10 +7,19 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # what editors and type checkers see; at run time the names load on first use
     from .engine import Engine, RequestError
-    from .outputs import ChoiceScore, GenerationOutput, Sample, ScoreOutput
+    from .outputs import ChoiceScore, GenerationOutput, Logprob, Sample, ScoreOutput
     from .sampling import SamplingParams
 
-__all__ = ["Engine", "RequestError", "SamplingParams", "GenerationOutput", "Sample", "ScoreOutput", "ChoiceScore"]
+__all__ = [
+    "Engine",
+    "RequestError",
+    "SamplingParams",
+    "GenerationOutput",
+    "Sample",
+    "ScoreOutput",
+    "ChoiceScore",
+    "Logprob",
+]
 __version__ = "0.1.0"
 
 # Loaded on first use, so that `cultengine --help` and the command line's argument errors do not import torch.
@@ -22,6 +31,7 @@ _HOMES = {
     "Sample": "outputs",
     "ScoreOutput": "outputs",
     "ChoiceScore": "outputs",
+    "Logprob": "outputs",
 }
 
 

@@ -2,15 +2,19 @@
 
 Chat templates come from the Hub and are untrusted: they run in Jinja's immutable sandbox, and they
 only ever see plain JSON data (images become inert "<TypeName>" strings, as in transformers). Rendering
-is bounded in time (`RENDER_TIME_LIMIT_S`; every loop iteration and call checks the clock) and `*` / `**`
-cannot build huge strings or numbers, so a hostile template fails its own request instead of hanging.
+is bounded in time (`RENDER_TIME_LIMIT_S`; every loop iteration and call checks the clock) and in size:
+every way a template builds a string or list in one step (`*`, `+`, `~`, `%`, the string methods and
+filters that pad, replace, join or format, sorting) is checked against `MAX_STRING` before it allocates,
+`**` against `MAX_POWER_BITS`, and the rendered text against `MAX_STRING` as it streams out. A hostile
+template fails its own request instead of hanging the server or exhausting its memory.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from datetime import datetime
 from functools import lru_cache
@@ -18,10 +22,13 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.visitor
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 RENDER_TIME_LIMIT_S = 2.0  # a real template renders a conversation in milliseconds
-MAX_REPEAT = 10_000_000  # longest string or list that `*` may build inside a template
+MAX_STRING = 4_000_000  # longest string or list a template may build, its output included (~1M tokens)
+MAX_ITEMS = 100_000  # most items the item-wise filters (sort, unique, list, batch...) may take, as they
+# run per item in Python without the clock (a real template sorts a few tools or messages)
 MAX_POWER_BITS = 1 << 16  # largest integer (in bits) that `**` may compute inside a template
 IMAGE_KEYS = ("image", "url", "path")  # where a {"type": "image"} item may carry its source
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
@@ -66,25 +73,175 @@ def _bounded_iter(iterable: Iterable) -> Iterator:
 _DEADLINE_FILTER = "cultengine_deadline"
 
 
-class _BoundedSandbox(ImmutableSandboxedEnvironment):
-    """The immutable sandbox, plus a clock check on every call and bounded `*` and `**`."""
+def _too_big(n: int, what: str) -> None:
+    if n > MAX_STRING:
+        raise jinja2.exceptions.SecurityError(
+            f"{what} would build {n:,} items, over cultengine.chat.MAX_STRING ({MAX_STRING:,})"
+        )
 
-    intercepted_binops = frozenset({"*", "**"})
+
+def _size(x: Any) -> int:
+    return len(x) if isinstance(x, str | list | tuple | dict) else len(str(x)) if isinstance(x, int | float) else 0
+
+
+_WIDTH = re.compile(r"\d+")
+
+
+def _check_format(fmt: Any, args: Iterable, what: str) -> None:
+    # `'%900000000s' % x`, `'{:900000000}'.format(x)`: every number in a format string may be a width.
+    if isinstance(fmt, str):
+        widths = sum(int(m) for m in _WIDTH.findall(fmt))
+        _too_big(len(fmt) + widths + sum(_size(a) for a in args), what)
+
+
+def _replaced_size(s: str, old: Any, new: Any, count: Any = -1) -> int:
+    if not isinstance(s, str) or not isinstance(old, str) or not isinstance(new, str):
+        return 0
+    hits = len(s) + 1 if old == "" else s.count(old)
+    if isinstance(count, int) and count >= 0:
+        hits = min(hits, count)
+    return len(s) + hits * max(0, len(new) - len(old))
+
+
+def _joined_size(sep: Any, items: Any) -> int:
+    if not isinstance(items, list | tuple):
+        return 0
+    return sum(_size(i) for i in items) + _size(sep) * max(0, len(items) - 1)
+
+
+# str methods that can build a string far larger than their inputs, and the size each would build
+_STR_METHODS: dict[str, Callable[..., int]] = {
+    "center": lambda s, width=0, *a: width if isinstance(width, int) else 0,
+    "ljust": lambda s, width=0, *a: width if isinstance(width, int) else 0,
+    "rjust": lambda s, width=0, *a: width if isinstance(width, int) else 0,
+    "zfill": lambda s, width=0: width if isinstance(width, int) else 0,
+    "expandtabs": lambda s, tabsize=8: len(s) + s.count("\t") * (tabsize if isinstance(tabsize, int) else 0),
+    "replace": _replaced_size,
+    "join": _joined_size,
+}
+
+
+def _bounded_filter(name: str, size: Callable[..., int], original: Callable) -> Callable:
+    limit = MAX_ITEMS if name in _ITEMWISE else None
+
+    def bounded(*args, **kwargs):
+        _check_deadline()
+        n = size(*args, **kwargs)
+        if limit is not None and n > limit:
+            raise jinja2.exceptions.SecurityError(
+                f"the '{name}' filter on {n:,} items, over cultengine.chat.MAX_ITEMS ({limit:,})"
+            )
+        _too_big(n, f"the '{name}' filter")
+        return original(*args, **kwargs)
+
+    if hasattr(original, "jinja_pass_arg"):  # Jinja passes the environment or context to filters marked so
+        bounded.jinja_pass_arg = original.jinja_pass_arg
+    return bounded
+
+
+_ITEMWISE = {"sort", "unique", "dictsort", "list", "batch", "slice"}
+
+
+def _filter_sizes() -> dict[str, Callable[..., int]]:
+    """For each filter that can build much more than it is given: the size it would build (its inputs
+    as Jinja passes them; an `environment`/`eval_ctx` first argument where the filter takes one)."""
+
+    def skip_ctx(f):
+        return lambda ctx, *a, **k: f(*a, **k)
+
+    def fmt(value, *args, **kwargs):
+        _check_format(value, [*args, *kwargs.values()], "the 'format' filter")
+        return 0
+
+    def indent(s, width=4, first=False, blank=False):
+        w = width if isinstance(width, int) else len(width) if isinstance(width, str) else 0
+        return len(str(s)) + (str(s).count("\n") + 1) * w
+
+    def items(value, *a, **k):  # sort, unique, list, ...: time and memory grow with the items
+        return len(value) if isinstance(value, str | list | tuple | dict) else 0
+
+    def replace(s, old, new, count=None):
+        return _replaced_size(str(s), old, new, -1 if count is None else count)
+
+    def join(value, d="", attribute=None):
+        return _joined_size(d, list(value) if isinstance(value, list | tuple) else value)
+
+    return {
+        "format": fmt,
+        "center": lambda value, width=80: width if isinstance(width, int) else 0,
+        "indent": indent,
+        "replace": skip_ctx(replace),
+        "join": skip_ctx(join),
+        "sort": skip_ctx(items),
+        "unique": skip_ctx(items),
+        "dictsort": items,
+        "list": skip_ctx(items),
+        "batch": items,
+        "slice": skip_ctx(items),
+        "wordwrap": skip_ctx(lambda s, width=79, *a, **k: len(str(s)) * 2),
+    }
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """The immutable sandbox, plus a clock check on every call and every operation that can build a large
+    string, list or number checked before it runs."""
+
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
 
     def call(self, context, obj, /, *args, **kwargs):  # every call of a template goes through here
         _check_deadline()
+        owner = getattr(obj, "__self__", None)
+        if isinstance(owner, str):
+            name = getattr(obj, "__name__", "")
+            if name in _STR_METHODS:
+                _too_big(_STR_METHODS[name](owner, *args, **kwargs), f"str.{name}")
         return super().call(context, obj, *args, **kwargs)
+
+    def wrap_str_format(self, value):  # the sandbox's own path for str.format and str.format_map
+        wrapped = super().wrap_str_format(value)
+        if wrapped is None:
+            return None
+        fmt, name = value.__self__, value.__name__
+
+        def checked(*args, **kwargs):
+            _check_format(fmt, [*args, *kwargs.values()], f"str.{name}")
+            return wrapped(*args, **kwargs)
+
+        return checked
 
     def call_binop(self, context, operator, left, right):
         _check_deadline()
         if operator == "*":
             for seq, n in ((left, right), (right, left)):
-                if isinstance(seq, str | list | tuple) and isinstance(n, int) and len(seq) * n > MAX_REPEAT:
-                    raise jinja2.exceptions.SecurityError(f"'*' would build {len(seq) * n:,} items")
+                if isinstance(seq, str | list | tuple) and isinstance(n, int):
+                    _too_big(len(seq) * n, "'*'")
+        elif operator == "+":
+            _too_big(_size(left) + _size(right), "'+'")
+        elif operator == "%":
+            _check_format(left, right if isinstance(right, tuple) else [right], "'%'")
         elif isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1:
             if right * abs(left).bit_length() > MAX_POWER_BITS:
                 raise jinja2.exceptions.SecurityError(f"'**' would compute a number of over {MAX_POWER_BITS} bits")
         return super().call_binop(context, operator, left, right)
+
+
+def _bounded_concat(*parts: Any) -> str:
+    # `a ~ b ~ c`: Jinja joins the parts' strings; doubling a string in a loop would reach gigabytes in
+    # a few iterations, well inside the time limit.
+    texts = [p if isinstance(p, str) else str(p) for p in parts]
+    _too_big(sum(map(len, texts)), "'~'")
+    return "".join(texts)
+
+
+class _BoundConcats(jinja2.visitor.NodeTransformer):
+    def visit_Concat(self, node: jinja2.nodes.Concat) -> jinja2.nodes.Node:
+        parts = [self.visit(n) for n in node.nodes]
+        return jinja2.nodes.Call(
+            jinja2.nodes.Name(_CONCAT, "load", lineno=node.lineno), parts, [], None, None, lineno=node.lineno
+        )
+
+
+_CONCAT = "cultengine_concat"
 
 
 class _TemplateDict:
@@ -132,10 +289,12 @@ class _GenerationTag(jinja2.ext.Extension):
 def compile_template(template: str) -> jinja2.Template:
     env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols])
     env.filters.update({"tojson": _tojson, _DEADLINE_FILTER: _bounded_iter})
+    env.filters.update({k: _bounded_filter(k, size, env.filters[k]) for k, size in _filter_sizes().items()})
     env.globals.update(
         raise_exception=_raise_exception, strftime_now=_strftime_now, dict=_TemplateDict(), namespace=_TemplateNamespace
     )
-    tree = env.parse(template)
+    env.globals[_CONCAT] = _bounded_concat
+    tree = _BoundConcats().visit(env.parse(template))
     for loop in tree.find_all(jinja2.nodes.For):
         loop.iter = jinja2.nodes.Filter(loop.iter, _DEADLINE_FILTER, [], [], None, None, lineno=loop.lineno)
     return env.from_string(tree)
@@ -178,6 +337,16 @@ def extract_images(messages: list[dict]) -> list[Any]:
     return images
 
 
+def _render_bounded(template: jinja2.Template, variables: dict) -> str:
+    """The template's output, refused as soon as it streams past `MAX_STRING` characters."""
+    chunks, total = [], 0
+    for chunk in template.generate(**variables):
+        total += len(chunk)
+        _too_big(total, "the rendered prompt")
+        chunks.append(chunk)
+    return "".join(chunks)
+
+
 def render_chat(
     template: str | None,
     messages: list[dict],
@@ -195,8 +364,8 @@ def render_chat(
     """
     if not template:
         raise ChatTemplateError(
-            "this checkpoint has no chat template (no chat_template.jinja and no "
-            "'chat_template' in tokenizer_config.json); pass a plain prompt instead"
+            "this checkpoint has no chat template (no chat_template.jinja, chat_template.json or "
+            "'chat_template' in tokenizer_config.json / processor_config.json); pass a plain prompt instead"
         )
     if not isinstance(messages, list) or not messages:
         raise ChatTemplateError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
@@ -214,8 +383,9 @@ def render_chat(
     limit = RENDER_TIME_LIMIT_S if time_limit is None else time_limit
     token = _deadline.set(time.monotonic() + limit)
     try:
-        text = compile_template(template).render(
-            messages=chat, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **variables
+        text = _render_bounded(
+            compile_template(template),
+            dict(messages=chat, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **variables),
         )
     except _OutOfTime:
         raise ChatTemplateError(
@@ -231,12 +401,16 @@ def render_chat(
     return text, extract_images(messages)
 
 
-def render_checkpoint_chat(checkpoint, messages: list[dict], **kwargs: Any) -> tuple[str, list[Any]]:
-    """`render_chat` with a loaded `Checkpoint`'s template and special tokens."""
+def render_checkpoint_chat(
+    checkpoint, messages: list[dict], template: str | None = None, **kwargs: Any
+) -> tuple[str, list[Any]]:
+    """`render_chat` with a loaded `Checkpoint`'s chat template (the one named `template`, default "default")
+    and special tokens."""
+    templates = checkpoint.templates
     return render_chat(
-        checkpoint.chat_template,
+        None if templates is None else templates.pick(template),
         messages,
         checkpoint.special_tokens,
-        template_name=f"the chat template of {checkpoint.path}",
+        template_name=f"the chat template of {checkpoint.path} ({templates.source if templates else 'none'})",
         **kwargs,
     )

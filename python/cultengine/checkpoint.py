@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError, unsupported_architecture
+from .tokenizer_files import ChatTemplates, chat_templates, special_tokens, tokenizer_json
 
 _DTYPES = {
     "float32": torch.float32,
@@ -51,14 +52,34 @@ class Checkpoint:
     device: torch.device
     eos_token_ids: list[int]
     bos_token_id: int | None
-    tokenizer_path: Path  # tokenizer.json
+    tokenizer_path: Path  # tokenizer.json (or, without one, the vocabulary it is converted from)
+    tokenizer_json: str = field(repr=False)  # the tokenizer as transformers runs it (tokenizer_files.py)
+    tokenizer_source: str  # "tokenizer.json as transformers 5.x's LlamaTokenizer loads it", "converted from ..."
     tokenizer_config: dict
     special_tokens: dict[str, str]  # bos_token, eos_token, ... as the chat template sees them
-    chat_template: str | None
+    templates: ChatTemplates | None  # the chat templates transformers renders with, and their file
     preprocessor_config: dict
+    generation_config: dict  # generation_config.json (empty without one)
     weight_files: dict[str, tuple[Path, str]] = field(repr=False)  # canonical name -> (file, name in file)
     random_init: bool = False  # shape presets for profiling: weights drawn at load time, no files read
     _handles: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def chat_template(self) -> str | None:
+        """The default chat template (None: the checkpoint has none)."""
+        return None if self.templates is None else self.templates.pick(None)
+
+    def tokenizer(self):
+        """The Rust tokenizer of this checkpoint (one per checkpoint: families and the engine share it)."""
+        tok = self._handles.get("tokenizer")
+        if tok is None:
+            from . import _core
+
+            try:
+                tok = self._handles["tokenizer"] = _core.Tokenizer.from_str(self.tokenizer_json)
+            except ValueError as e:
+                raise CheckpointError(f"{self.tokenizer_path}: {e}") from e
+        return tok
 
     @property
     def preprocessor_file(self) -> Path:
@@ -93,7 +114,7 @@ class Checkpoint:
         return t
 
     def close(self) -> None:
-        self._handles.clear()
+        self._handles = {k: v for k, v in self._handles.items() if k == "tokenizer"}
 
 
 def _random_weight(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -101,6 +122,44 @@ def _random_weight(name: str, shape: tuple[int, ...], dtype: torch.dtype, device
     if "norm" in name and name.endswith(".weight"):
         return torch.ones(shape, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device).normal_(0.0, 0.02)
+
+
+# config.json fields whose type every family relies on (numbers are checked where they are read, with
+# config_int / config_float); a value of another type is an error naming the field, not a TypeError later.
+_DICT_OR_NULL = ("text_config", "vision_config", "rope_scaling", "rope_parameters", "quantization_config")
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    **dict.fromkeys(_DICT_OR_NULL, (dict, type(None))),
+    "architectures": (list, type(None)),
+    "model_type": (str, type(None)),
+    "dtype": (str, type(None)),
+    "torch_dtype": (str, type(None)),
+    "projector_hidden_act": (str, type(None)),
+    "hidden_act": (str, type(None)),
+    "hidden_activation": (str, type(None)),
+    "tie_word_embeddings": (bool, type(None)),
+    "image_token_index": (int, type(None)),
+    "image_token_id": (int, type(None)),
+    "vision_feature_layer": (int, list, type(None)),
+    "vision_feature_select_strategy": (str, type(None)),
+}
+
+
+def _check_config_types(config: dict, file: Path, prefix: str = "") -> None:
+    for key, types in _FIELD_TYPES.items():
+        value = config.get(key)
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise CheckpointError(f"{file}: {prefix}{key} must be {names}, got {value!r:.80}")
+    if any(not isinstance(a, str) for a in config.get("architectures") or []):
+        raise CheckpointError(
+            f"{file}: {prefix}architectures must be a list of names, got {config['architectures']!r:.80}"
+        )
+    layer = config.get("vision_feature_layer")
+    if isinstance(layer, list) and (not layer or any(isinstance(x, bool) or not isinstance(x, int) for x in layer)):
+        raise CheckpointError(f"{file}: {prefix}vision_feature_layer must be a layer index or a non-empty list of them")
+    for sub in ("text_config", "vision_config"):
+        if isinstance(config.get(sub), dict):
+            _check_config_types(config[sub], file, f"{prefix}{sub}.")
 
 
 def _read_json(file: Path, required: bool = True) -> dict | None:
@@ -112,6 +171,8 @@ def _read_json(file: Path, required: bool = True) -> dict | None:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file}: malformed JSON ({e})") from e
+    except RecursionError:
+        raise CheckpointError(f"{file}: JSON nested too deeply to be a configuration file") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{file}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -135,6 +196,26 @@ def canonical_weight_name(name: str) -> str:
     return name.replace("model.vision_tower.vision_model.", "model.vision_tower.", 1)
 
 
+def _roots(path: Path) -> list[Path]:
+    """The folders a checkpoint's files may resolve into."""
+    root = path.resolve()
+    # A Hugging Face cache snapshot (models--org--name/snapshots/<rev>) links its files to ../../blobs/.
+    return [root, root.parent.parent] if root.parent.name == "snapshots" else [root]
+
+
+def _check_files(path: Path) -> None:
+    """Every file of the checkpoint folder (config, tokenizer, templates, processor and generation configs,
+    as the weights) lies inside it and is a regular file: a symlink out of the folder could make us read any
+    file, and a FIFO or device would block the read."""
+    roots = _roots(path)
+    templates = path / "additional_chat_templates"
+    for f in [*path.iterdir(), *(templates.iterdir() if templates.is_dir() else ())]:
+        if f.is_symlink() and not any(f.resolve().is_relative_to(r) for r in roots):
+            raise CheckpointError(f"{f}: a link to {f.resolve()}, outside the checkpoint folder; refusing to read it")
+        if f.exists() and not f.is_file() and not f.is_dir():
+            raise CheckpointError(f"{f}: not a regular file (a FIFO, socket or device); refusing to read it")
+
+
 def _index_weights(path: Path) -> dict[str, tuple[Path, str]]:
     index_file = path / "model.safetensors.index.json"
     if index_file.is_file():
@@ -149,9 +230,7 @@ def _index_weights(path: Path) -> dict[str, tuple[Path, str]]:
     else:
         files = sorted(p.name for p in path.glob("*.safetensors"))
         where = f"{path}: weight file"
-    root = path.resolve()
-    # A Hugging Face cache snapshot (models--org--name/snapshots/<rev>) links its files to ../../blobs/.
-    roots = [root, root.parent.parent] if root.parent.name == "snapshots" else [root]
+    roots = _roots(path)
     for f in files:
         # A weight index (or a symlink) may not make us open files outside the checkpoint.
         target = (path / f).resolve()
@@ -183,11 +262,13 @@ def _image_processor_config(path: Path) -> dict:
     return config if isinstance(config, dict) else {}
 
 
-def _token_str(tok: Any) -> str | None:
-    # tokenizer_config.json stores special tokens as strings or as AddedToken dicts.
-    if isinstance(tok, dict):
-        return tok.get("content")
-    return tok if isinstance(tok, str) else None
+def _token_ids(value: Any, file: str, path: Path) -> list[int]:
+    """An `eos_token_id` entry (one id or a list) as ids; a float, string or negative id names its file."""
+    values = value if isinstance(value, list) else [] if value is None else [value]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise CheckpointError(f"{path / file}: eos_token_id must be a token id or a list of them, got {value!r}")
+    return list(values)
 
 
 def _resolve_dtype(dtype: str | torch.dtype, config: dict) -> torch.dtype:
@@ -227,7 +308,9 @@ def load_checkpoint(
         raise CheckpointError(
             f"checkpoint directory not found: {path} (pass a local directory, e.g. one downloaded with `hf download`)"
         )
+    _check_files(path)
     config = _read_json(path / "config.json")
+    _check_config_types(config, path / "config.json")
     archs = config.get("architectures") or []
     arch = archs[0] if archs and isinstance(archs[0], str) else str(config.get("model_type", "<none>"))
     if architectures is not None and arch not in architectures:  # before any weight file is opened
@@ -237,30 +320,16 @@ def load_checkpoint(
 
     tok_file = path / "tokenizer.json"
     if not tok_file.is_file():
-        raise CheckpointError(
-            f"{path}: tokenizer.json not found (cultengine needs a fast tokenizer file; "
-            "convert with transformers' PreTrainedTokenizerFast.save_pretrained)"
-        )
+        tok_file = next((path / f for f in ("tokenizer.model", "vocab.json") if (path / f).is_file()), tok_file)
     tok_cfg = _read_json(path / "tokenizer_config.json", required=False) or {}
-    special = {
-        k: s
-        for k in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-        if (s := _token_str(tok_cfg.get(k))) is not None
-    }
-    template = None
-    if (path / "chat_template.jinja").is_file():
-        template = (path / "chat_template.jinja").read_text(encoding="utf-8")
-    elif isinstance(tok_cfg.get("chat_template"), str):
-        template = tok_cfg["chat_template"]
-    elif isinstance(tok_cfg.get("chat_template"), list):  # named templates: take "default"
-        named = {t.get("name"): t.get("template") for t in tok_cfg["chat_template"]}
-        template = named.get("default")
-    elif (path / "chat_template.json").is_file():
-        template = (_read_json(path / "chat_template.json") or {}).get("chat_template")
+    special = special_tokens(path, tok_cfg)
+    tok_text, tok_source = tokenizer_json(path, tok_cfg, special)
+    has_processor = (path / "preprocessor_config.json").is_file() or (path / "processor_config.json").is_file()
+    processor_cfg = (_read_json(path / "processor_config.json", required=False) or {}) if has_processor else None
 
     gen = _read_json(path / "generation_config.json", required=False) or {}
     eos = gen.get("eos_token_id", text_cfg.get("eos_token_id", config.get("eos_token_id")))
-    eos_ids = [int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else [])]
+    eos_ids = _token_ids(eos, "generation_config.json" if "eos_token_id" in gen else "config.json", path)
     bos = gen.get("bos_token_id", text_cfg.get("bos_token_id"))
 
     return Checkpoint(
@@ -272,10 +341,13 @@ def load_checkpoint(
         eos_token_ids=eos_ids,
         bos_token_id=bos,
         tokenizer_path=tok_file,
+        tokenizer_json=tok_text,
+        tokenizer_source=tok_source,
         tokenizer_config=tok_cfg,
         special_tokens=special,
-        chat_template=template,
+        templates=chat_templates(path, tok_cfg, processor_cfg),
         preprocessor_config=_image_processor_config(path),
+        generation_config=gen,
         weight_files=weights,
         random_init=random_init,
     )

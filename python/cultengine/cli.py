@@ -11,9 +11,14 @@ argument errors come before torch or any model is loaded; a command imports what
 from __future__ import annotations
 
 import argparse
+import difflib
+import os
 import sys
 
+from . import console
+
 EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -41,6 +46,26 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, extras = super().parse_known_args(args, namespace)
+        if extras and getattr(ns, "_unknown_parser", None) is None:  # the innermost command's parser is first
+            ns._unknown_parser = self
+        return ns, extras
+
+    def parse_args(self, args=None, namespace=None):
+        """Unknown arguments are reported by the (sub)command they were given to, with the closest option."""
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            parser = getattr(ns, "_unknown_parser", None) or self
+            options = list(parser._option_string_actions)
+            flags = [a.split("=")[0] for a in extras if a.startswith("--")]
+            close = [m for a in flags for m in difflib.get_close_matches(a, options, 1)]
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            parser.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+        if hasattr(ns, "_unknown_parser"):
+            del ns._unknown_parser
+        return ns
 
 
 def version() -> str:
@@ -83,6 +108,15 @@ def _one_line(e: BaseException) -> str:
     return text if isinstance(e, ValueError | OSError) else f"{type(e).__name__}: {text}"
 
 
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit raises no second broken pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -93,8 +127,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        raise
+    except KeyboardInterrupt:  # Ctrl-C: one line, what is kept, how to go on
+        if debug:
+            raise
+        print(
+            f"\ncultengine: interrupted{'; ' + console.interrupt_note() if console.interrupt_note() else ''}",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `cultengine data validate ... | head`: the reader has what it wanted
+        _quiet_stdout()
+        return 0
     except Exception as e:
         if debug:
             raise

@@ -418,10 +418,7 @@ def write(result: dict, out_dir: str | Path) -> Path:
 
 
 def run(run_dirs: list[str | Path], out_dir: str | Path) -> int:
-    try:
-        result = compare(run_dirs)
-    except Incomparable as e:
-        raise SystemExit(f"error: {e}") from None
+    result = compare(run_dirs)  # Incomparable is a ValueError: the CLI's one-line error, exit 2
     page = write(result, out_dir)
     print("\n".join(line[2:] for line in md_parts_summary(result)))
     print(f"report: {page.resolve()}")

@@ -25,6 +25,31 @@ def positive_int(text: str) -> int:
     return n
 
 
+def probability(text: str) -> float:
+    """argparse type: a number in [0, 1] (NaN is not one)."""
+    try:
+        p = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0 <= p <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return p
+
+
+MAX_SEED = 2**64 - 1  # seeds are 64-bit: a larger (or negative) one would wrap onto another seed
+
+
+def seed(text: str) -> int:
+    """argparse type: a seed, an integer in [0, 2^64 - 1]."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= n <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2^64 - 1], got {n}")
+    return n
+
+
 def add_quiet(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-q", "--quiet", action="store_true", help="no progress bar (it is shown only when stderr is a terminal)"
@@ -84,3 +109,42 @@ def print_outputs(*paths: str | Path) -> None:
     for path in map(Path, paths):
         if path.exists():
             print(f"{path.stem}: {path.resolve()}", flush=True)
+
+
+_interrupt_note: list[str] = [""]
+
+
+def set_interrupt_note(message: str) -> None:
+    """What a Ctrl-C leaves behind and how to go on (`cultengine: interrupted; <message>`), set by a command once
+    it knows where its outputs go."""
+    _interrupt_note[0] = message
+
+
+def interrupt_note() -> str:
+    return _interrupt_note[0]
+
+
+def resumable(where: str | Path, unit: str = "results") -> None:
+    """The interrupt note of a resumable command writing into `where`."""
+    kept = f"the {unit} written so far are kept in {Path(where).resolve()}"
+    set_interrupt_note(f"{kept}; run the same command again to resume")
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every NaN or infinite float replaced by None, so that it prints as strict JSON (null)."""
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def default_device(device: str | None) -> str:
+    """`--device` as given, else the one rule of every command: cuda when available, else cpu."""
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

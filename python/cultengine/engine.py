@@ -19,14 +19,16 @@ import torch
 from tqdm.auto import tqdm
 
 from . import _core
-from .chat import render_checkpoint_chat
+from .chat import render_chat
 from .checkpoint import load_checkpoint
+from .errors import CheckpointError
 from .image import load_image
 from .models import SUPPORTED_ARCHITECTURES, ImageFeatures, family_for
 from .ops import Ops, resolve_backend
-from .outputs import ChoiceScore, GenerationOutput, Sample, ScoreOutput
+from .outputs import ChoiceScore, GenerationOutput, Logprob, Sample, ScoreOutput
 from .runner import ModelRunner
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, checked_int, generation_defaults, sample
+from .tokenizer_files import chat_adds_special_tokens
 
 
 class RequestError(ValueError):
@@ -99,6 +101,8 @@ class Engine:
         image_options: dict | None = None,
         cascade_attention: bool | None = None,
         overlap_scheduling: bool = True,
+        generation_config: str = "auto",
+        chat_template: str | None = None,
     ):
         """`random_init` draws weights instead of reading them (profiling model shapes); `profile`
         synchronises the device around each phase to time it and records per-request latencies;
@@ -114,7 +118,16 @@ class Engine:
         computes the same attention no faster on a CPU, measured in benches/bench_generate.py);
         `overlap_scheduling` schedules and launches step N+1 before step N's tokens come back to the host, so
         the host's work hides behind the device's (outputs identical to the synchronous loop,
-        `overlap_scheduling=False`)."""
+        `overlap_scheduling=False`); `generation_config="auto"` takes the checkpoint's
+        generation_config.json temperature / top_p / top_k as the defaults of SamplingParams fields left
+        unset (as vLLM does; "none": greedy, no truncation; what was taken is in `provenance()`);
+        `chat_template` names one of the checkpoint's named chat templates (default: "default")."""
+        # Sizes are checked first: 0 or a negative one would fail deep in the KV cache, or (max_model_len=0)
+        # quietly mean "the model's context".
+        sizes = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, block_size=block_size)
+        unset_means_auto = dict(num_blocks=num_blocks, max_model_len=max_model_len)
+        for name, value in {**sizes, **{k: v for k, v in unset_means_auto.items() if v is not None}}.items():
+            checked_int(name, value, 1)
         _set_threads(threads)
         if str(model) == "demo":
             from .bench.demo_checkpoint import ensure
@@ -128,7 +141,8 @@ class Engine:
         self.checkpoint = load_checkpoint(
             model, dtype=dtype, device=self.device, random_init=random_init, architectures=SUPPORTED_ARCHITECTURES
         )
-        self.family = family_for(self.checkpoint, image_backend)
+        with _config_errors(self.checkpoint):
+            self.family = family_for(self.checkpoint, image_backend)
         unknown = set(image_options or {}) - set(self.family.image_options)
         if unknown:
             raise ValueError(
@@ -136,11 +150,33 @@ class Engine:
                 f"{', '.join(self.family.image_options) or 'none'})"
             )
         self.image_options = dict(image_options or {})
-        self.tokenizer = _core.Tokenizer.from_file(str(self.checkpoint.tokenizer_path))
+        self.tokenizer = self.checkpoint.tokenizer()
+        if generation_config not in ("auto", "none"):
+            raise ValueError(f"generation_config must be 'auto' or 'none', got {generation_config!r}")
+        where = str(self.checkpoint.path / "generation_config.json")
+        try:
+            taken, unfollowed = generation_defaults(self.checkpoint.generation_config, where)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+        self.sampling_defaults = taken if generation_config == "auto" else {}
+        self._unfollowed = unfollowed if generation_config == "auto" else {}
+        if self._unfollowed:
+            warnings.warn(
+                f"{where} sets {self._unfollowed}, which cultengine's sampler does not implement; "
+                "sampled outputs differ from transformers' generate there (greedy ones do not)",
+                stacklevel=2,
+            )
+        templates = self.checkpoint.templates
+        if chat_template is not None and templates is None:
+            raise CheckpointError(f"{self.checkpoint.path}: chat_template={chat_template!r} asked for, but it has none")
+        self.templates = templates
+        self.chat_template = None if templates is None else templates.pick(chat_template)
         self.ops = Ops(resolve_backend(self.device, attention_backend))
         context = self.family.max_context
         self.max_model_len = min(max_model_len or context, context)
-        self.model = self.family.build_model(self.ops, max_positions=self.max_model_len)
+        self.max_num_seqs = max_num_seqs
+        with _config_errors(self.checkpoint):
+            self.model = self.family.build_model(self.ops, max_positions=self.max_model_len)
         placeholder = self.family.placeholder_id
         self.image_token = None if placeholder is None else self.tokenizer.id_to_token(placeholder)
         graphs = cuda_graphs and self.device.type == "cuda" and self.ops.backend == "triton"
@@ -199,7 +235,7 @@ class Engine:
         self,
         requests: Request | list[Request],
         params: SamplingParams | list[SamplingParams] | None = None,
-        use_tqdm: bool = True,
+        use_tqdm: bool | None = None,
     ) -> list[GenerationOutput]:
         """Generate for every request (one SamplingParams for all, or one per request); returns one
         `GenerationOutput` per request, in order. A bad request gets `.error`, the others run."""
@@ -207,6 +243,7 @@ class Engine:
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(requests)
         if len(params_list) != len(requests):
             raise ValueError(f"{len(params_list)} SamplingParams for {len(requests)} requests")
+        params_list = [sp.with_defaults(self.sampling_defaults) for sp in params_list]
         prepared = self._prepare(requests)
         outputs = [
             GenerationOutput(index=i, prompt_token_ids=p.prompt_ids if isinstance(p, _Prepared) else [])
@@ -256,15 +293,27 @@ class Engine:
                     at = self._prompt_top.pop(seq.seq_id)
                     ids = seq.prompt_token_ids
                     outputs[i].prompt_logprobs = [None, *map(float, seq.prompt_logprobs)]
-                    outputs[i].prompt_top_logprobs = [{}] + [
-                        {**at.get(p, {}), int(ids[p]): lp}
-                        for p, lp in zip(range(1, len(ids)), outputs[i].prompt_logprobs[1:], strict=True)
-                    ]
+                    outputs[i].prompt_top_logprobs = self._decoded(
+                        [{}]
+                        + [
+                            {**at.get(p, {}), int(ids[p]): lp}
+                            for p, lp in zip(range(1, len(ids)), outputs[i].prompt_logprobs[1:], strict=True)
+                        ]
+                    )
 
             self._run(len(owners), use_tqdm, on_finished)
         return outputs
 
-    def score(self, requests: Request | list[Request], use_tqdm: bool = True) -> list[ScoreOutput]:
+    def choices_problem(self, choices) -> str | None:
+        """Why `choices` cannot be scored (None: they can): a scoring request's choices are a non-empty list
+        of non-empty strings, none holding the image placeholder (a choice continues the context as text)."""
+        if not isinstance(choices, list) or not choices or not all(isinstance(c, str) and c for c in choices):
+            return "a scoring request needs a non-empty 'choices' list of non-empty strings"
+        if self.image_token and any(self.image_token in c for c in choices):
+            return f"a choice contains the image placeholder {self.image_token!r}"
+        return None
+
+    def score(self, requests: Request | list[Request], use_tqdm: bool | None = None) -> list[ScoreOutput]:
         """Log-likelihood of each of a request's `choices` continuing its prompt; one `ScoreOutput` per
         request, in order.
 
@@ -279,10 +328,8 @@ class Engine:
             choices = req.get("choices") if isinstance(prep, _Prepared) else None
             if isinstance(prep, Exception):
                 outputs[i].error = str(prep)
-            elif not isinstance(choices, list) or not choices or not all(isinstance(c, str) and c for c in choices):
-                outputs[i].error = "a scoring request needs a non-empty 'choices' list of non-empty strings"
-            elif self.image_token and any(self.image_token in c for c in choices):
-                outputs[i].error = f"a choice contains the image placeholder {self.image_token!r}"
+            elif problem := self.choices_problem(choices):
+                outputs[i].error = problem
             else:
                 choice_texts += [(i, j, c) for j, c in enumerate(choices)]
         # Choice tokens: tokenised on their own so every choice shares the context's exact tokens.
@@ -345,6 +392,14 @@ class Engine:
                 "cascade_attention": self.runner.cascade_width > 0,
                 "overlap_scheduling": self.overlap_scheduling,
             },
+            # What the prompts and the sampling defaults were made from, as transformers reads the files.
+            "tokenizer": self.checkpoint.tokenizer_source,
+            "chat_template": None if self.templates is None else self.templates.source,
+            "sampling_defaults": {
+                "source": "generation_config.json" if self.sampling_defaults else None,
+                "applied": dict(self.sampling_defaults),
+                "not_followed": dict(self._unfollowed),
+            },
         }
 
     def stats(self) -> dict:
@@ -392,7 +447,8 @@ class Engine:
                 parsed.append(e if isinstance(e, RequestError) else RequestError(_describe(e)))
         images = self._preprocess([(src, p[3]) for p in parsed if not isinstance(p, Exception) for src in p[1]])
         prepared: list[_Prepared | Exception | None] = []
-        # Raw prompts carry no BOS (the tokenizer adds it); chat templates write their own.
+        # Raw prompts get the tokenizer's special tokens (BOS); chat prompts as transformers' processor or
+        # tokenizer encodes them (tokenizer_files.chat_adds_special_tokens).
         by_special: dict[bool, list[int]] = {True: [], False: []}
         for i, p in enumerate(parsed):
             if not isinstance(p, Exception):
@@ -498,9 +554,22 @@ class Engine:
             req = {**req, "images": _vllm_images(req["multi_modal_data"], req.get("images"))}
         if not isinstance(req, dict):
             raise RequestError(f"a request is a dict with 'prompt' or 'messages', got {type(req).__name__}")
+        if unknown := [k for k in req if k not in REQUEST_KEYS]:  # a typo or another engine's key: never ignored
+            raise RequestError(
+                f"unknown request key(s) {', '.join(map(repr, unknown))}; a request takes {', '.join(REQUEST_KEYS)}"
+            )
+        if "messages" in req and "prompt" in req:  # neither may silently win over the other
+            raise RequestError("a request takes 'prompt' or 'messages', not both")
         if "messages" in req:
-            text, images = render_checkpoint_chat(self.checkpoint, req["messages"])
-            special = False
+            text, images = render_chat(
+                self.chat_template,
+                req["messages"],
+                self.checkpoint.special_tokens,
+                template_name=f"the chat template of {self.checkpoint.path} ({self.templates.source})"
+                if self.templates
+                else "the chat template",
+            )
+            special = chat_adds_special_tokens(text, self.templates, self.checkpoint.special_tokens)
         elif "prompt" in req:
             if not isinstance(req["prompt"], str):
                 raise RequestError("'prompt' must be a string")
@@ -588,10 +657,11 @@ class Engine:
             for gathered in (self._top_k, self._top, self._prompt_top_k, self._prompt_top):
                 gathered.clear()
 
-    def _run(self, num_seqs: int, use_tqdm: bool, on_finished) -> None:
+    def _run(self, num_seqs: int, use_tqdm: bool | None, on_finished) -> None:
         start = time.perf_counter()
         generated = 0
-        bar = tqdm(total=num_seqs, disable=not use_tqdm, unit="seq", dynamic_ncols=True)
+        # use_tqdm None: a bar only when stderr is a terminal (as the command line); True / False: always / never
+        bar = tqdm(total=num_seqs, disable=None if use_tqdm is None else not use_tqdm, unit="seq", dynamic_ncols=True)
         # Profiling: time of each sequence's first sampled token, indexed by (dense) sequence id.
         first_token = np.full(self._next_seq_id + 1, np.nan) if self.profile else None
         try:
@@ -614,7 +684,7 @@ class Engine:
                     if first_token is not None:
                         self._record_latency(seq, first_token[seq.seq_id], time.perf_counter() - start)
                     on_finished(seq, NON_FINITE_LOGITS if seq.seq_id in non_finite else None)
-                if finished and use_tqdm:
+                if finished and not bar.disable:
                     elapsed = time.perf_counter() - start
                     bar.set_postfix_str(f"{generated / elapsed:.1f} tok/s out", refresh=False)
                     bar.update(len(finished))
@@ -738,7 +808,15 @@ class Engine:
         if top is not None:
             for d, t, lp in zip(top, seq.output_token_ids, seq.output_logprobs, strict=True):
                 d.setdefault(int(t), float(lp))
-        return top
+        return self._decoded(top)
+
+    def _decoded(self, top: list[dict[int, float]] | None) -> list[dict[int, Logprob]] | None:
+        """Each position's {token id: log-prob} with each token's own text (special tokens included)."""
+        if top is None:
+            return None
+        ids = sorted({t for d in top for t in d})
+        text = dict(zip(ids, (self.tokenizer.decode([t], skip_special_tokens=False) for t in ids), strict=True))
+        return [{t: Logprob(lp, text[t]) for t, lp in d.items()} for d in top]
 
     def _gather_top_logprobs(self, plan, logits: torch.Tensor) -> None:
         """The k most likely tokens of the logits rows whose sequences asked for them (opt-in: a loop over
@@ -779,6 +857,23 @@ class Engine:
         batch = np.searchsorted(plan.query_start_loc, token_rows, side="right") - 1
         return {int(x) for x in plan.seq_ids[batch]}
 
+
+# Every key a request may hold: the prompt or chat messages, images (or vLLM's multi_modal_data), the choices of
+# a scoring request, and the image options a family reads (Qwen's pixel bounds). Anything else is refused.
+@contextmanager
+def _config_errors(checkpoint):
+    """A config field of a shape no check foresaw, met while a family reads the config: still an error
+    naming the file, not a bare TypeError."""
+    try:
+        yield
+    except (TypeError, KeyError, AttributeError, IndexError, RecursionError) as e:
+        raise CheckpointError(
+            f"{checkpoint.path / 'config.json'}: cannot be read as a {checkpoint.architecture} config "
+            f"({type(e).__name__}: {e})"
+        ) from e
+
+
+REQUEST_KEYS = ("prompt", "messages", "images", "multi_modal_data", "choices", "min_pixels", "max_pixels")
 
 NON_FINITE_LOGITS = (
     "the model produced NaN or infinite logits (in float16 or bfloat16, activations beyond the "

@@ -18,6 +18,7 @@ import importlib.metadata
 import importlib.util
 import io
 import json
+import math
 import threading
 from collections.abc import Sequence
 from math import ceil
@@ -27,6 +28,8 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
+
+from .paths import open_regular
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -39,6 +42,10 @@ ImageInput = str | Path | bytes | bytearray | Image.Image
 # every caller (the engine included), or pass `max_pixels` / `max_aspect_ratio` to `load_image`.
 MAX_IMAGE_PIXELS = 64_000_000  # width x height; 8000x8000, above any phone camera's photo
 MAX_ASPECT_RATIO = 200.0  # longer side / shorter side, as Qwen2-VL's processor allows
+# Pixels an image may have after resizing, cropping or padding (4096x4096, above every supported model's
+# input: Qwen2-VL's default max_pixels is 1M). A config's `shortest_edge: 60000` or a request's
+# `min_pixels: 2e8` would otherwise turn a 40x30 image into gigabytes; checked before allocating.
+MAX_RESIZED_PIXELS = 4096 * 4096
 
 
 def check_image_size(
@@ -76,11 +83,14 @@ def load_image(src: ImageInput, max_pixels: int | None = None, max_aspect_ratio:
         name, fp = f"<{len(src)} bytes>", io.BytesIO(src)
     elif isinstance(src, (str, Path)):
         p = Path(src).expanduser()
-        if not p.is_file():
-            raise ValueError(f"image file not found: {p}")
-        name, fp = str(p), p
+        name, fp = str(p), open_regular(p, "image file")  # a FIFO or device: refused, never a blocked read
     else:
         raise ValueError(f"unsupported image {src!r:.80} of type {type(src).__name__} (use a path, bytes or PIL.Image)")
+    with fp:
+        return _open_checked(fp, name, max_pixels, max_aspect_ratio)
+
+
+def _open_checked(fp, name: str, max_pixels: int | None, max_aspect_ratio: float | None) -> Image.Image:
     try:
         img = Image.open(fp)  # reads the header only
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # the warning, under -W error
@@ -325,6 +335,17 @@ def _tv_interpolation(resample: int):
     return mode
 
 
+def check_output_size(x: Array, hw: tuple[int, int], step: str) -> None:
+    """Refuse making an image of (height, width) `hw` from `x` past `MAX_RESIZED_PIXELS`, before allocating."""
+    h, w = hw
+    if h * w > MAX_RESIZED_PIXELS:
+        raise ValueError(
+            f"the image processor would {step} a {x.shape[-1]}x{x.shape[-2]} image to {w}x{h} = {h * w:,} pixels, "
+            f"over the limit of {MAX_RESIZED_PIXELS:,} (cultengine.image.MAX_RESIZED_PIXELS); check the "
+            "processor config's size or the request's min_pixels"
+        )
+
+
 def resize(x: Array, hw: tuple[int, int], resample: int) -> Array:
     """Resize uint8 pixels to exactly (height, width) with a PIL resample filter (0 nearest, 1 Lanczos,
     2 bilinear, 3 bicubic, ...): PIL's own filter on "pil"; on "torchvision" the mapped interpolation with
@@ -332,6 +353,7 @@ def resize(x: Array, hw: tuple[int, int], resample: int) -> Array:
     h, w = hw
     if h < 1 or w < 1:
         raise ValueError(f"a {x.shape[-1]}x{x.shape[-2]} image would resize to {w}x{h}")
+    check_output_size(x, hw, "resize")
     if _is_pil_path(x):
         if x.dtype != np.uint8:
             raise TypeError(f"resize takes uint8 pixels, got {x.dtype}")
@@ -347,6 +369,7 @@ def center_crop(x: Array, hw: tuple[int, int]) -> Array:
     place an odd padding differently (PIL: the extra pixel before, torchvision: after), as in transformers."""
     ch, cw = hw
     pil_path, (h, w) = _is_pil_path(x), x.shape[-2:]
+    check_output_size(x, (max(ch, h), max(cw, w)), "pad (to crop)")
     if pil_path:
         top, left = (h - ch) // 2, (w - cw) // 2
         if top >= 0 and left >= 0:
@@ -373,6 +396,7 @@ def pad(x: Array, hw: tuple[int, int], fill: float = 0) -> Array:
     ph, pw = hw[0] - h, hw[1] - w
     if ph < 0 or pw < 0:
         raise ValueError(f"cannot pad a {h}x{w} image to {hw[0]}x{hw[1]}")
+    check_output_size(x, hw, "pad")
     if _is_pil_path(x):
         return np.pad(x, ((0, 0), (0, ph), (0, pw)), mode="constant", constant_values=fill)
     return torch.nn.functional.pad(x, (0, pw, 0, ph), value=fill)
@@ -385,6 +409,7 @@ def pad_centered(x: Array, hw: tuple[int, int]) -> Array:
     top, left = (hw[0] - h) // 2, (hw[1] - w) // 2
     if top < 0 or left < 0:
         raise ValueError(f"cannot pad a {h}x{w} image to {hw[0]}x{hw[1]}")
+    check_output_size(x, hw, "pad")
     out = np.zeros((c, *hw), dtype=x.dtype) if _is_pil_path(x) else x.new_zeros((c, *hw))
     out[:, top : top + h, left : left + w] = x
     return out
@@ -400,6 +425,7 @@ def pad_to_square(x: Array, background: int | Sequence[int] = 0) -> Array:
     if len(color) != c:
         raise ValueError(f"background needs {c} values, got {len(color)}")
     side = max(h, w)
+    check_output_size(x, (side, side), "pad (to a square)")
     top, left = (side - h) // 2, (side - w) // 2
     if _is_pil_path(x):
         out = np.empty((c, side, side), dtype=x.dtype)
@@ -445,9 +471,18 @@ def to_tensor(x: Array) -> torch.Tensor:
 # Processors
 
 
-def _per_channel(value: float | Sequence[float]) -> tuple[float, ...]:
-    # transformers accepts one mean/std for all three channels.
-    return (float(value),) * 3 if isinstance(value, (int, float)) else tuple(float(v) for v in value)
+def _per_channel(value: float | Sequence[float], name: str) -> tuple[float, ...]:
+    # transformers accepts one mean/std for all three channels; a list of another length would broadcast
+    # (one element) or fail on the first image, so it is refused here.
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (float(value),) * 3
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != 3
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    ):
+        raise ValueError(f"preprocessor_config.json: {name} must be a number or three (R, G, B), got {value!r}")
+    return tuple(float(v) for v in value)
 
 
 class ImageProcessor:
@@ -474,8 +509,8 @@ class ImageProcessor:
         self.crop_size = size_dict(c["crop_size"], True) if self.do_center_crop else None
         self.rescale_factor = float(c.get("rescale_factor", 1 / 255)) if c.get("do_rescale") else None
         self.do_normalize = bool(c.get("do_normalize"))
-        self.mean = _per_channel(c["image_mean"]) if self.do_normalize else None
-        self.std = _per_channel(c["image_std"]) if self.do_normalize else None
+        self.mean = _per_channel(c["image_mean"], "image_mean") if self.do_normalize else None
+        self.std = _per_channel(c["image_std"], "image_std") if self.do_normalize else None
         pad_size = c.get("pad_size") if c.get("do_pad") else None
         self.pad_size = size_dict(pad_size, True) if pad_size is not None else None
         if self.do_resize:

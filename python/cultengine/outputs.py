@@ -5,6 +5,28 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+class Logprob(float):
+    """A token's log-probability (it is the float) with the token's text, as vLLM's `Logprob.decoded_token`:
+    the values of `top_logprobs` / `prompt_top_logprobs`, keyed by token id."""
+
+    decoded_token: str
+
+    def __new__(cls, logprob: float, decoded_token: str = ""):
+        self = super().__new__(cls, logprob)
+        self.decoded_token = decoded_token
+        return self
+
+    @property
+    def logprob(self) -> float:
+        return float(self)
+
+    def __repr__(self) -> str:
+        return f"Logprob({float(self)!r}, decoded_token={self.decoded_token!r})"
+
+    def __reduce__(self):
+        return Logprob, (float(self), self.decoded_token)
+
+
 @dataclass
 class Sample:
     """One generated continuation."""
@@ -13,7 +35,8 @@ class Sample:
     token_ids: list[int]
     finish_reason: str  # "stop" (EOS or a stop string) | "length"
     logprobs: list[float]  # log-probability of each generated token under the model
-    top_logprobs: list[dict[int, float]] | None = None  # SamplingParams(logprobs=k): k most likely per position
+    # SamplingParams(logprobs=k): the k most likely tokens per position (and the sampled one), id -> Logprob
+    top_logprobs: list[dict[int, Logprob]] | None = None
 
 
 @dataclass
@@ -28,7 +51,7 @@ class GenerationOutput:
     # SamplingParams(prompt_logprobs=k): each prompt token's log-prob (None for the first) and the k most
     # likely tokens at its position ({} for the first)
     prompt_logprobs: list[float | None] | None = None
-    prompt_top_logprobs: list[dict[int, float]] | None = None
+    prompt_top_logprobs: list[dict[int, Logprob]] | None = None
 
     # The first sample's fields, for the common n=1 case.
     @property

@@ -187,6 +187,33 @@ def _bar_note(v: float, interval, n, percent: bool) -> str:
     return text + (f" n={n}" if n is not None else "")
 
 
+def _colour_scale(x: float, y: float, width: float, lo: float, hi: float, percent: bool, sparse: bool) -> str:
+    """The heatmap's legend: the colours from `lo` to `hi` with their values at both ends (and 0 between, where
+    the colours turn), the no-value grey, and the too-few-samples grey."""
+    steps = 24
+    w = width / steps
+    out = [f'<text x="{x:.1f}" y="{y + 9:.1f}">colour scale</text>']
+    y += 14
+    for k in range(steps):
+        v = lo + (hi - lo) * (k + 0.5) / steps
+        out.append(
+            f'<rect x="{x + k * w:.1f}" y="{y:.1f}" width="{w + 0.5:.1f}" height="10" fill="{_color(v, lo, hi)}"/>'
+        )
+    out.append(f'<text x="{x:.1f}" y="{y + 22:.1f}">{_text(lo, percent)}</text>')
+    out.append(f'<text x="{x + width:.1f}" y="{y + 22:.1f}" text-anchor="end">{_text(hi, percent)}</text>')
+    if lo < 0 < hi and 0.15 < -lo / (hi - lo) < 0.85:
+        out.append(f'<text x="{x - lo / (hi - lo) * width:.1f}" y="{y + 22:.1f}" text-anchor="middle">0</text>')
+    y += 30
+    swatches = [(_color(math.nan, lo, hi), "no value")] + ([(SPARSE, "too few samples")] if sparse else [])
+    for k, (fill, label) in enumerate(swatches):
+        sx = x + k * 120
+        out.append(
+            f'<rect x="{sx:.1f}" y="{y:.1f}" width="10" height="10" fill="{fill}" stroke="#999"/>'
+            f'<text x="{sx + 14:.1f}" y="{y + 9:.1f}">{label}</text>'
+        )
+    return "".join(out)
+
+
 def heatmap(
     row_labels: Sequence[str],
     col_labels: Sequence[str],
@@ -204,17 +231,21 @@ def heatmap(
     lo, hi = _range([v for r in grid for v in r], percent)
     if not percent:
         title = f"{title} (range {lo:.3f} .. {hi:.3f})"
-    cw, ch = (48, 30) if percent else (14, 14)
-    rise = 0.87  # sin 60 degrees: the rotated column labels' height per unit of length
+    # Cells at least as wide as a line of text, so the column labels, drawn upright (rotated a quarter turn),
+    # never overlap; values are read from the colour scale below and each cell's tooltip.
+    cw, ch = (48, 30) if percent else (18, 18)
     longest_col = max(text_width(c) for c in col_labels)
     left = max(60.0, max(text_width(r) for r in row_labels) + 8)
-    top = 30 + rise * longest_col
-    width = left + cw * len(col_labels) + max(10.0, 0.5 * longest_col - cw / 2 + 10)
-    out = [_svg(width, top + ch * len(row_labels) + 10, title)]
+    top = 30 + longest_col
+    bottom = top + ch * len(row_labels)
+    scale_w = max(cw * len(col_labels), 220.0)
+    width = left + max(cw * len(col_labels), scale_w) + 30
+    out = [_svg(width, bottom + 74, title)]
     for j, c in enumerate(col_labels):
         out.append(
-            f'<text transform="translate({left + j * cw + cw / 2 + 3:.0f},{top - 4:.0f}) rotate(-60)">{esc(c)}</text>'
+            f'<text transform="translate({left + j * cw + cw / 2 + 4:.0f},{top - 4:.0f}) rotate(-90)">{esc(c)}</text>'
         )
+    out.append(_colour_scale(left, bottom + 14, scale_w, lo, hi, percent, sparse=min_n > 0 and counts is not None))
     for i, r in enumerate(row_labels):
         y = top + i * ch
         out.append(f'<text x="{left - 4:.1f}" y="{y + ch / 2 + 4:.0f}" text-anchor="end">{esc(r)}</text>')

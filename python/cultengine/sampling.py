@@ -10,16 +10,18 @@ from __future__ import annotations
 import math
 import numbers
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
+
+from .console import MAX_SEED
 
 INT32_MAX = 2**31 - 1  # the scheduler keeps token counts, top-k and token ids as 32-bit integers
 MAX_TOP_LOGPROBS = 20  # alternatives per position (OpenAI's limit)
 
 
-def _int(name: str, value, low: int, high: int = INT32_MAX) -> int:
+def checked_int(name: str, value, low: int, high: int = INT32_MAX) -> int:
     """`value` as a plain int in [low, high]; bools and floats (even 2.0) are refused."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
@@ -64,9 +66,11 @@ class SamplingParams:
     """
 
     max_tokens: int = 64
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = -1  # -1 = off
+    # None: the checkpoint's generation_config.json default (Engine(generation_config="auto")), else the
+    # fallback in FALLBACKS: greedy, no nucleus, no top-k. A value given here always wins.
+    temperature: float | None = None  # 0 = greedy
+    top_p: float | None = None
+    top_k: int | None = None  # -1 = off
     seed: int | None = None  # None = a fresh random seed per request
     n: int = 1
     stop: list[str] = field(default_factory=list)
@@ -77,39 +81,48 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # k: each prompt token's log-prob and the k most likely there
 
     def __post_init__(self):
-        self.max_tokens = _int("max_tokens", self.max_tokens, 1)
-        self.temperature = _real("temperature", self.temperature)
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        self.top_p = _real("top_p", self.top_p)
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        self.top_k = _int("top_k", self.top_k, -1)
-        if self.top_k == 0:
-            raise ValueError("top_k must be -1 (off) or >= 1, got 0")
-        if self.seed is not None:
-            if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
-                raise ValueError(f"seed must be an integer or None, got {self.seed!r} ({type(self.seed).__name__})")
-            self.seed = int(self.seed)
-        self.n = _int("n", self.n, 1)
+        self.max_tokens = checked_int("max_tokens", self.max_tokens, 1)
+        if self.temperature is not None:
+            self.temperature = _real("temperature", self.temperature)
+            if self.temperature < 0:
+                raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_p is not None:
+            self.top_p = _real("top_p", self.top_p)
+            if not 0 < self.top_p <= 1:
+                raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None:
+            self.top_k = checked_int("top_k", self.top_k, -1)
+            if self.top_k == 0:
+                raise ValueError("top_k must be -1 (off) or >= 1, got 0")
+        if self.seed is not None:  # 64-bit seeds: a negative or larger one would wrap onto another seed
+            self.seed = checked_int("seed", self.seed, 0, MAX_SEED)
+        self.n = checked_int("n", self.n, 1)
         stop = [self.stop] if isinstance(self.stop, str) else _list("stop", self.stop)
         for s in stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop strings must be non-empty strings, got {s!r} in stop={self.stop!r}")
         self.stop = stop
-        self.stop_token_ids = [_int("stop_token_ids[]", t, 0) for t in _list("stop_token_ids", self.stop_token_ids)]
+        self.stop_token_ids = [
+            checked_int("stop_token_ids[]", t, 0) for t in _list("stop_token_ids", self.stop_token_ids)
+        ]
         self.ignore_eos = _flag("ignore_eos", self.ignore_eos)
         self.skip_special_tokens = _flag("skip_special_tokens", self.skip_special_tokens)
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
-                setattr(self, name, _int(name, getattr(self, name), 0, MAX_TOP_LOGPROBS))
+                setattr(self, name, checked_int(name, getattr(self, name), 0, MAX_TOP_LOGPROBS))
+
+    def with_defaults(self, defaults: dict) -> SamplingParams:
+        """A copy whose unset (None) fields take `defaults`' values (e.g. the checkpoint's sampling defaults)."""
+        unset = {k: v for k, v in defaults.items() if k in DEFAULTABLE and getattr(self, k) is None}
+        return replace(self, **unset) if unset else self
 
     def scheduler_kwargs(self, seed: int) -> dict:
         """What the Rust scheduler takes of these parameters for one sample with `seed`."""
+        resolved = self.with_defaults(FALLBACKS)
         return dict(
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
+            temperature=resolved.temperature,
+            top_p=resolved.top_p,
+            top_k=resolved.top_k,
             seed=seed,
             stop=list(self.stop),
             stop_token_ids=list(self.stop_token_ids),
@@ -121,6 +134,36 @@ class SamplingParams:
         """One seed per sample: sample i of a seeded request is reproducible on its own."""
         base = self.seed if self.seed is not None else secrets.randbits(63)
         return [_mix64(base + i) for i in range(self.n)]
+
+
+FALLBACKS = {"temperature": 0.0, "top_p": 1.0, "top_k": -1}  # unset and no checkpoint default
+DEFAULTABLE = tuple(FALLBACKS)
+# generation_config.json fields that change sampling and that this sampler does not implement
+_UNFOLLOWED = {"repetition_penalty": 1.0, "min_p": 0.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
+
+
+def generation_defaults(generation_config: dict, where: str) -> tuple[dict, dict]:
+    """(sampling defaults taken from a checkpoint's generation_config.json, fields it sets that cultengine
+    cannot follow), as vLLM's `generation_config="auto"` takes them: temperature, top_p, top_k (0 = off),
+    whatever `do_sample` says. A value of the wrong type is a ValueError naming the file and field."""
+    taken = {}
+    for name in DEFAULTABLE:
+        value = generation_config.get(name)
+        if value is None:
+            continue
+        if name == "top_k" and value == 0:
+            value = -1  # transformers' "no top-k"
+        try:
+            SamplingParams(**{name: value})
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        taken[name] = value
+    unfollowed = {
+        k: generation_config[k]
+        for k, off in _UNFOLLOWED.items()
+        if generation_config.get(k) is not None and generation_config[k] != off
+    }
+    return taken, unfollowed
 
 
 _MASK64 = (1 << 64) - 1

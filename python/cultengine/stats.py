@@ -324,6 +324,9 @@ def mantel(x: np.ndarray, y: np.ndarray, permutations: int = PERMUTATIONS, seed:
     structure, unlike treating the pairs as independent observations. Two-sided p = (1 + #{|S_perm| >= |S|})
     / (1 + permutations); the tau-b denominator is the same under every permutation, so S decides.
     """
+    if isinstance(permutations, bool) or not isinstance(permutations, int) or permutations < 1:
+        # none or fewer would give p = 1 / (1 + permutations) >= 1, or a negative p
+        raise ValueError(f"Mantel test permutations must be an integer >= 1, got {permutations!r}")
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     m = x.shape[0]
     if x.shape != (m, m) or y.shape != (m, m):

@@ -34,6 +34,17 @@ impl Tokenizer {
         })
     }
 
+    /// A tokenizer from tokenizer.json's text (as transformers would run it, see tokenizer_files.py).
+    #[staticmethod]
+    fn from_str(py: Python<'_>, json: &str) -> PyResult<Self> {
+        let inner = py
+            .detach(|| tokenizer::Tokenizer::from_json(json))
+            .map_err(value_err)?;
+        Ok(Self {
+            inner: Arc::new(inner),
+        })
+    }
+
     #[pyo3(signature = (texts, add_special_tokens = false))]
     fn encode_batch(
         &self,

@@ -266,6 +266,13 @@ def _validate(args) -> int:
     labeled = sum(r.labeled for r in ds.rows)
     mcq = sum(bool(r.options) for r in ds.rows)
     print(f"  multiple choice: {mcq}, open: {len(ds.rows) - mcq}, labeled: {labeled}")
+    for file, columns in ds.columns.items():  # how each column was read
+        if [c for c, _ in columns] == ["*"]:
+            print(f"  {Path(file).name}: {columns[0][1]}")
+            continue
+        print(f"  columns of {Path(file).name}:")
+        for column, how in columns:
+            print(f"    {column} -> {how}")
     for key in ("country", "continent", "category", "question_type", "language"):
         counts = Counter(getattr(r, key) or "unknown" for r in ds.rows)
         print(

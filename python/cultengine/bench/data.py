@@ -10,7 +10,10 @@ without a byte-order mark:
 
 - canonical (.jsonl / .json / .parquet): the canonical names; `image` (one) or `images` (list), each a
   path relative to the file, `{"bytes": ...}` (raw bytes, or base64 in JSON) or a `data:` URI. `options`
-  is a list of strings; `answer` a letter, an option index (an integer) or an option's text.
+  is a list of strings, or in a text cell (CSV, TSV) a JSON list or options separated by `|`; without an
+  `options` column, one column per option (`A`, `B`, ... as VLMEvalKit writes them, or `option_a`, `option_1`,
+  `choice_a`, ...; trailing blank cells mean fewer options). `answer` a letter, an option index (an integer)
+  or an option's text. A file whose first row has no `question` is refused, naming its columns.
 - vlmeval (.tsv): `index`->id, `image` (base64; a bare index refers to that row's image), `image_path`,
   `question`, `hint`, option columns `A`..`Z`, `answer` (letter), `category`, `l2-category`->question_type,
   and `country`, `language` when present.
@@ -32,12 +35,11 @@ from __future__ import annotations
 import ast
 import base64
 import binascii
-import csv
 import hashlib
 import io
 import json
 import re
-import sys
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
+from .. import datafiles
 from ..image import check_image_size
 from . import countries
 
@@ -54,8 +57,12 @@ if TYPE_CHECKING:
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 GROUP_KEYS = ("country", "region", "continent", "category", "question_type", "language")
 KNOWN_FORMATS = (
-    "canonical JSONL/JSON/parquet, VLMEvalKit TSV, CVQA/ALM-Bench/CulturalVQA parquet, ALM-Bench/CulturalVQA JSONL"
+    "canonical JSONL/JSON/parquet/CSV, VLMEvalKit TSV, CVQA/ALM-Bench/CulturalVQA parquet, ALM-Bench/CulturalVQA "
+    "JSONL, WorldCuisines, SEA-VQA CSV, BLEnD JSON, any table with --columns"
 )
+OPTION_SEPARATOR = "|"  # a text cell holding several options: "Japan|Peru|Ghana|India"
+# One column per option: A, B, C... (VLMEvalKit) or option_a / option_1 / choice_a ... (in order, from the first)
+_OPTION_COLUMN = re.compile(r"^(?:(?:option|choice)[ _-]?([a-z]|\d{1,2})|([A-Z]))$", re.I)
 
 
 @dataclass
@@ -112,6 +119,8 @@ class Dataset:
     rows: list[Row]
     skipped: list[Skipped]
     files: list[str]
+    # per file: (column, how it was read), in the file's column order (`data validate` prints it)
+    columns: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -127,10 +136,8 @@ def _records(path: Path, fmt: str) -> Iterator[tuple[int, dict | Exception]]:
         for i, rec in enumerate(table.to_pylist(), 1):
             yield i, rec
     elif suffix in (".tsv", ".csv"):
-        csv.field_size_limit(sys.maxsize)  # base64 images are long
-        with path.open(encoding="utf-8-sig", newline="") as f:
-            for i, rec in enumerate(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","), 2):
-                yield i, rec
+        for i, rec in datafiles.csv_rows(path, "\t" if suffix == ".tsv" else ","):
+            yield i, BadRow(str(rec)) if isinstance(rec, datafiles.BadLine) else rec
     elif suffix == ".arrow":
         from . import formats
 
@@ -154,15 +161,8 @@ def _records(path: Path, fmt: str) -> Iterator[tuple[int, dict | Exception]]:
         for i, rec in enumerate(rows, 1):
             yield i, rec if isinstance(rec, dict) else BadRow("row is not a JSON object")
     else:  # JSONL
-        with path.open(encoding="utf-8-sig") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                    yield i, rec if isinstance(rec, dict) else BadRow("line is not a JSON object")
-                except json.JSONDecodeError as e:
-                    yield i, BadRow(f"malformed JSON: {e.msg}")
+        for i, rec in datafiles.json_lines(path):
+            yield i, BadRow(str(rec)) if isinstance(rec, datafiles.BadLine) else rec
 
 
 def detect_format(path: Path, first: dict | None) -> str:
@@ -196,7 +196,10 @@ def _image(v: Any, base: Path, b64: bool) -> str | bytes:
             return base64.b64decode(v, validate=True)
         except (binascii.Error, ValueError) as e:
             raise BadRow("image is not valid base64") from e
-    return str((base / v).resolve())
+    try:  # a NUL byte, an over-long name or a symlink loop: this row's error, not the file's
+        return str((base / v).resolve())
+    except (OSError, ValueError, RuntimeError) as e:
+        raise BadRow(f"image {v[:200]!r} is not a usable file name: {'NUL byte' if chr(0) in v else e}") from None
 
 
 def check_image(im: str | bytes) -> None:
@@ -246,24 +249,100 @@ def _place(row: Row) -> Row:
 
 
 def _options(raw: Any, column: str = "options") -> list[str]:
-    """A list of option texts (numbers are written out); a string or anything else is a bad row."""
+    """A list of option texts (numbers are written out). A text cell is read as a JSON (or Python) list when it
+    looks like one, else split on `OPTION_SEPARATOR`; anything else is a bad row."""
     if _blank(raw):
         return []
+    if isinstance(raw, str):
+        raw = _options_text(raw, column)
     if not isinstance(raw, list | tuple) or any(
         isinstance(o, bool) or not isinstance(o, str | int | float) for o in raw
     ):
-        raise BadRow(f"{column} must be a list of strings, got {raw!r:.60}")
+        raise BadRow(
+            f"{column} must be a list of strings (a JSON list, options separated by '{OPTION_SEPARATOR}', or "
+            f"one column per option: A, B, C... or option_a, option_b...), got {raw!r:.60}"
+        )
     options = [_text(o) for o in raw]
     if "" in options:
         raise BadRow(f"{column} has an empty option (option {options.index('') + 1})")
     return options
 
 
+def _options_text(text: str, column: str) -> Any:
+    """A text cell of options: '["a", "b"]' (JSON or Python list) or 'a|b'; a single text is returned as is."""
+    s = text.strip()
+    if s.startswith("["):
+        try:
+            return json.loads(s)
+        except ValueError:
+            try:
+                return ast.literal_eval(s)
+            except (ValueError, SyntaxError):
+                raise BadRow(f"{column} looks like a list but is not valid JSON: {s[:60]!r}") from None
+    if OPTION_SEPARATOR in s:
+        return [o.strip() for o in s.split(OPTION_SEPARATOR)]
+    return text
+
+
+def options_spelling(raw: Any) -> str | None:
+    """How an options value is written (for `data validate`), None when blank."""
+    if _blank(raw):
+        return None
+    if isinstance(raw, list | tuple):
+        return "a list"
+    if isinstance(raw, str) and raw.strip().startswith("["):
+        return "a JSON list in text"
+    if isinstance(raw, str) and OPTION_SEPARATOR in raw:
+        return f"options separated by '{OPTION_SEPARATOR}'"
+    return f"{type(raw).__name__} (not options)"
+
+
+def option_columns(columns) -> list[str]:
+    """The one-column-per-option columns among `columns`, in option order: A, B, C... or option_a, option_b...
+    (option_1, choice_a, ...), consecutive from the first; [] when there are fewer than two."""
+    found: dict[str, dict[int, str]] = {}
+    for col in columns:
+        m = _OPTION_COLUMN.match(str(col))
+        if not m:
+            continue
+        key = m.group(1) or m.group(2)
+        if m.group(2) and not (col.isupper() and len(col) == 1):
+            continue  # a bare letter only in upper case (VLMEvalKit's A, B, ...)
+        kind = str(col)[: m.start(1)].lower() if m.group(1) else ""
+        if key.isdigit():
+            index, kind = int(key), kind + "#"
+        else:
+            index = LETTERS.index(key.upper())
+        found.setdefault(kind, {})[index] = col
+    best: list[str] = []
+    for indices in found.values():
+        start = 0 if 0 in indices else 1 if 1 in indices else None
+        run = []
+        while start is not None and start + len(run) in indices:
+            run.append(indices[start + len(run)])
+        if len(run) > len(best):
+            best = run
+    return best if len(best) >= 2 else []
+
+
+def _option_cells(rec: dict, columns: list[str]) -> list[str]:
+    """Options from one column each; trailing blank cells are fewer options, a blank between two is a bad row."""
+    values = [rec.get(c) for c in columns]
+    while values and _blank(values[-1]):
+        values.pop()
+    if any(_blank(v) for v in values):
+        gap = next(c for c, v in zip(columns, values, strict=False) if _blank(v))
+        raise BadRow(f"option column {gap} is empty but a later option column is not")
+    return _options(values, "option columns " + ", ".join(columns[: len(values)]))
+
+
 def _canonical(rec: dict, base: Path, line: int, stem: str) -> Row:
     imgs = rec.get("images", rec.get("image"))
     imgs = [] if _blank(imgs) else imgs if isinstance(imgs, list) else [imgs]
-    options = _options(rec.get("options"))
+    cells = [] if "options" in rec else option_columns(rec)
+    options = _option_cells(rec, cells) if cells else _options(rec.get("options"))
     known = {"id", "image", "images", "question", "options", "answer", "answers", "hint", *Row.__dataclass_fields__}
+    known.update(cells)
     return Row(
         id=_text(rec.get("id")) or f"{stem}:{line}",
         question=_text(rec.get("question")),
@@ -380,6 +459,8 @@ def load_file(
     rows, skipped, seen = [], [], set()
     by_index: dict[str, str] = {}
     root = _confinement_root(base)
+    keys: dict[str, None] = {}  # every column (key) seen, in order
+    spellings: Counter[str] = Counter()  # how the options column is written
     for line, rec in _records(path, fmt):
         rid = ""
         try:
@@ -387,6 +468,15 @@ def load_file(
                 raise rec
             if fmt == "auto":
                 fmt = detect_format(path, rec)
+            if not keys and fmt == "canonical" and "question" not in rec:
+                raise ValueError(
+                    f"{path}: no question column (columns: {', '.join(map(str, rec)) or 'none'}); name the column "
+                    "holding the questions `question`, or map it with --columns question=COLUMN"
+                )
+            keys.update(dict.fromkeys(map(str, rec)))
+            how = options_spelling(rec.get(opts.columns.get("options", "options")))
+            if how and fmt in ("canonical", "columns"):
+                spellings[how] += 1
             rid = formats.record_id(rec, opts)
             if fmt == "vlmeval":
                 row = _vlmeval(rec, base, line, stem, by_index)
@@ -418,7 +508,7 @@ def load_file(
         raise ValueError(
             f"{path}: no benchmark rows could be read{why}. Readable formats: {KNOWN_FORMATS} (see --format)"
         )
-    return Dataset(rows, skipped, [str(path)])
+    return Dataset(rows, skipped, [str(path)], {str(path): describe_columns(fmt, list(keys), opts, spellings)})
 
 
 def load(
@@ -439,8 +529,63 @@ def load(
                 out.rows.append(r)
         out.skipped += d.skipped
         out.files += d.files
+        out.columns.update(d.columns)
     if opts and opts.lang == "both":
         out.rows = formats.split_languages(out.rows)
+    return out
+
+
+_SAME_NAME = {
+    "id": "id",
+    "question": "question",
+    "hint": "hint",
+    "answer": "answer (an option's letter, index or text; the accepted answers of an open question)",
+    "answers": "answer (the accepted answers of an open question)",
+    **{k: k for k in (*GROUP_KEYS, "split")},
+    "image": "image",
+    "images": "images",
+    "meta": "metadata (a JSON object)",
+}
+_VLMEVAL = {
+    "index": "id",
+    "image": "image (base64)",
+    "image_path": "image (a path)",
+    "question": "question",
+    "hint": "hint",
+    "answer": "answer (a letter)",
+    "category": "category",
+    "l2-category": "question_type",
+    "country": "country",
+    "language": "language",
+    "split": "split",
+}
+
+
+def describe_columns(
+    fmt: str, columns: list[str], opts: formats.ImportOptions, spellings: Counter[str] | None = None
+) -> list[tuple[str, str]]:
+    """(column, how it is read) for each column of a file read as `fmt`."""
+    spellings = spellings or Counter()
+    ways = "; ".join(f"{k} in {n} row{'s' * (n != 1)}" for k, n in spellings.most_common()) or "none given"
+    if fmt == "vlmeval":
+        letters = [c for c in LETTERS if c in columns]
+        out = [(c, _VLMEVAL.get(c, "not read")) for c in columns if c not in letters]
+        return out + ([(", ".join(letters), "options, one column per option")] if letters else [])
+    if fmt not in ("canonical", "columns"):
+        return [("*", f"read as {fmt} (the columns of its published schema)")]
+    mapped = {c: field for field, spec in opts.columns.items() for c in spec.split("+")}
+    cells = [] if "options" in columns or "options" in opts.columns else option_columns(columns)
+    out = []
+    for c in columns:
+        if c in mapped:
+            how = mapped[c] + (f" ({ways})" if mapped[c] == "options" and "+" not in opts.columns["options"] else "")
+            out.append((c, how + " (--columns)"))
+        elif c == "options":
+            out.append((c, f"options ({ways})"))
+        elif c not in cells:
+            out.append((c, _SAME_NAME.get(c, "kept as metadata")))
+    if cells:
+        out.append((", ".join(cells), "options, one column per option"))
     return out
 
 

@@ -239,5 +239,14 @@ def ensure(root: Path | None = None) -> Path:
 
 
 def resolve(model: str | None) -> Path:
-    """A `--model` value: a checkpoint directory, or 'demo' / nothing for the demo checkpoint."""
-    return ensure() if model in (None, "", "demo") else Path(model)
+    """A `--model` value: a checkpoint directory, or 'demo' / nothing for the demo checkpoint. A file (a weights
+    file, a config.json) is a ValueError naming it."""
+    if model in (None, "", "demo"):
+        return ensure()
+    path = Path(model).expanduser()
+    if path.is_file():
+        raise ValueError(
+            f"--model {model}: not a directory (a checkpoint is the folder holding config.json and the "
+            f"*.safetensors weights{f'; perhaps --model {path.parent}' if path.parent != Path() else ''})"
+        )
+    return path

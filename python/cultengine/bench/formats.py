@@ -46,7 +46,19 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from . import countries
-from .data import LETTERS, BadRow, Row, _answer, _blank, _canonical, _image, _text, parse_subset, split_options
+from .data import (
+    LETTERS,
+    BadRow,
+    Row,
+    _answer,
+    _blank,
+    _canonical,
+    _image,
+    _options,
+    _text,
+    parse_subset,
+    split_options,
+)
 
 CANONICAL_FIELDS = (
     "id",
@@ -84,10 +96,7 @@ class ImportOptions:
     def from_args(cls, args: Any, open_answers: bool = False) -> ImportOptions:
         """From the parsed importer flags of `cultengine bench`/`data` (absent flags keep their defaults)."""
         root = getattr(args, "image_root", None)
-        try:
-            columns = cls.parse_columns(getattr(args, "columns", None))
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
+        columns = cls.parse_columns(getattr(args, "columns", None))  # a ValueError: the CLI's error, exit 2
         return cls(
             lang=getattr(args, "cvqa_lang", None) or "local",
             mc_prompt=getattr(args, "mc_prompt", None) or "parsed",
@@ -591,8 +600,9 @@ def _columns(rec: dict, base: Path, line: int, stem: str, opts: ImportOptions) -
             raise BadRow(f"--columns {key}={spec}: no column {missing[0]!r} (columns: {', '.join(map(str, rec))})")
         used.update(cols)
         mapped[key] = [rec[c] for c in cols if not _blank(rec[c])] if len(cols) > 1 else rec[cols[0]]
-    if "options" in mapped and not isinstance(mapped["options"], list):
-        mapped["options"] = _list(mapped["options"], f"options column {opts.columns['options']!r}")
+    if "options" in mapped and not isinstance(mapped["options"], list | tuple) and not _blank(mapped["options"]):
+        # a JSON list in text or options separated by data.OPTION_SEPARATOR, as in a canonical file
+        mapped["options"] = _options(mapped["options"], f"options column {opts.columns['options']!r}")
     if "image" in mapped:
         mapped["image"] = _images(mapped, base, opts, "image") or None
     extra = {k: v for k, v in rec.items() if k not in used and k not in mapped and not isinstance(v, bytes | dict)}
@@ -683,8 +693,12 @@ def hub_snapshot(repo_id: str) -> Path | None:
     if not snaps.is_dir():
         return None
     ref = repo / "refs" / "main"
-    if ref.is_file() and (snaps / ref.read_text().strip()).is_dir():
-        return snaps / ref.read_text().strip()
+    if ref.is_file():
+        rev = ref.read_text(errors="replace").strip()
+        if not re.fullmatch(r"[\w.-]+", rev) or rev in (".", ".."):  # a revision names a folder of snapshots/
+            raise ValueError(f"{ref}: {rev[:80]!r} is not a revision; refusing to follow it")
+        if (snaps / rev).is_dir():
+            return snaps / rev
     revs = sorted((p for p in snaps.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
     return revs[-1] if revs else None
 
@@ -696,16 +710,23 @@ def _split_of(path: Path, root: Path) -> set[str]:
     return parts
 
 
+def _inside(folder: Path, name, what: str) -> Path:
+    """`folder / name` for a name a metadata file gives, refused unless it stays inside `folder`."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ValueError(f"{folder}: {what} {name!r} is not a name inside the folder; refusing to read it")
+    return folder / name  # (a symlink inside the folder is its owner's choice, as hub snapshots link to blobs)
+
+
 def _folder_files(folder: Path, split: str | None) -> list[Path]:
     if (folder / "dataset_dict.json").is_file():  # DatasetDict.save_to_disk
         splits = json.loads((folder / "dataset_dict.json").read_text())["splits"]
         chosen = [s for s in splits if split in (None, s)]
         if not chosen:
-            raise FileNotFoundError(f"{folder}: no split {split!r} (splits: {', '.join(splits)})")
-        return [f for s in chosen for f in _folder_files(folder / s, None)]
+            raise FileNotFoundError(f"{folder}: no split {split!r} (splits: {', '.join(map(str, splits))})")
+        return [f for s in chosen for f in _folder_files(_inside(folder, s, "dataset_dict.json split"), None)]
     if (folder / "state.json").is_file():  # Dataset.save_to_disk
         state = json.loads((folder / "state.json").read_text())
-        return [folder / f["filename"] for f in state["_data_files"]]
+        return [_inside(folder, f["filename"], "state.json data file") for f in state["_data_files"]]
     files = sorted(
         p
         for p in folder.rglob("*")
@@ -731,6 +752,8 @@ def expand(paths: list[str | Path], split: str | None = None) -> list[Path]:
         path = Path(p).expanduser()
         if not path.exists() and (m := re.fullmatch(r"([\w.-]+/[\w.-]+)(/.+)?", str(p))):
             snap = hub_snapshot(m.group(1))  # OWNER/NAME[/folder or file inside the snapshot]
+            if snap and m.group(2) and ".." in Path(m.group(2)).parts:
+                raise ValueError(f"{p}: a path inside a hub dataset may not contain '..'")
             path = snap / (m.group(2) or "/").lstrip("/") if snap else path
             if not path.exists():
                 raise FileNotFoundError(

@@ -125,8 +125,8 @@ def run_judge(
     log = runlog.ResultLog(Path(run_dir) / JUDGMENTS)
     judge_id = prompt.fingerprint(model)
     if any(j.get("judge") != judge_id for j in log.read()):
-        raise SystemExit(
-            f"error: {log.path} holds verdicts of another judge model or prompt; delete it to judge again "
+        raise ValueError(
+            f"{log.path} holds verdicts of another judge model or prompt; delete it to judge again "
             "with this one (the answers are kept)"
         )
     todo = [r for r in rows if judgeable(r, recs.get(r.id))]

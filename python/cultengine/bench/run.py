@@ -64,9 +64,7 @@ def _log(msg: str) -> None:
 
 
 def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return console.default_device(None)
 
 
 def _free_memory(device: str) -> None:
@@ -254,6 +252,34 @@ def _engine_totals(run_dir: Path) -> dict[str, Any]:
     }
 
 
+# The run section's facts about what computed the results: kept from the run that did when a rerun computes nothing.
+RUN_FACTS = ("command", "date", "machine", "libraries", "image_processor", "image_backend", "engine_settings")
+
+
+def _logged_provenance(run_dir: Path) -> dict | None:
+    """The provenance of the last engine session that computed results in this run directory (stats log)."""
+    found = None
+    for rec in runlog.read(run_dir / STATS):
+        found = rec.get("provenance", found)
+    return found
+
+
+def _run_section(run_dir: Path, config: dict, engine_provenance: dict | None) -> dict:
+    """The summary's provenance: this invocation's engine, else the run that computed the results (its summary
+    and stats log), merged so that a rerun with nothing to do never drops what the earlier run recorded."""
+    section = provenance.collect(config["model"], config["data"], engine_provenance or _logged_provenance(run_dir))
+    if engine_provenance is not None:
+        return section
+    try:
+        old = json.loads((run_dir / "summary.json").read_text(encoding="utf-8")).get("run") or {}
+    except (OSError, ValueError, AttributeError):
+        old = {}
+    for key in RUN_FACTS:
+        if old.get(key) is not None:
+            section[key] = old[key]
+    return section
+
+
 def _evaluate(
     engine,
     rows: list[data.Row],
@@ -296,8 +322,11 @@ def _evaluate(
                 k += len(rs)
             writer.write(recs)
             stats = engine.stats()
+            line = {"session": session, "stats": stats}
+            if start == 0 and hasattr(engine, "provenance"):  # what ran, for a later no-op rerun's summary
+                line["provenance"] = engine.provenance()
             with stats_file.open("a", encoding="utf-8") as f:
-                f.write(json.dumps({"session": session, "stats": stats}) + "\n")
+                f.write(json.dumps(line) + "\n")
             tokens = stats.get("prompt_tokens", 0) + stats.get("generated_tokens", 0)
             bar.update(len(chunk))
             bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t_start, 1e-9):,.0f} tok/s")
@@ -333,7 +362,7 @@ def _finalize(
     summary["run"] = {
         "engine": _engine_totals(run_dir),
         "stored_results_dropped": dict(dropped),
-        **provenance.collect(config["model"], config["data"], engine_provenance),
+        **_run_section(run_dir, config, engine_provenance),
     }
     if demo:
         summary["note_demo"] = report.CHANCE_NOTE
@@ -368,6 +397,7 @@ def run(args, make_engine=None) -> int:
     name = f"{model.name}-{Path(data_paths[0]).stem}-{cfg.suite}-{cfg.scoring}" + ("-circular" * cfg.circular)
     run_dir = Path(args.output_dir or Path("cultengine-runs") / name)
     lock = _open_run_dir(run_dir, shard)
+    console.resumable(run_dir)
     try:
         return _run_locked(args, make_engine, run_dir, model, data_paths, demo, cfg, device, dist, shard, lead)
     except OSError as e:
@@ -440,8 +470,6 @@ def _run_locked(
     rows = [r for r in rows if r.id not in bad]
     if lead:
         runlog.write_json(run_dir / "config.json", config)
-    if demo and lead:
-        _log(f"note: {report.CHANCE_NOTE}")
     if lead:
         for s in skipped[:20]:
             _log(f"skipped {s}")

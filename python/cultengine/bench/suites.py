@@ -95,7 +95,12 @@ class SuiteConfig:
 def usable(row: Row, cfg: SuiteConfig) -> str | None:
     """Why the row cannot run in this suite, else None."""
     if cfg.suite == "mcq" and len(row.options) < 2:
-        return "multiple-choice suite needs at least two options"
+        return (
+            "multiple-choice suite needs at least two options (an options column: a list, a JSON list or "
+            "a|b|c; or one column per option: A, B, C... or option_a, option_b...)"
+            if not row.options
+            else "multiple-choice suite needs at least two options"
+        )
     if cfg.suite == "mcq" and len(row.options) > len(LETTERS):
         return "too many options"
     if cfg.suite == "vqa" and row.options:

@@ -323,7 +323,6 @@ class Gemma3(Family):
         self.eoi_id = config_int(c, "eoi_token_index", self.where)
         self.image_token_id = config_int(c, "image_token_index", self.where)
         self.image_processor = self._image_processor()
-        self._tokenizer = None  # loaded on first use (expand_text, pan-and-scan)
 
     def _image_processor(self) -> Gemma3ImageProcessor:
         path = self.checkpoint.path
@@ -355,11 +354,7 @@ class Gemma3(Family):
 
     @property
     def tokenizer(self):
-        if self._tokenizer is None:
-            from .. import _core
-
-            self._tokenizer = _core.Tokenizer.from_file(str(self.checkpoint.tokenizer_path))
-        return self._tokenizer
+        return self.checkpoint.tokenizer()
 
     def process_image(self, image: Image.Image, options: dict[str, Any]) -> ImageFeatures:
         pixels = self.image_processor.tiles(image)

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .. import _core
 from ..checkpoint import Checkpoint, _read_json
 from ..errors import CheckpointError, config_int
 from ..image import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, Array, ImageProcessor, resize, size_dict
@@ -193,7 +192,7 @@ class Idefics3(Family):
 
     def _markers(self, checkpoint: Checkpoint) -> None:
         """The ids of the prompt's image markers and of the newlines between rows."""
-        tok = _core.Tokenizer.from_file(str(checkpoint.tokenizer_path))
+        tok = checkpoint.tokenizer()
         # SmolVLM's processor takes these two names from the tokenizer's settings; Idefics3's has them fixed.
         named = {"fake_image_token": "<fake_token_around_image>", "global_image_token": "<global-img>"}
         self.fake_id, self.global_id = marker_token_ids(tok, checkpoint, named, self.markers_from_tokenizer)

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .. import _core
 from ..checkpoint import Checkpoint, _read_json
 from ..errors import CheckpointError, config_float, config_int
 from ..image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Array, ImageProcessor, resize, size_dict
@@ -339,7 +338,7 @@ class InternVL(Family):
             )
 
     def _markers(self, checkpoint: Checkpoint) -> None:
-        tok = _core.Tokenizer.from_file(str(checkpoint.tokenizer_path))
+        tok = checkpoint.tokenizer()
         markers = {"start_image_token": "<img>", "end_image_token": "</img>"}
         self.start_id, self.end_id = marker_token_ids(tok, checkpoint, markers)
 

@@ -43,6 +43,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--max-request-bytes", type=int, default=32 << 20, help="largest request body (default 32 MiB)")
     p.add_argument("--max-images-per-request", type=int, default=8, help="more images in one request are refused")
+    p.add_argument(
+        "--max-image-pixels-per-request",
+        type=int,
+        default=128_000_000,
+        help="most decoded pixels of one request's images together (from their headers, before decoding)",
+    )
+    p.add_argument("--max-n", type=int, default=128, help="largest n (samples per prompt) of one request")
+    p.add_argument(
+        "--max-choices",
+        type=int,
+        default=256,
+        help="most choices in one response: n x prompts of a completion, or the choices of /v1/score",
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="largest max_tokens of a request (default: up to the context's end)",
+    )
+    p.add_argument(
+        "--max-prompt-chars", type=int, default=1 << 20, help="most characters of prompt text in one request"
+    )
+    p.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=None,
+        help="most prompt tokens of one request, images expanded (default: the context)",
+    )
     g = p.add_argument_group("engine")
     g.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
@@ -52,12 +80,41 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-model-len", type=int, default=None, help="longest sequence (default: the model's context)")
     g.add_argument("--kv-cache-memory", type=int, default=None, help="bytes of KV cache (default: sized by the engine)")
     g.add_argument("--no-prefix-caching", action="store_true", help="recompute shared prompt prefixes")
+    g.add_argument(
+        "--image-backend",
+        choices=("pil", "torchvision"),
+        default=None,
+        help="the image processors' path (default: what transformers would pick here)",
+    )
+    g.add_argument(
+        "--chat-template", default=None, help="which of the checkpoint's named chat templates (default: its default)"
+    )
+    g.add_argument(
+        "--generation-config",
+        choices=("auto", "none"),
+        default="auto",
+        help="auto: generation_config.json's temperature/top_p/top_k are the defaults of requests that leave "
+        "them unset; none: ignore them",
+    )
     add_threads(g)
     g.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly (CUDA)")
     p.set_defaults(func=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
+    media = args.allowed_local_media_path
+    if media is not None and not media.is_dir():
+        print(f"--allowed-local-media-path {media}: not a directory", file=sys.stderr)
+        return 2
+    limits = ("max_request_bytes", "max_image_pixels_per_request", "max_n", "max_choices", "max_tokens")
+    for name in (*limits, "max_prompt_chars", "max_prompt_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            print(f"--{name.replace('_', '-')} must be >= 1, got {value}", file=sys.stderr)
+            return 2
+    if args.max_images_per_request < 0:
+        print(f"--max-images-per-request must be >= 0, got {args.max_images_per_request}", file=sys.stderr)
+        return 2
     try:
         import uvicorn
     except ImportError:
@@ -69,10 +126,6 @@ def _serve(args: argparse.Namespace) -> int:
     from .app import ServeConfig, build_app
     from .loop import EngineLoop
 
-    media = args.allowed_local_media_path
-    if media is not None and not media.is_dir():
-        print(f"--allowed-local-media-path {media}: not a directory", file=sys.stderr)
-        return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     engine = Engine(
         args.model,
@@ -86,6 +139,9 @@ def _serve(args: argparse.Namespace) -> int:
         enable_prefix_caching=not args.no_prefix_caching,
         cuda_graphs=not args.no_cuda_graphs,
         threads=args.threads,
+        image_backend=args.image_backend,
+        chat_template=args.chat_template,
+        generation_config=args.generation_config,
     )
     config = ServeConfig(
         model_name=args.served_model_name or Path(args.model).resolve().name,
@@ -93,6 +149,12 @@ def _serve(args: argparse.Namespace) -> int:
         allowed_local_media_path=media.resolve() if media else None,
         max_request_bytes=args.max_request_bytes,
         max_images_per_request=args.max_images_per_request,
+        max_image_pixels_per_request=args.max_image_pixels_per_request,
+        max_n=args.max_n,
+        max_choices=args.max_choices,
+        max_tokens=args.max_tokens,
+        max_prompt_chars=args.max_prompt_chars,
+        max_prompt_tokens=args.max_prompt_tokens,
     )
     if not config.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)

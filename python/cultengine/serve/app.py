@@ -16,6 +16,7 @@ import asyncio
 import base64
 import binascii
 import hmac
+import io
 import json
 import queue
 import re
@@ -34,11 +35,14 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from PIL import Image
 from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import RequestError
 from ..outputs import Sample
+from ..paths import OutsideFolder, confined
 from ..sampling import SamplingParams
 from . import metrics
 from .loop import Admitted, EngineLoop
@@ -53,6 +57,33 @@ class ServeConfig:
     allowed_local_media_path: Path | None = None  # resolved directory; None = no local files
     max_request_bytes: int = 32 << 20
     max_images_per_request: int = 8
+    # decoded pixels of one request's images, summed (read from their headers before decoding): 8 photos of
+    # 16 MP; each image alone is also held to cultengine.image.MAX_IMAGE_PIXELS
+    max_image_pixels_per_request: int = 128_000_000
+    max_n: int = 128  # samples per prompt (OpenAI's limit)
+    max_choices: int = 256  # choices in one response: n x prompts (completions), or /v1/score's choices
+    max_tokens: int | None = None  # largest max_tokens; None: up to the end of the context
+    max_prompt_chars: int = 1 << 20  # characters of prompt text in one request (before tokenizing)
+    max_prompt_tokens: int | None = None  # prompt tokens of one request, images expanded; None: the context
+
+    def __post_init__(self):
+        for name in (
+            "max_request_bytes",
+            "max_images_per_request",
+            "max_image_pixels_per_request",
+            "max_n",
+            "max_choices",
+            "max_prompt_chars",
+        ):
+            _positive(name, getattr(self, name), allow_zero=name == "max_images_per_request")
+        for name in ("max_tokens", "max_prompt_tokens"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
+
+
+def _positive(name: str, value, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+        raise ValueError(f"ServeConfig.{name} must be an integer >= {0 if allow_zero else 1}, got {value!r}")
 
 
 class APIError(Exception):
@@ -165,19 +196,46 @@ def _read_local(path: str, config: ServeConfig) -> bytes:
             "DIR or send a base64 data: URL",
             param="image_url",
         )
-    resolved = (root / path).resolve()  # an absolute path replaces root; symlinks and '..' are resolved
-    if not resolved.is_relative_to(root):
+    try:  # an absolute path is fine where it resolves inside; a NUL byte, long name or loop is a 400, not a 500
+        resolved = confined(root, path, allow_absolute=True)
+        regular = resolved.is_file()  # False for a FIFO or device: their read would block
+    except OutsideFolder:
         raise APIError(
             403, f"{path!r} is outside the allowed local media path", type_="permission_error", param="image_url"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise APIError(400, f"local image path cannot be read: {e}", param="image_url") from None
+    if not regular:
+        raise APIError(
+            400, f"local image {path!r} is not a regular file under the allowed media path", param="image_url"
         )
-    if not resolved.is_file():
-        raise APIError(400, f"local image {path!r} not found under the allowed media path", param="image_url")
     return resolved.read_bytes()
 
 
+def check_image_pixels(images: list[bytes], config: ServeConfig, param: str) -> list[bytes]:
+    """`images`, refused (400) when their pixels together pass the per-request limit; sizes come from the
+    headers, so nothing is decoded (an undecodable image is the engine's error to report)."""
+    total = 0
+    for data in images:
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                total += img.size[0] * img.size[1]
+        except Exception:  # noqa: BLE001 - not an image: the engine names it
+            continue
+        if total > config.max_image_pixels_per_request:
+            raise APIError(
+                400,
+                f"the request's images hold over {config.max_image_pixels_per_request:,} pixels together "
+                "(--max-image-pixels-per-request)",
+                param=param,
+            )
+    return images
+
+
 def to_engine_messages(messages: list[dict], config: ServeConfig) -> list[dict]:
-    """OpenAI chat messages -> the engine's (text parts and images as bytes); counts the image limit."""
+    """OpenAI chat messages -> the engine's (text parts and images as bytes); counts the image limits."""
     out, images = [], 0
+    loaded: list[bytes] = []
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
             raise APIError(400, f"messages[{i}] must be an object with a 'role'", param="messages")
@@ -202,7 +260,8 @@ def to_engine_messages(messages: list[dict], config: ServeConfig) -> list[dict]:
                         f"more than {config.max_images_per_request} images in one request (--max-images-per-request)",
                         param="messages",
                     )
-                parts.append({"type": "image", "image": load_image_url(url, config)})
+                loaded.append(load_image_url(url, config))
+                parts.append({"type": "image", "image": loaded[-1]})
             else:
                 raise APIError(
                     400,
@@ -211,6 +270,7 @@ def to_engine_messages(messages: list[dict], config: ServeConfig) -> list[dict]:
                     param="messages",
                 )
         out.append({"role": msg["role"], "content": parts})
+    check_image_pixels(loaded, config, "messages")
     return out
 
 
@@ -234,9 +294,64 @@ _UNSUPPORTED = {
 }
 
 
-def sampling_params(body: _Sampling, max_tokens: int | None, top_logprobs: int | None = None) -> SamplingParams:
+def _text_chars(messages: list) -> int:
+    """Characters of the text in chat messages (string contents and text parts)."""
+    total = 0
+    for msg in messages:
+        content = msg.get("content") if isinstance(msg, dict) else None
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(p["text"]) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return total
+
+
+def check_limits(
+    config: ServeConfig,
+    *,
+    n: int | None = None,
+    prompts: int = 1,
+    choices: int | None = None,
+    max_tokens: int | None = None,
+    prompt_chars: int = 0,
+    param: str = "messages",
+) -> None:
+    """The per-request limits of `config` (400 naming the field and the server option)."""
+    if n is not None and n > config.max_n:
+        raise APIError(400, f"n must be at most {config.max_n} on this server (--max-n), got {n}", param="n")
+    total = choices if choices is not None else (1 if n is None else n) * prompts
+    if total > config.max_choices:
+        what = "choices" if choices is not None else f"n x prompts = {n or 1} x {prompts}"
+        raise APIError(
+            400,
+            f"{what} asks for {total} choices; this server returns at most {config.max_choices} (--max-choices)",
+            param="choices" if choices is not None else "n",
+        )
+    if max_tokens is not None and config.max_tokens is not None and max_tokens > config.max_tokens:
+        raise APIError(
+            400,
+            f"max_tokens must be at most {config.max_tokens} on this server (--max-tokens), got {max_tokens}",
+            param="max_tokens",
+        )
+    if prompt_chars > config.max_prompt_chars:
+        raise APIError(
+            400,
+            f"the request's text is {prompt_chars:,} characters; this server takes at most "
+            f"{config.max_prompt_chars:,} (--max-prompt-chars)",
+            param=param,
+        )
+
+
+# OpenAI's default sampling, for what neither the request nor the checkpoint's generation_config.json sets
+OPENAI_DEFAULTS = {"temperature": 1.0}
+
+
+def sampling_params(
+    body: _Sampling, max_tokens: int | None, top_logprobs: int | None = None, defaults: dict | None = None
+) -> SamplingParams:
     """The engine's parameters; `max_tokens=None` (up to the context's end) is validated as 1;
-    `top_logprobs`: alternatives per generated token (None: none gathered)."""
+    `top_logprobs`: alternatives per generated token (None: none gathered); `defaults`: the checkpoint's
+    sampling defaults (`Engine.sampling_defaults`), for fields the request leaves unset."""
     for name, off in _UNSUPPORTED.items():
         value = (body.model_extra or {}).get(name)
         if value is not None and value not in off:
@@ -246,9 +361,9 @@ def sampling_params(body: _Sampling, max_tokens: int | None, top_logprobs: int |
     try:
         return SamplingParams(
             max_tokens=max_tokens or 1,
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            top_k=-1 if body.top_k is None else body.top_k,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
             seed=body.seed,
             n=1 if body.n is None else body.n,
             stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
@@ -256,7 +371,7 @@ def sampling_params(body: _Sampling, max_tokens: int | None, top_logprobs: int |
             ignore_eos=body.ignore_eos,
             skip_special_tokens=body.skip_special_tokens,
             logprobs=top_logprobs,
-        )
+        ).with_defaults({**OPENAI_DEFAULTS, **(defaults or {})})
     except ValueError as e:
         raise APIError(400, str(e), param=str(e).split()[0]) from e
 
@@ -308,17 +423,18 @@ def _sse(obj: dict | str) -> str:
 # ---------------------------------------------------------------------------------------------
 class _Guard:
     """ASGI middleware (plain ASGI: it must not wrap streaming responses in a task group): the bearer
-    token on /v1/* (401), bodies over `max_bytes` (413), and a count of responses by path and status."""
+    token on /v1/* and the API schema (401), bodies over `max_bytes` (413), and a count of responses by
+    route and status (`label` maps a path to its route, so a client sending random paths adds no labels)."""
 
-    def __init__(self, app, config: ServeConfig, counts: Counter):
-        self.app, self.max_bytes, self.counts = app, config.max_request_bytes, counts
+    def __init__(self, app, config: ServeConfig, counts: Counter, label: Callable[[str], str]):
+        self.app, self.max_bytes, self.counts, self.label = app, config.max_request_bytes, counts, label
         self.expected = f"Bearer {config.api_key}".encode() if config.api_key else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        path, headers = scope["path"], dict(scope["headers"])
-        if self.expected and path.startswith("/v1/"):
+        path, headers = self.label(scope["path"]), dict(scope["headers"])
+        if self.expected and (path.startswith("/v1/") or path == "/openapi.json"):
             if not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
                 error = APIError(
                     401,
@@ -364,21 +480,45 @@ class _Guard:
         await error.response()({"type": "http"}, None, send)
 
 
+def _route_of(app: FastAPI, path: str) -> str:
+    """The route `path` matches, as declared (`/v1/models/{name:path}`); "other" for none."""
+    for route in app.routes:
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and regex.match(path):
+            return route.path
+    return "other"
+
+
 def build_app(loop: EngineLoop, config: ServeConfig) -> FastAPI:
     """The FastAPI application serving `loop`'s engine under `config`."""
     app = FastAPI(title="cultengine", docs_url=None, redoc_url=None)
     http_counts: Counter = Counter()
-    app.add_middleware(_Guard, config=config, counts=http_counts)
+    app.add_middleware(_Guard, config=config, counts=http_counts, label=lambda path: _route_of(app, path))
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        # FastAPI's own refusals (no such route, wrong method, a body it cannot parse: invalid UTF-8, JSON
+        # nested past the parser's depth, a number of thousands of digits) in the OpenAI shape, not {"detail"}.
+        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if exc.status_code == 404:
+            detail = f"no such endpoint: {request.method} {request.url.path[:200]}"
+        return APIError(exc.status_code, detail, code=None if exc.status_code < 500 else "server_error").response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):  # a bug: still a JSON body, never plain text
+        return APIError(500, f"{type(exc).__name__}: {exc}"[:2000], type_="server_error").response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
         return APIError(400, f"{loc or 'body'}: {first.get('msg', 'invalid request')}", param=loc or None).response()
+
+    limits = {"max_tokens_limit": config.max_tokens, "max_prompt_tokens": config.max_prompt_tokens}
 
     def check_model(name: str) -> None:
         if name != config.model_name:
@@ -509,11 +649,16 @@ def build_app(loop: EngineLoop, config: ServeConfig) -> FastAPI:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         k = body.top_logprobs or 0
         max_tokens = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
-        params = sampling_params(body, max_tokens, k if body.logprobs else None)
+        check_limits(config, n=body.n, max_tokens=max_tokens, prompt_chars=_text_chars(body.messages))
+        params = sampling_params(body, max_tokens, k if body.logprobs else None, loop.engine.sampling_defaults)
 
         def submit():
             return loop.generate(
-                {"messages": to_engine_messages(body.messages, config)}, params, max_tokens, stream=bool(body.stream)
+                {"messages": to_engine_messages(body.messages, config)},
+                params,
+                max_tokens,
+                stream=bool(body.stream),
+                **limits,
             )
 
         (admitted,) = await admit(submit)
@@ -599,9 +744,20 @@ def build_app(loop: EngineLoop, config: ServeConfig) -> FastAPI:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
             raise APIError(400, "prompt must be a string or a non-empty list of strings", param="prompt")
-        params = sampling_params(body, body.max_tokens, body.logprobs)
+        if not all(isinstance(p, str) for p in prompts):
+            raise APIError(400, "prompt must be a string or a list of strings", param="prompt")
+        check_limits(
+            config,
+            n=body.n,
+            prompts=len(prompts),
+            max_tokens=body.max_tokens,
+            prompt_chars=sum(map(len, prompts)),
+            param="prompt",
+        )
+        params = sampling_params(body, body.max_tokens, body.logprobs, loop.engine.sampling_defaults)
         submits = (
-            partial(loop.generate, {"prompt": p}, params, body.max_tokens, stream=bool(body.stream)) for p in prompts
+            partial(loop.generate, {"prompt": p}, params, body.max_tokens, stream=bool(body.stream), **limits)
+            for p in prompts
         )
         admitted = await admit(*submits)
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -672,6 +828,10 @@ def build_app(loop: EngineLoop, config: ServeConfig) -> FastAPI:
             raise APIError(
                 400, "'images' goes with 'prompt'; put images into 'messages' as image_url parts", param="images"
             )
+        chars = len(body.prompt or "") + _text_chars(body.messages or []) + sum(map(len, body.choices))
+        check_limits(
+            config, choices=len(body.choices), prompt_chars=chars, param="messages" if body.messages else "prompt"
+        )
         if len(body.images or []) > config.max_images_per_request:
             raise APIError(
                 400,
@@ -683,8 +843,9 @@ def build_app(loop: EngineLoop, config: ServeConfig) -> FastAPI:
             if body.messages is not None:
                 req: dict[str, Any] = {"messages": to_engine_messages(body.messages, config)}
             else:
-                req = {"prompt": body.prompt, "images": [load_image_url(u, config) for u in body.images or []]}
-            return loop.score({**req, "choices": body.choices})
+                images = [load_image_url(u, config) for u in body.images or []]
+                req = {"prompt": body.prompt, "images": check_image_pixels(images, config, "images")}
+            return loop.score({**req, "choices": body.choices}, max_prompt_tokens=config.max_prompt_tokens)
 
         (admitted,) = await admit(submit)
         scores = await results(request, [admitted])

@@ -8,6 +8,12 @@ to move onto a public incremental engine API. Everything else talks to it throug
 Every scheduler call happens on the engine thread; request preparation (chat template, image
 decoding, tokenization) reads no engine state that changes, so it runs on the caller's thread and
 overlaps the step loop.
+
+Fairness: a request's first sequence enters the scheduler when it is admitted; its other samples wait in the
+loop and are fed in round-robin between requests, so the scheduler never holds more than
+`max_in_scheduler` of them (twice `max_num_seqs` by default: one batch running, one waiting). A large `n`
+then cannot queue thousands of sequences ahead of a later client: that client's sequence waits behind at most
+`max_in_scheduler` others. Each result's bookkeeping is O(1) (a count of the results still open per request).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
@@ -53,6 +60,8 @@ class _Job:
     first_token: float | None = None
     longest_output: int = 0
     stream: queue.SimpleQueue | None = None
+    open_results: int = 0  # results not yet resolved: the request is done at 0
+    pending: deque = field(default_factory=deque)  # (result index, seed) of samples not yet in the scheduler
 
 
 class EngineLoop:
@@ -63,8 +72,15 @@ class EngineLoop:
     fail with `RuntimeError`.
     """
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, max_in_scheduler: int | None = None):
+        """`max_in_scheduler`: most sequences the loop keeps in the scheduler at once (running or waiting)
+        before it holds back further samples of admitted requests (default: 2 x the engine's max_num_seqs)."""
         self.engine = engine
+        limit = 2 * engine.max_num_seqs if max_in_scheduler is None else max_in_scheduler
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"max_in_scheduler must be a positive integer, got {limit!r}")
+        self.max_in_scheduler = limit
+        self._feeding: deque[_Job] = deque()  # jobs with samples not yet in the scheduler; round-robin order
         self._inbox: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._jobs: dict[int, _Job] = {}  # engine thread only
         self._owner: dict[int, tuple[_Job, int]] = {}  # seq id -> (job, result index); engine thread only
@@ -91,17 +107,27 @@ class EngineLoop:
         return self.engine.max_model_len
 
     def generate(
-        self, request: dict, params: SamplingParams, max_tokens: int | None = None, stream: bool = False
+        self,
+        request: dict,
+        params: SamplingParams,
+        max_tokens: int | None = None,
+        stream: bool = False,
+        *,
+        max_tokens_limit: int | None = None,
+        max_prompt_tokens: int | None = None,
     ) -> Future:
         """Admit one generation request (`params.n` samples); the future gives `Admitted`.
 
-        `max_tokens=None` lets each sample run to the end of the context (`params.max_tokens` is
-        ignored then); `stream` puts each sample's new text on `Admitted.stream` as the steps release it
-        (the rest of a sample's text, held back for a possible stop string, comes with its result). A
-        request the engine cannot prepare raises `RequestError` here.
+        `max_tokens=None` lets each sample run to the end of the context, or `max_tokens_limit` tokens if
+        that comes first (`params.max_tokens` is ignored then); `stream` puts each sample's new text on
+        `Admitted.stream` as the steps release it (the rest of a sample's text, held back for a possible stop
+        string, comes with its result). A request the engine cannot prepare, or whose prompt is longer than
+        `max_prompt_tokens` (images expanded), raises `RequestError` here.
         """
         arrived = time.perf_counter()
-        prep = self._prepare_one(request)
+        prep = self._prepare_one(request, max_prompt_tokens)
+        if max_tokens is None and max_tokens_limit is not None:
+            max_tokens = max(1, min(max_tokens_limit, self.engine.max_model_len - len(prep.prompt_ids)))
         job = _Job(
             self._new_request_id(),
             prep,
@@ -112,17 +138,20 @@ class EngineLoop:
             stream=queue.SimpleQueue() if stream else None,
         )
         job.results = [Future() for _ in range(params.n)]
+        job.open_results = params.n
         self._inbox.put(lambda: self._admit(job))
         return job.admitted
 
-    def score(self, request: dict) -> Future:
-        """Admit one scoring request (its `choices` continue its context); the future gives `Admitted`."""
+    def score(self, request: dict, max_prompt_tokens: int | None = None) -> Future:
+        """Admit one scoring request (its `choices` continue its context); the future gives `Admitted`.
+        A context longer than `max_prompt_tokens` (images expanded) raises `RequestError`."""
         choices = request.get("choices")
-        if not isinstance(choices, list) or not choices or not all(isinstance(c, str) and c for c in choices):
-            raise RequestError("a scoring request needs a non-empty 'choices' list of non-empty strings")
-        prep = self._prepare_one(request)
+        if problem := self.engine.choices_problem(choices):  # what Engine.score refuses, refused alike
+            raise RequestError(problem)
+        prep = self._prepare_one(request, max_prompt_tokens)
         job = _Job(self._new_request_id(), prep, Future(), choices=list(choices))
         job.results = [Future() for _ in choices]
+        job.open_results = len(choices)
         self._inbox.put(lambda: self._admit(job))
         return job.admitted
 
@@ -152,17 +181,22 @@ class EngineLoop:
             self._next_request_id += 1
             return self._next_request_id
 
-    def _prepare_one(self, request: dict):
+    def _prepare_one(self, request: dict, max_prompt_tokens: int | None = None):
         (prep,) = self.engine._prepare([request])
         if isinstance(prep, Exception):
             raise prep if isinstance(prep, RequestError) else RequestError(str(prep))
+        if max_prompt_tokens is not None and len(prep.prompt_ids) > max_prompt_tokens:
+            raise RequestError(
+                f"the prompt is {len(prep.prompt_ids)} tokens (images expanded); this server takes at most "
+                f"{max_prompt_tokens} (--max-prompt-tokens)"
+            )
         return prep
 
     # ------------------------------------------------------------------ engine thread
     def _run(self) -> None:
         running = True
         while running:
-            busy = self.engine.scheduler.has_unfinished()
+            busy = self.engine.scheduler.has_unfinished() or bool(self._feeding)
             commands = []
             try:
                 commands.append(self._inbox.get(block=not busy))
@@ -175,6 +209,8 @@ class EngineLoop:
                     running = False
                     break
                 cmd()
+            if running:
+                self._feed()
             if commands:
                 self._refresh_snapshot()
             if running and self.engine.scheduler.has_unfinished():
@@ -196,15 +232,12 @@ class EngineLoop:
         try:
             if job.params is not None:
                 sp = job.params
-                max_tokens = job.max_tokens or max(1, self.engine.max_model_len - len(prep.prompt_ids))
-                for seed in sp.sample_seeds():
-                    job.seq_ids.append(
-                        seq_id := eng._add(
-                            prep, max_tokens=max_tokens, stream=job.stream is not None, **sp.scheduler_kwargs(seed)
-                        )
-                    )
-                    if sp.logprobs is not None:
-                        eng._want_top_logprobs(seq_id, sp.logprobs)
+                if job.max_tokens is None:
+                    job.max_tokens = max(1, self.engine.max_model_len - len(prep.prompt_ids))
+                job.pending.extend(enumerate(sp.sample_seeds()))
+                # The first sample now: the scheduler refuses the request (too long, ...) here, and a new
+                # request always has a sequence in the queue; the others follow as there is room (`_feed`).
+                self._add_sample(job)
             else:
                 # As Engine.score: each choice tokenized on its own; the context computed once, the
                 # choices forked from it.
@@ -213,16 +246,51 @@ class EngineLoop:
                     if not ids:
                         raise ValueError(f"choice {text!r} tokenizes to nothing")
                 job.seq_ids.extend(eng._add_scoring(prep, [list(ids) for ids in choice_ids]))
+                for k, seq_id in enumerate(job.seq_ids):
+                    self._owner[seq_id] = (job, k)
         except Exception as e:  # ValueError: the scheduler refuses it (too long, ...)
             self._drop(job)
             job.admitted.set_exception(RequestError(str(e)) if isinstance(e, ValueError) else e)
             return
         self._jobs[job.request_id] = job
-        for k, seq_id in enumerate(job.seq_ids):
-            self._owner[seq_id] = (job, k)
+        if job.pending:
+            self._feeding.append(job)
         self.counters["requests_admitted"] += 1
         self.counters["prompt_tokens"] += len(prep.prompt_ids)
         job.admitted.set_result(Admitted(job.request_id, len(prep.prompt_ids), job.results, job.stream))
+
+    def _add_sample(self, job: _Job) -> None:
+        """Put the job's next pending sample into the scheduler."""
+        k, seed = job.pending.popleft()
+        sp = job.params
+        seq_id = self.engine._add(
+            job.prepared, max_tokens=job.max_tokens, stream=job.stream is not None, **sp.scheduler_kwargs(seed)
+        )
+        job.seq_ids.append(seq_id)
+        self._owner[seq_id] = (job, k)
+        if sp.logprobs is not None:
+            self.engine._want_top_logprobs(seq_id, sp.logprobs)
+
+    def _feed(self) -> None:
+        """Top the scheduler up to `max_in_scheduler` sequences with pending samples, one per request in
+        turn (round-robin), so requests that arrive later are not queued behind a large one's samples."""
+        room = self.max_in_scheduler - len(self._owner)
+        while room > 0 and self._feeding:
+            job = self._feeding.popleft()
+            if job.request_id not in self._jobs or not job.pending:  # aborted or failed meanwhile
+                continue
+            try:
+                self._add_sample(job)
+            except Exception as e:  # noqa: BLE001 - as at admission: this request fails, the others go on
+                self._jobs.pop(job.request_id, None)
+                self._drop(job)
+                for f in job.results:
+                    if not f.done():
+                        f.set_exception(RuntimeError(f"could not schedule a sample: {type(e).__name__}: {e}"))
+                continue
+            room -= 1
+            if job.pending:
+                self._feeding.append(job)
 
     def _step(self) -> None:
         try:
@@ -272,10 +340,11 @@ class EngineLoop:
                     token_logprobs=lps,
                 )
             job.longest_output = max(job.longest_output, len(seq.output_token_ids))
-            job.results[k].set_result(result)
-            if all(f.done() for f in job.results):
+            job.open_results -= 1
+            if job.open_results == 0:  # before the last result wakes its waiter, who may read stats()
                 del self._jobs[job.request_id]
                 self._observe_latency(job, now)
+            job.results[k].set_result(result)
 
     def _observe_latency(self, job: _Job, now: float) -> None:
         if job.first_token is None:  # scoring: no token is sampled
@@ -296,6 +365,7 @@ class EngineLoop:
 
     def _drop(self, job: _Job) -> None:
         """Take a job's sequences out of the scheduler and unpin their images."""
+        job.pending.clear()
         for seq_id in job.seq_ids:
             self.engine.scheduler.abort(seq_id)
             self.engine._release(seq_id)
@@ -310,6 +380,7 @@ class EngineLoop:
                 if not f.done():
                     f.set_exception(error)
         self._jobs.clear()
+        self._feeding.clear()
 
     def _refresh_snapshot(self) -> None:
         sched = self.engine.scheduler
@@ -320,5 +391,6 @@ class EngineLoop:
             "num_running": sched.num_running,
             "inbox": self._inbox.qsize(),
             "requests_running": len(self._jobs),
+            "sequences_held_back": sum(len(job.pending) for job in self._feeding),
             "updated": time.time(),
         }

@@ -6,7 +6,17 @@ import argparse
 import json
 from pathlib import Path
 
-from ..console import add_quiet, add_threads, positive_int, print_outputs
+from ..console import (
+    add_quiet,
+    add_threads,
+    default_device,
+    json_safe,
+    positive_int,
+    print_outputs,
+    probability,
+    resumable,
+    seed,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,6 +31,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--items", required=True, help="survey items: id, question, options, topic")
     p.add_argument("--human", required=True, help="human answer distributions: item_id, country, distribution")
     p.add_argument("--images", help="culture-specific images: country, category, image")
+    p.add_argument(
+        "--allowed-local-media-path",
+        metavar="DIR",
+        help="images the data file names may also lie under DIR, absolute paths included "
+        "(default: only inside the data file's folder)",
+    )
     p.add_argument(
         "--choices",
         choices=("label", "text"),
@@ -46,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: keep this much probability mass")
     p.add_argument(
         "--seed",
-        type=int,
+        type=seed,
         default=0,
         help="base seed (a request's seed depends on its image, concept and temperature, not on the nationality)",
     )
@@ -69,9 +85,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     _engine_args(p)
     p.add_argument("--input", required=True, help="entity records: id, entity, country, properties, image")
+    p.add_argument(
+        "--allowed-local-media-path",
+        metavar="DIR",
+        help="images the data file names may also lie under DIR, absolute paths included "
+        "(default: only inside the data file's folder)",
+    )
     p.add_argument("--languages", default="en", help="comma-separated template languages")
     p.add_argument("--templates", help="templates JSON (default: the shipped ground_templates.json)")
-    p.add_argument("--threshold", type=float, default=0.5, help="keep rows with P(yes) >= this")
+    p.add_argument("--threshold", type=probability, default=0.5, help="keep rows with P(yes) >= this")
     p.add_argument(
         "--chunk-size",
         type=positive_int,
@@ -96,10 +118,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     a.add_argument("--wvs-raw", action="store_true", help="do not z-score the WVS columns")
     a.add_argument("--clip", help="CLIPModel checkpoint directory for CLIPScore and retrieval")
-    a.add_argument("--device", default="cpu", help="where the CLIP model runs")
+    a.add_argument("--device", help="where the CLIP model runs (default: cuda when available, else cpu)")
     a.add_argument("--out", help="output directory (default: the first RUN_DIR)")
-    a.add_argument("--top-k", type=int, default=10, help="distinctive terms per nationality")
-    a.add_argument("--permutations", type=int, default=9999, help="Mantel test permutations (default 9999)")
+    a.add_argument("--top-k", type=positive_int, default=10, help="distinctive terms per nationality")
+    a.add_argument("--permutations", type=positive_int, default=9999, help="Mantel test permutations (default 9999)")
     a.set_defaults(func=_analyze_stories)
 
 
@@ -126,7 +148,7 @@ def _engine_args(p: argparse.ArgumentParser, several_models: bool = False) -> No
     else:
         p.add_argument("--model", default="demo", help=help)
     p.add_argument("--out", required=True, help="run directory (re-running resumes)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's) | float32 | bfloat16 | float16")
     p.add_argument("--max-num-seqs", type=positive_int, default=256, help="sequences the engine runs at once")
     add_threads(p)
@@ -139,7 +161,7 @@ def _engine(args, model: str | None = None):
 
     return Engine(
         resolve(model or args.model),
-        device=args.device,
+        device=default_device(args.device),
         dtype=args.dtype,
         max_num_seqs=args.max_num_seqs,
         threads=args.threads,
@@ -149,13 +171,16 @@ def _engine(args, model: str | None = None):
 def _print(summary: dict) -> None:
     print(
         json.dumps(
-            {
-                k: v
-                for k, v in summary.items()
-                if not isinstance(v, list | dict) or k in ("dropped_per_stage", "drop_reasons", "delta_by_category")
-            },
+            json_safe(
+                {
+                    k: v
+                    for k, v in summary.items()
+                    if not isinstance(v, list | dict) or k in ("dropped_per_stage", "drop_reasons", "delta_by_category")
+                }
+            ),
             indent=2,
             default=str,
+            allow_nan=False,  # strict JSON: an undefined interval is null
         )
     )
 
@@ -168,8 +193,9 @@ def _outputs(out: str, *names: str) -> None:
 def _values(args) -> int:
     from . import values
 
+    resumable(args.out, "results")
     items = values.load_items(args.items)
-    human, images = values.load_human(args.human, items), values.load_images(args.images)
+    human, images = values.load_human(args.human, items), values.load_images(args.images, args.allowed_local_media_path)
     models = args.model or ["demo"]
     runs = []
     for i, model in enumerate(models):
@@ -199,6 +225,7 @@ def _values(args) -> int:
 def _stories(args) -> int:
     from . import stories
 
+    resumable(args.out, "stories")
     # the inputs are read and checked before the model loads
     concepts, images = stories.load_list(args.concepts), stories.image_list(args.images)
     nationalities = stories.parse_nationalities(args.nationalities)
@@ -219,7 +246,7 @@ def _stories(args) -> int:
         top_p=args.top_p,
         seed=args.seed,
         model_name=args.model,
-        batch_size=args.batch or (args.max_num_seqs if args.device.startswith("cuda") else 64),
+        batch_size=args.batch or (args.max_num_seqs if default_device(args.device).startswith("cuda") else 64),
         quiet=args.quiet,
     )
     _print(summary)
@@ -230,19 +257,23 @@ def _stories(args) -> int:
 def _ground(args) -> int:
     from . import ground
 
+    resumable(args.out, "rows")
     templates = ground.load_templates(args.templates)  # the inputs are checked before the model loads
+    languages = [s.strip() for s in args.languages.split(",")]
+    ground.check_languages(templates, languages)
     if not Path(args.input).is_file():
         raise ValueError(f"--input {args.input}: no such file")
     summary = ground.run(
         _engine(args),
         args.input,
         args.out,
-        [s.strip() for s in args.languages.split(",")],
+        languages,
         templates,
         threshold=args.threshold,
         chunk_size=args.chunk_size,
         model_name=args.model,
         quiet=args.quiet,
+        media_root=args.allowed_local_media_path,
     )
     _print(summary)
     _outputs(args.out, "ground.jsonl", "ground.parquet", "summary.json")
@@ -260,7 +291,7 @@ def _analyze_stories(args) -> int:
         out_dir=args.out,
         top_k=args.top_k,
         wvs_standardize=not args.wvs_raw,
-        device=args.device,
+        device=default_device(args.device) if args.clip else "cpu",
         permutations=args.permutations,
     )
     for model, m in result["models"].items():

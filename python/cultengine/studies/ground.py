@@ -28,6 +28,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..console import bar, resume_note
+from ..paths import named_by_data_file
 from ..runlog import ResultLog, write_json
 from .io import chunks, iter_records
 from .stats import softmax
@@ -69,9 +70,24 @@ def parse_properties(value) -> dict[str, str]:
     return {k.strip(): v.strip() for k, v in pairs if v.strip()}
 
 
+def record_id(rec: dict, n: int) -> str:
+    """A record's id, or the line number `n` that names it when it has none."""
+    return str(rec.get("id") or f"line{n}")
+
+
+def check_languages(templates: dict, languages: list[str]) -> None:
+    """Every requested language has a template (an unknown one would give no rows, and no error)."""
+    known = {lang for by_lang in templates["properties"].values() for lang in by_lang}
+    if unknown := [lang for lang in languages if lang not in known]:
+        raise ValueError(
+            f"--languages: no template in {', '.join(map(repr, unknown))} (the templates have: "
+            f"{', '.join(sorted(known)) or 'none'})"
+        )
+
+
 def stage1(rec: dict, n: int, templates: dict, languages: list[str]) -> list[dict]:
     """Template rows of one input record (its line number `n` names it when it has no id)."""
-    rid = str(rec.get("id") or f"line{n}")
+    rid = record_id(rec, n)
     entity, country = str(rec.get("entity", "")), str(rec.get("country", ""))
     image = rec.get("image") or None
     rows = []
@@ -109,12 +125,26 @@ def run(
     max_tokens: int = 64,
     model_name: str = "",
     quiet: bool = False,
+    media_root: str | Path | None = None,
 ) -> dict:
     """Run the three stages over every row not yet decided in `out_dir/ground.jsonl` (flushed after every chunk
     of `chunk_size` records, with a progress bar of rows on a terminal unless `quiet`), then summarise."""
     from ..sampling import SamplingParams
 
     templates = templates or load_templates()
+    check_languages(templates, languages)
+    if not 0 <= threshold <= 1:  # also NaN: every row would be dropped as irrelevant
+        raise ValueError(f"threshold must be a probability in [0, 1], got {threshold}")
+    # Two records under one id would share row ids: the second's rows skipped as done, its image's relevance
+    # taken from the first's. Checked before anything is written.
+    first_line: dict[str, int] = {}  # record id -> the line it was first seen on
+    for n, rec in enumerate(iter_records(input_path), 1):
+        rid = record_id(rec, n)
+        if rid in first_line:
+            raise ValueError(
+                f"{input_path}: record {n} has the id {rid!r} of record {first_line[rid]}; record ids must be unique"
+            )
+        first_line[rid] = n
     lang_names = templates.get("languages", {})
     out_dir = Path(out_dir)
     log = ResultLog(out_dir / "ground.jsonl")
@@ -129,7 +159,6 @@ def run(
             templates=templates,
         ),
     )
-    base = Path(input_path).parent
     refine = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=["\n"])
     new_rows = 0
     # a first pass over the records (no model): how many rows there are, and how many an earlier run decided
@@ -142,8 +171,11 @@ def run(
         for chunk in chunks(enumerate(iter_records(input_path), 1), chunk_size):
             rows = [r for n, rec in chunk for r in stage1(rec, n, templates, languages) if r["id"] not in log.done]
             for r in rows:
-                if r["image"] and not Path(r["image"]).is_absolute():
-                    r["image"] = str(base / r["image"])
+                if r["image"]:
+                    try:  # a record's image stays inside the input's folder (or the allowed media path)
+                        r["image"] = str(named_by_data_file(input_path, r["image"], media_root))
+                    except ValueError as e:
+                        r.update(dropped_at=3, drop_reason="error", stage3=dict(error=f"image {e}"))
             live = [r for r in rows if "dropped_at" not in r]
             # stage 2: fluent rewording without the answer
             prompts = [

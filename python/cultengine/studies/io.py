@@ -6,16 +6,19 @@ file of millions of rows is never held in memory. Results go to a `cultengine.ru
 
 from __future__ import annotations
 
-import csv
 import json
-import sys
+import warnings
 from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from .. import datafiles
+
 
 def iter_records(path: str | Path) -> Iterator[dict]:
+    """Each record of a study input; a line or row that cannot be read is skipped with a warning naming the
+    file and line (one bad row of millions does not end the run)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"input file not found: {path}")
@@ -25,30 +28,26 @@ def iter_records(path: str | Path) -> Iterator[dict]:
 
         for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
             yield from batch.to_pylist()
-    elif suffix in (".csv", ".tsv"):
-        csv.field_size_limit(sys.maxsize)
-        with path.open(encoding="utf-8-sig", newline="") as f:
-            yield from csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
     elif suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8-sig"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise ValueError(f"{path}: not valid JSON ({getattr(e, 'msg', e)})") from None
         rows = data.get("rows") if isinstance(data, dict) else data
         if not isinstance(rows, list):
             raise ValueError(f'{path}: a .json input holds a list of objects (or {{"rows": [...]}})')
         yield from rows
     else:
-        with path.open(encoding="utf-8-sig") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{n}: malformed JSON ({e.msg}); expected one object a line") from None
-                    if not isinstance(rec, dict):
-                        raise ValueError(f"{path}:{n}: not a JSON object")
-                    yield rec
+        rows = (
+            datafiles.csv_rows(path, "\t" if suffix == ".tsv" else ",")
+            if suffix in (".csv", ".tsv")
+            else datafiles.json_lines(path)
+        )
+        for n, rec in rows:
+            if isinstance(rec, datafiles.BadLine):
+                warnings.warn(f"{path}:{n}: skipped: {rec}", stacklevel=2)
+            else:
+                yield rec
 
 
 def chunks(it: Iterable, size: int) -> Iterator[list]:

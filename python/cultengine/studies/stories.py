@@ -99,6 +99,7 @@ def run(
     resume_note(done, total, "stories")
     before = engine.stats()
     start, generated = time.perf_counter(), 0
+    written, failed, first_error = 0, 0, ""  # this run's stories, how many of them failed, and why the first did
     with log, bar(total, initial=done, unit="story", desc="stories", quiet=quiet) as progress:
         for batch in chunks(tasks, max(1, batch_size // samples)):
             reqs = [
@@ -131,6 +132,7 @@ def run(
                 base = dict(image=image, concept=concept, nationality=demonym, temperature=t, model=model_name)
                 if o.error:
                     recs += [dict(id=f"{key}|s{k}", sample=k, error=o.error, **base) for k in range(samples)]
+                    first_error = first_error or f"{Path(image).name}: {o.error}"
                     continue
                 for k, s in enumerate(o.samples):
                     generated += len(s.token_ids)
@@ -146,6 +148,7 @@ def run(
                     )
             recs = [r for r in recs if r["id"] not in log.done]  # a sample an interrupted write kept
             log.write(recs)
+            written, failed = written + len(recs), failed + sum("error" in r for r in recs)
             progress.set_postfix_str(f"{generated / (time.perf_counter() - start):,.0f} tok/s", refresh=False)
             progress.update(len(recs))
     after = engine.stats()
@@ -163,6 +166,8 @@ def run(
         engine_stats=after,
     )
     write_json(out_dir / "summary.json", summary)
+    if written and failed == written:  # a run that generated nothing is no success
+        raise ValueError(f"every story of this run failed ({written} stories); the first error: {first_error}")
     return summary
 
 
@@ -291,6 +296,12 @@ def analyze(
 ) -> dict:
     """Analyse stories run directories (one model each, or several): analysis.json, .md and .html.
     `hofstede` / `wvs` are culture tables (default: the packaged copies; None leaves that table out)."""
+    for d in run_dirs:  # before anything is written: a mistyped directory is not an empty run to create
+        if not (Path(d) / "results.jsonl").is_file():
+            what = "no such directory" if not Path(d).is_dir() else "not a stories run directory (no results.jsonl)"
+            raise ValueError(f"{d}: {what}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
     out_dir = Path(out_dir or run_dirs[0])
     out_dir.mkdir(parents=True, exist_ok=True)
     tables = []

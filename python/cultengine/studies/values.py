@@ -5,7 +5,8 @@ Inputs
   in the survey's order.
 - human answer distributions: `item_id, country, distribution` (probabilities or counts per option, same
   order; list, JSON list or `|`-separated).
-- images (optional): `country, category, image` (path relative to that file, or absolute).
+- images (optional): `country, category, image` (a path relative to that file, inside its folder; elsewhere
+  only under a folder the user allows, `--allowed-local-media-path`).
 
 For each (item, country) with a human distribution the model is asked with the country cue once text-only
 and once with each of that country's images. Its answer distribution is the softmax over the options'
@@ -27,6 +28,7 @@ import numpy as np
 
 from .. import plots, provenance
 from ..console import bar, resume_note
+from ..paths import named_by_data_file
 from ..runlog import ResultLog, write_json
 from ..stats import cluster_mean
 from . import report
@@ -53,6 +55,8 @@ def load_items(path: str | Path) -> dict[str, Item]:
         opts = [str(o) for o in as_list(rec.get("options"))]
         if len(opts) < 2:
             raise ValueError(f"{path}: item {rec.get('id')!r} has fewer than two options")
+        if str(rec["id"]) in items:  # a second item under one id would silently replace the first
+            raise ValueError(f"{path}: item id {str(rec['id'])!r} appears twice; item ids must be unique")
         items[str(rec["id"])] = Item(str(rec["id"]), str(rec["question"]), opts, str(rec.get("topic") or "all"))
     return items
 
@@ -63,7 +67,11 @@ def load_human(path: str | Path, items: dict[str, Item]) -> dict[tuple[str, str]
         item_id, country = str(rec["item_id"]), str(rec["country"])
         if item_id not in items:
             raise ValueError(f"{path}: distribution for unknown item {item_id!r}")
+        if (item_id, country) in human:
+            raise ValueError(f"{path}: item {item_id!r} / {country}: a second distribution (one per item and country)")
         dist = [float(x) for x in as_list(rec["distribution"])]
+        if not all(map(math.isfinite, dist)):  # NaN would pass the checks below and poison every summary
+            raise ValueError(f"{path}: item {item_id!r} / {country}: distribution {dist} holds NaN or infinity")
         if len(dist) != len(items[item_id].options) or sum(dist) <= 0 or min(dist) < 0:
             raise ValueError(
                 f"{path}: item {item_id!r} / {country}: distribution {dist} does not match "
@@ -74,16 +82,16 @@ def load_human(path: str | Path, items: dict[str, Item]) -> dict[tuple[str, str]
     return human
 
 
-def load_images(path: str | Path | None) -> dict[str, list[tuple[str, str]]]:
-    """country -> [(category, image path)]"""
+def load_images(path: str | Path | None, media_root: str | Path | None = None) -> dict[str, list[tuple[str, str]]]:
+    """country -> [(category, image path)]; each path inside the file's folder or under `media_root`."""
     out: dict[str, list[tuple[str, str]]] = defaultdict(list)
     if path:
-        base = Path(path).parent
-        for rec in iter_records(path):
-            p = Path(str(rec["image"]))
-            out[str(rec["country"])].append(
-                (str(rec.get("category") or "image"), str(p if p.is_absolute() else base / p))
-            )
+        for n, rec in enumerate(iter_records(path), 1):
+            try:
+                image = named_by_data_file(path, str(rec["image"]), media_root)
+            except ValueError as e:
+                raise ValueError(f"{path}: row {n}: image {e}") from None
+            out[str(rec["country"])].append((str(rec.get("category") or "image"), str(image)))
     return dict(out)
 
 
