@@ -362,7 +362,7 @@ def main(argv=None) -> None:
         def ours_warmup():
             run_ours(engine, requests[:4], [2] * 4, args)
 
-        from cultengine.ops import cascade_tile_width
+        from cultengine.attention_metadata import cascade_tile_width
 
         runner = engine.runner
         default_width = runner.cascade_width  # the engine's default: cascade on the Triton backend only

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from cultengine.attention_metadata import AttentionMetadata  # torch and numpy only: safe before TRITON_INTERPRET
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -124,7 +126,7 @@ def prefill_row(ops, kernels, bench, device, b, s, h, d, dtype, flash_attn_func)
     k_cache, v_cache, tables = paged_cache(b, s, h, d, dtype, device)
     qsl = torch.arange(0, b * s + 1, s, dtype=torch.int32, device=device)
     seq_lens = torch.full((b,), s, dtype=torch.int32, device=device)
-    meta = ops.AttentionMetadata(qsl, seq_lens, tables, torch.empty(0, dtype=torch.int64), s, s)
+    meta = AttentionMetadata(qsl, seq_lens, tables, torch.empty(0, dtype=torch.int64), s, s)
     # Contiguous [B, S, H, D] copies for the baselines (the same numbers the paged cache holds).
     qc = q.view(b, s, h, d)
     kc, vc = (c[tables.long()].view(b, s, h, d) for c in (k_cache, v_cache))
@@ -185,7 +187,7 @@ def bench_copy_bandwidth(cfg, device) -> float:
 def decode_row(ops, kernels, bench, device, b, ctx, hq, hkv, d, dtype):
     k_cache, v_cache, tables = paged_cache(b, ctx, hkv, d, dtype, device)
     q = torch.randn(b, hq, d, dtype=dtype, device=device)
-    meta = ops.AttentionMetadata(
+    meta = AttentionMetadata(
         torch.arange(b + 1, dtype=torch.int32, device=device),
         torch.full((b,), ctx, dtype=torch.int32, device=device),
         tables,
@@ -312,7 +314,7 @@ def sweep(cfg, ops, kernels, bench, device) -> dict:
     q = torch.randn(b * s, h, d, dtype=dtype, device=device)
     k_cache, v_cache, tables = paged_cache(b, s, h, d, dtype, device)
     qsl = torch.arange(0, b * s + 1, s, dtype=torch.int32, device=device)
-    meta = ops.AttentionMetadata(
+    meta = AttentionMetadata(
         qsl, torch.full((b,), s, dtype=torch.int32, device=device), tables, torch.empty(0, dtype=torch.int64), s, s
     )
     flops = 4 * b * h * s * s * d / 2
@@ -328,7 +330,7 @@ def sweep(cfg, ops, kernels, bench, device) -> dict:
     for batch, ctx in cfg["sweep_decode"]:
         kc, vc, tab = paged_cache(batch, ctx, hkv, d, dtype, device)
         qd = torch.randn(batch, hq, d, dtype=dtype, device=device)
-        md = ops.AttentionMetadata(
+        md = AttentionMetadata(
             torch.arange(batch + 1, dtype=torch.int32, device=device),
             torch.full((batch,), ctx, dtype=torch.int32, device=device),
             tab,

@@ -95,7 +95,7 @@ def exercise() -> None:
     """One call of each kernel wrapper per variant the engine uses."""
     import torch
 
-    from cultengine import kernels, ops
+    from cultengine import attention_metadata, kernels, ops
     from test_cascade_attention import grouped_batch, with_groups
     from test_kernels import paged_batch
 
@@ -104,7 +104,7 @@ def exercise() -> None:
         # Attention: prefill (with image spans and a window), decode with and without splits, cascade decode.
         q, k_cache, v_cache, meta = paged_batch([20, 1], [40, 30], 8, 2, 80, dtype)
         kernels.paged_attention(q, k_cache, v_cache, meta, 0.1)
-        spans = ops.AttentionMetadata(
+        spans = attention_metadata.AttentionMetadata(
             meta.query_start_loc,
             meta.seq_lens,
             meta.block_tables,

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from bench_helpers import png_bytes
-from cultengine.bench import data
+from cultengine.bench import data, rows
 from cultengine.cli import main
 
 
@@ -155,9 +155,9 @@ def test_cvqa_parquet(tmp_path):
 
 
 def test_parse_subset():
-    assert data.parse_subset("('Egyptian Arabic', 'Egypt')") == ("Egypt", "Egyptian Arabic")
-    assert data.parse_subset("Spanish-Mexico") == ("Mexico", "Spanish")
-    assert data.parse_subset("Indonesia-Javanese") == ("Indonesia", "Javanese")
+    assert rows.parse_subset("('Egyptian Arabic', 'Egypt')") == ("Egypt", "Egyptian Arabic")
+    assert rows.parse_subset("Spanish-Mexico") == ("Mexico", "Spanish")
+    assert rows.parse_subset("Indonesia-Javanese") == ("Indonesia", "Javanese")
 
 
 def test_almbench_and_culturalvqa(tmp_path):

@@ -1,6 +1,6 @@
 import pytest
 
-from cultengine.bench.data import Row
+from cultengine.bench.rows import Row
 from cultengine.bench.suites import SuiteConfig, build_requests, normalize, parse_letter, prompt_hash, rotate, score
 from cultengine.outputs import ChoiceScore, GenerationOutput, Sample, ScoreOutput
 

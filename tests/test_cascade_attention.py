@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from cultengine import kernels, ops  # noqa: E402  (after TRITON_INTERPRET is set)
+from cultengine import attention_metadata, kernels, ops  # noqa: E402  (after TRITON_INTERPRET is set)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK_SIZE = 16
@@ -44,7 +44,7 @@ def grouped_batch(groups, hq, hkv, d, dtype=torch.float32, seed=0):
     k_cache = torch.randn(num_blocks, BLOCK_SIZE, hkv, d, generator=gen).to(DEVICE, dtype)
     v_cache = torch.randn(num_blocks, BLOCK_SIZE, hkv, d, generator=gen).to(DEVICE, dtype)
     q = torch.randn(len(lens), hq + 2 * hkv, d, generator=gen).to(DEVICE, dtype)[:, :hq]  # a strided view
-    meta = ops.AttentionMetadata(
+    meta = attention_metadata.AttentionMetadata(
         torch.arange(len(lens) + 1, dtype=torch.int32, device=DEVICE),
         torch.tensor(lens, dtype=torch.int32, device=DEVICE),
         tables.to(DEVICE),
@@ -57,16 +57,16 @@ def grouped_batch(groups, hq, hkv, d, dtype=torch.float32, seed=0):
 
 def with_groups(meta, hq, hkv, min_saving=0.0):
     """The metadata with the grouping the runner would compute."""
-    grouped = ops.group_shared_prefixes(
+    grouped = attention_metadata.group_shared_prefixes(
         meta.block_tables.cpu().numpy(),
         meta.seq_lens.cpu().numpy(),
         BLOCK_SIZE,
-        ops.cascade_tile_width(hq // hkv),
+        attention_metadata.cascade_tile_width(hq // hkv),
         min_saving,
     )
     assert grouped is not None
-    shared = ops.SharedPrefixes(*(torch.from_numpy(a).to(DEVICE) for a in grouped[:3]))
-    return ops.AttentionMetadata(
+    shared = attention_metadata.SharedPrefixes(*(torch.from_numpy(a).to(DEVICE) for a in grouped[:3]))
+    return attention_metadata.AttentionMetadata(
         meta.query_start_loc,
         meta.seq_lens,
         meta.block_tables,
@@ -89,7 +89,7 @@ def assert_close(actual, expected):
 def test_groups_share_their_common_leading_blocks():
     # Group A: 3 members sharing 2 blocks; B: one sequence alone; C: 5 members sharing 1 block.
     _, _, _, meta = grouped_batch([(2, [40, 33, 60]), (0, [20]), (1, [17, 18, 30, 31, 50])], 4, 2, 16)
-    prefix_lens, tile_seqs, tile_prefix, keys = ops.group_shared_prefixes(
+    prefix_lens, tile_seqs, tile_prefix, keys = attention_metadata.group_shared_prefixes(
         meta.block_tables.numpy(), meta.seq_lens.numpy(), BLOCK_SIZE, tile_width=2, min_saving=0.0
     )
     assert prefix_lens.tolist() == [32, 32, 32, 0, 16, 16, 16, 16, 16]
@@ -105,16 +105,23 @@ def test_groups_share_their_common_leading_blocks():
 def test_no_grouping_when_it_saves_too_little():
     _, _, _, meta = grouped_batch([(1, [200, 210]), (0, [30])], 4, 2, 16)
     tables, lens = meta.block_tables.numpy(), meta.seq_lens.numpy()
-    assert ops.group_shared_prefixes(tables, lens, BLOCK_SIZE, 16) is None  # 16 of 440 keys saved
-    assert ops.group_shared_prefixes(tables, lens, BLOCK_SIZE, 16, min_saving=0.01) is not None
+    assert attention_metadata.group_shared_prefixes(tables, lens, BLOCK_SIZE, 16) is None  # 16 of 440 keys saved
+    assert attention_metadata.group_shared_prefixes(tables, lens, BLOCK_SIZE, 16, min_saving=0.01) is not None
     _, _, _, alone = grouped_batch([(0, [40]), (0, [50]), (0, [60])], 4, 2, 16)
-    assert ops.group_shared_prefixes(alone.block_tables.numpy(), alone.seq_lens.numpy(), BLOCK_SIZE, 16, 0.0) is None
+    assert (
+        attention_metadata.group_shared_prefixes(
+            alone.block_tables.numpy(), alone.seq_lens.numpy(), BLOCK_SIZE, 16, 0.0
+        )
+        is None
+    )
 
 
 def test_a_member_one_token_past_the_shared_blocks_keeps_its_own_key():
     # 2 shared blocks (32 keys) and a member of length 33: its only own key is its new token.
     _, _, _, meta = grouped_batch([(2, [33, 70, 90])], 4, 2, 16)
-    prefix_lens, *_ = ops.group_shared_prefixes(meta.block_tables.numpy(), meta.seq_lens.numpy(), BLOCK_SIZE, 16, 0.0)
+    prefix_lens, *_ = attention_metadata.group_shared_prefixes(
+        meta.block_tables.numpy(), meta.seq_lens.numpy(), BLOCK_SIZE, 16, 0.0
+    )
     assert prefix_lens.tolist() == [32, 32, 32]
 
 
@@ -138,12 +145,12 @@ def test_reference_cascade_equals_plain_decode(group_size, hq, hkv):
 def test_reference_cascade_with_prefixes_ending_mid_block(shared_keys):
     """Any split of truly shared keys gives the same attention, also one ending inside a block."""
     q, k_cache, v_cache, meta = grouped_batch([(3, [60, 75, 49, 90])], 8, 2, 32, seed=shared_keys)
-    shared = ops.SharedPrefixes(
+    shared = attention_metadata.SharedPrefixes(
         torch.full((4,), shared_keys, dtype=torch.int32),
         torch.tensor([[0, 1, 2, 3]], dtype=torch.int32),
         torch.tensor([shared_keys], dtype=torch.int32),
     )
-    cascade = ops.AttentionMetadata(
+    cascade = attention_metadata.AttentionMetadata(
         meta.query_start_loc,
         meta.seq_lens,
         meta.block_tables,
@@ -200,8 +207,8 @@ def test_kernel_as_a_cuda_graph_runs_it(num_splits):
     tile_seqs = torch.full((5, 16), -1, dtype=torch.int32)
     tile_seqs[0, :3] = torch.tensor([0, 1, 2])
     tile_prefix = torch.tensor([37, 0, 0, 0, 0], dtype=torch.int32)
-    shared = ops.SharedPrefixes(prefix_lens.to(DEVICE), tile_seqs.to(DEVICE), tile_prefix.to(DEVICE))
-    captured = ops.AttentionMetadata(
+    shared = attention_metadata.SharedPrefixes(prefix_lens.to(DEVICE), tile_seqs.to(DEVICE), tile_prefix.to(DEVICE))
+    captured = attention_metadata.AttentionMetadata(
         meta.query_start_loc,
         meta.seq_lens,
         meta.block_tables,

@@ -14,7 +14,7 @@ import pytest
 from bench_helpers import bench_args
 from cultengine import runlog
 from cultengine.bench import judge, langgap
-from cultengine.bench.data import Row
+from cultengine.bench.rows import Row
 from cultengine.bench.run import RunError, run
 from cultengine.outputs import ChoiceScore, GenerationOutput, Sample, ScoreOutput
 

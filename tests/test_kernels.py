@@ -26,7 +26,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from cultengine import kernels, ops  # noqa: E402  (after TRITON_INTERPRET is set)
+from cultengine import attention_metadata, kernels, ops  # noqa: E402  (after TRITON_INTERPRET is set)
 from family_parity import assert_rotary_fusion_changes_nothing, unfused_rotary_write_kv  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -77,7 +77,7 @@ def paged_batch(q_lens, seq_lens, hq, hkv, d, dtype, seed=0, shared_prefix_block
     q, k, v = qkv.split([hq, hkv, hkv], dim=1)
     kernels.write_kv(k, v, k_cache, v_cache, slot_mapping)
     qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
-    meta = ops.AttentionMetadata(
+    meta = attention_metadata.AttentionMetadata(
         qsl,
         torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
         tables.to(DEVICE),
@@ -161,7 +161,7 @@ def test_decode_split_kv(hq, hkv, d, num_splits):
 def test_decode_split_for_a_longer_limit_than_the_batch():
     """As a CUDA graph runs it: splits sized for max_seq_len 1024 while the batch is far shorter."""
     q, k_cache, v_cache, meta = paged_batch([1] * 3, [70, 1, 33], 4, 2, 64, torch.float32, seed=9)
-    captured = ops.AttentionMetadata(
+    captured = attention_metadata.AttentionMetadata(
         meta.query_start_loc, meta.seq_lens, meta.block_tables, meta.slot_mapping, max_query_len=1, max_seq_len=1024
     )
     out = kernels.paged_decode_attention(q, k_cache, v_cache, captured, 0.125)

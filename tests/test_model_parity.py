@@ -7,10 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
+from cultengine.attention_metadata import AttentionMetadata
 from cultengine.checkpoint import load_checkpoint
 from cultengine.image import ClipImageProcessor
 from cultengine.models import build_model, family_for
-from cultengine.ops import AttentionMetadata, Ops
+from cultengine.ops import Ops
 from tiny_checkpoints import IMAGE_TOKEN, reference_model
 
 TOL = 1e-4  # max |log_softmax(ours) - log_softmax(transformers)|

@@ -20,7 +20,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from cultengine import kernels, ops  # noqa: E402  (after TRITON_INTERPRET is set)
+from cultengine import attention_metadata, kernels, ops  # noqa: E402  (after TRITON_INTERPRET is set)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK = 16
@@ -43,7 +43,7 @@ def _batch(q_lens, seq_lens, spans=(), seed=0, shared_prefix_blocks=0):
     qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
     by_seq = sorted(spans)
     loc = [0] + [sum(1 for s in by_seq if s[0] <= b) for b in range(len(q_lens))]
-    meta = ops.AttentionMetadata(
+    meta = attention_metadata.AttentionMetadata(
         qsl.to(DEVICE),
         torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
         tables.to(DEVICE),
@@ -113,7 +113,7 @@ def test_chunked_prefill_across_the_window_edge_equals_one_pass(window):
     q, k_cache, v_cache, meta, _ = _batch([90], [90], seed=2)
     whole = kernels.paged_attention(q, k_cache, v_cache, meta, D**-0.5, window=window)
     for first, end in ((0, 30), (30, 61), (61, 90)):
-        chunk = ops.AttentionMetadata(
+        chunk = attention_metadata.AttentionMetadata(
             torch.tensor([0, end - first], dtype=torch.int32, device=DEVICE),
             torch.tensor([end], dtype=torch.int32, device=DEVICE),
             meta.block_tables,
@@ -150,7 +150,9 @@ def test_spans_of_one_sequence_do_not_leak_into_another():
     spans = [(0, 2, 9)]
     q, k_cache, v_cache, meta, spans = _batch([12, 12], [12, 12], spans=spans, seed=5)
     _check(q, k_cache, v_cache, meta, spans, None)
-    plain = ops.AttentionMetadata(meta.query_start_loc, meta.seq_lens, meta.block_tables, meta.slot_mapping, 12, 12)
+    plain = attention_metadata.AttentionMetadata(
+        meta.query_start_loc, meta.seq_lens, meta.block_tables, meta.slot_mapping, 12, 12
+    )
     torch.testing.assert_close(
         kernels.paged_attention(q, k_cache, v_cache, meta, D**-0.5)[12:],
         ops.paged_attention(q, k_cache, v_cache, plain, D**-0.5)[12:],

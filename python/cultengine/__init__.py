@@ -5,6 +5,8 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING
 
+from .version import __version__ as __version__
+
 if TYPE_CHECKING:  # what editors and type checkers see; at run time the names load on first use
     from .engine import Engine, RequestError
     from .outputs import ChoiceScore, GenerationOutput, Logprob, Sample, ScoreOutput
@@ -20,7 +22,6 @@ __all__ = [
     "ChoiceScore",
     "Logprob",
 ]
-__version__ = "0.1.0"
 
 # Loaded on first use, so that `cultengine --help` and the command line's argument errors do not import torch.
 _HOMES = {

@@ -27,17 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from . import plots, provenance
-from .runlog import atomic_write, read, write_json
+from .runlog import Incomparable, atomic_write, read, write_json
 
 # numpy and the bench modules (which load torch) are imported by the functions that use them, so that
 # `cultengine --help` does not load them.
 
 GROUPS = ("continent", "region", "category", "question_type")
 MATCH = ("suite", "circular")
-
-
-class Incomparable(ValueError):
-    """The runs do not hold the same benchmark; the message names the difference."""
 
 
 class Run:

@@ -96,3 +96,9 @@ def named_by_data_file(data_file: str | Path, name: str, media_root: str | Path 
         return confined(root, relative, allow_absolute=True)
     except OutsideFolder:
         raise OutsideFolder(f"{str(name)!r} lies outside the allowed media path {root}") from None
+
+
+def cache_dir() -> Path:
+    """Where cultengine keeps what it builds or remembers between runs (the demo checkpoint, the default
+    benchmark, file hashes): `$CULTENGINE_CACHE`, else ~/.cache/cultengine."""
+    return Path(os.environ.get("CULTENGINE_CACHE") or Path.home() / ".cache" / "cultengine")

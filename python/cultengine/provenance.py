@@ -20,7 +20,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from .paths import cache_dir
+from .version import __version__
 
 LIBRARIES = ("cultengine", "torch", "transformers", "torchvision", "Pillow", "numpy", "triton")
 
@@ -34,8 +35,6 @@ def file_sha256(path: str | Path) -> str:
 
 
 def _cache_file() -> Path:
-    from .bench.demo_checkpoint import cache_dir
-
     return cache_dir() / "file-hashes.json"
 
 

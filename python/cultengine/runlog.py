@@ -15,6 +15,11 @@ from pathlib import Path
 from typing import Any
 
 
+class Incomparable(ValueError):
+    """Runs that `cultengine compare` cannot set side by side (not the same benchmark or study); the message
+    names the difference."""
+
+
 def read(path: str | Path, unreadable: list[int] | None = None) -> Iterator[dict]:
     """Stream the complete records of `path` (files of millions of lines are never held in memory).
 

@@ -9,8 +9,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from .attention_metadata import AttentionMetadata, SharedPrefixes, cascade_tile_width, group_shared_prefixes
 from .models.family import ImageFeatures, Model
-from .ops import AttentionMetadata, SharedPrefixes, cascade_tile_width, group_shared_prefixes
 
 GiB = 1 << 30
 
@@ -94,7 +94,7 @@ class DecodeGraphs:
         cascade: bool = True,
     ):
         """`capture=False` runs the same padded static-buffer steps eagerly (how CPU tests check them);
-        `cascade` also captures each size with shared-prefix attention (see `ops.SharedPrefixes`)."""
+        `cascade` also captures each size with shared-prefix attention (see `attention_metadata.SharedPrefixes`)."""
         self.sizes = sorted(
             {s for s in (1, 2, 4, 8) if s < max_batch} | set(range(16, max_batch + 1, 16)) | {max_batch}
         )
@@ -358,7 +358,7 @@ class ModelRunner:
         return self.model.forward(input_ids, self._tensor(positions), self.kv_caches, meta, image_rows, image_embeds)
 
     def _shared_prefixes(self, plan) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """A decode step's shared-prefix grouping, when it pays (`ops.group_shared_prefixes`); counts the keys."""
+        """A decode step's shared-prefix grouping, when it pays (`group_shared_prefixes`); counts the keys."""
         if plan.max_query_len != 1:
             return None
         plain = int(plan.seq_lens.sum())

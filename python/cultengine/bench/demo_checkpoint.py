@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from ..paths import cache_dir
+
 VERSION = 1
 NAME = f"demo-llava-v{VERSION}"
 SEED = 0
@@ -39,10 +41,6 @@ CHAT_TEMPLATE = (
 )
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("CULTENGINE_CACHE") or Path.home() / ".cache" / "cultengine")
 
 
 def _train_tokenizer(texts: list[str]):

@@ -1,7 +1,7 @@
 """Published benchmark schemas, Hugging Face dataset folders and column maps -> canonical rows.
 
-Each importer maps one record of a benchmark's own file onto `data.Row`; a record that cannot be
-mapped raises `data.BadRow`, which the loader reports with its line and id and skips. Importers
+Each importer maps one record of a benchmark's own file onto `rows.Row`; a record that cannot be
+mapped raises `rows.BadRow`, which the loader reports with its line and id and skips. Importers
 (`--format`, else detected from the columns by `detect`):
 
 - cvqa: `ID, image, Subset` ("('Japanese', 'Japan')"), `Question, Translated Question, Options,
@@ -46,7 +46,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from . import countries
-from .data import (
+from .rows import (
     LETTERS,
     BadRow,
     Row,
@@ -601,7 +601,7 @@ def _columns(rec: dict, base: Path, line: int, stem: str, opts: ImportOptions) -
         used.update(cols)
         mapped[key] = [rec[c] for c in cols if not _blank(rec[c])] if len(cols) > 1 else rec[cols[0]]
     if "options" in mapped and not isinstance(mapped["options"], list | tuple) and not _blank(mapped["options"]):
-        # a JSON list in text or options separated by data.OPTION_SEPARATOR, as in a canonical file
+        # a JSON list in text or options separated by rows.OPTION_SEPARATOR, as in a canonical file
         mapped["options"] = _options(mapped["options"], f"options column {opts.columns['options']!r}")
     if "image" in mapped:
         mapped["image"] = _images(mapped, base, opts, "image") or None

@@ -26,7 +26,7 @@ from typing import Any
 import jinja2
 
 from .. import runlog
-from .data import Row
+from .rows import Row
 
 PROMPT_FILE = Path(__file__).with_name("prompts") / "judge.jinja"
 JUDGMENTS = "judgments.jsonl"

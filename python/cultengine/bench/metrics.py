@@ -18,7 +18,7 @@ from collections import defaultdict
 from typing import Any
 
 from .. import stats
-from .data import GROUP_KEYS
+from .rows import GROUP_KEYS
 
 # result field -> metric name, per suite
 METRICS = {

@@ -377,8 +377,9 @@ def _finalize(
 
 def run(args, make_engine=None) -> int:
     """`make_engine(model, device, dtype)` replaces the Engine in tests."""
+    from ..paths import cache_dir
     from . import default
-    from .demo_checkpoint import cache_dir, resolve
+    from .demo_checkpoint import resolve
 
     _check_args(args)
     shard = distributed.parse_shard(args.shard) if args.shard else None

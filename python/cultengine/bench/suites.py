@@ -33,8 +33,8 @@ from typing import Any
 
 import jinja2
 
-from .data import LETTERS, Row
 from .judge import normalized_match
+from .rows import LETTERS, Row
 
 _LISTING = (
     "{% if hint %}Hint: {{ hint }}\n{% endif %}{{ question }}\n"

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 if TYPE_CHECKING:  # the kernels never import ops at run time: ops binds them, not the reverse
-    from ..ops import AttentionMetadata
+    from ..attention_metadata import AttentionMetadata
 
 
 LOG2E = 1.4426950408889634

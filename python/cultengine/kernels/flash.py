@@ -18,7 +18,7 @@ from flash_attn import flash_attn_func, flash_attn_varlen_func, flash_attn_with_
 from . import attention, vision_varlen
 
 if TYPE_CHECKING:  # the kernels never import ops at run time: ops binds them, not the reverse
-    from ..ops import AttentionMetadata
+    from ..attention_metadata import AttentionMetadata
 
 _HALF = (torch.float16, torch.bfloat16)
 

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops as ops_module
+from ..attention_metadata import AttentionMetadata
 from ..checkpoint import Checkpoint
 from ..errors import CheckpointError, config_float, config_int
-from ..ops import AttentionMetadata
 from .vision import activation
 
 TEXT_MODELS = ("llama", "qwen2", "mistral", "qwen3")

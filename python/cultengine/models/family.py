@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..attention_metadata import AttentionMetadata
 from ..checkpoint import Checkpoint
 from ..errors import CheckpointError
 from ..image import ImageProcessor, content_hash
-from ..ops import AttentionMetadata
 
 
 @dataclass(eq=False)

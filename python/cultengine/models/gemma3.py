@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .. import ops as ops_module
+from ..attention_metadata import AttentionMetadata
 from ..checkpoint import Checkpoint
 from ..errors import CheckpointError, config_float, config_int
 from ..image import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, ImageProcessor
-from ..ops import AttentionMetadata
 from .decoder import MAX_ROPE_POSITIONS, SplicedDecoder, _rope
 from .family import Family, ImageFeatures
 from .text import TextOnly

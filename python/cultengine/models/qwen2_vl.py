@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..attention_metadata import AttentionMetadata
 from ..checkpoint import Checkpoint
 from ..errors import CheckpointError, config_int
 from ..image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageProcessor, rescale_and_normalize, resize, to_tensor
-from ..ops import AttentionMetadata
 from .decoder import Decoder, TextConfig, tied_embeddings
 from .family import Family, ImageFeatures
 from .vision import activation

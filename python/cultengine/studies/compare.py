@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import plots, provenance, stats
-from ..compare import Incomparable
-from ..runlog import read
+from ..runlog import Incomparable, read
 from .report import DEMO_NOTE
 
 STORY_CONFIG = ("concepts", "nationalities", "temperatures", "samples", "max_tokens", "top_p", "seed", "template")

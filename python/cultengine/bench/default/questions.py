@@ -12,7 +12,7 @@ import random
 from pathlib import Path
 
 from .. import countries
-from ..data import LETTERS
+from ..rows import LETTERS
 from .flags import FLAGS, Flag, draw
 
 VERSION = 1
