@@ -197,28 +197,35 @@ def test_a_text_only_model_never_adds_special_tokens_to_a_chat(tmp_path):
 
 
 def test_generation_config_sampling_defaults(base, tmp_path):
-    """generation_config.json's temperature/top_p/top_k are the defaults ("auto"), the request's values win,
-    fields the engine cannot follow are named, and "none" leaves the engine's own defaults."""
+    """generation_config.json's temperature/top_p/top_k/repetition_penalty are the defaults ("auto"), the
+    request's values win, fields the engine cannot follow (min_p) are named, and "none" leaves the engine's own
+    defaults."""
     path = _variant(base, tmp_path)
     gen = json.loads((path / "generation_config.json").read_text())
-    gen.update(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)
+    gen.update(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05, min_p=0.1)
     (path / "generation_config.json").write_text(json.dumps(gen))
 
-    with pytest.warns(UserWarning, match="repetition_penalty"):
+    with pytest.warns(UserWarning, match="min_p"):
         engine = Engine(path, dtype="float32")
     d = engine.provenance()["sampling_defaults"]
-    assert d["applied"] == {"temperature": 0.7, "top_p": 0.8, "top_k": 20}
-    assert "repetition_penalty" in d["not_followed"] and d["source"].endswith("generation_config.json")
+    assert d["applied"] == {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
+    assert d["not_followed"] == {"min_p": 0.1} and d["source"].endswith("generation_config.json")
     resolved = SamplingParams(max_tokens=3, top_p=0.5).with_defaults(engine.sampling_defaults)
     assert (resolved.temperature, resolved.top_p, resolved.top_k) == (0.7, 0.5, 20)
+    assert resolved.repetition_penalty == 1.05
 
     # The defaults are what a request without its own values samples with: same seed, same tokens as explicit.
     req = [{"prompt": "Tell me a story"}]
     implicit = engine.generate(req, SamplingParams(max_tokens=6, seed=5, ignore_eos=True), use_tqdm=False)
     explicit = engine.generate(
-        req, SamplingParams(max_tokens=6, seed=5, ignore_eos=True, temperature=0.7, top_p=0.8, top_k=20)
+        req,
+        SamplingParams(
+            max_tokens=6, seed=5, ignore_eos=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05
+        ),
     )
-    greedy = engine.generate(req, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), use_tqdm=False)
+    greedy = engine.generate(
+        req, SamplingParams(max_tokens=6, temperature=0, repetition_penalty=1, ignore_eos=True), use_tqdm=False
+    )
     assert implicit[0].token_ids == explicit[0].token_ids
 
     plain = Engine(path, dtype="float32", generation_config="none")

@@ -49,6 +49,13 @@ class StepPlan:
     block_copies: npt.NDArray[np.int64]  # [C, 2]: (src, dst) KV blocks to copy before the step runs
     prev_input_rows: npt.NDArray[np.int64]  # rows of input_ids whose token the previous plan samples
     prev_sample_index: npt.NDArray[np.int64]  # which of the previous plan's sampled tokens each row takes
+    penalty_rows: npt.NDArray[np.int64]  # sample rows with a penalty; the arrays below are per such row
+    repetition_penalty: npt.NDArray[np.float32]
+    presence_penalty: npt.NDArray[np.float32]
+    frequency_penalty: npt.NDArray[np.float32]
+    penalty_token_loc: npt.NDArray[np.int64]  # [R+1]: row j's known tokens are penalty_tokens[loc[j]:loc[j+1]]
+    penalty_tokens: npt.NDArray[np.int64]  # prompt then output tokens given back so far
+    penalty_prompt_lens: npt.NDArray[np.int64]
 
 class FinishedSequence:
     seq_id: int
@@ -93,6 +100,9 @@ class Scheduler:
         positions: list[int] = ...,
         position_delta: int = 0,
         stream: bool = False,
+        repetition_penalty: float = 1.0,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
     ) -> None: ...
     def add_scoring(
         self,

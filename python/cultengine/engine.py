@@ -27,7 +27,7 @@ from .models import SUPPORTED_ARCHITECTURES, ImageFeatures, family_for
 from .ops import Ops, resolve_backend
 from .outputs import ChoiceScore, GenerationOutput, Logprob, Sample, ScoreOutput
 from .runner import ModelRunner
-from .sampling import SamplingParams, checked_int, generation_defaults, sample
+from .sampling import SamplingParams, checked_int, generation_defaults, penalized, sample
 from .tokenizer_files import chat_adds_special_tokens
 
 
@@ -755,11 +755,13 @@ class Engine:
         t = t_forward
 
         num_sampled = len(plan.sample_indices)
+        adjusted = penalized(logits[:num_sampled], plan, None if previous is None else previous.tokens)
         # A greedy decode step takes the argmax its CUDA graph computed: no sampling launches at all.
-        picked = None if (plan.temperature > 0).any() else self.runner.greedy_picks(plan.sample_indices)
+        plain_greedy = adjusted is None and not (plan.temperature > 0).any()
+        picked = self.runner.greedy_picks(plan.sample_indices) if plain_greedy else None
         if picked is None:
             picked = sample(
-                logits[:num_sampled], plan.temperature, plan.top_p, plan.top_k, plan.seed, plan.output_index
+                logits[:num_sampled], plan.temperature, plan.top_p, plan.top_k, plan.seed, plan.output_index, adjusted
             )
         tokens, token_lps = picked
         scored = logits[num_sampled:]

@@ -79,6 +79,12 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logprobs: int | None = None  # k: the k most likely tokens (id -> log-prob) at each generated position
     prompt_logprobs: int | None = None  # k: each prompt token's log-prob and the k most likely there
+    # vLLM's (and transformers') penalties. repetition: a logit of a token already in the prompt or the output
+    # is divided by it (multiplied where negative); None = the checkpoint's default, else 1 (off).
+    # presence / frequency (OpenAI's): subtracted once / per occurrence in the output, 0 = off.
+    repetition_penalty: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self):
         self.max_tokens = checked_int("max_tokens", self.max_tokens, 1)
@@ -110,6 +116,15 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
                 setattr(self, name, checked_int(name, getattr(self, name), 0, MAX_TOP_LOGPROBS))
+        if self.repetition_penalty is not None:
+            self.repetition_penalty = _real("repetition_penalty", self.repetition_penalty)
+            if self.repetition_penalty <= 0:
+                raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = _real(name, getattr(self, name))
+            if not -2 <= value <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {value}")
+            setattr(self, name, value)
 
     def with_defaults(self, defaults: dict) -> SamplingParams:
         """A copy whose unset (None) fields take `defaults`' values (e.g. the checkpoint's sampling defaults)."""
@@ -128,6 +143,9 @@ class SamplingParams:
             stop_token_ids=list(self.stop_token_ids),
             ignore_eos=self.ignore_eos,
             skip_special_tokens=self.skip_special_tokens,
+            repetition_penalty=resolved.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
         )
 
     def sample_seeds(self) -> list[int]:
@@ -136,16 +154,18 @@ class SamplingParams:
         return [_mix64(base + i) for i in range(self.n)]
 
 
-FALLBACKS = {"temperature": 0.0, "top_p": 1.0, "top_k": -1}  # unset and no checkpoint default
+# unset and no checkpoint default
+FALLBACKS = {"temperature": 0.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0}
 DEFAULTABLE = tuple(FALLBACKS)
 # generation_config.json fields that change sampling and that this sampler does not implement
-_UNFOLLOWED = {"repetition_penalty": 1.0, "min_p": 0.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
+_UNFOLLOWED = {"min_p": 0.0}
 
 
 def generation_defaults(generation_config: dict, where: str) -> tuple[dict, dict]:
     """(sampling defaults taken from a checkpoint's generation_config.json, fields it sets that cultengine
     cannot follow), as vLLM's `generation_config="auto"` takes them: temperature, top_p, top_k (0 = off),
-    whatever `do_sample` says. A value of the wrong type is a ValueError naming the file and field."""
+    repetition_penalty, whatever `do_sample` says (transformers' greedy `generate` applies a repetition
+    penalty too). A value of the wrong type is a ValueError naming the file and field."""
     taken = {}
     for name in DEFAULTABLE:
         value = generation_config.get(name)
@@ -202,16 +222,66 @@ def uniform_noise(seed: torch.Tensor, output_index: torch.Tensor, vocab_size: in
     return ((mantissa + 0.5) / float(1 << 53)).float().clamp_(1e-12, 1 - 1e-7)
 
 
-def sample(logits: torch.Tensor, temperature, top_p, top_k, seed, output_index) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick one token per row of `logits [S, V]`; return (token ids, their log-probabilities).
+def penalized(logits: torch.Tensor, plan, pending_tokens: torch.Tensor | None) -> torch.Tensor | None:
+    """The sampled rows' logits `[S, V]` after the plan's penalties (None: no row has one), as vLLM applies
+    them: repetition over every token of the prompt and the output (a positive logit divided, a negative one
+    multiplied: transformers' rule), then presence and frequency over the output's token counts.
+
+    A row's known tokens come from the plan (`penalty_tokens`); a token still pending on the device (its
+    sample row is one of `prev_input_rows`) is `pending_tokens[prev_sample_index]`, the previous step's pick.
+    """
+    rows = np.asarray(plan.penalty_rows)
+    if not len(rows):
+        return None
+    device = logits.device
+    loc, tokens, prompt_lens = (
+        np.asarray(a) for a in (plan.penalty_token_loc, plan.penalty_tokens, plan.penalty_prompt_lens)
+    )
+    counts = np.diff(loc)
+    owner = np.repeat(np.arange(len(rows)), counts)
+    in_output = np.arange(len(tokens)) - np.repeat(loc[:-1], counts) >= np.repeat(prompt_lens, counts)
+    owner_t = torch.from_numpy(owner).to(device)
+    tokens_t = torch.from_numpy(tokens).to(device)
+    output_t = torch.from_numpy(in_output).to(device)
+    # The pending token (overlapped scheduling) of a row whose sample row takes the previous step's pick.
+    sample_rows = np.asarray(plan.sample_indices)[rows]
+    prev_rows, prev_index = np.asarray(plan.prev_input_rows), np.asarray(plan.prev_sample_index)
+    hit = np.isin(prev_rows, sample_rows)
+    if hit.any() and pending_tokens is not None:
+        which = np.searchsorted(sample_rows, prev_rows[hit])  # a plan's sample rows increase
+        owner_t = torch.cat([owner_t, torch.from_numpy(which).to(device)])
+        tokens_t = torch.cat([tokens_t, pending_tokens.index_select(0, torch.from_numpy(prev_index[hit]).to(device))])
+        output_t = torch.cat([output_t, torch.ones(int(hit.sum()), dtype=torch.bool, device=device)])
+    picked = torch.from_numpy(rows).to(device)
+    out = logits.float().clone()
+    sub = out.index_select(0, picked)
+    rep = torch.from_numpy(np.asarray(plan.repetition_penalty)).to(device)
+    seen = sub[owner_t, tokens_t]
+    factor = rep[owner_t]
+    sub[owner_t, tokens_t] = torch.where(seen > 0, seen / factor, seen * factor)  # repeats write one value
+    occurrences = torch.zeros_like(sub).index_put_(
+        (owner_t[output_t], tokens_t[output_t]), torch.ones_like(tokens_t[output_t], dtype=sub.dtype), accumulate=True
+    )
+    presence = torch.from_numpy(np.asarray(plan.presence_penalty)).to(device)[:, None]
+    frequency = torch.from_numpy(np.asarray(plan.frequency_penalty)).to(device)[:, None]
+    sub -= frequency * occurrences + presence * (occurrences > 0)
+    out[picked] = sub
+    return out
+
+
+def sample(
+    logits: torch.Tensor, temperature, top_p, top_k, seed, output_index, adjusted: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick one token per row of `logits [S, V]` (of `adjusted`, the penalized logits, where given); return
+    (token ids, their log-probabilities in `logits`).
 
     The per-row parameters are host arrays (numpy, as the step plan gives them, or CPU tensors):
     which rows sample and whether any truncates is decided on the host, so a greedy step never
     waits for the device and copies no parameters to it. Log-probabilities are of the model's raw
     distribution (before temperature and truncation).
     """
-    logits = logits.float()
-    logprobs = torch.log_softmax(logits, dim=-1)
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    logits = logits.float() if adjusted is None else adjusted
     tokens = logits.argmax(dim=-1)
     temperature, top_p, top_k = np.asarray(temperature), np.asarray(top_p), np.asarray(top_k)
     seed, output_index = np.asarray(seed), np.asarray(output_index)

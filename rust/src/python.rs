@@ -150,6 +150,13 @@ pub struct StepPlan {
     block_copies: Py<PyArray2<i64>>,
     prev_input_rows: Py<PyArray1<i64>>,
     prev_sample_index: Py<PyArray1<i64>>,
+    penalty_rows: Py<PyArray1<i64>>,
+    repetition_penalty: Py<PyArray1<f32>>,
+    presence_penalty: Py<PyArray1<f32>>,
+    frequency_penalty: Py<PyArray1<f32>>,
+    penalty_token_loc: Py<PyArray1<i64>>,
+    penalty_tokens: Py<PyArray1<i64>>,
+    penalty_prompt_lens: Py<PyArray1<i64>>,
 }
 
 fn arr<T: numpy::Element>(py: Python<'_>, v: Vec<T>) -> Py<PyArray1<T>> {
@@ -189,6 +196,13 @@ impl StepPlan {
             block_copies: arr2(py, p.block_copies, 2),
             prev_input_rows: arr(py, p.prev_input_rows),
             prev_sample_index: arr(py, p.prev_sample_index),
+            penalty_rows: arr(py, p.penalty_rows),
+            repetition_penalty: arr(py, p.repetition_penalty),
+            presence_penalty: arr(py, p.presence_penalty),
+            frequency_penalty: arr(py, p.frequency_penalty),
+            penalty_token_loc: arr(py, p.penalty_token_loc),
+            penalty_tokens: arr(py, p.penalty_tokens),
+            penalty_prompt_lens: arr(py, p.penalty_prompt_lens),
         }
     }
 }
@@ -299,7 +313,8 @@ impl Scheduler {
     #[pyo3(signature = (seq_id, prompt_ids, images, max_tokens, temperature = 0.0, top_p = 1.0, top_k = -1,
                         seed = 0, stop = Vec::new(), stop_token_ids = Vec::new(), ignore_eos = false,
                         skip_special_tokens = true, prompt_logprobs_from = -1, positions = Vec::new(),
-                        position_delta = 0, stream = false))]
+                        position_delta = 0, stream = false, repetition_penalty = 1.0,
+                        presence_penalty = 0.0, frequency_penalty = 0.0))]
     #[allow(clippy::too_many_arguments)]
     fn add_sequence(
         &mut self,
@@ -319,6 +334,9 @@ impl Scheduler {
         positions: Vec<i64>,
         position_delta: i64,
         stream: bool,
+        repetition_penalty: f32,
+        presence_penalty: f32,
+        frequency_penalty: f32,
     ) -> PyResult<()> {
         let max_tokens = usize::try_from(max_tokens).map_err(|_| {
             PyValueError::new_err(format!(
@@ -337,6 +355,9 @@ impl Scheduler {
             skip_special_tokens,
             prompt_logprobs_from,
             stream,
+            repetition_penalty,
+            presence_penalty,
+            frequency_penalty,
         };
         self.inner
             .add_sequence(

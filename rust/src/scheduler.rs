@@ -66,6 +66,17 @@ pub struct SamplingParams {
     pub skip_special_tokens: bool,
     pub stream: bool, // report the text each step adds (`Scheduler::take_deltas`)
     pub prompt_logprobs_from: i64, // k >= 1: log P(prompt[i] | prompt[:i]) for i >= k
+    // vLLM's penalties: repetition over prompt and output tokens (1 = off), presence and frequency over
+    // output tokens (0 = off).
+    pub repetition_penalty: f32,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+}
+
+impl SamplingParams {
+    fn penalized(&self) -> bool {
+        self.repetition_penalty != 1.0 || self.presence_penalty != 0.0 || self.frequency_penalty != 0.0
+    }
 }
 
 impl Default for SamplingParams {
@@ -82,6 +93,9 @@ impl Default for SamplingParams {
             skip_special_tokens: true,
             stream: false,
             prompt_logprobs_from: -1,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
         }
     }
 }
@@ -128,6 +142,17 @@ pub struct StepPlan {
     /// that plan's sampled tokens (its sample order) each takes: filled on the device before the step.
     pub prev_input_rows: Vec<i64>,
     pub prev_sample_index: Vec<i64>,
+    /// Sample rows with a penalty, their three penalties, and each one's known tokens (prompt, then the
+    /// output tokens already given back; a pending one is `prev_input_rows`' at its sample index):
+    /// row j's are `penalty_tokens[penalty_token_loc[j]..penalty_token_loc[j + 1]]`, the first
+    /// `penalty_prompt_lens[j]` of them its prompt.
+    pub penalty_rows: Vec<i64>,
+    pub repetition_penalty: Vec<f32>,
+    pub presence_penalty: Vec<f32>,
+    pub frequency_penalty: Vec<f32>,
+    pub penalty_token_loc: Vec<i64>,
+    pub penalty_tokens: Vec<i64>,
+    pub penalty_prompt_lens: Vec<i64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -864,6 +889,7 @@ impl Scheduler {
             ..Default::default()
         };
         p.query_start_loc.push(0);
+        p.penalty_token_loc.push(0);
         let mut rows = std::mem::take(&mut self.spare_rows);
         self.num_plans += 1;
         for (b, &(id, start, len)) in chunks.iter().enumerate() {
@@ -908,6 +934,15 @@ impl Scheduler {
                 p.top_k.push(sp.top_k);
                 p.seed.push(sp.seed);
                 p.output_index.push((seq.num_output() + seq.pending) as i64);
+                if sp.penalized() {
+                    p.penalty_rows.push(p.sample_indices.len() as i64 - 1);
+                    p.repetition_penalty.push(sp.repetition_penalty);
+                    p.presence_penalty.push(sp.presence_penalty);
+                    p.frequency_penalty.push(sp.frequency_penalty);
+                    p.penalty_tokens.extend(seq.tokens.iter().map(|&t| t as i64));
+                    p.penalty_token_loc.push(p.penalty_tokens.len() as i64);
+                    p.penalty_prompt_lens.push(seq.prompt_len as i64);
+                }
                 seq.pending += 1;
             }
             // Row `pos` scores prompt token pos+1.

@@ -1222,3 +1222,47 @@ fn a_sequence_stopped_by_eos_ignores_its_row_already_scheduled() {
     assert!(sched.update(&[9], &[-0.1], &[], &[]).unwrap().is_empty());
     assert!(!sched.has_unfinished());
 }
+
+#[test]
+fn penalized_rows_carry_their_known_tokens_and_others_none() {
+    let mut sched = Scheduler::new(tok(), config(32, true, 64, 8, 16)).unwrap();
+    let penalized = SamplingParams {
+        max_tokens: 3,
+        ignore_eos: true,
+        repetition_penalty: 1.5,
+        frequency_penalty: 0.25,
+        ..Default::default()
+    };
+    let plain = SamplingParams {
+        max_tokens: 3,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    sched
+        .add_sequence(0, vec![30, 31, 30], &[], vec![], 0, plain)
+        .unwrap();
+    sched
+        .add_sequence(1, vec![40, 41], &[], vec![], 0, penalized)
+        .unwrap();
+    let first = sched.schedule().unwrap();
+    assert_eq!(first.sample_seq_ids, vec![0, 1]);
+    assert_eq!(first.penalty_rows, vec![1]);
+    assert_eq!(
+        (first.repetition_penalty.clone(), first.presence_penalty.clone()),
+        (vec![1.5], vec![0.0])
+    );
+    assert_eq!(first.frequency_penalty, vec![0.25]);
+    assert_eq!(first.penalty_tokens, vec![40, 41]);
+    assert_eq!(first.penalty_token_loc, vec![0, 2]);
+    assert_eq!(first.penalty_prompt_lens, vec![2]);
+    // Overlapped: the next plan is built before `first`'s tokens are known; its pending token is the
+    // sample row's input (a `prev_input_rows` row), not among the known tokens.
+    let second = sched.schedule().unwrap();
+    assert_eq!(second.penalty_tokens, vec![40, 41]);
+    assert_eq!(second.prev_input_rows, vec![0, 1]);
+    sched.update(&[50, 51], &[-1.0, -1.0], &[], &[]).unwrap();
+    sched.update(&[52, 53], &[-1.0, -1.0], &[], &[]).unwrap();
+    let third = sched.schedule().unwrap();
+    assert_eq!(third.penalty_tokens, vec![40, 41, 51, 53]);
+    assert_eq!(third.penalty_token_loc, vec![0, 4]);
+}

@@ -118,6 +118,9 @@ class _Sampling(BaseModel):
     temperature: float | None = None  # None = 1.0, the OpenAI default
     top_p: float | None = None
     top_k: int | None = None  # extension (vLLM's), -1 = off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float | None = None  # extension (vLLM's); None = the checkpoint's default, else off
     seed: int | None = None
     n: int | None = None
     stop: str | list[str] | None = None
@@ -280,9 +283,6 @@ def to_engine_messages(messages: list[dict], config: ServeConfig) -> list[dict]:
 # OpenAI (and vLLM) fields the engine does not implement, with the values that mean "off": any other
 # value is refused rather than silently ignored, since ignoring it would change the output.
 _UNSUPPORTED = {
-    "presence_penalty": (0,),
-    "frequency_penalty": (0,),
-    "repetition_penalty": (1,),
     "min_p": (0,),
     "logit_bias": ({},),
     "best_of": (1,),
@@ -364,6 +364,9 @@ def sampling_params(
             temperature=body.temperature,
             top_p=body.top_p,
             top_k=body.top_k,
+            repetition_penalty=body.repetition_penalty,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
             seed=body.seed,
             n=1 if body.n is None else body.n,
             stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
