@@ -73,6 +73,12 @@ def extras(inputs: dict) -> dict:
 
 @torch.no_grad()
 def logprobs(model, ids: list[int], extras: dict) -> torch.Tensor:
+    """Log-probabilities at every position of `ids`: the prompt's token types (Qwen's `mm_token_type_ids`)
+    extended over the continuation as text."""
+    extras = {
+        k: torch.nn.functional.pad(v, (0, len(ids) - v.shape[1])) if k.endswith("token_type_ids") else v
+        for k, v in extras.items()
+    }
     return torch.log_softmax(model(input_ids=torch.tensor([ids]), **extras).logits[0].float(), dim=-1)
 
 
@@ -81,8 +87,10 @@ def assert_generations_match(engine, model, processor, conversations, max_tokens
     log-probabilities within ATOL; returns each prompt's length."""
     from cultengine import SamplingParams
 
+    # Greedy, as `generate(do_sample=False)`, whatever the checkpoint's sampling defaults (its repetition
+    # penalty applies on both sides).
     outs = engine.generate(
-        [{"messages": m} for m in conversations], SamplingParams(max_tokens=max_tokens), use_tqdm=False
+        [{"messages": m} for m in conversations], SamplingParams(max_tokens=max_tokens, temperature=0), use_tqdm=False
     )
     lengths = []
     for messages, out in zip(conversations, outs, strict=True):
