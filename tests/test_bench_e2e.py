@@ -102,17 +102,23 @@ def test_a_rerun_with_nothing_to_do_keeps_the_recorded_run(straight, cache, tmp_
         assert "attention_backend" in report
 
 
-def test_sigkill_then_resume(cache, straight, tmp_path):
-    out = tmp_path / "run"
-    cmd = bench("--output-dir", str(out), "--batch", "16")
-    p = subprocess.Popen(cmd, env=env(cache), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _running_with_32_results(cmd, cache, out, **popen):
+    """Start the bench run and return it, still running, once 32 results are on disk."""
+    p = subprocess.Popen(cmd, env=env(cache), cwd=REPO, **popen)
     res = out / "results.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and p.poll() is None:
         if res.exists() and res.read_text().count("\n") >= 32:
             break
         time.sleep(0.05)
-    assert p.poll() is None, "the run finished before it could be killed"
+    assert p.poll() is None, "the run finished before 32 results were written"
+    return p
+
+
+def test_sigkill_then_resume(cache, straight, tmp_path):
+    out = tmp_path / "run"
+    cmd = bench("--output-dir", str(out), "--batch", "16")
+    p = _running_with_32_results(cmd, cache, out, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     assert not (out / "summary.json").exists()
@@ -125,14 +131,7 @@ def test_sigkill_then_resume(cache, straight, tmp_path):
 def test_ctrl_c_says_in_one_line_what_was_kept_and_a_rerun_resumes(cache, straight, tmp_path):
     out = tmp_path / "run"
     cmd = bench("--output-dir", str(out), "--batch", "16", "--quiet")
-    p = subprocess.Popen(cmd, env=env(cache), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    res = out / "results.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and p.poll() is None:
-        if res.exists() and res.read_text().count("\n") >= 32:
-            break
-        time.sleep(0.05)
-    assert p.poll() is None, "the run finished before it could be interrupted"
+    p = _running_with_32_results(cmd, cache, out, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     p.send_signal(signal.SIGINT)
     stdout, stderr = p.communicate(timeout=300)
     assert p.returncode == 130

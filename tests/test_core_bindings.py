@@ -166,3 +166,36 @@ def test_scheduler_errors_and_abort(tok):
     assert sched.update(*fake_step(plan, tok.vocab_size)) == []
     assert not sched.has_unfinished() and sched.schedule() is None
     assert sched.stats()["num_free_blocks"] == 4
+
+
+def test_the_stubs_declare_what_the_extension_has():
+    """`_core.pyi` names every public member of every class the extension exports, no more, and each method's
+    parameters in the extension's order (PyO3's text signatures): a field added to the Rust StepPlan must be
+    declared in the stub too."""
+    import ast
+    import inspect
+    from pathlib import Path
+
+    import cultengine
+
+    stub = ast.parse((Path(cultengine.__file__).parent / "_core.pyi").read_text())
+    declared = {node.name: node for node in stub.body if isinstance(node, ast.ClassDef)}
+    exported = {name for name, obj in vars(_core).items() if isinstance(obj, type) and not name.startswith("_")}
+    assert exported == set(declared)
+    for name, node in declared.items():
+        cls = getattr(_core, name)
+        members = {
+            m.target.id if isinstance(m, ast.AnnAssign) else m.name
+            for m in node.body
+            if isinstance(m, (ast.AnnAssign, ast.FunctionDef)) and not getattr(m, "name", "").startswith("__")
+        }
+        assert members == {m for m in dir(cls) if not m.startswith("_")}, name
+        for m in node.body:
+            if isinstance(m, ast.FunctionDef) and not m.decorator_list and not m.name.startswith("__"):
+                params = [a.arg for a in m.args.args if a.arg != "self"]
+                target = getattr(cls, m.name)
+                try:
+                    actual = [p for p in inspect.signature(target).parameters if p != "self"]
+                except (TypeError, ValueError):  # no text signature exported
+                    continue
+                assert params == actual, f"{name}.{m.name}"

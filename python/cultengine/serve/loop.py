@@ -344,6 +344,7 @@ class EngineLoop:
             if job.open_results == 0:  # before the last result wakes its waiter, who may read stats()
                 del self._jobs[job.request_id]
                 self._observe_latency(job, now)
+                self._refresh_snapshot()
             job.results[k].set_result(result)
 
     def _observe_latency(self, job: _Job, now: float) -> None:
