@@ -75,7 +75,9 @@ pub struct SamplingParams {
 
 impl SamplingParams {
     fn penalized(&self) -> bool {
-        self.repetition_penalty != 1.0 || self.presence_penalty != 0.0 || self.frequency_penalty != 0.0
+        self.repetition_penalty != 1.0
+            || self.presence_penalty != 0.0
+            || self.frequency_penalty != 0.0
     }
 }
 
@@ -939,7 +941,8 @@ impl Scheduler {
                     p.repetition_penalty.push(sp.repetition_penalty);
                     p.presence_penalty.push(sp.presence_penalty);
                     p.frequency_penalty.push(sp.frequency_penalty);
-                    p.penalty_tokens.extend(seq.tokens.iter().map(|&t| t as i64));
+                    p.penalty_tokens
+                        .extend(seq.tokens.iter().map(|&t| t as i64));
                     p.penalty_token_loc.push(p.penalty_tokens.len() as i64);
                     p.penalty_prompt_lens.push(seq.prompt_len as i64);
                 }

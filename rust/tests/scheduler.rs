@@ -1248,7 +1248,10 @@ fn penalized_rows_carry_their_known_tokens_and_others_none() {
     assert_eq!(first.sample_seq_ids, vec![0, 1]);
     assert_eq!(first.penalty_rows, vec![1]);
     assert_eq!(
-        (first.repetition_penalty.clone(), first.presence_penalty.clone()),
+        (
+            first.repetition_penalty.clone(),
+            first.presence_penalty.clone()
+        ),
         (vec![1.5], vec![0.0])
     );
     assert_eq!(first.frequency_penalty, vec![0.25]);
