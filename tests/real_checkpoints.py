@@ -56,7 +56,7 @@ def published_files(name: str, out_dir: str | Path) -> Path:
     for src in sorted((FIXTURES / name).iterdir()):
         if src.name != "SOURCES.md":
             _copy(src, out / src.name)
-    for file, shared in PUBLISHED[name].items():
+    for file, shared in PUBLISHED.get(name, {}).items():
         _copy(FIXTURES / shared, out / (file + ".gz"))
     return out
 
