@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from tiny_checkpoints import perturb
+
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "real"
 QWEN_BPE = {"vocab.json": "qwen2-bpe/vocab.json.gz", "merges.txt": "qwen2-bpe/merges.txt.gz"}
 # name -> files published beside the folder's own (byte-identical across the Qwen models: SOURCES.md)
@@ -99,13 +101,6 @@ def shrink(config: dict) -> dict:
     return cfg
 
 
-@torch.no_grad()
-def _noise(model, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        p.add_(torch.randn(p.shape, generator=gen) * 0.02)
-
-
 def build_from_published(name: str, out_dir: str | Path, seed: int = 0) -> Path:
     import transformers as t
 
@@ -117,7 +112,7 @@ def build_from_published(name: str, out_dir: str | Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     vlm = "vision_config" in tiny
     model = (t.AutoModelForImageTextToText if vlm else t.AutoModelForCausalLM).from_config(config).float().eval()
-    _noise(model, seed)
+    perturb(model, seed, scale=0.02)
     with tempfile.TemporaryDirectory() as saved:
         model.save_pretrained(saved)
         for weights in Path(saved).glob("*.safetensors*"):

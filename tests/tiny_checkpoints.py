@@ -80,6 +80,15 @@ _PREPROCESSOR = {
 
 
 @lru_cache(maxsize=1)
+def perturb(model, seed: int, scale: float = 0.08) -> None:
+    """Add Gaussian noise to every parameter: transformers' default init leaves biases at 0, norms at 1 (Gemma's
+    1 + w at 0) and layer scales equal, which would hide a wrong bias, norm or scale."""
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
 def _train_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -180,10 +189,7 @@ def build_tiny_llava(out_dir: str | Path, backbone: str = "llama", seed: int = 0
 
     torch.manual_seed(seed)
     model = t.LlavaForConditionalGeneration(config).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # the default init leaves biases at 0 and norms at 1: perturb everything
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.08)
+    perturb(model, seed)
     model.save_pretrained(out, safe_serialization=True)
     t.GenerationConfig(bos_token_id=0, eos_token_id=[1, tok.token_to_id("<|im_end|>")], pad_token_id=2).save_pretrained(
         out
@@ -223,10 +229,7 @@ ANYRES_FAMILIES = ("llava_next", "llava_next_mistral", "llava_onevision")
 def _save_family(out: Path, model, tok, processor_cls, image_processor, seed: int, **processor_kwargs) -> Path:
     """Perturbed random weights, generation config, tokenizer, the family's own processor files."""
     t = transformers
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.08)
+    perturb(model, seed)
     model.save_pretrained(out, safe_serialization=True)
     t.GenerationConfig(bos_token_id=0, eos_token_id=[1, tok.token_to_id("<|im_end|>")], pad_token_id=2).save_pretrained(
         out

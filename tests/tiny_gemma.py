@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from tiny_checkpoints import CHAT_TEMPLATE, CORPUS, _train_tokenizer
+from tiny_checkpoints import CHAT_TEMPLATE, CORPUS, _train_tokenizer, perturb
 
 GEMMA_WINDOW = 6
 PAN_AND_SCAN = dict(
@@ -121,10 +121,7 @@ def _gemma_text_config(vocab: int):
 
 
 def _perturb_and_save(model, out: Path, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # the default init leaves norms at 0 (1 + w) and the projection at 0: perturb all
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.08)
+    perturb(model, seed)
     model.save_pretrained(out, safe_serialization=True)
 
 

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 import transformers
 
+from tiny_checkpoints import perturb
+
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -148,10 +150,7 @@ def build_tiny_qwen(out_dir: str | Path, family: str = "qwen2_vl", seed: int = 0
     config = _config(family, tok)
     torch.manual_seed(seed)
     model = t.AutoModelForImageTextToText.from_config(config).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # the default init leaves biases at 0 and norms at 1: perturb everything
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.08)
+    perturb(model, seed)
     model.save_pretrained(out, safe_serialization=True)
     im_end = tok.token_to_id("<|im_end|>")
     t.GenerationConfig(eos_token_id=[im_end, tok.token_to_id("<|endoftext|>")], pad_token_id=0).save_pretrained(out)

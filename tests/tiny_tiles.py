@@ -31,7 +31,7 @@ import torch
 import transformers
 from tokenizers import AddedToken, Tokenizer
 
-from tiny_checkpoints import _train_tokenizer
+from tiny_checkpoints import _train_tokenizer, perturb
 
 TILE_FAMILIES = ("idefics3", "smolvlm", "internvl", "internvl_qk", "internvl_qwen3")
 
@@ -89,13 +89,6 @@ def _text(kind: str, vocab: int, **kw):
         pad_token_id=2,
     )
     return {"llama": t.LlamaConfig, "qwen2": t.Qwen2Config, "qwen3": t.Qwen3Config}[kind](**common, **kw)
-
-
-def _perturb(model, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # the default init leaves biases at 0, norms at 1 and layer scales equal: perturb all
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.08)
 
 
 def build_tiny_tiles(out_dir: str | Path, family: str = "idefics3", seed: int = 0) -> Path:
@@ -227,7 +220,7 @@ def build_tiny_tiles(out_dir: str | Path, family: str = "idefics3", seed: int = 
         )
     else:
         raise ValueError(f"unknown family {family!r}; choose one of {TILE_FAMILIES}")
-    _perturb(model, seed)
+    perturb(model, seed)
     model.save_pretrained(out, safe_serialization=True)
     t.GenerationConfig(bos_token_id=0, eos_token_id=eos, pad_token_id=2).save_pretrained(out)
     processor.save_pretrained(out)

@@ -280,8 +280,9 @@ def sample(
     waits for the device and copies no parameters to it. Log-probabilities are of the model's raw
     distribution (before temperature and truncation).
     """
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    logits = logits.float() if adjusted is None else adjusted
+    raw = logits.float()
+    logprobs = torch.log_softmax(raw, dim=-1)
+    logits = raw if adjusted is None else adjusted
     tokens = logits.argmax(dim=-1)
     temperature, top_p, top_k = np.asarray(temperature), np.asarray(top_p), np.asarray(top_k)
     seed, output_index = np.asarray(seed), np.asarray(output_index)
