@@ -109,3 +109,24 @@ def test_gemma3_presets_are_real_sizes(tmp_path, name, shape, billions):
     ckpt.tensor = lambda key, shape=None: weights.append(draw(key, shape)) or weights[-1]
     family.build_model(None, max_positions=1)
     assert sum(w.numel() for w in weights) / 1e9 == pytest.approx(billions, abs=0.01)
+
+
+def test_presets_read_the_published_files_of_the_test_corpus():
+    """Every config file the package ships for the presets is byte for byte the one in tests/fixtures/real (whose
+    SOURCES.md names its repository, commit and sha256)."""
+    from cultengine.profile import PUBLISHED
+    from real_checkpoints import FIXTURES
+
+    shipped = sorted(p for p in PUBLISHED.rglob("*.json"))
+    assert len(shipped) >= 10
+    for path in shipped:
+        assert path.read_bytes() == (FIXTURES / path.relative_to(PUBLISHED)).read_bytes(), path
+
+
+def test_qwen3_vl_preset_has_the_published_shape(tmp_path):
+    ckpt = load_checkpoint(preset_checkpoint("qwen3-vl-4b", tmp_path / "p"), device="meta", random_init=True)
+    family = family_for(ckpt)
+    t, v = family.text, family.vision
+    assert ckpt.architecture == "Qwen3VLForConditionalGeneration"
+    assert (t.hidden_size, t.num_layers, t.num_heads, t.num_kv_heads) == (2560, 36, 32, 8)
+    assert (v.depth, v.patch_size) == (24, 16)

@@ -1,9 +1,10 @@
 """`cultengine profile`: throughput, latency and where the time goes, on a synthetic workload.
 
 `--model` takes a checkpoint directory or a shape preset (`llava-1.5-7b`, `llava-next-7b`, `pangea-7b`,
-`llava-onevision-7b`, `qwen2-7b`, `qwen2.5-vl-7b`, `qwen2.5-vl-72b`, `smolvlm2-2.2b`, `internvl3-8b`,
-`gemma-3-4b`, `gemma-3-12b`, `demo`) whose weights are drawn at load time, so real model sizes can be profiled
-without downloading anything. Presets have billions of parameters and need CUDA: on a CPU they are refused
+`llava-onevision-7b`, `qwen2-7b`, `qwen2.5-vl-7b`, `qwen2.5-vl-72b`, `qwen3-vl-4b`, `smolvlm2-2.2b`,
+`internvl3-8b`, `gemma-3-4b`, `gemma-3-12b`, `demo`) whose weights are drawn at load time, so real model sizes
+can be profiled without downloading anything; their shapes come from the models' published config files where
+the package ships them (`published/`). Presets have billions of parameters and need CUDA: on a CPU they are refused
 unless `--allow-cpu`. `--dry-run` runs nothing: it plans memory (weight and KV-cache bytes) from the shapes,
 on any machine.
 """
@@ -18,24 +19,31 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .console import add_quiet, add_threads, positive_int
 
 # numpy, torch and PIL are imported where they are used, so that `cultengine --help` loads none of them.
 
-# Shapes of public checkpoints (config.json fields); weights are random.
-_CLIP_L14_336 = {
-    "model_type": "clip_vision_model",
-    "hidden_size": 1024,
-    "intermediate_size": 4096,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 16,
-    "image_size": 336,
-    "patch_size": 14,
-    "hidden_act": "quick_gelu",
-    "projection_dim": 768,
+PUBLISHED = Path(__file__).resolve().parent / "published"  # config files as public checkpoints publish them
+
+
+def _published(folder: str, file: str = "config.json") -> dict:
+    return json.loads((PUBLISHED / folder / file).read_text(encoding="utf-8"))
+
+
+# Shapes of public checkpoints: read from their published config files (published/SOURCES.md) where this package
+# ships them; typed here (config.json fields) for the towers and decoders whose files it does not. Weights are
+# random.
+_LLAVA_15 = _published("llava-1.5-7b-hf")
+_CLIP_L14_336 = _LLAVA_15["vision_config"]
+_CLIP_336_PREPROCESSOR = _published("llava-1.5-7b-hf", "preprocessor_config.json")
+# Qwen2.5-7B-Instruct's decoder: the Qwen2-7B shape (Pangea-7B, LLaVA-OneVision-7B, InternVL3-8B build on it).
+_QWEN2_7B = {
+    k: v
+    for k, v in _published("Qwen2.5-7B-Instruct").items()
+    if k not in ("architectures", "torch_dtype", "use_cache", "bos_token_id", "eos_token_id", "transformers_version")
 }
 _SIGLIP_SO400M_384 = {
     "model_type": "siglip_vision_model",
@@ -47,18 +55,6 @@ _SIGLIP_SO400M_384 = {
     "patch_size": 14,
     "hidden_act": "gelu_pytorch_tanh",
     "layer_norm_eps": 1e-6,
-}
-_LLAMA2_7B = {
-    "model_type": "llama",
-    "hidden_size": 4096,
-    "intermediate_size": 11008,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-    "vocab_size": 32064,
-    "max_position_embeddings": 4096,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 10000.0,
 }
 _MISTRAL_7B = {
     "model_type": "mistral",
@@ -73,29 +69,6 @@ _MISTRAL_7B = {
     "rope_theta": 1000000.0,
     "sliding_window": None,
 }
-_QWEN2_7B = {
-    "model_type": "qwen2",
-    "hidden_size": 3584,
-    "intermediate_size": 18944,
-    "num_hidden_layers": 28,
-    "num_attention_heads": 28,
-    "num_key_value_heads": 4,
-    "vocab_size": 152064,
-    "max_position_embeddings": 32768,
-    "rms_norm_eps": 1e-6,
-    "rope_theta": 1000000.0,
-}
-_CLIP_336_PREPROCESSOR = {
-    "crop_size": {"height": 336, "width": 336},
-    "size": {"shortest_edge": 336},
-    "do_center_crop": True,
-    "do_resize": True,
-    "do_rescale": True,
-    "do_normalize": True,
-    "resample": 3,
-    "image_mean": [0.48145466, 0.4578275, 0.40821073],
-    "image_std": [0.26862954, 0.26130258, 0.27577711],
-}
 _LLAVA = {
     "architectures": ["LlavaForConditionalGeneration"],
     "vision_feature_layer": -2,
@@ -106,46 +79,6 @@ _LLAVA_NEXT = {
     "vision_feature_layer": -2,
     "vision_feature_select_strategy": "default",
     "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
-}
-_SIGLIP_SO400M_896 = {
-    "model_type": "siglip_vision_model",
-    "hidden_size": 1152,
-    "intermediate_size": 4304,
-    "num_hidden_layers": 27,
-    "num_attention_heads": 16,
-    "image_size": 896,
-    "patch_size": 14,
-    "hidden_act": "gelu_pytorch_tanh",
-    "layer_norm_eps": 1e-6,
-}
-_GEMMA3 = {
-    "architectures": ["Gemma3ForConditionalGeneration"],
-    "model_type": "gemma3",
-    "mm_tokens_per_image": 256,
-    "tie_word_embeddings": True,
-}
-_GEMMA3_TEXT = {
-    "model_type": "gemma3_text",
-    "head_dim": 256,
-    "query_pre_attn_scalar": 256,
-    "sliding_window": 1024,
-    "sliding_window_pattern": 6,
-    "rope_theta": 1_000_000.0,
-    "rope_local_base_freq": 10_000.0,
-    "rope_scaling": {"rope_type": "linear", "factor": 8.0},
-    "vocab_size": 262_208,
-    "max_position_embeddings": 131_072,
-    "rms_norm_eps": 1e-6,
-}
-_GEMMA3_PREPROCESSOR = {
-    "image_processor_type": "Gemma3ImageProcessor",
-    "size": {"height": 896, "width": 896},
-    "resample": 2,
-    "do_resize": True,
-    "do_rescale": True,
-    "do_normalize": True,
-    "image_mean": [0.5, 0.5, 0.5],
-    "image_std": [0.5, 0.5, 0.5],
 }
 # SmolVLM2-2.2B-Instruct: SigLIP-so400m/14 on 384-px tiles, scale_factor 3 (81 tokens a tile), SmolLM2-1.7B.
 _SMOLVLM2_2B = {
@@ -238,20 +171,38 @@ _INTERNVL_TOKENS = PresetTokens(
     {"processor_class": "InternVLProcessor", "image_seq_length": 256},
 )
 
-# name -> (config.json fields over the demo's, preprocessor_config.json[, the family's tokens])
-PRESETS: dict[str, tuple] = {
-    "llava-1.5-7b": ({**_LLAVA, "text_config": _LLAMA2_7B, "vision_config": _CLIP_L14_336}, _CLIP_336_PREPROCESSOR),
+
+@dataclass(frozen=True)
+class Published:
+    """A preset that is a public checkpoint's own config files (`published/<folder>/`), with `changes` (nested
+    config.json fields) for a larger size of the same model whose files this package does not ship."""
+
+    folder: str
+    changes: dict = field(default_factory=dict)
+
+
+# name -> a public checkpoint's files (`Published`), or a combination of parts (published ones where this package
+# has their files): (config.json fields over the demo's, preprocessor_config.json[, the family's tokens])
+PRESETS: dict[str, tuple | Published] = {
     # a Qwen2-7B decoder behind CLIP-L/14-336 in the LLaVA-1.5 layout
     "qwen2-7b": ({**_LLAVA, "text_config": _QWEN2_7B, "vision_config": _CLIP_L14_336}, _CLIP_336_PREPROCESSOR),
     # llava-v1.6-mistral-7b: up to 4 tiles of 336 + the base tile (5 tiles)
     "llava-next-7b": (
         {**_LLAVA_NEXT, "text_config": _MISTRAL_7B, "vision_config": _CLIP_L14_336},
-        {**_CLIP_336_PREPROCESSOR, "image_processor_type": "LlavaNextImageProcessor"},
+        {
+            **_CLIP_336_PREPROCESSOR,
+            "image_processor_type": "LlavaNextImageProcessor",
+            "processor_class": "LlavaNextProcessor",
+        },
     ),
     # Pangea-7B-hf: LLaVA-NeXT with a Qwen2-7B decoder (CLIP-L/14-336 tower, as LLaVA-NeXT)
     "pangea-7b": (
         {**_LLAVA_NEXT, "text_config": _QWEN2_7B, "vision_config": _CLIP_L14_336},
-        {**_CLIP_336_PREPROCESSOR, "image_processor_type": "LlavaNextImageProcessor"},
+        {
+            **_CLIP_336_PREPROCESSOR,
+            "image_processor_type": "LlavaNextImageProcessor",
+            "processor_class": "LlavaNextProcessor",
+        },
     ),
     # llava-onevision-qwen2-7b-ov-hf: SigLIP-so400m/14-384 and Qwen2-7B, anyres_max_9
     "llava-onevision-7b": (
@@ -276,110 +227,50 @@ PRESETS: dict[str, tuple] = {
     ),
     "smolvlm2-2.2b": (_SMOLVLM2_2B, _SMOLVLM2_PREPROCESSOR, _IDEFICS3_TOKENS),
     "internvl3-8b": (_INTERNVL3_8B, _INTERNVL3_PREPROCESSOR, _INTERNVL_TOKENS),
-    # gemma-3-4b-it / gemma-3-12b-it: SigLIP-so400m/14-896 pooled to 256 tokens; 5 sliding layers per full one
-    "gemma-3-4b": (
-        {
-            **_GEMMA3,
-            "text_config": {
-                **_GEMMA3_TEXT,
-                "hidden_size": 2560,
-                "intermediate_size": 10240,
-                "num_hidden_layers": 34,
-                "num_attention_heads": 8,
-                "num_key_value_heads": 4,
-            },
-            "vision_config": _SIGLIP_SO400M_896,
-        },
-        _GEMMA3_PREPROCESSOR,
-    ),
-    "gemma-3-12b": (
-        {
-            **_GEMMA3,
-            "text_config": {
-                **_GEMMA3_TEXT,
-                "hidden_size": 3840,
-                "intermediate_size": 15360,
-                "num_hidden_layers": 48,
-                "num_attention_heads": 16,
-                "num_key_value_heads": 8,
-            },
-            "vision_config": _SIGLIP_SO400M_896,
-        },
-        _GEMMA3_PREPROCESSOR,
-    ),
 }
-# Qwen2.5-VL: its windowed tower (the same in 7B and 72B but for its output width), a Qwen2 decoder with M-RoPE;
-# the demo tokenizer's <image> is the placeholder, Qwen's processor defaults (4 to 16384 merged patches).
-_QWEN25_VL_TOWER = {
-    "model_type": "qwen2_5_vl_vision",
-    "depth": 32,
-    "hidden_size": 1280,
-    "intermediate_size": 3420,
-    "num_heads": 16,
-    "patch_size": 14,
-    "window_size": 112,
-    "fullatt_block_indexes": [7, 15, 23, 31],
-    "hidden_act": "silu",
-    "spatial_merge_size": 2,
-    "temporal_patch_size": 2,
-    "in_channels": 3,
-}
-_QWEN25_VL_TEXT = {
-    "model_type": "qwen2_5_vl_text",
-    "vocab_size": 152064,
-    "max_position_embeddings": 128000,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": False,
-    "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
-}
-_QWEN2_VL_PREPROCESSOR = {
-    "image_processor_type": "Qwen2VLImageProcessor",
-    "min_pixels": 56 * 56,
-    "max_pixels": 28 * 28 * 16384,
-    "patch_size": 14,
-    "merge_size": 2,
-    "temporal_patch_size": 2,
-}
-
-
-def _qwen25_vl(text: dict, out_hidden_size: int) -> tuple[dict, dict]:
-    return (
-        {
-            "architectures": ["Qwen2_5_VLForConditionalGeneration"],
-            "model_type": "qwen2_5_vl",
-            "text_config": {**_QWEN25_VL_TEXT, **text},
-            "vision_config": {**_QWEN25_VL_TOWER, "out_hidden_size": out_hidden_size},
-            "video_token_id": _QWEN25_VL_TEXT["vocab_size"] - 1,
-            "tie_word_embeddings": False,
-        },
-        _QWEN2_VL_PREPROCESSOR,
-    )
 
 
 PRESETS.update(
     {
-        "qwen2.5-vl-7b": _qwen25_vl(
-            {
-                "hidden_size": 3584,
-                "intermediate_size": 18944,
-                "num_hidden_layers": 28,
-                "num_attention_heads": 28,
-                "num_key_value_heads": 4,
-            },
-            3584,
-        ),
-        "qwen2.5-vl-72b": _qwen25_vl(
+        "llava-1.5-7b": Published("llava-1.5-7b-hf"),
+        "qwen2.5-vl-7b": Published("Qwen2.5-VL-7B-Instruct"),
+        # Qwen2.5-VL-72B-Instruct: the 7B's files (the same tower, processor, rope) with its decoder's sizes
+        "qwen2.5-vl-72b": Published(
+            "Qwen2.5-VL-7B-Instruct",
             {
                 "hidden_size": 8192,
                 "intermediate_size": 29568,
                 "num_hidden_layers": 80,
                 "num_attention_heads": 64,
                 "num_key_value_heads": 8,
+                "max_window_layers": 80,
+                "vision_config": {"out_hidden_size": 8192},
             },
-            8192,
+        ),
+        "qwen3-vl-4b": Published("Qwen3-VL-4B-Instruct"),
+        # gemma-3-4b-it / gemma-3-12b-it: SigLIP-so400m/14-896 pooled to 256 tokens; 5 sliding layers per full one
+        "gemma-3-4b": Published("gemma-3-4b-it"),
+        "gemma-3-12b": Published(
+            "gemma-3-4b-it",
+            {
+                "text_config": {
+                    "hidden_size": 3840,
+                    "intermediate_size": 15360,
+                    "num_hidden_layers": 48,
+                    "num_attention_heads": 16,
+                    "num_key_value_heads": 8,
+                }
+            },
         ),
     }
 )
+
+
+def _merged(base: dict, changes: dict) -> dict:
+    out = dict(base)
+    for k, v in changes.items():
+        out[k] = _merged(base.get(k) or {}, v) if isinstance(v, dict) else v
+    return out
 
 
 def preset_checkpoint(name: str, out_dir: Path) -> Path:
@@ -387,21 +278,35 @@ def preset_checkpoint(name: str, out_dir: Path) -> Path:
     from .bench import demo_checkpoint
 
     demo = demo_checkpoint.ensure()
+    spec = PRESETS[name]
+    # The demo's tokenizer and template; its model files only where the preset has none of its own.
+    model_files = {"config.json", "model.safetensors.index.json"}
+    if isinstance(spec, Published):
+        model_files |= {"preprocessor_config.json", "processor_config.json"}
     out_dir.mkdir(parents=True, exist_ok=True)
     for f in demo.iterdir():
-        if f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
+        if f.suffix != ".safetensors" and f.name not in model_files:
             shutil.copy(f, out_dir / f.name)
     demo_cfg = json.loads((demo / "config.json").read_text())
-    fields, preprocessor, *family_tokens = PRESETS[name]
-    config = {**demo_cfg, **fields, "text_config": {**fields["text_config"]}, "dtype": "bfloat16"}
+    if isinstance(spec, Published):
+        for f in (PUBLISHED / spec.folder).iterdir():
+            shutil.copy(f, out_dir / f.name)
+        config = _merged(_published(spec.folder), spec.changes)
+        family_tokens = []
+    else:
+        fields, preprocessor, *family_tokens = spec
+        config = {**demo_cfg, **fields, "text_config": {**fields["text_config"]}}
+        (out_dir / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    config["dtype"] = "bfloat16"
     # The demo tokenizer's ids (its image token included) must stay inside the preset's vocabulary.
-    text = config["text_config"]
-    text["vocab_size"] = max(text["vocab_size"], demo_cfg["text_config"]["vocab_size"])
+    demo_vocab = demo_cfg["text_config"]["vocab_size"]
+    text = config.get("text_config", config)  # transformers 4's Qwen2.5-VL layout: the text fields on top
+    if "vocab_size" in text:
+        text["vocab_size"] = max(text["vocab_size"], demo_vocab + 2)
     config["image_token_index"] = config["image_token_id"] = demo_cfg["image_token_index"]  # both names in use
     if family_tokens:
         config["image_token_id"] = _add_family_tokens(out_dir, family_tokens[0])
     if "mm_tokens_per_image" in config:  # Gemma 3: the demo's <image> opens an image; soft/end ids past its vocab
-        demo_vocab = demo_cfg["text_config"]["vocab_size"]
         config.update(
             boi_token_index=demo_cfg["image_token_index"],
             image_token_index=demo_vocab,
@@ -409,7 +314,6 @@ def preset_checkpoint(name: str, out_dir: Path) -> Path:
             eoi_token_index=demo_vocab + 1,
         )
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    (out_dir / "preprocessor_config.json").write_text(json.dumps(preprocessor))
     return out_dir
 
 
