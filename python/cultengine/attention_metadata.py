@@ -5,7 +5,7 @@ both, so that the kernels need not import the dispatch layer that imports them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -31,6 +31,10 @@ class AttentionMetadata:
     image_span_loc: torch.Tensor | None = None  # int32 [B+1]
     # Decode only: sequences that share leading KV blocks read them once per group (cascade attention).
     shared_prefixes: SharedPrefixes | None = None
+    # What the torch reference derives from this layout (gather indices, masks), by (block size, window): the
+    # same for every layer of the step, so it is computed once. The tensors above are one step's: never
+    # rewritten in place while this is filled (CUDA-graph buffers are read by the Triton kernels only).
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -80,22 +81,47 @@ def paged_attention(
     after the image overlay as Gemma 3 does). Grouped-query attention: query head h reads KV head
     `h // (Hq // Hkv)`. Computed in fp32, returned in q's dtype.
     """
+    if meta.max_query_len == 1 and meta.shared_prefixes is not None and window is None:
+        return _cascade_decode(q, k_cache, v_cache, meta, scale)
+    key = (k_cache.shape[1], window)
+    groups = meta.derived.get(key)
+    if groups is None:
+        groups = meta.derived[key] = _groups(meta, k_cache.shape[1], window, q.device)
+    if meta.max_query_len == 1:  # decode: one group, no query padding at all
+        return _attend(q, k_cache, v_cache, groups[0], scale)
+    out = torch.empty_like(q)
+    for g in groups:
+        out[g.rows] = _attend(q, k_cache, v_cache, g, scale)
+    return out
+
+
+@dataclass
+class _Group:
+    """Sequences that attend together (similar query lengths), laid out as `_attend` reads them."""
+
+    rows: torch.Tensor  # their packed query rows, in order
+    tables: torch.Tensor  # [b, blocks] from the first block any query's window reaches
+    keys: int  # keys gathered per sequence (padded to the longest)
+    seq_of_row: torch.Tensor  # [rows]: which of the b sequences each row belongs to
+    row_in_seq: torch.Tensor  # [rows]: its index among that sequence's queries
+    max_q: int
+    mask: torch.Tensor  # [b, 1, max_q, keys]: what each query sees
+
+
+def _groups(meta: AttentionMetadata, block_size: int, window: int | None, device: torch.device) -> list[_Group]:
+    """The step's attention groups. Sequences attend in groups of similar query length (powers of two), so a
+    decode row or a short choice never pads to a long prefill chunk: padding stays under 2x whatever the mix."""
     qsl = meta.query_start_loc.long()
     q_lens = qsl[1:] - qsl[:-1]
-    if meta.max_query_len == 1:  # decode: one group, no query padding at all
-        if meta.shared_prefixes is not None and window is None:
-            return _cascade_decode(q, k_cache, v_cache, meta, scale)
-        everyone = torch.arange(q_lens.numel(), device=q.device)
-        return _attend(q, k_cache, v_cache, meta, scale, everyone, everyone, window)
-    # Sequences attend in groups of similar query length (powers of two), so a decode row or a short
-    # choice never pads to a long prefill chunk: padding stays under 2x whatever the mix.
+    if meta.max_query_len == 1:
+        everyone = torch.arange(q_lens.numel(), device=device)
+        return [_group(meta, block_size, window, everyone, everyone)]
     bucket = torch.log2(q_lens.float()).ceil().long()
-    out = torch.empty_like(q)
+    groups = []
     for b in bucket.unique().tolist():
         seqs = (bucket == b).nonzero().squeeze(1)
-        rows = _rows_of(qsl, q_lens, seqs)
-        out[rows] = _attend(q, k_cache, v_cache, meta, scale, seqs, rows, window)
-    return out
+        groups.append(_group(meta, block_size, window, seqs, _rows_of(qsl, q_lens, seqs)))
+    return groups
 
 
 def _rows_of(qsl: torch.Tensor, q_lens: torch.Tensor, seqs: torch.Tensor) -> torch.Tensor:
@@ -105,45 +131,23 @@ def _rows_of(qsl: torch.Tensor, q_lens: torch.Tensor, seqs: torch.Tensor) -> tor
     return first + torch.arange(int(lens.sum()), device=qsl.device)
 
 
-def _attend(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    meta: AttentionMetadata,
-    scale: float,
-    seqs: torch.Tensor,
-    rows: torch.Tensor,
-    window: int | None,
-) -> torch.Tensor:
-    """Paged attention (see `paged_attention`) for the sequences `seqs`, whose packed query rows are `rows`."""
-    _, hq, d = q.shape
-    _, block_size, hkv, _ = k_cache.shape
+def _group(
+    meta: AttentionMetadata, block_size: int, window: int | None, seqs: torch.Tensor, rows: torch.Tensor
+) -> _Group:
+    device = rows.device
     qsl = meta.query_start_loc.long()
     q_lens = (qsl[1:] - qsl[:-1])[seqs]
     seq_lens = meta.seq_lens.long()[seqs]
     b = seqs.numel()
     max_q, max_kv = int(q_lens.max()), int(seq_lens.max())
-
-    # Gather the keys/values of each sequence into a padded [B, Hkv, keys, D] batch, from the first block any
-    # query's window reaches (all of them without a window).
+    # Keys from the first block any query's window reaches (all of them without a window).
     first_blk = 0 if window is None else max(int((seq_lens - q_lens).min()) - window + 1, 0) // block_size
     first_key, keys = first_blk * block_size, max_kv - first_blk * block_size
-    tables = meta.block_tables[seqs, first_blk:]
-    k, v = _gather_keys(k_cache, tables, keys), _gather_keys(v_cache, tables, keys)
-
-    # Scatter the packed queries into a padded [B, Hq, max_q, D] batch.
-    seq_of_row = torch.repeat_interleave(torch.arange(b, device=q.device), q_lens)
-    row_in_seq = torch.arange(rows.numel(), device=q.device) - (torch.cumsum(q_lens, 0) - q_lens)[seq_of_row]
-    if max_q == 1:
-        qp = q[rows].float()[:, :, None]
-    else:
-        qp = q.new_zeros((b, max_q, hq, d), dtype=torch.float32)
-        qp[seq_of_row, row_in_seq] = q[rows].float()
-        qp = qp.transpose(1, 2)
-
+    seq_of_row = torch.repeat_interleave(torch.arange(b, device=device), q_lens)
+    row_in_seq = torch.arange(rows.numel(), device=device) - (torch.cumsum(q_lens, 0) - q_lens)[seq_of_row]
     # Query i of a sequence sits at absolute position ctx + i, ctx = seq_len - q_len.
-    q_pos = (seq_lens - q_lens)[:, None] + torch.arange(max_q, device=q.device)[None, :]
-    k_pos = first_key + torch.arange(keys, device=q.device)
+    q_pos = (seq_lens - q_lens)[:, None] + torch.arange(max_q, device=device)[None, :]
+    k_pos = first_key + torch.arange(keys, device=device)
     k_pos, q_pos = k_pos[None, None, :], q_pos[:, :, None]
     visible = k_pos <= q_pos
     if meta.image_spans is not None and meta.image_spans.numel():
@@ -151,9 +155,24 @@ def _attend(
         visible |= (k_pos >= lo[:, :, None]) & (k_pos < hi[:, :, None])
     if window is not None:
         visible &= k_pos > q_pos - window
-    mask = visible & (k_pos < seq_lens[:, None, None])
-    out = F.scaled_dot_product_attention(qp, k, v, attn_mask=mask[:, None], scale=scale, enable_gqa=hq != hkv)
-    return out.transpose(1, 2)[seq_of_row, row_in_seq].to(q.dtype)
+    mask = (visible & (k_pos < seq_lens[:, None, None]))[:, None]
+    return _Group(rows, meta.block_tables[seqs, first_blk:], keys, seq_of_row, row_in_seq, max_q, mask)
+
+
+def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: _Group, scale: float) -> torch.Tensor:
+    """Paged attention (see `paged_attention`) of one group's query rows: its sequences' keys and values
+    gathered into a padded `[b, Hkv, keys, D]` batch, its queries scattered into `[b, Hq, max_q, D]`."""
+    _, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    k, v = _gather_keys(k_cache, g.tables, g.keys), _gather_keys(v_cache, g.tables, g.keys)
+    if g.max_q == 1:
+        qp = q[g.rows].float()[:, :, None]
+    else:
+        qp = q.new_zeros((len(g.tables), g.max_q, hq, d), dtype=torch.float32)
+        qp[g.seq_of_row, g.row_in_seq] = q[g.rows].float()
+        qp = qp.transpose(1, 2)
+    out = F.scaled_dot_product_attention(qp, k, v, attn_mask=g.mask, scale=scale, enable_gqa=hq != hkv)
+    return out.transpose(1, 2)[g.seq_of_row, g.row_in_seq].to(q.dtype)
 
 
 def _cascade_decode(
@@ -306,9 +325,9 @@ def rotary_embedding(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate `q [T, Hq, D]` and `k [T, Hkv, D]` by their positions (rotate-half convention)."""
 
+    c, s = cos[positions][:, None, :], sin[positions][:, None, :]
+
     def rotate(x: torch.Tensor) -> torch.Tensor:
-        c = cos[positions][:, None, :]
-        s = sin[positions][:, None, :]
         xf = x.float()
         x1, x2 = xf.chunk(2, dim=-1)
         return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
