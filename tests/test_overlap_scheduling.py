@@ -1,4 +1,4 @@
-"""Overlapped scheduling (`Engine(overlap_scheduling=True)`, the default) against the synchronous loop.
+"""Overlapped scheduling (`Engine(overlap_scheduling=True)`, the default on CUDA) against the synchronous loop.
 
 Step N+1 is scheduled and launched before step N's tokens reach the host; its decode rows read their
 input ids from step N's sampled tokens on the device. Whatever stops a sequence at step N (EOS, a stop
@@ -163,3 +163,10 @@ def test_the_demo_engine_is_identical_on_and_off():
     params = SamplingParams(max_tokens=6, temperature=0.9, seed=1, n=2, ignore_eos=True)
     demo = [Engine("demo", overlap_scheduling=on) for on in (True, False)]
     _both(demo, ["Once upon a time", "The quick brown fox"], params)
+
+
+def test_the_default_overlaps_on_cuda_only(tiny_llama):
+    """On a CPU the forward pass runs in the launching thread: nothing could overlap, so the default is the
+    synchronous loop there; asked for, it overlaps anyway."""
+    assert not Engine(tiny_llama, dtype="float32").overlap_scheduling
+    assert Engine(tiny_llama, dtype="float32", overlap_scheduling=True).overlap_scheduling

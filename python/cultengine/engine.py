@@ -100,7 +100,7 @@ class Engine:
         threads: int | None = None,
         image_options: dict | None = None,
         cascade_attention: bool | None = None,
-        overlap_scheduling: bool = True,
+        overlap_scheduling: bool | None = None,
         generation_config: str = "auto",
         chat_template: str | None = None,
     ):
@@ -118,7 +118,8 @@ class Engine:
         computes the same attention no faster on a CPU, measured in benches/bench_generate.py);
         `overlap_scheduling` schedules and launches step N+1 before step N's tokens come back to the host, so
         the host's work hides behind the device's (outputs identical to the synchronous loop,
-        `overlap_scheduling=False`); `generation_config="auto"` takes the checkpoint's
+        `overlap_scheduling=False`; default: on CUDA only, since on a CPU the forward pass runs in the
+        launching thread and nothing overlaps); `generation_config="auto"` takes the checkpoint's
         generation_config.json temperature / top_p / top_k as the defaults of SamplingParams fields left
         unset (as vLLM does; "none": greedy, no truncation; what was taken is in `provenance()`);
         `chat_template` names one of the checkpoint's named chat templates (default: "default")."""
@@ -218,7 +219,7 @@ class Engine:
         self._prompt_top_k: dict[int, int] = {}
         self._prompt_top: dict[int, dict[int, dict[int, float]]] = {}  # seq -> prompt position -> top-k
         self._counters = {"prompt_tokens": 0, "generated_tokens": 0, "run_seconds": 0.0}
-        self.overlap_scheduling = overlap_scheduling
+        self.overlap_scheduling = self.device.type == "cuda" if overlap_scheduling is None else overlap_scheduling
         self._in_flight: _Launched | None = None  # overlapped: the step launched, its results not yet applied
         self.profile = profile
         self.phase_seconds: dict[str, float] = dict.fromkeys(
