@@ -1,5 +1,6 @@
 """Peak memory of the memory bombs from untrusted text: hostile chat templates, processor configs and request
-options that blow up a small image, and a request of eight 8000x7999 images.
+options that blow up a small image, a request of eight 8000x7999 images, and eight concurrent requests each
+at the per-request pixel limit (with no global image budget, then with `--max-image-memory 2 GiB`).
 
     .venv/bin/python benches/bench_bombs.py                          # the installed cultengine
     PYTHONPATH=/tmp/pkg-before .venv/bin/python benches/bench_bombs.py --json before.json   # another build
@@ -55,12 +56,31 @@ SETUP = {
         " + [{{'type': 'text', 'text': 'Where?'}}]}}]\n"
         "config = ServeConfig(model_name='demo', max_request_bytes=1 << 30)"
     ),
+    "concurrent": (
+        "import io\nfrom concurrent.futures import ThreadPoolExecutor\nfrom PIL import Image\n"
+        "from cultengine import Engine, SamplingParams\nfrom cultengine.serve.loop import EngineLoop, ServerBusy\n"
+        "def png(k):\n    buf = io.BytesIO(); Image.new('RGB', (4000, 4000), (k, 0, 0)).save(buf, 'PNG')\n"
+        "    return buf.getvalue()\n"
+        "req = {{'messages': [{{'role': 'user', 'content': [{{'type': 'image', 'image': png(k)}} for k in range(8)]"
+        " + ['Where?']}}]}}\n"
+        "loop = EngineLoop(Engine('demo'), max_image_memory={budget})\n"
+        "def one(_):\n"
+        "    try:\n"
+        "        a = loop.generate(req, SamplingParams(max_tokens=1), 1, image_pixels=8 * 4000 * 4000).result()\n"
+        "        return [f.result() for f in a.results] and 'served'\n"
+        "    except ServerBusy:\n"
+        "        return '503'"
+    ),
 }
 BOMB = {
     "template": "r = render_chat(T, M)[0]; RESULT = f'rendered {len(r):,} chars'",
     "clip": "RESULT = 'pixels ' + str(tuple(proc(img).shape))",
     "qwen": "RESULT = 'patches ' + str(tuple(proc.process(img, min_pixels={request_min})[0].shape))",
-    "request": "(p,) = engine._prepare([{'messages': to_engine_messages(msgs, config)}]); RESULT = str(p)[:80]",
+    "request": "(p,) = engine._prepare([{'messages': to_engine_messages(msgs, config)[0]}]); RESULT = str(p)[:80]",
+    "concurrent": (
+        "with ThreadPoolExecutor(8) as pool:\n    got = list(pool.map(one, range(8)))\n"
+        "loop.close()\nRESULT = f\"{got.count('served')} served, {got.count('503')} refused with 503\""
+    ),
 }
 
 CHILD = """
@@ -101,6 +121,11 @@ def cases() -> dict[str, tuple[str, str]]:
         BOMB["qwen"].format(request_min=2 * 10**8),
     )
     out["request of 8 data-URL PNGs 8000x7999"] = (SETUP["request"].format(), BOMB["request"])
+    for label, budget in (("no global budget", 1 << 60), ("--max-image-memory 2 GiB", 2 << 30)):
+        out[f"8 concurrent requests of 8x16 MP, {label}"] = (
+            SETUP["concurrent"].format(budget=budget),
+            BOMB["concurrent"],
+        )
     return out
 
 

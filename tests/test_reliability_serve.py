@@ -8,18 +8,22 @@ order in which their results resolve is recorded.
 
 from __future__ import annotations
 
+import base64
+import io
 import random
 import subprocess
 import sys
 import threading
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 
 import httpx
 import pytest
+from PIL import Image
 
 from cultengine import Engine, SamplingParams
+from cultengine.engine import RequestError
 from cultengine.serve.app import BackgroundServer, ServeConfig, build_app
-from cultengine.serve.loop import EngineLoop
+from cultengine.serve.loop import PREPARE_BYTES_PER_PIXEL, EngineLoop, ImageMemory, ServerBusy, pixel_bytes
 
 MODEL = "tiny"
 TIMEOUT = 60
@@ -264,7 +268,9 @@ def test_serve_config_refuses_bad_limits(field, value):
         ServeConfig(model_name="m", **{field: value})
 
 
-@pytest.mark.parametrize("flag", ["--max-n", "--max-choices", "--max-tokens", "--max-prompt-chars"])
+@pytest.mark.parametrize(
+    "flag", ["--max-n", "--max-choices", "--max-tokens", "--max-prompt-chars", "--max-image-memory"]
+)
 def test_serve_command_refuses_bad_limits_before_loading(tmp_path, flag):
     proc = subprocess.run(
         [sys.executable, "-m", "cultengine.cli", "serve", "--model", str(tmp_path), flag, "0"],
@@ -273,3 +279,116 @@ def test_serve_command_refuses_bad_limits_before_loading(tmp_path, flag):
         timeout=TIMEOUT,
     )
     assert proc.returncode == 2 and f"{flag} must be >= 1" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# E. Image memory is bounded across the requests in flight, not only per request
+# ------------------------------------------------------------------------------------------------
+def _png(size: tuple[int, int], color=(200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _image_request(image: bytes) -> dict:
+    return {"messages": [{"role": "user", "content": [{"type": "image", "image": image}, "What is shown?"]}]}
+
+
+def test_image_memory_refuses_what_does_not_fit_and_takes_nothing():
+    memory = ImageMemory(100)
+    memory.reserve(60)
+    with pytest.raises(ServerBusy, match="--max-image-memory"):
+        memory.reserve(41)
+    assert memory.used == 60
+    memory.reserve(40)
+    memory.release(100)
+    assert memory.used == 0
+    with pytest.raises(ValueError, match="max_image_memory"):
+        ImageMemory(0)
+
+
+def test_requests_in_flight_share_one_image_memory_budget(tiny_llama):
+    """Capacity for one request being prepared beside one admitted: while the engine thread is held, a
+    second image request is refused; once the first finishes the same request is admitted; every path out
+    (finish, abort, a prepare failure, a refusal by the scheduler) gives its bytes back."""
+    engine = Engine(tiny_llama)
+    image = _png((64, 48))
+    estimate = 64 * 48 * PREPARE_BYTES_PER_PIXEL
+    (prep,) = engine._prepare([_image_request(image)])
+    kept = pixel_bytes(prep)
+    assert 0 < kept < estimate
+    loop = EngineLoop(engine, max_image_memory=estimate + kept - 1)
+    params = SamplingParams(max_tokens=3, temperature=0)
+    try:
+        gate = _gated(loop)
+        try:
+            first = loop.generate(_image_request(image), params, 3, image_pixels=64 * 48)
+            assert loop.image_memory.used == kept  # the estimate traded for the processed pixels
+            with pytest.raises(ServerBusy):
+                loop.generate(_image_request(image), params, 3, image_pixels=64 * 48)
+            assert loop.image_memory.used == kept
+            text_only = loop.generate({"prompt": "Name a country."}, params, 3)  # holds no image memory
+        finally:
+            gate.set()
+        for f in (first, text_only):
+            for r in f.result(TIMEOUT).results:
+                r.result(TIMEOUT)
+        assert loop.image_memory.used == 0
+        again = loop.generate(_image_request(image), params, 3, image_pixels=64 * 48).result(TIMEOUT)
+        again.results[0].result(TIMEOUT)
+        assert loop.image_memory.used == 0
+
+        gate = _gated(loop)  # aborted while running
+        try:
+            held = loop.generate(_image_request(image), SamplingParams(max_tokens=50), 50, image_pixels=64 * 48)
+        finally:
+            gate.set()
+        loop.abort(held.result(TIMEOUT).request_id)
+        with pytest.raises(CancelledError):
+            held.result(TIMEOUT).results[0].result(TIMEOUT)
+        _gated(loop).set()  # the abort has run
+        assert loop.image_memory.used == 0
+
+        with pytest.raises(RequestError):  # not an image: the engine's error, nothing kept
+            loop.generate(_image_request(b"not a png"), params, 3, image_pixels=64 * 48)
+        assert loop.image_memory.used == 0
+        refused = loop.generate(_image_request(image), params, 10**6, image_pixels=64 * 48)
+        with pytest.raises(RequestError):  # the scheduler refuses max_tokens past the context
+            refused.result(TIMEOUT)
+        assert loop.image_memory.used == 0
+        assert loop.stats()["image_memory_capacity"] == estimate + kept - 1
+    finally:
+        loop.close()
+
+
+def test_a_request_past_the_image_memory_gets_503_with_retry_after(tiny_llama):
+    image = _png((64, 48))
+    loop = EngineLoop(Engine(tiny_llama), max_image_memory=1000)
+    url = "data:image/png;base64," + base64.b64encode(image).decode()
+    body = {
+        "model": MODEL,
+        "max_tokens": 2,
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What?"}],
+            }
+        ],
+    }
+    try:
+        with BackgroundServer(build_app(loop, ServeConfig(model_name=MODEL))) as base:
+            resp = httpx.post(base + "/v1/chat/completions", json=body, timeout=TIMEOUT)
+            assert resp.status_code == 503, resp.text
+            assert resp.headers["retry-after"] == "1"
+            error = resp.json()["error"]
+            assert error["code"] == "overloaded" and "--max-image-memory" in error["message"]
+            text = httpx.post(
+                base + "/v1/completions", json={"model": MODEL, "prompt": "fox", "max_tokens": 2}, timeout=TIMEOUT
+            )
+            assert text.status_code == 200, text.text
+            metrics = httpx.get(base + "/metrics", timeout=TIMEOUT).text
+            assert "cultengine_image_memory_bytes 0" in metrics
+            assert "cultengine_image_memory_capacity_bytes 1000" in metrics
+        assert loop.image_memory.used == 0
+    finally:
+        loop.close()

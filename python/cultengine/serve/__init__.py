@@ -71,6 +71,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="most prompt tokens of one request, images expanded (default: the context)",
     )
+    p.add_argument(
+        "--max-image-memory",
+        type=int,
+        default=8 << 30,
+        help="bytes of image data all requests in flight may hold together (decoded and processed); a request "
+        "that does not fit gets 503 (default 8 GiB)",
+    )
     g = p.add_argument_group("engine")
     g.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
@@ -107,7 +114,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"--allowed-local-media-path {media}: not a directory", file=sys.stderr)
         return 2
     limits = ("max_request_bytes", "max_image_pixels_per_request", "max_n", "max_choices", "max_tokens")
-    for name in (*limits, "max_prompt_chars", "max_prompt_tokens"):
+    for name in (*limits, "max_prompt_chars", "max_prompt_tokens", "max_image_memory"):
         value = getattr(args, name)
         if value is not None and value < 1:
             print(f"--{name.replace('_', '-')} must be >= 1, got {value}", file=sys.stderr)
@@ -158,7 +165,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     if not config.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
-    loop = EngineLoop(engine)
+    loop = EngineLoop(engine, max_image_memory=args.max_image_memory)
     try:
         print(f"cultengine serve: model {config.model_name!r} on http://{args.host}:{args.port}/v1", flush=True)
         uvicorn.run(

@@ -45,7 +45,7 @@ from ..outputs import Sample
 from ..paths import OutsideFolder, confined
 from ..sampling import SamplingParams
 from . import metrics
-from .loop import Admitted, EngineLoop
+from .loop import Admitted, EngineLoop, ServerBusy
 
 
 @dataclass(frozen=True)
@@ -96,15 +96,17 @@ class APIError(Exception):
         type_: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,8 +217,8 @@ def _read_local(path: str, config: ServeConfig) -> bytes:
     return resolved.read_bytes()
 
 
-def check_image_pixels(images: list[bytes], config: ServeConfig, param: str) -> list[bytes]:
-    """`images`, refused (400) when their pixels together pass the per-request limit; sizes come from the
+def check_image_pixels(images: list[bytes], config: ServeConfig, param: str) -> int:
+    """The pixels of `images` together, refused (400) past the per-request limit; sizes come from the
     headers, so nothing is decoded (an undecodable image is the engine's error to report)."""
     total = 0
     for data in images:
@@ -232,11 +234,12 @@ def check_image_pixels(images: list[bytes], config: ServeConfig, param: str) -> 
                 "(--max-image-pixels-per-request)",
                 param=param,
             )
-    return images
+    return total
 
 
-def to_engine_messages(messages: list[dict], config: ServeConfig) -> list[dict]:
-    """OpenAI chat messages -> the engine's (text parts and images as bytes); counts the image limits."""
+def to_engine_messages(messages: list[dict], config: ServeConfig) -> tuple[list[dict], int]:
+    """OpenAI chat messages -> the engine's (text parts and images as bytes) and their images' pixels;
+    checks the image limits."""
     out, images = [], 0
     loaded: list[bytes] = []
     for i, msg in enumerate(messages):
@@ -273,8 +276,7 @@ def to_engine_messages(messages: list[dict], config: ServeConfig) -> list[dict]:
                     param="messages",
                 )
         out.append({"role": msg["role"], "content": parts})
-    check_image_pixels(loaded, config, "messages")
-    return out
+    return out, check_image_pixels(loaded, config, "messages")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -542,6 +544,9 @@ def build_app(loop: EngineLoop, config: ServeConfig) -> FastAPI:
             except (RequestError, APIError) as e:
                 error = e
                 break
+            except ServerBusy as e:
+                error = APIError(503, str(e), type_="server_error", code="overloaded", headers={"Retry-After": "1"})
+                break
         admitted = []
         for future in futures:
             try:
@@ -656,12 +661,9 @@ def build_app(loop: EngineLoop, config: ServeConfig) -> FastAPI:
         params = sampling_params(body, max_tokens, k if body.logprobs else None, loop.engine.sampling_defaults)
 
         def submit():
+            messages, pixels = to_engine_messages(body.messages, config)
             return loop.generate(
-                {"messages": to_engine_messages(body.messages, config)},
-                params,
-                max_tokens,
-                stream=bool(body.stream),
-                **limits,
+                {"messages": messages}, params, max_tokens, stream=bool(body.stream), image_pixels=pixels, **limits
             )
 
         (admitted,) = await admit(submit)
@@ -844,11 +846,15 @@ def build_app(loop: EngineLoop, config: ServeConfig) -> FastAPI:
 
         def submit():
             if body.messages is not None:
-                req: dict[str, Any] = {"messages": to_engine_messages(body.messages, config)}
+                messages, pixels = to_engine_messages(body.messages, config)
+                req: dict[str, Any] = {"messages": messages}
             else:
                 images = [load_image_url(u, config) for u in body.images or []]
-                req = {"prompt": body.prompt, "images": check_image_pixels(images, config, "images")}
-            return loop.score({**req, "choices": body.choices}, max_prompt_tokens=config.max_prompt_tokens)
+                pixels = check_image_pixels(images, config, "images")
+                req = {"prompt": body.prompt, "images": images}
+            return loop.score(
+                {**req, "choices": body.choices}, max_prompt_tokens=config.max_prompt_tokens, image_pixels=pixels
+            )
 
         (admitted,) = await admit(submit)
         scores = await results(request, [admitted])

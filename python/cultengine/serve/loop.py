@@ -14,6 +14,12 @@ loop and are fed in round-robin between requests, so the scheduler never holds m
 `max_in_scheduler` of them (twice `max_num_seqs` by default: one batch running, one waiting). A large `n`
 then cannot queue thousands of sequences ahead of a later client: that client's sequence waits behind at most
 `max_in_scheduler` others. Each result's bookkeeping is O(1) (a count of the results still open per request).
+
+Memory: each request's images are capped on their own (the HTTP layer's pixel limit); `ImageMemory` caps what
+all requests in flight hold together. A request reserves an estimate from its images' header sizes before they
+are decoded, trades it for the bytes its processed pixels really take once prepared, and gives those back when
+it finishes, fails or is aborted. A request that does not fit is refused with `ServerBusy` (HTTP 503) rather
+than queued, so concurrent uploads cannot together exhaust the host.
 """
 
 from __future__ import annotations
@@ -30,6 +36,45 @@ from ..engine import NON_FINITE_LOGITS, Engine, RequestError
 from ..outputs import ChoiceScore, Sample
 from ..sampling import SamplingParams
 from .metrics import TPOT_BUCKETS, TTFT_BUCKETS, Histogram
+
+DEFAULT_IMAGE_MEMORY = 8 << 30
+# Bytes a source pixel can take while an image is prepared: the decoded RGB(A) image (PIL keeps 4 bytes per
+# pixel) and a float32 copy of it (12) that the processor resizes from.
+PREPARE_BYTES_PER_PIXEL = 16
+
+
+class ServerBusy(Exception):
+    """The requests in flight already hold the image memory this server allows: retry later (HTTP 503)."""
+
+
+class ImageMemory:
+    """Bytes of image data held by the requests in flight, capped at `capacity` (thread-safe)."""
+
+    def __init__(self, capacity: int):
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"max_image_memory must be a positive integer (bytes), got {capacity!r}")
+        self.capacity = capacity
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, nbytes: int) -> None:
+        """Take `nbytes`, or raise `ServerBusy` (taking nothing) when they do not fit beside what is held."""
+        with self._lock:
+            if nbytes > 0 and self.used + nbytes > self.capacity:
+                raise ServerBusy(
+                    f"the server holds {self.used:,} of its {self.capacity:,} bytes of image memory for requests "
+                    f"in flight and this request needs {nbytes:,} more (--max-image-memory); retry later"
+                )
+            self.used += nbytes
+
+    def release(self, nbytes: int) -> None:
+        with self._lock:
+            self.used -= nbytes
+
+
+def pixel_bytes(prepared) -> int:
+    """Bytes of the processed pixels a prepared request keeps until it finishes."""
+    return sum(f.pixels.element_size() * f.pixels.nelement() for f in prepared.images.values())
 
 
 @dataclass
@@ -62,6 +107,7 @@ class _Job:
     stream: queue.SimpleQueue | None = None
     open_results: int = 0  # results not yet resolved: the request is done at 0
     pending: deque = field(default_factory=deque)  # (result index, seed) of samples not yet in the scheduler
+    image_bytes: int = 0  # reserved in the loop's ImageMemory until the job ends
 
 
 class EngineLoop:
@@ -72,10 +118,14 @@ class EngineLoop:
     fail with `RuntimeError`.
     """
 
-    def __init__(self, engine: Engine, max_in_scheduler: int | None = None):
+    def __init__(
+        self, engine: Engine, max_in_scheduler: int | None = None, max_image_memory: int = DEFAULT_IMAGE_MEMORY
+    ):
         """`max_in_scheduler`: most sequences the loop keeps in the scheduler at once (running or waiting)
-        before it holds back further samples of admitted requests (default: 2 x the engine's max_num_seqs)."""
+        before it holds back further samples of admitted requests (default: 2 x the engine's max_num_seqs).
+        `max_image_memory`: bytes of image data all requests in flight may hold together (see the module's doc)."""
         self.engine = engine
+        self.image_memory = ImageMemory(max_image_memory)
         limit = 2 * engine.max_num_seqs if max_in_scheduler is None else max_in_scheduler
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ValueError(f"max_in_scheduler must be a positive integer, got {limit!r}")
@@ -115,6 +165,7 @@ class EngineLoop:
         *,
         max_tokens_limit: int | None = None,
         max_prompt_tokens: int | None = None,
+        image_pixels: int = 0,
     ) -> Future:
         """Admit one generation request (`params.n` samples); the future gives `Admitted`.
 
@@ -122,10 +173,11 @@ class EngineLoop:
         that comes first (`params.max_tokens` is ignored then); `stream` puts each sample's new text on
         `Admitted.stream` as the steps release it (the rest of a sample's text, held back for a possible stop
         string, comes with its result). A request the engine cannot prepare, or whose prompt is longer than
-        `max_prompt_tokens` (images expanded), raises `RequestError` here.
+        `max_prompt_tokens` (images expanded), raises `RequestError` here; `image_pixels` (the request's images'
+        pixels, from their headers) sizes its share of the image memory, and `ServerBusy` says it does not fit.
         """
         arrived = time.perf_counter()
-        prep = self._prepare_one(request, max_prompt_tokens)
+        prep, image_bytes = self._prepare_one(request, max_prompt_tokens, image_pixels)
         if max_tokens is None and max_tokens_limit is not None:
             max_tokens = max(1, min(max_tokens_limit, self.engine.max_model_len - len(prep.prompt_ids)))
         job = _Job(
@@ -136,20 +188,22 @@ class EngineLoop:
             max_tokens=max_tokens,
             arrived=arrived,
             stream=queue.SimpleQueue() if stream else None,
+            image_bytes=image_bytes,
         )
         job.results = [Future() for _ in range(params.n)]
         job.open_results = params.n
         self._inbox.put(lambda: self._admit(job))
         return job.admitted
 
-    def score(self, request: dict, max_prompt_tokens: int | None = None) -> Future:
+    def score(self, request: dict, max_prompt_tokens: int | None = None, image_pixels: int = 0) -> Future:
         """Admit one scoring request (its `choices` continue its context); the future gives `Admitted`.
-        A context longer than `max_prompt_tokens` (images expanded) raises `RequestError`."""
+        A context longer than `max_prompt_tokens` (images expanded) raises `RequestError`; `image_pixels` as
+        for `generate`."""
         choices = request.get("choices")
         if problem := self.engine.choices_problem(choices):  # what Engine.score refuses, refused alike
             raise RequestError(problem)
-        prep = self._prepare_one(request, max_prompt_tokens)
-        job = _Job(self._new_request_id(), prep, Future(), choices=list(choices))
+        prep, image_bytes = self._prepare_one(request, max_prompt_tokens, image_pixels)
+        job = _Job(self._new_request_id(), prep, Future(), choices=list(choices), image_bytes=image_bytes)
         job.results = [Future() for _ in choices]
         job.open_results = len(choices)
         self._inbox.put(lambda: self._admit(job))
@@ -181,16 +235,30 @@ class EngineLoop:
             self._next_request_id += 1
             return self._next_request_id
 
-    def _prepare_one(self, request: dict, max_prompt_tokens: int | None = None):
-        (prep,) = self.engine._prepare([request])
-        if isinstance(prep, Exception):
-            raise prep if isinstance(prep, RequestError) else RequestError(str(prep))
-        if max_prompt_tokens is not None and len(prep.prompt_ids) > max_prompt_tokens:
-            raise RequestError(
-                f"the prompt is {len(prep.prompt_ids)} tokens (images expanded); this server takes at most "
-                f"{max_prompt_tokens} (--max-prompt-tokens)"
-            )
-        return prep
+    def _prepare_one(self, request: dict, max_prompt_tokens: int | None, image_pixels: int):
+        """The prepared request and the image-memory bytes it now holds (the caller's job gives them back)."""
+        estimate = image_pixels * PREPARE_BYTES_PER_PIXEL
+        self.image_memory.reserve(estimate)
+        held = estimate
+        try:
+            (prep,) = self.engine._prepare([request])
+            if isinstance(prep, Exception):
+                raise prep if isinstance(prep, RequestError) else RequestError(str(prep))
+            if max_prompt_tokens is not None and len(prep.prompt_ids) > max_prompt_tokens:
+                raise RequestError(
+                    f"the prompt is {len(prep.prompt_ids)} tokens (images expanded); this server takes at most "
+                    f"{max_prompt_tokens} (--max-prompt-tokens)"
+                )
+            kept = pixel_bytes(prep)  # the decoded images are gone; the processed pixels stay until the end
+            if kept > held:
+                self.image_memory.reserve(kept - held)
+            else:
+                self.image_memory.release(held - kept)
+            held = kept
+        except BaseException:
+            self.image_memory.release(held)
+            raise
+        return prep, held
 
     # ------------------------------------------------------------------ engine thread
     def _run(self) -> None:
@@ -225,6 +293,7 @@ class EngineLoop:
 
     def _admit(self, job: _Job) -> None:
         if not job.admitted.set_running_or_notify_cancel():
+            self._release_images(job)
             return  # the caller stopped waiting (its client went away) before admission
         for f in job.results:
             f.set_running_or_notify_cancel()  # from here on only this thread resolves them
@@ -343,6 +412,7 @@ class EngineLoop:
             job.open_results -= 1
             if job.open_results == 0:  # before the last result wakes its waiter, who may read stats()
                 del self._jobs[job.request_id]
+                self._release_images(job)
                 self._observe_latency(job, now)
                 self._refresh_snapshot()
             job.results[k].set_result(result)
@@ -364,8 +434,14 @@ class EngineLoop:
             if not f.done():
                 f.set_exception(CancelledError(f"request {request_id} was aborted"))
 
+    def _release_images(self, job: _Job) -> None:
+        self.image_memory.release(job.image_bytes)
+        job.image_bytes = 0
+        job.prepared = None  # the pixels go with the last reference
+
     def _drop(self, job: _Job) -> None:
-        """Take a job's sequences out of the scheduler and unpin their images."""
+        """Take a job's sequences out of the scheduler, unpin their images and give back their memory."""
+        self._release_images(job)
         job.pending.clear()
         for seq_id in job.seq_ids:
             self.engine.scheduler.abort(seq_id)
@@ -393,5 +469,7 @@ class EngineLoop:
             "inbox": self._inbox.qsize(),
             "requests_running": len(self._jobs),
             "sequences_held_back": sum(len(job.pending) for job in self._feeding),
+            "image_memory_bytes": self.image_memory.used,
+            "image_memory_capacity": self.image_memory.capacity,
             "updated": time.time(),
         }

@@ -127,6 +127,13 @@ def render(stats: dict, http_counts: dict[tuple[str, int], int], histograms: dic
             stats["images_encoded"],
         ),
         ("cultengine_engine_step_errors_total", "counter", "Engine steps that raised.", stats["step_errors"]),
+        (
+            "cultengine_image_memory_bytes",
+            "gauge",
+            "Image data held by the requests in flight (--max-image-memory caps it).",
+            stats["image_memory_bytes"],
+        ),
+        ("cultengine_image_memory_capacity_bytes", "gauge", "--max-image-memory.", stats["image_memory_capacity"]),
     ):
         metric(name, kind, help_text, value)
     for name, (hist, help_text) in histograms.items():
