@@ -148,7 +148,7 @@ def test_bench_runs_on_the_family(family_path, tmp_path):
             str(family_path),
             "--limit",
             "6",
-            "--output-dir",
+            "--out",
             str(out),
         ],
         env=env,

@@ -44,9 +44,7 @@ def cache(tmp_path_factory):
 def straight(cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight") / "run"
     t = time.time()
-    p = subprocess.run(
-        bench("--output-dir", str(out)), env=env(cache), capture_output=True, text=True, timeout=600, cwd=REPO
-    )
+    p = subprocess.run(bench("--out", str(out)), env=env(cache), capture_output=True, text=True, timeout=600, cwd=REPO)
     assert p.returncode == 0, p.stderr[-3000:]
     return out, p, time.time() - t
 
@@ -85,7 +83,7 @@ def test_a_rerun_with_nothing_to_do_keeps_the_recorded_run(straight, cache, tmp_
         if missing_summary:
             (out / "summary.json").unlink()
         p = subprocess.run(
-            bench("--output-dir", str(out), "--quiet"), env=env(cache), capture_output=True, text=True, timeout=600
+            bench("--out", str(out), "--quiet"), env=env(cache), capture_output=True, text=True, timeout=600
         )
         assert p.returncode == 0, p.stderr[-3000:]
         assert "nothing to do (272/272 samples done)" in p.stderr
@@ -117,7 +115,7 @@ def _running_with_32_results(cmd, cache, out, **popen):
 
 def test_sigkill_then_resume(cache, straight, tmp_path):
     out = tmp_path / "run"
-    cmd = bench("--output-dir", str(out), "--batch", "16")
+    cmd = bench("--out", str(out), "--batch", "16")
     p = _running_with_32_results(cmd, cache, out, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
@@ -130,7 +128,7 @@ def test_sigkill_then_resume(cache, straight, tmp_path):
 
 def test_ctrl_c_says_in_one_line_what_was_kept_and_a_rerun_resumes(cache, straight, tmp_path):
     out = tmp_path / "run"
-    cmd = bench("--output-dir", str(out), "--batch", "16", "--quiet")
+    cmd = bench("--out", str(out), "--batch", "16", "--quiet")
     p = _running_with_32_results(cmd, cache, out, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     p.send_signal(signal.SIGINT)
     stdout, stderr = p.communicate(timeout=300)
@@ -149,7 +147,7 @@ def test_torchrun_two_processes_merge(cache, tmp_path):
     single, multi = tmp_path / "single", tmp_path / "multi"
     args = ("--limit", "64", "--batch", "16")
     p = subprocess.run(
-        bench("--output-dir", str(single), *args), env=env(cache), cwd=REPO, capture_output=True, text=True, timeout=600
+        bench("--out", str(single), *args), env=env(cache), cwd=REPO, capture_output=True, text=True, timeout=600
     )
     assert p.returncode == 0, p.stderr[-3000:]
     cmd = [
@@ -165,7 +163,7 @@ def test_torchrun_two_processes_merge(cache, tmp_path):
         "bench",
         "--device",
         "cpu",
-        "--output-dir",
+        "--out",
         str(multi),
         *args,
     ]

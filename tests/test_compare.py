@@ -30,7 +30,7 @@ def runs(tiny_checkpoint, tmp_path_factory):
         str(b),
         "--limit",
         "48",
-        "--output-dir",
+        "--out",
         str(parent),
     ]
     assert main(argv) == 0

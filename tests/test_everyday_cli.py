@@ -125,7 +125,7 @@ def test_a_suite_that_fits_no_row_is_refused_before_the_model_loads(tmp_path, mo
 
     monkeypatch.setattr(run, "_default_engine", no_engine)
     out = tmp_path / "run"
-    assert cli.main(["bench", "--suite", "vqa", "--device", "cpu", "--output-dir", str(out)]) == 2
+    assert cli.main(["bench", "--suite", "vqa", "--device", "cpu", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert err[0].startswith("cultengine: error: --suite vqa does not fit this data: none of its ")
@@ -191,7 +191,7 @@ def test_threads_reach_the_engine(command, engine_kwargs, tmp_path):
         "stories": ["stories", "--out", out, "--concepts", "rain", "--images", str(f["a.png"])],
         "ground": ["ground", "--out", out, "--input", str(f["entities.jsonl"])],
         "profile": ["profile", "--device", "cpu"],
-        "bench": ["bench", "--device", "cpu", "--limit", "2", "--output-dir", out],
+        "bench": ["bench", "--device", "cpu", "--limit", "2", "--out", out],
     }[command]
     assert cli.main([*argv, "--threads", "3"]) == 2  # the stand-in engine stops the command
     assert engine_kwargs["threads"] == 3
@@ -254,7 +254,7 @@ def test_a_file_given_as_model_is_not_a_directory(command, engine_kwargs, tmp_pa
             "--human",
             str(f["human.csv"]),
         ],
-        "bench": ["bench", "--output-dir", str(tmp_path / "o")],
+        "bench": ["bench", "--out", str(tmp_path / "o")],
     }[command]
     assert cli.main([*argv, "--model", str(weights)]) == 2
     err = capsys.readouterr().err
@@ -285,9 +285,43 @@ def test_ctrl_c_is_one_line_saying_what_was_kept_and_how_to_resume(tmp_path, mon
 
     monkeypatch.setattr(bench_run, "_evaluate", interrupted)
     out = tmp_path / "run"
-    assert cli.main(["bench", "--device", "cpu", "--limit", "4", "--output-dir", str(out), "--quiet"]) == 130
+    assert cli.main(["bench", "--device", "cpu", "--limit", "4", "--out", str(out), "--quiet"]) == 130
     err = capsys.readouterr().err.strip()
     assert err == (
         f"cultengine: interrupted; the results written so far are kept in {out.resolve()}; "
         "run the same command again to resume"
     )
+
+
+def test_where_outputs_go_is_spelled_out_in_every_command():
+    """`--out` names the output location of every command; the spellings it replaced still work, with a note."""
+    spellings = {}
+    for name, parser in _parsers(cli.build_parser()):
+        for action in parser._actions:
+            if action.help != argparse.SUPPRESS and {"--out", "--output", "--output-dir", "--output-path"} & set(
+                action.option_strings
+            ):
+                spellings[name] = [s for s in action.option_strings if s.startswith("--")]
+    commands = ("bench", "values", "stories", "ground", "compare", "data convert", "data sample")
+    assert {f"cultengine {c}" for c in commands} <= set(spellings)
+    assert all(s == ["--out"] for s in spellings.values()), spellings
+
+
+@pytest.mark.parametrize(
+    "argv,dest,old",
+    [
+        (["bench", "--output-dir", "runs/x"], "output_dir", "--output-dir"),
+        (["data", "convert", "a.csv", "--output", "b.jsonl"], "output", "--output"),
+        (["data", "sample", "a.csv", "-n", "2", "--output", "b.jsonl"], "output", "--output"),
+    ],
+)
+def test_old_output_spellings_are_accepted_with_a_note(argv, dest, old, capsys):
+    args = cli.build_parser().parse_args(argv)
+    assert getattr(args, dest) == argv[argv.index(old) + 1]
+    assert f"note: {old} is now spelled --out" in capsys.readouterr().err
+
+
+def test_an_output_file_is_still_required(capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["data", "convert", "a.csv"])
+    assert "-o/--out" in capsys.readouterr().err

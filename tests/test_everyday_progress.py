@@ -164,7 +164,7 @@ def test_values_shows_progress_and_a_rerun_has_nothing_to_do(tmp_path):
 
 
 def test_bench_rerun_says_how_much_was_done(tmp_path):
-    argv = [sys.executable, "-m", "cultengine.cli", "bench", "--device", "cpu", "--output-dir", str(tmp_path / "run")]
+    argv = [sys.executable, "-m", "cultengine.cli", "bench", "--device", "cpu", "--out", str(tmp_path / "run")]
     first = subprocess.run([*argv, "--limit", "2"], capture_output=True, text=True, env=_env(), timeout=300)
     assert first.returncode == 0, first.stderr
     assert "nothing to do" not in first.stderr and "resuming" not in first.stderr

@@ -138,7 +138,7 @@ def test_every_command_has_one_device_rule(command, cuda, monkeypatch, tmp_path)
         ],
         "stories": ["stories", "--out", out, "--concepts", "rain", "--images", str(tmp_path / "a.png")],
         "ground": ["ground", "--out", out, "--input", str(tmp_path / "entities.jsonl")],
-        "bench": ["bench", "--limit", "2", "--output-dir", out],
+        "bench": ["bench", "--limit", "2", "--out", out],
     }[command]
     assert cli.main(argv) == 2  # the stand-in engine stops the command
     assert seen["device"] == ("cuda" if cuda else "cpu")

@@ -243,7 +243,7 @@ def test_sigkill_while_judging_resumes_without_regenerating(tmp_path, tiny_llama
         short_prompt(tmp_path),
         "--batch",
         "2",
-        "--output-dir",
+        "--out",
         str(out),
     )
     p = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

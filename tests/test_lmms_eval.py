@@ -163,7 +163,7 @@ def _bench(checkpoint: Path, rows: Path, scoring: str) -> dict[str, dict]:
             "cpu",
             "--scoring",
             scoring,
-            "--output-dir",
+            "--out",
             str(out),
         ]
     )

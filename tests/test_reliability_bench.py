@@ -141,7 +141,7 @@ def test_output_dir_is_locked_while_a_run_owns_it(tmp_path):
     f, out = quiz(tmp_path), tmp_path / "run"
     held = _open_run_dir(out, None)
     try:
-        with pytest.raises(RunError, match=f"--output-dir {out} is in use by process {os.getpid()}"):
+        with pytest.raises(RunError, match=f"--out {out} is in use by process {os.getpid()}"):
             run(bench_args(output_dir=str(out), data=[str(f)]), make_engine=Engines())
         other_shard = _open_run_dir(out, (1, 2))  # shards of one run share the directory
         other_shard.close()
@@ -181,7 +181,7 @@ def test_unusable_output_dirs(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(runlog.ResultLog, "write", full)
-    with pytest.raises(RunError, match="cannot write to --output-dir .*No space left on device"):
+    with pytest.raises(RunError, match="cannot write to --out .*No space left on device"):
         run(bench_args(output_dir=str(tmp_path / "run"), data=[str(f)]), make_engine=Engines())
 
 

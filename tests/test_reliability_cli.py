@@ -80,7 +80,7 @@ def bench(d, *args, model="model", data="good.jsonl", out=None):
         str(d / model),
         "--data",
         str(d / data),
-        "--output-dir",
+        "--out",
         str(d / out),
         *args,
     ]
@@ -129,7 +129,7 @@ def test_read_only_and_full_output_dirs(files, tmp_path):
     p = run_cli(bench(files, out="full"), tmp_path, fault="disk-full")
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
-    assert lines[-1].startswith("cultengine: error: cannot write to --output-dir") and "No space left" in lines[-1]
+    assert lines[-1].startswith("cultengine: error: cannot write to --out") and "No space left" in lines[-1]
     assert sum("error" in line for line in lines) == 1  # above it only the progress bar
 
 

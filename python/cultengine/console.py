@@ -50,6 +50,27 @@ def seed(text: str) -> int:
     return n
 
 
+class _RenamedFlag(argparse.Action):
+    """A flag's old spelling: still accepted, storing where the new one does, after a note on stderr."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs):
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"note: {option_string} is now spelled {self.new}; the old name will go", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_out(p: argparse.ArgumentParser, help: str, old: str, short: bool = False, **kwargs) -> None:
+    """`--out`, the one spelling of "where the outputs go" in every command, and the `old` spelling it replaced
+    (accepted with a note); `required` is checked over both spellings."""
+    group = p.add_mutually_exclusive_group(required=kwargs.pop("required", False))
+    dest = kwargs.pop("dest", "out")
+    group.add_argument(*(("-o",) if short else ()), "--out", dest=dest, help=help, **kwargs)
+    group.add_argument(old, dest=dest, action=_RenamedFlag, new="--out", metavar=kwargs.get("metavar"))
+
+
 def add_quiet(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-q", "--quiet", action="store_true", help="no progress bar (it is shown only when stderr is a terminal)"

@@ -10,11 +10,12 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..console import add_quiet, add_threads, bar, positive_int
+from ..console import add_out, add_quiet, add_threads, bar, positive_int
 
 if TYPE_CHECKING:  # the importers are loaded by the commands, so that --help loads neither them nor torch
     from . import data
 
+OUT_FILE_HELP = "output file: OUT.jsonl (images copied to OUT_images/) or OUT.parquet (images embedded)"
 FORMATS = (
     "auto",
     "canonical",
@@ -59,7 +60,7 @@ def _bench_parser(sub) -> None:
         action="append",
         help="local checkpoint directory (Hugging Face layout); default: the built-in demo checkpoint "
         "(random weights). Repeat it to run several models one after another into one parent folder "
-        "(--output-dir), finished by their comparison (as `cultengine compare`)",
+        "(--out), finished by their comparison (as `cultengine compare`)",
     )
     p.add_argument(
         "--data",
@@ -76,8 +77,12 @@ def _bench_parser(sub) -> None:
         default="mcq",
         help="mcq: multiple choice; vqa: open answers scored by exact match / containment",
     )
-    p.add_argument(
-        "--output-dir", metavar="DIR", help="run directory (default: cultengine-runs/<model>-<data>-<suite>-<scoring>)"
+    add_out(
+        p,
+        "run directory (default: cultengine-runs/<model>-<data>-<suite>-<scoring>)",
+        "--output-dir",
+        dest="output_dir",
+        metavar="DIR",
     )
     p.add_argument("--limit", type=positive_int, metavar="N", help="evaluate only the first N rows")
     p.add_argument(
@@ -141,9 +146,7 @@ def _bench_parser(sub) -> None:
         metavar="N",
         help="report: groups and heatmap cells with fewer samples are greyed (default 10)",
     )
-    p.add_argument(
-        "--overwrite", action="store_true", help="discard the results already in --output-dir and start afresh"
-    )
+    p.add_argument("--overwrite", action="store_true", help="discard the results already in --out and start afresh")
     _image_args(p)
     p.set_defaults(func=_bench)
 
@@ -221,13 +224,7 @@ def _data_parser(sub) -> None:
         "(images embedded), chosen by the output's extension",
     )
     c.add_argument("files", nargs="+", metavar="FILE", help=files_help)
-    c.add_argument(
-        "-o",
-        "--output",
-        required=True,
-        metavar="OUT",
-        help="output file: OUT.jsonl (images copied to OUT_images/) or OUT.parquet (images embedded)",
-    )
+    add_out(c, OUT_FILE_HELP, "--output", short=True, required=True, dest="output", metavar="OUT")
     c.add_argument("--format", choices=FORMATS, default="auto", help="importer (auto: by extension and columns)")
     _import_args(c)
     _image_args(c)
@@ -235,13 +232,7 @@ def _data_parser(sub) -> None:
     c.set_defaults(func=_convert)
     s = dsub.add_parser("sample", help="write a random subset (canonical form)")
     s.add_argument("files", nargs="+", metavar="FILE", help=files_help)
-    s.add_argument(
-        "-o",
-        "--output",
-        required=True,
-        metavar="OUT",
-        help="output file: OUT.jsonl (images copied to OUT_images/) or OUT.parquet (images embedded)",
-    )
+    add_out(s, OUT_FILE_HELP, "--output", short=True, required=True, dest="output", metavar="OUT")
     s.add_argument("-n", type=positive_int, required=True, help="rows to keep")
     s.add_argument("--seed", type=int, default=0, help="seed of the random draw")
     s.add_argument("--format", choices=FORMATS, default="auto", help="importer (auto: by extension and columns)")

@@ -140,13 +140,13 @@ def _file_sha256(path: str) -> str:
 def _open_run_dir(run_dir: Path, shard: tuple[int, int] | None) -> IO[str]:
     """Create the run directory and take its lock (one per shard); the lock file holds our pid."""
     if run_dir.exists() and not run_dir.is_dir():
-        raise RunError(f"--output-dir {run_dir} is a file, not a directory")
+        raise RunError(f"--out {run_dir} is a file, not a directory")
     name = ".lock" if shard is None or shard[1] == 1 else f".lock.shard-{shard[0]}-of-{shard[1]}"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         lock = (run_dir / name).open("a+", encoding="utf-8")
     except OSError as e:
-        raise RunError(f"--output-dir {run_dir} is not writable: {e.strerror or e}") from None
+        raise RunError(f"--out {run_dir} is not writable: {e.strerror or e}") from None
     try:
         import fcntl
 
@@ -159,8 +159,8 @@ def _open_run_dir(run_dir: Path, shard: tuple[int, int] | None) -> IO[str]:
         lock.close()
         if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
             raise RunError(
-                f"--output-dir {run_dir} is in use by process {owner} (another cultengine bench); "
-                "wait for it to finish or use another --output-dir"
+                f"--out {run_dir} is in use by process {owner} (another cultengine bench); "
+                "wait for it to finish or use another --out"
             ) from None
         raise
     try:
@@ -170,7 +170,7 @@ def _open_run_dir(run_dir: Path, shard: tuple[int, int] | None) -> IO[str]:
         lock.flush()
     except OSError as e:
         lock.close()
-        raise RunError(f"--output-dir {run_dir} is not writable: {e.strerror or e}") from None
+        raise RunError(f"--out {run_dir} is not writable: {e.strerror or e}") from None
     return lock
 
 
@@ -197,7 +197,7 @@ def _check_config(run_dir: Path, config: dict) -> None:
         what = ", ".join("model (its files changed)" if k == "model_identity" else k for k in diff)
         raise RunError(
             f"{run_dir} holds a run with a different {what}; rerun with --overwrite to discard "
-            "its results and start fresh, or use another --output-dir"
+            "its results and start fresh, or use another --out"
         )
     if old.get("data_sha256") != config.get("data_sha256"):
         _log(
@@ -404,7 +404,7 @@ def run(args, make_engine=None) -> int:
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):  # what is written so far is kept (fsync'd)
             raise RunError(
-                f"cannot write to --output-dir {run_dir}: {e.strerror}; the results written so far "
+                f"cannot write to --out {run_dir}: {e.strerror}; the results written so far "
                 "are kept and a re-run resumes"
             ) from e
         raise
