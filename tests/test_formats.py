@@ -591,3 +591,25 @@ def test_csv_canonical_with_url_images_and_hub_subpath(tmp_path, monkeypatch):
     files = formats.expand(["worldcuisines/vqa/task1"])
     assert files == [snap / "task1" / "test_small-00000-of-00001.parquet"]
     assert len(formats.expand(["worldcuisines/vqa"], split="task2")) == 1
+
+
+def test_the_format_registry_is_the_only_list_of_formats():
+    """Each name in `importers.NAMES` is one module declaring the whole format; `--format`'s choices, the
+    readable-formats message and detection derive from it."""
+    import argparse
+
+    from cultengine import cli
+    from cultengine.bench import importers
+
+    for name in importers.NAMES:
+        mod = importers.module(name)
+        assert mod.SUMMARY and isinstance(mod.ID_KEYS, tuple) and callable(mod.detect) and callable(mod.to_row)
+        assert mod.SUMMARY in importers.known_formats()
+    bench = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["bench"]
+    (fmt,) = [a for a in bench._actions if "--format" in a.option_strings]
+    assert tuple(fmt.choices) == ("auto", *importers.NAMES)
+    assert importers.detect({"qa_id", "multi_choice_prompt"}, ".jsonl") == "worldcuisines"
+    assert importers.detect({"question", "A", "B"}, ".tsv") == "vlmeval"
+    assert importers.detect({"question"}, ".csv") == "canonical"
+    with pytest.raises(ValueError, match="unknown format 'nope'"):
+        importers.module("nope")

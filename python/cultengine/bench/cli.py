@@ -11,23 +11,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..console import add_out, add_quiet, add_threads, bar, positive_int
+from . import importers
 
 if TYPE_CHECKING:  # the importers are loaded by the commands, so that --help loads neither them nor torch
     from . import data
 
 OUT_FILE_HELP = "output file: OUT.jsonl (images copied to OUT_images/) or OUT.parquet (images embedded)"
-FORMATS = (
-    "auto",
-    "canonical",
-    "vlmeval",
-    "cvqa",
-    "almbench",
-    "worldcuisines",
-    "seavqa",
-    "blend",
-    "culturalvqa",
-    "columns",
-)
+FORMATS = ("auto", *importers.NAMES)
 
 BENCH_EPILOG = """\
 With no arguments, runs the embedded default benchmark (flags drawn by code, capital/currency

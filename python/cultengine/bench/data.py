@@ -18,7 +18,8 @@ without a byte-order mark:
   `question`, `hint`, option columns `A`..`Z`, `answer` (letter), `category`, `l2-category`->question_type,
   and `country`, `language` when present.
 - cvqa, almbench, worldcuisines, seavqa, blend, culturalvqa (published schemas) and columns (`--columns`
-  maps any table): in `formats.py`, which also expands folders (Hugging Face hub snapshots, parquet
+  maps any table): one module each in `importers/` (canonical and vlmeval too), whose `__init__` is the
+  registry. `formats.py` holds what they share and expands folders (Hugging Face hub snapshots, parquet
   shards, `save_to_disk`) and `OWNER/NAME` from the local hub cache.
 
 Country -> region/continent comes from `countries.csv` when the file gives only a country.
@@ -44,17 +45,15 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from .. import datafiles
+from . import importers
 from .rows import (
     GROUP_KEYS,
-    KNOWN_FORMATS,
     LETTERS,
     BadRow,
     Dataset,
     Row,
     Skipped,
-    _canonical,
     _place,
-    _vlmeval,
     check_image,
     option_columns,
     options_spelling,
@@ -88,7 +87,7 @@ def _records(path: Path, fmt: str) -> Iterator[tuple[int, dict | Exception]]:
         except json.JSONDecodeError as e:
             raise ValueError(
                 f"{path}: not valid JSON ({e.msg} at line {e.lineno}); expected a list of row "
-                f"objects. Readable formats: {KNOWN_FORMATS}"
+                f"objects. Readable formats: {importers.known_formats()}"
             ) from None
         rows = formats.json_records(data)
         if not rows:
@@ -104,9 +103,7 @@ def _records(path: Path, fmt: str) -> Iterator[tuple[int, dict | Exception]]:
 
 
 def detect_format(path: Path, first: dict | None) -> str:
-    from . import formats
-
-    return formats.detect(set(first or ())) or ("vlmeval" if path.suffix.lower() == ".tsv" else "canonical")
+    return importers.detect(set(first or ()), path.suffix)
 
 
 def _confinement_root(base: Path) -> Path:
@@ -136,7 +133,7 @@ def load_file(
         raise ValueError(f"benchmark file {path} is not a file")
     base, stem = opts.image_root or path.parent, path.stem
     rows, skipped, seen = [], [], set()
-    by_index: dict[str, str] = {}
+    source = formats.Source(base, stem, opts)
     root = _confinement_root(base)
     keys: dict[str, None] = {}  # every column (key) seen, in order
     spellings: Counter[str] = Counter()  # how the options column is written
@@ -156,13 +153,8 @@ def load_file(
             how = options_spelling(rec.get(opts.columns.get("options", "options")))
             if how and fmt in ("canonical", "columns"):
                 spellings[how] += 1
-            rid = formats.record_id(rec, opts)
-            if fmt == "vlmeval":
-                row = _vlmeval(rec, base, line, stem, by_index)
-            elif fmt == "canonical":
-                row = _canonical(formats.local_images(rec, base, opts), base, line, stem)
-            else:
-                row = formats.IMPORTERS[fmt](rec, base, line, stem, opts)
+            rid = importers.record_id(rec, fmt, opts.columns)
+            row = importers.module(fmt).to_row(rec, line, source)
             rid = row.id
             if not row.question:
                 raise BadRow("empty question")
@@ -185,7 +177,8 @@ def load_file(
     if not rows:
         why = f"; {len(skipped)} unreadable rows, the first: {skipped[0]}" if skipped else " (the file is empty)"
         raise ValueError(
-            f"{path}: no benchmark rows could be read{why}. Readable formats: {KNOWN_FORMATS} (see --format)"
+            f"{path}: no benchmark rows could be read{why}. Readable formats: {importers.known_formats()} "
+            "(see --format)"
         )
     return Dataset(rows, skipped, [str(path)], {str(path): describe_columns(fmt, list(keys), opts, spellings)})
 

@@ -1,25 +1,10 @@
-"""Published benchmark schemas, Hugging Face dataset folders and column maps -> canonical rows.
+"""Shared readers of the published benchmark formats, and Hugging Face dataset folders -> data files.
 
-Each importer maps one record of a benchmark's own file onto `rows.Row`; a record that cannot be
-mapped raises `rows.BadRow`, which the loader reports with its line and id and skips. Importers
-(`--format`, else detected from the columns by `detect`):
-
-- cvqa: `ID, image, Subset` ("('Japanese', 'Japan')"), `Question, Translated Question, Options,
-  Translated Options, Label` (-1 = unlabelled), `Category, Image Type, Image Source, License`.
-  `ImportOptions.lang` picks the local-language (`Question`/`Options`) or English (`Translated ...`) text.
-- almbench: `file_name` (image), `ID, Language, Category, Question_Type` (MCQ, T/F, SVQA, LVQA: each
-  name ALM-Bench uses is accepted), `English_Question, English_Answer, Translated_Question,
-  Translated_Answer, Image_Url`; MCQ options are parsed from the question text.
-- worldcuisines: `qa_id, lang, image_url, multi_choice_prompt, open_ended_prompt, multi_choice_answer`
-  (1-based), `answer`; the options are parsed out of the prompt, or with `mc_prompt="as-given"` the
-  prompt is asked verbatim and its option numbers are the choices. `open_answers` asks the open prompt.
-- seavqa: `question, choice_a .. choice_d, correct_answer, image_path`, `country`/`category` if present.
-- blend: multiple choice (`MCQID, ID, country, prompt, choices` (JSON letter -> text),
-  `choice_countries, answer_idx`) and short answer (`ID, question, en_question, annotations`
-  (`answers`/`en_answers`, `count`), country from the column or the file name `{Country}_data.json`).
-  Text only.
-- culturalvqa: `u_id`/`id, image, question`, `answers` when present (the public file withholds them:
-  predictions only), `country`.
+The formats themselves are in `importers/`, one module each (the registry is `importers.NAMES`); here is what
+they share: the import options (`--cvqa-lang`, `--columns`, `--image-root`...), the per-file `Source` an
+importer reads a record against, image values, list and label cells, bilingual rows, options numbered in a
+prompt. A record that cannot be mapped raises `rows.BadRow`, which the loader reports with its line and id and
+skips.
 
 Images named by URL are never fetched: `ImportOptions.image_root` names a folder where a URL's file name
 (or the sha1/md5/sha256 hex digest of the URL, any extension) is looked up.
@@ -45,18 +30,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from . import countries
 from .rows import (
     LETTERS,
     BadRow,
     Row,
-    _answer,
     _blank,
-    _canonical,
     _image,
-    _options,
     _text,
-    parse_subset,
     split_options,
 )
 
@@ -119,6 +99,17 @@ class ImportOptions:
                 )
             out[key.strip()] = col.strip()
         return out
+
+
+@dataclass
+class Source:
+    """The file an importer reads a record of: image paths resolve under `base`, ids default to `stem:line`;
+    `memo` is the importer's own per-file state (VLMEvalKit's images stored once and named by row index)."""
+
+    base: Path
+    stem: str
+    opts: ImportOptions
+    memo: dict = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------- images
@@ -298,352 +289,6 @@ def _mc_from_prompt(prompt: str, opts: ImportOptions, answer_label: str | None) 
 
 def _place_meta(rec: dict, keys: tuple[str, ...]) -> dict:
     return {k: rec[k] for k in keys if k in rec and not _blank(rec[k]) and not isinstance(rec[k], bytes | dict)}
-
-
-# ------------------------------------------------------------------------------------- importers
-
-
-def _cvqa(rec: dict, base: Path, line: int, stem: str, opts: ImportOptions) -> Row:
-    country, lang = parse_subset(_text(rec.get("Subset")))
-    local = {"question": _text(rec.get("Question")), "options": _list(rec.get("Options"), "Options")}
-    english = {
-        "question": _text(rec.get("Translated Question")),
-        "options": _list(rec.get("Translated Options"), "Translated Options"),
-    }
-    if opts.lang != "local":  # the English version is asked: it must be complete
-        if not english["question"] or not english["options"]:
-            raise BadRow(f"--cvqa-lang {opts.lang}: no Translated Question / Translated Options")
-        if len(english["options"]) != len(local["options"]):
-            raise BadRow("Options and Translated Options differ in length")
-    row = Row(
-        id=_text(rec.get("ID")) or f"{stem}:{line}",
-        question="",
-        images=_images(rec, base, opts, "image"),
-        answer=_label(rec.get("Label"), local["options"]),
-        country=country,
-        language=lang,
-        category=_text(rec.get("Category")),
-        question_type="cvqa",
-        meta={
-            "format": "cvqa",
-            **_place_meta(
-                rec, ("Subset", "Translated Question", "Translated Options", "Image Type", "Image Source", "License")
-            ),
-        },
-    )
-    if not row.images:
-        raise BadRow("missing image")
-    return _bilingual(row, opts, english, local)
-
-
-ALM_TYPES = {
-    "MCQ": ("multiple choice", "mcq"),
-    "T/F": ("true false", "true/false", "t/f", "tf"),
-    "SVQA": ("short", "svqa"),
-    "LVQA": ("long", "lvqa"),
-}
-
-
-def alm_type(raw: str) -> str:
-    """ALM-Bench's `Question_Type` ("Multiple Choice Questions", "True False Question", "Short Questions",
-    "Long Questions", or the codes) -> MCQ | T/F | SVQA | LVQA."""
-    s = re.sub(r"[\s_-]+", " ", raw.casefold()).strip()
-    for code, keys in ALM_TYPES.items():
-        if any(s == k or s.startswith(k + " ") or (" " in k and k in s) for k in keys):
-            return code
-    raise BadRow(f"unknown Question_Type {raw!r} (expected MCQ, T/F, SVQA or LVQA)")
-
-
-def _alm_version(question: str, answer: str, qtype: str, en_answer: str) -> dict[str, Any]:
-    if qtype == "MCQ":
-        question, options = split_options(question)
-        if not options:
-            raise BadRow("multiple-choice question without lettered options in its text")
-        # answers look like "B", "B. text" or the option text; the English answer's letter is the fallback
-        for a in (answer, en_answer):
-            m = re.match(r"^\(?([A-H])[.):]?(\s|$)", a)
-            if m and LETTERS.index(m.group(1)) < len(options):
-                return {"question": question, "options": options, "answer": LETTERS.index(m.group(1))}
-            hit = next((i for i, o in enumerate(options) if o.casefold() == a.casefold()), None)
-            if hit is not None:
-                return {"question": question, "options": options, "answer": hit}
-        raise BadRow(f"answer {answer!r} not among options {options}")
-    if qtype == "T/F":
-        truth = {"true": 0, "yes": 0, "false": 1, "no": 1}
-        a = next(
-            (truth[x] for x in (en_answer.casefold().strip(" ."), answer.casefold().strip(" .")) if x in truth), None
-        )
-        if a is None:
-            raise BadRow(f"true/false answer {en_answer or answer!r} is neither True nor False")
-        return {"question": question, "options": ["True", "False"], "answer": a}
-    return {"question": question, "options": [], "answer": _answer(answer or None, [])}
-
-
-def _almbench(rec: dict, base: Path, line: int, stem: str, opts: ImportOptions) -> Row:
-    raw_type = _text(rec.get("Question_Type"))
-    qtype = alm_type(raw_type)
-    en_q, en_a = _text(rec.get("English_Question")), _text(rec.get("English_Answer"))
-    english = _alm_version(en_q, en_a, qtype, en_a)
-    local_q = _text(rec.get("Translated_Question"))
-    local = _alm_version(local_q, _text(rec.get("Translated_Answer")), qtype, en_a) if local_q else english
-    row = Row(
-        id=_text(rec.get("ID")) or f"{stem}:{line}",
-        question="",
-        images=_images(rec, base, opts, "image", "file_name", "Image_Url"),
-        country=_text(rec.get("Country")),
-        language=_text(rec.get("Language")),
-        category=_text(rec.get("Category")),
-        question_type=qtype,
-        meta={
-            "format": "almbench",
-            "Question_Type": raw_type,
-            "english_question": en_q,
-            **_place_meta(rec, ("Image_Url",)),
-        },
-    )
-    if not row.images:
-        raise BadRow("missing image")
-    return _bilingual(row, opts, english, local)
-
-
-def _worldcuisines(rec: dict, base: Path, line: int, stem: str, opts: ImportOptions) -> Row:
-    meta = {"format": "worldcuisines", **_place_meta(rec, ("prompt_id", "prompt_type", "food_id", "task", "image_url"))}
-    if opts.open_answers:
-        question, options, answer = _text(rec.get("open_ended_prompt")), [], _answer(rec.get("answer"), [])
-    else:
-        label = rec.get("multi_choice_answer")
-        question, options, answer, extra = _mc_from_prompt(
-            _text(rec.get("multi_choice_prompt")), opts, None if _blank(label) else _text(label)
-        )
-        meta.update(extra)
-        meta["answer_text"] = _text(rec.get("answer"))
-    row = Row(
-        id=_text(rec.get("qa_id")) or f"{stem}:{line}",
-        question=question,
-        options=options,
-        answer=answer,
-        images=_images(rec, base, opts, "image", "image_path", "image_url"),
-        language=_text(rec.get("lang")),
-        category=_text(rec.get("prompt_type")) or "food",
-        question_type="worldcuisines-" + ("open" if opts.open_answers else "mc"),
-        meta=meta,
-    )
-    if not row.images:
-        raise BadRow("missing image")
-    return row
-
-
-def _seavqa(rec: dict, base: Path, line: int, stem: str, opts: ImportOptions) -> Row:
-    options = []
-    for letter in "abcdefgh":
-        if _blank(rec.get(f"choice_{letter}")):
-            break
-        options.append(_text(rec[f"choice_{letter}"]))
-    raw = _text(rec.get("correct_answer"))
-    key = re.sub(r"^(choice|option)[_ ]?", "", raw.casefold()).strip(" .()")
-    answer = (
-        options.index(raw)
-        if raw in options
-        else "abcdefgh".index(key)
-        if len(key) == 1 and key in "abcdefgh"[: len(options)]
-        else _answer(raw or None, options)
-    )
-    row = Row(
-        id=_text(rec.get("id")) or _text(rec.get("ID")) or f"{stem}:{line}",
-        question=_text(rec.get("question")),
-        options=options,
-        answer=answer,
-        images=_images(rec, base, opts, "image", "image_path"),
-        country=_text(rec.get("country")),
-        category=_text(rec.get("category")),
-        language=_text(rec.get("language")) or "English",
-        question_type="seavqa",
-        meta={"format": "seavqa"},
-    )
-    if not row.images:
-        raise BadRow("missing image")
-    return row
-
-
-# BLEnD's 16 countries/regions (as the files spell them) -> (country in the table, local language)
-BLEND_PLACES = {
-    "Algeria": ("Algeria", "Arabic"),
-    "Assam": ("India", "Assamese"),
-    "Azerbaijan": ("Azerbaijan", "Azerbaijani"),
-    "China": ("China", "Chinese"),
-    "Ethiopia": ("Ethiopia", "Amharic"),
-    "Greece": ("Greece", "Greek"),
-    "Indonesia": ("Indonesia", "Indonesian"),
-    "Iran": ("Iran", "Persian"),
-    "Mexico": ("Mexico", "Spanish"),
-    "North_Korea": ("North Korea", "Korean"),
-    "Northern_Nigeria": ("Nigeria", "Hausa"),
-    "South_Korea": ("South Korea", "Korean"),
-    "Spain": ("Spain", "Spanish"),
-    "UK": ("United Kingdom", "English"),
-    "US": ("United States", "English"),
-    "West_Java": ("Indonesia", "Sundanese"),
-}
-_BLEND_MARKER = " Without any explanation"  # the instruction BLEnD appends to every MC prompt
-
-
-def _blend_place(name: str) -> tuple[str, str, str]:
-    """(country, local language, BLEnD's own region name) from a country column or a file name."""
-    name = re.sub(r"(_data|_questions|-\d{5}-of-\d{5})$", "", name.strip())
-    key = next((k for k in BLEND_PLACES if k.casefold() == name.replace(" ", "_").casefold()), None)
-    if key:
-        return (*BLEND_PLACES[key], key)
-    c = countries.lookup(name.replace("_", " "))
-    return (c.name if c else name.replace("_", " ")), "", name
-
-
-def _blend(rec: dict, base: Path, line: int, stem: str, opts: ImportOptions) -> Row:
-    if "annotations" in rec or "en_question" in rec:
-        return _blend_short(rec, line, stem, opts)
-    country, _, place = _blend_place(_text(rec.get("country")) or stem)
-    choices = rec.get("choices")
-    if isinstance(choices, str):
-        try:
-            choices = json.loads(choices)
-        except ValueError:
-            raise BadRow("choices is not a JSON object") from None
-    if not isinstance(choices, dict) or len(choices) < 2:
-        raise BadRow("choices is not an object of two or more lettered options")
-    letters = sorted(choices)
-    label = _text(rec.get("answer_idx"))
-    if label and label not in letters:
-        raise BadRow(f"answer_idx {label!r} not among choices {letters}")
-    prompt = _text(rec.get("prompt"))
-    meta = {"format": "blend", "blend_region": place, "ID": _text(rec.get("ID"))}
-    if not _blank(rec.get("choice_countries")):
-        cc = rec["choice_countries"]
-        meta["choice_countries"] = json.loads(cc) if isinstance(cc, str) else cc
-    if opts.mc_prompt == "as-given":
-        question, options = prompt, letters
-        meta.update(prompt_as_given=True, option_texts=[_text(choices[k]) for k in letters])
-    else:
-        question, options = prompt.split(_BLEND_MARKER, 1)[0].strip(), [_text(choices[k]) for k in letters]
-    return Row(
-        id=_text(rec.get("MCQID")) or f"{stem}:{line}",
-        question=question,
-        options=options,
-        answer=letters.index(label) if label else None,
-        country=country,
-        language="English",
-        category=_text(rec.get("Topic")) or _text(rec.get("topic")),
-        question_type="blend-mc",
-        meta=meta,
-    )
-
-
-def _blend_short(rec: dict, line: int, stem: str, opts: ImportOptions) -> Row:
-    country, local_lang, place = _blend_place(_text(rec.get("country")) or stem)
-    anns = rec.get("annotations")
-    if not _blank(anns) and not isinstance(anns, list):
-        raise BadRow("annotations is not a list")
-    anns = sorted(anns or [], key=lambda a: -int(a.get("count") or 0))  # most-voted answers first
-
-    def answers(key: str) -> list[str] | None:
-        out = list(dict.fromkeys(_text(x) for a in anns for x in (a.get(key) or []) if _text(x)))
-        return out or None
-
-    local = {"question": _text(rec.get("question")), "answer": answers("answers")}
-    english = {
-        "question": _text(rec.get("en_question")) or local["question"],
-        "answer": answers("en_answers") or local["answer"],
-    }
-    row = Row(
-        id=f"{place}:{_text(rec.get('ID')) or line}",
-        question="",
-        country=country,
-        language=local_lang or _text(rec.get("language")),
-        category=_text(rec.get("Topic")),
-        question_type="blend-short",
-        meta={
-            "format": "blend",
-            "blend_region": place,
-            "ID": _text(rec.get("ID")),
-            "annotation_counts": [int(a.get("count") or 0) for a in anns],
-        },
-    )
-    return _bilingual(row, opts, english, local)
-
-
-def _culturalvqa(rec: dict, base: Path, line: int, stem: str, opts: ImportOptions) -> Row:
-    answers = rec.get("answers")
-    if isinstance(answers, str):
-        answers = [answers]
-    row = Row(
-        id=_text(rec.get("u_id")) or _text(rec.get("id")) or f"{stem}:{line}",
-        question=_text(rec.get("question")),
-        images=_images(rec, base, opts, "image"),
-        answer=_answer(list(answers) if answers else None, []),
-        country=_text(rec.get("country")),
-        category=_text(rec.get("category")) or _text(rec.get("facet")),
-        question_type="culturalvqa",
-        language=_text(rec.get("language")) or "English",
-        meta={"format": "culturalvqa"},
-    )
-    if not row.images:
-        raise BadRow("missing image")
-    return row
-
-
-def _columns(rec: dict, base: Path, line: int, stem: str, opts: ImportOptions) -> Row:
-    """`--columns`: the file's columns renamed onto the canonical fields, then read as canonical."""
-    mapped: dict[str, Any] = {}
-    used: set[str] = set()
-    for key, spec in opts.columns.items():
-        cols = spec.split("+")
-        missing = [c for c in cols if c not in rec]
-        if missing:
-            raise BadRow(f"--columns {key}={spec}: no column {missing[0]!r} (columns: {', '.join(map(str, rec))})")
-        used.update(cols)
-        mapped[key] = [rec[c] for c in cols if not _blank(rec[c])] if len(cols) > 1 else rec[cols[0]]
-    if "options" in mapped and not isinstance(mapped["options"], list | tuple) and not _blank(mapped["options"]):
-        # a JSON list in text or options separated by rows.OPTION_SEPARATOR, as in a canonical file
-        mapped["options"] = _options(mapped["options"], f"options column {opts.columns['options']!r}")
-    if "image" in mapped:
-        mapped["image"] = _images(mapped, base, opts, "image") or None
-    extra = {k: v for k, v in rec.items() if k not in used and k not in mapped and not isinstance(v, bytes | dict)}
-    return _canonical({**extra, **mapped}, base, line, stem)
-
-
-def record_id(rec: dict, opts: ImportOptions) -> str:
-    """The id a record names itself by, to report it when it cannot be mapped."""
-    keys = [opts.columns["id"]] if "id" in opts.columns else []
-    return next(
-        (_text(rec.get(k)) for k in (*keys, "MCQID", "qa_id", "u_id", "id", "ID", "index") if not _blank(rec.get(k))),
-        "",
-    )
-
-
-IMPORTERS = {
-    "cvqa": _cvqa,
-    "almbench": _almbench,
-    "worldcuisines": _worldcuisines,
-    "seavqa": _seavqa,
-    "blend": _blend,
-    "culturalvqa": _culturalvqa,
-    "columns": _columns,
-}
-
-
-def detect(cols: set[str]) -> str | None:
-    """The published format whose columns these are, else None."""
-    if {"Subset", "Options"} <= cols or {"ID", "Subset"} <= cols:
-        return "cvqa"
-    if cols & {"Question_Type", "English_Question", "Translated_Question"}:
-        return "almbench"
-    if cols & {"multi_choice_prompt", "open_ended_prompt"}:
-        return "worldcuisines"
-    if {"choice_a", "correct_answer"} <= cols:
-        return "seavqa"
-    if {"MCQID", "answer_idx"} <= cols or {"en_question", "annotations"} <= cols:
-        return "blend"
-    if "u_id" in cols:  # the public CulturalVQA file (image, question) also reads fine as canonical
-        return "culturalvqa"
-    return None
 
 
 # ------------------------------------------------------------------------------------- files and folders

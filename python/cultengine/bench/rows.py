@@ -24,10 +24,6 @@ from . import countries
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 GROUP_KEYS = ("country", "region", "continent", "category", "question_type", "language")
-KNOWN_FORMATS = (
-    "canonical JSONL/JSON/parquet/CSV, VLMEvalKit TSV, CVQA/ALM-Bench/CulturalVQA parquet, ALM-Bench/CulturalVQA "
-    "JSONL, WorldCuisines, SEA-VQA CSV, BLEnD JSON, any table with --columns"
-)
 OPTION_SEPARATOR = "|"  # a text cell holding several options: "Japan|Peru|Ghana|India"
 # One column per option: A, B, C... (VLMEvalKit) or option_a / option_1 / choice_a ... (in order, from the first)
 _OPTION_COLUMN = re.compile(r"^(?:(?:option|choice)[ _-]?([a-z]|\d{1,2})|([A-Z]))$", re.I)
@@ -289,38 +285,6 @@ def _meta(rec: dict, known: set[str]) -> dict:
     elif isinstance(extra, dict):
         meta.update(extra)
     return meta
-
-
-def _vlmeval(rec: dict, base: Path, line: int, stem: str, by_index: dict[str, str]) -> Row:
-    idx = _text(rec.get("index")) or str(line)
-    img = _text(rec.get("image"))
-    if img:
-        if len(img) < 64 and img in by_index:  # VLMEvalKit stores a repeated image once
-            img = by_index[img]
-        by_index.setdefault(idx, img)
-        images = [_image(img, base, True)]
-    elif _text(rec.get("image_path")):
-        images = [_image(_text(rec["image_path"]), base, False)]
-    else:
-        images = []
-    options = []
-    for letter in LETTERS:
-        if letter not in rec or _blank(rec[letter]):
-            break
-        options.append(_text(rec[letter]))
-    return Row(
-        id=idx,
-        question=_text(rec.get("question")),
-        images=images,
-        options=options,
-        answer=_answer(rec.get("answer"), options),
-        hint=_text(rec.get("hint")),
-        country=_text(rec.get("country")),
-        language=_text(rec.get("language")),
-        category=_text(rec.get("category")),
-        question_type=_text(rec.get("l2-category")),
-        split=_text(rec.get("split")),
-    )
 
 
 def parse_subset(subset: str) -> tuple[str, str]:
