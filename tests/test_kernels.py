@@ -304,24 +304,43 @@ def test_patch_embed(shape, patch, dtype, cls, biased):
 # ---------------------------------------------------------------------------------------------
 # Binding
 # ---------------------------------------------------------------------------------------------
-def test_bind_replaces_every_primitive():
-    bound = ops.Ops("torch")
-    kernels.bind(bound)
+def test_each_backend_binds_every_primitive_once_with_the_references_signature():
+    """The primitives are named once (`Ops`' class attributes, the torch references); the Triton backend
+    replaces every one with a kernel, flash its attention ones (the rest fall through to Triton), and every
+    replacement takes the reference's parameters."""
+    import inspect
+
+    assert ops.PRIMITIVES == (
+        "paged_attention",
+        "vision_attention",
+        "varlen_vision_attention",
+        "rms_norm",
+        "rotary_embedding",
+        "patch_embed",
+        "rotary_write_kv",
+    )
+    reference, triton = ops.Ops("torch"), ops.Ops("triton")
     for name in ops.PRIMITIVES:
-        assert getattr(bound, name) is getattr(kernels, name)
-
-
-def test_bind_flash_is_optional():
-    bound = ops.Ops("torch")
+        assert getattr(reference, name) is getattr(ops, name)
+        assert getattr(triton, name) is getattr(kernels, name)
+        assert inspect.signature(getattr(kernels, name)).parameters.keys() == (
+            inspect.signature(getattr(ops, name)).parameters.keys()
+        ), name
     try:
-        import flash_attn  # noqa: F401
+        from cultengine.kernels import flash
     except ImportError:
-        with pytest.warns(UserWarning, match="flash-attn unavailable"):
-            kernels.bind(bound, use_flash_attn=True)
-        assert bound.paged_attention is kernels.paged_attention
+        with pytest.raises(ValueError, match="backend 'flash' needs flash-attn"):
+            ops.Ops("flash")
     else:
-        kernels.bind(bound, use_flash_attn=True)
-        assert bound.paged_attention.__module__.endswith("kernels.flash")
+        bound = ops.Ops("flash")
+        for name in ("paged_attention", "vision_attention", "varlen_vision_attention"):
+            assert getattr(bound, name) is getattr(flash, name)
+            assert inspect.signature(getattr(flash, name)).parameters.keys() == (
+                inspect.signature(getattr(ops, name)).parameters.keys()
+            )
+        assert bound.rms_norm is kernels.rms_norm
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        ops.Ops("cuda")
 
 
 def test_bench_dry_run_writes_tables(tmp_path):

@@ -13,8 +13,8 @@ offset `s % block_size`.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -22,17 +22,6 @@ import torch.nn.functional as F
 from .attention_metadata import AttentionMetadata
 
 BACKENDS = ("torch", "triton", "flash")
-# What a backend provides: these functions, with these names and signatures. (`write_kv` is not among them:
-# the models write the cache through `rotary_write_kv`, whose reference composes it.)
-PRIMITIVES = (
-    "paged_attention",
-    "vision_attention",
-    "varlen_vision_attention",
-    "rms_norm",
-    "rotary_embedding",
-    "patch_embed",
-    "rotary_write_kv",
-)
 
 
 def resolve_backend(device: torch.device, requested: str | None = None) -> str:
@@ -402,25 +391,47 @@ def patch_embed(
 # Dispatch
 # ---------------------------------------------------------------------------------------------
 class Ops:
-    """The primitives of one backend, bound once per engine so the hot path does no lookups: the torch
-    references here, replaced by `kernels.bind` on the Triton and flash backends (same signatures)."""
+    """The primitives of one backend, bound once per engine so the hot path does no lookups.
 
-    PRIMITIVES = PRIMITIVES
-    paged_attention: Callable[..., torch.Tensor]
-    vision_attention: Callable[..., torch.Tensor]
-    varlen_vision_attention: Callable[..., torch.Tensor]
-    rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    rotary_embedding: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    patch_embed: Callable[..., torch.Tensor]
-    rotary_write_kv: Callable[..., torch.Tensor]
+    The class attributes are the torch references, and so each primitive's name and signature, written once.
+    A backend's providers (`_providers`) replace them on the instance with their own functions of the same
+    signatures (`tests/test_kernels.py` checks every one); a primitive a provider lacks falls through to the
+    next, and finally to the reference. `write_kv` is not among them: the models write the cache through
+    `rotary_write_kv`, whose reference composes it.
+    """
+
+    paged_attention = staticmethod(paged_attention)
+    vision_attention = staticmethod(vision_attention)
+    varlen_vision_attention = staticmethod(varlen_vision_attention)
+    rms_norm = staticmethod(rms_norm)
+    rotary_embedding = staticmethod(rotary_embedding)
+    patch_embed = staticmethod(patch_embed)
+    rotary_write_kv = staticmethod(rotary_write_kv)
 
     def __init__(self, backend: str):
         self.backend = backend
-        self.paged_attention, self.rms_norm = paged_attention, rms_norm
-        self.vision_attention, self.varlen_vision_attention = vision_attention, varlen_vision_attention
-        self.rotary_embedding, self.patch_embed = rotary_embedding, patch_embed
-        self.rotary_write_kv = rotary_write_kv
-        if backend in ("triton", "flash"):
-            from . import kernels
+        providers = _providers(backend)
+        for name in PRIMITIVES:
+            impl = next((getattr(p, name) for p in providers if hasattr(p, name)), None)
+            if impl is not None:
+                setattr(self, name, impl)
 
-            kernels.bind(self, use_flash_attn=backend == "flash")
+
+PRIMITIVES = tuple(name for name, value in vars(Ops).items() if isinstance(value, staticmethod))
+
+
+def _providers(backend: str) -> list[ModuleType]:
+    """The modules whose functions replace the references on `backend`, first choice first."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "torch":
+        return []
+    from . import kernels
+
+    if backend == "triton":
+        return [kernels]
+    try:
+        from .kernels import flash
+    except ImportError as e:
+        raise ValueError(f"backend 'flash' needs flash-attn ({e}): pip install cultengine[flash]") from None
+    return [flash, kernels]  # flash-attn's attention; the Triton kernels for the rest
