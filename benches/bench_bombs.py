@@ -76,7 +76,7 @@ BOMB = {
     "template": "r = render_chat(T, M)[0]; RESULT = f'rendered {len(r):,} chars'",
     "clip": "RESULT = 'pixels ' + str(tuple(proc(img).shape))",
     "qwen": "RESULT = 'patches ' + str(tuple(proc.process(img, min_pixels={request_min})[0].shape))",
-    "request": "(p,) = engine._prepare([{'messages': to_engine_messages(msgs, config)[0]}]); RESULT = str(p)[:80]",
+    "request": "(p,) = engine.prepare([{'messages': to_engine_messages(msgs, config)[0]}]); RESULT = str(p)[:80]",
     "concurrent": (
         "with ThreadPoolExecutor(8) as pool:\n    got = list(pool.map(one, range(8)))\n"
         "loop.close()\nRESULT = f\"{got.count('served')} served, {got.count('503')} refused with 503\""

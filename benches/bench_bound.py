@@ -143,7 +143,7 @@ class _PlanRecorder:
 def run_steps(engine, batch: int, prompt_len: int, max_tokens: int, seed: int) -> list[tuple[int, int, float]]:
     """Add `batch` text-only sequences of `prompt_len` random tokens; return (tokens, max_query_len,
     seconds) of every engine step until they finish."""
-    from cultengine.engine import _Prepared
+    from cultengine.prepare import Prepared
 
     rng = np.random.default_rng(seed)
     vocab = min(engine.tokenizer.vocab_size, engine.model.vocab_size)
@@ -155,15 +155,15 @@ def run_steps(engine, batch: int, prompt_len: int, max_tokens: int, seed: int) -
     try:
         for _ in range(batch):
             ids = [int(t) for t in rng.integers(0, vocab, prompt_len) if int(t) not in specials][:prompt_len]
-            engine._add(_Prepared(ids, []), max_tokens=max_tokens, ignore_eos=True)
+            engine.add_request(Prepared(ids, []), max_tokens=max_tokens, ignore_eos=True)
         while engine.scheduler.has_unfinished():
             bench_common.sync(engine.device)
             t = time.perf_counter()
-            finished = engine._step()[0]
+            finished = engine.step()[0]
             bench_common.sync(engine.device)
             steps.append((len(recorder.plan.input_ids), int(recorder.plan.max_query_len), time.perf_counter() - t))
             for seq in finished:
-                engine._release(seq.seq_id)
+                engine.release(seq.seq_id)
     finally:
         engine.scheduler = recorder.inner
         engine.overlap_scheduling = overlap

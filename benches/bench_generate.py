@@ -106,7 +106,7 @@ def prepared_inputs(engine, requests: list[dict]) -> list[tuple[list[int], list]
     """Our token ids (image placeholders expanded) and processed images (`ImageFeatures`, in prompt order)
     of each request, for transformers."""
     out = []
-    for p in engine._prepare(requests):
+    for p in engine.prepare(requests):
         if isinstance(p, Exception):
             raise p
         out.append((p.prompt_ids, [f for _, f in p.image_starts]))

@@ -240,8 +240,8 @@ def test_an_image_file_named_by_many_requests_is_preprocessed_once(tiny_llama, t
     path = tmp_path / "flag.png"
     _image(30, 20, 5).save(path)
     calls = []
-    processor = engine.image_processor
-    engine.image_processor = lambda src, options=None: calls.append(src) or processor(src, options)
+    processor = engine.preparer.image_processor
+    engine.preparer.image_processor = lambda src, options=None: calls.append(src) or processor(src, options)
     reqs = [{"prompt": f"{IMAGE_TOKEN} question {i}", "images": [str(path)]} for i in range(5)]
     reqs.append({"prompt": f"{IMAGE_TOKEN} broken", "images": [str(tmp_path / "missing.png")]})
     outs = engine.generate(reqs, SamplingParams(max_tokens=2), use_tqdm=False)
@@ -320,7 +320,7 @@ def test_choices_compute_only_their_own_tokens_and_score_alike_under_pressure(ti
     reqs = [{**r, "choices": choices} for r in REQUESTS[:3]]
     engine = Engine(tiny_llama, dtype="float32", enable_prefix_caching=False)
     want = engine.score(reqs, use_tqdm=False)
-    contexts = [len(engine._prepare([r])[0].prompt_ids) for r in reqs]
+    contexts = [len(engine.prepare([r])[0].prompt_ids) for r in reqs]
     own = sum(len(engine.tokenizer.encode(c)) - 1 for c in choices) * len(reqs)
     assert engine.stats()["prefill_tokens_computed"] == sum(contexts) + own
     longest = max(contexts) + max(len(engine.tokenizer.encode(c)) for c in choices)

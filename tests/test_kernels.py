@@ -380,7 +380,7 @@ def test_padded_decode_batches_match_the_torch_path(tiny_llama, monkeypatch):
     padding rows writing no KV, greedy picks made inside the graph. On the CPU its steps run eagerly; on
     CUDA they replay captured graphs."""
     from cultengine import Engine, SamplingParams
-    from cultengine import engine as engine_module
+    from cultengine import runner as runner_module
     from cultengine.runner import DecodeGraphs
 
     reqs = [{"prompt": f"Story {i} about the harbour"} for i in range(5)]
@@ -396,7 +396,7 @@ def test_padded_decode_batches_match_the_torch_path(tiny_llama, monkeypatch):
         )
     assert runner.decode_graphs.sizes == [1, 2, 4, 8]
     sampled = []
-    monkeypatch.setattr(engine_module, "sample", lambda *a, real=engine_module.sample: sampled.append(a) or real(*a))
+    monkeypatch.setattr(runner_module, "sample", lambda *a, real=runner_module.sample: sampled.append(a) or real(*a))
     outs = engine.generate(reqs, params, use_tqdm=False)
     assert runner.decode_graphs.replays >= 9  # every decode step: 10 tokens for the longest, the first is prefill
     assert len(sampled) == 1  # the prefill step; each decode step took its graph's argmax

@@ -117,3 +117,17 @@ if __name__ == "__main__":
     for group in circles():
         print(" <-> ".join(group))
     print(f"{len(circles())} import circles")
+
+
+def test_the_server_uses_only_the_engines_public_step_api():
+    """`serve/` drives the engine through `prepare`, `add_request`, `add_scoring`, `step`, `release`, `abort`
+    and `take_top_logprobs`: no `engine._x` (or `eng._x`) anywhere in it."""
+    private = []
+    for path in sorted((PACKAGE / "serve").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                base = node.value
+                name = base.attr if isinstance(base, ast.Attribute) else getattr(base, "id", "")
+                if name in ("engine", "eng"):
+                    private.append(f"{path.name}:{node.lineno}: {name}.{node.attr}")
+    assert private == []

@@ -119,18 +119,18 @@ def test_aborting_a_sequence_with_a_step_in_flight_frees_it_and_leaves_the_other
     engine, sync = engines
     params = dict(max_tokens=10, ignore_eos=True)
     expected = sync.generate(PROMPTS, SamplingParams(**params), use_tqdm=False)
-    preps = engine._prepare(PROMPTS)
-    ids = [engine._add(p, **params) for p in preps]
+    preps = engine.prepare(PROMPTS)
+    ids = [engine.add_request(p, **params) for p in preps]
     outputs = {}
     for _ in range(3):  # the third step is launched; the second's results applied
-        outputs.update((f.seq_id, f) for f in engine._step()[0])
+        outputs.update((f.seq_id, f) for f in engine.step()[0])
     assert engine.scheduler.num_in_flight == 1
     assert engine.scheduler.abort(ids[1]).finish_reason == "abort"
-    engine._release(ids[1])
+    engine.release(ids[1])
     while engine.scheduler.has_unfinished() or engine._in_flight is not None:
-        outputs.update((f.seq_id, f) for f in engine._step()[0])
+        outputs.update((f.seq_id, f) for f in engine.step()[0])
     for i in (0, 2, 3):
-        engine._release(ids[i])
+        engine.release(ids[i])
         assert list(outputs[ids[i]].output_token_ids) == expected[i].token_ids
     assert ids[1] not in outputs
     assert engine.stats()["num_free_blocks"] == engine.runner.num_blocks

@@ -103,13 +103,13 @@ def test_round_robin_feeding_is_exact_and_bounded(tiny_llama, reference, case):
     engine = Engine(tiny_llama, max_num_seqs=rng.randint(1, 4))
     loop = EngineLoop(engine, max_in_scheduler=rng.randint(1, 6))
     held: list[int] = []
-    real_step = engine._step
+    real_step = engine.step
 
     def watched_step():
         held.append(len(loop._owner))
         return real_step()
 
-    engine._step = watched_step
+    engine.step = watched_step
     jobs = []
     for i in range(rng.randint(2, 5)):
         params = SamplingParams(
@@ -194,7 +194,7 @@ def _expected_refusal(reference: Engine, path: str, body: dict) -> str | None:
     if sum(map(len, texts)) + sum(map(len, body.get("choices", []))) > LIMITS["max_prompt_chars"]:
         return "prompt" if path == "/v1/completions" else "messages"
     requests = [{"prompt": t} for t in texts] if path == "/v1/completions" else [{"messages": body["messages"]}]
-    if any(len(p.prompt_ids) > LIMITS["max_prompt_tokens"] for p in reference._prepare(requests)):
+    if any(len(p.prompt_ids) > LIMITS["max_prompt_tokens"] for p in reference.prepare(requests)):
         return "tokens"
     return None
 
@@ -314,7 +314,7 @@ def test_requests_in_flight_share_one_image_memory_budget(tiny_llama):
     engine = Engine(tiny_llama)
     image = _png((64, 48))
     estimate = 64 * 48 * PREPARE_BYTES_PER_PIXEL
-    (prep,) = engine._prepare([_image_request(image)])
+    (prep,) = engine.prepare([_image_request(image)])
     kept = pixel_bytes(prep)
     assert 0 < kept < estimate
     loop = EngineLoop(engine, max_image_memory=estimate + kept - 1)

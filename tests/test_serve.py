@@ -430,17 +430,17 @@ def test_client_giving_up_on_a_plain_request_aborts_it(server):
 
 def test_a_failed_engine_step_is_a_500_and_the_server_goes_on(server):
     engine = server[1].engine
-    real_step = engine._step
+    real_step = engine.step
 
     def failing_step():
-        engine._step = real_step  # fail once
+        engine.step = real_step  # fail once
         raise RuntimeError("injected device error")
 
-    engine._step = failing_step
+    engine.step = failing_step
     try:
         resp = post(server, "/v1/chat/completions", _chat(max_tokens=8))
     finally:
-        engine._step = real_step
+        engine.step = real_step
     assert resp.status_code == 500 and "injected device error" in resp.json()["error"]["message"]
     after = settled(server, lambda m: m["cultengine_requests_running"] == 0)
     assert after["cultengine_engine_step_errors_total"] >= 1 and after["cultengine_kv_blocks_used"] == 0

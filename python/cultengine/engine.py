@@ -10,60 +10,31 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from . import _core
-from .chat import render_chat
 from .checkpoint import load_checkpoint
 from .errors import CheckpointError
-from .image import load_image
-from .models import SUPPORTED_ARCHITECTURES, ImageFeatures, family_for
+from .models import SUPPORTED_ARCHITECTURES, family_for
 from .ops import Ops, resolve_backend
 from .outputs import ChoiceScore, GenerationOutput, Logprob, Sample, ScoreOutput
-from .runner import ModelRunner
-from .sampling import SamplingParams, checked_int, generation_defaults, penalized, sample
-from .tokenizer_files import chat_adds_special_tokens
+from .prepare import Prepared, Preparer, Request, RequestError, as_list, describe
+from .runner import Launched, ModelRunner
+from .sampling import SamplingParams, checked_int, generation_defaults
 
 
-class RequestError(ValueError):
-    """A request the engine cannot run; reported on that request's output, never raised for a batch."""
+class StepOutput(NamedTuple):
+    """What one `Engine.step` gives back: the sequences that finished (`FinishedSequence`s; `release` each),
+    the ids of the sequences that sampled a token, and those whose logits were not finite."""
 
-
-@dataclass
-class _Prepared:
-    """A request turned into what the scheduler takes: token ids and the runs that take image embeddings."""
-
-    prompt_ids: list[int]
-    image_spans: list[tuple[int, int, int, int, bool]]  # (start, length, content hash, first embedding, atomic)
-    images: dict[int, ImageFeatures] = field(default_factory=dict)  # by content hash
-    image_starts: list[tuple[int, ImageFeatures]] = field(default_factory=list)  # where each image's tokens begin
-
-
-@dataclass
-class _Launched:
-    """A step whose device work is queued: its plan, its sampled ids on the device (the next plan's
-    deferred rows read them), its logits, and what the host needs back, being copied asynchronously."""
-
-    plan: _core.StepPlan
-    tokens: torch.Tensor
-    logits: torch.Tensor
-    results: torch.Tensor  # host tensor (pinned on CUDA): tokens, their logprobs, prompt logprobs, greedy, finite
-    ready: torch.cuda.Event | None  # recorded after the copy; None on the CPU, where the copy is done
-
-
-def _image_key(src, options: dict):
-    """Identity of an image source within one call: a file is read once however often it is named."""
-    key = ("path", os.fspath(src)) if isinstance(src, str | os.PathLike) else ("object", id(src))
-    return key + tuple(sorted(options.items()))
-
-
-Request = dict | str  # {"prompt", "images"} | {"messages"} | vLLM's {"prompt", "multi_modal_data"} | a prompt string
+    finished: list
+    sampled_seq_ids: np.ndarray
+    non_finite: set[int]
 
 
 class Engine:
@@ -172,14 +143,16 @@ class Engine:
             raise CheckpointError(f"{self.checkpoint.path}: chat_template={chat_template!r} asked for, but it has none")
         self.templates = templates
         self.chat_template = None if templates is None else templates.pick(chat_template)
+        self.preparer = Preparer(
+            self.checkpoint, self.family, self.tokenizer, templates, self.chat_template, self.image_options
+        )
+        self.image_token = self.preparer.image_token
         self.ops = Ops(resolve_backend(self.device, attention_backend))
         context = self.family.max_context
         self.max_model_len = min(max_model_len or context, context)
         self.max_num_seqs = max_num_seqs
         with _config_errors(self.checkpoint):
             self.model = self.family.build_model(self.ops, max_positions=self.max_model_len)
-        placeholder = self.family.placeholder_id
-        self.image_token = None if placeholder is None else self.tokenizer.id_to_token(placeholder)
         graphs = cuda_graphs and self.device.type == "cuda" and self.ops.backend == "triton"
         rows = self.family.position_rows
         self.runner = ModelRunner(
@@ -220,7 +193,7 @@ class Engine:
         self._prompt_top: dict[int, dict[int, dict[int, float]]] = {}  # seq -> prompt position -> top-k
         self._counters = {"prompt_tokens": 0, "generated_tokens": 0, "run_seconds": 0.0}
         self.overlap_scheduling = self.device.type == "cuda" if overlap_scheduling is None else overlap_scheduling
-        self._in_flight: _Launched | None = None  # overlapped: the step launched, its results not yet applied
+        self._in_flight: Launched | None = None  # overlapped: the step launched, its results not yet applied
         self.profile = profile
         self.phase_seconds: dict[str, float] = dict.fromkeys(
             ("scheduler", "vision_encoder", "prefill", "decode", "sampling", "update"), 0.0
@@ -240,14 +213,14 @@ class Engine:
     ) -> list[GenerationOutput]:
         """Generate for every request (one SamplingParams for all, or one per request); returns one
         `GenerationOutput` per request, in order. A bad request gets `.error`, the others run."""
-        requests = _as_list(requests)
+        requests = as_list(requests)
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(requests)
         if len(params_list) != len(requests):
             raise ValueError(f"{len(params_list)} SamplingParams for {len(requests)} requests")
         params_list = [sp.with_defaults(self.sampling_defaults) for sp in params_list]
-        prepared = self._prepare(requests)
+        prepared = self.prepare(requests)
         outputs = [
-            GenerationOutput(index=i, prompt_token_ids=p.prompt_ids if isinstance(p, _Prepared) else [])
+            GenerationOutput(index=i, prompt_token_ids=p.prompt_ids if isinstance(p, Prepared) else [])
             for i, p in enumerate(prepared)
         ]
         owners: dict[int, tuple[int, int]] = {}
@@ -261,20 +234,19 @@ class Engine:
                     for k, seed in enumerate(sp.sample_seeds()):
                         # The prompt's log-probs are the same for every sample: the first one gathers them.
                         prompt_lps = sp.prompt_logprobs is not None and k == 0
-                        seq_id = self._add(
+                        seq_id = self.add_request(
                             prep,
                             max_tokens=sp.max_tokens,
                             prompt_logprobs_from=1 if prompt_lps else -1,
+                            logprobs=sp.logprobs,
                             **sp.scheduler_kwargs(seed),
                         )
                         owners[seq_id] = (i, k)
-                        if sp.logprobs is not None:
-                            self._want_top_logprobs(seq_id, sp.logprobs)
                         if prompt_lps:
                             self._prompt_top_k[seq_id], self._prompt_top[seq_id] = sp.prompt_logprobs, {}
                 except Exception as e:  # noqa: BLE001 - whatever one request raises is that request's error
                     self._abort_request(owners, i)
-                    outputs[i].error, outputs[i].samples = _describe(e), []
+                    outputs[i].error, outputs[i].samples = describe(e), []
 
             def on_finished(seq, error: str | None) -> None:
                 i, k = owners[seq.seq_id]
@@ -287,7 +259,7 @@ class Engine:
                     token_ids=list(seq.output_token_ids),
                     finish_reason=seq.finish_reason,
                     logprobs=list(seq.output_logprobs),
-                    top_logprobs=self._take_top_logprobs(seq),
+                    top_logprobs=self.take_top_logprobs(seq),
                 )
                 outputs[i].num_cached_tokens = max(outputs[i].num_cached_tokens, seq.num_cached_tokens)
                 if seq.seq_id in self._prompt_top:
@@ -305,15 +277,6 @@ class Engine:
             self._run(len(owners), use_tqdm, on_finished)
         return outputs
 
-    def choices_problem(self, choices) -> str | None:
-        """Why `choices` cannot be scored (None: they can): a scoring request's choices are a non-empty list
-        of non-empty strings, none holding the image placeholder (a choice continues the context as text)."""
-        if not isinstance(choices, list) or not choices or not all(isinstance(c, str) and c for c in choices):
-            return "a scoring request needs a non-empty 'choices' list of non-empty strings"
-        if self.image_token and any(self.image_token in c for c in choices):
-            return f"a choice contains the image placeholder {self.image_token!r}"
-        return None
-
     def score(self, requests: Request | list[Request], use_tqdm: bool | None = None) -> list[ScoreOutput]:
         """Log-likelihood of each of a request's `choices` continuing its prompt; one `ScoreOutput` per
         request, in order.
@@ -321,12 +284,12 @@ class Engine:
         The context (images + prompt) is one shared prefix: the first choice computes it, the others
         find its full blocks in the prefix cache, and all choices of all requests run batched.
         """
-        requests = _as_list(requests)
-        prepared = self._prepare(requests)
+        requests = as_list(requests)
+        prepared = self.prepare(requests)
         outputs = [ScoreOutput(index=i) for i in range(len(requests))]
         choice_texts: list[tuple[int, int, str]] = []
         for i, (req, prep) in enumerate(zip(requests, prepared, strict=True)):
-            choices = req.get("choices") if isinstance(prep, _Prepared) else None
+            choices = req.get("choices") if isinstance(prep, Prepared) else None
             if isinstance(prep, Exception):
                 outputs[i].error = str(prep)
             elif problem := self.choices_problem(choices):
@@ -334,7 +297,7 @@ class Engine:
             else:
                 choice_texts += [(i, j, c) for j, c in enumerate(choices)]
         # Choice tokens: tokenised on their own so every choice shares the context's exact tokens.
-        choice_ids = self._encode_choices(choice_texts, outputs)
+        choice_ids = self.preparer.encode_choices(choice_texts, outputs)
         by_request: dict[int, list[list[int]]] = {}
         for (i, _, text), ids in zip(choice_texts, choice_ids, strict=True):
             if not ids and not outputs[i].error:
@@ -347,10 +310,10 @@ class Engine:
                     continue
                 outputs[i].choices = [None] * len(choices)
                 try:
-                    for j, seq_id in enumerate(self._add_scoring(prepared[i], choices)):
+                    for j, seq_id in enumerate(self.add_scoring(prepared[i], choices)):
                         owners[seq_id] = (i, j)
                 except Exception as e:  # noqa: BLE001 - whatever one request raises is that request's error
-                    outputs[i].error, outputs[i].choices = _describe(e), []
+                    outputs[i].error, outputs[i].choices = describe(e), []
 
             def on_finished(seq, error: str | None) -> None:
                 i, j = owners[seq.seq_id]
@@ -369,6 +332,14 @@ class Engine:
 
             self._run(len(owners), use_tqdm, on_finished)
         return outputs
+
+    def choices_problem(self, choices) -> str | None:
+        """Why `choices` cannot be scored (None: they can); see `Preparer.choices_problem`."""
+        return self.preparer.choices_problem(choices)
+
+    def image_processor(self, src, options: dict | None = None):
+        """One image source (path, bytes or PIL image) to its family's features."""
+        return self.preparer.image_processor(src, options)
 
     def provenance(self) -> dict:
         """What produced this engine's numbers: image processor and path, library versions, checkpoint, and the
@@ -436,158 +407,27 @@ class Engine:
         self.latencies = {"ttft": [], "tpot": []}
 
     # -------------------------------------------------------------------------------------------
-    # Request preparation
+    # The step API: what `generate`, `score` and the server's loop are made of
     # -------------------------------------------------------------------------------------------
-    def _prepare(self, requests: list[dict]) -> list[_Prepared | Exception]:
-        """Render, load images and tokenize every request; a failure becomes that request's error."""
-        parsed: list[tuple[str, list, bool, dict] | Exception] = []
-        for req in requests:
-            try:
-                parsed.append(self._prompt_and_images(req))
-            except Exception as e:  # noqa: BLE001 - whatever one request raises is that request's error
-                parsed.append(e if isinstance(e, RequestError) else RequestError(_describe(e)))
-        images = self._preprocess([(src, p[3]) for p in parsed if not isinstance(p, Exception) for src in p[1]])
-        prepared: list[_Prepared | Exception | None] = []
-        # Raw prompts get the tokenizer's special tokens (BOS); chat prompts as transformers' processor or
-        # tokenizer encodes them (tokenizer_files.chat_adds_special_tokens).
-        by_special: dict[bool, list[int]] = {True: [], False: []}
-        for i, p in enumerate(parsed):
-            if not isinstance(p, Exception):
-                p = next(
-                    (images[k] for k in (_image_key(src, p[3]) for src in p[1]) if isinstance(images[k], Exception)), p
-                )
-            prepared.append(p if isinstance(p, Exception) else None)
-            if not isinstance(p, Exception):
-                by_special[p[2]].append(i)
-        for flag, idx in by_special.items():
-            texts = [
-                self.family.expand_text(
-                    parsed[i][0], [images[_image_key(src, parsed[i][3])][0] for src in parsed[i][1]]
-                )
-                for i in idx
-            ]
-            for i, ids in zip(idx, self._encode_texts(texts, flag, idx, prepared), strict=True):
-                if ids is None:
-                    continue
-                try:
-                    prepared[i] = self._expand(ids, [images[_image_key(src, parsed[i][3])] for src in parsed[i][1]])
-                except Exception as e:  # noqa: BLE001 - whatever one request raises is that request's error
-                    prepared[i] = e if isinstance(e, RequestError) else RequestError(_describe(e))
-        return prepared
-
-    def _encode_texts(self, texts: list[str], add_special: bool, idx: list[int], prepared: list) -> list:
-        """Token ids of each text (batched); a text the tokenizer rejects makes that request's error."""
-        try:
-            return self.tokenizer.encode_batch(texts, add_special_tokens=add_special)
-        except Exception:  # noqa: BLE001 - find the culprit, keep the rest
-            out = []
-            for i, text in zip(idx, texts, strict=True):
-                try:
-                    out.append(self.tokenizer.encode(text, add_special_tokens=add_special))
-                except Exception as e:  # noqa: BLE001
-                    prepared[i] = RequestError(f"the prompt cannot be tokenized: {_describe(e)}")
-                    out.append(None)
-            return out
-
-    def _encode_choices(self, choice_texts: list[tuple[int, int, str]], outputs: list[ScoreOutput]) -> list:
-        texts = [c for _, _, c in choice_texts]
-        try:
-            return self.tokenizer.encode_batch(texts, add_special_tokens=False)
-        except Exception:  # noqa: BLE001 - find the culprit, keep the rest
-            out = []
-            for i, _, text in choice_texts:
-                try:
-                    out.append(self.tokenizer.encode(text, add_special_tokens=False))
-                except Exception as e:  # noqa: BLE001
-                    outputs[i].error = outputs[i].error or f"choice {text!r} cannot be tokenized: {_describe(e)}"
-                    out.append([])
-            return out
-
-    def _expand(self, ids: list[int], imgs: list[tuple[ImageFeatures, int]]) -> _Prepared:
-        """Replace each image placeholder with its family's tokens; the embedding runs become image spans."""
-        if not imgs and (self.family.placeholder_id is None or self.family.placeholder_id not in ids):
-            return _Prepared(prompt_ids=list(ids), image_spans=[])
-        if self.family.placeholder_id is None:
-            raise RequestError("this model takes no images")
-        try:
-            expanded, starts = self.tokenizer.expand_placeholders(
-                ids, self.family.placeholder_id, [f.token_ids for f, _ in imgs]
-            )
-        except ValueError as e:
-            raise RequestError(f"{e} (image placeholder token {self.image_token!r})") from e
-        spans, atomic = [], self.family.atomic_images
-        for start, (feats, h) in zip(starts, imgs, strict=True):
-            first = 0
-            for offset, n in feats.embedding_runs:
-                spans.append((start + offset, n, h, first, atomic))
-                first += n
-        return _Prepared(
-            prompt_ids=list(expanded),
-            image_spans=spans,
-            images={h: f for f, h in imgs},
-            image_starts=[(start, f) for start, (f, _) in zip(starts, imgs, strict=True)],
-        )
-
-    def _preprocess(self, sources: list[tuple]) -> dict:
-        """(features, content hash), or the error, of each distinct image: decoded once, in threads."""
-        distinct = {_image_key(src, opts): (src, opts) for src, opts in sources}
-
-        def one(item):
-            src, opts = item
-            try:
-                feats = self.image_processor(src, opts)
-                return feats, feats.content_hash()
-            except Exception as e:  # noqa: BLE001 - a bad image is its request's error
-                return e if isinstance(e, RequestError) else RequestError(_describe(e))
-
-        if len(distinct) < 2:
-            return {k: one(item) for k, item in distinct.items()}
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            return dict(zip(distinct, pool.map(one, distinct.values()), strict=True))
-
-    def image_processor(self, src, options: dict | None = None) -> ImageFeatures:
-        """One image source (path, bytes or PIL image) to its family's features."""
-        return self.family.process_image(load_image(src), options or {})
-
-    def _prompt_and_images(self, req: dict) -> tuple[str, list, bool, dict]:
-        """(text, image sources, add special tokens, image options) of one request."""
-        if isinstance(req, dict) and "multi_modal_data" in req:  # vLLM's form
-            req = {**req, "images": _vllm_images(req["multi_modal_data"], req.get("images"))}
-        if not isinstance(req, dict):
-            raise RequestError(f"a request is a dict with 'prompt' or 'messages', got {type(req).__name__}")
-        if unknown := [k for k in req if k not in REQUEST_KEYS]:  # a typo or another engine's key: never ignored
-            raise RequestError(
-                f"unknown request key(s) {', '.join(map(repr, unknown))}; a request takes {', '.join(REQUEST_KEYS)}"
-            )
-        if "messages" in req and "prompt" in req:  # neither may silently win over the other
-            raise RequestError("a request takes 'prompt' or 'messages', not both")
-        if "messages" in req:
-            text, images = render_chat(
-                self.chat_template,
-                req["messages"],
-                self.checkpoint.special_tokens,
-                template_name=f"the chat template of {self.checkpoint.path} ({self.templates.source})"
-                if self.templates
-                else "the chat template",
-            )
-            special = chat_adds_special_tokens(text, self.templates, self.checkpoint.special_tokens)
-        elif "prompt" in req:
-            if not isinstance(req["prompt"], str):
-                raise RequestError("'prompt' must be a string")
-            text, images, special = req["prompt"], req.get("images") or [], True
-            if not isinstance(images, list | tuple):
-                raise RequestError(f"'images' must be a list, got {type(images).__name__}")
-        else:
-            raise RequestError("a request needs 'prompt' (with images) or 'messages'")
-        options = {**self.image_options, **{k: req[k] for k in self.family.image_options if k in req}}
-        if "num_images" in self.family.image_options:  # OneVision tiles only a prompt's only image
-            options["num_images"] = len(images)
-        return text, list(images), special, options
+    def prepare(self, requests: list[Request]) -> list[Prepared | RequestError]:
+        """Render, load images and tokenize every request (on any thread: nothing here changes while steps
+        run); a request that cannot be prepared gets its `RequestError` in its place."""
+        return self.preparer.prepare(requests)
 
     # -------------------------------------------------------------------------------------------
     # The step loop
     # -------------------------------------------------------------------------------------------
-    def _add(self, prep: _Prepared, max_tokens: int, prompt_logprobs_from: int = -1, **sampling) -> int:
+    def add_request(
+        self,
+        prep: Prepared,
+        max_tokens: int,
+        prompt_logprobs_from: int = -1,
+        logprobs: int | None = None,
+        **sampling,
+    ) -> int:
+        """Put one sample of a prepared request into the scheduler; returns its sequence id. `sampling`: the
+        scheduler's sampling fields (`SamplingParams.scheduler_kwargs`); `logprobs=k` gathers the k most likely
+        tokens at each generated position (`take_top_logprobs`)."""
         seq_id = self._next_seq_id
         rows, delta = self._position_rows(prep)
         self.scheduler.add_sequence(
@@ -604,16 +444,18 @@ class Engine:
         self.runner.pin_images(prep.images)
         self._seq_images[seq_id] = list(prep.images)
         self._counters["prompt_tokens"] += len(prep.prompt_ids)
+        if logprobs is not None:
+            self._top_k[seq_id], self._top[seq_id] = logprobs, []
         return seq_id
 
-    def _position_rows(self, prep: _Prepared) -> tuple[list[int], int]:
+    def _position_rows(self, prep: Prepared) -> tuple[list[int], int]:
         """The family's explicit position rows (flattened) and decode delta, or none (plain positions)."""
         positions = self.family.positions(prep.prompt_ids, prep.image_starts)
         if positions is None:
             return [], 0
         return np.ascontiguousarray(positions[0], dtype=np.int64).ravel().tolist(), int(positions[1])
 
-    def _add_scoring(self, prep: _Prepared, choices: list[list[int]]) -> list[int]:
+    def add_scoring(self, prep: Prepared, choices: list[list[int]]) -> list[int]:
         """Score `choices` after the context `prep`, computed once for all of them (the scheduler forks
         each choice from it); returns the choices' sequence ids."""
         context_id = self._next_seq_id
@@ -635,13 +477,21 @@ class Engine:
         """Take back the sequences already added for a request that failed part-way."""
         for seq_id in [s for s, (i, _) in owners.items() if i == index]:
             self.scheduler.abort(seq_id)
-            self._release(seq_id)
+            self.release(seq_id)
             del owners[seq_id]
 
-    def _release(self, seq_id: int) -> None:
+    def release(self, seq_id: int) -> None:
+        """After a sequence finished (`step` gave it back): unpin its images."""
         self.runner.unpin_images(self._seq_images.pop(seq_id, ()))
         # A choice that finished (or was dropped) means its context has forked or is gone.
         self._contexts.pop(self._context_of.pop(seq_id, None), None)
+
+    def abort(self, seq_id: int) -> None:
+        """Take a sequence out (its request went away): its KV blocks return, its images are unpinned."""
+        self.scheduler.abort(seq_id)
+        self.release(seq_id)
+        self._top_k.pop(seq_id, None)
+        self._top.pop(seq_id, None)
 
     @contextmanager
     def _call_guard(self):
@@ -652,7 +502,7 @@ class Engine:
             self._drop_in_flight()
             for seq_id in list(self._seq_images):
                 self.scheduler.abort(seq_id)
-                self._release(seq_id)
+                self.release(seq_id)
             raise
         finally:
             for gathered in (self._top_k, self._top, self._prompt_top_k, self._prompt_top):
@@ -667,7 +517,7 @@ class Engine:
         first_token = np.full(self._next_seq_id + 1, np.nan) if self.profile else None
         try:
             while self.scheduler.has_unfinished() or self._in_flight is not None:
-                finished, sampled_ids, non_finite = self._step()
+                finished, sampled_ids, non_finite = self.step()
                 if first_token is not None:
                     now = time.perf_counter() - start
                     new = sampled_ids[np.isnan(first_token[sampled_ids])]
@@ -681,7 +531,7 @@ class Engine:
                     if seq.seq_id not in self._seq_images:  # taken back with its request already
                         continue
                     generated += len(seq.output_token_ids)
-                    self._release(seq.seq_id)
+                    self.release(seq.seq_id)
                     if first_token is not None:
                         self._record_latency(seq, first_token[seq.seq_id], time.perf_counter() - start)
                     on_finished(seq, NON_FINITE_LOGITS if seq.seq_id in non_finite else None)
@@ -712,7 +562,7 @@ class Engine:
             self.phase_seconds[phase] += now - since
         return now
 
-    def _step(self) -> tuple[list, np.ndarray, set[int]]:
+    def step(self) -> StepOutput:
         """One scheduled step: returns the finished sequences, the ids that sampled a token, and the ids
         whose logits were not finite. Overlapped (`overlap_scheduling`), it schedules and launches the next
         step before it waits for the one launched last, and returns that one's results (nothing the first
@@ -730,7 +580,7 @@ class Engine:
                 return self._complete(launched)
             self._in_flight = launched
             if previous is None:
-                return [], np.empty(0, dtype=np.int64), set()
+                return StepOutput([], np.empty(0, dtype=np.int64), set())
             return self._complete(previous)
         except BaseException:
             self._drop_in_flight()
@@ -741,70 +591,34 @@ class Engine:
         self._in_flight = None
         self.scheduler.cancel_in_flight()
 
-    def _launch(self, plan, previous: _Launched | None, t: float) -> _Launched:
-        """Queue the plan's forward pass, logits, sampling and the copy of its results to the host."""
+    def _launch(self, plan, previous: Launched | None, t: float) -> Launched:
+        """Queue the plan's forward pass, then its sampling and the copy of its results to the host."""
         vision_before = self.runner.vision_seconds
-        hidden = self.runner.execute(
-            plan, synchronize=self.profile, previous_tokens=None if previous is None else previous.tokens
-        )
-        logits = self.runner.compute_logits(hidden, np.concatenate([plan.sample_indices, plan.prompt_lp_indices]))
+        logits = self.runner.forward(plan, None if previous is None else previous.tokens, synchronize=self.profile)
         t_forward = self._tick(None, t)
         if self.profile:
             self.phase_seconds["vision_encoder"] += self.runner.vision_seconds - vision_before
             phase = "prefill" if plan.max_query_len > 1 else "decode"
             self.phase_seconds[phase] += t_forward - t - (self.runner.vision_seconds - vision_before)
-        t = t_forward
+        launched = self.runner.sample(plan, logits, previous)
+        self._tick("sampling", t_forward)
+        return launched
 
-        num_sampled = len(plan.sample_indices)
-        adjusted = penalized(logits[:num_sampled], plan, None if previous is None else previous.tokens)
-        # A greedy decode step takes the argmax its CUDA graph computed: no sampling launches at all.
-        plain_greedy = adjusted is None and not (plan.temperature > 0).any()
-        picked = self.runner.greedy_picks(plan.sample_indices) if plain_greedy else None
-        if picked is None:
-            picked = sample(
-                logits[:num_sampled], plan.temperature, plan.top_p, plan.top_k, plan.seed, plan.output_index, adjusted
-            )
-        tokens, token_lps = picked
-        scored = logits[num_sampled:]
-        targets = torch.from_numpy(plan.prompt_lp_targets).to(self.device, non_blocking=True)
-        prompt_lps = torch.log_softmax(scored, dim=-1).gather(1, targets[:, None]).squeeze(1)
-        greedy = scored.argmax(dim=-1) == targets
-        finite = torch.isfinite(logits).all(dim=-1)
-        # One device-to-host copy, so one wait, for all the scheduler needs back (ids are exact in fp64).
-        results = torch.cat(
-            [tokens.double(), token_lps.double(), prompt_lps.double(), greedy.double(), finite.double()]
-        )
-        ready = None
-        if results.is_cuda:  # queued now, so waiting for it later does not wait for the step launched after
-            results = torch.empty(results.shape, dtype=results.dtype, pin_memory=True).copy_(results, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record()
-        self._tick("sampling", t)
-        return _Launched(plan, tokens, logits, results, ready)
-
-    def _complete(self, launched: _Launched) -> tuple[list, np.ndarray, set[int]]:
+    def _complete(self, launched: Launched) -> StepOutput:
         """Wait for a launched step's results and apply them to the scheduler."""
         t = self._tick(None, 0.0)
-        if launched.ready is not None:
-            launched.ready.synchronize()
-        plan, host = launched.plan, launched.results.numpy()
-        n, m = len(plan.sample_indices), len(plan.prompt_lp_targets)
-        tokens, token_lps = host[:n].astype(np.int64), host[n : 2 * n].astype(np.float32)
-        prompt_lps, greedy = host[2 * n : 2 * n + m].astype(np.float32), host[2 * n + m : 2 * n + 2 * m] > 0.5
-        non_finite = self._rows_to_seqs(plan, np.flatnonzero(host[2 * n + 2 * m :] < 0.5))
+        plan = launched.plan
+        tokens, token_lps, prompt_lps, greedy, bad_rows = self.runner.results(launched)
+        non_finite = self._rows_to_seqs(plan, bad_rows)
         for context in non_finite & self._contexts.keys():  # a scoring context fails its choices
             non_finite |= set(self._contexts[context])
         if self._top_k or self._prompt_top_k:
             self._gather_top_logprobs(plan, launched.logits)
         finished = self.scheduler.update(tokens, token_lps, prompt_lps, greedy)
         self._tick("update", t)
-        return finished, plan.sample_seq_ids, non_finite
+        return StepOutput(finished, plan.sample_seq_ids, non_finite)
 
-    def _want_top_logprobs(self, seq_id: int, k: int) -> None:
-        """Gather the k most likely tokens at each position sequence `seq_id` generates."""
-        self._top_k[seq_id], self._top[seq_id] = k, []
-
-    def _take_top_logprobs(self, seq) -> list[dict[int, float]] | None:
+    def take_top_logprobs(self, seq) -> list[dict[int, float]] | None:
         """A finished sequence's gathered top-k per position, each with the token sampled there."""
         self._top_k.pop(seq.seq_id, None)
         top = self._top.pop(seq.seq_id, None)
@@ -861,8 +675,6 @@ class Engine:
         return {int(x) for x in plan.seq_ids[batch]}
 
 
-# Every key a request may hold: the prompt or chat messages, images (or vLLM's multi_modal_data), the choices of
-# a scoring request, and the image options a family reads (Qwen's pixel bounds). Anything else is refused.
 @contextmanager
 def _config_errors(checkpoint):
     """A config field of a shape no check foresaw, met while a family reads the config: still an error
@@ -876,29 +688,10 @@ def _config_errors(checkpoint):
         ) from e
 
 
-REQUEST_KEYS = ("prompt", "messages", "images", "multi_modal_data", "choices", "min_pixels", "max_pixels")
-
 NON_FINITE_LOGITS = (
     "the model produced NaN or infinite logits (in float16 or bfloat16, activations beyond the "
     "dtype's range; try dtype='float32')"
 )
-
-
-def _as_list(requests) -> list:
-    """One request or a list of them (a dict or a string alone is one request, not an iterable); a
-    string is a prompt."""
-    requests = [requests] if isinstance(requests, dict | str) else list(requests)
-    return [{"prompt": r} if isinstance(r, str) else r for r in requests]
-
-
-def _vllm_images(data, images) -> list:
-    if images:
-        raise RequestError("give images either as 'images' or in 'multi_modal_data', not both")
-    if not isinstance(data, dict) or set(data) - {"image"}:
-        kinds = sorted(data) if isinstance(data, dict) else type(data).__name__
-        raise RequestError(f"multi_modal_data takes {{'image': image or [images]}}, got {kinds} (no video or audio)")
-    image = data.get("image")
-    return list(image) if isinstance(image, list | tuple) else [image]
 
 
 def _set_threads(threads: int | None) -> None:
@@ -910,11 +703,3 @@ def _set_threads(threads: int | None) -> None:
         raise ValueError(f"threads must be a positive integer, got {threads!r}")
     available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(threads or available)
-
-
-def _describe(e: BaseException) -> str:
-    """A one-line message for an error raised while preparing one request."""
-    text = str(e)
-    if isinstance(e, RequestError | ValueError | OSError) and text:
-        return text
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__

@@ -5,12 +5,15 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from .attention_metadata import AttentionMetadata, SharedPrefixes, cascade_tile_width, group_shared_prefixes
 from .models.family import ImageFeatures, Model
+from .sampling import penalized, sample
 
 GiB = 1 << 30
 
@@ -211,6 +214,29 @@ class DecodeGraphs:
         return self.hidden[key][:b]
 
 
+@dataclass
+class Launched:
+    """A step whose device work is queued: its plan, its sampled ids on the device (the next plan's
+    deferred rows read them), its logits, and what the host needs back, being copied asynchronously."""
+
+    plan: object  # _core.StepPlan
+    tokens: torch.Tensor
+    logits: torch.Tensor
+    results: torch.Tensor  # host tensor (pinned on CUDA): tokens, their logprobs, prompt logprobs, greedy, finite
+    ready: torch.cuda.Event | None  # recorded after the copy; None on the CPU, where the copy is done
+
+
+class StepResults(NamedTuple):
+    """A step's results on the host: sampled tokens and their log-probs (sample order), each scored prompt
+    token's log-prob and whether it was the argmax, and the logits rows that were not finite."""
+
+    tokens: np.ndarray
+    token_logprobs: np.ndarray
+    prompt_logprobs: np.ndarray
+    prompt_greedy: np.ndarray
+    non_finite_rows: np.ndarray
+
+
 class ModelRunner:
     """Owns the paged KV cache and the vision-encoder cache; runs step plans and computes their logits."""
 
@@ -406,3 +432,52 @@ class ModelRunner:
             return None
         index = self._tensor(rows)
         return self.decode_graphs.greedy[index], self.decode_graphs.greedy_logprobs[index]
+
+    def forward(self, plan, previous_tokens: torch.Tensor | None, synchronize: bool = False) -> torch.Tensor:
+        """Queue the plan's forward pass; the logits of its sampled rows, then of its scored prompt rows."""
+        hidden = self.execute(plan, synchronize=synchronize, previous_tokens=previous_tokens)
+        return self.compute_logits(hidden, np.concatenate([plan.sample_indices, plan.prompt_lp_indices]))
+
+    def sample(self, plan, logits: torch.Tensor, previous: Launched | None) -> Launched:
+        """Queue the plan's sampling (penalties, then greedy picks or `sampling.sample`), its prompt tokens'
+        log-probs and the copy of everything the host needs back."""
+        num_sampled = len(plan.sample_indices)
+        adjusted = penalized(logits[:num_sampled], plan, None if previous is None else previous.tokens)
+        # A greedy decode step takes the argmax its CUDA graph computed: no sampling launches at all.
+        plain_greedy = adjusted is None and not (plan.temperature > 0).any()
+        picked = self.greedy_picks(plan.sample_indices) if plain_greedy else None
+        if picked is None:
+            picked = sample(
+                logits[:num_sampled], plan.temperature, plan.top_p, plan.top_k, plan.seed, plan.output_index, adjusted
+            )
+        tokens, token_lps = picked
+        scored = logits[num_sampled:]
+        targets = torch.from_numpy(plan.prompt_lp_targets).to(self.device, non_blocking=True)
+        prompt_lps = torch.log_softmax(scored, dim=-1).gather(1, targets[:, None]).squeeze(1)
+        greedy = scored.argmax(dim=-1) == targets
+        finite = torch.isfinite(logits).all(dim=-1)
+        # One device-to-host copy, so one wait, for all the scheduler needs back (ids are exact in fp64).
+        results = torch.cat(
+            [tokens.double(), token_lps.double(), prompt_lps.double(), greedy.double(), finite.double()]
+        )
+        ready = None
+        if results.is_cuda:  # queued now, so waiting for it later does not wait for the step launched after
+            results = torch.empty(results.shape, dtype=results.dtype, pin_memory=True).copy_(results, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        return Launched(plan, tokens, logits, results, ready)
+
+    @staticmethod
+    def results(launched: Launched) -> StepResults:
+        """Wait for a launched step's results and split them."""
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        plan, host = launched.plan, launched.results.numpy()
+        n, m = len(plan.sample_indices), len(plan.prompt_lp_targets)
+        return StepResults(
+            host[:n].astype(np.int64),
+            host[n : 2 * n].astype(np.float32),
+            host[2 * n : 2 * n + m].astype(np.float32),
+            host[2 * n + m : 2 * n + 2 * m] > 0.5,
+            np.flatnonzero(host[2 * n + 2 * m :] < 0.5),
+        )

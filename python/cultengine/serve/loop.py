@@ -1,9 +1,9 @@
 """The engine thread behind `cultengine serve`: one step loop, requests admitted between steps.
 
-`EngineLoop` is the only code of the server that touches the engine's internals (`_prepare`, `_add`, `_add_scoring`,
-`_step`, `_release`, the scheduler, the tokenizer and `_Prepared`'s `prompt_ids`), so it is the one seam
-to move onto a public incremental engine API. Everything else talks to it through thread-safe calls that return
-`concurrent.futures.Future`s (awaitable from asyncio with `asyncio.wrap_future`).
+`EngineLoop` drives the engine through its step API (`prepare`, `add_request`, `add_scoring`, `step`, `release`,
+`abort`, `take_top_logprobs`) and reads its scheduler's queues and streamed text; everything else talks to it
+through thread-safe calls that return `concurrent.futures.Future`s (awaitable from asyncio with
+`asyncio.wrap_future`).
 
 Every scheduler call happens on the engine thread; request preparation (chat template, image
 decoding, tokenization) reads no engine state that changes, so it runs on the caller's thread and
@@ -241,7 +241,7 @@ class EngineLoop:
         self.image_memory.reserve(estimate)
         held = estimate
         try:
-            (prep,) = self.engine._prepare([request])
+            (prep,) = self.engine.prepare([request])
             if isinstance(prep, Exception):
                 raise prep if isinstance(prep, RequestError) else RequestError(str(prep))
             if max_prompt_tokens is not None and len(prep.prompt_ids) > max_prompt_tokens:
@@ -314,7 +314,7 @@ class EngineLoop:
                 for text, ids in zip(job.choices, choice_ids, strict=True):
                     if not ids:
                         raise ValueError(f"choice {text!r} tokenizes to nothing")
-                job.seq_ids.extend(eng._add_scoring(prep, [list(ids) for ids in choice_ids]))
+                job.seq_ids.extend(eng.add_scoring(prep, [list(ids) for ids in choice_ids]))
                 for k, seq_id in enumerate(job.seq_ids):
                     self._owner[seq_id] = (job, k)
         except Exception as e:  # ValueError: the scheduler refuses it (too long, ...)
@@ -332,13 +332,15 @@ class EngineLoop:
         """Put the job's next pending sample into the scheduler."""
         k, seed = job.pending.popleft()
         sp = job.params
-        seq_id = self.engine._add(
-            job.prepared, max_tokens=job.max_tokens, stream=job.stream is not None, **sp.scheduler_kwargs(seed)
+        seq_id = self.engine.add_request(
+            job.prepared,
+            max_tokens=job.max_tokens,
+            logprobs=sp.logprobs,
+            stream=job.stream is not None,
+            **sp.scheduler_kwargs(seed),
         )
         job.seq_ids.append(seq_id)
         self._owner[seq_id] = (job, k)
-        if sp.logprobs is not None:
-            self.engine._want_top_logprobs(seq_id, sp.logprobs)
 
     def _feed(self) -> None:
         """Top the scheduler up to `max_in_scheduler` sequences with pending samples, one per request in
@@ -363,7 +365,7 @@ class EngineLoop:
 
     def _step(self) -> None:
         try:
-            finished, sampled_seq_ids, non_finite = self.engine._step()
+            finished, sampled_seq_ids, non_finite = self.engine.step()
         except Exception as e:  # a failed step fails what is running; the server goes on
             self.counters["step_errors"] += 1
             self._fail_all(RuntimeError(f"engine step failed: {type(e).__name__}: {e}"))
@@ -385,7 +387,7 @@ class EngineLoop:
             if owner is not None and owner[0].first_token is None:
                 owner[0].first_token = now
         for seq in finished:
-            self.engine._release(seq.seq_id)
+            self.engine.release(seq.seq_id)
             owner = self._owner.pop(seq.seq_id, None)
             if owner is None:  # aborted between schedule and update
                 continue
@@ -397,7 +399,7 @@ class EngineLoop:
                     token_ids=list(seq.output_token_ids),
                     finish_reason=seq.finish_reason,
                     logprobs=list(seq.output_logprobs),
-                    top_logprobs=self.engine._take_top_logprobs(seq),
+                    top_logprobs=self.engine.take_top_logprobs(seq),
                 )
             else:
                 lps = list(seq.prompt_logprobs)
@@ -444,10 +446,7 @@ class EngineLoop:
         self._release_images(job)
         job.pending.clear()
         for seq_id in job.seq_ids:
-            self.engine.scheduler.abort(seq_id)
-            self.engine._release(seq_id)
-            self.engine._top_k.pop(seq_id, None)
-            self.engine._top.pop(seq_id, None)
+            self.engine.abort(seq_id)
             self._owner.pop(seq_id, None)
 
     def _fail_all(self, error: Exception) -> None:
