@@ -21,7 +21,9 @@ import torch
 
 from cultengine import Engine, SamplingParams
 from family_parity import assert_choice_scores_match, assert_generations_match, image, reference, user
+from real_checkpoints import TEXT as TEXT_SIZES
 from real_checkpoints import build_from_published, published_files
+from tiny_checkpoints import perturb
 
 WIDE, TALL, LARGE, SMALL = image(90, 24, 1), image(22, 70, 2), image(200, 160, 3), image(20, 15, 4)
 CONVERSATIONS = [
@@ -132,6 +134,55 @@ def test_text_model_renders_with_its_tokenizers_template(tmp_path):
         with torch.no_grad():
             want = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, len(ids) :].tolist()
         assert out.token_ids == want
+
+
+def _tiny_mistral_with_published_tokenizer(out):
+    """Mistral-7B-Instruct-v0.2's published tokenizer and template files around a tiny random
+    MistralForCausalLM (its config.json was not found unedited: SOURCES.md)."""
+    import transformers as t
+
+    path = published_files("Mistral-7B-Instruct-v0.2", out)
+    config = t.MistralConfig(vocab_size=32000, bos_token_id=1, eos_token_id=2, sliding_window=None, **TEXT_SIZES)
+    torch.manual_seed(0)
+    model = t.MistralForCausalLM(config).float().eval()
+    perturb(model, 0, scale=0.02)
+    model.save_pretrained(path)
+    return path, model
+
+
+def test_mistral_instruct_tokenizer_and_template_as_transformers(tmp_path):
+    """The LLM beside LLaVA-NeXT-Mistral: a legacy SentencePiece (Llama) tokenizer whose template writes
+    `{{ bos_token }}` itself (so nothing is added again), `[INST]` turns, and a template that raises on a
+    system turn: token ids, greedy tokens and log-probs as transformers', the template's own error reported."""
+    import transformers as t
+
+    path, model = _tiny_mistral_with_published_tokenizer(tmp_path / "m")
+    tok = t.AutoTokenizer.from_pretrained(path)
+    engine = Engine(path, dtype="float32")
+    conversations = [
+        [{"role": "user", "content": "Tell me about the festival of lights, señor."}],
+        [
+            {"role": "user", "content": "Which country? 日本"},
+            {"role": "assistant", "content": "Japan."},
+            {"role": "user", "content": "  And its capital?\n"},
+        ],
+    ]
+    outs = engine.generate(
+        [{"messages": m} for m in conversations], SamplingParams(max_tokens=6, temperature=0), use_tqdm=False
+    )
+    for m, out in zip(conversations, outs, strict=True):
+        ids = tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        assert out.error is None and out.prompt_token_ids == ids and ids[0] == 1 and ids[1] != 1
+        with torch.no_grad():
+            got = model.generate(
+                torch.tensor([ids]), max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True
+            )
+        want = got.sequences[0, len(ids) :].tolist()
+        assert out.token_ids == want
+        lps = [torch.log_softmax(s[0], -1)[t].item() for s, t in zip(got.scores, want, strict=True)]
+        torch.testing.assert_close(torch.tensor(out.logprobs), torch.tensor(lps), atol=1e-4, rtol=0)
+    (bad,) = engine.generate([{"messages": [{"role": "system", "content": "Be brief."}]}], use_tqdm=False)
+    assert "Conversation roles must alternate" in bad.error
 
 
 def test_fixture_files_are_the_published_ones(tmp_path):
