@@ -1,7 +1,7 @@
 """A straightforward Python implementation of the engine's scheduling policy: the baseline that
 benches/bench_scheduler.py measures the Rust scheduler against.
 
-Same policy as rust/src/scheduler.rs: one token budget per step, running sequences first (decodes
+Same policy as rust/src/scheduler/: one token budget per step, running sequences first (decodes
 and unfinished chunked prefills), then waiting ones FCFS; paged blocks with a prefix cache of
 chained full-block hashes; preemption by recompute of the newest running sequence when blocks run
 out. It builds the same flat step arrays, in the plain per-token Python a first implementation
