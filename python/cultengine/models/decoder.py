@@ -7,6 +7,7 @@ RoPE (or Qwen2-VL's multimodal M-RoPE, `mrope_rows`), grouped-query attention an
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,8 @@ from ..attention_metadata import AttentionMetadata
 from ..checkpoint import Checkpoint
 from ..errors import CheckpointError, config_float, config_int
 from .vision import activation
+
+LayerHook = Callable[[int, torch.Tensor], torch.Tensor]  # (layer index, its output) -> its output, amended
 
 TEXT_MODELS = ("llama", "qwen2", "mistral", "qwen3")
 # transformers' config defaults for the fields a Hub config.json may leave out (real checkpoints
@@ -310,16 +313,16 @@ class Decoder:
         positions: torch.Tensor,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
-        deepstack: tuple[torch.Tensor, list[torch.Tensor]] | None = None,
+        after_layer: LayerHook | None = None,
     ) -> torch.Tensor:
         """Packed `[T, H]` embeddings -> final-normed hidden states `[T, H]`; writes this step's KV.
 
-        `positions` is `[T]`, or `[3, T]` with M-RoPE. `deepstack = (rows, features)` adds `features[i]`
-        (`[len(rows), H]`) to the hidden states of `rows` after layer i (Qwen3-VL's DeepStack).
+        `positions` is `[T]`, or `[3, T]` with M-RoPE. `after_layer(i, x)`, when given, returns layer i's
+        output with what a family adds there (Qwen3-VL's DeepStack features); the output is `x + residual`,
+        so adding to `x` adds to it.
         """
         ops, c, t = self.ops, self.cfg, input_embeds.shape[0]
         rope_positions, cos, sin = self.rotary_tables(positions)
-        rows, extra = deepstack if deepstack is not None else (None, [])
         x, residual = input_embeds, None
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches, strict=True)):
             h, residual = ops.rms_norm(x, layer["input_norm"], c.rms_norm_eps, residual)
@@ -337,8 +340,8 @@ class Decoder:
             h, residual = ops.rms_norm(x, layer["post_norm"], c.rms_norm_eps, residual)
             gate, up = F.linear(h, layer["gate_up"], layer["gate_up_bias"]).chunk(2, dim=-1)
             x = F.linear(self.act(gate) * up, layer["down"], layer["down_bias"])
-            if i < len(extra):  # the layer's output is x + residual: adding to x adds to it
-                x = x.index_add(0, rows, extra[i].to(x.dtype))
+            if after_layer is not None:
+                x = after_layer(i, x)
         return ops.rms_norm(x, self.norm, c.rms_norm_eps, residual)[0]
 
     @torch.inference_mode()
@@ -386,9 +389,17 @@ class SplicedDecoder:
         Rows `image_rows [R]` (int64 indices into T) take `image_embeds [R, H]` instead of their embedding.
         """
         x = self.embed(input_ids)
+        hook = None
         if image_rows is not None and image_rows.numel():
-            x = x.index_copy(0, image_rows, image_embeds.to(x.dtype))
-        return self.language_model.forward(x, positions, kv_caches, meta)
+            x, hook = self.splice(x, image_rows, image_embeds)
+        return self.language_model.forward(x, positions, kv_caches, meta, after_layer=hook)
+
+    def splice(
+        self, x: torch.Tensor, image_rows: torch.Tensor, image_embeds: torch.Tensor
+    ) -> tuple[torch.Tensor, LayerHook | None]:
+        """The step's embeddings with the image rows replaced, and a per-layer hook for the decoder (None:
+        the images enter at the input only)."""
+        return x.index_copy(0, image_rows, image_embeds.to(x.dtype)), None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """`[N, H]` hidden rows -> fp32 logits `[N, vocab]`."""

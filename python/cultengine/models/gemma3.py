@@ -26,7 +26,7 @@ from ..attention_metadata import AttentionMetadata
 from ..checkpoint import Checkpoint
 from ..errors import CheckpointError, config_float, config_int
 from ..image import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, ImageProcessor
-from .decoder import MAX_ROPE_POSITIONS, SplicedDecoder, _rope
+from .decoder import MAX_ROPE_POSITIONS, LayerHook, SplicedDecoder, _rope
 from .family import Family, ImageFeatures
 from .text import TextOnly
 from .vision import VisionConfig, VisionTower, activation
@@ -214,11 +214,13 @@ class GemmaDecoder:
         positions: torch.Tensor,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
+        after_layer: LayerHook | None = None,
     ) -> torch.Tensor:
-        """Packed `[T, H]` embeddings -> final-normed hidden states `[T, H]`; writes this step's KV."""
+        """Packed `[T, H]` embeddings -> final-normed hidden states `[T, H]`; writes this step's KV;
+        `after_layer` as `Decoder.forward`'s."""
         ops, c, t = self.ops, self.cfg, x.shape[0]
         eps = c.rms_norm_eps
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
+        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches, strict=True)):
             h = gemma_rms_norm(x, layer["input_norm"], eps)
             q, k, v = F.linear(h, layer["qkv"]).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
             q = gemma_rms_norm(q.view(t, c.num_heads, c.head_dim), layer["q_norm"], eps)
@@ -230,6 +232,8 @@ class GemmaDecoder:
             h = gemma_rms_norm(x, layer["pre_ff_norm"], eps)
             gate, up = F.linear(h, layer["gate_up"]).chunk(2, dim=-1)
             x = x + gemma_rms_norm(F.linear(self.act(gate) * up, layer["down"]), layer["post_ff_norm"], eps)
+            if after_layer is not None:
+                x = after_layer(i, x)
         return gemma_rms_norm(x, self.norm, eps)
 
     @torch.inference_mode()

@@ -22,11 +22,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..attention_metadata import AttentionMetadata
 from ..checkpoint import Checkpoint
 from ..errors import CheckpointError, config_int
 from ..image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageProcessor, rescale_and_normalize, resize, to_tensor
-from .decoder import Decoder, TextConfig, tied_embeddings
+from .decoder import Decoder, SplicedDecoder, TextConfig, tied_embeddings
 from .family import Family, ImageFeatures
 from .vision import activation
 
@@ -485,14 +484,14 @@ class Qwen2VL(Family):
         return Qwen2VLModel(self, ops, max_positions)
 
 
-class Qwen2VLModel:
+class Qwen2VLModel(SplicedDecoder):
     """The vision tower over each step's new images, packed; the M-RoPE decoder over the packed tokens."""
 
     def __init__(self, family: Qwen2VL, ops, max_positions: int | None = None):
         text_prefix, vision_prefix = family.weight_prefixes()
         self.family, self.ops = family, ops
         self.vision = family.build_vision_tower(ops, vision_prefix)
-        self.language_model = Decoder(
+        decoder = Decoder(
             family.checkpoint,
             family.text,
             ops,
@@ -500,46 +499,10 @@ class Qwen2VLModel:
             max_positions=max_positions,
             mrope_rows=family.mrope_rows,
         )
-        self.image_token_id, self.vocab_size = family.placeholder_id, family.text.vocab_size
-        self.hidden_size = family.text.hidden_size
-        self.num_layers = family.text.num_layers
-        self.num_heads, self.num_kv_heads = family.text.num_heads, family.text.num_kv_heads
-        self.head_dim = family.text.head_dim
-        self.dtype = self.language_model.dtype
+        super().__init__(decoder, family.text, family.placeholder_id)
 
     def encode_images(self, images: list[ImageFeatures]) -> list[torch.Tensor]:
         # All images in one packed tower call: each attends only to itself.
         grids = [im.meta["grid_thw"] for im in images]
         features = self.vision.forward(torch.cat([im.pixels for im in images]), grids)
         return list(features.split([im.num_embeddings for im in images]))
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.image_token_id >= self.vocab_size:  # rows overwritten by image embeddings anyway
-            input_ids = input_ids.masked_fill(input_ids == self.image_token_id, 0)
-        return self.language_model.embed(input_ids)
-
-    @torch.inference_mode()
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-        meta: AttentionMetadata,
-        image_rows: torch.Tensor | None = None,
-        image_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Packed step: `input_ids [T]`, `positions [3, T]` -> hidden `[T, H]`; rows `image_rows` take
-        `image_embeds` (their first H features; the rest are DeepStack's)."""
-        x = self.embed(input_ids)
-        deepstack = None
-        if image_rows is not None and image_rows.numel():
-            main, *extra = image_embeds.to(x.dtype).split(self.hidden_size, dim=-1)
-            x = x.index_copy(0, image_rows, main)
-            deepstack = (image_rows, extra) if extra else None
-        return self.language_model.forward(x, positions, kv_caches, meta, deepstack=deepstack)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.language_model.compute_logits(hidden)
-
-    def allocate_kv_caches(self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None):
-        return self.language_model.allocate_kv_caches(num_blocks, block_size, dtype)

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CheckpointError, config_int
-from .qwen2_vl import Qwen2VL, QwenVisionConfig, QwenVisionTower, merge_order_coordinates
+from .decoder import LayerHook
+from .qwen2_vl import Qwen2VL, Qwen2VLModel, QwenVisionConfig, QwenVisionTower, merge_order_coordinates
 
 
 @dataclass
@@ -138,3 +139,22 @@ class Qwen3VL(Qwen2VL):
 
     def build_vision_tower(self, ops, prefix: str) -> Qwen3VisionTower:
         return Qwen3VisionTower(self.checkpoint, self.vision, ops, prefix)
+
+    def build_model(self, ops, max_positions: int | None = None) -> Qwen3VLModel:
+        return Qwen3VLModel(self, ops, max_positions)
+
+
+class Qwen3VLModel(Qwen2VLModel):
+    """Qwen2-VL's device model, with DeepStack: an image row's embedding carries the deepstack features as
+    extra columns (`[main | layer 0 | layer 1 ...]`, H each); the main part enters the input, and each
+    further part is added to the image rows' output of decoder layer 0, 1, ..."""
+
+    def splice(
+        self, x: torch.Tensor, image_rows: torch.Tensor, image_embeds: torch.Tensor
+    ) -> tuple[torch.Tensor, LayerHook | None]:
+        main, *extra = image_embeds.to(x.dtype).split(self.hidden_size, dim=-1)
+
+        def add_deepstack(i: int, h: torch.Tensor) -> torch.Tensor:
+            return h.index_add(0, image_rows, extra[i]) if i < len(extra) else h
+
+        return x.index_copy(0, image_rows, main), add_deepstack if extra else None
