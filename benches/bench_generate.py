@@ -96,7 +96,7 @@ def reset_caches(engine, **sched_kw) -> None:
         block_size=engine.runner.block_size,
         max_model_len=engine.max_model_len,
         eos_token_ids=list(engine.checkpoint.eos_token_ids),
-        position_rows=engine.family.position_rows,
+        position_rows=engine.family.capabilities.position_rows,
         **sched_kw,
     )
     engine.runner.encoder_cache.embeddings.clear()

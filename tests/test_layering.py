@@ -131,3 +131,64 @@ def test_the_server_uses_only_the_engines_public_step_api():
                 if name in ("engine", "eng"):
                     private.append(f"{path.name}:{node.lineno}: {name}.{node.attr}")
     assert private == []
+
+
+FAMILY_WORDS = (
+    "onevision",
+    "qwen",
+    "gemma",
+    "llava",
+    "idefics",
+    "internvl",
+    "smolvlm",
+    "mistral",
+    "llama",
+    "deepstack",
+)
+
+
+def _code_words(path: Path) -> list[str]:
+    """Names, attributes and string constants of a module's code, docstrings and comments left out."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    words = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            words.append(node.id)
+        elif isinstance(node, ast.Attribute):
+            words.append(node.attr)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            words.append(node.value)
+    return words
+
+
+def test_no_family_names_or_flags_outside_the_models():
+    """The engine core reads what a family needs from its `Capabilities` and hooks: no family's name appears
+    in the code of the engine, request preparation, runner, primitives, attention layout or kernels."""
+    core = ["engine.py", "prepare.py", "runner.py", "ops.py", "attention_metadata.py", "sampling.py"]
+    paths = [PACKAGE / name for name in core] + sorted((PACKAGE / "kernels").glob("*.py"))
+    found = [
+        f"{path.name}: {word!r}"
+        for path in paths
+        for word in _code_words(path)
+        if any(f in word.lower() for f in FAMILY_WORDS)
+    ]
+    assert found == []
+
+
+def test_capabilities_are_checked():
+    import pytest
+
+    from cultengine.models import Capabilities
+
+    with pytest.raises(ValueError, match="must be atomic"):
+        Capabilities(bidirectional_images=True)
+    with pytest.raises(ValueError, match="position_rows"):
+        Capabilities(position_rows=2)

@@ -154,7 +154,7 @@ class Engine:
         with _config_errors(self.checkpoint):
             self.model = self.family.build_model(self.ops, max_positions=self.max_model_len)
         graphs = cuda_graphs and self.device.type == "cuda" and self.ops.backend == "triton"
-        rows = self.family.position_rows
+        caps = self.family.capabilities
         self.runner = ModelRunner(
             self.model,
             self.device,
@@ -166,8 +166,8 @@ class Engine:
             self.max_model_len,
             encoder_cache_size,
             cuda_graphs=graphs,
-            position_rows=rows,
-            bidirectional_images=self.family.bidirectional_images,
+            position_rows=caps.position_rows,
+            bidirectional_images=caps.bidirectional_images,
             cascade=self.ops.backend == "triton" if cascade_attention is None else cascade_attention,
         )
         self.scheduler = _core.Scheduler(
@@ -179,7 +179,7 @@ class Engine:
             max_model_len=self.max_model_len,
             enable_prefix_caching=enable_prefix_caching,
             eos_token_ids=list(self.checkpoint.eos_token_ids),
-            position_rows=rows,
+            position_rows=caps.position_rows,
             max_num_image_tokens=max_num_image_tokens,
         )
         self._next_seq_id = 0

@@ -140,7 +140,7 @@ class Preparer:
             )
         except ValueError as e:
             raise RequestError(f"{e} (image placeholder token {self.image_token!r})") from e
-        spans, atomic = [], self.family.atomic_images
+        spans, atomic = [], self.family.capabilities.atomic_images
         for start, (feats, h) in zip(starts, imgs, strict=True):
             first = 0
             for offset, n in feats.embedding_runs:
@@ -201,9 +201,7 @@ class Preparer:
         else:
             raise RequestError("a request needs 'prompt' (with images) or 'messages'")
         options = {**self.image_options, **{k: req[k] for k in self.family.image_options if k in req}}
-        if "num_images" in self.family.image_options:  # OneVision tiles only a prompt's only image
-            options["num_images"] = len(images)
-        return text, list(images), special, options
+        return text, list(images), special, self.family.request_image_options(options, len(images))
 
 
 def _image_key(src, options: dict):

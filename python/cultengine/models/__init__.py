@@ -10,7 +10,7 @@ import importlib
 
 from ..checkpoint import Checkpoint
 from ..errors import unsupported_architecture
-from .family import Family, ImageFeatures, Model
+from .family import Capabilities, Family, ImageFeatures, Model
 
 FAMILIES: dict[str, str] = {
     "LlavaForConditionalGeneration": "llava.Llava",
@@ -31,7 +31,16 @@ FAMILIES: dict[str, str] = {
 }
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 
-__all__ = ["FAMILIES", "SUPPORTED_ARCHITECTURES", "Family", "ImageFeatures", "Model", "build_model", "family_for"]
+__all__ = [
+    "FAMILIES",
+    "SUPPORTED_ARCHITECTURES",
+    "Capabilities",
+    "Family",
+    "ImageFeatures",
+    "Model",
+    "build_model",
+    "family_for",
+]
 
 
 def family_for(checkpoint: Checkpoint, image_backend: str | None = None) -> Family:

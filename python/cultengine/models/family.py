@@ -98,13 +98,27 @@ class Model(Protocol):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a family's model asks of the scheduler, the runner and attention, declared once: the engine turns
+    it into their settings (`Engine.__init__`), and no family name appears outside `models/`."""
+
+    position_rows: int = 1  # rows of positions per token: 3 for M-RoPE (temporal, height, width)
+    atomic_images: bool = False  # an image's embedding runs never split across prefill chunks
+    # Each embedding run's tokens attend to the whole run in prefill (Gemma 3); needs atomic runs.
+    bidirectional_images: bool = False
+
+    def __post_init__(self):
+        if self.position_rows not in (1, 3):
+            raise ValueError(f"position_rows is 1 or 3, got {self.position_rows}")
+        if self.bidirectional_images and not self.atomic_images:
+            raise ValueError("bidirectional image runs must be atomic (a chunk cannot see the rest of its run)")
+
+
 class Family:
     """Base of the families: the defaults a family overrides only where it differs."""
 
-    position_rows: ClassVar[int] = 1  # 3 for M-RoPE
-    atomic_images: ClassVar[bool] = False  # image runs never split across prefill chunks
-    # Each embedding run's tokens attend to the whole run in prefill (Gemma 3); needs atomic runs.
-    bidirectional_images: ClassVar[bool] = False
+    capabilities: ClassVar[Capabilities] = Capabilities()
     image_options: ClassVar[tuple[str, ...]] = ()  # request keys passed to process_image (e.g. max_pixels)
 
     def __init__(self, checkpoint: Checkpoint, image_backend: str | None = None):
@@ -130,6 +144,11 @@ class Family:
         each placeholder (Gemma 3's newlines), it goes here so that it tokenizes with its neighbours as the
         processor's does; the placeholder itself stays, and `token_ids` replaces it after tokenization."""
         return text
+
+    def request_image_options(self, options: dict[str, Any], num_images: int) -> dict[str, Any]:
+        """The options each image of a request is processed with: the request's `image_options`, and what a
+        family derives from the request itself (OneVision tiles a prompt's image only when it is the only one)."""
+        return options
 
     def dummy_image(self) -> Image.Image:
         """An image the warm-up request can use (a kernel's first launch compiles it)."""

@@ -27,7 +27,7 @@ from ..checkpoint import Checkpoint
 from ..errors import CheckpointError, config_float, config_int
 from ..image import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, ImageProcessor
 from .decoder import MAX_ROPE_POSITIONS, LayerHook, SplicedDecoder, _rope
-from .family import Family, ImageFeatures
+from .family import Capabilities, Family, ImageFeatures
 from .text import TextOnly
 from .vision import VisionConfig, VisionTower, activation
 
@@ -298,8 +298,7 @@ class Gemma3ImageProcessor(ImageProcessor):
 class Gemma3(Family):
     """Config of a Gemma 3 VLM, and its host-side image processing."""
 
-    atomic_images = True
-    bidirectional_images = True
+    capabilities = Capabilities(atomic_images=True, bidirectional_images=True)
 
     def __init__(self, checkpoint: Checkpoint, image_backend: str | None = None):
         super().__init__(checkpoint, image_backend)

@@ -64,7 +64,6 @@ class LlavaOnevision(LlavaNext):
     vision_defaults = _SIGLIP_SO400M_384
     default_pinpoints = ONEVISION_PINPOINTS
     processor_class = OnevisionImageProcessor
-    image_options = ("num_images",)
 
     def __init__(self, checkpoint: Checkpoint, image_backend: str | None = None):
         super().__init__(checkpoint, image_backend)
@@ -75,6 +74,9 @@ class LlavaOnevision(LlavaNext):
         self.max_tiles = int(match.group(1))
         # The square padding's colour: the processor's mean, in 0..255 (as transformers).
         self.background = tuple(int(m * 255) for m in self.image_processor.mean or OPENAI_CLIP_MEAN)
+
+    def request_image_options(self, options: dict[str, Any], num_images: int) -> dict[str, Any]:
+        return {**options, "num_images": num_images}
 
     def _tiles(self, x, options: dict[str, Any]) -> tuple[list, dict[str, Any]]:
         if options.get("num_images", 1) != 1:

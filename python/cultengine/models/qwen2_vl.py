@@ -26,7 +26,7 @@ from ..checkpoint import Checkpoint
 from ..errors import CheckpointError, config_int
 from ..image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageProcessor, rescale_and_normalize, resize, to_tensor
 from .decoder import Decoder, SplicedDecoder, TextConfig, tied_embeddings
-from .family import Family, ImageFeatures
+from .family import Capabilities, Family, ImageFeatures
 from .vision import activation
 
 
@@ -367,7 +367,7 @@ class QwenVisionTower:
 class Qwen2VL(Family):
     """Config of a Qwen2-VL checkpoint (transformers 4's flat or 5's nested layout) and its image processing."""
 
-    position_rows = 3
+    capabilities = Capabilities(position_rows=3)
     image_options = ("min_pixels", "max_pixels")
     decoder_type = "qwen2"
     mrope_section_default = [16, 24, 24]
