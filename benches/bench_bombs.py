@@ -148,11 +148,14 @@ def main() -> int:
     ap.add_argument("--cap-gib", type=float, default=12.0, help="address-space cap of each child")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds before a child is killed")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--label", help="names the build in the JSON (default: cultengine's version)")
     args = ap.parse_args()
     import cultengine
 
     cap = int(args.cap_gib * (1 << 30))
-    figures = {"cultengine": str(Path(cultengine.__file__).parent), "cap_gib": args.cap_gib, "bombs": {}}
+    # Which build ran, in words: an absolute path of this machine would mean nothing in the repository.
+    build = args.label or f"cultengine {cultengine.__version__}"
+    figures = {"cultengine": build, "cap_gib": args.cap_gib, "bombs": {}}
     for name, (setup, bomb) in cases().items():
         figures["bombs"][name] = r = run(setup, bomb, cap, args.timeout)
         peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:,.0f} MiB"
