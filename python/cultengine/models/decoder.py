@@ -187,9 +187,12 @@ def _rope(cfg: dict, where: str) -> tuple[float, dict | None]:
 
 
 def tied_embeddings(config: dict) -> bool:
-    """Whether a VLM's config ties the decoder's lm_head to its embeddings (top level or text_config)."""
-    text = config.get("text_config") or {}
-    return bool(config.get("tie_word_embeddings") or text.get("tie_word_embeddings"))
+    """Whether a VLM's config ties the decoder's lm_head to its embeddings: the top level's setting where it has
+    one (transformers follows it over text_config's: a top-level false with a text_config true is untied),
+    else text_config's."""
+    if "tie_word_embeddings" in config:
+        return bool(config["tie_word_embeddings"])
+    return bool((config.get("text_config") or {}).get("tie_word_embeddings"))
 
 
 class Decoder:

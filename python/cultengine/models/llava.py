@@ -47,7 +47,7 @@ class Llava(Family):
         config = checkpoint.config
         c = {**self.config_defaults, **config}
         self.text = TextConfig.parse(
-            config.get("text_config") or {}, self.where, tie_word_embeddings=tied_embeddings(config) or None
+            config.get("text_config") or {}, self.where, tie_word_embeddings=tied_embeddings(config)
         )
         self.vision = VisionConfig.parse(config.get("vision_config") or {}, self.where, self.vision_defaults)
         self.placeholder_id = int(config.get("image_token_index", config.get("image_token_id", c["image_token_index"])))

@@ -389,7 +389,7 @@ class Qwen2VL(Family):
         super().__init__(checkpoint, image_backend)
         config = checkpoint.config
         text, section = self._text_config(config)
-        self.text = TextConfig.parse(text, self.where, tie_word_embeddings=tied_embeddings(config) or None)
+        self.text = TextConfig.parse(text, self.where, tie_word_embeddings=tied_embeddings(config))
         if (
             len(section) != 3
             or not all(isinstance(s, int) and s >= 0 for s in section)
