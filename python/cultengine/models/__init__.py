@@ -22,6 +22,7 @@ FAMILIES: dict[str, str] = {
     "Idefics3ForConditionalGeneration": "idefics3.Idefics3",
     "SmolVLMForConditionalGeneration": "idefics3.SmolVLM",
     "InternVLForConditionalGeneration": "internvl.InternVL",
+    "VipLlavaForConditionalGeneration": "vipllava.VipLlava",
     "Gemma3ForConditionalGeneration": "gemma3.Gemma3",
     "Gemma3ForCausalLM": "gemma3.Gemma3Text",
     "LlamaForCausalLM": "text.TextOnly",
