@@ -67,7 +67,7 @@ def test_tiles_pixels_and_runs_match_the_processor(family_name, family_path, bac
         feats = family.process_image(im, {})
         ref = processor.image_processor(images=[im], return_row_col_info=True, return_tensors="pt")
         rows, cols = ref["rows"][0][0], ref["cols"][0][0]
-        assert feats.meta["grid"] == (rows, cols)
+        assert (feats.meta.rows, feats.meta.cols) == (rows, cols)
         assert torch.equal(feats.pixels, ref["pixel_values"][0])  # exact, on the processor's own path
         assert torch.all(ref["pixel_attention_mask"] == 1)  # its tiles are never padded: no patch mask to apply
         # One run per tile, separated by markers: <fake_token_around_image> and the tile's position tag.

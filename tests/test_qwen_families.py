@@ -170,7 +170,7 @@ def test_both_image_paths_match_transformers_processors(family_path, backend):
     for img in (WIDE, TALL, LARGE, SMALL):
         want = processor.image_processor(images=[img], return_tensors="pt")
         feats = engine.family.process_image(img, {})
-        assert feats.meta["grid_thw"] == tuple(want["image_grid_thw"][0].tolist())
+        assert feats.meta.thw == tuple(want["image_grid_thw"][0].tolist())
         torch.testing.assert_close(feats.pixels, want["pixel_values"], atol=1e-6, rtol=0)
     messages = CONVERSATIONS[2]
     out = engine.generate([{"messages": messages}], SamplingParams(max_tokens=5), use_tqdm=False)[0]
@@ -232,7 +232,7 @@ def test_window_attention_splits_the_test_images(family_path):
         pytest.skip("only Qwen2.5-VL has window attention")
     v = family.vision
     for img in (WIDE, TALL, LARGE):
-        grid = family.process_image(img, {}).meta["grid_thw"]
+        grid = family.process_image(img, {}).meta.thw
         _, windows = window_layout([grid], v.merge_size, v.window_size // (v.merge_size * v.patch_size))
         assert len(windows) > 1 and sum(windows) == grid[1] * grid[2]
     assert 0 < len(v.fullatt_block_indexes) < v.depth

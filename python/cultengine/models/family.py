@@ -13,7 +13,7 @@ scheduler the embedding runs, and gives the model's `encode_images` a ragged lis
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
@@ -33,7 +33,9 @@ class ImageFeatures:
     pixels: torch.Tensor  # the encoder's input, any shape (one tile [3, S, S], or [tiles, 3, S, S], ...)
     token_ids: list[int]  # replaces the image's placeholder in the prompt
     embedding_runs: list[tuple[int, int]]  # (offset into token_ids, length) that take embeddings, in order
-    meta: dict[str, Any] = field(default_factory=dict)  # what the encoder needs besides pixels (tile grid, ...)
+    # How the family cut the image, typed by the family (LLaVA-NeXT's `TileLayout`, Qwen's `QwenGrid`, ...): what
+    # its encoder needs besides the pixels, and part of the image's identity. None when there is nothing to say.
+    meta: Any = None
 
     @property
     def num_embeddings(self) -> int:
@@ -46,7 +48,7 @@ class ImageFeatures:
         h.update(content_hash(self.pixels).to_bytes(8, "little"))
         h.update(np.asarray(self.token_ids, dtype=np.int64).tobytes())
         h.update(np.asarray(self.embedding_runs, dtype=np.int64).tobytes())
-        h.update(repr(sorted(self.meta.items())).encode())
+        h.update(repr(self.meta).encode())
         return int.from_bytes(h.digest(), "little")
 
 

@@ -12,6 +12,7 @@ end in a newline, and the global image comes last as `<fake_token_around_image><
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -138,6 +139,14 @@ def idefics3_position_ids(patches_per_side: int, num_positions_per_side: int) ->
     return (buckets[:, None] * num_positions_per_side + buckets[None, :]).flatten()
 
 
+@dataclass(frozen=True)
+class TileGrid:
+    """How an image was split: rows x columns of tiles before the global image (0 x 0: not split)."""
+
+    rows: int
+    cols: int
+
+
 class Idefics3(Family):
     """Config, image splitting and prompt layout of an Idefics3 checkpoint."""
 
@@ -229,7 +238,7 @@ class Idefics3(Family):
         tile(self.global_id)
         ids.append(self.fake_id)
         pixels = torch.stack([proc.finish(t) for t in tiles])
-        return ImageFeatures(pixels=pixels, token_ids=ids, embedding_runs=runs, meta={"grid": (rows, cols)})
+        return ImageFeatures(pixels=pixels, token_ids=ids, embedding_runs=runs, meta=TileGrid(rows, cols))
 
     def dummy_image(self) -> Image.Image:
         return Image.new("RGB", (self.vision.image_size, self.vision.image_size))

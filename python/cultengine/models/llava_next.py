@@ -8,6 +8,7 @@ appended to every row: base features, then rows x (columns + 1).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -53,6 +54,17 @@ def unpadded_region(hw: tuple[int, int], grid_hw: tuple[int, int]) -> tuple[int,
         return pad, gh - pad, 0, gw
     pad = (gw - int(round(w * (gh / h), 7))) // 2
     return 0, gh, pad, gw - pad
+
+
+@dataclass(frozen=True)
+class TileLayout:
+    """How an image was tiled: the grid of tiles after the base tile (rows, columns) and the unpadded region of its
+    patch grid (top, bottom, left, right); neither for a lone tile (OneVision's multi-image prompts). `shrink`:
+    OneVision's (rows, columns) after it shrinks a large grid."""
+
+    grid: tuple[int, int] | None = None
+    crop: tuple[int, int, int, int] | None = None
+    shrink: tuple[int, int] | None = None
 
 
 class LlavaNext(Llava):
@@ -145,7 +157,7 @@ class LlavaNext(Llava):
         n = self.tokens_per_tile + self._grid_tokens(meta)
         return ImageFeatures(pixels=pixels, token_ids=[self.placeholder_id] * n, embedding_runs=[(0, n)], meta=meta)
 
-    def _tiles(self, x, options: dict[str, Any]) -> tuple[list, dict[str, Any]]:
+    def _tiles(self, x, options: dict[str, Any]) -> tuple[list, TileLayout]:
         """The base tile and the grid's tiles (uint8, on the processor's path), and the grid's layout."""
         hw, proc, side = tuple(x.shape[-2:]), self.image_processor, self.tile_side
         target = best_resolution(hw, self.pinpoints)
@@ -156,11 +168,11 @@ class LlavaNext(Llava):
         base = resize(x, self.base_size, proc.resample)
         rows, cols = target[0] // self.vision.image_size, target[1] // self.vision.image_size
         p = self.patches_per_side
-        return [base, *grid], {"grid": (rows, cols), "crop": unpadded_region(hw, (rows * p, cols * p))}
+        return [base, *grid], TileLayout((rows, cols), unpadded_region(hw, (rows * p, cols * p)))
 
-    def _grid_tokens(self, meta: dict[str, Any]) -> int:
+    def _grid_tokens(self, meta: TileLayout) -> int:
         """Features after the base tile: the unpadded grid's rows, each closed by a newline."""
-        top, bottom, left, right = meta["crop"]
+        top, bottom, left, right = meta.crop
         return (bottom - top) * (right - left + 1)
 
     def build_model(self, ops, max_positions: int | None = None) -> LlavaNextModel:
@@ -185,18 +197,18 @@ class LlavaNextModel(LlavaModel):
             first += n
         return out
 
-    def pack(self, features: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
+    def pack(self, features: torch.Tensor, meta: TileLayout) -> torch.Tensor:
         """`[tiles, tokens_per_tile, H]` -> `[num_embeddings, H]`: base tile, then the unpadded grid by rows."""
         newline = self.image_newline.to(features.dtype)
-        if "grid" not in meta:  # one tile: its features and one newline
+        if meta.grid is None:  # one tile: its features and one newline
             return torch.cat([features[0], newline[None]])
-        (rows, cols), p = meta["grid"], self.patches_per_side
-        top, bottom, left, right = meta["crop"]
+        (rows, cols), p = meta.grid, self.patches_per_side
+        top, bottom, left, right = meta.crop
         grid = features[1:].view(rows, cols, p, p, -1).permute(4, 0, 2, 1, 3).reshape(-1, rows * p, cols * p)
         grid = self.resize_grid(grid[:, top:bottom, left:right], meta)
         grid = torch.cat([grid, newline[:, None, None].expand(-1, grid.shape[1], 1)], dim=-1)
         return torch.cat([features[0], grid.flatten(1, 2).T])
 
-    def resize_grid(self, grid: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
+    def resize_grid(self, grid: torch.Tensor, meta: TileLayout) -> torch.Tensor:
         """LLaVA-NeXT keeps the unpadded grid as it is (LLaVA-OneVision shrinks large ones)."""
         return grid

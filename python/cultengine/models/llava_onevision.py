@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import torch
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from ..checkpoint import Checkpoint
 from ..errors import CheckpointError
 from ..image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageProcessor, pad_to_square
-from .llava_next import LlavaNext, LlavaNextModel
+from .llava_next import LlavaNext, LlavaNextModel, TileLayout
 
 ONEVISION_PINPOINTS = [[h, w] for h in range(384, 2305, 384) for w in range(384, 2305, 384)]
 _ONEVISION_DEFAULTS = dict(
@@ -78,22 +79,22 @@ class LlavaOnevision(LlavaNext):
     def request_image_options(self, options: dict[str, Any], num_images: int) -> dict[str, Any]:
         return {**options, "num_images": num_images}
 
-    def _tiles(self, x, options: dict[str, Any]) -> tuple[list, dict[str, Any]]:
+    def _tiles(self, x, options: dict[str, Any]) -> tuple[list, TileLayout]:
         if options.get("num_images", 1) != 1:
-            return [pad_to_square(x, self.background)], {}
+            return [pad_to_square(x, self.background)], TileLayout()
         tiles, meta = super()._tiles(x, options)
-        top, bottom, left, right = meta["crop"]
+        top, bottom, left, right = meta.crop
         h, w, p = bottom - top, right - left, self.patches_per_side
         ratio = math.sqrt(h * w / (self.max_tiles * p**2))
         if ratio > 1.1:
-            meta["shrink"] = (int(h // ratio), int(w // ratio))
+            meta = replace(meta, shrink=(int(h // ratio), int(w // ratio)))
         return tiles, meta
 
-    def _grid_tokens(self, meta: dict[str, Any]) -> int:
-        if "grid" not in meta:
+    def _grid_tokens(self, meta: TileLayout) -> int:
+        if meta.grid is None:
             return 1  # the newline after a lone tile
-        if "shrink" in meta:
-            h, w = meta["shrink"]
+        if meta.shrink is not None:
+            h, w = meta.shrink
             return h * (w + 1)
         return super()._grid_tokens(meta)
 
@@ -102,7 +103,7 @@ class LlavaOnevision(LlavaNext):
 
 
 class LlavaOnevisionModel(LlavaNextModel):
-    def resize_grid(self, grid: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
-        if "shrink" not in meta:
+    def resize_grid(self, grid: torch.Tensor, meta: TileLayout) -> torch.Tensor:
+        if meta.shrink is None:
             return grid
-        return F.interpolate(grid[None], list(meta["shrink"]), mode="bilinear")[0]
+        return F.interpolate(grid[None], list(meta.shrink), mode="bilinear")[0]

@@ -364,6 +364,13 @@ class QwenVisionTower:
 # ---------------------------------------------------------------------------------------------
 # The family and its model
 # ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class QwenGrid:
+    """An image's patch grid: (frames, rows, columns) of 14- (or 16-) pixel patches, before the 2x2 merge."""
+
+    thw: tuple[int, int, int]
+
+
 class Qwen2VL(Family):
     """Config of a Qwen2-VL checkpoint (transformers 4's flat or 5's nested layout) and its image processing."""
 
@@ -455,7 +462,7 @@ class Qwen2VL(Family):
         pixels, grid = self.image_processor.process(image, **bounds)
         n = grid[0] * grid[1] * grid[2] // self.vision.merge_size**2
         return ImageFeatures(
-            pixels=pixels, token_ids=[self.placeholder_id] * n, embedding_runs=[(0, n)], meta={"grid_thw": grid}
+            pixels=pixels, token_ids=[self.placeholder_id] * n, embedding_runs=[(0, n)], meta=QwenGrid(grid)
         )
 
     def positions(self, token_ids: list[int], images: list[tuple[int, ImageFeatures]]) -> tuple[np.ndarray, int]:
@@ -464,7 +471,7 @@ class Qwen2VL(Family):
                 "video inputs are not supported: the prompt holds a video placeholder "
                 f"(token {self.video_token_id}); pass video frames as images"
             )
-        return mrope_positions(len(token_ids), [(s, f.meta["grid_thw"]) for s, f in images], self.vision.merge_size)
+        return mrope_positions(len(token_ids), [(s, f.meta.thw) for s, f in images], self.vision.merge_size)
 
     def dummy_image(self) -> Image.Image:
         side = self.image_processor.factor * 2
@@ -503,6 +510,6 @@ class Qwen2VLModel(SplicedDecoder):
 
     def encode_images(self, images: list[ImageFeatures]) -> list[torch.Tensor]:
         # All images in one packed tower call: each attends only to itself.
-        grids = [im.meta["grid_thw"] for im in images]
+        grids = [im.meta.thw for im in images]
         features = self.vision.forward(torch.cat([im.pixels for im in images]), grids)
         return list(features.split([im.num_embeddings for im in images]))
