@@ -118,10 +118,10 @@ def image_kwargs(model, ids: torch.Tensor, images: list[list], device) -> dict:
     (LLaVA-1.5), or Qwen-VL's packed patches with their grids and which tokens are image tokens (its M-RoPE
     positions come from them)."""
     feats = [f for row in images for f in row]
-    if feats and "grid_thw" in feats[0].meta:
+    if feats and hasattr(feats[0].meta, "thw"):  # Qwen's QwenGrid
         return {
             "pixel_values": torch.cat([f.pixels for f in feats]).to(device=device, dtype=model.dtype),
-            "image_grid_thw": torch.tensor([f.meta["grid_thw"] for f in feats], device=device),
+            "image_grid_thw": torch.tensor([f.meta.thw for f in feats], device=device),
             "mm_token_type_ids": (ids == model.config.image_token_id).int(),
         }
     return {"pixel_values": torch.stack([f.pixels for f in feats]).to(device=device, dtype=model.dtype)}
