@@ -13,7 +13,7 @@ Prefill: one sequence of `--prefill-len` tokens; FLOPs = 2 x tokens x decoder ma
 causal attention (2 x P^2 x query width per layer) + the LM head for the one sampled row. Its bound is
 FLOPs / the peak of a large bf16 matmul (torch). Text-only prompts: the vision tower is not timed.
 
-Steps run through the engine's own loop (`Engine._step`: scheduler, runner, logits, sampler, update),
+Steps run through the engine's own loop (`Engine.step`: scheduler, runner, logits, sampler, update),
 timed with the device synchronised; the decode figure is the median over `--steps` steps.
 """
 
