@@ -11,6 +11,7 @@ This file imports no format module until one is used, so `--help` stays fast.
 from __future__ import annotations
 
 import importlib
+from functools import cache
 from types import ModuleType
 
 # Detection tries the published formats in this order; a file none claims is vlmeval (.tsv) or canonical.
@@ -29,14 +30,18 @@ def detect(columns: set[str], suffix: str) -> str:
     return found or ("vlmeval" if suffix.lower() == ".tsv" else "canonical")
 
 
+@cache
+def _id_keys(fmt: str) -> tuple[str, ...]:
+    """The id columns to try for a record of `fmt`: its own first, then every other format's."""
+    return tuple(dict.fromkeys((*module(fmt).ID_KEYS, *(k for name in NAMES for k in module(name).ID_KEYS))))
+
+
 def record_id(rec: dict, fmt: str, columns: dict[str, str]) -> str:
     """The id a record names itself by (its format's id columns first), to report it when it cannot be read."""
     from ..rows import _blank, _text
 
-    keys = [columns["id"]] if "id" in columns else []
-    keys += module(fmt).ID_KEYS
-    keys += [k for name in NAMES for k in module(name).ID_KEYS]
-    return next((_text(rec[k]) for k in dict.fromkeys(keys) if not _blank(rec.get(k))), "")
+    keys = (columns["id"], *_id_keys(fmt)) if "id" in columns else _id_keys(fmt)
+    return next((_text(rec[k]) for k in keys if not _blank(rec.get(k))), "")
 
 
 def known_formats() -> str:
