@@ -476,8 +476,7 @@ class Engine:
     def _abort_request(self, owners: dict[int, tuple[int, int]], index: int) -> None:
         """Take back the sequences already added for a request that failed part-way."""
         for seq_id in [s for s, (i, _) in owners.items() if i == index]:
-            self.scheduler.abort(seq_id)
-            self.release(seq_id)
+            self.abort(seq_id)
             del owners[seq_id]
 
     def release(self, seq_id: int) -> None:
@@ -501,8 +500,7 @@ class Engine:
         except BaseException:
             self._drop_in_flight()
             for seq_id in list(self._seq_images):
-                self.scheduler.abort(seq_id)
-                self.release(seq_id)
+                self.abort(seq_id)
             raise
         finally:
             for gathered in (self._top_k, self._top, self._prompt_top_k, self._prompt_top):
