@@ -143,8 +143,6 @@ class _PlanRecorder:
 def run_steps(engine, batch: int, prompt_len: int, max_tokens: int, seed: int) -> list[tuple[int, int, float]]:
     """Add `batch` text-only sequences of `prompt_len` random tokens; return (tokens, max_query_len,
     seconds) of every engine step until they finish."""
-    from cultengine.prepare import Prepared
-
     rng = np.random.default_rng(seed)
     vocab = min(engine.tokenizer.vocab_size, engine.model.vocab_size)
     specials = set(engine.checkpoint.eos_token_ids) | {engine.family.placeholder_id}
@@ -155,7 +153,7 @@ def run_steps(engine, batch: int, prompt_len: int, max_tokens: int, seed: int) -
     try:
         for _ in range(batch):
             ids = [int(t) for t in rng.integers(0, vocab, prompt_len) if int(t) not in specials][:prompt_len]
-            engine.add_request(Prepared(ids, []), max_tokens=max_tokens, ignore_eos=True)
+            engine.add_request(engine.preparer.from_token_ids(ids), max_tokens=max_tokens, ignore_eos=True)
         while engine.scheduler.has_unfinished():
             bench_common.sync(engine.device)
             t = time.perf_counter()
@@ -173,14 +171,14 @@ def run_steps(engine, batch: int, prompt_len: int, max_tokens: int, seed: int) -
 def decode_phases(engine, context: int, steps: int) -> dict:
     """Milliseconds per decode step in each phase of the engine's step at batch 1 (its profile mode,
     which synchronises the device around each phase), the one prefill step left out."""
-    engine.profile = True
-    engine.phase_seconds = dict.fromkeys(engine.phase_seconds, 0.0)
+    engine.clock.enabled = True
+    engine.clock.reset()
     try:
         run_steps(engine, 1, context, 2, seed=5)  # one prefill + one decode step: subtracted below
         once = dict(engine.phase_seconds)
         run_steps(engine, 1, context, steps + 2, seed=5)
     finally:
-        engine.profile = False
+        engine.clock.enabled = False
     return {k: (engine.phase_seconds[k] - 2 * once[k]) / steps * 1e3 for k in once if k != "prefill"}
 
 

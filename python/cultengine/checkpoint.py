@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -351,3 +352,16 @@ def load_checkpoint(
         weight_files=weights,
         random_init=random_init,
     )
+
+
+@contextmanager
+def config_errors(checkpoint):
+    """A config field of a shape no check foresaw, met while a family reads the config: still an error
+    naming the file, not a bare TypeError."""
+    try:
+        yield
+    except (TypeError, KeyError, AttributeError, IndexError, RecursionError) as e:
+        raise CheckpointError(
+            f"{checkpoint.path / 'config.json'}: cannot be read as a {checkpoint.architecture} config "
+            f"({type(e).__name__}: {e})"
+        ) from e

@@ -18,14 +18,15 @@ import torch
 from tqdm.auto import tqdm
 
 from . import _core
-from .checkpoint import load_checkpoint
-from .errors import CheckpointError
+from .checkpoint import config_errors, load_checkpoint
 from .models import SUPPORTED_ARCHITECTURES, family_for
 from .ops import Ops, resolve_backend
 from .outputs import ChoiceScore, GenerationOutput, Logprob, Sample, ScoreOutput
 from .prepare import Prepared, Preparer, Request, RequestError, as_list, describe
 from .runner import Launched, ModelRunner
 from .sampling import SamplingParams, checked_int, generation_defaults
+from .step_clock import StepClock
+from .top_logprobs import TopLogprobs
 
 
 class StepOutput(NamedTuple):
@@ -113,45 +114,26 @@ class Engine:
         self.checkpoint = load_checkpoint(
             model, dtype=dtype, device=self.device, random_init=random_init, architectures=SUPPORTED_ARCHITECTURES
         )
-        with _config_errors(self.checkpoint):
+        with config_errors(self.checkpoint):
             self.family = family_for(self.checkpoint, image_backend)
-        unknown = set(image_options or {}) - set(self.family.image_options)
-        if unknown:
-            raise ValueError(
-                f"image_options {sorted(unknown)} are not read by this model family (it reads: "
-                f"{', '.join(self.family.image_options) or 'none'})"
-            )
-        self.image_options = dict(image_options or {})
         self.tokenizer = self.checkpoint.tokenizer()
-        if generation_config not in ("auto", "none"):
-            raise ValueError(f"generation_config must be 'auto' or 'none', got {generation_config!r}")
         where = str(self.checkpoint.path / "generation_config.json")
-        try:
-            taken, unfollowed = generation_defaults(self.checkpoint.generation_config, where)
-        except ValueError as e:
-            raise CheckpointError(str(e)) from None
-        self.sampling_defaults = taken if generation_config == "auto" else {}
-        self._unfollowed = unfollowed if generation_config == "auto" else {}
+        self.sampling_defaults, self._unfollowed = generation_defaults(
+            self.checkpoint.generation_config, where, generation_config
+        )
         if self._unfollowed:
             warnings.warn(
                 f"{where} sets {self._unfollowed}, which cultengine's sampler does not implement; "
                 "sampled outputs differ from transformers' generate there (greedy ones do not)",
                 stacklevel=2,
             )
-        templates = self.checkpoint.templates
-        if chat_template is not None and templates is None:
-            raise CheckpointError(f"{self.checkpoint.path}: chat_template={chat_template!r} asked for, but it has none")
-        self.templates = templates
-        self.chat_template = None if templates is None else templates.pick(chat_template)
-        self.preparer = Preparer(
-            self.checkpoint, self.family, self.tokenizer, templates, self.chat_template, self.image_options
-        )
+        self.preparer = Preparer(self.checkpoint, self.family, self.tokenizer, chat_template, image_options)
         self.image_token = self.preparer.image_token
         self.ops = Ops(resolve_backend(self.device, attention_backend))
         context = self.family.max_context
         self.max_model_len = min(max_model_len or context, context)
         self.max_num_seqs = max_num_seqs
-        with _config_errors(self.checkpoint):
+        with config_errors(self.checkpoint):
             self.model = self.family.build_model(self.ops, max_positions=self.max_model_len)
         graphs = cuda_graphs and self.device.type == "cuda" and self.ops.backend == "triton"
         caps = self.family.capabilities
@@ -186,19 +168,11 @@ class Engine:
         self._seq_images: dict[int, list[int]] = {}  # in-flight sequence -> image hashes it pins
         self._contexts: dict[int, list[int]] = {}  # a scoring context not yet forked -> its choices' ids
         self._context_of: dict[int, int] = {}  # such a choice -> its context
-        # SamplingParams(logprobs=k, prompt_logprobs=k): k per sequence, and what has been gathered so far
-        self._top_k: dict[int, int] = {}
-        self._top: dict[int, list[dict[int, float]]] = {}
-        self._prompt_top_k: dict[int, int] = {}
-        self._prompt_top: dict[int, dict[int, dict[int, float]]] = {}  # seq -> prompt position -> top-k
+        self._top = TopLogprobs(self.tokenizer)  # SamplingParams(logprobs=k, prompt_logprobs=k)
         self._counters = {"prompt_tokens": 0, "generated_tokens": 0, "run_seconds": 0.0}
         self.overlap_scheduling = self.device.type == "cuda" if overlap_scheduling is None else overlap_scheduling
         self._in_flight: Launched | None = None  # overlapped: the step launched, its results not yet applied
-        self.profile = profile
-        self.phase_seconds: dict[str, float] = dict.fromkeys(
-            ("scheduler", "vision_encoder", "prefill", "decode", "sampling", "update"), 0.0
-        )
-        self.latencies: dict[str, list[float]] = {"ttft": [], "tpot": []}
+        self.clock = StepClock(self.device, profile)  # profile: seconds per phase, per-request latencies
         if self.ops.backend != "torch":
             self._warm_up()
 
@@ -243,7 +217,7 @@ class Engine:
                         )
                         owners[seq_id] = (i, k)
                         if prompt_lps:
-                            self._prompt_top_k[seq_id], self._prompt_top[seq_id] = sp.prompt_logprobs, {}
+                            self._top.want_prompt(seq_id, sp.prompt_logprobs)
                 except Exception as e:  # noqa: BLE001 - whatever one request raises is that request's error
                     self._abort_request(owners, i)
                     outputs[i].error, outputs[i].samples = describe(e), []
@@ -262,17 +236,8 @@ class Engine:
                     top_logprobs=self.take_top_logprobs(seq),
                 )
                 outputs[i].num_cached_tokens = max(outputs[i].num_cached_tokens, seq.num_cached_tokens)
-                if seq.seq_id in self._prompt_top:
-                    at = self._prompt_top.pop(seq.seq_id)
-                    ids = seq.prompt_token_ids
-                    outputs[i].prompt_logprobs = [None, *map(float, seq.prompt_logprobs)]
-                    outputs[i].prompt_top_logprobs = self._decoded(
-                        [{}]
-                        + [
-                            {**at.get(p, {}), int(ids[p]): lp}
-                            for p, lp in zip(range(1, len(ids)), outputs[i].prompt_logprobs[1:], strict=True)
-                        ]
-                    )
+                if (prompt := self._top.take_prompt(seq)) is not None:
+                    outputs[i].prompt_logprobs, outputs[i].prompt_top_logprobs = prompt
 
             self._run(len(owners), use_tqdm, on_finished)
         return outputs
@@ -366,7 +331,7 @@ class Engine:
             },
             # What the prompts and the sampling defaults were made from, as transformers reads the files.
             "tokenizer": self.checkpoint.tokenizer_source,
-            "chat_template": None if self.templates is None else self.templates.source,
+            "chat_template": self.preparer.template_source,
             "sampling_defaults": {
                 "source": "generation_config.json" if self.sampling_defaults else None,
                 "applied": dict(self.sampling_defaults),
@@ -403,8 +368,17 @@ class Engine:
         if out.error:
             warnings.warn(f"kernel warm-up request failed ({out.error}); kernels compile on first use", stacklevel=3)
         self._counters = dict.fromkeys(self._counters, 0)
-        self.phase_seconds = dict.fromkeys(self.phase_seconds, 0.0)
-        self.latencies = {"ttft": [], "tpot": []}
+        self.clock.reset()
+
+    @property
+    def phase_seconds(self) -> dict[str, float]:
+        """Profiling: the seconds spent in each phase of the steps so far."""
+        return self.clock.phase_seconds
+
+    @property
+    def latencies(self) -> dict[str, list[float]]:
+        """Profiling: each request's time to first token and time per output token after it."""
+        return self.clock.latencies
 
     # -------------------------------------------------------------------------------------------
     # The step API: what `generate`, `score` and the server's loop are made of
@@ -429,15 +403,14 @@ class Engine:
         scheduler's sampling fields (`SamplingParams.scheduler_kwargs`); `logprobs=k` gathers the k most likely
         tokens at each generated position (`take_top_logprobs`)."""
         seq_id = self._next_seq_id
-        rows, delta = self._position_rows(prep)
         self.scheduler.add_sequence(
             seq_id,
             prep.prompt_ids,
             prep.image_spans,
             max_tokens=max_tokens,
             prompt_logprobs_from=prompt_logprobs_from,
-            positions=rows,
-            position_delta=delta,
+            positions=prep.positions,
+            position_delta=prep.position_delta,
             **sampling,
         )
         self._next_seq_id += 1
@@ -445,24 +418,22 @@ class Engine:
         self._seq_images[seq_id] = list(prep.images)
         self._counters["prompt_tokens"] += len(prep.prompt_ids)
         if logprobs is not None:
-            self._top_k[seq_id], self._top[seq_id] = logprobs, []
+            self._top.want(seq_id, logprobs)
         return seq_id
-
-    def _position_rows(self, prep: Prepared) -> tuple[list[int], int]:
-        """The family's explicit position rows (flattened) and decode delta, or none (plain positions)."""
-        positions = self.family.positions(prep.prompt_ids, prep.image_starts)
-        if positions is None:
-            return [], 0
-        return np.ascontiguousarray(positions[0], dtype=np.int64).ravel().tolist(), int(positions[1])
 
     def add_scoring(self, prep: Prepared, choices: list[list[int]]) -> list[int]:
         """Score `choices` after the context `prep`, computed once for all of them (the scheduler forks
         each choice from it); returns the choices' sequence ids."""
         context_id = self._next_seq_id
         ids = list(range(context_id + 1, context_id + 1 + len(choices)))
-        rows, delta = self._position_rows(prep)
         self.scheduler.add_scoring(
-            context_id, prep.prompt_ids, prep.image_spans, choices, ids, positions=rows, position_delta=delta
+            context_id,
+            prep.prompt_ids,
+            prep.image_spans,
+            choices,
+            ids,
+            positions=prep.positions,
+            position_delta=prep.position_delta,
         )
         self._next_seq_id = ids[-1] + 1
         self._contexts[context_id] = ids
@@ -489,8 +460,7 @@ class Engine:
         """Take a sequence out (its request went away): its KV blocks return, its images are unpinned."""
         self.scheduler.abort(seq_id)
         self.release(seq_id)
-        self._top_k.pop(seq_id, None)
-        self._top.pop(seq_id, None)
+        self._top.drop(seq_id)
 
     @contextmanager
     def _call_guard(self):
@@ -503,8 +473,7 @@ class Engine:
                 self.abort(seq_id)
             raise
         finally:
-            for gathered in (self._top_k, self._top, self._prompt_top_k, self._prompt_top):
-                gathered.clear()
+            self._top.clear()
 
     def _run(self, num_seqs: int, use_tqdm: bool | None, on_finished) -> None:
         start = time.perf_counter()
@@ -512,7 +481,7 @@ class Engine:
         # use_tqdm None: a bar only when stderr is a terminal (as the command line); True / False: always / never
         bar = tqdm(total=num_seqs, disable=None if use_tqdm is None else not use_tqdm, unit="seq", dynamic_ncols=True)
         # Profiling: time of each sequence's first sampled token, indexed by (dense) sequence id.
-        first_token = np.full(self._next_seq_id + 1, np.nan) if self.profile else None
+        first_token = self.clock.first_tokens(self._next_seq_id + 1)
         try:
             while self.scheduler.has_unfinished() or self._in_flight is not None:
                 finished, sampled_ids, non_finite = self.step()
@@ -531,7 +500,7 @@ class Engine:
                     generated += len(seq.output_token_ids)
                     self.release(seq.seq_id)
                     if first_token is not None:
-                        self._record_latency(seq, first_token[seq.seq_id], time.perf_counter() - start)
+                        self.clock.record_latency(seq, first_token[seq.seq_id], time.perf_counter() - start)
                     on_finished(seq, NON_FINITE_LOGITS if seq.seq_id in non_finite else None)
                 if finished and not bar.disable:
                     elapsed = time.perf_counter() - start
@@ -542,33 +511,15 @@ class Engine:
             self._counters["generated_tokens"] += generated
             self._counters["run_seconds"] += time.perf_counter() - start
 
-    def _record_latency(self, seq, first: float, end: float) -> None:
-        if np.isnan(first):  # scored sequences produce no token
-            return
-        self.latencies["ttft"].append(float(first))
-        if len(seq.output_token_ids) > 1:
-            self.latencies["tpot"].append((end - float(first)) / (len(seq.output_token_ids) - 1))
-
-    def _tick(self, phase: str | None, since: float) -> float:
-        """Charge the time since `since` to a phase (profiling only: waits for the device first)."""
-        if not self.profile:
-            return since
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        if phase:
-            self.phase_seconds[phase] += now - since
-        return now
-
     def step(self) -> StepOutput:
         """One scheduled step: returns the finished sequences, the ids that sampled a token, and the ids
         whose logits were not finite. Overlapped (`overlap_scheduling`), it schedules and launches the next
         step before it waits for the one launched last, and returns that one's results (nothing the first
         time); a sequence that finished meanwhile has its row in the new step ignored by the scheduler."""
         try:
-            t = self._tick(None, 0.0)
+            t = self.clock.tick(None, 0.0)
             plan = self.scheduler.schedule()
-            t = self._tick("scheduler", t)
+            t = self.clock.tick("scheduler", t)
             previous, self._in_flight = self._in_flight, None
             if plan is None and previous is None:
                 raise RuntimeError("the scheduler holds unfinished sequences but scheduled nothing")
@@ -592,98 +543,29 @@ class Engine:
     def _launch(self, plan, previous: Launched | None, t: float) -> Launched:
         """Queue the plan's forward pass, then its sampling and the copy of its results to the host."""
         vision_before = self.runner.vision_seconds
-        logits = self.runner.forward(plan, None if previous is None else previous.tokens, synchronize=self.profile)
-        t_forward = self._tick(None, t)
-        if self.profile:
-            self.phase_seconds["vision_encoder"] += self.runner.vision_seconds - vision_before
-            phase = "prefill" if plan.max_query_len > 1 else "decode"
-            self.phase_seconds[phase] += t_forward - t - (self.runner.vision_seconds - vision_before)
+        synchronize = self.clock.enabled
+        logits = self.runner.forward(plan, None if previous is None else previous.tokens, synchronize=synchronize)
+        t_forward = self.clock.forward(t, self.runner.vision_seconds - vision_before, plan.max_query_len > 1)
         launched = self.runner.sample(plan, logits, previous)
-        self._tick("sampling", t_forward)
+        self.clock.tick("sampling", t_forward)
         return launched
 
     def _complete(self, launched: Launched) -> StepOutput:
         """Wait for a launched step's results and apply them to the scheduler."""
-        t = self._tick(None, 0.0)
+        t = self.clock.tick(None, 0.0)
         plan = launched.plan
-        tokens, token_lps, prompt_lps, greedy, bad_rows = self.runner.results(launched)
-        non_finite = self._rows_to_seqs(plan, bad_rows)
+        tokens, token_lps, prompt_lps, greedy, non_finite = self.runner.results(launched)
         for context in non_finite & self._contexts.keys():  # a scoring context fails its choices
             non_finite |= set(self._contexts[context])
-        if self._top_k or self._prompt_top_k:
-            self._gather_top_logprobs(plan, launched.logits)
+        if self._top:
+            self._top.gather(plan, launched.logits)
         finished = self.scheduler.update(tokens, token_lps, prompt_lps, greedy)
-        self._tick("update", t)
+        self.clock.tick("update", t)
         return StepOutput(finished, plan.sample_seq_ids, non_finite)
 
-    def take_top_logprobs(self, seq) -> list[dict[int, float]] | None:
+    def take_top_logprobs(self, seq) -> list[dict[int, Logprob]] | None:
         """A finished sequence's gathered top-k per position, each with the token sampled there."""
-        self._top_k.pop(seq.seq_id, None)
-        top = self._top.pop(seq.seq_id, None)
-        if top is not None:
-            for d, t, lp in zip(top, seq.output_token_ids, seq.output_logprobs, strict=True):
-                d.setdefault(int(t), float(lp))
-        return self._decoded(top)
-
-    def _decoded(self, top: list[dict[int, float]] | None) -> list[dict[int, Logprob]] | None:
-        """Each position's {token id: log-prob} with each token's own text (special tokens included)."""
-        if top is None:
-            return None
-        ids = sorted({t for d in top for t in d})
-        text = dict(zip(ids, (self.tokenizer.decode([t], skip_special_tokens=False) for t in ids), strict=True))
-        return [{t: Logprob(lp, text[t]) for t, lp in d.items()} for d in top]
-
-    def _gather_top_logprobs(self, plan, logits: torch.Tensor) -> None:
-        """The k most likely tokens of the logits rows whose sequences asked for them (opt-in: a loop over
-        those rows only, one device-to-host copy)."""
-        wanted: list[tuple[int, int, int, int | None]] = []  # (logits row, k, sequence, prompt position)
-        for r, s in enumerate(plan.sample_seq_ids.tolist()):
-            if s in self._top_k:
-                wanted.append((r, self._top_k[s], s, None))
-        if self._prompt_top_k and len(plan.prompt_lp_indices):
-            num_sampled, qsl = len(plan.sample_indices), plan.query_start_loc
-            token_rows = plan.prompt_lp_indices
-            batch = np.searchsorted(qsl, token_rows, side="right") - 1
-            for j, (row, b) in enumerate(zip(token_rows.tolist(), batch.tolist(), strict=True)):
-                s = int(plan.seq_ids[b])
-                if s in self._prompt_top_k:
-                    # the row's token sits at position seq_len - q_len + offset; it scores the next one
-                    pos = int(plan.seq_lens[b]) - int(qsl[b + 1] - qsl[b]) + row - int(qsl[b])
-                    wanted.append((num_sampled + j, self._prompt_top_k[s], s, pos + 1))
-        width = max((k for _, k, _, _ in wanted), default=0)
-        found = ([[]] * len(wanted), [[]] * len(wanted))
-        if width:
-            rows = torch.tensor([r for r, _, _, _ in wanted], device=logits.device)
-            values, ids = torch.log_softmax(logits[rows], -1).topk(width, dim=-1)
-            found = (values.cpu().tolist(), ids.cpu().tolist())
-        for (_, k, s, pos), v, t in zip(wanted, *found, strict=True):
-            top = {int(a): float(b) for a, b in zip(t[:k], v[:k], strict=True)}
-            if pos is None:
-                self._top[s].append(top)
-            else:
-                self._prompt_top[s][pos] = top
-
-    @staticmethod
-    def _rows_to_seqs(plan, bad_rows: np.ndarray) -> set[int]:
-        """Sequence ids of logits rows (sampled rows first, then prompt-logprob rows)."""
-        if not len(bad_rows):
-            return set()
-        token_rows = np.concatenate([plan.sample_indices, plan.prompt_lp_indices])[bad_rows]
-        batch = np.searchsorted(plan.query_start_loc, token_rows, side="right") - 1
-        return {int(x) for x in plan.seq_ids[batch]}
-
-
-@contextmanager
-def _config_errors(checkpoint):
-    """A config field of a shape no check foresaw, met while a family reads the config: still an error
-    naming the file, not a bare TypeError."""
-    try:
-        yield
-    except (TypeError, KeyError, AttributeError, IndexError, RecursionError) as e:
-        raise CheckpointError(
-            f"{checkpoint.path / 'config.json'}: cannot be read as a {checkpoint.architecture} config "
-            f"({type(e).__name__}: {e})"
-        ) from e
+        return self._top.take(seq)
 
 
 NON_FINITE_LOGITS = (

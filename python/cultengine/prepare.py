@@ -12,7 +12,10 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .chat import render_chat
+from .errors import CheckpointError
 from .image import load_image
 from .models import ImageFeatures
 from .outputs import ScoreOutput
@@ -31,6 +34,8 @@ class Prepared:
     image_spans: list[tuple[int, int, int, int, bool]]  # (start, length, content hash, first embedding, atomic)
     images: dict[int, ImageFeatures] = field(default_factory=dict)  # by content hash
     image_starts: list[tuple[int, ImageFeatures]] = field(default_factory=list)  # where each image's tokens begin
+    positions: list[int] = field(default_factory=list)  # the family's position rows, flattened (none: plain)
+    position_delta: int = 0  # what decode adds to a position after them
 
 
 Request = dict | str  # {"prompt", "images"} | {"messages"} | vLLM's {"prompt", "multi_modal_data"} | a prompt string
@@ -44,9 +49,22 @@ class Preparer:
     """Turns a checkpoint's requests into `Prepared` ones: its chat template, its family's image processor and
     placeholder, its tokenizer."""
 
-    def __init__(self, checkpoint, family, tokenizer, templates, chat_template, image_options: dict):
+    def __init__(self, checkpoint, family, tokenizer, template_name: str | None, image_options: dict | None):
+        """`template_name`: one of the checkpoint's named chat templates (None: its default); `image_options`:
+        defaults for the request keys the family reads."""
+        unknown = set(image_options or {}) - set(family.image_options)
+        if unknown:
+            raise ValueError(
+                f"image_options {sorted(unknown)} are not read by this model family (it reads: "
+                f"{', '.join(family.image_options) or 'none'})"
+            )
         self.checkpoint, self.family, self.tokenizer = checkpoint, family, tokenizer
-        self.templates, self.chat_template, self.image_options = templates, chat_template, image_options
+        self.image_options = dict(image_options or {})
+        self.templates = checkpoint.templates
+        if template_name is not None and self.templates is None:
+            raise CheckpointError(f"{checkpoint.path}: chat_template={template_name!r} asked for, but it has none")
+        self.chat_template = None if self.templates is None else self.templates.pick(template_name)
+        self.template_source = None if self.templates is None else self.templates.source
         placeholder = family.placeholder_id
         self.image_token = None if placeholder is None else tokenizer.id_to_token(placeholder)
 
@@ -131,7 +149,7 @@ class Preparer:
     def _expand(self, ids: list[int], imgs: list[tuple[ImageFeatures, int]]) -> Prepared:
         """Replace each image placeholder with its family's tokens; the embedding runs become image spans."""
         if not imgs and (self.family.placeholder_id is None or self.family.placeholder_id not in ids):
-            return Prepared(prompt_ids=list(ids), image_spans=[])
+            return self.from_token_ids(ids)
         if self.family.placeholder_id is None:
             raise RequestError("this model takes no images")
         try:
@@ -146,12 +164,26 @@ class Preparer:
             for offset, n in feats.embedding_runs:
                 spans.append((start + offset, n, h, first, atomic))
                 first += n
-        return Prepared(
-            prompt_ids=list(expanded),
-            image_spans=spans,
-            images={h: f for f, h in imgs},
-            image_starts=[(start, f) for start, (f, _) in zip(starts, imgs, strict=True)],
+        return self._positioned(
+            Prepared(
+                prompt_ids=list(expanded),
+                image_spans=spans,
+                images={h: f for f, h in imgs},
+                image_starts=[(start, f) for start, (f, _) in zip(starts, imgs, strict=True)],
+            )
         )
+
+    def from_token_ids(self, ids: list[int]) -> Prepared:
+        """A text-only prompt given as token ids, as the scheduler takes it."""
+        return self._positioned(Prepared(prompt_ids=list(ids), image_spans=[]))
+
+    def _positioned(self, prep: Prepared) -> Prepared:
+        """`prep` with the family's explicit position rows and decode delta, where it has them (Qwen's M-RoPE)."""
+        positions = self.family.positions(prep.prompt_ids, prep.image_starts)
+        if positions is not None:
+            prep.positions = np.ascontiguousarray(positions[0], dtype=np.int64).ravel().tolist()
+            prep.position_delta = int(positions[1])
+        return prep
 
     def _preprocess(self, sources: list[tuple]) -> dict:
         """(features, content hash), or the error, of each distinct image: decoded once, in threads."""

@@ -81,7 +81,7 @@ class DecodeGraphs:
     running them. A graph replays them in one launch. Inputs pass through static buffers; a step of B
     sequences replays the smallest captured size >= B, whose padding rows write no KV (slot -1) and
     attend to one key. The graphs are captured with `max_seq_len` at the model's limit, so the decode
-    kernel's split of the KV range covers any sequence (see kernels.attention.paged_decode_attention).
+    kernel's split of the KV range covers any sequence (see kernels.decode_attention.paged_decode_attention).
     """
 
     def __init__(
@@ -228,13 +228,13 @@ class Launched:
 
 class StepResults(NamedTuple):
     """A step's results on the host: sampled tokens and their log-probs (sample order), each scored prompt
-    token's log-prob and whether it was the argmax, and the logits rows that were not finite."""
+    token's log-prob and whether it was the argmax, and the sequences whose logits were not finite."""
 
     tokens: np.ndarray
     token_logprobs: np.ndarray
     prompt_logprobs: np.ndarray
     prompt_greedy: np.ndarray
-    non_finite_rows: np.ndarray
+    non_finite: set[int]
 
 
 class ModelRunner:
@@ -479,5 +479,14 @@ class ModelRunner:
             host[n : 2 * n].astype(np.float32),
             host[2 * n : 2 * n + m].astype(np.float32),
             host[2 * n + m : 2 * n + 2 * m] > 0.5,
-            np.flatnonzero(host[2 * n + 2 * m :] < 0.5),
+            _rows_to_seqs(plan, np.flatnonzero(host[2 * n + 2 * m :] < 0.5)),
         )
+
+
+def _rows_to_seqs(plan, rows: np.ndarray) -> set[int]:
+    """Sequence ids of logits rows (sampled rows first, then prompt-logprob rows)."""
+    if not len(rows):
+        return set()
+    token_rows = np.concatenate([plan.sample_indices, plan.prompt_lp_indices])[rows]
+    batch = np.searchsorted(plan.query_start_loc, token_rows, side="right") - 1
+    return {int(x) for x in plan.seq_ids[batch]}

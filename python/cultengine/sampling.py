@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .console import MAX_SEED
+from .errors import CheckpointError
 
 INT32_MAX = 2**31 - 1  # the scheduler keeps token counts, top-k and token ids as 32-bit integers
 MAX_TOP_LOGPROBS = 20  # alternatives per position (OpenAI's limit)
@@ -161,11 +162,16 @@ DEFAULTABLE = tuple(FALLBACKS)
 _UNFOLLOWED = {"min_p": 0.0}
 
 
-def generation_defaults(generation_config: dict, where: str) -> tuple[dict, dict]:
+def generation_defaults(generation_config: dict, where: str, mode: str = "auto") -> tuple[dict, dict]:
     """(sampling defaults taken from a checkpoint's generation_config.json, fields it sets that cultengine
     cannot follow), as vLLM's `generation_config="auto"` takes them: temperature, top_p, top_k (0 = off),
     repetition_penalty, whatever `do_sample` says (transformers' greedy `generate` applies a repetition
-    penalty too). A value of the wrong type is a ValueError naming the file and field."""
+    penalty too); `mode="none"` takes nothing. A value of the wrong type is a CheckpointError naming the file
+    and field."""
+    if mode not in ("auto", "none"):
+        raise ValueError(f"generation_config must be 'auto' or 'none', got {mode!r}")
+    if mode == "none":
+        return {}, {}
     taken = {}
     for name in DEFAULTABLE:
         value = generation_config.get(name)
@@ -176,7 +182,7 @@ def generation_defaults(generation_config: dict, where: str) -> tuple[dict, dict
         try:
             SamplingParams(**{name: value})
         except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
+            raise CheckpointError(f"{where}: {e}") from None
         taken[name] = value
     unfollowed = {
         k: generation_config[k]
