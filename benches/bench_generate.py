@@ -296,7 +296,7 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--preset",
         default=None,
-        help="shape preset with random weights (cultengine.profile.PRESETS); default: the demo checkpoint",
+        help="shape preset with random weights (cultengine profile --list-presets); default: the demo checkpoint",
     )
     parser.add_argument("--dtype", default=None, help="default: float32 on the CPU, bfloat16 on CUDA")
     parser.add_argument("--num-requests", type=int, default=None, help="default: 64 on the CPU, 1000 on CUDA")

@@ -96,7 +96,9 @@ def run_lm_eval_style(model, questions, pad_id: int, device) -> np.ndarray:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--preset", default=None, help="shape preset with random weights (cultengine.profile.PRESETS)")
+    parser.add_argument(
+        "--preset", default=None, help="shape preset with random weights (cultengine profile --list-presets)"
+    )
     parser.add_argument("--dtype", default=None, help="default: float32 on the CPU, bfloat16 on CUDA")
     parser.add_argument("--num-questions", type=int, default=None, help="default: 64 on the CPU, 500 on CUDA")
     parser.add_argument("--prompt-len", default="16", help="words per question (profile syntax)")

@@ -139,7 +139,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
-    parser.add_argument("--preset", default=None, help="shape preset with random weights (cultengine.profile.PRESETS)")
+    parser.add_argument(
+        "--preset", default=None, help="shape preset with random weights (cultengine profile --list-presets)"
+    )
     parser.add_argument("--num-requests", type=int, default=128)
     parser.add_argument("--prompt-len", default="16", help="words per prompt: N, LO:HI or exp:MEAN")
     parser.add_argument("--output-len", default="32", help="tokens per output: N, LO:HI or exp:MEAN")

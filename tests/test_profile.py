@@ -114,7 +114,7 @@ def test_gemma3_presets_are_real_sizes(tmp_path, name, shape, billions):
 def test_presets_read_the_published_files_of_the_test_corpus():
     """Every config file the package ships for the presets is byte for byte the one in tests/fixtures/real (whose
     SOURCES.md names its repository, commit and sha256)."""
-    from cultengine.profile import PUBLISHED
+    from cultengine.presets import PUBLISHED
     from real_checkpoints import FIXTURES
 
     shipped = sorted(p for p in PUBLISHED.rglob("*.json"))
@@ -130,3 +130,25 @@ def test_qwen3_vl_preset_has_the_published_shape(tmp_path):
     assert ckpt.architecture == "Qwen3VLForConditionalGeneration"
     assert (t.hidden_size, t.num_layers, t.num_heads, t.num_kv_heads) == (2560, 36, 32, 8)
     assert (v.depth, v.patch_size) == (24, 16)
+
+
+def test_each_family_declares_the_presets_of_its_own_architectures(tmp_path, capsys):
+    """A preset sits in the file of the family that runs it, and `--list-presets` names every one."""
+    import importlib
+
+    from cultengine.models import FAMILIES, presets
+
+    by_module: dict[str, set[str]] = {}
+    for arch, entry in FAMILIES.items():
+        by_module.setdefault(entry.rsplit(".", 1)[0], set()).add(arch)
+    seen = {}
+    for module, archs in by_module.items():
+        for name in getattr(importlib.import_module(f"cultengine.models.{module}"), "PRESETS", {}):
+            assert name not in seen, f"preset {name} declared by both {seen[name]} and {module}"
+            seen[name] = module
+            ckpt = load_checkpoint(preset_checkpoint(name, tmp_path / name), device="meta", random_init=True)
+            assert ckpt.architecture in archs, (name, module, ckpt.architecture)
+    assert list(presets()) == list(seen) and len(seen) >= 12
+    assert cli.main(["profile", "--list-presets"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in listed] == list(seen)

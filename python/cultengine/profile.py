@@ -1,10 +1,9 @@
 """`cultengine profile`: throughput, latency and where the time goes, on a synthetic workload.
 
-`--model` takes a checkpoint directory or a shape preset (`llava-1.5-7b`, `llava-next-7b`, `pangea-7b`,
-`llava-onevision-7b`, `qwen2-7b`, `qwen2.5-vl-7b`, `qwen2.5-vl-72b`, `qwen3-vl-4b`, `smolvlm2-2.2b`,
-`internvl3-8b`, `gemma-3-4b`, `gemma-3-12b`, `demo`) whose weights are drawn at load time, so real model sizes
-can be profiled without downloading anything; their shapes come from the models' published config files where
-the package ships them (`published/`). Presets have billions of parameters and need CUDA: on a CPU they are refused
+`--model` takes a checkpoint directory, `demo`, or a shape preset (`--list-presets`; each family declares its
+own, `cultengine.presets`) whose weights are drawn at load time, so real model sizes can be profiled without
+downloading anything; their shapes come from the models' published config files where the package ships them
+(`published/`). Presets have billions of parameters and need CUDA: on a CPU they are refused
 unless `--allow-cpu`. `--dry-run` runs nothing: it plans memory (weight and KV-cache bytes) from the shapes,
 on any machine.
 """
@@ -19,266 +18,29 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from .console import add_quiet, add_threads, positive_int
+from .presets import PUBLISHED, PresetTokens, Published, merged, published
 
-# numpy, torch and PIL are imported where they are used, so that `cultengine --help` loads none of them.
-
-PUBLISHED = Path(__file__).resolve().parent / "published"  # config files as public checkpoints publish them
-
-
-def _published(folder: str, file: str = "config.json") -> dict:
-    return json.loads((PUBLISHED / folder / file).read_text(encoding="utf-8"))
+# numpy, torch, PIL and the model families are imported where they are used, so that `cultengine --help` loads
+# none of them.
 
 
-# Shapes of public checkpoints: read from their published config files (published/SOURCES.md) where this package
-# ships them; typed here (config.json fields) for the towers and decoders whose files it does not. Weights are
-# random.
-_LLAVA_15 = _published("llava-1.5-7b-hf")
-_CLIP_L14_336 = _LLAVA_15["vision_config"]
-_CLIP_336_PREPROCESSOR = _published("llava-1.5-7b-hf", "preprocessor_config.json")
-# Qwen2.5-7B-Instruct's decoder: the Qwen2-7B shape (Pangea-7B, LLaVA-OneVision-7B, InternVL3-8B build on it).
-_QWEN2_7B = {
-    k: v
-    for k, v in _published("Qwen2.5-7B-Instruct").items()
-    if k not in ("architectures", "torch_dtype", "use_cache", "bos_token_id", "eos_token_id", "transformers_version")
-}
-_SIGLIP_SO400M_384 = {
-    "model_type": "siglip_vision_model",
-    "hidden_size": 1152,
-    "intermediate_size": 4304,
-    "num_hidden_layers": 26,
-    "num_attention_heads": 16,
-    "image_size": 384,
-    "patch_size": 14,
-    "hidden_act": "gelu_pytorch_tanh",
-    "layer_norm_eps": 1e-6,
-}
-_MISTRAL_7B = {
-    "model_type": "mistral",
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "vocab_size": 32064,
-    "max_position_embeddings": 32768,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 1000000.0,
-    "sliding_window": None,
-}
-_LLAVA = {
-    "architectures": ["LlavaForConditionalGeneration"],
-    "vision_feature_layer": -2,
-    "vision_feature_select_strategy": "default",
-}
-_LLAVA_NEXT = {
-    "architectures": ["LlavaNextForConditionalGeneration"],
-    "vision_feature_layer": -2,
-    "vision_feature_select_strategy": "default",
-    "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
-}
-# SmolVLM2-2.2B-Instruct: SigLIP-so400m/14 on 384-px tiles, scale_factor 3 (81 tokens a tile), SmolLM2-1.7B.
-_SMOLVLM2_2B = {
-    "architectures": ["SmolVLMForConditionalGeneration"],
-    "scale_factor": 3,
-    "text_config": {
-        "model_type": "llama",
-        "hidden_size": 2048,
-        "intermediate_size": 8192,
-        "num_hidden_layers": 24,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 32,
-        "vocab_size": 49280,
-        "max_position_embeddings": 8192,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 130000.0,
-    },
-    "vision_config": {**_SIGLIP_SO400M_384, "model_type": "smolvlm_vision", "num_hidden_layers": 27},
-}
-_SMOLVLM2_PREPROCESSOR = {
-    "image_processor_type": "SmolVLMImageProcessor",
-    "do_resize": True,
-    "size": {"longest_edge": 1536},
-    "max_image_size": {"longest_edge": 384},
-    "do_image_splitting": True,
-    "resample": 1,
-    "do_rescale": True,
-    "do_normalize": True,
-    "image_mean": [0.5, 0.5, 0.5],
-    "image_std": [0.5, 0.5, 0.5],
-}
-# InternVL3-8B-hf: InternViT-300M-448px (256 tokens a tile, up to 12 tiles + thumbnail) and Qwen2.5-7B.
-_INTERNVL3_8B = {
-    "architectures": ["InternVLForConditionalGeneration"],
-    "downsample_ratio": 0.5,
-    "vision_feature_layer": -1,
-    "vision_feature_select_strategy": "default",
-    "tie_word_embeddings": False,
-    "text_config": {**_QWEN2_7B, "vocab_size": 151674},
-    "vision_config": {
-        "model_type": "internvl_vision",
-        "hidden_size": 1024,
-        "intermediate_size": 4096,
-        "num_hidden_layers": 24,
-        "num_attention_heads": 16,
-        "image_size": 448,
-        "patch_size": 14,
-        "hidden_act": "gelu",
-        "norm_type": "layer_norm",
-        "layer_scale_init_value": 0.1,
-        "use_mean_pooling": True,
-    },
-}
-_INTERNVL3_PREPROCESSOR = {
-    "image_processor_type": "GotOcr2ImageProcessor",
-    "size": {"height": 448, "width": 448},
-    "min_patches": 1,
-    "max_patches": 12,
-    "resample": 3,
-    "do_rescale": True,
-    "do_normalize": True,
-    "image_mean": [0.485, 0.456, 0.406],
-    "image_std": [0.229, 0.224, 0.225],
-}
+def preset_names() -> list[str]:
+    """Every family's shape presets (they live in the family files: importing them loads torch)."""
+    from .models import presets
 
-
-@dataclass(frozen=True)
-class PresetTokens:
-    """What a family whose prompts carry image markers adds to the demo tokenizer: its special tokens, the
-    placeholder its chat template writes, and processor_config.json's fields."""
-
-    special: tuple[str, ...]
-    image_token: str
-    processor: dict
-
-
-_IDEFICS3_TOKENS = PresetTokens(
-    (
-        "<fake_token_around_image>",
-        "<global-img>",
-        "<end_of_utterance>",
-        *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)),
-    ),
-    "<image>",
-    {"processor_class": "SmolVLMProcessor", "image_seq_len": 81},
-)
-_INTERNVL_TOKENS = PresetTokens(
-    ("<img>", "</img>", "<IMG_CONTEXT>"),
-    "<IMG_CONTEXT>",
-    {"processor_class": "InternVLProcessor", "image_seq_length": 256},
-)
-
-
-@dataclass(frozen=True)
-class Published:
-    """A preset that is a public checkpoint's own config files (`published/<folder>/`), with `changes` (nested
-    config.json fields) for a larger size of the same model whose files this package does not ship."""
-
-    folder: str
-    changes: dict = field(default_factory=dict)
-
-
-# name -> a public checkpoint's files (`Published`), or a combination of parts (published ones where this package
-# has their files): (config.json fields over the demo's, preprocessor_config.json[, the family's tokens])
-PRESETS: dict[str, tuple | Published] = {
-    # a Qwen2-7B decoder behind CLIP-L/14-336 in the LLaVA-1.5 layout
-    "qwen2-7b": ({**_LLAVA, "text_config": _QWEN2_7B, "vision_config": _CLIP_L14_336}, _CLIP_336_PREPROCESSOR),
-    # llava-v1.6-mistral-7b: up to 4 tiles of 336 + the base tile (5 tiles)
-    "llava-next-7b": (
-        {**_LLAVA_NEXT, "text_config": _MISTRAL_7B, "vision_config": _CLIP_L14_336},
-        {
-            **_CLIP_336_PREPROCESSOR,
-            "image_processor_type": "LlavaNextImageProcessor",
-            "processor_class": "LlavaNextProcessor",
-        },
-    ),
-    # Pangea-7B-hf: LLaVA-NeXT with a Qwen2-7B decoder (CLIP-L/14-336 tower, as LLaVA-NeXT)
-    "pangea-7b": (
-        {**_LLAVA_NEXT, "text_config": _QWEN2_7B, "vision_config": _CLIP_L14_336},
-        {
-            **_CLIP_336_PREPROCESSOR,
-            "image_processor_type": "LlavaNextImageProcessor",
-            "processor_class": "LlavaNextProcessor",
-        },
-    ),
-    # llava-onevision-qwen2-7b-ov-hf: SigLIP-so400m/14-384 and Qwen2-7B, anyres_max_9
-    "llava-onevision-7b": (
-        {
-            "architectures": ["LlavaOnevisionForConditionalGeneration"],
-            "vision_feature_layer": -1,
-            "vision_feature_select_strategy": "full",
-            "vision_aspect_ratio": "anyres_max_9",
-            "text_config": _QWEN2_7B,
-            "vision_config": _SIGLIP_SO400M_384,
-        },
-        {
-            "image_processor_type": "LlavaOnevisionImageProcessor",
-            "size": {"height": 384, "width": 384},
-            "do_resize": True,
-            "do_rescale": True,
-            "do_normalize": True,
-            "resample": 3,
-            "image_mean": [0.5, 0.5, 0.5],
-            "image_std": [0.5, 0.5, 0.5],
-        },
-    ),
-    "smolvlm2-2.2b": (_SMOLVLM2_2B, _SMOLVLM2_PREPROCESSOR, _IDEFICS3_TOKENS),
-    "internvl3-8b": (_INTERNVL3_8B, _INTERNVL3_PREPROCESSOR, _INTERNVL_TOKENS),
-}
-
-
-PRESETS.update(
-    {
-        "llava-1.5-7b": Published("llava-1.5-7b-hf"),
-        "qwen2.5-vl-7b": Published("Qwen2.5-VL-7B-Instruct"),
-        # Qwen2.5-VL-72B-Instruct: the 7B's files (the same tower, processor, rope) with its decoder's sizes
-        "qwen2.5-vl-72b": Published(
-            "Qwen2.5-VL-7B-Instruct",
-            {
-                "hidden_size": 8192,
-                "intermediate_size": 29568,
-                "num_hidden_layers": 80,
-                "num_attention_heads": 64,
-                "num_key_value_heads": 8,
-                "max_window_layers": 80,
-                "vision_config": {"out_hidden_size": 8192},
-            },
-        ),
-        "qwen3-vl-4b": Published("Qwen3-VL-4B-Instruct"),
-        # gemma-3-4b-it / gemma-3-12b-it: SigLIP-so400m/14-896 pooled to 256 tokens; 5 sliding layers per full one
-        "gemma-3-4b": Published("gemma-3-4b-it"),
-        "gemma-3-12b": Published(
-            "gemma-3-4b-it",
-            {
-                "text_config": {
-                    "hidden_size": 3840,
-                    "intermediate_size": 15360,
-                    "num_hidden_layers": 48,
-                    "num_attention_heads": 16,
-                    "num_key_value_heads": 8,
-                }
-            },
-        ),
-    }
-)
-
-
-def _merged(base: dict, changes: dict) -> dict:
-    out = dict(base)
-    for k, v in changes.items():
-        out[k] = _merged(base.get(k) or {}, v) if isinstance(v, dict) else v
-    return out
+    return list(presets())
 
 
 def preset_checkpoint(name: str, out_dir: Path) -> Path:
     """A checkpoint directory with the preset's config and the demo tokenizer, no weight files."""
     from .bench import demo_checkpoint
+    from .models import presets
 
     demo = demo_checkpoint.ensure()
-    spec = PRESETS[name]
+    spec = presets()[name]
     # The demo's tokenizer and template; its model files only where the preset has none of its own.
     model_files = {"config.json", "model.safetensors.index.json"}
     if isinstance(spec, Published):
@@ -291,12 +53,12 @@ def preset_checkpoint(name: str, out_dir: Path) -> Path:
     if isinstance(spec, Published):
         for f in (PUBLISHED / spec.folder).iterdir():
             shutil.copy(f, out_dir / f.name)
-        config = _merged(_published(spec.folder), spec.changes)
-        family_tokens = []
+        config = merged(published(spec.folder), spec.changes)
+        tokens = None
     else:
-        fields, preprocessor, *family_tokens = spec
-        config = {**demo_cfg, **fields, "text_config": {**fields["text_config"]}}
-        (out_dir / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+        config = {**demo_cfg, **spec.config, "text_config": {**spec.config["text_config"]}}
+        (out_dir / "preprocessor_config.json").write_text(json.dumps(spec.preprocessor))
+        tokens = spec.tokens
     config["dtype"] = "bfloat16"
     # The demo tokenizer's ids (its image token included) must stay inside the preset's vocabulary.
     demo_vocab = demo_cfg["text_config"]["vocab_size"]
@@ -304,8 +66,8 @@ def preset_checkpoint(name: str, out_dir: Path) -> Path:
     if "vocab_size" in text:
         text["vocab_size"] = max(text["vocab_size"], demo_vocab + 2)
     config["image_token_index"] = config["image_token_id"] = demo_cfg["image_token_index"]  # both names in use
-    if family_tokens:
-        config["image_token_id"] = _add_family_tokens(out_dir, family_tokens[0])
+    if tokens is not None:
+        config["image_token_id"] = _add_family_tokens(out_dir, tokens)
     if "mm_tokens_per_image" in config:  # Gemma 3: the demo's <image> opens an image; soft/end ids past its vocab
         config.update(
             boi_token_index=demo_cfg["image_token_index"],
@@ -458,7 +220,7 @@ def _device(args) -> str:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.split(":")[0] == "cpu" and args.model in PRESETS and not getattr(args, "allow_cpu", False):
+    if device.split(":")[0] == "cpu" and args.model in preset_names() and not getattr(args, "allow_cpu", False):
         raise ValueError(
             f"profile --model {args.model}: a preset of a real model's shapes (billions of parameters) "
             "needs CUDA; on a CPU it takes many GiB and a very long time. Use --dry-run to plan its "
@@ -478,7 +240,7 @@ def run_profile(args) -> dict:
 
     tmp = None
     model = args.model
-    if model in PRESETS:
+    if model in preset_names():
         tmp = Path(tempfile.mkdtemp(prefix="cultengine-preset-"))
         model = str(preset_checkpoint(model, tmp))
     else:
@@ -601,8 +363,9 @@ def register(sub) -> None:
     p.add_argument(
         "--model",
         default="demo",
-        help=f"checkpoint directory, 'demo', or a shape preset with random weights: {', '.join(PRESETS)}",
+        help="checkpoint directory, 'demo', or a shape preset with random weights (--list-presets names them)",
     )
+    p.add_argument("--list-presets", action="store_true", help="list the shape presets and exit")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--allow-cpu", action="store_true", help="run a shape preset (billions of parameters) on a CPU")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
@@ -644,9 +407,27 @@ def register(sub) -> None:
     p.set_defaults(func=_main)
 
 
+def format_presets() -> str:
+    """One line per shape preset: its name, architecture and where its files come from."""
+    from .models import presets
+
+    lines = []
+    for name, spec in presets().items():
+        if isinstance(spec, Published):
+            arch = published(spec.folder)["architectures"][0]
+            source = f"published/{spec.folder}" + (" with larger sizes" if spec.changes else "")
+        else:
+            arch, source = spec.config["architectures"][0], "composed of published and typed parts"
+        lines.append(f"{name:<20} {arch:<44} {source}")
+    return "\n".join(lines)
+
+
 def _main(args) -> int:
+    if args.list_presets:
+        print(format_presets())
+        return 0
     if args.dry_run:
-        tmp = Path(tempfile.mkdtemp(prefix="cultengine-preset-")) if args.model in PRESETS else None
+        tmp = Path(tempfile.mkdtemp(prefix="cultengine-preset-")) if args.model in preset_names() else None
         try:
             model = str(preset_checkpoint(args.model, tmp) if tmp else args.model)
             plan = memory_plan(

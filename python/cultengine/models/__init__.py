@@ -1,7 +1,7 @@
 """Model registry: the one list of supported architectures, each naming its family's module and class.
 
-Adding a family is one file in this package (a `Family` subclass and its model; see
-docs/ARCHITECTURE.md) and one line below.
+Adding a family is one file in this package (a `Family` subclass and its model, and its shape presets if it
+has any; see docs/ARCHITECTURE.md) and one line below.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import importlib
 
 from ..checkpoint import Checkpoint
 from ..errors import unsupported_architecture
+from ..presets import Preset
 from .family import Capabilities, Family, ImageFeatures, Model
 
 FAMILIES: dict[str, str] = {
@@ -41,6 +42,7 @@ __all__ = [
     "Model",
     "build_model",
     "family_for",
+    "presets",
 ]
 
 
@@ -58,3 +60,11 @@ def family_for(checkpoint: Checkpoint, image_backend: str | None = None) -> Fami
 def build_model(checkpoint: Checkpoint, ops, max_positions: int | None = None) -> Model:
     """Read the weights of `checkpoint` and build its model; `max_positions` sizes the RoPE tables."""
     return family_for(checkpoint).build_model(ops, max_positions)
+
+
+def presets() -> dict[str, Preset]:
+    """Every family's shape presets (its module's `PRESETS`), by name, in registry order."""
+    out: dict[str, Preset] = {}
+    for module in dict.fromkeys(entry.rsplit(".", 1)[0] for entry in FAMILIES.values()):
+        out.update(getattr(importlib.import_module(f".{module}", __package__), "PRESETS", {}))
+    return out

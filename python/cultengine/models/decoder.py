@@ -195,14 +195,23 @@ def tied_embeddings(config: dict) -> bool:
     return bool((config.get("text_config") or {}).get("tie_word_embeddings"))
 
 
+Tensor = Callable[[str, tuple[int, ...]], torch.Tensor]  # Checkpoint.tensor: (name, shape) -> weight
+RotaryTables = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (positions, cos, sin) for ops.rotary_write_kv
+
+
 class Decoder:
     """The decoder stack. `mrope_rows` (one position stream per rotary frequency, `[head_dim // 2]`) makes
-    its RoPE multimodal: `forward` then takes `[3, T]` positions (Qwen2-VL and successors)."""
+    its RoPE multimodal: `forward` then takes `[3, T]` positions (Qwen2-VL and successors).
+
+    A decoder that differs in its norms, layer body or RoPE (Gemma 3) subclasses this and overrides the hooks
+    `norm_weight`, `layer_weights`, `build_rope`, `rotary_tables`, `layer_step` and `final_norm`; the weight
+    loading of attention and MLP, the attention step itself, the KV caches and the layer loop stay here.
+    """
 
     def __init__(
         self,
         ckpt: Checkpoint,
-        text: TextConfig,
+        text: TextConfig | Any,  # a variant passes its own config (GemmaTextConfig)
         ops,
         prefix: str = "model.language_model.",
         max_positions: int | None = None,
@@ -210,63 +219,14 @@ class Decoder:
     ):
         c = text
         self.ops, self.cfg = ops, c
-        h, hd, nq, nkv = c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads
-        self.q_size, self.kv_size, self.scale = nq * hd, nkv * hd, hd**-0.5
+        h, hd = c.hidden_size, c.head_dim
+        self.q_size, self.kv_size, self.scale = c.num_heads * hd, c.num_kv_heads * hd, hd**-0.5
         w = ckpt.tensor
         self.embed_tokens = w(prefix + "embed_tokens.weight", (c.vocab_size, h))
-        if c.tie_word_embeddings:
-            self.lm_head = self.embed_tokens
-        else:
-            self.lm_head = w("lm_head.weight", (c.vocab_size, h))
-        self.norm = w(prefix + "norm.weight", (h,))
+        self.lm_head = self.embed_tokens if c.tie_word_embeddings else w("lm_head.weight", (c.vocab_size, h))
+        self.norm = self.norm_weight(w, prefix + "norm.weight", h)
         self.act = activation(c.hidden_act)
-        self.layers = []
-        for i in range(c.num_layers):
-            lp = f"{prefix}layers.{i}."
-            qkv = [
-                w(f"{lp}self_attn.{n}_proj.weight", (o, h))
-                for n, o in (("q", self.q_size), ("k", self.kv_size), ("v", self.kv_size))
-            ]
-            qkv_b = (
-                [
-                    w(f"{lp}self_attn.{n}_proj.bias", (o,))
-                    for n, o in (("q", self.q_size), ("k", self.kv_size), ("v", self.kv_size))
-                ]
-                if c.attention_bias
-                else None
-            )
-            mlp_b = c.mlp_bias
-            self.layers.append(
-                dict(
-                    input_norm=w(lp + "input_layernorm.weight", (h,)),
-                    post_norm=w(lp + "post_attention_layernorm.weight", (h,)),
-                    # q/k/v and gate/up fused: one matmul each instead of three and two.
-                    qkv=torch.cat(qkv),
-                    qkv_bias=torch.cat(qkv_b) if qkv_b else None,
-                    o=w(lp + "self_attn.o_proj.weight", (h, self.q_size)),
-                    o_bias=w(lp + "self_attn.o_proj.bias", (h,)) if c.o_bias else None,
-                    gate_up=torch.cat(
-                        [
-                            w(lp + "mlp.gate_proj.weight", (c.intermediate_size, h)),
-                            w(lp + "mlp.up_proj.weight", (c.intermediate_size, h)),
-                        ]
-                    ),
-                    gate_up_bias=(
-                        torch.cat(
-                            [
-                                w(lp + "mlp.gate_proj.bias", (c.intermediate_size,)),
-                                w(lp + "mlp.up_proj.bias", (c.intermediate_size,)),
-                            ]
-                        )
-                        if mlp_b
-                        else None
-                    ),
-                    down=w(lp + "mlp.down_proj.weight", (h, c.intermediate_size)),
-                    down_bias=w(lp + "mlp.down_proj.bias", (h,)) if mlp_b else None,
-                    q_norm=w(lp + "self_attn.q_norm.weight", (hd,)) if c.qk_norm else None,
-                    k_norm=w(lp + "self_attn.k_norm.weight", (hd,)) if c.qk_norm else None,
-                )
-            )
+        self.layers = [self.layer_weights(w, f"{prefix}layers.{i}.", i) for i in range(c.num_layers)]
         # RoPE tables are built once, in fp32, for every position the model may see.
         positions = max_positions or c.max_position_embeddings
         if positions > MAX_ROPE_POSITIONS:
@@ -274,15 +234,122 @@ class Decoder:
                 f"config.json: max_position_embeddings {positions} is too large to allocate "
                 f"RoPE tables for (limit {MAX_ROPE_POSITIONS}); pass a smaller max_model_len"
             )
-        self.cos, self.sin = ops_module.rotary_cos_sin(hd, positions, c.rope_theta, ckpt.device, c.rope_scaling)
+        self.build_rope(positions, ckpt.device, mrope_rows)
+
+    # -- hooks a decoder variant overrides -------------------------------------------------------------
+
+    def norm_weight(self, w: Tensor, name: str, dim: int) -> torch.Tensor:
+        return w(name, (dim,))
+
+    def layer_weights(self, w: Tensor, lp: str, i: int) -> dict[str, Any]:
+        """Layer `i`'s weights (`lp` its name prefix) as `layer_step` reads them."""
+        c = self.cfg
+        return dict(
+            input_norm=self.norm_weight(w, lp + "input_layernorm.weight", c.hidden_size),
+            post_norm=self.norm_weight(w, lp + "post_attention_layernorm.weight", c.hidden_size),
+            q_norm=self.norm_weight(w, lp + "self_attn.q_norm.weight", c.head_dim) if c.qk_norm else None,
+            k_norm=self.norm_weight(w, lp + "self_attn.k_norm.weight", c.head_dim) if c.qk_norm else None,
+            window=c.window(i),
+            **self.attention_weights(w, lp, c.attention_bias, c.o_bias),
+            **self.mlp_weights(w, lp, c.mlp_bias),
+        )
+
+    def build_rope(self, positions: int, device: torch.device, mrope_rows: list[int] | None) -> None:
+        c, hd = self.cfg, self.cfg.head_dim
+        self.cos, self.sin = ops_module.rotary_cos_sin(hd, positions, c.rope_theta, device, c.rope_scaling)
         if mrope_rows is not None and len(mrope_rows) != hd // 2:
             raise CheckpointError(
                 f"config.json: mrope_section covers {len(mrope_rows)} rotary frequencies, "
                 f"but head_dim {hd} has {hd // 2}"
             )
-        self.mrope_rows = (
-            None if mrope_rows is None else torch.tensor(mrope_rows, dtype=torch.int64, device=ckpt.device)
+        self.mrope_rows = None if mrope_rows is None else torch.tensor(mrope_rows, dtype=torch.int64, device=device)
+
+    def rotary_tables(self, positions: torch.Tensor) -> Any:
+        """What `layer_step` rotates with this step: (positions, cos, sin) for `ops.rotary_write_kv`, the
+        shared tables, or for M-RoPE each token's own (its frequencies turned by their position streams) at
+        positions 0..T-1."""
+        if self.mrope_rows is None:
+            return positions, self.cos, self.sin
+        cos, sin = ops_module.mrope_cos_sin(positions, self.cos, self.sin, self.mrope_rows)
+        return torch.arange(positions.shape[1], device=positions.device), cos, sin
+
+    def layer_step(
+        self,
+        layer: dict[str, Any],
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        tables: Any,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One layer, pre-norm with the residual carried beside `x` (the fused add + RMSNorm): its output is
+        `x + residual`."""
+        ops, c = self.ops, self.cfg
+        h, residual = ops.rms_norm(x, layer["input_norm"], c.rms_norm_eps, residual)
+        q, k, v = self.project_qkv(layer, h)
+        if c.qk_norm:
+            q = ops.rms_norm(q, layer["q_norm"], c.rms_norm_eps)[0]
+            k = ops.rms_norm(k, layer["k_norm"], c.rms_norm_eps)[0]
+        x = self.attend(layer, q, k, v, tables, kv_cache, meta)
+        h, residual = ops.rms_norm(x, layer["post_norm"], c.rms_norm_eps, residual)
+        return self.mlp(layer, h), residual
+
+    def final_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        return self.ops.rms_norm(x, self.norm, self.cfg.rms_norm_eps, residual)[0]
+
+    # -- shared pieces ---------------------------------------------------------------------------------
+
+    def attention_weights(self, w: Tensor, lp: str, qkv_bias: bool, o_bias: bool) -> dict[str, Any]:
+        h, names = self.cfg.hidden_size, (("q", self.q_size), ("k", self.kv_size), ("v", self.kv_size))
+        return dict(
+            # q/k/v fused: one matmul instead of three.
+            qkv=torch.cat([w(f"{lp}self_attn.{n}_proj.weight", (o, h)) for n, o in names]),
+            qkv_bias=torch.cat([w(f"{lp}self_attn.{n}_proj.bias", (o,)) for n, o in names]) if qkv_bias else None,
+            o=w(lp + "self_attn.o_proj.weight", (h, self.q_size)),
+            o_bias=w(lp + "self_attn.o_proj.bias", (h,)) if o_bias else None,
         )
+
+    def mlp_weights(self, w: Tensor, lp: str, bias: bool) -> dict[str, Any]:
+        h, i = self.cfg.hidden_size, self.cfg.intermediate_size
+        return dict(
+            # gate/up fused: one matmul instead of two.
+            gate_up=torch.cat([w(lp + "mlp.gate_proj.weight", (i, h)), w(lp + "mlp.up_proj.weight", (i, h))]),
+            gate_up_bias=(
+                torch.cat([w(lp + "mlp.gate_proj.bias", (i,)), w(lp + "mlp.up_proj.bias", (i,))]) if bias else None
+            ),
+            down=w(lp + "mlp.down_proj.weight", (h, i)),
+            down_bias=w(lp + "mlp.down_proj.bias", (h,)) if bias else None,
+        )
+
+    def project_qkv(self, layer: dict[str, Any], h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """`[T, H]` -> q `[T, heads, head_dim]`, k and v `[T, kv_heads, head_dim]`."""
+        c, t = self.cfg, h.shape[0]
+        q, k, v = F.linear(h, layer["qkv"], layer["qkv_bias"]).split((self.q_size, self.kv_size, self.kv_size), -1)
+        return (
+            q.view(t, c.num_heads, c.head_dim),
+            k.view(t, c.num_kv_heads, c.head_dim),
+            v.view(t, c.num_kv_heads, c.head_dim),
+        )
+
+    def attend(
+        self,
+        layer: dict[str, Any],
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rope: RotaryTables,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """RoPE, this step's K and V written to the paged cache, attention over it, the output projection."""
+        k_cache, v_cache = kv_cache
+        q = self.ops.rotary_write_kv(q, k, v, *rope, k_cache, v_cache, meta.slot_mapping)
+        a = self.ops.paged_attention(q, k_cache, v_cache, meta, self.scale, layer["window"])
+        return F.linear(a.reshape(q.shape[0], self.q_size), layer["o"], layer["o_bias"])
+
+    def mlp(self, layer: dict[str, Any], h: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(h, layer["gate_up"], layer["gate_up_bias"]).chunk(2, dim=-1)
+        return F.linear(self.act(gate) * up, layer["down"], layer["down_bias"])
 
     @property
     def dtype(self) -> torch.dtype:
@@ -301,14 +368,6 @@ class Decoder:
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, self.embed_tokens)
 
-    def rotary_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(positions, cos, sin) for `ops.rotary_write_kv`: the shared tables, or for M-RoPE each token's own
-        (its frequencies turned by their position streams) at positions 0..T-1."""
-        if self.mrope_rows is None:
-            return positions, self.cos, self.sin
-        cos, sin = ops_module.mrope_cos_sin(positions, self.cos, self.sin, self.mrope_rows)
-        return torch.arange(positions.shape[1], device=positions.device), cos, sin
-
     @torch.inference_mode()
     def forward(
         self,
@@ -324,28 +383,13 @@ class Decoder:
         output with what a family adds there (Qwen3-VL's DeepStack features); the output is `x + residual`,
         so adding to `x` adds to it.
         """
-        ops, c, t = self.ops, self.cfg, input_embeds.shape[0]
-        rope_positions, cos, sin = self.rotary_tables(positions)
+        tables = self.rotary_tables(positions)
         x, residual = input_embeds, None
-        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches, strict=True)):
-            h, residual = ops.rms_norm(x, layer["input_norm"], c.rms_norm_eps, residual)
-            qkv = F.linear(h, layer["qkv"], layer["qkv_bias"])
-            q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-            q = q.view(t, c.num_heads, c.head_dim)
-            k = k.view(t, c.num_kv_heads, c.head_dim)
-            v = v.view(t, c.num_kv_heads, c.head_dim)
-            if c.qk_norm:
-                q = ops.rms_norm(q, layer["q_norm"], c.rms_norm_eps)[0]
-                k = ops.rms_norm(k, layer["k_norm"], c.rms_norm_eps)[0]
-            q = ops.rotary_write_kv(q, k, v, rope_positions, cos, sin, k_cache, v_cache, meta.slot_mapping)
-            a = ops.paged_attention(q, k_cache, v_cache, meta, self.scale, c.window(i))
-            x = F.linear(a.reshape(t, self.q_size), layer["o"], layer["o_bias"])
-            h, residual = ops.rms_norm(x, layer["post_norm"], c.rms_norm_eps, residual)
-            gate, up = F.linear(h, layer["gate_up"], layer["gate_up_bias"]).chunk(2, dim=-1)
-            x = F.linear(self.act(gate) * up, layer["down"], layer["down_bias"])
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            x, residual = self.layer_step(layer, x, residual, tables, kv_cache, meta)
             if after_layer is not None:
                 x = after_layer(i, x)
-        return ops.rms_norm(x, self.norm, c.rms_norm_eps, residual)[0]
+        return self.final_norm(x, residual)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,10 @@
 """Gemma 3 (`Gemma3ForConditionalGeneration`, and the text-only `Gemma3ForCausalLM`).
 
-The decoder is its own: embeddings scaled by sqrt(hidden), RMSNorm with `(1 + w)` computed in fp32, q/k
-norms, four norms per layer (input, post-attention, pre- and post-feedforward), GeGLU with tanh GELU,
-`query_pre_attn_scalar`, and `layer_types` mixing sliding-window layers (local RoPE base) with full ones
-(global base and its scaling), and `final_logit_softcapping` in the text-only model (transformers applies it
-there only). Images: a SigLIP tower's last hidden state, average-pooled to
+The decoder is the shared one with Gemma's hooks: embeddings scaled by sqrt(hidden), RMSNorm with `(1 + w)`
+computed in fp32, q/k norms, four norms per layer (input, post-attention, pre- and post-feedforward), GeGLU
+with tanh GELU, `query_pre_attn_scalar`, and `layer_types` mixing sliding-window layers (local RoPE base) with
+full ones (global base and its scaling), and `final_logit_softcapping` in the text-only model (transformers
+applies it there only). Images: a SigLIP tower's last hidden state, average-pooled to
 `mm_tokens_per_image`, Gemma-normed and projected; the processor writes each `<start_of_image>` as
 `\\n\\n<start_of_image>` + soft tokens + `<end_of_image>\\n\\n`, and the soft tokens of one image attend to
 each other both ways during prefill (so an image's run is never split across prefill chunks).
@@ -26,7 +26,8 @@ from ..attention_metadata import AttentionMetadata
 from ..checkpoint import Checkpoint
 from ..errors import CheckpointError, config_float, config_int
 from ..image import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, ImageProcessor
-from .decoder import MAX_ROPE_POSITIONS, LayerHook, SplicedDecoder, _rope
+from ..presets import Preset, Published
+from .decoder import Decoder, RotaryTables, SplicedDecoder, Tensor, _rope
 from .family import Capabilities, Family, ImageFeatures
 from .text import TextOnly
 from .vision import VisionConfig, VisionTower, activation
@@ -132,114 +133,77 @@ def gemma_rms_norm(x: torch.Tensor, weight_plus_one: torch.Tensor, eps: float) -
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight_plus_one).to(x.dtype)
 
 
-class GemmaDecoder:
-    """Gemma 3's decoder over a packed batch with a paged KV cache (weights as plain tensors)."""
+class GemmaDecoder(Decoder):
+    """Gemma 3's decoder: the shared `Decoder` with Gemma's norms (`1 + w` in fp32, four per layer, on q and k
+    too), sandwich layers, scaled embeddings, a RoPE table pair per layer type and soft-capped logits."""
 
     def __init__(self, ckpt: Checkpoint, text: GemmaTextConfig, ops, prefix: str, max_positions: int | None = None):
-        c = text
-        self.ops, self.cfg = ops, c
-        h, hd = c.hidden_size, c.head_dim
-        self.q_size, self.kv_size = c.num_heads * hd, c.num_kv_heads * hd
-        w = ckpt.tensor
-
-        def norm(name: str, dim: int = h) -> torch.Tensor:  # kept as 1 + w in fp32, as transformers computes it
-            return 1.0 + w(name, (dim,)).float()
-
-        self.embed_tokens = w(prefix + "embed_tokens.weight", (c.vocab_size, h))
+        super().__init__(ckpt, text, ops, prefix, max_positions)
+        self.scale = text.query_scale
         # transformers rounds sqrt(hidden) to the weights' dtype (55.4256 becomes 55.5 in bf16).
-        self.embed_scale = torch.tensor(h**0.5, dtype=self.embed_tokens.dtype, device=self.embed_tokens.device)
-        self.lm_head = self.embed_tokens if c.tie_word_embeddings else w("lm_head.weight", (c.vocab_size, h))
-        self.norm = norm(prefix + "norm.weight")
-        self.act = activation(c.hidden_act)
-        self.layers = []
-        for i in range(c.num_layers):
-            lp = f"{prefix}layers.{i}."
-            self.layers.append(
-                dict(
-                    input_norm=norm(lp + "input_layernorm.weight"),
-                    post_attn_norm=norm(lp + "post_attention_layernorm.weight"),
-                    pre_ff_norm=norm(lp + "pre_feedforward_layernorm.weight"),
-                    post_ff_norm=norm(lp + "post_feedforward_layernorm.weight"),
-                    q_norm=norm(lp + "self_attn.q_norm.weight", hd),
-                    k_norm=norm(lp + "self_attn.k_norm.weight", hd),
-                    qkv=torch.cat(
-                        [
-                            w(f"{lp}self_attn.{n}_proj.weight", (o, h))
-                            for n, o in (("q", self.q_size), ("k", self.kv_size), ("v", self.kv_size))
-                        ]
-                    ),
-                    o=w(lp + "self_attn.o_proj.weight", (h, self.q_size)),
-                    gate_up=torch.cat(
-                        [
-                            w(lp + "mlp.gate_proj.weight", (c.intermediate_size, h)),
-                            w(lp + "mlp.up_proj.weight", (c.intermediate_size, h)),
-                        ]
-                    ),
-                    down=w(lp + "mlp.down_proj.weight", (h, c.intermediate_size)),
-                    kind=c.layer_types[i],
-                    window=c.sliding_window if c.layer_types[i] == "sliding_attention" else None,
-                )
-            )
-        positions = max_positions or c.max_position_embeddings
-        if positions > MAX_ROPE_POSITIONS:
-            raise CheckpointError(
-                f"config.json: max_position_embeddings {positions} is too large to allocate "
-                f"RoPE tables for (limit {MAX_ROPE_POSITIONS}); pass a smaller max_model_len"
-            )
+        self.embed_scale = torch.tensor(
+            text.hidden_size**0.5, dtype=self.embed_tokens.dtype, device=self.embed_tokens.device
+        )
+
+    def norm_weight(self, w: Tensor, name: str, dim: int) -> torch.Tensor:
+        return 1.0 + w(name, (dim,)).float()  # kept as 1 + w in fp32, as transformers computes it
+
+    def layer_weights(self, w: Tensor, lp: str, i: int) -> dict[str, Any]:
+        c, h = self.cfg, self.cfg.hidden_size
+        kind = c.layer_types[i]
+        return dict(
+            input_norm=self.norm_weight(w, lp + "input_layernorm.weight", h),
+            post_attn_norm=self.norm_weight(w, lp + "post_attention_layernorm.weight", h),
+            pre_ff_norm=self.norm_weight(w, lp + "pre_feedforward_layernorm.weight", h),
+            post_ff_norm=self.norm_weight(w, lp + "post_feedforward_layernorm.weight", h),
+            q_norm=self.norm_weight(w, lp + "self_attn.q_norm.weight", c.head_dim),
+            k_norm=self.norm_weight(w, lp + "self_attn.k_norm.weight", c.head_dim),
+            kind=kind,
+            window=c.sliding_window if kind == "sliding_attention" else None,
+            **self.attention_weights(w, lp, qkv_bias=False, o_bias=False),
+            **self.mlp_weights(w, lp, bias=False),
+        )
+
+    def build_rope(self, positions: int, device: torch.device, mrope_rows: list[int] | None) -> None:
         # One pair of RoPE tables per layer type: the local base for sliding layers, the global one for full.
+        c = self.cfg
         self.rope = {
-            kind: ops_module.rotary_cos_sin(hd, positions, theta, ckpt.device, scaling)
+            kind: ops_module.rotary_cos_sin(c.head_dim, positions, theta, device, scaling)
             for kind, (theta, scaling) in c.rope.items()
             if kind in c.layer_types
         }
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.embed_tokens.dtype
+    def rotary_tables(self, positions: torch.Tensor) -> dict[str, RotaryTables]:
+        return {kind: (positions, cos, sin) for kind, (cos, sin) in self.rope.items()}
 
-    def allocate_kv_caches(
-        self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        shape = (num_blocks, block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
-        kw = dict(dtype=dtype or self.dtype, device=self.embed_tokens.device)
-        return [(torch.zeros(shape, **kw), torch.zeros(shape, **kw)) for _ in self.layers]
+    def layer_step(
+        self,
+        layer: dict[str, Any],
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        tables: dict[str, RotaryTables],
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, None]:
+        # Sandwich norms around attention and the MLP, each added to the stream (no carried residual).
+        eps = self.cfg.rms_norm_eps
+        q, k, v = self.project_qkv(layer, gemma_rms_norm(x, layer["input_norm"], eps))
+        q, k = gemma_rms_norm(q, layer["q_norm"], eps), gemma_rms_norm(k, layer["k_norm"], eps)
+        a = self.attend(layer, q, k, v, tables[layer["kind"]], kv_cache, meta)
+        x = x + gemma_rms_norm(a, layer["post_attn_norm"], eps)
+        h = self.mlp(layer, gemma_rms_norm(x, layer["pre_ff_norm"], eps))
+        return x + gemma_rms_norm(h, layer["post_ff_norm"], eps), None
+
+    def final_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        return gemma_rms_norm(x, self.norm, self.cfg.rms_norm_eps)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.embed_tokens) * self.embed_scale
-
-    @torch.inference_mode()
-    def forward(
-        self,
-        x: torch.Tensor,
-        positions: torch.Tensor,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-        meta: AttentionMetadata,
-        after_layer: LayerHook | None = None,
-    ) -> torch.Tensor:
-        """Packed `[T, H]` embeddings -> final-normed hidden states `[T, H]`; writes this step's KV;
-        `after_layer` as `Decoder.forward`'s."""
-        ops, c, t = self.ops, self.cfg, x.shape[0]
-        eps = c.rms_norm_eps
-        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches, strict=True)):
-            h = gemma_rms_norm(x, layer["input_norm"], eps)
-            q, k, v = F.linear(h, layer["qkv"]).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-            q = gemma_rms_norm(q.view(t, c.num_heads, c.head_dim), layer["q_norm"], eps)
-            k = gemma_rms_norm(k.view(t, c.num_kv_heads, c.head_dim), layer["k_norm"], eps)
-            v = v.view(t, c.num_kv_heads, c.head_dim)
-            q = ops.rotary_write_kv(q, k, v, positions, *self.rope[layer["kind"]], k_cache, v_cache, meta.slot_mapping)
-            a = ops.paged_attention(q, k_cache, v_cache, meta, c.query_scale, layer["window"])
-            x = x + gemma_rms_norm(F.linear(a.reshape(t, self.q_size), layer["o"]), layer["post_attn_norm"], eps)
-            h = gemma_rms_norm(x, layer["pre_ff_norm"], eps)
-            gate, up = F.linear(h, layer["gate_up"]).chunk(2, dim=-1)
-            x = x + gemma_rms_norm(F.linear(self.act(gate) * up, layer["down"]), layer["post_ff_norm"], eps)
-            if after_layer is not None:
-                x = after_layer(i, x)
-        return gemma_rms_norm(x, self.norm, eps)
+        return super().embed(input_ids) * self.embed_scale
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """`[N, H]` hidden rows -> fp32 logits `[N, vocab]`, soft-capped where the config says so."""
-        logits = F.linear(hidden, self.lm_head).float()
+        logits = super().compute_logits(hidden)
         cap = self.cfg.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
@@ -435,3 +399,22 @@ class Gemma3Text(TextOnly):
 
     def build_model(self, ops, max_positions: int | None = None) -> SplicedDecoder:
         return SplicedDecoder(GemmaDecoder(self.checkpoint, self.text, ops, "model.", max_positions), self.text, None)
+
+
+# Shape presets (cultengine.presets): gemma-3-4b-it's own files (SigLIP-so400m/14-896 pooled to 256 tokens;
+# 5 sliding layers per full one), and the 12B: the same files with its decoder's sizes.
+PRESETS: dict[str, Preset] = {
+    "gemma-3-4b": Published("gemma-3-4b-it"),
+    "gemma-3-12b": Published(
+        "gemma-3-4b-it",
+        {
+            "text_config": {
+                "hidden_size": 3840,
+                "intermediate_size": 15360,
+                "num_hidden_layers": 48,
+                "num_attention_heads": 16,
+                "num_key_value_heads": 8,
+            }
+        },
+    ),
+}

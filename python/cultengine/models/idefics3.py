@@ -22,6 +22,7 @@ from PIL import Image
 from ..checkpoint import Checkpoint, _read_json
 from ..errors import CheckpointError, config_int
 from ..image import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, Array, ImageProcessor, resize, size_dict
+from ..presets import SIGLIP_SO400M_384, Composed, Preset, PresetTokens
 from .decoder import Decoder, SplicedDecoder, TextConfig, tied_embeddings
 from .family import Family, ImageFeatures, marker_token_ids
 from .vision import VisionConfig, VisionTower
@@ -288,3 +289,50 @@ class Idefics3Model(SplicedDecoder):
         states = self.vision.forward(torch.cat([im.pixels for im in images]))[0]
         features = F.linear(self.pixel_shuffle(states), self.projection)
         return [f.flatten(0, 1) for f in features.split([im.pixels.shape[0] for im in images])]
+
+
+# Shape preset (cultengine.presets): SmolVLM2-2.2B-Instruct, SigLIP-so400m/14 on 384-px tiles, scale_factor 3
+# (81 tokens a tile), SmolLM2-1.7B.
+PRESETS: dict[str, Preset] = {
+    "smolvlm2-2.2b": Composed(
+        {
+            "architectures": ["SmolVLMForConditionalGeneration"],
+            "scale_factor": 3,
+            "text_config": {
+                "model_type": "llama",
+                "hidden_size": 2048,
+                "intermediate_size": 8192,
+                "num_hidden_layers": 24,
+                "num_attention_heads": 32,
+                "num_key_value_heads": 32,
+                "vocab_size": 49280,
+                "max_position_embeddings": 8192,
+                "rms_norm_eps": 1e-5,
+                "rope_theta": 130000.0,
+            },
+            "vision_config": {**SIGLIP_SO400M_384, "model_type": "smolvlm_vision", "num_hidden_layers": 27},
+        },
+        {
+            "image_processor_type": "SmolVLMImageProcessor",
+            "do_resize": True,
+            "size": {"longest_edge": 1536},
+            "max_image_size": {"longest_edge": 384},
+            "do_image_splitting": True,
+            "resample": 1,
+            "do_rescale": True,
+            "do_normalize": True,
+            "image_mean": [0.5, 0.5, 0.5],
+            "image_std": [0.5, 0.5, 0.5],
+        },
+        PresetTokens(
+            (
+                "<fake_token_around_image>",
+                "<global-img>",
+                "<end_of_utterance>",
+                *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)),
+            ),
+            "<image>",
+            {"processor_class": "SmolVLMProcessor", "image_seq_len": 81},
+        ),
+    ),
+}

@@ -21,6 +21,7 @@ from PIL import Image
 from ..checkpoint import Checkpoint, _read_json
 from ..errors import CheckpointError, config_float, config_int
 from ..image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Array, ImageProcessor, resize, size_dict
+from ..presets import QWEN2_7B, Composed, Preset, PresetTokens
 from .decoder import Decoder, SplicedDecoder, TextConfig
 from .family import Family, ImageFeatures, marker_token_ids
 from .vision import activation
@@ -398,3 +399,48 @@ class InternVLModel(SplicedDecoder):
         x = F.layer_norm(x, (x.shape[-1],), *self.norm, _PROJECTOR_NORM_EPS)
         x = F.linear(self.proj_act(F.linear(x, *self.proj1)), *self.proj2)
         return [f.flatten(0, 1) for f in x.split([im.pixels.shape[0] for im in images])]
+
+
+# Shape preset (cultengine.presets): InternVL3-8B-hf, InternViT-300M-448px (256 tokens a tile, up to 12 tiles
+# + thumbnail) and Qwen2.5-7B.
+PRESETS: dict[str, Preset] = {
+    "internvl3-8b": Composed(
+        {
+            "architectures": ["InternVLForConditionalGeneration"],
+            "downsample_ratio": 0.5,
+            "vision_feature_layer": -1,
+            "vision_feature_select_strategy": "default",
+            "tie_word_embeddings": False,
+            "text_config": {**QWEN2_7B, "vocab_size": 151674},
+            "vision_config": {
+                "model_type": "internvl_vision",
+                "hidden_size": 1024,
+                "intermediate_size": 4096,
+                "num_hidden_layers": 24,
+                "num_attention_heads": 16,
+                "image_size": 448,
+                "patch_size": 14,
+                "hidden_act": "gelu",
+                "norm_type": "layer_norm",
+                "layer_scale_init_value": 0.1,
+                "use_mean_pooling": True,
+            },
+        },
+        {
+            "image_processor_type": "GotOcr2ImageProcessor",
+            "size": {"height": 448, "width": 448},
+            "min_patches": 1,
+            "max_patches": 12,
+            "resample": 3,
+            "do_rescale": True,
+            "do_normalize": True,
+            "image_mean": [0.485, 0.456, 0.406],
+            "image_std": [0.229, 0.224, 0.225],
+        },
+        PresetTokens(
+            ("<img>", "</img>", "<IMG_CONTEXT>"),
+            "<IMG_CONTEXT>",
+            {"processor_class": "InternVLProcessor", "image_seq_length": 256},
+        ),
+    ),
+}

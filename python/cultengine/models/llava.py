@@ -14,6 +14,7 @@ from PIL import Image
 from ..checkpoint import Checkpoint
 from ..errors import CheckpointError
 from ..image import ImageProcessor, image_processor_for_checkpoint
+from ..presets import CLIP_336_PREPROCESSOR, CLIP_L14_336, QWEN2_7B, Composed, Preset, Published
 from .decoder import Decoder, SplicedDecoder, TextConfig, tied_embeddings
 from .family import Family, ImageFeatures
 from .vision import VisionConfig, VisionTower, activation
@@ -129,3 +130,20 @@ class LlavaModel(SplicedDecoder):
     def encode_images(self, images: list[ImageFeatures]) -> list[torch.Tensor]:
         # Every image is one tile of the tower's size: one batched call.
         return list(self.tile_features(torch.stack([im.pixels for im in images])))
+
+
+# Shape presets (cultengine.presets): llava-1.5-7b-hf's own files, and a Qwen2-7B decoder behind CLIP-L/14-336
+# in the LLaVA-1.5 layout.
+PRESETS: dict[str, Preset] = {
+    "llava-1.5-7b": Published("llava-1.5-7b-hf"),
+    "qwen2-7b": Composed(
+        {
+            "architectures": ["LlavaForConditionalGeneration"],
+            "vision_feature_layer": -2,
+            "vision_feature_select_strategy": "default",
+            "text_config": QWEN2_7B,
+            "vision_config": CLIP_L14_336,
+        },
+        CLIP_336_PREPROCESSOR,
+    ),
+}

@@ -17,6 +17,7 @@ from PIL import Image
 from ..checkpoint import Checkpoint
 from ..errors import CheckpointError
 from ..image import ClipImageProcessor, ImageProcessor, pad_centered, resize, resize_output_size
+from ..presets import CLIP_336_PREPROCESSOR, CLIP_L14_336, QWEN2_7B, Composed, Preset
 from .family import ImageFeatures
 from .llava import Llava, LlavaModel
 
@@ -212,3 +213,43 @@ class LlavaNextModel(LlavaModel):
     def resize_grid(self, grid: torch.Tensor, meta: TileLayout) -> torch.Tensor:
         """LLaVA-NeXT keeps the unpadded grid as it is (LLaVA-OneVision shrinks large ones)."""
         return grid
+
+
+_MISTRAL_7B = {
+    "model_type": "mistral",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 32064,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 1000000.0,
+    "sliding_window": None,
+}
+
+
+def _llava_next_preset(text_config: dict) -> Composed:
+    config = {
+        "architectures": ["LlavaNextForConditionalGeneration"],
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
+        "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+        "text_config": text_config,
+        "vision_config": CLIP_L14_336,
+    }
+    processor = {
+        **CLIP_336_PREPROCESSOR,
+        "image_processor_type": "LlavaNextImageProcessor",
+        "processor_class": "LlavaNextProcessor",
+    }
+    return Composed(config, processor)
+
+
+# Shape presets (cultengine.presets): llava-v1.6-mistral-7b (up to 4 tiles of 336 + the base tile), and
+# Pangea-7B-hf (LLaVA-NeXT with a Qwen2-7B decoder and the same CLIP-L/14-336 tower).
+PRESETS: dict[str, Preset] = {
+    "llava-next-7b": _llava_next_preset(_MISTRAL_7B),
+    "pangea-7b": _llava_next_preset(QWEN2_7B),
+}

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from ..checkpoint import Checkpoint
 from ..errors import CheckpointError
 from ..image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageProcessor, pad_to_square
+from ..presets import QWEN2_7B, SIGLIP_SO400M_384, Composed, Preset
 from .llava_next import LlavaNext, LlavaNextModel, TileLayout
 
 ONEVISION_PINPOINTS = [[h, w] for h in range(384, 2305, 384) for w in range(384, 2305, 384)]
@@ -107,3 +108,29 @@ class LlavaOnevisionModel(LlavaNextModel):
         if meta.shrink is None:
             return grid
         return F.interpolate(grid[None], list(meta.shrink), mode="bilinear")[0]
+
+
+# Shape preset (cultengine.presets): llava-onevision-qwen2-7b-ov-hf, SigLIP-so400m/14-384 and Qwen2-7B,
+# anyres_max_9.
+PRESETS: dict[str, Preset] = {
+    "llava-onevision-7b": Composed(
+        {
+            "architectures": ["LlavaOnevisionForConditionalGeneration"],
+            "vision_feature_layer": -1,
+            "vision_feature_select_strategy": "full",
+            "vision_aspect_ratio": "anyres_max_9",
+            "text_config": QWEN2_7B,
+            "vision_config": SIGLIP_SO400M_384,
+        },
+        {
+            "image_processor_type": "LlavaOnevisionImageProcessor",
+            "size": {"height": 384, "width": 384},
+            "do_resize": True,
+            "do_rescale": True,
+            "do_normalize": True,
+            "resample": 3,
+            "image_mean": [0.5, 0.5, 0.5],
+            "image_std": [0.5, 0.5, 0.5],
+        },
+    ),
+}

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CheckpointError, config_int
+from ..presets import Preset, Published
 from .qwen2_vl import Qwen2VL, QwenVisionConfig, QwenVisionTower
 
 
@@ -113,3 +114,22 @@ class Qwen2_5_VL(Qwen2VL):
 
     def build_vision_tower(self, ops, prefix: str) -> Qwen2_5_VisionTower:
         return Qwen2_5_VisionTower(self.checkpoint, self.vision, ops, prefix)
+
+
+# Shape presets (cultengine.presets): Qwen2.5-VL-7B-Instruct's own files, and the 72B: the 7B's files (the same
+# tower, processor, rope) with its decoder's sizes.
+PRESETS: dict[str, Preset] = {
+    "qwen2.5-vl-7b": Published("Qwen2.5-VL-7B-Instruct"),
+    "qwen2.5-vl-72b": Published(
+        "Qwen2.5-VL-7B-Instruct",
+        {
+            "hidden_size": 8192,
+            "intermediate_size": 29568,
+            "num_hidden_layers": 80,
+            "num_attention_heads": 64,
+            "num_key_value_heads": 8,
+            "max_window_layers": 80,
+            "vision_config": {"out_hidden_size": 8192},
+        },
+    ),
+}

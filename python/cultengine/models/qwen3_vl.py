@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CheckpointError, config_int
+from ..presets import Preset, Published
 from .decoder import LayerHook
 from .qwen2_vl import Qwen2VL, Qwen2VLModel, QwenVisionConfig, QwenVisionTower, merge_order_coordinates
 
@@ -158,3 +159,7 @@ class Qwen3VLModel(Qwen2VLModel):
             return h.index_add(0, image_rows, extra[i]) if i < len(extra) else h
 
         return x.index_copy(0, image_rows, main), add_deepstack if extra else None
+
+
+# Shape preset (cultengine.presets): Qwen3-VL-4B-Instruct's own files.
+PRESETS: dict[str, Preset] = {"qwen3-vl-4b": Published("Qwen3-VL-4B-Instruct")}
