@@ -3,13 +3,22 @@
 
 from __future__ import annotations
 
-from .attention import paged_attention, paged_decode_attention, paged_prefill_attention, vision_attention
+from typing import TYPE_CHECKING
+
+from .attention import vision_attention
 from .cache import write_kv
+from .decode_attention import paged_decode_attention
 from .norm import rms_norm
 from .patch_embed import patch_embed
+from .prefill_attention import paged_prefill_attention
 from .rotary import rotary_embedding
 from .rotary_kv import rotary_write_kv
 from .vision_varlen import varlen_vision_attention
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..attention_metadata import AttentionMetadata
 
 __all__ = [
     "paged_attention",
@@ -23,3 +32,17 @@ __all__ = [
     "rotary_embedding",
     "rotary_write_kv",
 ]
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    window: int | None = None,
+) -> torch.Tensor:
+    """`ops.paged_attention`: the decode kernel for decode-only steps, the prefill kernel otherwise."""
+    if meta.max_query_len == 1:
+        return paged_decode_attention(q, k_cache, v_cache, meta, scale, window)
+    return paged_prefill_attention(q, k_cache, v_cache, meta, scale, window)

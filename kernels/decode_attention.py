@@ -1,0 +1,1 @@
+../python/cultengine/kernels/decode_attention.py

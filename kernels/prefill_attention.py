@@ -1,0 +1,1 @@
+../python/cultengine/kernels/prefill_attention.py
