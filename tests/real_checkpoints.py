@@ -35,12 +35,15 @@ PUBLISHED = {
     "Qwen3-VL-4B-Instruct": QWEN_BPE,
     "Qwen2.5-7B-Instruct": QWEN_BPE,
     "llava-1.5-7b-hf": {},
+    "Qwen2-VL-2B-Instruct": {},  # its own vocab.json (one trailing newline more than the shared copy: SOURCES.md)
+    "SmolVLM-256M-Instruct": {},
 }
 
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 HEAD_DIM = TEXT["hidden_size"] // TEXT["num_attention_heads"]
 # Vision towers: width 32, 2 heads, few blocks; what sets token counts (image size, patch, merge, window) is kept.
 QWEN_VISION = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=TEXT["hidden_size"])
+IDEFICS3_VISION = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=3)
 CLIP_VISION = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=3, projection_dim=32)
 
 
@@ -79,6 +82,9 @@ def shrink(config: dict) -> dict:
     if mt == "llava":
         text.update(TEXT, head_dim=HEAD_DIM)
         cfg["vision_config"].update(CLIP_VISION)
+    elif mt == "idefics3":  # the tile size, patch and scale factor (tokens per tile) stay as published
+        text.update(TEXT, head_dim=HEAD_DIM)
+        cfg["vision_config"].update(IDEFICS3_VISION)
     elif mt in ("qwen2_5_vl", "qwen3_vl", "qwen2_vl", "qwen2", "qwen3"):
         text.update(TEXT)
         if "head_dim" in text:
@@ -90,7 +96,9 @@ def shrink(config: dict) -> dict:
                 if isinstance(holder.get(key), dict):
                     _mrope_section(holder[key])
         vision = cfg.get("vision_config")
-        if vision is not None:
+        if vision is not None and mt == "qwen2_vl":  # Qwen2-VL: `embed_dim` is the width, `hidden_size` the output
+            vision.update(depth=3, embed_dim=32, num_heads=2, hidden_size=TEXT["hidden_size"])
+        elif vision is not None:
             vision.update(QWEN_VISION)
             if "fullatt_block_indexes" in vision:
                 vision["fullatt_block_indexes"] = [1]  # windows in blocks 0 and 2, whole images in 1

@@ -32,7 +32,14 @@ CONVERSATIONS = [
     user(TALL, "and", LARGE, ": compare the two flags."),
     user(SMALL, "Where?"),
 ]
-VLMS = ["Qwen2.5-VL-7B-Instruct", "Qwen2.5-VL-7B-Instruct-a22b9b2", "Qwen3-VL-4B-Instruct", "llava-1.5-7b-hf"]
+VLMS = [
+    "Qwen2.5-VL-7B-Instruct",
+    "Qwen2.5-VL-7B-Instruct-a22b9b2",
+    "Qwen3-VL-4B-Instruct",
+    "Qwen2-VL-2B-Instruct",
+    "llava-1.5-7b-hf",
+    "SmolVLM-256M-Instruct",
+]
 BACKENDS = ["pil", "torchvision"]
 
 
@@ -194,7 +201,7 @@ def test_fixture_files_are_the_published_ones(tmp_path):
 
     folders = [d.name for d in FIXTURES.iterdir() if d.is_dir()]
     assert set(PUBLISHED) < set(folders)
-    for name in folders:  # the corpus's folders not yet in a test too (Gemma 3, Qwen2-VL-AWQ)
+    for name in folders:  # the corpus's folders not yet in a test too (Gemma 3, Qwen2-VL-AWQ, early llava-v1.6-mistral)
         recorded = dict(
             re.findall(r"^\| (\S+) \| \d+ \| ([0-9a-f]{64}) \|", (FIXTURES / name / "SOURCES.md").read_text(), re.M)
         )
