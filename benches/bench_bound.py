@@ -175,11 +175,11 @@ def decode_phases(engine, context: int, steps: int) -> dict:
     engine.clock.reset()
     try:
         run_steps(engine, 1, context, 2, seed=5)  # one prefill + one decode step: subtracted below
-        once = dict(engine.phase_seconds)
+        once = dict(engine.clock.phase_seconds)
         run_steps(engine, 1, context, steps + 2, seed=5)
     finally:
         engine.clock.enabled = False
-    return {k: (engine.phase_seconds[k] - 2 * once[k]) / steps * 1e3 for k in once if k != "prefill"}
+    return {k: (engine.clock.phase_seconds[k] - 2 * once[k]) / steps * 1e3 for k in once if k != "prefill"}
 
 
 def trace_decode(engine, context: int) -> str:

@@ -2,7 +2,7 @@
 # Everything a GPU lease is for, in one command: the CUDA tests and the GPU benchmarks.
 #
 #   benches/gpu_run.sh OUT_DIR STEP...      STEP: env tests kernels generate stories overlap bound bound-quick
-#                                                 score profile families profile-families
+#                                                 score profile families profile-families tp
 #
 # Runs from the repository root on a machine with torch, triton and transformers but no Rust: the
 # compiled core comes along as python/cultengine/_core.abi3.so (built elsewhere with `maturin develop
@@ -44,6 +44,12 @@ for step in "$@"; do
         profile-families) for m in llava-next-7b llava-onevision-7b qwen2.5-vl-7b smolvlm2-2.2b internvl3-8b; do
             run 150 python3 -m cultengine.cli profile --model $m --num-requests 200 --prompts-per-image 4 \
                 --prompt-len 16:64 --output-len 4:64 --shared-fraction 0; done ;;
+        tp) run 300 python3 -m pytest -q -p no:cacheprovider tests/test_tensor_parallel.py  # gloo ranks on the CPU
+            # NCCL ranks need a GPU each: with 2 or more, the 7B preset over 2 of them
+            if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+                run 300 python3 -m cultengine.cli profile --model llava-1.5-7b --tensor-parallel-size 2 \
+                    --num-requests 256 --prompts-per-image 4 --prompt-len 16:64 --output-len 4:64 --shared-fraction 0
+            else log "tp: one GPU here, NCCL tensor parallelism not run"; fi ;;
         *) log "unknown step $step" ;;
     esac
 done

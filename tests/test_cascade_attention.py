@@ -286,9 +286,10 @@ def test_results_say_which_decode_paths_ran(tiny_llama):
         "cuda_graphs": False,
         "cascade_attention": True,
         "overlap_scheduling": False,
+        "tensor_parallel_size": 1,
     }
     assert (
         "- engine settings: attention_backend torch, cuda_graphs False, cascade_attention True, "
-        "overlap_scheduling False" in provenance.markdown(run)
+        "overlap_scheduling False, tensor_parallel_size 1" in provenance.markdown(run)
     )
     assert Engine(tiny_llama, dtype="float32").provenance()["settings"]["cascade_attention"] is False  # CPU default

@@ -13,12 +13,15 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .errors import CheckpointError, unsupported_architecture
 from .tokenizer_files import ChatTemplates, chat_templates, special_tokens, tokenizer_json
+
+if TYPE_CHECKING:
+    from .shards import TensorParallel
 
 _DTYPES = {
     "float32": torch.float32,
@@ -63,6 +66,8 @@ class Checkpoint:
     generation_config: dict  # generation_config.json (empty without one)
     weight_files: dict[str, tuple[Path, str]] = field(repr=False)  # canonical name -> (file, name in file)
     random_init: bool = False  # shape presets for profiling: weights drawn at load time, no files read
+    # this process's rank among the tensor-parallel ones (parallel.TensorParallel); None: the whole model
+    tensor_parallel: TensorParallel | None = field(default=None, repr=False)
     _handles: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -91,9 +96,16 @@ class Checkpoint:
     def has(self, name: str) -> bool:
         return name in self.weight_files
 
-    def tensor(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-        """Read one weight (memory-mapped), check its shape, cast to the checkpoint dtype and device."""
+    def tensor(
+        self, name: str, shape: tuple[int, ...] | None = None, part: tuple[int, int, int] | None = None
+    ) -> torch.Tensor:
+        """Read one weight (memory-mapped), check its shape, cast to the checkpoint dtype and device.
+
+        `part` = (dim, start, length) reads only that slice along dim 0 or 1 (a tensor-parallel shard)."""
         if self.random_init:
+            if part is not None:
+                dim, _, length = part
+                shape = tuple(length if d == dim else n for d, n in enumerate(shape))
             return _random_weight(name, shape, self.dtype, self.device)
         if name not in self.weight_files:
             raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the safetensors weights")
@@ -101,11 +113,19 @@ class Checkpoint:
         handle = self._handles.get(file)
         if handle is None:
             handle = self._handles[file] = _safe_open(file)
-        t = handle.get_tensor(key)
-        if shape is not None and tuple(t.shape) != tuple(shape):
+        if part is None:
+            t = handle.get_tensor(key)
+            stored = tuple(t.shape)
+        else:
+            sliced = handle.get_slice(key)
+            stored = tuple(sliced.get_shape())
+        if shape is not None and stored != tuple(shape):
             raise CheckpointError(
-                f"{file.name}: tensor {key!r} has shape {tuple(t.shape)}, expected {tuple(shape)} from config.json"
+                f"{file.name}: tensor {key!r} has shape {stored}, expected {tuple(shape)} from config.json"
             )
+        if part is not None:
+            dim, start, length = part
+            t = sliced[start : start + length] if dim == 0 else sliced[:, start : start + length]
         t = t.to(device=self.device, dtype=self.dtype)
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise CheckpointError(

@@ -87,6 +87,16 @@ def add_threads(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_tensor_parallel(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="split the decoder over N processes, one per rank (CUDA: GPUs cuda:0..N-1; CPU: gloo)",
+    )
+
+
 def bar(
     total: int,
     *,

@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 from . import _core
 from .checkpoint import config_errors, load_checkpoint
 from .models import SUPPORTED_ARCHITECTURES, family_for
-from .ops import Ops, resolve_backend
+from .ops import Ops, resolve_backend, set_cpu_threads
 from .outputs import ChoiceScore, GenerationOutput, Logprob, Sample, ScoreOutput
+from .parallel import build_model
 from .prepare import Prepared, Preparer, Request, RequestError, as_list, describe
 from .runner import Launched, ModelRunner
 from .sampling import SamplingParams, checked_int, generation_defaults
@@ -75,6 +76,7 @@ class Engine:
         overlap_scheduling: bool | None = None,
         generation_config: str = "auto",
         chat_template: str | None = None,
+        tensor_parallel_size: int = 1,
     ):
         """`random_init` draws weights instead of reading them (profiling model shapes); `profile`
         synchronises the device around each phase to time it and records per-request latencies;
@@ -94,14 +96,17 @@ class Engine:
         launching thread and nothing overlaps); `generation_config="auto"` takes the checkpoint's
         generation_config.json temperature / top_p / top_k as the defaults of SamplingParams fields left
         unset (as vLLM does; "none": greedy, no truncation; what was taken is in `provenance()`);
-        `chat_template` names one of the checkpoint's named chat templates (default: "default")."""
+        `chat_template` names one of the checkpoint's named chat templates (default: "default");
+        `tensor_parallel_size` > 1 splits the decoder over that many processes, one per rank (`parallel.py`;
+        CUDA: one GPU each, cuda:0..N-1; `close()` stops them)."""
         # Sizes are checked first: 0 or a negative one would fail deep in the KV cache, or (max_model_len=0)
         # quietly mean "the model's context".
         sizes = dict(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, block_size=block_size)
+        sizes["tensor_parallel_size"] = tensor_parallel_size
         unset_means_auto = dict(num_blocks=num_blocks, max_model_len=max_model_len)
         for name, value in {**sizes, **{k: v for k, v in unset_means_auto.items() if v is not None}}.items():
             checked_int(name, value, 1)
-        _set_threads(threads)
+        set_cpu_threads(threads)
         if str(model) == "demo":
             from .bench.demo_checkpoint import ensure
 
@@ -134,8 +139,11 @@ class Engine:
         self.max_model_len = min(max_model_len or context, context)
         self.max_num_seqs = max_num_seqs
         with config_errors(self.checkpoint):
-            self.model = self.family.build_model(self.ops, max_positions=self.max_model_len)
-        graphs = cuda_graphs and self.device.type == "cuda" and self.ops.backend == "triton"
+            self.model, self.workers = build_model(
+                self.checkpoint, self.family, self.ops, self.max_model_len, tensor_parallel_size, threads
+            )
+        # Decode graphs replay one rank's kernels: with tensor parallelism the steps run eagerly.
+        graphs = cuda_graphs and self.device.type == "cuda" and self.ops.backend == "triton" and self.workers is None
         caps = self.family.capabilities
         self.runner = ModelRunner(
             self.model,
@@ -306,6 +314,11 @@ class Engine:
         """One image source (path, bytes or PIL image) to its family's features."""
         return self.preparer.image_processor(src, options)
 
+    def close(self) -> None:
+        """Stop the tensor-parallel worker processes (nothing to do on one rank); the engine is unusable after."""
+        if self.workers is not None:
+            self.workers.close()
+
     def provenance(self) -> dict:
         """What produced this engine's numbers: image processor and path, library versions, checkpoint, and the
         engine settings that chose the kernels and the loop."""
@@ -328,6 +341,7 @@ class Engine:
                 "cuda_graphs": self.runner.decode_graphs is not None,
                 "cascade_attention": self.runner.cascade_width > 0,
                 "overlap_scheduling": self.overlap_scheduling,
+                "tensor_parallel_size": 1 if self.workers is None else self.workers.tp.world,
             },
             # What the prompts and the sampling defaults were made from, as transformers reads the files.
             "tokenizer": self.checkpoint.tokenizer_source,
@@ -369,16 +383,6 @@ class Engine:
             warnings.warn(f"kernel warm-up request failed ({out.error}); kernels compile on first use", stacklevel=3)
         self._counters = dict.fromkeys(self._counters, 0)
         self.clock.reset()
-
-    @property
-    def phase_seconds(self) -> dict[str, float]:
-        """Profiling: the seconds spent in each phase of the steps so far."""
-        return self.clock.phase_seconds
-
-    @property
-    def latencies(self) -> dict[str, list[float]]:
-        """Profiling: each request's time to first token and time per output token after it."""
-        return self.clock.latencies
 
     # -------------------------------------------------------------------------------------------
     # The step API: what `generate`, `score` and the server's loop are made of
@@ -572,14 +576,3 @@ NON_FINITE_LOGITS = (
     "the model produced NaN or infinite logits (in float16 or bfloat16, activations beyond the "
     "dtype's range; try dtype='float32')"
 )
-
-
-def _set_threads(threads: int | None) -> None:
-    """torch's CPU threads: as asked, else the cores this process may use (a container or taskset may allow
-    fewer than the machine has); OMP_NUM_THREADS, when set, wins over the default."""
-    if threads is None and os.environ.get("OMP_NUM_THREADS"):
-        return
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be a positive integer, got {threads!r}")
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(threads or available)

@@ -76,6 +76,7 @@ class CultEngineLMM(lmms):
         max_model_len: int | None = None,
         kv_cache_memory: int | None = None,
         attention_backend: str | None = None,
+        tensor_parallel_size: int = 1,
         batch_size: Any = None,
         max_batch_size: Any = None,
         **unused: Any,
@@ -99,6 +100,7 @@ class CultEngineLMM(lmms):
             max_model_len=int(max_model_len) if max_model_len else None,
             kv_cache_memory=int(kv_cache_memory) if kv_cache_memory else None,
             attention_backend=attention_backend,
+            tensor_parallel_size=int(tensor_parallel_size),
         )
         self.chat = _flag(chat)
         self.seed = int(seed)

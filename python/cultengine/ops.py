@@ -435,3 +435,14 @@ def _providers(backend: str) -> list[ModuleType]:
     except ImportError as e:
         raise ValueError(f"backend 'flash' needs flash-attn ({e}): pip install cultengine[flash]") from None
     return [flash, kernels]  # flash-attn's attention; the Triton kernels for the rest
+
+
+def set_cpu_threads(threads: int | None) -> None:
+    """torch's CPU threads: as asked, else the cores this process may use (a container or taskset may allow
+    fewer than the machine has); OMP_NUM_THREADS, when set, wins over the default."""
+    if threads is None and os.environ.get("OMP_NUM_THREADS"):
+        return
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(threads or available)

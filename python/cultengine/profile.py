@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .console import add_quiet, add_threads, positive_int
+from .console import add_quiet, add_tensor_parallel, add_threads, positive_int
 from .presets import PUBLISHED, PresetTokens, Published, merged, published
 
 # numpy, torch, PIL and the model families are imported where they are used, so that `cultengine --help` loads
@@ -163,19 +163,25 @@ def _percentiles(values: list[float]) -> dict[str, float]:
     return {f"p{q}": float(np.percentile(arr, q)) for q in (50, 90, 99)}
 
 
-def memory_plan(model: str, dtype: str, max_model_len: int | None, gpu_memory_gib: float) -> dict:
+def memory_plan(
+    model: str, dtype: str, max_model_len: int | None, gpu_memory_gib: float, tensor_parallel_size: int = 1
+) -> dict:
     """Weight and KV-cache bytes of a checkpoint or preset, from its shapes alone (the model is built on the
-    meta device: nothing is allocated or read), and whether one GPU of `gpu_memory_gib` holds them."""
+    meta device: nothing is allocated or read), and whether one GPU of `gpu_memory_gib` holds them; with
+    tensor parallelism, one rank's share (its shards, the replicated weights, its KV heads) on each GPU."""
     import torch
 
     from .checkpoint import load_checkpoint
     from .models import family_for
+    from .shards import TensorParallel
 
     ckpt = load_checkpoint(model, dtype=dtype, device="meta", random_init=True)
     family = family_for(ckpt)
+    if tensor_parallel_size > 1:
+        ckpt.tensor_parallel = TensorParallel(0, tensor_parallel_size)  # rank 0's shard: as large as any
     weights = []
     draw = ckpt.tensor
-    ckpt.tensor = lambda name, shape=None: weights.append(draw(name, shape)) or weights[-1]  # count every weight
+    ckpt.tensor = lambda name, shape=None, part=None: weights.append(draw(name, shape, part)) or weights[-1]
     built = family.build_model(None, max_positions=1)
     elem = torch.tensor([], dtype=ckpt.dtype).element_size()
     context = min(max_model_len or family.max_context, family.max_context)
@@ -191,25 +197,29 @@ def memory_plan(model: str, dtype: str, max_model_len: int | None, gpu_memory_gi
         "max_model_len": context,
         "kv_gib_per_full_sequence": kv_per_token * context / 2**30,
         "gpu_memory_gib": gpu_memory_gib,
+        "tensor_parallel_size": tensor_parallel_size,
         "fits_one_gpu": need <= gpu_memory_gib * 2**30,
         "full_sequences_per_gpu": max(0, int((gpu_memory_gib * 2**30 - weight_bytes) // (kv_per_token * context))),
     }
 
 
 def format_memory_plan(p: dict) -> str:
+    tp = p.get("tensor_parallel_size", 1)
+    gpus = "one GPU" if tp == 1 else f"each of {tp} GPUs"
     verdict = (
-        "fits one GPU"
+        f"fits {gpus}"
         if p["fits_one_gpu"]
-        else "does NOT fit one GPU: it needs tensor parallelism (or a smaller dtype / max_model_len)"
+        else f"does NOT fit {gpus}: it needs (more) tensor parallelism (or a smaller dtype / max_model_len)"
     )
+    per_rank = "" if tp == 1 else f" (one rank's share of {tp})"
+    gpu_label = ("one " if tp == 1 else f"{tp} x ") + f"{p['gpu_memory_gib']:.0f} GiB GPU"
     return "\n".join(
         [
             f"cultengine profile --dry-run: {p['model']} ({p['architecture']}, {p['dtype']})",
-            f"  weights                 {p['weight_gib']:.2f} GiB",
+            f"  weights                 {p['weight_gib']:.2f} GiB{per_rank}",
             f"  KV cache                {p['kv_bytes_per_token'] / 2**10:.0f} KiB per token, "
-            f"{p['kv_gib_per_full_sequence']:.2f} GiB per {p['max_model_len']}-token sequence",
-            f"  {'one ' + format(p['gpu_memory_gib'], '.0f') + ' GiB GPU':<22}  {verdict}; "
-            f"{p['full_sequences_per_gpu']} full-length sequences beside the weights",
+            f"{p['kv_gib_per_full_sequence']:.2f} GiB per {p['max_model_len']}-token sequence{per_rank}",
+            f"  {gpu_label:<22}  {verdict}; {p['full_sequences_per_gpu']} full-length sequences beside the weights",
         ]
     )
 
@@ -245,6 +255,7 @@ def run_profile(args) -> dict:
         model = str(preset_checkpoint(model, tmp))
     else:
         model = str(demo_checkpoint.resolve(model))
+    engine = None
     try:
         engine = Engine(
             model,
@@ -257,6 +268,7 @@ def run_profile(args) -> dict:
             random_init=tmp is not None,
             profile=True,
             cuda_graphs=not args.no_cuda_graphs,
+            tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
         )
         requests, output_lens = build_workload(engine, args)
         if engine.device.type == "cuda":
@@ -274,6 +286,8 @@ def run_profile(args) -> dict:
         wall = time.perf_counter() - start
         after = engine.stats()
     finally:
+        if engine is not None:
+            engine.close()  # its tensor-parallel workers; what the report reads stays on rank 0
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     errors = [o.error for o in outs if o.error]
@@ -282,7 +296,7 @@ def run_profile(args) -> dict:
     delta = {k: after[k] - before[k] for k in after if isinstance(after[k], int | float) and k in before}
     images = args.num_requests * args.images_per_request
     out_tokens = delta["generated_tokens"]
-    timings = engine.latencies
+    timings = engine.clock.latencies
     report = {
         "model": args.model,
         "device": str(engine.device),
@@ -312,7 +326,7 @@ def run_profile(args) -> dict:
         "kv_cache_peak_use": after["peak_used_blocks"] / after["num_blocks"],
         "prefix_cache_hit_rate": delta["prefix_cache_hit_tokens"] / max(delta["prefix_cache_queried_tokens"], 1),
         "images_encoded": delta["images_encoded"],
-        "time_breakdown_s": {k: round(v, 4) for k, v in engine.phase_seconds.items()},
+        "time_breakdown_s": {k: round(v, 4) for k, v in engine.clock.phase_seconds.items()},
         "scheduler_us_per_step": delta["schedule_ns"] / max(delta["steps"], 1) / 1000,
         "steps": delta["steps"],
         "peak_memory_gib": (
@@ -395,6 +409,7 @@ def register(sub) -> None:
     p.add_argument("--max-num-batched-tokens", type=positive_int, default=8192, help="tokens per engine step")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic workload")
     add_threads(p)
+    add_tensor_parallel(p)
     add_quiet(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument(
@@ -435,6 +450,7 @@ def _main(args) -> int:
                 "bfloat16" if args.dtype == "auto" and tmp else args.dtype,
                 args.max_model_len,
                 args.gpu_memory_gib,
+                args.tensor_parallel_size,
             )
         finally:
             if tmp is not None:

@@ -344,8 +344,7 @@ class ModelRunner:
         """
         if len(plan.block_copies):  # a forked choice's copy of its context's last, shared block
             src, dst = (self._tensor(np.ascontiguousarray(plan.block_copies[:, i])) for i in (0, 1))
-            for cache in (c for pair in self.kv_caches for c in pair):
-                cache.index_copy_(0, dst, cache.index_select(0, src))
+            self.model.copy_blocks(self.kv_caches, src, dst)
         shared = self._shared_prefixes(plan)
         self._graph_rows = 0
         if self.decode_graphs is not None and self.decode_graphs.fits(plan):
@@ -423,7 +422,7 @@ class ModelRunner:
         index = self._tensor(rows)
         if self._graph_rows:  # the graph computed them already
             return self.decode_graphs.logits[index]
-        return self.model.compute_logits(hidden[index]).float()
+        return self.model.compute_logits(hidden, index).float()
 
     def greedy_picks(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(argmax tokens, their log-probs) of these rows, copied, when the decode graph that ran the last step

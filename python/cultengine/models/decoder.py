@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import ops as ops_module
@@ -195,7 +196,6 @@ def tied_embeddings(config: dict) -> bool:
     return bool((config.get("text_config") or {}).get("tie_word_embeddings"))
 
 
-Tensor = Callable[[str, tuple[int, ...]], torch.Tensor]  # Checkpoint.tensor: (name, shape) -> weight
 RotaryTables = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (positions, cos, sin) for ops.rotary_write_kv
 
 
@@ -220,13 +220,36 @@ class Decoder:
         c = text
         self.ops, self.cfg = ops, c
         h, hd = c.hidden_size, c.head_dim
-        self.q_size, self.kv_size, self.scale = c.num_heads * hd, c.num_kv_heads * hd, hd**-0.5
-        w = ckpt.tensor
-        self.embed_tokens = w(prefix + "embed_tokens.weight", (c.vocab_size, h))
-        self.lm_head = self.embed_tokens if c.tie_word_embeddings else w("lm_head.weight", (c.vocab_size, h))
-        self.norm = self.norm_weight(w, prefix + "norm.weight", h)
+        self.tensor = ckpt.tensor
+        # Tensor parallelism (the checkpoint carries this rank's place): this rank's query heads, and the KV
+        # heads they read (split across ranks, or replicated where there are fewer KV heads than ranks).
+        self.tp = ckpt.tensor_parallel
+        world, rank = (self.tp.world, self.tp.rank) if self.tp else (1, 0)
+        where = str(ckpt.path / "config.json")
+        if c.num_heads % world or (c.num_kv_heads % world and world % c.num_kv_heads):
+            raise CheckpointError(
+                f"{where}: {c.num_heads} attention heads and {c.num_kv_heads} KV heads do not split over {world} "
+                "ranks (heads must divide evenly; KV heads too, or the ranks evenly among them)"
+            )
+        if c.intermediate_size % world:
+            raise CheckpointError(f"{where}: intermediate_size {c.intermediate_size} does not split over {world} ranks")
+        self.num_heads, self.num_kv_heads = c.num_heads // world, max(1, c.num_kv_heads // world)
+        self.q_start = rank * self.num_heads
+        self.kv_start = self.q_start // (c.num_heads // c.num_kv_heads)
+        self.intermediate = c.intermediate_size // world
+        self.q_size, self.kv_size, self.scale = self.num_heads * hd, self.num_kv_heads * hd, hd**-0.5
+        # Vocabulary-parallel embeddings and lm_head: this rank's rows of the vocabulary (the last share shorter).
+        share = -(-c.vocab_size // world)
+        self.vocab_start, self.vocab_rows = rank * share, max(0, min(share, c.vocab_size - rank * share))
+        vocab = (0, self.vocab_start, self.vocab_rows)
+        self.embed_tokens = self.part(prefix + "embed_tokens.weight", (c.vocab_size, h), *vocab)
+        if c.tie_word_embeddings:
+            self.lm_head = self.embed_tokens
+        else:
+            self.lm_head = self.part("lm_head.weight", (c.vocab_size, h), *vocab)
+        self.norm = self.norm_weight(prefix + "norm.weight", h)
         self.act = activation(c.hidden_act)
-        self.layers = [self.layer_weights(w, f"{prefix}layers.{i}.", i) for i in range(c.num_layers)]
+        self.layers = [self.layer_weights(f"{prefix}layers.{i}.", i) for i in range(c.num_layers)]
         # RoPE tables are built once, in fp32, for every position the model may see.
         positions = max_positions or c.max_position_embeddings
         if positions > MAX_ROPE_POSITIONS:
@@ -238,20 +261,20 @@ class Decoder:
 
     # -- hooks a decoder variant overrides -------------------------------------------------------------
 
-    def norm_weight(self, w: Tensor, name: str, dim: int) -> torch.Tensor:
-        return w(name, (dim,))
+    def norm_weight(self, name: str, dim: int) -> torch.Tensor:
+        return self.tensor(name, (dim,))
 
-    def layer_weights(self, w: Tensor, lp: str, i: int) -> dict[str, Any]:
+    def layer_weights(self, lp: str, i: int) -> dict[str, Any]:
         """Layer `i`'s weights (`lp` its name prefix) as `layer_step` reads them."""
         c = self.cfg
         return dict(
-            input_norm=self.norm_weight(w, lp + "input_layernorm.weight", c.hidden_size),
-            post_norm=self.norm_weight(w, lp + "post_attention_layernorm.weight", c.hidden_size),
-            q_norm=self.norm_weight(w, lp + "self_attn.q_norm.weight", c.head_dim) if c.qk_norm else None,
-            k_norm=self.norm_weight(w, lp + "self_attn.k_norm.weight", c.head_dim) if c.qk_norm else None,
+            input_norm=self.norm_weight(lp + "input_layernorm.weight", c.hidden_size),
+            post_norm=self.norm_weight(lp + "post_attention_layernorm.weight", c.hidden_size),
+            q_norm=self.norm_weight(lp + "self_attn.q_norm.weight", c.head_dim) if c.qk_norm else None,
+            k_norm=self.norm_weight(lp + "self_attn.k_norm.weight", c.head_dim) if c.qk_norm else None,
             window=c.window(i),
-            **self.attention_weights(w, lp, c.attention_bias, c.o_bias),
-            **self.mlp_weights(w, lp, c.mlp_bias),
+            **self.attention_weights(lp, c.attention_bias, c.o_bias),
+            **self.mlp_weights(lp, c.mlp_bias),
         )
 
     def build_rope(self, positions: int, device: torch.device, mrope_rows: list[int] | None) -> None:
@@ -299,37 +322,59 @@ class Decoder:
 
     # -- shared pieces ---------------------------------------------------------------------------------
 
-    def attention_weights(self, w: Tensor, lp: str, qkv_bias: bool, o_bias: bool) -> dict[str, Any]:
-        h, names = self.cfg.hidden_size, (("q", self.q_size), ("k", self.kv_size), ("v", self.kv_size))
+    def part(self, name: str, shape: tuple[int, ...], dim: int, start: int, length: int) -> torch.Tensor:
+        """This rank's rows (`dim` 0) or columns (`dim` 1) `start : start + length` of a weight of `shape` (all
+        of it without tensor parallelism); only those are read from the safetensors."""
+        if self.tp is None:
+            return self.tensor(name, shape)
+        return self.tensor(name, shape, part=(dim, start, length))
+
+    def attention_weights(self, lp: str, qkv_bias: bool, o_bias: bool) -> dict[str, Any]:
+        c, h, hd = self.cfg, self.cfg.hidden_size, self.cfg.head_dim
+        q_rows, kv_rows = (self.q_start * hd, self.q_size), (self.kv_start * hd, self.kv_size)
+        names = (
+            ("q", c.num_heads * hd, q_rows),
+            ("k", c.num_kv_heads * hd, kv_rows),
+            ("v", c.num_kv_heads * hd, kv_rows),
+        )
+        part = self.part
         return dict(
-            # q/k/v fused: one matmul instead of three.
-            qkv=torch.cat([w(f"{lp}self_attn.{n}_proj.weight", (o, h)) for n, o in names]),
-            qkv_bias=torch.cat([w(f"{lp}self_attn.{n}_proj.bias", (o,)) for n, o in names]) if qkv_bias else None,
-            o=w(lp + "self_attn.o_proj.weight", (h, self.q_size)),
-            o_bias=w(lp + "self_attn.o_proj.bias", (h,)) if o_bias else None,
+            # q/k/v fused (column-parallel: this rank's heads): one matmul instead of three.
+            qkv=torch.cat([part(f"{lp}self_attn.{n}_proj.weight", (o, h), 0, *rows) for n, o, rows in names]),
+            qkv_bias=(
+                torch.cat([part(f"{lp}self_attn.{n}_proj.bias", (o,), 0, *rows) for n, o, rows in names])
+                if qkv_bias
+                else None
+            ),
+            o=part(lp + "self_attn.o_proj.weight", (h, c.num_heads * hd), 1, *q_rows),  # row-parallel
+            o_bias=self.tensor(lp + "self_attn.o_proj.bias", (h,)) if o_bias else None,
         )
 
-    def mlp_weights(self, w: Tensor, lp: str, bias: bool) -> dict[str, Any]:
-        h, i = self.cfg.hidden_size, self.cfg.intermediate_size
+    def mlp_weights(self, lp: str, bias: bool) -> dict[str, Any]:
+        h, i, part = self.cfg.hidden_size, self.cfg.intermediate_size, self.part
+        rows = (self.tp.rank * self.intermediate if self.tp else 0, self.intermediate)
         return dict(
-            # gate/up fused: one matmul instead of two.
-            gate_up=torch.cat([w(lp + "mlp.gate_proj.weight", (i, h)), w(lp + "mlp.up_proj.weight", (i, h))]),
+            # gate/up fused (column-parallel): one matmul instead of two.
+            gate_up=torch.cat([part(lp + f"mlp.{n}_proj.weight", (i, h), 0, *rows) for n in ("gate", "up")]),
             gate_up_bias=(
-                torch.cat([w(lp + "mlp.gate_proj.bias", (i,)), w(lp + "mlp.up_proj.bias", (i,))]) if bias else None
+                torch.cat([part(lp + f"mlp.{n}_proj.bias", (i,), 0, *rows) for n in ("gate", "up")]) if bias else None
             ),
-            down=w(lp + "mlp.down_proj.weight", (h, i)),
-            down_bias=w(lp + "mlp.down_proj.bias", (h,)) if bias else None,
+            down=part(lp + "mlp.down_proj.weight", (h, i), 1, *rows),  # row-parallel
+            down_bias=self.tensor(lp + "mlp.down_proj.bias", (h,)) if bias else None,
         )
+
+    def row_parallel(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """A row-parallel projection: each rank's partial product summed over the ranks, then the bias once."""
+        if self.tp is None:
+            return F.linear(x, weight, bias)
+        y = self.tp.all_reduce(F.linear(x, weight))
+        return y if bias is None else y + bias
 
     def project_qkv(self, layer: dict[str, Any], h: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """`[T, H]` -> q `[T, heads, head_dim]`, k and v `[T, kv_heads, head_dim]`."""
-        c, t = self.cfg, h.shape[0]
+        hd, t = self.cfg.head_dim, h.shape[0]
         q, k, v = F.linear(h, layer["qkv"], layer["qkv_bias"]).split((self.q_size, self.kv_size, self.kv_size), -1)
-        return (
-            q.view(t, c.num_heads, c.head_dim),
-            k.view(t, c.num_kv_heads, c.head_dim),
-            v.view(t, c.num_kv_heads, c.head_dim),
-        )
+        return q.view(t, self.num_heads, hd), k.view(t, self.num_kv_heads, hd), v.view(t, self.num_kv_heads, hd)
 
     def attend(
         self,
@@ -345,18 +390,18 @@ class Decoder:
         k_cache, v_cache = kv_cache
         q = self.ops.rotary_write_kv(q, k, v, *rope, k_cache, v_cache, meta.slot_mapping)
         a = self.ops.paged_attention(q, k_cache, v_cache, meta, self.scale, layer["window"])
-        return F.linear(a.reshape(q.shape[0], self.q_size), layer["o"], layer["o_bias"])
+        return self.row_parallel(a.reshape(q.shape[0], self.q_size), layer["o"], layer["o_bias"])
 
     def mlp(self, layer: dict[str, Any], h: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(h, layer["gate_up"], layer["gate_up_bias"]).chunk(2, dim=-1)
-        return F.linear(self.act(gate) * up, layer["down"], layer["down_bias"])
+        return self.row_parallel(self.act(gate) * up, layer["down"], layer["down_bias"])
 
     @property
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.dtype
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, int, int, int]:
-        return (num_blocks, block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
+        return (num_blocks, block_size, self.num_kv_heads, self.cfg.head_dim)
 
     def allocate_kv_caches(
         self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None
@@ -366,7 +411,13 @@ class Decoder:
         return [(torch.zeros(shape, **kw), torch.zeros(shape, **kw)) for _ in self.layers]
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.embed_tokens)
+        if self.tp is None:
+            return F.embedding(input_ids, self.embed_tokens)
+        # Each rank looks up the ids in its share of the vocabulary (zeros elsewhere); the sum is every row.
+        local = input_ids - self.vocab_start
+        outside = (local < 0) | (local >= self.vocab_rows)
+        x = F.embedding(local.masked_fill(outside, 0), self.embed_tokens).masked_fill(outside[:, None], 0)
+        return self.tp.all_reduce(x)
 
     @torch.inference_mode()
     def forward(
@@ -393,8 +444,15 @@ class Decoder:
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """`[N, H]` hidden rows -> fp32 logits `[N, vocab]`."""
-        return F.linear(hidden, self.lm_head).float()
+        """`[N, H]` hidden rows -> fp32 logits `[N, vocab]` (every rank's share of the vocabulary gathered)."""
+        logits = F.linear(hidden, self.lm_head).float()
+        if self.tp is None:
+            return logits
+        share = -(-self.cfg.vocab_size // self.tp.world)
+        padded = F.pad(logits, (0, share - logits.shape[-1]))
+        parts = [torch.empty_like(padded) for _ in range(self.tp.world)]
+        dist.all_gather(parts, padded.contiguous(), group=self.tp.group)
+        return torch.cat(parts, dim=-1)[:, : self.cfg.vocab_size]
 
 
 class SplicedDecoder:
@@ -408,7 +466,7 @@ class SplicedDecoder:
         self.vocab_size = text.vocab_size
         self.hidden_size = text.hidden_size
         self.num_layers = text.num_layers
-        self.num_heads, self.num_kv_heads = text.num_heads, text.num_kv_heads
+        self.num_heads, self.num_kv_heads = language_model.num_heads, language_model.num_kv_heads  # this rank's
         self.head_dim = text.head_dim
         self.dtype = language_model.dtype
 
@@ -448,9 +506,13 @@ class SplicedDecoder:
         the images enter at the input only)."""
         return x.index_copy(0, image_rows, image_embeds.to(x.dtype)), None
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """`[N, H]` hidden rows -> fp32 logits `[N, vocab]`."""
-        return self.language_model.compute_logits(hidden)
+    def compute_logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """`[N, H]` hidden rows (or those of `rows`) -> fp32 logits `[N, vocab]`."""
+        return self.language_model.compute_logits(hidden if rows is None else hidden[rows])
 
     def allocate_kv_caches(self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None):
         return self.language_model.allocate_kv_caches(num_blocks, block_size, dtype)
+
+    def copy_blocks(self, kv_caches: list, src: torch.Tensor, dst: torch.Tensor) -> None:
+        for cache in (c for pair in kv_caches for c in pair):
+            cache.index_copy_(0, dst, cache.index_select(0, src))

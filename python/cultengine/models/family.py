@@ -83,6 +83,10 @@ class Model(Protocol):
         self, num_blocks: int, block_size: int, dtype: torch.dtype | None = None
     ) -> list[tuple[torch.Tensor, torch.Tensor]]: ...
 
+    def copy_blocks(self, kv_caches: list, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy KV blocks `src` to `dst` in every layer (a forked choice's share of its context's last block)."""
+        ...
+
     def encode_images(self, images: list[ImageFeatures]) -> list[torch.Tensor]:
         """Each image's embeddings `[num_embeddings, hidden]`, in the order of its embedding runs."""
         ...
@@ -97,7 +101,9 @@ class Model(Protocol):
         image_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor: ...
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
+    def compute_logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 logits of `hidden`'s rows `rows` (all of them when None)."""
+        ...
 
 
 @dataclass(frozen=True)

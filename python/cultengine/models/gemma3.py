@@ -27,7 +27,7 @@ from ..checkpoint import Checkpoint
 from ..errors import CheckpointError, config_float, config_int
 from ..image import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, ImageProcessor
 from ..presets import Preset, Published
-from .decoder import Decoder, RotaryTables, SplicedDecoder, Tensor, _rope
+from .decoder import Decoder, RotaryTables, SplicedDecoder, _rope
 from .family import Capabilities, Family, ImageFeatures
 from .text import TextOnly
 from .vision import VisionConfig, VisionTower, activation
@@ -145,23 +145,23 @@ class GemmaDecoder(Decoder):
             text.hidden_size**0.5, dtype=self.embed_tokens.dtype, device=self.embed_tokens.device
         )
 
-    def norm_weight(self, w: Tensor, name: str, dim: int) -> torch.Tensor:
-        return 1.0 + w(name, (dim,)).float()  # kept as 1 + w in fp32, as transformers computes it
+    def norm_weight(self, name: str, dim: int) -> torch.Tensor:
+        return 1.0 + self.tensor(name, (dim,)).float()  # kept as 1 + w in fp32, as transformers computes it
 
-    def layer_weights(self, w: Tensor, lp: str, i: int) -> dict[str, Any]:
+    def layer_weights(self, lp: str, i: int) -> dict[str, Any]:
         c, h = self.cfg, self.cfg.hidden_size
         kind = c.layer_types[i]
         return dict(
-            input_norm=self.norm_weight(w, lp + "input_layernorm.weight", h),
-            post_attn_norm=self.norm_weight(w, lp + "post_attention_layernorm.weight", h),
-            pre_ff_norm=self.norm_weight(w, lp + "pre_feedforward_layernorm.weight", h),
-            post_ff_norm=self.norm_weight(w, lp + "post_feedforward_layernorm.weight", h),
-            q_norm=self.norm_weight(w, lp + "self_attn.q_norm.weight", c.head_dim),
-            k_norm=self.norm_weight(w, lp + "self_attn.k_norm.weight", c.head_dim),
+            input_norm=self.norm_weight(lp + "input_layernorm.weight", h),
+            post_attn_norm=self.norm_weight(lp + "post_attention_layernorm.weight", h),
+            pre_ff_norm=self.norm_weight(lp + "pre_feedforward_layernorm.weight", h),
+            post_ff_norm=self.norm_weight(lp + "post_feedforward_layernorm.weight", h),
+            q_norm=self.norm_weight(lp + "self_attn.q_norm.weight", c.head_dim),
+            k_norm=self.norm_weight(lp + "self_attn.k_norm.weight", c.head_dim),
             kind=kind,
             window=c.sliding_window if kind == "sliding_attention" else None,
-            **self.attention_weights(w, lp, qkv_bias=False, o_bias=False),
-            **self.mlp_weights(w, lp, bias=False),
+            **self.attention_weights(lp, qkv_bias=False, o_bias=False),
+            **self.mlp_weights(lp, bias=False),
         )
 
     def build_rope(self, positions: int, device: torch.device, mrope_rows: list[int] | None) -> None:

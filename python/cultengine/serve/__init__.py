@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..console import add_threads
+from ..console import add_tensor_parallel, add_threads
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -104,6 +104,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "them unset; none: ignore them",
     )
     add_threads(g)
+    add_tensor_parallel(g)
     g.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly (CUDA)")
     p.set_defaults(func=_serve)
 
@@ -146,6 +147,7 @@ def _serve(args: argparse.Namespace) -> int:
         enable_prefix_caching=not args.no_prefix_caching,
         cuda_graphs=not args.no_cuda_graphs,
         threads=args.threads,
+        tensor_parallel_size=args.tensor_parallel_size,
         image_backend=args.image_backend,
         chat_template=args.chat_template,
         generation_config=args.generation_config,
