@@ -167,7 +167,11 @@ def engine_kwargs(monkeypatch) -> dict:
     from cultengine.bench import run
 
     monkeypatch.setattr(
-        run, "_default_engine", lambda model, device, dtype, threads=None: build(model, threads=threads)
+        run,
+        "_default_engine",
+        lambda model, device, dtype, threads=None, tensor_parallel_size=1: build(
+            model, threads=threads, tensor_parallel_size=tensor_parallel_size
+        ),
     )
     return seen
 
@@ -183,7 +187,7 @@ def _study_inputs(tmp_path: Path) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("command", ["values", "stories", "ground", "profile", "bench"])
-def test_threads_reach_the_engine(command, engine_kwargs, tmp_path):
+def test_threads_and_tensor_parallel_size_reach_the_engine(command, engine_kwargs, tmp_path):
     f = _study_inputs(tmp_path)
     out = str(tmp_path / "out")
     argv = {
@@ -193,8 +197,8 @@ def test_threads_reach_the_engine(command, engine_kwargs, tmp_path):
         "profile": ["profile", "--device", "cpu"],
         "bench": ["bench", "--device", "cpu", "--limit", "2", "--out", out],
     }[command]
-    assert cli.main([*argv, "--threads", "3"]) == 2  # the stand-in engine stops the command
-    assert engine_kwargs["threads"] == 3
+    assert cli.main([*argv, "--threads", "3", "--tensor-parallel-size", "2"]) == 2  # the stand-in engine stops it
+    assert engine_kwargs["threads"] == 3 and engine_kwargs["tensor_parallel_size"] == 2
 
 
 @pytest.mark.parametrize(

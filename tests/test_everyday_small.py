@@ -118,9 +118,7 @@ def test_every_command_has_one_device_rule(command, cuda, monkeypatch, tmp_path)
         raise Built
 
     monkeypatch.setattr(cultengine, "Engine", build)
-    monkeypatch.setattr(
-        bench_run, "_default_engine", lambda model, device, dtype, threads=None: build(model, device=device)
-    )
+    monkeypatch.setattr(bench_run, "_default_engine", lambda model, device, dtype, *_: build(model, device=device))
     (tmp_path / "items.jsonl").write_text(json.dumps({"id": "q1", "question": "Q?", "options": ["a", "b"]}) + "\n")
     (tmp_path / "human.csv").write_text("item_id,country,distribution\nq1,Peru,0.5|0.5\n")
     (tmp_path / "a.png").write_bytes(_png())

@@ -97,6 +97,19 @@ def add_tensor_parallel(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_ray(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ray-replicas",
+        type=positive_int,
+        metavar="N",
+        help="spread the work over N engine replicas with Ray Data (pip install 'ray[data]'); each replica is one "
+        "engine of --tensor-parallel-size GPUs; this process alone writes the results",
+    )
+    p.add_argument(
+        "--ray-address", metavar="ADDR", help="the Ray cluster to join (default: a local one started for the run)"
+    )
+
+
 def bar(
     total: int,
     *,

@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..console import add_out, add_quiet, add_threads, bar, positive_int
+from ..console import add_out, add_quiet, add_ray, add_tensor_parallel, add_threads, bar, positive_int
 from . import importers
 
 if TYPE_CHECKING:  # the importers are loaded by the commands, so that --help loads neither them nor torch
@@ -105,11 +105,13 @@ def _bench_parser(sub) -> None:
     p.add_argument(
         "--shard", metavar="I/N", help="run slice I of N (0-based); the last shard to finish writes the summary"
     )
+    add_ray(p)
     p.add_argument(
         "--format", choices=FORMATS, default="auto", help="importer for --data (auto: by extension and columns)"
     )
     _import_args(p)
     add_threads(p)
+    add_tensor_parallel(p)
     add_quiet(p)
     p.add_argument(
         "--template",

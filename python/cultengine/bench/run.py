@@ -22,16 +22,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from .. import console, provenance, runlog
-from . import data, distributed, formats, judge, langgap, metrics, report, results
+from . import answer, data, distributed, formats, judge, langgap, metrics, report, results
 from .suites import (
-    LONG_MAX_TOKENS,
-    MAX_TOKENS,
     SuiteConfig,
-    build_requests,
     input_hash,
-    long_answer,
-    prompt_hash,
-    score,
     usable,
 )
 
@@ -77,10 +71,17 @@ def _free_memory(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def _default_engine(model: str, device: str, dtype: str, threads: int | None = None):
+def _default_engine(model: str, device: str, dtype: str, threads: int | None = None, tensor_parallel_size: int = 1):
     from ..engine import Engine
 
-    return Engine(model, device=device, dtype=dtype, enable_prefix_caching=True, threads=threads)
+    return Engine(
+        model,
+        device=device,
+        dtype=dtype,
+        enable_prefix_caching=True,
+        threads=threads,
+        tensor_parallel_size=tensor_parallel_size,
+    )
 
 
 def _check_args(args) -> None:
@@ -91,6 +92,13 @@ def _check_args(args) -> None:
         raise RunError(f"--limit must be a positive number of rows, got {args.limit}")
     if args.template and not Path(args.template).is_file():
         raise RunError(f"--template {args.template}: no such file")
+    if getattr(args, "ray_replicas", None):
+        if args.shard:
+            raise RunError("--ray-replicas shares the samples among Ray replicas itself: drop --shard")
+        try:
+            import ray.data  # noqa: F401
+        except ImportError:
+            raise RunError("--ray-replicas needs Ray Data: pip install 'ray[data]'") from None
     try:
         files = formats.expand(args.data or [], getattr(args, "split", None))
     except FileNotFoundError as e:
@@ -206,25 +214,6 @@ def _check_config(run_dir: Path, config: dict) -> None:
         )
 
 
-def _record(row: data.Row, cfg: SuiteConfig, outs: list, batch_s: float, n: int) -> dict:
-    rec = {
-        "id": row.id,
-        "prompt_hash": prompt_hash(row, cfg),
-        "input_hash": input_hash(row, cfg),
-        **score(row, cfg, outs),
-    }
-    if "prompt_lang" in row.meta:  # --cvqa-lang both: the English-vs-local gap needs it
-        rec["prompt_lang"] = row.meta["prompt_lang"]
-    rec.update(
-        groups=row.groups(),
-        western=row.western,
-        cluster=row.image_key()[:16] or row.id,
-        chance=metrics.chance(len(row.options), cfg.circular) if cfg.suite == "mcq" else None,
-        timings={"batch_s": round(batch_s, 4), "sample_s": round(batch_s / n, 5)},
-    )
-    return rec
-
-
 def _engine_totals(run_dir: Path) -> dict[str, Any]:
     """Sum the last stats line of every engine session (resumes and ranks) of this run."""
     last: dict[str, dict] = {}
@@ -291,42 +280,21 @@ def _evaluate(
     stats_file: Path,
     quiet: bool = False,
 ) -> None:
-    from ..sampling import SamplingParams
-
     session = uuid.uuid4().hex
-    params = {
-        False: SamplingParams(max_tokens=MAX_TOKENS[cfg.suite], temperature=0.0, stop=["\n"]),
-        True: SamplingParams(max_tokens=LONG_MAX_TOKENS, temperature=0.0),
-    }  # by long_answer(row)
     bar = console.bar(total, initial=done, unit="sample", desc="bench", quiet=quiet)
     t_start = time.perf_counter()
     try:
         for start in range(0, len(rows), batch):
             chunk = rows[start : start + batch]
-            reqs = [build_requests(r, cfg) for r in chunk]
-            flat = [q for rs in reqs for q in rs]
-            t0 = time.perf_counter()
-            outs = (
-                engine.score(flat, use_tqdm=False)
-                if cfg.scoring == "loglik"
-                else engine.generate(
-                    flat,
-                    [params[long_answer(r, cfg.suite)] for r, rs in zip(chunk, reqs, strict=True) for _ in rs],
-                    use_tqdm=False,
-                )
-            )
-            dt = time.perf_counter() - t0
-            recs, k = [], 0
-            for row, rs in zip(chunk, reqs, strict=True):
-                recs.append(_record(row, cfg, outs[k : k + len(rs)], dt, len(chunk)))
-                k += len(rs)
-            writer.write(recs)
+            writer.write(answer.evaluate_chunk(engine, chunk, cfg))
             stats = engine.stats()
-            line = {"session": session, "stats": stats}
-            if start == 0 and hasattr(engine, "provenance"):  # what ran, for a later no-op rerun's summary
-                line["provenance"] = engine.provenance()
-            with stats_file.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(line) + "\n")
+            # what ran, for a later no-op rerun's summary
+            answer.log_stats(
+                stats_file,
+                session,
+                stats,
+                engine.provenance() if start == 0 and hasattr(engine, "provenance") else None,
+            )
             tokens = stats.get("prompt_tokens", 0) + stats.get("generated_tokens", 0)
             bar.update(len(chunk))
             bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t_start, 1e-9):,.0f} tok/s")
@@ -487,9 +455,30 @@ def _run_locked(
     todo = [r for r in mine if r.id not in stored.records]
     console.resume_note(len(mine) - len(todo), len(mine), "samples")
     threads = getattr(args, "threads", None)
-    make_engine = make_engine or (lambda m, d, t: _default_engine(m, d, t, threads))
+    tp = getattr(args, "tensor_parallel_size", 1)
+    make_engine = make_engine or (lambda m, d, t: _default_engine(m, d, t, threads, tp))
     engine_provenance = None
-    if todo:
+    replicas = getattr(args, "ray_replicas", None)
+    if todo and replicas:
+        from ..replicas import Replicas
+
+        kwargs = dict(device=device, dtype=args.dtype, threads=threads, tensor_parallel_size=tp)
+        writer = runlog.ResultLog(results.shard_file(run_dir, shard))
+        try:
+            engine_provenance = answer.evaluate_on_replicas(
+                Replicas(str(model), kwargs, replicas, getattr(args, "ray_address", None)),
+                todo,
+                cfg,
+                writer,
+                args.batch,
+                len(mine) - len(todo),
+                len(mine),
+                run_dir / STATS,
+                getattr(args, "quiet", False),
+            )
+        finally:
+            writer.close()
+    elif todo:
         engine = make_engine(str(model), device, args.dtype)
         writer = runlog.ResultLog(results.shard_file(run_dir, shard))
         try:
@@ -500,6 +489,8 @@ def _run_locked(
         finally:
             writer.close()
         engine_provenance = engine.provenance() if hasattr(engine, "provenance") else None
+        if hasattr(engine, "close"):
+            engine.close()  # tensor-parallel workers stop, so a judge can form its own group
         del engine  # the judge (if any) loads after the answers: free the memory first
         _free_memory(device)
 

@@ -72,6 +72,9 @@ class SuiteConfig:
         self._tmpl = env.from_string(src)
         self._long = env.from_string(self.template or LONG_TEMPLATE)
 
+    def __reduce__(self):  # pickled as its fields (a Ray replica gets it): the compiled templates are rebuilt
+        return (type(self), (self.suite, self.scoring, self.circular, self.template))
+
     @classmethod
     def from_args(cls, suite: str, scoring: str, circular: bool, template_file: str | None) -> SuiteConfig:
         text = Path(template_file).read_text(encoding="utf-8-sig") if template_file else None

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from ..console import (
     add_quiet,
+    add_ray,
+    add_tensor_parallel,
     add_threads,
     default_device,
     json_safe,
@@ -100,6 +102,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=1000,
         help="records per engine call; each chunk's rows are flushed when it ends",
     )
+    add_ray(p)
     p.set_defaults(func=_ground)
 
     p = sub.add_parser("analyze", help="analyse a study's run directory")
@@ -152,20 +155,36 @@ def _engine_args(p: argparse.ArgumentParser, several_models: bool = False) -> No
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's) | float32 | bfloat16 | float16")
     p.add_argument("--max-num-seqs", type=positive_int, default=256, help="sequences the engine runs at once")
     add_threads(p)
+    add_tensor_parallel(p)
     add_quiet(p)
+
+
+def _engine_kwargs(args) -> dict:
+    return dict(
+        device=default_device(args.device),
+        dtype=args.dtype,
+        max_num_seqs=args.max_num_seqs,
+        threads=args.threads,
+        tensor_parallel_size=args.tensor_parallel_size,
+    )
+
+
+def _replicas(args):
+    from ..bench.demo_checkpoint import resolve
+    from ..replicas import Replicas
+
+    try:
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise ValueError("--ray-replicas needs Ray Data: pip install 'ray[data]'") from None
+    return Replicas(str(resolve(args.model)), _engine_kwargs(args), args.ray_replicas, args.ray_address)
 
 
 def _engine(args, model: str | None = None):
     from .. import Engine
     from ..bench.demo_checkpoint import resolve
 
-    return Engine(
-        resolve(model or args.model),
-        device=default_device(args.device),
-        dtype=args.dtype,
-        max_num_seqs=args.max_num_seqs,
-        threads=args.threads,
-    )
+    return Engine(resolve(model or args.model), **_engine_kwargs(args))
 
 
 def _print(summary: dict) -> None:
@@ -264,7 +283,7 @@ def _ground(args) -> int:
     if not Path(args.input).is_file():
         raise ValueError(f"--input {args.input}: no such file")
     summary = ground.run(
-        _engine(args),
+        _replicas(args) if args.ray_replicas else _engine(args),
         args.input,
         args.out,
         languages,

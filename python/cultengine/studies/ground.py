@@ -15,7 +15,9 @@ Stage 3  relevance by scoring: "Does this image show {entity}? Answer yes or no.
 Output: `ground.jsonl`, append-only, one line per row with the provenance of every stage, `kept` and
 `dropped_at`/`drop_reason` -- dropped rows are written too, so a re-run skips every row already decided;
 `ground.parquet` (kept rows, if pyarrow is installed) and `summary.json` (counts dropped per stage) are
-rebuilt from it at the end. Records are processed in chunks, so memory holds one chunk plus the done ids.
+rebuilt from it at the end. Records are processed in chunks, so memory holds one chunk plus the done ids
+(with `--ray-replicas`, the undecided stage-1 rows are listed first and the chunks spread over Ray engine
+replicas; this process alone writes `ground.jsonl`, so a killed run still resumes with each row decided once).
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ import json
 import re
 import unicodedata
 from collections import Counter
+from functools import partial
 from importlib import resources
 from pathlib import Path
 
 from ..console import bar, resume_note
 from ..paths import named_by_data_file
+from ..replicas import Replicas
 from ..runlog import ResultLog, write_json
 from .io import chunks, iter_records
 from .stats import softmax
@@ -128,9 +132,8 @@ def run(
     media_root: str | Path | None = None,
 ) -> dict:
     """Run the three stages over every row not yet decided in `out_dir/ground.jsonl` (flushed after every chunk
-    of `chunk_size` records, with a progress bar of rows on a terminal unless `quiet`), then summarise."""
-    from ..sampling import SamplingParams
-
+    of `chunk_size` records, with a progress bar of rows on a terminal unless `quiet`), then summarise.
+    `engine` is an `Engine`, or `replicas.Replicas` (each chunk then goes to one of its Ray replicas)."""
     templates = templates or load_templates()
     check_languages(templates, languages)
     if not 0 <= threshold <= 1:  # also NaN: every row would be dropped as irrelevant
@@ -145,7 +148,6 @@ def run(
                 f"{input_path}: record {n} has the id {rid!r} of record {first_line[rid]}; record ids must be unique"
             )
         first_line[rid] = n
-    lang_names = templates.get("languages", {})
     out_dir = Path(out_dir)
     log = ResultLog(out_dir / "ground.jsonl")
     write_json(
@@ -159,7 +161,6 @@ def run(
             templates=templates,
         ),
     )
-    refine = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=["\n"])
     new_rows = 0
     # a first pass over the records (no model): how many rows there are, and how many an earlier run decided
     total = done = 0
@@ -167,7 +168,8 @@ def run(
         ids = [r["id"] for r in stage1(rec, n, templates, languages)]
         total, done = total + len(ids), done + sum(i in log.done for i in ids)
     resume_note(done, total, "rows")
-    with log, bar(total, initial=done, unit="row", desc="ground", quiet=quiet) as progress:
+
+    def pending():  # per chunk of records: its stage-1 rows not yet decided, their images resolved
         for chunk in chunks(enumerate(iter_records(input_path), 1), chunk_size):
             rows = [r for n, rec in chunk for r in stage1(rec, n, templates, languages) if r["id"] not in log.done]
             for r in rows:
@@ -176,85 +178,16 @@ def run(
                         r["image"] = str(named_by_data_file(input_path, r["image"], media_root))
                     except ValueError as e:
                         r.update(dropped_at=3, drop_reason="error", stage3=dict(error=f"image {e}"))
-            live = [r for r in rows if "dropped_at" not in r]
-            # stage 2: fluent rewording without the answer
-            prompts = [
-                {
-                    "messages": [
-                        {
-                            "role": "user",
-                            "content": [
-                                {
-                                    "type": "text",
-                                    "text": templates["refine_prompt"].format(
-                                        language=lang_names.get(r["language"], r["language"]),
-                                        answer=r["answer"],
-                                        question=r["stage1"]["question"],
-                                        entity=r["entity"],
-                                        country=r["country"],
-                                    ),
-                                }
-                            ],
-                        }
-                    ]
-                }
-                for r in live
-            ]
-            outs = engine.generate(prompts, refine, use_tqdm=False) if live else []
-            for r, o in zip(live, outs, strict=True):
-                text = o.text.strip().strip('"').strip()
-                r["stage2"] = dict(question=text, model=model_name, error=o.error)
-                if o.error or not text:
-                    r.update(dropped_at=2, drop_reason="error" if o.error else "empty")
-                elif leaks(r["answer"], text):
-                    r.update(dropped_at=2, drop_reason="leak")
-            live = [r for r in live if "dropped_at" not in r]
-            # stage 3: relevance of the image to the entity, once per record
-            for r in live:
-                if not r["image"]:
-                    r.update(dropped_at=3, drop_reason="no_image")
-            live = [r for r in live if "dropped_at" not in r]
-            firsts = list({r["record_id"]: r for r in live}.values())
-            scored = (
-                engine.score(
-                    [
-                        {
-                            "messages": [
-                                {
-                                    "role": "user",
-                                    "content": [
-                                        {"type": "image", "image": r["image"]},
-                                        {
-                                            "type": "text",
-                                            "text": templates["relevance_prompt"].format(
-                                                entity=r["entity"], country=r["country"]
-                                            ),
-                                        },
-                                    ],
-                                }
-                            ],
-                            "choices": ["yes", "no"],
-                        }
-                        for r in firsts
-                    ],
-                    use_tqdm=False,
-                )
-                if firsts
-                else []
-            )
-            p_yes = {
-                r["record_id"]: (None, s.error) if s.error else (softmax([c.logprob for c in s.choices])[0], None)
-                for r, s in zip(firsts, scored, strict=True)
-            }
-            for r in live:
-                p, err = p_yes[r["record_id"]]
-                r["stage3"] = dict(p_yes=p, threshold=threshold, error=err)
-                if err:
-                    r.update(dropped_at=3, drop_reason="error")
-                elif p < threshold:
-                    r.update(dropped_at=3, drop_reason="irrelevant")
-                else:
-                    r["kept"] = True
+            if rows:
+                yield rows
+
+    work = partial(decide, templates=templates, threshold=threshold, max_tokens=max_tokens, model_name=model_name)
+    if isinstance(engine, Replicas):  # each chunk to a Ray replica; this process writes what comes back
+        decided = (rows for results, _ in engine.map(list(pending()), work, 1) for rows in results)
+    else:
+        decided = (work(engine, [rows])[0] for rows in pending())
+    with log, bar(total, initial=done, unit="row", desc="ground", quiet=quiet) as progress:
+        for rows in decided:
             log.write(rows)
             new_rows += len(rows)
             progress.update(len(rows))
@@ -262,6 +195,98 @@ def run(
     summary["rows_this_run"] = new_rows
     write_json(out_dir / "summary.json", summary)
     return summary
+
+
+def decide(
+    engine, chunks_of_rows: list[list[dict]], templates: dict, threshold: float, max_tokens: int, model_name: str
+) -> list[list[dict]]:
+    """Stages 2 and 3 over each chunk's stage-1 rows (in place; the chunks returned): the `replicas.Work` a
+    local engine or a Ray replica runs."""
+    from ..sampling import SamplingParams
+
+    lang_names = templates.get("languages", {})
+    refine = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=["\n"])
+    rows = [r for chunk in chunks_of_rows for r in chunk]
+    live = [r for r in rows if "dropped_at" not in r]
+    # stage 2: fluent rewording without the answer
+    prompts = [
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "text",
+                            "text": templates["refine_prompt"].format(
+                                language=lang_names.get(r["language"], r["language"]),
+                                answer=r["answer"],
+                                question=r["stage1"]["question"],
+                                entity=r["entity"],
+                                country=r["country"],
+                            ),
+                        }
+                    ],
+                }
+            ]
+        }
+        for r in live
+    ]
+    outs = engine.generate(prompts, refine, use_tqdm=False) if live else []
+    for r, o in zip(live, outs, strict=True):
+        text = o.text.strip().strip('"').strip()
+        r["stage2"] = dict(question=text, model=model_name, error=o.error)
+        if o.error or not text:
+            r.update(dropped_at=2, drop_reason="error" if o.error else "empty")
+        elif leaks(r["answer"], text):
+            r.update(dropped_at=2, drop_reason="leak")
+    live = [r for r in live if "dropped_at" not in r]
+    # stage 3: relevance of the image to the entity, once per record
+    for r in live:
+        if not r["image"]:
+            r.update(dropped_at=3, drop_reason="no_image")
+    live = [r for r in live if "dropped_at" not in r]
+    firsts = list({r["record_id"]: r for r in live}.values())
+    scored = (
+        engine.score(
+            [
+                {
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [
+                                {"type": "image", "image": r["image"]},
+                                {
+                                    "type": "text",
+                                    "text": templates["relevance_prompt"].format(
+                                        entity=r["entity"], country=r["country"]
+                                    ),
+                                },
+                            ],
+                        }
+                    ],
+                    "choices": ["yes", "no"],
+                }
+                for r in firsts
+            ],
+            use_tqdm=False,
+        )
+        if firsts
+        else []
+    )
+    p_yes = {
+        r["record_id"]: (None, s.error) if s.error else (softmax([c.logprob for c in s.choices])[0], None)
+        for r, s in zip(firsts, scored, strict=True)
+    }
+    for r in live:
+        p, err = p_yes[r["record_id"]]
+        r["stage3"] = dict(p_yes=p, threshold=threshold, error=err)
+        if err:
+            r.update(dropped_at=3, drop_reason="error")
+        elif p < threshold:
+            r.update(dropped_at=3, drop_reason="irrelevant")
+        else:
+            r["kept"] = True
+    return chunks_of_rows
 
 
 def summarize(log: ResultLog, parquet: bool = True) -> dict:
