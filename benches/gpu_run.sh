@@ -2,7 +2,7 @@
 # Everything a GPU lease is for, in one command: the CUDA tests and the GPU benchmarks.
 #
 #   benches/gpu_run.sh OUT_DIR STEP...      STEP: env tests kernels generate stories overlap bound bound-quick
-#                                                 score profile families profile-families tp
+#                                                 score profile families profile-families tp ray
 #
 # Runs from the repository root on a machine with torch, triton and transformers but no Rust: the
 # compiled core comes along as python/cultengine/_core.abi3.so (built elsewhere with `maturin develop
@@ -50,6 +50,10 @@ for step in "$@"; do
                 run 300 python3 -m cultengine.cli profile --model llava-1.5-7b --tensor-parallel-size 2 \
                     --num-requests 256 --prompts-per-image 4 --prompt-len 16:64 --output-len 4:64 --shared-fraction 0
             else log "tp: one GPU here, NCCL tensor parallelism not run"; fi ;;
+        ray) if python3 -c "import ray.data" 2>/dev/null; then  # the demo bench on the GPU: 1 process, then 1 replica
+                run 200 python3 -m cultengine.cli bench --device cuda --out "$res/bench-local" --quiet
+                run 300 python3 -m cultengine.cli bench --device cuda --out "$res/bench-ray" --ray-replicas 1 --quiet
+            else log "ray: ray[data] is not installed here"; fi ;;
         *) log "unknown step $step" ;;
     esac
 done

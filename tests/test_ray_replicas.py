@@ -130,3 +130,35 @@ def test_ground_chunks_on_two_replicas_decide_as_one_process(cache, tmp_path):
     two_rows, two = ground(tmp_path / "two", "--ray-replicas", "2")
     assert len(one_rows) == 12 and two_rows == one_rows
     assert rounded(two) == rounded(one)
+
+
+def _ray_workers() -> list[int]:
+    """Pids of the Ray actor processes that hold an engine replica."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if proc.name.isdigit() and cmd.startswith("ray::MapWorker") and "_Replica" in cmd:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_a_killed_replica_is_replaced_and_each_sample_answered_once(cache, single, tmp_path):
+    out = tmp_path / "ray"
+    p = subprocess.Popen(
+        bench(out, "--ray-replicas", "2"), env=env(cache), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    res, deadline, killed = out / "results.jsonl", time.time() + 600, None
+    while time.time() < deadline and p.poll() is None and killed is None:
+        if res.exists() and res.read_text().count("\n") >= 8 and (workers := _ray_workers()):
+            killed = workers[0]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    assert killed is not None, "no replica was found to kill before the run ended"
+    _, err = p.communicate(timeout=900)
+    assert p.returncode == 0, err[-3000:].decode(errors="replace")
+    ids = [r["id"] for r in records(out)]
+    assert len(ids) == len(set(ids)) == len(answers(single))
+    assert answers(out) == answers(single) and metrics_of(out) == metrics_of(single)

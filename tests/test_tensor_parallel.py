@@ -1,7 +1,8 @@
 """Tensor parallelism on the CPU (gloo): 2 and 4 ranks give the tokens and log-probs of 1 rank, for every family's
-decoder (LLaVA on Llama / Qwen2 / Mistral, LLaVA-NeXT, Qwen2.5-VL and Qwen3-VL, Idefics3, InternVL, Gemma 3, a
-text-only LLM), GQA with fewer KV heads than ranks included; a dead worker is a clear error with no process
-left behind; a model whose heads do not split is refused naming the file; close() stops every worker."""
+decoder (LLaVA on Llama / Qwen2 / Mistral, LLaVA-NeXT, LLaVA-OneVision, ViP-LLaVA, Qwen2-VL, Qwen2.5-VL, Qwen3-VL,
+Idefics3, SmolVLM, InternVL, Gemma 3 and its text-only model, a text-only LLM), GQA with fewer KV heads than ranks
+included; a dead worker is a clear error with no process left behind; a model whose heads do not split is
+refused naming the file; close() stops every worker."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from PIL import Image
 
 from cultengine import Engine, SamplingParams
 from cultengine.errors import CheckpointError
+from test_vipllava import build_tiny_vipllava
 from tiny_checkpoints import build_tiny_anyres, build_tiny_llava
-from tiny_gemma import build_tiny_gemma3, build_tiny_text
+from tiny_gemma import build_tiny_gemma3, build_tiny_gemma3_text, build_tiny_text
 from tiny_qwen import build_tiny_qwen
 from tiny_tiles import build_tiny_tiles
 
@@ -65,11 +67,16 @@ BUILDERS = {
     "llava-qwen2": lambda out: build_tiny_llava(out, "qwen2"),  # q/k/v biases, untied lm_head
     "llava-mistral": lambda out: build_tiny_llava(out, "mistral"),  # head_dim set apart from hidden / heads
     "llava-next": lambda out: build_tiny_anyres(out, "llava_next"),
+    "llava-onevision": lambda out: build_tiny_anyres(out, "llava_onevision"),
+    "vipllava": build_tiny_vipllava,
+    "qwen2-vl": lambda out: build_tiny_qwen(out, "qwen2_vl"),
     "qwen2.5-vl": lambda out: build_tiny_qwen(out, "qwen2_5_vl"),  # M-RoPE
     "qwen3-vl": lambda out: build_tiny_qwen(out, "qwen3_vl"),  # q/k norms, DeepStack added inside the decoder
     "idefics3": lambda out: build_tiny_tiles(out, "idefics3"),
+    "smolvlm": lambda out: build_tiny_tiles(out, "smolvlm"),
     "internvl": lambda out: build_tiny_tiles(out, "internvl"),
     "gemma3": build_tiny_gemma3,  # its own norms and layer body on the shared decoder
+    "gemma3-text": build_tiny_gemma3_text,  # soft-capped logits
     "qwen2-text": lambda out: build_tiny_text(out, "Qwen2ForCausalLM"),
 }
 
