@@ -12,7 +12,8 @@ import transformers
 from PIL import Image
 
 from cultengine.checkpoint import load_checkpoint
-from cultengine.image import ClipImageProcessor, content_hash, load_image
+from cultengine.image import ClipImageProcessor, content_hash
+from cultengine.image_files import load_image
 from cultengine.models import family_for
 
 # Our processor repeats transformers' arithmetic step by step (uint8 PIL resize, float64 rescale, float32

@@ -14,7 +14,7 @@ from PIL import Image
 
 from cultengine.bench import formats
 from cultengine.checkpoint import CheckpointError, load_checkpoint
-from cultengine.image import load_image
+from cultengine.image_files import load_image
 from cultengine.paths import OutsideFolder, confined, named_by_data_file, open_regular
 from cultengine.studies import ground, values
 

@@ -8,8 +8,8 @@ import zlib
 import pytest
 from PIL import Image
 
-from cultengine import image
-from cultengine.image import load_image
+from cultengine import image, image_files
+from cultengine.image_files import load_image
 
 
 def png_header(width: int, height: int) -> bytes:
@@ -40,7 +40,7 @@ def test_pixel_limit_is_checked_from_the_header(monkeypatch):
     # Under PIL's threshold but over ours: refused before `.load()` would try to inflate the data.
     with pytest.raises(ValueError, match=r"8000x8001 = 64,008,000 pixels, over the limit of 64,000,000"):
         load_image(png_header(8000, 8001))
-    monkeypatch.setattr(image, "MAX_IMAGE_PIXELS", 100)  # the module limit applies to every caller
+    monkeypatch.setattr(image_files, "MAX_IMAGE_PIXELS", 100)  # the module limit applies to every caller
     with pytest.raises(ValueError, match="over the limit of 100"):
         load_image(Image.new("RGB", (11, 10)))
     assert load_image(Image.new("RGB", (10, 10))).size == (10, 10)
@@ -65,7 +65,7 @@ def test_truncated_images_fail_even_when_another_library_allows_them(monkeypatch
 
     from PIL import Image, ImageFile
 
-    from cultengine.image import load_image
+    from cultengine.image_files import load_image
 
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), (10, 200, 30)).save(buf, format="PNG")

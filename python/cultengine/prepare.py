@@ -16,7 +16,7 @@ import numpy as np
 
 from .chat import render_chat
 from .errors import CheckpointError
-from .image import load_image
+from .image_files import load_image
 from .models import ImageFeatures
 from .outputs import ScoreOutput
 from .tokenizer_files import chat_adds_special_tokens

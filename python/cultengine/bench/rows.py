@@ -19,7 +19,7 @@ from typing import Any
 
 from PIL import Image
 
-from ..image import check_image_size
+from ..image_files import check_image_size
 from . import countries
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"

@@ -30,7 +30,7 @@ class ServeConfig:
     max_request_bytes: int = 32 << 20
     max_images_per_request: int = 8
     # decoded pixels of one request's images, summed (read from their headers before decoding): 8 photos of
-    # 16 MP; each image alone is also held to cultengine.image.MAX_IMAGE_PIXELS
+    # 16 MP; each image alone is also held to cultengine.image_files.MAX_IMAGE_PIXELS
     max_image_pixels_per_request: int = 128_000_000
     max_n: int = 128  # samples per prompt (OpenAI's limit)
     max_choices: int = 256  # choices in one response: n x prompts (completions), or /v1/score's choices
