@@ -152,3 +152,25 @@ def test_each_family_declares_the_presets_of_its_own_architectures(tmp_path, cap
     assert cli.main(["profile", "--list-presets"]) == 0
     listed = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in listed] == list(seen)
+
+
+@pytest.mark.parametrize(
+    "name,arch,shape,tiles,embeddings,billions",
+    [
+        # 1000 x 700 smart-resized to 980 x 700 patches of 14: 70 x 50 grid, 2 frames -> 3600 patch rows, 900 tokens
+        ("qwen2-vl-2b", "Qwen2VLForConditionalGeneration", (1536, 28, 12, 2), 3600, 900, 2.21),
+        # longest edge to 2048, 512-px tiles: 4 x 3 + the global image, 64 tokens each
+        ("smolvlm-256m", "Idefics3ForConditionalGeneration", (576, 30, 9, 3), 13, 13 * 64, 0.256),
+    ],
+)
+def test_presets_from_the_newly_found_published_files(tmp_path, name, arch, shape, tiles, embeddings, billions):
+    ckpt = load_checkpoint(preset_checkpoint(name, tmp_path / "p"), device="meta", random_init=True)
+    family = family_for(ckpt)
+    t = family.text
+    assert ckpt.architecture == arch and (t.hidden_size, t.num_layers, t.num_heads, t.num_kv_heads) == shape
+    feats = family.process_image(Image.new("RGB", (1000, 700)), {})
+    assert feats.pixels.shape[0] == tiles and feats.num_embeddings == embeddings
+    weights, draw = [], ckpt.tensor
+    ckpt.tensor = lambda key, shape=None, part=None: weights.append(draw(key, shape, part)) or weights[-1]
+    family.build_model(None, max_positions=1)
+    assert sum(w.numel() for w in weights) / 1e9 == pytest.approx(billions, abs=0.005)

@@ -22,15 +22,6 @@ def published(folder: str, file: str = "config.json") -> dict:
 
 
 @dataclass(frozen=True)
-class Published:
-    """A preset that is a public checkpoint's own config files (`published/<folder>/`), with `changes` (nested
-    config.json fields) for a larger size of the same model whose files this package does not ship."""
-
-    folder: str
-    changes: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
 class PresetTokens:
     """What a family whose prompts carry image markers adds to the demo tokenizer: its special tokens, the
     placeholder its chat template writes, and processor_config.json's fields."""
@@ -38,6 +29,17 @@ class PresetTokens:
     special: tuple[str, ...]
     image_token: str
     processor: dict
+
+
+@dataclass(frozen=True)
+class Published:
+    """A preset that is a public checkpoint's own config files (`published/<folder>/`), with `changes` (nested
+    config.json fields) for a larger size of the same model whose files this package does not ship, and the
+    family's tokens where its prompts need them."""
+
+    folder: str
+    changes: dict = field(default_factory=dict)
+    tokens: PresetTokens | None = None
 
 
 @dataclass(frozen=True)

@@ -54,11 +54,9 @@ def preset_checkpoint(name: str, out_dir: Path) -> Path:
         for f in (PUBLISHED / spec.folder).iterdir():
             shutil.copy(f, out_dir / f.name)
         config = merged(published(spec.folder), spec.changes)
-        tokens = None
     else:
         config = {**demo_cfg, **spec.config, "text_config": {**spec.config["text_config"]}}
         (out_dir / "preprocessor_config.json").write_text(json.dumps(spec.preprocessor))
-        tokens = spec.tokens
     config["dtype"] = "bfloat16"
     # The demo tokenizer's ids (its image token included) must stay inside the preset's vocabulary.
     demo_vocab = demo_cfg["text_config"]["vocab_size"]
@@ -66,8 +64,8 @@ def preset_checkpoint(name: str, out_dir: Path) -> Path:
     if "vocab_size" in text:
         text["vocab_size"] = max(text["vocab_size"], demo_vocab + 2)
     config["image_token_index"] = config["image_token_id"] = demo_cfg["image_token_index"]  # both names in use
-    if tokens is not None:
-        config["image_token_id"] = _add_family_tokens(out_dir, tokens)
+    if spec.tokens is not None:
+        config["image_token_id"] = _add_family_tokens(out_dir, spec.tokens)
     if "mm_tokens_per_image" in config:  # Gemma 3: the demo's <image> opens an image; soft/end ids past its vocab
         config.update(
             boi_token_index=demo_cfg["image_token_index"],

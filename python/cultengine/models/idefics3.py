@@ -22,7 +22,7 @@ from PIL import Image
 from ..checkpoint import Checkpoint, _read_json
 from ..errors import CheckpointError, config_int
 from ..image import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, Array, ImageProcessor, resize, size_dict
-from ..presets import SIGLIP_SO400M_384, Composed, Preset, PresetTokens
+from ..presets import SIGLIP_SO400M_384, Composed, Preset, PresetTokens, Published, published
 from .decoder import Decoder, SplicedDecoder, TextConfig, tied_embeddings
 from .family import Family, ImageFeatures, marker_token_ids
 from .vision import VisionConfig, VisionTower
@@ -291,9 +291,22 @@ class Idefics3Model(SplicedDecoder):
         return [f.flatten(0, 1) for f in features.split([im.pixels.shape[0] for im in images])]
 
 
-# Shape preset (cultengine.presets): SmolVLM2-2.2B-Instruct, SigLIP-so400m/14 on 384-px tiles, scale_factor 3
-# (81 tokens a tile), SmolLM2-1.7B.
+# The markers Idefics3 / SmolVLM prompts carry around tiles (up to 6 x 6), for the presets' demo tokenizer.
+_MARKERS = (
+    "<fake_token_around_image>",
+    "<global-img>",
+    "<end_of_utterance>",
+    *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)),
+)
+
+# Shape presets (cultengine.presets): SmolVLM-256M-Instruct's own files (Idefics3 layout: 512-px tiles of 16-px
+# patches, scale_factor 4, 64 tokens a tile); SmolVLM2-2.2B-Instruct, SigLIP-so400m/14 on 384-px tiles,
+# scale_factor 3 (81 tokens a tile), SmolLM2-1.7B.
 PRESETS: dict[str, Preset] = {
+    "smolvlm-256m": Published(
+        "SmolVLM-256M-Instruct",
+        tokens=PresetTokens(_MARKERS, "<image>", published("SmolVLM-256M-Instruct", "processor_config.json")),
+    ),
     "smolvlm2-2.2b": Composed(
         {
             "architectures": ["SmolVLMForConditionalGeneration"],
@@ -324,15 +337,6 @@ PRESETS: dict[str, Preset] = {
             "image_mean": [0.5, 0.5, 0.5],
             "image_std": [0.5, 0.5, 0.5],
         },
-        PresetTokens(
-            (
-                "<fake_token_around_image>",
-                "<global-img>",
-                "<end_of_utterance>",
-                *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)),
-            ),
-            "<image>",
-            {"processor_class": "SmolVLMProcessor", "image_seq_len": 81},
-        ),
+        PresetTokens(_MARKERS, "<image>", {"processor_class": "SmolVLMProcessor", "image_seq_len": 81}),
     ),
 }

@@ -25,6 +25,7 @@ from PIL import Image
 from ..checkpoint import Checkpoint
 from ..errors import CheckpointError, config_int
 from ..image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageProcessor, rescale_and_normalize, resize, to_tensor
+from ..presets import Preset, Published
 from .decoder import Decoder, SplicedDecoder, TextConfig, tied_embeddings
 from .family import Capabilities, Family, ImageFeatures
 from .vision import activation
@@ -513,3 +514,7 @@ class Qwen2VLModel(SplicedDecoder):
         grids = [im.meta.thw for im in images]
         features = self.vision.forward(torch.cat([im.pixels for im in images]), grids)
         return list(features.split([im.num_embeddings for im in images]))
+
+
+# Shape preset (cultengine.presets): Qwen2-VL-2B-Instruct's own files.
+PRESETS: dict[str, Preset] = {"qwen2-vl-2b": Published("Qwen2-VL-2B-Instruct")}
