@@ -22,7 +22,7 @@ from .checkpoint import config_errors, load_checkpoint
 from .models import SUPPORTED_ARCHITECTURES, family_for
 from .ops import Ops, resolve_backend, set_cpu_threads
 from .outputs import ChoiceScore, GenerationOutput, Logprob, Sample, ScoreOutput
-from .parallel import build_model
+from .parallel import model_and_workers
 from .prepare import Prepared, Preparer, Request, RequestError, as_list, describe
 from .runner import Launched, ModelRunner
 from .sampling import SamplingParams, checked_int, generation_defaults
@@ -139,7 +139,7 @@ class Engine:
         self.max_model_len = min(max_model_len or context, context)
         self.max_num_seqs = max_num_seqs
         with config_errors(self.checkpoint):
-            self.model, self.workers = build_model(
+            self.model, self.workers = model_and_workers(
                 self.checkpoint, self.family, self.ops, self.max_model_len, tensor_parallel_size, threads
             )
         # Decode graphs replay one rank's kernels: with tensor parallelism the steps run eagerly.

@@ -13,10 +13,9 @@ is replicated, and runs on rank 0 only (its embeddings go out with the step). Th
 
 from __future__ import annotations
 
-import os
 import socket
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -42,7 +41,6 @@ class WorkerSpec:
     max_positions: int
     threads: int | None = None
     timeout_s: float = DEFAULT_TIMEOUT_S
-    env: dict[str, str] = field(default_factory=dict)
 
 
 def _free_port() -> int:
@@ -80,16 +78,17 @@ def _to(obj, device):
 
 
 def _worker(rank: int, world: int, port: int, spec: WorkerSpec, status) -> None:
-    """A worker rank: build this rank's shard, report ready (or the error), then run rank 0's steps."""
-    os.environ.update(spec.env)
+    """A worker rank (spawned: it inherits rank 0's environment): build this rank's shard, report ready (or the
+    error), then run rank 0's steps."""
+    from .ops import set_cpu_threads
+
     try:
-        if spec.threads:
-            torch.set_num_threads(spec.threads)
+        set_cpu_threads(spec.threads)
         device = _device_of(spec.device, rank)
         if device.startswith("cuda"):
             torch.cuda.set_device(device)
         tp = TensorParallel(rank, world)
-        model = build_shard(spec, tp, device)
+        model = _build_shard(spec, tp, device)
         status.put((rank, None))
     except BaseException:  # noqa: BLE001 - reported to rank 0 whatever it is
         status.put((rank, traceback.format_exc()))
@@ -101,7 +100,7 @@ def _worker(rank: int, world: int, port: int, spec: WorkerSpec, status) -> None:
         dist.destroy_process_group()
 
 
-def build_shard(spec: WorkerSpec, tp: TensorParallel, device: str):
+def _build_shard(spec: WorkerSpec, tp: TensorParallel, device: str):
     from .checkpoint import load_checkpoint
     from .models import SUPPORTED_ARCHITECTURES, family_for
     from .ops import Ops
@@ -247,7 +246,7 @@ class TensorParallelModel:
             raise RuntimeError(f"tensor parallel: the forward pass failed: {e}") from e
 
 
-def build_model(checkpoint, family, ops, max_positions: int, world: int, threads: int | None = None):
+def model_and_workers(checkpoint, family, ops, max_positions: int, world: int, threads: int | None = None):
     """The engine's model and its workers: on one rank the family's model and None; on `world` ranks this
     rank-0 shard wrapped in a `TensorParallelModel`, with the worker processes that hold the other shards."""
     if world == 1:
@@ -260,7 +259,6 @@ def build_model(checkpoint, family, ops, max_positions: int, world: int, threads
         attention_backend=ops.backend,
         max_positions=max_positions,
         threads=threads,
-        env={k: v for k, v in os.environ.items() if k.startswith(("TRITON_", "CULTENGINE_", "OMP_"))},
     )
     workers = Workers(world, spec)
     try:

@@ -237,10 +237,12 @@ class Decoder:
         self.q_start = rank * self.num_heads
         self.kv_start = self.q_start // (c.num_heads // c.num_kv_heads)
         self.intermediate = c.intermediate_size // world
+        self.intermediate_start = rank * self.intermediate
         self.q_size, self.kv_size, self.scale = self.num_heads * hd, self.num_kv_heads * hd, hd**-0.5
         # Vocabulary-parallel embeddings and lm_head: this rank's rows of the vocabulary (the last share shorter).
-        share = -(-c.vocab_size // world)
-        self.vocab_start, self.vocab_rows = rank * share, max(0, min(share, c.vocab_size - rank * share))
+        self.vocab_share = -(-c.vocab_size // world)
+        self.vocab_start = rank * self.vocab_share
+        self.vocab_rows = max(0, min(self.vocab_share, c.vocab_size - self.vocab_start))
         vocab = (0, self.vocab_start, self.vocab_rows)
         self.embed_tokens = self.part(prefix + "embed_tokens.weight", (c.vocab_size, h), *vocab)
         if c.tie_word_embeddings:
@@ -352,7 +354,7 @@ class Decoder:
 
     def mlp_weights(self, lp: str, bias: bool) -> dict[str, Any]:
         h, i, part = self.cfg.hidden_size, self.cfg.intermediate_size, self.part
-        rows = (self.tp.rank * self.intermediate if self.tp else 0, self.intermediate)
+        rows = (self.intermediate_start, self.intermediate)
         return dict(
             # gate/up fused (column-parallel): one matmul instead of two.
             gate_up=torch.cat([part(lp + f"mlp.{n}_proj.weight", (i, h), 0, *rows) for n in ("gate", "up")]),
@@ -448,8 +450,7 @@ class Decoder:
         logits = F.linear(hidden, self.lm_head).float()
         if self.tp is None:
             return logits
-        share = -(-self.cfg.vocab_size // self.tp.world)
-        padded = F.pad(logits, (0, share - logits.shape[-1]))
+        padded = F.pad(logits, (0, self.vocab_share - logits.shape[-1]))
         parts = [torch.empty_like(padded) for _ in range(self.tp.world)]
         dist.all_gather(parts, padded.contiguous(), group=self.tp.group)
         return torch.cat(parts, dim=-1)[:, : self.cfg.vocab_size]
