@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -29,11 +30,12 @@ class _Replica:
         self.items = ray.get(items) if isinstance(items, ray.ObjectRef) else items
         self.work = work
         self.engine = Engine(model, **engine_kwargs)
+        self.session = uuid.uuid4().hex  # this replica's engine, in engine_stats.jsonl
         self.provenance: dict | None = self.engine.provenance()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = self.work(self.engine, [self.items[int(i)] for i in batch["id"]])
-        meta = json.dumps({"stats": self.engine.stats(), "provenance": self.provenance})
+        meta = json.dumps({"session": self.session, "stats": self.engine.stats(), "provenance": self.provenance})
         self.provenance = None  # once per replica
         return {
             "result": np.array([pickle.dumps(r) for r in results], dtype=object),
@@ -53,7 +55,8 @@ class Replicas:
 
     def map(self, items: list, work: Work, batch_size: int) -> Iterator[tuple[list, list[dict]]]:
         """`work` over `items` in batches of `batch_size`: yields the results of each block of batches (in no
-        set order) with what their replicas reported (`stats`; `provenance`, None after a replica's first)."""
+        set order) with what their replicas reported (`session`, cumulative `stats`; `provenance`, None after a
+        replica's first)."""
         import ray
 
         started = not ray.is_initialized()

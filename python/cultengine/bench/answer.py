@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from . import data, metrics
 from .suites import (
@@ -19,10 +20,6 @@ from .suites import (
     prompt_hash,
     score,
 )
-
-if TYPE_CHECKING:
-    from ..replicas import Replicas
-    from ..runlog import ResultLog
 
 
 def record(row: data.Row, cfg: SuiteConfig, outs: list, batch_s: float, n: int) -> dict:
@@ -79,36 +76,11 @@ def log_stats(stats_file: Path, session: str, stats: dict, provenance: dict | No
         f.write(json.dumps(line) + "\n")
 
 
-def evaluate_on_replicas(
-    replicas: Replicas,
-    rows: list[data.Row],
-    cfg: SuiteConfig,
-    writer: ResultLog,
-    batch: int,
-    done: int,
-    total: int,
-    stats_file: Path,
-    quiet: bool,
-) -> dict | None:
-    """`rows` answered by Ray engine replicas (`replicas.Replicas`), each record written as it comes back;
-    returns the first replica's engine provenance."""
-    import uuid
-    from functools import partial
-
-    from .. import console
-
-    session, provenance = uuid.uuid4().hex, None
-    bar = console.bar(total, initial=done, unit="sample", desc=f"bench ({replicas.replicas} Ray replicas)", quiet=quiet)
-    t_start, answered = time.perf_counter(), 0
-    try:
-        for recs, metas in replicas.map(rows, partial(evaluate_chunk, cfg=cfg), batch):
-            writer.write(recs)
-            for meta in metas:
-                provenance = provenance or meta["provenance"]
-                log_stats(stats_file, session, meta["stats"], meta["provenance"])
-            answered += len(recs)
-            bar.update(len(recs))
-            bar.set_postfix_str(f"{answered / max(time.perf_counter() - t_start, 1e-9):,.1f} samples/s")
-    finally:
-        bar.close()
-    return provenance
+def answer_locally(engine, rows: list[data.Row], cfg: SuiteConfig, batch: int) -> Iterator[tuple[list, list[dict]]]:
+    """`rows` answered by `engine` in batches of `batch`: each batch's records with what the engine reported
+    (its `session`, cumulative `stats`; `provenance`, first only), as `replicas.Replicas.map` yields them."""
+    session = uuid.uuid4().hex
+    for start in range(0, len(rows), batch):
+        recs = evaluate_chunk(engine, rows[start : start + batch], cfg)
+        provenance = engine.provenance() if start == 0 and hasattr(engine, "provenance") else None
+        yield recs, [{"session": session, "stats": engine.stats(), "provenance": provenance}]

@@ -16,8 +16,8 @@ import json
 import os
 import sys
 import time
-import uuid
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
@@ -269,37 +269,23 @@ def _run_section(run_dir: Path, config: dict, engine_provenance: dict | None) ->
     return section
 
 
-def _evaluate(
-    engine,
-    rows: list[data.Row],
-    cfg: SuiteConfig,
-    writer: runlog.ResultLog,
-    batch: int,
-    done: int,
-    total: int,
-    stats_file: Path,
-    quiet: bool = False,
-) -> None:
-    session = uuid.uuid4().hex
+def _evaluate(batches, writer: runlog.ResultLog, done: int, total: int, stats_file: Path, quiet: bool = False):
+    """Write each batch's records as it comes (from `answer.answer_locally` or Ray replicas) and what its engine
+    reported; returns the first engine provenance reported."""
     bar = console.bar(total, initial=done, unit="sample", desc="bench", quiet=quiet)
-    t_start = time.perf_counter()
+    t_start, tokens, first = time.perf_counter(), {}, None
     try:
-        for start in range(0, len(rows), batch):
-            chunk = rows[start : start + batch]
-            writer.write(answer.evaluate_chunk(engine, chunk, cfg))
-            stats = engine.stats()
-            # what ran, for a later no-op rerun's summary
-            answer.log_stats(
-                stats_file,
-                session,
-                stats,
-                engine.provenance() if start == 0 and hasattr(engine, "provenance") else None,
-            )
-            tokens = stats.get("prompt_tokens", 0) + stats.get("generated_tokens", 0)
-            bar.update(len(chunk))
-            bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t_start, 1e-9):,.0f} tok/s")
+        for recs, reports in batches:
+            writer.write(recs)
+            for r in reports:  # one line per engine session: counters, and first what ran (a rerun's summary)
+                answer.log_stats(stats_file, r["session"], r["stats"], r["provenance"])
+                first = first or r["provenance"]
+                tokens[r["session"]] = r["stats"].get("prompt_tokens", 0) + r["stats"].get("generated_tokens", 0)
+            bar.update(len(recs))
+            bar.set_postfix_str(f"{sum(tokens.values()) / max(time.perf_counter() - t_start, 1e-9):,.0f} tok/s")
     finally:  # a failing batch leaves the bar on its own line, before the error
         bar.close()
+    return first
 
 
 def _finalize(
@@ -459,40 +445,30 @@ def _run_locked(
     make_engine = make_engine or (lambda m, d, t: _default_engine(m, d, t, threads, tp))
     engine_provenance = None
     replicas = getattr(args, "ray_replicas", None)
-    if todo and replicas:
-        from ..replicas import Replicas
+    if todo:
+        engine = None
+        if replicas:  # Ray actors answer; this process writes
+            from ..replicas import Replicas
 
-        kwargs = dict(device=device, dtype=args.dtype, threads=threads, tensor_parallel_size=tp)
-        writer = runlog.ResultLog(results.shard_file(run_dir, shard))
-        try:
-            engine_provenance = answer.evaluate_on_replicas(
-                Replicas(str(model), kwargs, replicas, getattr(args, "ray_address", None)),
-                todo,
-                cfg,
-                writer,
-                args.batch,
-                len(mine) - len(todo),
-                len(mine),
-                run_dir / STATS,
-                getattr(args, "quiet", False),
-            )
-        finally:
-            writer.close()
-    elif todo:
-        engine = make_engine(str(model), device, args.dtype)
+            kwargs = dict(device=device, dtype=args.dtype, threads=threads, tensor_parallel_size=tp)
+            pool = Replicas(str(model), kwargs, replicas, getattr(args, "ray_address", None))
+            batches = pool.map(todo, partial(answer.evaluate_chunk, cfg=cfg), args.batch)
+        else:
+            engine = make_engine(str(model), device, args.dtype)
+            batches = answer.answer_locally(engine, todo, cfg, args.batch)
         writer = runlog.ResultLog(results.shard_file(run_dir, shard))
         try:
             done = len(mine) - len(todo)
-            _evaluate(
-                engine, todo, cfg, writer, args.batch, done, len(mine), run_dir / STATS, getattr(args, "quiet", False)
+            engine_provenance = _evaluate(
+                batches, writer, done, len(mine), run_dir / STATS, getattr(args, "quiet", False)
             )
         finally:
             writer.close()
-        engine_provenance = engine.provenance() if hasattr(engine, "provenance") else None
-        if hasattr(engine, "close"):
-            engine.close()  # tensor-parallel workers stop, so a judge can form its own group
-        del engine  # the judge (if any) loads after the answers: free the memory first
-        _free_memory(device)
+        if engine is not None:
+            if hasattr(engine, "close"):
+                engine.close()  # tensor-parallel workers stop, so a judge can form its own group
+            del engine  # the judge (if any) loads after the answers: free the memory first
+            _free_memory(device)
 
     def judge_all() -> None:
         if judge_model:
