@@ -45,3 +45,9 @@ def test_bound_dry_run_measures_every_step_kind(tmp_path):
     assert data["dry_run"] and data["decode"] and data["prefill"]
     assert all(row["step_ms"] > 0 and row["bound_ms"] > 0 for row in data["decode"])
     assert set(data["decode_phases_ms"]) >= {"scheduler", "decode", "sampling", "update"}
+
+
+def test_scaleout_compares_ranks_on_the_same_tokens(tmp_path):
+    data = run_bench("bench_scaleout.py", "--quick", out=tmp_path)
+    tp = data["tensor_parallel"]
+    assert tp["tokens_identical"] and set(tp["median_tok_s"]) == {"1", "2"} and tp["ratio"] > 0
